@@ -1,0 +1,36 @@
+# Two commands a fresh machine needs: `make demo` (set up + run the pipeline on the bundled
+# sample photos) and `make test` (set up + run the test suite). Both create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_LOGGING_LEVEL ?= WARNING
+
+.PHONY: setup test test-fast demo lint typecheck bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+demo: setup
+	$(VENV)/bin/fmbseg run --config tiny
+
+lint: setup
+	$(VENV)/bin/ruff check fmbseg tests bench
+	$(VENV)/bin/ruff format --check fmbseg tests bench
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) fmbseg-store .pytest_cache

@@ -1,0 +1,103 @@
+"""The small interfaces that tasks depend on. Real and tiny models both implement them.
+
+Conventions used throughout:
+- images are ``HxWx3 uint8 RGB`` numpy arrays, or ``(B, 3, H, W) float32`` tensors already
+  normalised with the model's own :class:`Preprocess` when a method says "tensor";
+- coordinates are pixels, ``(x, y)`` = (column, row), origin at the top-left pixel's corner;
+- boxes are ``XYWH`` in pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a model expects of its input; travels with the model (STYLE 5)."""
+
+    mean: tuple[float, float, float]  # per channel, on [0, 1] pixel values
+    std: tuple[float, float, float]
+    input_size: int  # square side the model was trained at (CLIP crop, DINOv2 input)
+    patch_size: int  # ViT patch side in pixels
+
+    def to_tensor(self, image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``HxWx3 uint8`` -> ``(1, 3, H, W) float32`` normalised (no resize)."""
+        t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+        t = t.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        mean = torch.tensor(self.mean, device=t.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=t.device).view(1, 3, 1, 1)
+        return (t - mean) / std
+
+
+@runtime_checkable
+class DenseClip(Protocol):
+    """CLIP with crop-level and dense (patch-level) embeddings in the joint space."""
+
+    preprocess: Preprocess
+    embed_dim: int  # D, the joint image-text width
+    device: torch.device
+
+    def encode_text(self, names: list[str], templates: tuple[str, ...]) -> torch.Tensor:
+        """``(K, D) float32``, L2-normalised, averaged over templates (``"a photo of a {}."``)."""
+        ...
+
+    def crop_embeddings(self, crops: torch.Tensor) -> torch.Tensor:
+        """CLS embeddings of normalised crops ``(B, 3, S, S)`` -> ``(B, D)`` L2-normalised."""
+        ...
+
+    def dense_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """Patch features of normalised crops ``(B, 3, S, S)`` -> ``(B, D, S/p, S/p)``.
+
+        In the joint space (MaskCLIP or SCLIP last block, then ln_post and proj), not
+        normalised. Any ``S`` divisible by the patch size works (positional embeddings are
+        interpolated).
+        """
+        ...
+
+    def crops_and_dense(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both of the above from one trunk pass: ``((B, D), (B, D, S/p, S/p))``."""
+        ...
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """SAM: point-prompted and automatic masks on one image at a time."""
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Embed ``HxWx3 uint8 RGB``; later calls refer to this image."""
+        ...
+
+    def predict(
+        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Points ``(P, 2)`` float ``(x, y)`` in original pixels, labels ``(P,)`` 1=positive.
+
+        Returns masks ``(M, H, W) bool`` and predicted IoU scores ``(M,) float32``
+        (M = 3 with multimask, else 1).
+        """
+        ...
+
+    def generate(self, image: np.ndarray) -> list[dict]:
+        """Automatic masks of ``image`` in segment-anything's record format
+        (``segmentation`` HxW bool, ``area``, ``bbox`` XYWH, ``predicted_iou``,
+        ``stability_score``), already filtered by the configured thresholds."""
+        ...
+
+
+@runtime_checkable
+class PatchEncoder(Protocol):
+    """Frozen DINOv2: patch features of a batch of normalised images."""
+
+    preprocess: Preprocess
+    embed_dim: int  # C
+    name: str  # registry name, recorded in checkpoints
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` normalised, H and W multiples of the patch size ->
+        ``(B, N, C) float32`` with N = (H/p)*(W/p), row-major, CLS and registers dropped."""
+        ...

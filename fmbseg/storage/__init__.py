@@ -1,0 +1,16 @@
+"""Artifact store over fsspec: fingerprints, shard commit, manifests, lineage, model registry."""
+
+from fmbseg.storage.fingerprint import content_hash, fingerprint
+from fmbseg.storage.store import (
+    ArtifactStore,
+    Manifest,
+    NotCommittedError,
+    RetryPolicy,
+    ShardReceipt,
+    StoreError,
+)
+
+__all__ = [
+    "ArtifactStore", "Manifest", "NotCommittedError", "RetryPolicy", "ShardReceipt",
+    "StoreError", "content_hash", "fingerprint",
+]
