@@ -40,6 +40,7 @@ class ModelsConfig:
 
     clip: str = "clip_vit_l14_336"  # open_clip ViT-L/14 @336 (paper: ViT-L/14)
     clip_weights: str | None = "openai"  # pretrained tag, local path or store URI; None = random
+    clip_quick_gelu: bool | None = None  # None = as the tag says; files/URIs: true (OpenAI CLIP)
     sam: str = "sam_vit_h"  # segment-anything vit_h
     sam_weights: str | None = "sam_vit_h_4b8939.pth"  # local path or store URI; None = random
     dino: str = "dinov2_vitl14"  # timm vit_large_patch14_dinov2 (paper: ViT-L/14)
@@ -66,6 +67,7 @@ class IndexConfig:
 
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
     max_pixels: int = 178_956_970  # larger images are recorded as errors (PIL's bomb limit)
+    verify_decode: bool = True  # decode every image fully (catches truncation); False = header only
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class TrainConfig:
     mlp_ratio: float = 4.0
     out_dim: int | None = None  # None = the CLIP text-embedding width
     temperature: float = 0.1
+    templates: tuple[str, ...] = ("a photo of a {}.",)  # text prototypes (paper: one template)
     epochs: int = 10
     batch_size: int = 5  # images per batch (paper: 5)
     lr: float = 0.01
@@ -154,6 +157,10 @@ class EvaluateConfig:
     background: Literal["stuff_names", "constant"] = "stuff_names"  # paper's vs. TCL's
     background_score: float = 0.5  # for background == "constant"
     batch_size: int = 8
+    max_long_side: int = 2048  # TCL/mmseg Resize img_scale=(2048, short_side), keep_ratio
+    background_names: str = "coco-stuff-background"  # vocabulary of stuff names (paper's bg)
+    mask_center: float = 0.25  # constant bg: soft mask sigmoid((cos - center) * scale), TCL's
+    mask_scale: float = 10.0  # kp-branch values; makes cosines comparable to the 0.5 constant
 
 
 @dataclass(frozen=True)
@@ -284,7 +291,9 @@ def builtin_configs() -> list[str]:
 def resolve_config_path(name_or_path: str) -> Path:
     """A built-in config name (``tiny``) or a path to a YAML file."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # A folder that happens to share a built-in's name (an output dir called "tiny") is not
+    # a config file, so only .yaml/.yml paths and existing files count as paths.
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"config file not found: {name_or_path}")
         return path

@@ -1,1 +1,57 @@
+"""Model adapters behind small interfaces, built from a registry by name.
 
+``build_model(name, weights, device, **options)`` returns a :class:`DenseClip` (CLIP),
+:class:`Segmenter` (SAM) or :class:`PatchEncoder` (DINOv2). The adapter classes are imported
+lazily (open_clip, timm and segment-anything take seconds to import).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fmbseg.models.base import DenseClip, PatchEncoder, Preprocess, Segmenter
+from fmbseg.models.registry import (
+    ModelSpec,
+    UnknownModelError,
+    build_from_config,
+    build_model,
+    get_model_spec,
+    list_models,
+    register_model,
+)
+from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError, resolve_weights
+
+_LAZY = {
+    "OpenClipDense": "fmbseg.models.clip",
+    "UnsupportedModelError": "fmbseg.models.clip",
+    "SamSegmenter": "fmbseg.models.sam",
+    "DinoPatchEncoder": "fmbseg.models.dino",
+}
+
+__all__ = [
+    "CheckpointMismatchError",
+    "DenseClip",
+    "DinoPatchEncoder",
+    "ModelSpec",
+    "OpenClipDense",
+    "PatchEncoder",
+    "Preprocess",
+    "SamSegmenter",
+    "Segmenter",
+    "UnknownModelError",
+    "UnsupportedModelError",
+    "WeightsNotFoundError",
+    "build_from_config",
+    "build_model",
+    "get_model_spec",
+    "list_models",
+    "register_model",
+    "resolve_weights",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fmbseg.models' has no attribute {name!r}")

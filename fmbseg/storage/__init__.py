@@ -8,9 +8,17 @@ from fmbseg.storage.store import (
     RetryPolicy,
     ShardReceipt,
     StoreError,
+    retry_call,
 )
 
 __all__ = [
-    "ArtifactStore", "Manifest", "NotCommittedError", "RetryPolicy", "ShardReceipt",
-    "StoreError", "content_hash", "fingerprint",
+    "ArtifactStore",
+    "Manifest",
+    "NotCommittedError",
+    "RetryPolicy",
+    "ShardReceipt",
+    "StoreError",
+    "content_hash",
+    "fingerprint",
+    "retry_call",
 ]

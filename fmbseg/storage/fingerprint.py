@@ -18,9 +18,19 @@ from fmbseg.config import to_dict
 FINGERPRINT_LENGTH = 16
 
 
+def _plain(value: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists, at any depth (also inside dicts and lists)."""
+    value = to_dict(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def canonical_json(value: Any) -> str:
     """Deterministic JSON (sorted keys, no whitespace; dataclasses and tuples flattened)."""
-    return json.dumps(to_dict(value), sort_keys=True, separators=(",", ":"), default=str)
+    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), default=str)
 
 
 def fingerprint(
@@ -38,7 +48,7 @@ def fingerprint(
     payload = {
         "stage": stage,
         "code_version": code_version,
-        "config": to_dict(config),
+        "config": _plain(config),
         "inputs": dict(sorted((inputs or {}).items())),
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:FINGERPRINT_LENGTH]

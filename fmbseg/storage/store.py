@@ -2,27 +2,35 @@
 
 Layout under ``root`` (a local path, ``s3://bucket/prefix``, ``memory://...``)::
 
-    stages/{stage}/{fingerprint}/part-{shard:05d}.parquet       records of one shard
-    stages/{stage}/{fingerprint}/errors-{shard:05d}.parquet     failed inputs of that shard
-    stages/{stage}/{fingerprint}/receipt-{shard:05d}.json       written after the two above
-    stages/{stage}/{fingerprint}/_manifest.json                 written last, exclusive create
-    runs/{flow_run_id}.json                                      fingerprints a run used
+    stages/{stage}/{fingerprint}/part-{shard:05d}-{sha}.parquet    records of one shard
+    stages/{stage}/{fingerprint}/errors-{shard:05d}-{sha}.parquet  failed inputs of that shard
+    stages/{stage}/{fingerprint}/receipt-{shard:05d}.json          written after the two above
+    stages/{stage}/{fingerprint}/_manifest.json                    written last, exclusive create
+    runs/{flow_run_id}.json                                         fingerprints a run used
 
-Commit protocol: a shard is *done* when its receipt exists (the receipt carries row counts
-and sha256 checksums of its files, so a torn or foreign part is detected). A stage is
-*committed* when ``_manifest.json`` exists; it is created with exclusive create (``xb``:
-O_EXCL locally, ``If-None-Match: *`` on S3), so of two racing writers exactly one wins and
-the loser reads the winner's manifest. Readers trust only what a committed manifest lists.
+Commit protocol: a shard is *done* when its receipt exists; the receipt names the shard's
+files and carries their row counts and sha256 checksums, so a torn or tampered part is
+detected on read. Part files are named by their content hash ({sha} = first 16 hex chars):
+two writers racing on the same shard never overwrite each other's bytes, so whichever
+receipt lands last still describes a complete, matching file. A stage is *committed* when
+``_manifest.json`` exists; it is created exclusively (a hard link of a finished temp file
+locally, ``If-None-Match: *`` on S3), so of two racing writers exactly one wins and the
+loser reads the winner's manifest, never a half-written one. Readers trust only what a
+committed manifest lists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import io
 import json
 import logging
+import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -49,32 +57,67 @@ class NotCommittedError(StoreError):
 class RetryPolicy:
     """Exponential backoff for transient storage errors."""
 
-    attempts: int = 5
-    initial_delay: float = 0.2  # seconds
+    attempts: int = 5  # total tries, including the first
+    initial_delay: float = 0.2  # seconds before the first retry
     max_delay: float = 5.0
     multiplier: float = 2.0
 
 
 # Errors that retrying cannot fix.
-_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-              NotADirectoryError, ValueError, TypeError, KeyError)
+_PERMANENT = (
+    FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+    NotADirectoryError, ValueError, TypeError, KeyError,
+)  # fmt: skip
+# s3fs maps client-side S3 errors (bad argument, name too long, ...) to OSError with these.
+_PERMANENT_ERRNOS = {errno.EINVAL, errno.EMSGSIZE, errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.EPERM}
+_TRANSIENT_NAMES = (
+    "Connection", "Timeout", "Throttl", "ServiceUnavailable", "SlowDown", "ClientPayload",
+    "ServerDisconnected", "EndpointConnection", "ReadTimeout",
+)  # fmt: skip
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying ``exc`` may help (network, throttling, 5xx), as opposed to a bug/absence."""
     if isinstance(exc, _PERMANENT):
         return False
-    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+    if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
+    if isinstance(exc, OSError):
+        return exc.errno not in _PERMANENT_ERRNOS
     # botocore / aiohttp errors, without importing them here
-    name = type(exc).__name__
-    return any(k in name for k in ("Connection", "Timeout", "Throttl", "ServiceUnavailable",
-                                   "SlowDown", "ClientPayload", "ServerDisconnected",
-                                   "EndpointConnection", "ReadTimeout"))
+    return any(k in type(exc).__name__ for k in _TRANSIENT_NAMES)
+
+
+def retry_call(what: str, fn: Callable[[], T], policy: RetryPolicy, where: str = "") -> T:
+    """Run ``fn``, retrying transient errors with exponential backoff.
+
+    Permanent errors propagate unchanged; a transient error that outlives ``policy.attempts``
+    becomes a :class:`StoreError` naming ``what`` (the operation) and ``where``.
+    """
+    delay = policy.initial_delay
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if attempt == policy.attempts:
+                on = f" on {where}" if where else ""
+                raise StoreError(
+                    f"{what} failed after {attempt} attempts{on}: {type(exc).__name__}: {exc}"
+                ) from exc
+            log.warning(
+                "%s: transient %s (%s), retry %d/%d in %.2fs",
+                what, type(exc).__name__, exc, attempt, policy.attempts - 1, delay,
+            )  # fmt: skip
+            time.sleep(delay)
+            delay = min(delay * policy.multiplier, policy.max_delay)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @dataclass(frozen=True)
 class ShardReceipt:
-    """Proof that one shard's files are fully written."""
+    """Proof that one shard's files are fully written: their names, row counts, checksums."""
 
     shard: int
     rows: int
@@ -82,10 +125,15 @@ class ShardReceipt:
     sha256: str
     errors_sha256: str | None
     written_at: str
+    part: str = ""  # file name of the records, in the stage folder
+    errors_part: str | None = None  # file name of the errors table; None when no errors
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardReceipt:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def files(self) -> list[str]:
+        return [self.part] + ([self.errors_part] if self.errors_part else [])
 
 
 @dataclass(frozen=True)
@@ -126,6 +174,8 @@ class ArtifactStore:
 
     Args:
         uri: root of the store: ``./fmbseg-store``, ``s3://bucket/prefix``, ``memory://x``.
+            A local path is made absolute, so a pickled store means the same folder in a
+            Ray worker with another working directory.
         storage_options: passed to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
         retry: backoff policy for transient errors.
     """
@@ -136,20 +186,24 @@ class ArtifactStore:
         storage_options: dict[str, Any] | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.uri = uri.rstrip("/") if "://" in uri else uri
+        uri = str(uri)
+        self.uri = uri.rstrip("/") if "://" in uri else os.path.abspath(os.path.expanduser(uri))
         self.storage_options = dict(storage_options or {})
         self.retry_policy = retry or RetryPolicy()
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
-        self.root = self.root.rstrip("/")
-        self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
-                                 else (self.fs.protocol,))
+        self.fs, root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+        self.root = root.rstrip("/")
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self._local = "file" in protocols
 
     # ---- plumbing -------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
         # fsspec filesystems pickle, but rebuilding them keeps Ray workers' sessions fresh.
-        return {"uri": self.uri, "storage_options": self.storage_options,
-                "retry": self.retry_policy}
+        return {
+            "uri": self.uri,
+            "storage_options": self.storage_options,
+            "retry": self.retry_policy,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["uri"], state["storage_options"], state["retry"])  # type: ignore[misc]
@@ -158,7 +212,7 @@ class ArtifactStore:
         return f"ArtifactStore({self.uri!r})"
 
     def path(self, *parts: str) -> str:
-        return "/".join([self.root, *[p.strip("/") for p in parts]])
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
 
     def url(self, *parts: str) -> str:
         """A full URI (with protocol) for a path inside the store, for users and lineage."""
@@ -166,29 +220,26 @@ class ArtifactStore:
 
     def retry(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` retrying transient errors with backoff; then a StoreError naming ``what``."""
-        policy = self.retry_policy
-        delay = policy.initial_delay
-        for attempt in range(1, policy.attempts + 1):
+
+        def attempt() -> T:
             try:
                 return fn()
-            except BaseException as exc:  # noqa: BLE001 - classified below
-                if not _is_transient(exc):
-                    raise
-                if attempt == policy.attempts:
-                    raise StoreError(
-                        f"{what} failed after {attempt} attempts on {self.uri}: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-                log.warning("%s: transient %s (%s), retry %d/%d in %.1fs", what,
-                            type(exc).__name__, exc, attempt, policy.attempts - 1, delay)
-                time.sleep(delay)
-                delay = min(delay * policy.multiplier, policy.max_delay)
-                if hasattr(self.fs, "invalidate_cache"):
+            except Exception as exc:
+                if is_transient(exc) and hasattr(self.fs, "invalidate_cache"):
                     self.fs.invalidate_cache()
-        raise AssertionError("unreachable")  # pragma: no cover
+                raise
+
+        return retry_call(what, attempt, self.retry_policy, where=self.uri)
 
     def exists(self, rel: str) -> bool:
-        return self.retry(f"exists {rel}", lambda: self.fs.exists(self.path(rel)))
+        target = self.path(rel)
+
+        def _exists() -> bool:
+            if not self._local:  # another process may have written it since we listed
+                self.fs.invalidate_cache(target)
+            return bool(self.fs.exists(target))
+
+        return self.retry(f"exists {rel}", _exists)
 
     def read_bytes(self, rel: str) -> bytes:
         return self.retry(f"read {rel}", lambda: self.fs.cat_file(self.path(rel)))
@@ -198,33 +249,56 @@ class ArtifactStore:
         target = self.path(rel)
 
         def _write() -> None:
-            parent = target.rsplit("/", 1)[0]
             if self._local:
-                self.fs.makedirs(parent, exist_ok=True)
-                tmp = f"{target}.tmp-{hashlib.sha1(data[:64] + _now().encode()).hexdigest()[:8]}"
-                with self.fs.open(tmp, "wb") as f:
+                self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                tmp = f"{target}.tmp-{uuid.uuid4().hex[:12]}"
+                with open(tmp, "wb") as f:
                     f.write(data)
-                self.fs.mv(tmp, target)
+                os.replace(tmp, target)
             else:  # object stores: a single PUT is atomic
                 self.fs.pipe_file(target, data)
 
         self.retry(f"write {rel}", _write)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
-        """Create ``rel`` only if absent. True if this call created it, False if it existed."""
+        """Create ``rel`` only if absent. True if this call created it, False if it existed.
+
+        The file appears complete or not at all: locally a finished temp file is hard-linked
+        into place (``link`` fails if the name exists); on S3 the PUT carries
+        ``If-None-Match: *``.
+        """
         target = self.path(rel)
 
         def _create() -> bool:
-            if self._local:
-                self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            if not self._local:
+                try:
+                    with self.fs.open(target, "xb") as f:
+                        f.write(data)
+                except FileExistsError:
+                    return False
+                return True
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:12]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
             try:
-                with self.fs.open(target, "xb") as f:
-                    f.write(data)
+                os.link(tmp, target)
             except FileExistsError:
                 return False
+            finally:
+                os.unlink(tmp)
             return True
 
         return self.retry(f"create {rel}", _create)
+
+    def delete(self, rel: str) -> None:
+        target = self.path(rel)
+
+        def _rm() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(target)
+
+        self.retry(f"delete {rel}", _rm)
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
@@ -251,9 +325,9 @@ class ArtifactStore:
     def stage_rel(stage: str, fp: str) -> str:
         return f"stages/{stage}/{fp}"
 
-    @staticmethod
-    def part_name(shard: int, kind: str = "part") -> str:
-        return f"{kind}-{shard:05d}.parquet"
+    def stage_url(self, stage: str, fp: str) -> str:
+        """Full URI of a stage output's folder (what to show users)."""
+        return self.url(self.stage_rel(stage, fp))
 
     def write_shard(
         self,
@@ -263,31 +337,46 @@ class ArtifactStore:
         records: pa.Table,
         errors: pa.Table | None = None,
     ) -> ShardReceipt:
-        """Write one shard's records (and errors), then its receipt. Idempotent by name."""
+        """Write one shard's records (and errors, if any rows), then its receipt.
+
+        Safe to repeat and to race: files are named by content, the receipt is replaced whole.
+        """
         base = self.stage_rel(stage, fp)
         blob = table_to_parquet_bytes(records)
-        self.write_bytes(f"{base}/{self.part_name(shard)}", blob)
-        err_sha = None
+        sha = hashlib.sha256(blob).hexdigest()
+        part = f"part-{shard:05d}-{sha[:16]}.parquet"
+        self.write_bytes(f"{base}/{part}", blob)
+        err_sha = err_part = None
         err_rows = 0
         if errors is not None and errors.num_rows:
             err_blob = table_to_parquet_bytes(errors)
-            self.write_bytes(f"{base}/{self.part_name(shard, 'errors')}", err_blob)
             err_sha = hashlib.sha256(err_blob).hexdigest()
+            err_part = f"errors-{shard:05d}-{err_sha[:16]}.parquet"
+            self.write_bytes(f"{base}/{err_part}", err_blob)
             err_rows = errors.num_rows
-        receipt = ShardReceipt(shard=shard, rows=records.num_rows, error_rows=err_rows,
-                               sha256=hashlib.sha256(blob).hexdigest(),
-                               errors_sha256=err_sha, written_at=_now())
+        receipt = ShardReceipt(
+            shard=shard, rows=records.num_rows, error_rows=err_rows, sha256=sha,
+            errors_sha256=err_sha, written_at=_now(), part=part, errors_part=err_part,
+        )  # fmt: skip
         self.write_json(f"{base}/receipt-{shard:05d}.json", asdict(receipt))
         return receipt
 
     def shard_receipts(self, stage: str, fp: str) -> dict[int, ShardReceipt]:
-        """Receipts of the shards already written for ``stage/fp`` (committed or not)."""
+        """Receipts of the shards fully written for ``stage/fp`` (committed or not).
+
+        A receipt whose files are gone (deleted by hand, swept) does not count.
+        """
         base = self.stage_rel(stage, fp)
+        names = set(self.ls(base))
         out = {}
-        for name in self.ls(base):
+        for name in sorted(names):
             if name.startswith("receipt-") and name.endswith(".json"):
-                r = ShardReceipt.from_dict(self.read_json(f"{base}/{name}"))
-                out[r.shard] = r
+                try:
+                    r = ShardReceipt.from_dict(self.read_json(f"{base}/{name}"))
+                except FileNotFoundError:
+                    continue
+                if all(f in names for f in r.files()):
+                    out[r.shard] = r
         return out
 
     def manifest(self, stage: str, fp: str) -> Manifest | None:
@@ -320,13 +409,31 @@ class ArtifactStore:
             stage=stage, fingerprint=fp, num_shards=num_shards,
             rows=sum(r.rows for r in shards), error_rows=sum(r.error_rows for r in shards),
             shards=shards, committed_at=_now(), meta=dict(meta or {}),
-        )
+        )  # fmt: skip
         rel = f"{self.stage_rel(stage, fp)}/{MANIFEST}"
         if self.create_exclusive(rel, manifest.to_json().encode()):
             return manifest, True
         existing = self.manifest(stage, fp)
-        assert existing is not None
+        if existing is None:
+            raise StoreError(f"{self.url(rel)} exists but cannot be read back")
         return existing, False
+
+    def sweep(self, stage: str, fp: str) -> list[str]:
+        """Delete part files of a committed stage that its manifest does not list.
+
+        They are left by rewritten or raced shards; readers never see them. Returns the names.
+        """
+        m = self.require_manifest(stage, fp)
+        keep = {f for r in m.shards for f in r.files()}
+        base = self.stage_rel(stage, fp)
+        stale = [
+            n
+            for n in self.ls(base)
+            if n.endswith(".parquet") and n.startswith(("part-", "errors-")) and n not in keep
+        ]
+        for name in stale:
+            self.delete(f"{base}/{name}")
+        return stale
 
     def require_manifest(self, stage: str, fp: str) -> Manifest:
         m = self.manifest(stage, fp)
@@ -341,19 +448,41 @@ class ArtifactStore:
     def _read_verified(self, rel: str, sha: str) -> pa.Table:
         blob = self.read_bytes(rel)
         if hashlib.sha256(blob).hexdigest() != sha:
-            raise StoreError(f"{self.url(rel)} does not match its manifest checksum")
+            raise StoreError(f"{self.url(rel)} does not match its manifest checksum (tampered?)")
         return pq.read_table(io.BytesIO(blob))
 
-    def read_shard(self, stage: str, fp: str, shard: int, kind: str = "part",
-                   manifest: Manifest | None = None) -> pa.Table:
-        """One committed shard's records (``kind="part"``) or errors (``kind="errors"``)."""
+    def read_shard(
+        self,
+        stage: str,
+        fp: str,
+        shard: int,
+        kind: str = "part",
+        manifest: Manifest | None = None,
+    ) -> pa.Table:
+        """One committed shard's records (``kind="part"``) or errors (``kind="errors"``).
+
+        A shard without errors gives an empty table with no columns.
+        """
+        if kind not in ("part", "errors"):
+            raise ValueError(f"kind must be 'part' or 'errors', got {kind!r}")
         m = manifest or self.require_manifest(stage, fp)
-        r = m.shards[shard]
-        sha = r.sha256 if kind == "part" else r.errors_sha256
-        if sha is None:
+        if not 0 <= shard < len(m.shards):
+            raise StoreError(f"{stage}/{fp} has shards 0..{len(m.shards) - 1}, not {shard}")
+        return self.read_receipted(stage, fp, m.shards[shard], kind)
+
+    def read_receipted(
+        self, stage: str, fp: str, receipt: ShardReceipt, kind: str = "part"
+    ) -> pa.Table:
+        """The file a receipt describes, checksum-verified, committed or not.
+
+        For ``finalize`` hooks that inspect written shards before the commit; everything
+        else should read committed shards (:meth:`read_shard`, :meth:`read_table`).
+        """
+        r = receipt
+        name, sha = (r.part, r.sha256) if kind == "part" else (r.errors_part, r.errors_sha256)
+        if name is None or sha is None:
             return pa.table({})
-        return self._read_verified(f"{self.stage_rel(stage, fp)}/{self.part_name(shard, kind)}",
-                                   sha)
+        return self._read_verified(f"{self.stage_rel(stage, fp)}/{name}", sha)
 
     def iter_shards(self, stage: str, fp: str, kind: str = "part") -> Iterator[pa.Table]:
         m = self.require_manifest(stage, fp)
@@ -362,8 +491,9 @@ class ArtifactStore:
             if t.num_columns:
                 yield t
 
-    def read_table(self, stage: str, fp: str, kind: str = "part",
-                   columns: Iterable[str] | None = None) -> pa.Table:
+    def read_table(
+        self, stage: str, fp: str, kind: str = "part", columns: Iterable[str] | None = None
+    ) -> pa.Table:
         """All committed shards of a stage concatenated (``kind`` "part" or "errors")."""
         tables = list(self.iter_shards(stage, fp, kind))
         if columns is not None:
@@ -382,6 +512,7 @@ class ArtifactStore:
         return [fp for _, fp in sorted(found)]
 
     def latest(self, stage: str) -> str | None:
+        """The most recently committed fingerprint of ``stage``, or None."""
         fps = self.committed_fingerprints(stage)
         return fps[-1] if fps else None
 

@@ -1,0 +1,301 @@
+"""The ``fmbseg`` command.
+
+Every subcommand shares a parent parser (``--store``, ``--config``, ``--set``,
+``--ray-address``, ``--storage-option``, ``--verbose``) and is one function registered with
+:func:`command`; it receives the parsed arguments and the validated :class:`Common`
+settings, runs a Prefect flow and prints where the outputs are. Errors in the user's input
+(config, source) print ``fmbseg: error: <message>`` and exit with status 2.
+
+Adding a subcommand::
+
+    @command("train", "train the alignment module", Arg("--labels", required=True))
+    def cmd_train(args: argparse.Namespace, common: Common) -> int:
+        ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from fmbseg import __version__
+from fmbseg.config import Config, ConfigError, load_config, replace
+from fmbseg.data.sources import SourceError, check_source
+from fmbseg.storage.store import ArtifactStore
+
+DEFAULT_STORE = "./fmbseg-store"
+
+
+class UsageError(ValueError):
+    """A command-line value is malformed."""
+
+
+@dataclass(frozen=True)
+class Common:
+    """The options every subcommand shares, parsed and validated."""
+
+    store: str
+    config: str
+    overrides: tuple[str, ...]
+    ray_address: str | None
+    storage_options: dict[str, Any]
+    cfg: Config  # the loaded config, overrides and ray address applied
+
+    def open_store(self) -> ArtifactStore:
+        return ArtifactStore(self.store, self.storage_options)
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One ``add_argument`` call, declared with the command."""
+
+    flags: tuple[str, ...]
+    kwargs: dict[str, Any]
+
+    def __init__(self, *flags: str, **kwargs: Any) -> None:
+        object.__setattr__(self, "flags", flags)
+        object.__setattr__(self, "kwargs", kwargs)
+
+
+Handler = Callable[[argparse.Namespace, Common], int]
+_COMMANDS: dict[str, tuple[str, tuple[Arg, ...], Handler]] = {}
+
+
+def command(name: str, help: str, *args: Arg) -> Callable[[Handler], Handler]:
+    """Register ``fn(args, common) -> exit status`` as subcommand ``name``."""
+
+    def register(fn: Handler) -> Handler:
+        _COMMANDS[name] = (help, args, fn)
+        return fn
+
+    return register
+
+
+# ---- parsing ----------------------------------------------------------------------------------
+
+
+def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["key=abc", "client_kwargs.endpoint_url=http://h:9000"]`` -> nested dict.
+
+    Values are parsed as YAML scalars (``anon=true`` gives a bool).
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--storage-option {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise UsageError(f"--storage-option {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--storage-option {item!r}: {part!r} is already a value")
+        node[parts[-1]] = value
+    return out
+
+
+def _common(args: argparse.Namespace) -> Common:
+    cfg = load_config(args.config, list(args.set))
+    if args.ray_address:
+        cfg = replace(cfg, runtime={"ray_address": args.ray_address})
+    return Common(
+        store=args.store, config=args.config, overrides=tuple(args.set),
+        ray_address=args.ray_address, storage_options=parse_storage_options(args.storage_option),
+        cfg=cfg,
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("common options")
+    group.add_argument(
+        "--store",
+        default=DEFAULT_STORE,
+        help="artifact store: a folder or fsspec URI (default %(default)s)",
+    )
+    group.add_argument(
+        "--config",
+        default="default",
+        help="built-in config name (default, tiny, ...) or a YAML file",
+    )
+    group.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. runtime.shard_size=64",
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to use: 'auto', 'ray://host:10001' (default: local)",
+    )
+    group.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for remote URIs (repeatable; dots nest: "
+        "client_kwargs.endpoint_url=http://host:9000)",
+    )
+    group.add_argument("-v", "--verbose", action="store_true", help="show Prefect/Ray logs")
+    parser = argparse.ArgumentParser(
+        prog="fmbseg",
+        description="Annotation-free semantic segmentation: pseudo-labels from CLIP + SAM, "
+        "and an open-vocabulary segmenter trained on them (FMbSeg).",
+    )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"fmbseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, arguments, _) in _COMMANDS.items():
+        p = sub.add_parser(name, parents=[parent], help=help_, description=help_)
+        for a in arguments:
+            p.add_argument(*a.flags, **a.kwargs)
+    return parser
+
+
+# ---- running flows ----------------------------------------------------------------------------
+
+
+class _HideUserErrorTracebacks(logging.Filter):
+    """Drop Prefect's failure logs for input errors; the CLI prints those in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from fmbseg.flows.common import USER_ERRORS
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, USER_ERRORS):
+            return False
+        if record.levelno < logging.ERROR:
+            return True
+        # "Finished in state Failed('... encountered an exception SourceError: ...')"
+        message = record.getMessage()
+        return not any(f"{cls.__name__}: " in message for cls in USER_ERRORS)
+
+
+@contextmanager
+def _quiet_user_errors() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    flt = _HideUserErrorTracebacks()
+    for lg in loggers:
+        lg.addFilter(flt)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(flt)
+
+
+@contextmanager
+def _progress_bars() -> Iterator[None]:
+    """tqdm bars (on stderr), one per stage, fed by the flows' progress reports."""
+    from tqdm import tqdm
+
+    from fmbseg.flows.common import observe_progress
+
+    bars: dict[str, Any] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="shard", file=sys.stderr,
+                                     dynamic_ncols=True, leave=True)  # fmt: skip
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    with observe_progress(on_progress):
+        try:
+            yield
+        finally:
+            for bar in bars.values():
+                bar.close()
+
+
+def _quiet_environment(verbose: bool) -> None:
+    # Before prefect is imported; the library itself never reads the environment.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+# ---- subcommands ------------------------------------------------------------------------------
+
+
+@command(
+    "index",
+    "list an image source and index its images (content ids, sizes, errors)",
+    Arg("--images", required=True,
+        help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list or COCO .json"),
+    Arg("--image-root", default=None, help="for COCO JSON: folder that file_name is relative to"),
+)  # fmt: skip
+def cmd_index(args: argparse.Namespace, common: Common) -> int:
+    check_source(args.images, common.storage_options)
+    from fmbseg.flows.index import index_flow
+    from fmbseg.tasks.index import STAGE
+
+    started = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
+    with _progress_bars():
+        fp = index_flow(
+            images=args.images, store=common.store, config=common.config,
+            overrides=list(common.overrides), ray_address=common.ray_address,
+            storage_options=common.storage_options or None, image_root=args.image_root,
+        )  # fmt: skip
+    store = common.open_store()
+    m = store.require_manifest(STAGE, fp)
+    by_type = m.meta.get("errors_by_type", {})
+    cached = " (cache hit: already indexed)" if m.committed_at < started else ""
+    details = ", ".join(f"{n} {t}" for t, n in sorted(by_type.items()))
+    print(f"index: {m.rows} images, {m.error_rows} errors, {by_type.get('duplicate', 0)} "
+          f"duplicates{cached}")  # fmt: skip
+    if details:
+        print(f"  errors by type: {details}")
+    print(f"  fingerprint: {fp}")
+    print(f"  output:      {store.stage_url(STAGE, fp)}")
+    return 0
+
+
+# ---- entry point ------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input, 1 failure)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, argparse usage errors
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _quiet_environment(args.verbose)
+    try:
+        common = _common(args)
+        _, _, handler = _COMMANDS[args.command]
+        with _quiet_user_errors():
+            return handler(args, common)
+    except (ConfigError, SourceError, UsageError) as exc:
+        print(f"fmbseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fmbseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Decoding image bytes into ``HxWx3 uint8 RGB`` arrays, whatever the file's pixel format.
+
+Conventions (applied by every stage, so all of them see the same pixels):
+- EXIF orientation is applied (``ImageOps.exif_transpose``): width/height are those of
+  the image as displayed.
+- Transparency (RGBA, LA, PA, palette with a transparent index) is composited onto white:
+  pixels under alpha 0 hold arbitrary colours that viewers never show, so dropping alpha
+  would label invisible content.
+- Grayscale and bilevel images are replicated to 3 channels.
+- 16-bit integer images (``I;16*``, 32-bit ``I`` holding 16-bit data) are scaled to 8 bits
+  by ``round(v / 257)`` (65535 -> 255); 32-bit data beyond 16 bits and float (``F``) images
+  are min-max scaled to [0, 255].
+- CMYK, YCbCr, LAB and HSV are converted with Pillow's ``convert("RGB")``.
+- Multi-frame files (GIF, TIFF) use their first frame.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageDecodeError(ValueError):
+    """An input is not a decodable image.
+
+    Attributes:
+        uri: the input's URI (or any name the caller gave).
+        reason: what was wrong, in words.
+        kind: a short machine-readable category: ``empty``, ``not_an_image``,
+            ``truncated``, ``corrupt``, ``too_large``.
+    """
+
+    def __init__(self, uri: str, reason: str, kind: str = "corrupt") -> None:
+        super().__init__(f"{uri}: {reason}")
+        self.uri, self.reason, self.kind = uri, reason, kind
+
+    def __reduce__(self):  # keep all three fields through pickling (Ray, multiprocessing)
+        return (type(self), (self.uri, self.reason, self.kind))
+
+
+def _open(data: bytes, uri: str, max_pixels: int | None) -> Image.Image:
+    if not data:
+        raise ImageDecodeError(uri, "empty file (0 bytes)", "empty")
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below replaces PIL's warning; keep its hard error.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError(
+            uri, f"not an image file (unrecognised format, {len(data)} bytes)", "not_an_image"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(uri, f"image too large: {exc}", "too_large") from None
+    except Exception as exc:  # a recognised header that is itself broken
+        raise ImageDecodeError(uri, f"corrupt header: {type(exc).__name__}: {exc}") from None
+    if max_pixels is not None and im.width * im.height > max_pixels:
+        raise ImageDecodeError(
+            uri,
+            f"image too large: {im.width}x{im.height} = {im.width * im.height} pixels "
+            f"> max_pixels={max_pixels}",
+            "too_large",
+        )
+    return im
+
+
+def _load(im: Image.Image, uri: str) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.load()
+    except OSError as exc:
+        text = str(exc)
+        kind = "truncated" if "truncat" in text.lower() else "corrupt"
+        raise ImageDecodeError(uri, f"cannot decode pixels: {text}", kind) from None
+    except Exception as exc:
+        raise ImageDecodeError(uri, f"cannot decode pixels: {type(exc).__name__}: {exc}") from None
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+        if mode == "RGB":
+            return np.asarray(im)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if mode == "I" and lo >= 0 and hi <= 255:
+            gray = arr  # 8-bit data stored as 32-bit (some TIFFs, PNG via I)
+        elif mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+            gray = arr / 257.0
+        else:
+            gray = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        gray8 = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+        return np.repeat(gray8[:, :, None], 3, axis=2)
+    if mode in ("L", "1"):
+        gray8 = np.asarray(im.convert("L"))
+        return np.repeat(gray8[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))  # CMYK, YCbCr, LAB, HSV
+
+
+def decode_image(data: bytes, uri: str = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
+    """Decode an encoded image to ``HxWx3 uint8 RGB`` (C-contiguous), EXIF-oriented.
+
+    Args:
+        data: the file's bytes.
+        uri: name used in error messages.
+        max_pixels: images with more pixels (width x height) raise ``too_large``.
+
+    Raises:
+        ImageDecodeError: empty, not an image, truncated, corrupt or too large.
+    """
+    im = _open(data, uri, max_pixels)
+    _load(im, uri)
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception as exc:  # a malformed EXIF block should not lose the pixels
+        log.warning("%s: ignoring unreadable EXIF orientation (%s)", uri, exc)
+    try:
+        arr = _to_rgb(im)
+    except Exception as exc:
+        raise ImageDecodeError(uri, f"cannot convert mode {im.mode} to RGB: {exc}") from None
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:  # pragma: no cover
+        raise ImageDecodeError(uri, f"decoded to {arr.shape} {arr.dtype}, not HxWx3 uint8")
+    return np.ascontiguousarray(arr)
+
+
+def image_size(data: bytes, uri: str = "<bytes>") -> tuple[int, int]:
+    """``(width, height)`` as displayed (EXIF orientation applied), from the header only.
+
+    Cheap: the pixels are not decoded, so a truncated file may still report a size.
+
+    Raises:
+        ImageDecodeError: empty or not an image.
+    """
+    im = _open(data, uri, None)
+    w, h = im.size
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:
+        orientation = 1
+    return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)

@@ -1,0 +1,248 @@
+"""Image sources: where a run's images come from, listed deterministically.
+
+A *source* string is one of:
+- a local folder (searched recursively) or a single local image file;
+- any fsspec URI prefix (``s3://bucket/photos/``, ``gs://...``, ``memory://...``),
+  searched recursively;
+- a ``.txt`` file (local or URI) of image paths/URIs, one per line; blank lines and lines
+  starting with ``#`` are skipped; relative paths are relative to the file's folder;
+- a COCO JSON file (local or URI) whose ``images`` list names the images: an entry's
+  ``uri`` field if present, else its ``file_name`` under ``image_root`` (default: the JSON's
+  folder), else its ``coco_url``.
+
+Folders and prefixes are filtered by extension (case-insensitive); explicit lists (.txt,
+COCO) are taken as given, so a wrong entry becomes an error row downstream rather than
+silently disappearing. Listings are sorted by URI and de-duplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from fmbseg.storage.store import RetryPolicy, retry_call
+
+_LOCAL_PROTOCOLS = ("file", "local")
+
+
+class SourceError(ValueError):
+    """An image source is missing, empty or malformed; the message names it."""
+
+
+@dataclass(frozen=True, order=True)
+class ImageRef:
+    """One listed image.
+
+    uri: a local absolute path or a full fsspec URI (``s3://bucket/key.jpg``).
+    size: bytes, when the listing knows it (folders and prefixes), else None.
+    version: a change marker when known (S3 ETag, local mtime in ns), else None.
+    """
+
+    uri: str
+    size: int | None = None
+    version: str | None = None
+
+
+def _is_uri(text: str) -> bool:
+    return "://" in text and not text.startswith("file://")
+
+
+def _options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    # Options meant for the remote store (keys, endpoints) are irrelevant to local paths.
+    return dict(storage_options or {}) if _is_uri(uri) else {}
+
+
+def _normalise_exts(extensions: Iterable[str]) -> tuple[str, ...]:
+    return tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+
+
+def _join(base: str, name: str) -> str:
+    if "://" in name or os.path.isabs(name):
+        return name
+    if "://" in base:
+        return f"{base.rstrip('/')}/{name.lstrip('/')}"
+    return os.path.normpath(os.path.join(base, name))
+
+
+def _parent(uri: str) -> str:
+    if "://" in uri:
+        return uri.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(uri))
+
+
+def _version(info: dict[str, Any]) -> str | None:
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return None
+
+
+def _read_text(uri: str, storage_options: dict[str, Any] | None) -> str:
+    try:
+        return read_bytes(uri, storage_options).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise SourceError(f"image source {uri!r} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"image list {uri!r} is not UTF-8 text: {exc}") from None
+
+
+def _list_txt(source: str, storage_options: dict[str, Any] | None) -> list[ImageRef]:
+    base = _parent(source)
+    refs = []
+    for line in _read_text(source, storage_options).splitlines():
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            refs.append(ImageRef(_join(base, entry)))
+    return refs
+
+
+def _list_coco(
+    source: str, storage_options: dict[str, Any] | None, image_root: str | None
+) -> list[ImageRef]:
+    try:
+        data = json.loads(_read_text(source, storage_options))
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"COCO file {source!r} is not valid JSON: {exc}") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise SourceError(f"COCO file {source!r} has no 'images' list")
+    root = image_root if image_root is not None else _parent(source)
+    refs = []
+    for i, entry in enumerate(images):
+        if not isinstance(entry, dict):
+            raise SourceError(f"COCO file {source!r}: images[{i}] is not an object")
+        if entry.get("uri"):
+            refs.append(ImageRef(_join(root, str(entry["uri"]))))
+        elif entry.get("file_name"):
+            refs.append(ImageRef(_join(root, str(entry["file_name"]))))
+        elif entry.get("coco_url"):
+            refs.append(ImageRef(str(entry["coco_url"])))
+        else:
+            raise SourceError(
+                f"COCO file {source!r}: images[{i}] has none of 'uri', 'file_name', 'coco_url'"
+            )
+    return refs
+
+
+def _list_local_tree(root: str, exts: tuple[str, ...]) -> list[ImageRef]:
+    refs = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.is_file() and os.path.splitext(e.name)[1].lower() in exts:
+                    st = e.stat()
+                    refs.append(ImageRef(os.path.abspath(e.path), st.st_size, str(st.st_mtime_ns)))
+    return refs
+
+
+def _list_fsspec_tree(
+    source: str, exts: tuple[str, ...], storage_options: dict[str, Any] | None
+) -> list[ImageRef]:
+    fs, root = fsspec.core.url_to_fs(source, **_options_for(source, storage_options))
+    if not fs.exists(root):
+        raise SourceError(f"image source {source!r} does not exist")
+    if fs.isfile(root):
+        info = fs.info(root)
+        return [ImageRef(fs.unstrip_protocol(root), info.get("size"), _version(info))]
+    found = fs.find(root, detail=True, withdirs=False)
+    return [
+        ImageRef(fs.unstrip_protocol(path), info.get("size"), _version(info))
+        for path, info in found.items()
+        if os.path.splitext(path)[1].lower() in exts
+    ]
+
+
+def list_images(
+    source: str,
+    extensions: Iterable[str] = (".jpg", ".jpeg", ".png"),
+    storage_options: dict[str, Any] | None = None,
+    image_root: str | None = None,
+) -> list[ImageRef]:
+    """List a source's images, sorted by URI, each URI once.
+
+    Args:
+        source: folder, file, URI prefix, ``.txt`` list or COCO ``.json`` (see module doc).
+        extensions: suffixes kept when walking folders/prefixes (case-insensitive).
+        storage_options: fsspec options for remote URIs (ignored for local paths).
+        image_root: for COCO files, the folder ``file_name`` is relative to.
+
+    Raises:
+        SourceError: the source does not exist, is malformed or holds no images.
+    """
+    source = str(source)
+    exts = _normalise_exts(extensions)
+    lower = source.lower()
+    if lower.endswith(".txt"):
+        refs = _list_txt(source, storage_options)
+    elif lower.endswith(".json"):
+        refs = _list_coco(source, storage_options, image_root)
+    elif _is_uri(source):
+        refs = _list_fsspec_tree(source, exts, storage_options)
+    else:
+        path = source[len("file://") :] if source.startswith("file://") else source
+        if os.path.isdir(path):
+            refs = _list_local_tree(path, exts)
+        elif os.path.isfile(path):
+            st = os.stat(path)
+            refs = [ImageRef(os.path.abspath(path), st.st_size, str(st.st_mtime_ns))]
+        else:
+            raise SourceError(f"image source {source!r} does not exist")
+    unique = {r.uri: r for r in refs}
+    if not unique:
+        raise SourceError(f"image source {source!r} holds no images (extensions {list(exts)})")
+    return [unique[u] for u in sorted(unique)]
+
+
+def check_source(source: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Cheap pre-flight: raise SourceError if ``source`` does not exist (no listing)."""
+    source = str(source)
+    if _is_uri(source):
+        try:
+            fs, root = fsspec.core.url_to_fs(source, **_options_for(source, storage_options))
+            ok = fs.exists(root)
+        except Exception as exc:
+            raise SourceError(f"image source {source!r} cannot be reached: {exc}") from None
+    else:
+        ok = os.path.exists(source[len("file://") :] if source.startswith("file://") else source)
+    if not ok:
+        raise SourceError(f"image source {source!r} does not exist")
+
+
+def listing_hash(refs: Iterable[ImageRef]) -> str:
+    """sha256 over (uri, size, version) of a listing: changes when any image may have."""
+    h = hashlib.sha256()
+    for r in sorted(refs):
+        h.update(json.dumps([r.uri, r.size, r.version]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def read_bytes(
+    uri: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None
+) -> bytes:
+    """The bytes of a local path or fsspec URI, retrying transient errors.
+
+    Raises:
+        FileNotFoundError: no such file.
+        StoreError: a transient error outlived the retries.
+    """
+
+    def _read() -> bytes:
+        if not _is_uri(uri):
+            path = uri[len("file://") :] if uri.startswith("file://") else uri
+            with open(path, "rb") as f:
+                return f.read()
+        with fsspec.open(uri, "rb", **_options_for(uri, storage_options)) as f:
+            return f.read()
+
+    return retry_call(f"read {uri}", _read, retry or RetryPolicy())

@@ -1,0 +1,74 @@
+"""Flow ``index``: list an image source and index it into the store (stage ``index``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from fmbseg.config import Config
+from fmbseg.flows.common import (
+    StageProgress,
+    configure,
+    current_flow_run_id,
+    manifest_artifact,
+    open_store,
+    record_lineage,
+    stage_task,
+    table_artifact,
+)
+from fmbseg.storage.store import ArtifactStore
+from fmbseg.tasks.index import STAGE, IndexPlan, execute_index, plan_index
+
+
+@task(name="list-images", cache_policy=NO_CACHE, persist_result=False, retries=2,
+      retry_delay_seconds=5)  # fmt: skip
+def list_images_task(
+    images: str, cfg: Config, storage_options: dict[str, Any] | None, image_root: str | None
+) -> IndexPlan:
+    """List the source and compute the index fingerprint (reads no image)."""
+    return plan_index(images, cfg, storage_options, image_root)
+
+
+@stage_task(STAGE)
+def index_task(
+    store: ArtifactStore,
+    fp: str,
+    plan: IndexPlan,
+    cfg: Config,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Read, identify and measure every listed image; commit ``stages/index/{fp}``."""
+    execute_index(store, plan, cfg, storage_options, progress=StageProgress(STAGE, fp))
+    return fp
+
+
+@flow(name="index")
+def index_flow(
+    images: str,
+    store: str = "./fmbseg-store",
+    config: str = "default",
+    overrides: list[str] | None = None,
+    ray_address: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    image_root: str | None = None,
+) -> str:
+    """Index ``images`` (folder, URI prefix, .txt list or COCO JSON) into ``store``.
+
+    ``storage_options`` (fsspec, e.g. an S3 endpoint) apply to both the source and the
+    store. They are flow parameters, so the Prefect API records them: pass credentials
+    through the environment or a profile, not here. Returns the index fingerprint.
+    """
+    cfg = configure(config, overrides, ray_address)
+    st = open_store(store, storage_options)
+    plan = list_images_task(images, cfg, storage_options, image_root)
+    fp = index_task(st, plan.fingerprint, plan, cfg, storage_options)
+    manifest_artifact(st, STAGE, fp)
+    errors = st.require_manifest(STAGE, fp).meta.get("errors_by_type", {})
+    table_artifact(f"{STAGE}-errors", [{"error_type": k, "count": v} for k, v in errors.items()],
+                   description="index errors by type")  # fmt: skip
+    record_lineage(st, current_flow_run_id(), {
+        "flow": "index", "images": images, "config": cfg.to_dict(), "stages": {STAGE: fp},
+    })  # fmt: skip
+    return fp

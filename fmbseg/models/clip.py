@@ -1,0 +1,439 @@
+"""Dense CLIP on open_clip ViTs: CLS embeddings and MaskCLIP / SCLIP patch features.
+
+One trunk pass per batch of crops runs every block but the last; the pre-last-block tokens
+then feed (a) the unchanged last block -> ``ln_post`` on CLS -> ``proj`` (the standard image
+embedding) and (b) a modified last block on every token -> ``ln_post`` -> ``proj`` (dense
+features in the joint image-text space, METHOD 1.1.1):
+
+- ``maskclip``: attention replaced by its value path, ``x + ls_1(out_proj(v_proj(ln_1(x))))``;
+- ``sclip``: correlative self-attention, weights ``softmax(q qᵀ s) + softmax(k kᵀ s)``
+  (``s = head_dim^-0.5``, per head) applied to ``v`` with the pretrained in/out projections;
+
+both followed by the block's usual ``x + ls_2(mlp(ln_2(x)))``. Positional embeddings are
+interpolated bicubically (CLS kept) when the crop grid differs from the native one.
+Supported: open_clip ``VisionTransformer`` towers with the default residual blocks
+(``nn.MultiheadAttention``, optional layer scale), CLS pooling, no attentional pooler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
+
+from fmbseg.models.base import Preprocess
+from fmbseg.models.registry import register_model
+from fmbseg.models.weights import (
+    load_into,
+    load_state_dict_file,
+    not_found,
+    resolve_weights,
+    seeded,
+)
+
+Mode = Literal["maskclip", "sclip"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+MODES: tuple[str, ...] = ("maskclip", "sclip")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TEXT_BATCH = 256  # prompts per text-encoder forward
+
+# A random CLIP of the real classes and tokenizer: ViT-B/16-like (patch 16), 64 px input.
+TINY_CLIP_CFG: dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": dict(
+        image_size=64, patch_size=16, width=64, layers=2, head_width=32, mlp_ratio=2
+    ),
+    "text_cfg": dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2, mlp_ratio=2),
+}
+TINY_TOKENIZER_ARCH = "ViT-B-16"  # its tokenizer: open_clip's SimpleTokenizer, context 77
+
+
+class UnsupportedModelError(ValueError):
+    """The CLIP variant has a tower the dense paths do not know how to modify."""
+
+
+def check_supported(visual: Any, name: str) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``visual`` is a plain open_clip ViT."""
+    if not isinstance(visual, VisionTransformer):
+        raise UnsupportedModelError(
+            f"{name}: the image tower is {type(visual).__name__}; dense CLIP needs an open_clip "
+            "VisionTransformer (ResNet and timm towers are not supported)"
+        )
+    problems = []
+    if visual.attn_pool is not None:
+        problems.append("attentional pooler")
+    if visual.pool_type != "tok":
+        problems.append(f"pool_type={visual.pool_type!r} (CLS token pooling needed)")
+    if visual.proj is None:
+        problems.append("no visual projection")
+    for i, blk in enumerate(visual.transformer.resblocks):
+        if not isinstance(blk, ResidualAttentionBlock) or hasattr(blk, "ln_1_kv"):
+            problems.append(f"block {i} is {type(blk).__name__} (custom attention blocks)")
+            break
+        attn = blk.attn
+        if not (
+            isinstance(attn, nn.MultiheadAttention)
+            and attn._qkv_same_embed_dim
+            and attn.bias_k is None
+            and not attn.add_zero_attn
+        ):
+            problems.append(f"block {i} attention is not a plain packed nn.MultiheadAttention")
+            break
+    if problems:
+        raise UnsupportedModelError(f"{name}: unsupported CLIP variant: {', '.join(problems)}")
+
+
+def interpolate_pos_embed(
+    pos: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]
+) -> torch.Tensor:
+    """``(1 + gh*gw, C)`` positional embedding of the ``native`` grid -> the ``grid`` one.
+
+    The CLS row is kept; the patch rows are resampled bicubically (``align_corners=False``,
+    antialiased when shrinking), exactly as open_clip's ``resize_pos_embed`` does when it
+    loads a checkpoint at another resolution; the identity when ``grid == native``.
+    """
+    cls, patches = pos[:1], pos[1:]
+    c = patches.shape[-1]
+    img = patches.reshape(1, native[0], native[1], c).permute(0, 3, 1, 2)
+    img = F.interpolate(img.float(), size=grid, mode="bicubic", align_corners=False, antialias=True)
+    patches = img.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], c).to(pos.dtype)
+    return torch.cat([cls, patches], dim=0)
+
+
+def sclip_attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """SCLIP's correlative attention: ``softmax(q qᵀ s) + softmax(k kᵀ s)``.
+
+    ``q``, ``k``: ``(B, heads, L, head_dim)``. Returns ``(B, heads, L, L)``; every row sums
+    to 2 (two stochastic matrices), which is how SCLIP defines it (no renormalisation).
+    """
+    qq = torch.softmax(q @ q.transpose(-1, -2) * scale, dim=-1)
+    kk = torch.softmax(k @ k.transpose(-1, -2) * scale, dim=-1)
+    return qq + kk
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
+def dense_last_block(blk: ResidualAttentionBlock, x: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """The modified last block on batch-first tokens ``(B, L, C)`` -> ``(B, L, C)``."""
+    attn: nn.MultiheadAttention = blk.attn  # type: ignore[assignment]
+    y = blk.ln_1(x)
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    c = x.shape[-1]
+    if mode == "maskclip":
+        v = F.linear(y, w[2 * c :], None if b is None else b[2 * c :])
+        out = attn.out_proj(v)
+    else:
+        q, k, v = (_split_heads(t, attn.num_heads) for t in F.linear(y, w, b).chunk(3, dim=-1))
+        weights = sclip_attention_weights(q, k, attn.head_dim**-0.5)
+        out = attn.out_proj((weights @ v).transpose(1, 2).reshape(x.shape))
+    x = x + blk.ls_1(out)
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+
+class OpenClipDense:
+    """:class:`~fmbseg.models.base.DenseClip` over an open_clip ``CLIP`` model.
+
+    Args:
+        model: an open_clip ``CLIP`` with a ViT image tower (see :func:`check_supported`).
+        tokenizer: the model's open_clip tokenizer (``list[str] -> (N, context) int64``).
+        name: registry name, for messages.
+        mode: dense last-block path, ``"maskclip"`` or ``"sclip"``.
+        precision: ``"auto"`` = bf16 autocast on CUDA; ``"bf16"``/``"fp16"`` autocast on
+            CUDA; always fp32 on CPU. Outputs are float32.
+        device: where the model runs; inputs are moved there.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        name: str,
+        mode: Mode = "maskclip",
+        precision: Precision = "auto",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"{name}: mode {mode!r} is not one of {list(MODES)}")
+        if precision not in ("auto", *_DTYPES):
+            raise ValueError(f"{name}: precision {precision!r} is not one of {['auto', *_DTYPES]}")
+        check_supported(model.visual, name)
+        visual = cast(VisionTransformer, model.visual)
+        self.name = name
+        self.mode: Mode = mode
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.visual: VisionTransformer = visual
+        self.tokenizer = tokenizer
+        self.batch_first = bool(getattr(visual.transformer, "batch_first", True))
+        self.native_grid: tuple[int, int] = (int(visual.grid_size[0]), int(visual.grid_size[1]))
+        pp = open_clip.get_model_preprocess_cfg(model)
+        size = visual.image_size
+        self.preprocess = Preprocess(
+            mean=tuple(float(m) for m in pp["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(s) for s in pp["std"]),  # type: ignore[arg-type]
+            input_size=int(size[0] if isinstance(size, (tuple, list)) else size),
+            patch_size=int(visual.patch_size[0]),
+        )
+        self.embed_dim = int(visual.proj.shape[1])
+        if self.device.type == "cuda":
+            self.dtype = torch.bfloat16 if precision == "auto" else _DTYPES[precision]
+        else:
+            self.dtype = torch.float32
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenClipDense({self.name!r}, mode={self.mode!r}, device={self.device}, "
+            f"dtype={self.dtype}, embed_dim={self.embed_dim})"
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # ---- text -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, names: list[str], templates: tuple[str, ...]) -> torch.Tensor:
+        """Class names -> ``(K, D) float32``: each template filled with the name, embedded,
+        L2-normalised, averaged over templates, L2-normalised again."""
+        if isinstance(names, str) or not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"encode_text: names must be a non-empty list of str, got {names!r}")
+        if isinstance(templates, str) or not templates or any("{}" not in t for t in templates):
+            raise ValueError(
+                f"encode_text: templates must be a non-empty sequence of strings with a '{{}}' "
+                f"placeholder, got {templates!r}"
+            )
+        prompts = [t.format(n) for n in names for t in templates]
+        feats = []
+        for i in range(0, len(prompts), TEXT_BATCH):
+            tokens = self.tokenizer(prompts[i : i + TEXT_BATCH]).to(self.device)
+            with self._autocast():
+                feats.append(self.model.encode_text(tokens, normalize=True).float())  # type: ignore[operator]
+        per_template = torch.cat(feats).reshape(len(names), len(templates), -1)
+        return F.normalize(per_template.mean(dim=1), dim=-1)
+
+    # ---- image ------------------------------------------------------------------------------
+
+    def _grid(self, crops: torch.Tensor) -> tuple[int, int]:
+        p = self.preprocess.patch_size
+        if crops.ndim != 4 or crops.shape[1] != 3 or not crops.is_floating_point():
+            raise ValueError(
+                f"{self.name}: crops must be (B, 3, H, W) float, got "
+                f"{tuple(crops.shape)} {crops.dtype}"
+            )
+        h, w = crops.shape[-2:]
+        if h % p or w % p:
+            raise ValueError(
+                f"{self.name}: crop size {h}x{w} is not a multiple of the patch size {p}"
+            )
+        return h // p, w // p
+
+    def pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``(1 + gh*gw, C)`` positional embedding for a crop grid (cached per grid)."""
+        if grid == self.native_grid:
+            return self.visual.positional_embedding
+        if grid not in self._pos_cache:
+            self._pos_cache[grid] = interpolate_pos_embed(
+                self.visual.positional_embedding, self.native_grid, grid
+            )
+        return self._pos_cache[grid]
+
+    def _trunk(self, crops: torch.Tensor) -> torch.Tensor:
+        """Normalised crops -> batch-first tokens ``(B, 1 + gh*gw, C)`` before the last block."""
+        v = self.visual
+        grid = self._grid(crops)
+        x = v.conv1(crops.to(self.device))
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed(grid).to(x.dtype)
+        x = v.ln_pre(v.patch_dropout(x))
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        for blk in v.transformer.resblocks[:-1]:
+            x = blk(x)
+        return x if self.batch_first else x.transpose(0, 1)
+
+    def _cls(self, x: torch.Tensor) -> torch.Tensor:
+        blk = self.visual.transformer.resblocks[-1]
+        y = blk(x) if self.batch_first else blk(x.transpose(0, 1)).transpose(0, 1)
+        pooled = self.visual.ln_post(y[:, 0]) @ self.visual.proj
+        return F.normalize(pooled.float(), dim=-1)
+
+    def _dense(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        y = dense_last_block(self.visual.transformer.resblocks[-1], x, self.mode)
+        feats = self.visual.ln_post(y[:, 1:]) @ self.visual.proj
+        return feats.float().reshape(x.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def crops_and_dense(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised crops ``(B, 3, S, S)`` -> CLS ``(B, D)`` L2-normalised and dense
+        ``(B, D, S/p, S/p)`` (not normalised), both float32, from one trunk pass."""
+        grid = self._grid(crops)
+        with self._autocast():
+            x = self._trunk(crops)
+            return self._cls(x), self._dense(x, grid).contiguous()
+
+    @torch.no_grad()
+    def crop_embeddings(self, crops: torch.Tensor) -> torch.Tensor:
+        """Normalised crops ``(B, 3, S, S)`` -> ``(B, D)`` float32, L2-normalised."""
+        with self._autocast():
+            return self._cls(self._trunk(crops))
+
+    @torch.no_grad()
+    def dense_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """Normalised crops ``(B, 3, S, S)`` -> ``(B, D, S/p, S/p)`` float32, not normalised."""
+        grid = self._grid(crops)
+        with self._autocast():
+            return self._dense(self._trunk(crops), grid).contiguous()
+
+
+# ---- builders ---------------------------------------------------------------------------------
+
+
+def _load_file(model: nn.Module, path: Path, name: str) -> None:
+    sd = load_state_dict_file(path)
+    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI JIT extras
+        sd.pop(key, None)
+    open_clip.model.resize_pos_embed(sd, model)
+    open_clip.model.resize_text_pos_embed(sd, model)
+    load_into(model, sd, f"CLIP checkpoint {path} for {name}")
+
+
+def _resolve(weights: str, name: str, options: Any, cache: str | None, fix: str = "") -> Path:
+    example = f"{name}.safetensors"
+    return resolve_weights(
+        weights,
+        field="clip_weights",
+        example=example,
+        cache_dir=cache,
+        storage_options=options,
+        extra_fix=fix,
+    )
+
+
+class _QuietRandomInit(logging.Filter):
+    """Drops open_clip's "initialized randomly" warning when a checkpoint is loaded next."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+def build_open_clip(
+    arch: str,
+    name: str,
+    weights: str | None,
+    device: torch.device,
+    *,
+    store_options: dict[str, Any] | None = None,
+    mode: Mode = "maskclip",
+    precision: Precision = "auto",
+    quick_gelu: bool | None = None,
+    cache_dir: str | None = None,
+    seed: int = 0,
+) -> OpenClipDense:
+    """An open_clip architecture with weights from a pretrained tag, a file/URI, or random.
+
+    ``quick_gelu``: ``None`` = what the pretrained tag was trained with; for files and
+    random init, ``True`` (the registered architectures are OpenAI CLIP's).
+    """
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    tokenizer = open_clip.get_tokenizer(arch)
+    extra_fix = f"or an open_clip pretrained tag for {arch} ({', '.join(tags) or 'none'})"
+    if weights is not None and weights in tags:
+        tag_cfg = open_clip.get_pretrained_cfg(arch, weights)
+        qg = bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
+        try:
+            model = open_clip.create_model(
+                arch, pretrained=weights, force_quick_gelu=qg, cache_dir=cache_dir
+            )
+        except RuntimeError as exc:
+            if "Failed to download" not in str(exc):
+                raise
+            looked = [f"open_clip tag {weights!r} ({tag_cfg.get('hf_hub') or tag_cfg.get('url')})"]
+            raise not_found(
+                f"{name} weights {weights!r} (models.clip_weights)",
+                field="clip_weights",
+                example=f"{name}.safetensors",
+                looked=looked,
+                detail=str(exc)[:300],
+                extra_fix=extra_fix,
+            ) from exc
+        return OpenClipDense(model, tokenizer, name, mode, precision, device)
+    # A file is resolved before the model is built: a wrong reference fails fast.
+    path = None if weights is None else _resolve(weights, name, store_options, cache_dir, extra_fix)
+    qg = True if quick_gelu is None else quick_gelu
+    quiet = _QuietRandomInit() if path is not None else None  # weights follow right below
+    root = logging.getLogger()
+    if quiet:
+        root.addFilter(quiet)
+    try:
+        with seeded(seed):
+            model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=qg)
+    finally:
+        if quiet:
+            root.removeFilter(quiet)
+    if path is not None:
+        _load_file(model, path, name)
+    return OpenClipDense(model, tokenizer, name, mode, precision, device)
+
+
+def build_tiny_clip(
+    weights: str | None,
+    device: torch.device,
+    *,
+    store_options: dict[str, Any] | None = None,
+    mode: Mode = "maskclip",
+    precision: Precision = "auto",
+    quick_gelu: bool | None = None,
+    cache_dir: str | None = None,
+    seed: int = 0,
+) -> OpenClipDense:
+    """Random ViT CLIP (width 64, 2 layers, patch 16, 64 px; text width 32) for tests."""
+    path = None if weights is None else _resolve(weights, "clip_tiny", store_options, cache_dir)
+    with seeded(seed):
+        model = open_clip.CLIP(
+            **TINY_CLIP_CFG, quick_gelu=True if quick_gelu is None else quick_gelu
+        )
+    size = TINY_CLIP_CFG["vision_cfg"]["image_size"]
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    open_clip.set_model_preprocess_cfg(model, {"size": size, "mean": mean, "std": std})
+    if path is not None:
+        _load_file(model, path, "clip_tiny")
+    return OpenClipDense(
+        model, open_clip.get_tokenizer(TINY_TOKENIZER_ARCH), "clip_tiny", mode, precision, device
+    )
+
+
+def _register(name: str, arch: str, description: str) -> None:
+    def builder(weights: str | None, device: torch.device, **kwargs: Any) -> OpenClipDense:
+        return build_open_clip(arch, name, weights, device, **kwargs)
+
+    builder.__qualname__ = f"build_{name}"
+    register_model(name, "clip", builder, description)
+
+
+_register("clip_vit_b16", "ViT-B-16", "open_clip ViT-B-16 (OpenAI: weights='openai'), 224 px")
+_register("clip_vit_l14", "ViT-L-14", "open_clip ViT-L-14 (OpenAI: weights='openai'), 224 px")
+_register(
+    "clip_vit_l14_336",
+    "ViT-L-14-336",
+    "open_clip ViT-L-14-336 (OpenAI: weights='openai'), 336 px; the paper's CLIP",
+)
+register_model(
+    "clip_tiny",
+    "clip",
+    build_tiny_clip,
+    "random tiny open_clip ViT (patch 16, 64 px, D=32) with the real tokenizer",
+)

@@ -1,0 +1,226 @@
+"""SAM (segment-anything) behind the :class:`~fmbseg.models.base.Segmenter` interface.
+
+Real models come from segment-anything's own ``sam_model_registry`` builders, built without
+a checkpoint; the checkpoint is then loaded here with ``torch.load(weights_only=True)`` (the
+library's loader uses a plain ``torch.load``). ``sam_tiny`` is a ``Sam`` of the same classes
+with tiny dims (128 px input, width 32), fast enough for CPU tests of ``SamPredictor`` and
+``SamAutomaticMaskGenerator``.
+
+Coordinates: our points are continuous pixels with the origin at the top-left pixel's
+*corner* (``fmbseg.models.base``); SAM treats a point as a pixel *index* (its prompt encoder
+adds 0.5 to reach the pixel centre). :meth:`SamSegmenter.predict` subtracts 0.5, so the
+point ``(x + 0.5, y + 0.5)`` asks about the centre of pixel column ``x``, row ``y``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+from fmbseg.config import SamAutoConfig
+from fmbseg.models.registry import register_model
+from fmbseg.models.weights import load_into, load_state_dict_file, resolve_weights, seeded
+
+# The official checkpoint file names, for error messages.
+CHECKPOINT_NAMES = {
+    "vit_h": "sam_vit_h_4b8939.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "tiny": "sam_tiny.pth",
+}
+
+
+def _check_image(image: np.ndarray, what: str) -> None:
+    if not (
+        isinstance(image, np.ndarray)
+        and image.ndim == 3
+        and image.shape[2] == 3
+        and image.dtype == np.uint8
+    ):
+        desc = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
+        raise ValueError(f"{what}: expected an HxWx3 uint8 RGB array, got {desc}")
+
+
+class SamSegmenter:
+    """Point-prompted and automatic SAM masks for one image at a time.
+
+    Args:
+        sam: a segment-anything ``Sam`` (already on its device, eval mode).
+        name: registry name, for messages.
+        auto_config: thresholds for :meth:`generate` (``SamAutoConfig()`` if None).
+    """
+
+    def __init__(self, sam: Sam, name: str, auto_config: SamAutoConfig | None = None) -> None:
+        self.sam = sam.eval().requires_grad_(False)
+        self.name = name
+        self.device = sam.device
+        self.image_size = int(sam.image_encoder.img_size)  # SAM's input long side
+        self.auto_config = auto_config or SamAutoConfig()
+        self.predictor = SamPredictor(sam)
+        cfg = self.auto_config
+        self._generator = SamAutomaticMaskGenerator(
+            sam,
+            points_per_side=cfg.points_per_side,
+            points_per_batch=cfg.points_per_batch,
+            pred_iou_thresh=cfg.pred_iou_thresh,
+            stability_score_thresh=cfg.stability_score_thresh,
+            box_nms_thresh=cfg.box_nms_thresh,
+            min_mask_region_area=cfg.min_mask_region_area,
+            output_mode="binary_mask",
+        )
+        self._image_hw: tuple[int, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"SamSegmenter({self.name!r}, device={self.device}, input={self.image_size})"
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Embed ``HxWx3 uint8 RGB``; :meth:`predict` then refers to this image."""
+        _check_image(image, f"{self.name}.set_image")
+        self.predictor.set_image(image, image_format="RGB")
+        self._image_hw = (int(image.shape[0]), int(image.shape[1]))
+
+    def predict(
+        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Points ``(P, 2)`` float ``(x, y)`` in original pixels (corner origin), labels
+        ``(P,)`` (1 = positive, 0 = negative) -> masks ``(M, H, W) bool`` at the original
+        size and predicted IoU ``(M,) float32``; ``M`` = 3 with ``multimask`` else 1."""
+        if self._image_hw is None:
+            raise RuntimeError(f"{self.name}.predict: call set_image(image) first")
+        pts = np.asarray(points, dtype=np.float32)
+        lab = np.asarray(labels)
+        if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
+            raise ValueError(
+                f"{self.name}.predict: points must be (P, 2) with P >= 1, got {pts.shape}"
+            )
+        if lab.shape != (len(pts),):
+            raise ValueError(f"{self.name}.predict: labels must be ({len(pts)},), got {lab.shape}")
+        masks, scores, _ = self.predictor.predict(
+            point_coords=pts - 0.5,
+            point_labels=lab.astype(np.int32),
+            multimask_output=multimask,
+        )
+        return masks.astype(bool), scores.astype(np.float32)
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """Automatic masks of ``HxWx3 uint8 RGB`` in segment-anything's record format
+        (``segmentation`` HxW bool, ``area``, ``bbox`` XYWH, ``predicted_iou``,
+        ``stability_score``, ``point_coords``, ``crop_box``), filtered by the configured
+        IoU / stability / NMS / small-region settings and by ``max_area_fraction``."""
+        _check_image(image, f"{self.name}.generate")
+        records = self._generator.generate(image)
+        limit = self.auto_config.max_area_fraction * image.shape[0] * image.shape[1]
+        return [r for r in records if r["area"] <= limit]
+
+
+# ---- builders ---------------------------------------------------------------------------------
+
+
+TINY_LOGIT_GAIN = 100.0
+TINY_IOU_BIAS = 0.5
+
+
+def build_tiny_sam_model(img_size: int = 128) -> Sam:
+    """A random ``Sam`` of the real classes with tiny dims (width 32, depth 2, 2 heads).
+
+    The mask heads' last layers are scaled by ``TINY_LOGIT_GAIN`` so that mask logits are
+    large like a trained SAM's; with default init they stay within SAM's stability offset
+    (1.0) and every stability score would be 0, leaving that filter untestable. Likewise the
+    IoU head is centred on ``TINY_IOU_BIAS`` so predicted IoUs spread around a plausible
+    value instead of around 0 (where SAM's ``pred_iou_thresh > 0`` would drop them all).
+    """
+    prompt_dim, patch = 32, 16
+    grid = img_size // patch
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=2,
+            embed_dim=32,
+            img_size=img_size,
+            mlp_ratio=2.0,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=2,
+            patch_size=patch,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=(1,),
+            window_size=4,
+            out_chans=prompt_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(img_size, img_size),
+            mask_in_chans=4,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=prompt_dim, mlp_dim=64, num_heads=2
+            ),
+            transformer_dim=prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=32,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    with torch.no_grad():
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(TINY_LOGIT_GAIN)
+            mlp.layers[-1].bias.mul_(TINY_LOGIT_GAIN)
+        sam.mask_decoder.iou_prediction_head.layers[-1].bias.add_(TINY_IOU_BIAS)
+    return sam
+
+
+def build_sam(
+    variant: str,
+    name: str,
+    weights: str | None,
+    device: torch.device,
+    *,
+    store_options: dict[str, Any] | None = None,
+    auto_config: SamAutoConfig | None = None,
+    cache_dir: str | None = None,
+    seed: int = 0,
+) -> SamSegmenter:
+    """SAM ``variant`` (``vit_h``/``vit_l``/``vit_b``/``tiny``) with weights from a local
+    path or URI (``None`` = deterministic random init)."""
+    path = None
+    if weights is not None:  # resolve first: a missing file fails before a 2.5 GB init
+        path = resolve_weights(
+            weights,
+            field="sam_weights",
+            example=CHECKPOINT_NAMES[variant],
+            cache_dir=cache_dir,
+            storage_options=store_options,
+        )
+    with seeded(seed):
+        sam = build_tiny_sam_model() if variant == "tiny" else sam_model_registry[variant]()
+    if path is not None:
+        load_into(sam, load_state_dict_file(path), f"SAM checkpoint {path} for {name}")
+    return SamSegmenter(sam.to(device), name, auto_config)
+
+
+def _register(name: str, variant: str, description: str) -> None:
+    def builder(weights: str | None, device: torch.device, **kwargs: Any) -> SamSegmenter:
+        return build_sam(variant, name, weights, device, **kwargs)
+
+    builder.__qualname__ = f"build_{name}"
+    register_model(name, "sam", builder, description)
+
+
+_register("sam_vit_h", "vit_h", "segment-anything ViT-H (sam_vit_h_4b8939.pth); the paper's SAM")
+_register("sam_vit_l", "vit_l", "segment-anything ViT-L (sam_vit_l_0b3195.pth)")
+_register("sam_vit_b", "vit_b", "segment-anything ViT-B (sam_vit_b_01ec64.pth)")
+_register("sam_tiny", "tiny", "random tiny SAM (128 px input, width 32) for tests")

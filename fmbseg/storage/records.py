@@ -1,0 +1,300 @@
+"""Mask records (one row per mask), their errors table, COCO RLE and label-map composition.
+
+The record schema is DESIGN.md's "Records". Masks are stored as COCO *compressed* RLE bytes
+(``pycocotools.mask.encode``), which run down columns: pycocotools needs the mask in Fortran
+order, and :func:`encode_mask` takes care of it so callers pass ordinary ``HxW bool`` arrays.
+
+Conventions: ``bbox`` is ``XYWH`` in pixels of the original image (``x`` = column); ``area``
+is the number of mask pixels; ``height``/``width`` are the original image's size.
+
+:class:`MaskRecords` validates a table once (STYLE 8); code that receives a ``MaskRecords``
+trusts its columns. Stage outputs are stored as its ``.table``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pycocotools import mask as mask_utils
+
+SOURCES = ("prompt", "auto")  # "prompt" = stage 1.1 (CLIP points), "auto" = stage 1.2
+IGNORE = 255  # label-map value of unlabelled pixels; category ids must be below it
+
+SOURCE_TYPE = pa.dictionary(pa.int8(), pa.string())
+BBOX_TYPE = pa.list_(pa.float32(), 4)
+
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("category_id", pa.int32(), nullable=False),  # index into the vocabulary
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("source", SOURCE_TYPE, nullable=False),  # "prompt" | "auto"
+        pa.field("score", pa.float32(), nullable=False),  # SAM's predicted IoU
+        pa.field("rle_counts", pa.binary(), nullable=False),  # COCO compressed RLE
+        pa.field("bbox", BBOX_TYPE, nullable=False),  # XYWH, pixels
+        pa.field("area", pa.int64(), nullable=False),  # pixels
+        pa.field("fingerprint", pa.string(), nullable=False),  # stage that made the mask
+    ]
+)
+
+# Identical to fmbseg.tasks.runner.ERRORS_SCHEMA, so every stage's errors concatenate.
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string()),
+        pa.field("image_id", pa.string(), nullable=True),
+        pa.field("stage", pa.string()),
+        pa.field("error_type", pa.string()),  # e.g. "no_class_present", "DecodeError"
+        pa.field("message", pa.string()),
+    ]
+)
+
+
+class RecordError(ValueError):
+    """A records table or value does not match the record schema; the message says how."""
+
+
+# ---- RLE -----------------------------------------------------------------------------------
+
+
+def encode_mask(mask: np.ndarray) -> tuple[bytes, tuple[float, float, float, float], int]:
+    """``HxW bool`` mask -> (COCO compressed RLE counts, bbox XYWH, area in pixels)."""
+    if mask.ndim != 2:
+        raise RecordError(f"encode_mask: expected an HxW mask, got shape {mask.shape}")
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
+    return rle["counts"], (x, y, w, h), int(mask_utils.area(rle))
+
+
+def decode_mask(counts: bytes, height: int, width: int) -> np.ndarray:
+    """COCO compressed RLE counts of an ``height x width`` mask -> ``HxW bool`` (C order)."""
+    rle = {"size": [int(height), int(width)], "counts": counts}
+    with warnings.catch_warnings():  # pycocotools' own numpy-2 "copy keyword" deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decoded = mask_utils.decode(rle)
+    return np.ascontiguousarray(decoded.astype(bool))
+
+
+# ---- record rows and the validated container ------------------------------------------------
+
+
+def mask_row(
+    mask: np.ndarray,
+    *,
+    image_id: str,
+    image_uri: str,
+    category_id: int,
+    category: str,
+    source: str,
+    score: float,
+    fingerprint: str,
+) -> dict[str, Any]:
+    """One record (a dict with the schema's fields) for an ``HxW bool`` mask."""
+    counts, bbox, area = encode_mask(mask)
+    return {
+        "image_id": image_id,
+        "image_uri": image_uri,
+        "height": int(mask.shape[0]),
+        "width": int(mask.shape[1]),
+        "category_id": int(category_id),
+        "category": category,
+        "source": source,
+        "score": float(score),
+        "rle_counts": counts,
+        "bbox": list(bbox),
+        "area": area,
+        "fingerprint": fingerprint,
+    }
+
+
+def _check_columns(table: pa.Table, schema: pa.Schema, what: str) -> None:
+    names, expected = table.schema.names, schema.names
+    if sorted(names) != sorted(expected):
+        missing = [n for n in expected if n not in names]
+        extra = [n for n in names if n not in expected]
+        raise RecordError(
+            f"{what}: columns do not match the schema; missing {missing}, unexpected {extra}"
+        )
+
+
+class MaskRecords:
+    """A validated table of mask records (``RECORD_SCHEMA``), possibly of several images.
+
+    Construction checks, once: the column set; that each column casts safely to its schema
+    type; no nulls; ``source`` in ``SOURCES``; positive image sizes; non-negative ids and
+    areas. Everything downstream trusts ``.table``.
+    """
+
+    def __init__(self, table: pa.Table) -> None:
+        _check_columns(table, RECORD_SCHEMA, "mask records")
+        table = table.select(RECORD_SCHEMA.names)
+        if not table.schema.equals(RECORD_SCHEMA):
+            for name in RECORD_SCHEMA.names:
+                want, got = RECORD_SCHEMA.field(name).type, table.schema.field(name).type
+                if want != got:
+                    try:
+                        pc.cast(table.column(name), want, safe=True)
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                        raise RecordError(
+                            f"mask records: column {name!r} has type {got}, expected {want} ({exc})"
+                        ) from exc
+            table = table.cast(RECORD_SCHEMA, safe=True)
+        for name in RECORD_SCHEMA.names:
+            if table.column(name).null_count:
+                raise RecordError(f"mask records: column {name!r} has null values")
+        if table.num_rows:
+            sources = set(pc.unique(table.column("source").cast(pa.string())).to_pylist())
+            if not sources <= set(SOURCES):
+                raise RecordError(
+                    f"mask records: source must be one of {SOURCES}, got {sorted(sources - set(SOURCES))}"
+                )
+            for name, low in (("height", 1), ("width", 1), ("category_id", 0), ("area", 0)):
+                smallest = pc.min(table.column(name)).as_py()
+                if smallest < low:
+                    raise RecordError(f"mask records: {name} must be >= {low}, found {smallest}")
+        self.table = table
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> MaskRecords:
+        rows = list(rows)
+        if not rows:
+            return cls.empty()
+        cols = {name: [r[name] for r in rows] for name in RECORD_SCHEMA.names}
+        try:
+            arrays = [
+                pa.array(cols[f.name], type=pa.string()).dictionary_encode().cast(f.type)
+                if f.name == "source"
+                else pa.array(cols[f.name], type=f.type)
+                for f in RECORD_SCHEMA
+            ]
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise RecordError(f"mask records: a row does not fit the schema: {exc}") from exc
+        return cls(pa.Table.from_arrays(arrays, schema=RECORD_SCHEMA))
+
+    @classmethod
+    def empty(cls) -> MaskRecords:
+        return cls(RECORD_SCHEMA.empty_table())
+
+    @classmethod
+    def concat(cls, parts: Sequence[MaskRecords]) -> MaskRecords:
+        if not parts:
+            return cls.empty()
+        # Each part may carry its own source dictionary; unify them into one.
+        table = pa.concat_tables([p.table for p in parts]).unify_dictionaries()
+        return cls(table.combine_chunks())
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __repr__(self) -> str:
+        return f"MaskRecords({len(self)} masks, {len(self.image_ids())} images)"
+
+    def image_ids(self) -> list[str]:
+        """Distinct image ids, in order of first appearance."""
+        return list(dict.fromkeys(self.table.column("image_id").to_pylist()))
+
+    def for_image(self, image_id: str) -> MaskRecords:
+        out = MaskRecords.__new__(MaskRecords)  # a filter of a valid table stays valid
+        out.table = self.table.filter(pc.equal(self.table.column("image_id"), image_id))
+        return out
+
+    def rows(self) -> list[dict[str, Any]]:
+        return self.table.to_pylist()
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+def error_row(
+    image_id: str | None, uri: str, stage: str, error_type: str, message: str
+) -> dict[str, Any]:
+    """One row of a stage's errors table: why ``image_id`` produced no output."""
+    return {
+        "image_id": image_id,
+        "uri": uri,
+        "stage": stage,
+        "error_type": error_type,
+        "message": message,
+    }
+
+
+def errors_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Rows from :func:`error_row` -> a table with ``ERROR_SCHEMA`` (possibly empty)."""
+    rows = list(rows)
+    if not rows:
+        return ERROR_SCHEMA.empty_table()
+    return pa.Table.from_pylist([dict(r) for r in rows], schema=ERROR_SCHEMA)
+
+
+# ---- label maps ------------------------------------------------------------------------------
+
+
+def paint_order(
+    areas: np.ndarray, sources: Sequence[str], scores: np.ndarray, category_ids: np.ndarray
+) -> np.ndarray:
+    """Indices of masks in painting order: the mask painted last wins a contested pixel.
+
+    Larger masks are painted first so small masks stay visible. Among equal areas: "auto"
+    before "prompt" (stage 1.1 wins, METHOD "Merge"), then lower score first (higher score
+    wins), then higher category id first (lower id wins), then later rows first (the
+    earlier row wins). The order is a total order, so the result never depends on row order
+    except for exact duplicates.
+    """
+    n = len(areas)
+    source_rank = np.array([1 if s == "prompt" else 0 for s in sources], dtype=np.int64)
+    # np.lexsort sorts by the last key first.
+    return np.lexsort(
+        (
+            -np.arange(n),
+            -np.asarray(category_ids, dtype=np.int64),
+            np.asarray(scores, dtype=np.float64),
+            source_rank,
+            -np.asarray(areas, dtype=np.int64),
+        )
+    )
+
+
+def compose_label_map(
+    records: pa.Table | MaskRecords | Sequence[Mapping[str, Any]], height: int, width: int
+) -> np.ndarray:
+    """Masks of ONE image -> ``HxW uint8`` label map of category ids, ``IGNORE`` (255) elsewhere.
+
+    Painting follows :func:`paint_order`. Raises :class:`RecordError` for a category id
+    outside ``[0, 254]`` or a mask whose size is not ``height x width``.
+    """
+    if isinstance(records, MaskRecords):
+        records = records.table
+    if isinstance(records, pa.Table):
+        cols = {
+            n: records.column(n).to_pylist()
+            for n in ("rle_counts", "category_id", "area", "source", "score", "height", "width")
+        }
+        if records.num_rows and len(set(records.column("image_id").to_pylist())) > 1:
+            raise RecordError("compose_label_map: records of more than one image given")
+    else:
+        recs = list(records)
+        cols = {
+            n: [r[n] for r in recs]
+            for n in ("rle_counts", "category_id", "area", "source", "score", "height", "width")
+        }
+    label = np.full((height, width), IGNORE, dtype=np.uint8)
+    ids = np.asarray(cols["category_id"], dtype=np.int64)
+    if len(ids) and (ids.min() < 0 or ids.max() >= IGNORE):
+        raise RecordError(
+            f"compose_label_map: category ids must be in [0, {IGNORE - 1}] for a uint8 map "
+            f"({IGNORE} = ignore); got {int(ids.min())}..{int(ids.max())}"
+        )
+    for h, w in zip(cols["height"], cols["width"], strict=True):
+        if (h, w) != (height, width):
+            raise RecordError(f"compose_label_map: a mask is {h}x{w}, the image {height}x{width}")
+    order = paint_order(np.asarray(cols["area"]), cols["source"], np.asarray(cols["score"]), ids)
+    for i in order:
+        label[decode_mask(cols["rle_counts"][i], height, width)] = ids[i]
+    return label

@@ -1,0 +1,362 @@
+"""Stage `clip_dense` (METHOD 1.1.1-2): sliding-window dense CLIP features and presence.
+
+Core (pure: arrays in, results out): :func:`resize_short_side`, :func:`plan_windows`,
+:func:`run_dense` (crops of several images batched into ``cfg.batch_size`` forward passes,
+patch features stitched into one full-image map per image) and :func:`summarise`
+(presence votes and the similarity maps of the present classes).
+
+Geometry (resizing, windows on the patch grid, grid -> pixel mapping): :mod:`fmbseg.tasks.windows`.
+
+The stage output has one row per image (``CLIP_DENSE_SCHEMA``) holding the votes, the present
+class ids and their similarity maps as float16 bytes, so stages 1.1.3 and 1.2 rerun without
+CLIP (METHOD 1.2 note).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from fmbseg.config import ClipDenseConfig, Config
+from fmbseg.models.base import DenseClip
+from fmbseg.storage import ArtifactStore
+from fmbseg.storage.records import errors_table
+from fmbseg.tasks.runner import Progress, run_stage
+from fmbseg.tasks.stage1 import (
+    CODE_VERSIONS,
+    INDEX_STAGE,
+    VOCABULARY_KEY,
+    error_from,
+    load_image,
+    num_shards,
+    prefetch,
+    stage_fingerprint,
+)
+from fmbseg.tasks.windows import (  # noqa: F401 - part of this stage's API
+    Geometry,
+    axis_offsets,
+    crop_and_stride,
+    geometry,
+    plan_windows,
+    prepare_image,
+    resize_short_side,
+)
+
+STAGE = "clip_dense"
+CODE_VERSION = CODE_VERSIONS[STAGE]
+
+CLIP_DENSE_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("image_uri", pa.string()),
+        pa.field("height", pa.int32()),  # original image size
+        pa.field("width", pa.int32()),
+        pa.field("grid_h", pa.int32()),  # feature grid (cells) of the similarity maps
+        pa.field("grid_w", pa.int32()),
+        pa.field("num_crops", pa.int32()),
+        pa.field("votes", pa.list_(pa.int32())),  # (K,) crops won per vocabulary class
+        pa.field("present", pa.list_(pa.int32())),  # (P,) class ids, ascending
+        pa.field("sims", pa.binary()),  # (P, grid_h, grid_w) float16, C order, cosine
+        pa.field("fingerprint", pa.string()),
+    ]
+)
+
+
+# ---- batched inference and stitching -------------------------------------------------------
+
+
+@dataclass
+class DenseImage:
+    """Stitched CLIP outputs of one image.
+
+    ``features``: ``(D, grid_h, grid_w) float32`` averaged over overlapping crops, in the
+    joint space, not normalised. ``crop_cls``: ``(n_windows, D) float32`` L2-normalised CLS
+    embeddings, in ``geometry.windows`` order.
+    """
+
+    key: Any  # whatever the caller paired with the image
+    geometry: Geometry
+    features: torch.Tensor
+    crop_cls: torch.Tensor
+
+
+class _Pending:
+    """Accumulators of one image whose crops are in flight."""
+
+    def __init__(self, key: Any, geo: Geometry, dim: int, device: torch.device) -> None:
+        self.key, self.geo = key, geo
+        gh = max(geo.resized_h, geo.crop) // geo.patch
+        gw = max(geo.resized_w, geo.crop) // geo.patch
+        self.sum = torch.zeros(dim, gh, gw, device=device)
+        self.count = torch.zeros(1, gh, gw, device=device)
+        self.cls = torch.zeros(len(geo.windows), dim, device=device)
+        self.done = 0
+
+    def add(self, index: int, cls: torch.Tensor, dense: torch.Tensor) -> None:
+        y0, x0 = self.geo.windows[index]
+        p, g = self.geo.patch, dense.shape[-1]
+        self.sum[:, y0 // p : y0 // p + g, x0 // p : x0 // p + g] += dense
+        self.count[:, y0 // p : y0 // p + g, x0 // p : x0 // p + g] += 1
+        self.cls[index] = cls
+        self.done += 1
+
+    def finish(self) -> DenseImage:
+        feats = (self.sum / self.count)[:, : self.geo.grid_h, : self.geo.grid_w]
+        return DenseImage(self.key, self.geo, feats.float().cpu(), self.cls.float().cpu())
+
+
+def run_dense(
+    model: DenseClip, images: Iterable[tuple[Any, np.ndarray]], cfg: ClipDenseConfig
+) -> Iterator[DenseImage]:
+    """Stitched dense features and crop CLS embeddings of ``(key, HxWx3 uint8)`` images.
+
+    Crops of consecutive images share forward passes of ``cfg.batch_size`` crops; results
+    come out in input order, each as soon as its last crop has been through the model.
+    """
+    pre, device = model.preprocess, torch.device(model.device)
+    pending: list[_Pending] = []
+    batch: list[tuple[_Pending, int, torch.Tensor]] = []
+
+    def flush() -> Iterator[DenseImage]:
+        with torch.inference_mode():  # precision is the model's own (cfg.precision at build)
+            cls, dense = model.crops_and_dense(torch.stack([c for _, _, c in batch]))
+        cls, dense = cls.float(), dense.float()
+        for j, (acc, index, _) in enumerate(batch):
+            acc.add(index, cls[j], dense[j])
+        batch.clear()
+        while pending and pending[0].done == len(pending[0].geo.windows):
+            yield pending.pop(0).finish()
+
+    for key, image in images:
+        geo = geometry(image.shape[0], image.shape[1], cfg, pre)
+        canvas = prepare_image(image, geo, pre, device)
+        acc = _Pending(key, geo, model.embed_dim, device)
+        pending.append(acc)
+        for index, (y0, x0) in enumerate(geo.windows):
+            batch.append((acc, index, canvas[:, y0 : y0 + geo.crop, x0 : x0 + geo.crop]))
+            if len(batch) == cfg.batch_size:
+                yield from flush()
+    if batch:
+        yield from flush()
+    assert not pending, "every image's crops went through the model"
+
+
+# ---- presence and similarity maps ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClipDenseResult:
+    """Per-image output of the stage.
+
+    ``votes``: ``(K,) int32`` crops won per vocabulary class. ``present``: ``(P,) int32``
+    class ids with ``votes >= min_crops``, ascending. ``sims``: ``(P, grid_h, grid_w)
+    float32`` cosine similarity of each grid cell's feature with the present classes' text
+    embeddings. Geometry: :mod:`fmbseg.tasks.windows` (``cell_h = height / grid_h``).
+    """
+
+    image_id: str
+    image_uri: str
+    height: int
+    width: int
+    num_crops: int
+    votes: np.ndarray
+    present: np.ndarray
+    sims: np.ndarray
+
+    @property
+    def grid_h(self) -> int:
+        return int(self.sims.shape[1])
+
+    @property
+    def grid_w(self) -> int:
+        return int(self.sims.shape[2])
+
+    @property
+    def cell_h(self) -> float:
+        return self.height / self.grid_h
+
+    @property
+    def cell_w(self) -> float:
+        return self.width / self.grid_w
+
+
+def presence_votes(crop_cls: torch.Tensor, text: torch.Tensor) -> np.ndarray:
+    """``(n, D)`` normalised CLS embeddings, ``(K, D)`` text -> ``(K,) int32`` crops won per class."""
+    winners = (crop_cls @ text.T).argmax(dim=1)
+    return np.bincount(winners.cpu().numpy(), minlength=text.shape[0]).astype(np.int32)
+
+
+def similarity_maps(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``(D, h, w)`` features, ``(K, D)`` normalised text -> ``(K, h, w)`` cosine similarities."""
+    feats = F.normalize(features.float(), dim=0)
+    return torch.einsum("dhw,kd->khw", feats, text.float())
+
+
+def summarise(
+    dense: DenseImage, text: torch.Tensor, min_crops: int, image_id: str, image_uri: str
+) -> ClipDenseResult:
+    """Presence (METHOD 1.1.2) and the present classes' similarity maps of one image."""
+    text = text.to(dense.features.device)
+    votes = presence_votes(dense.crop_cls, text)
+    present = np.flatnonzero(votes >= min_crops).astype(np.int32)
+    sims = similarity_maps(dense.features, text[torch.from_numpy(present).long()])
+    return ClipDenseResult(
+        image_id,
+        image_uri,
+        dense.geometry.height,
+        dense.geometry.width,
+        len(dense.geometry.windows),
+        votes,
+        present,
+        sims.numpy(),
+    )
+
+
+def result_row(result: ClipDenseResult, fingerprint: str) -> dict:
+    """A row of ``CLIP_DENSE_SCHEMA`` (similarities stored as float16)."""
+    return {
+        "image_id": result.image_id,
+        "image_uri": result.image_uri,
+        "height": result.height,
+        "width": result.width,
+        "grid_h": result.grid_h,
+        "grid_w": result.grid_w,
+        "num_crops": result.num_crops,
+        "votes": result.votes.tolist(),
+        "present": result.present.tolist(),
+        "sims": np.ascontiguousarray(result.sims, dtype=np.float16).tobytes(),
+        "fingerprint": fingerprint,
+    }
+
+
+def result_from_row(row: dict) -> ClipDenseResult:
+    """Inverse of :func:`result_row` (similarities back as float32)."""
+    present = np.asarray(row["present"], dtype=np.int32)
+    shape = (len(present), row["grid_h"], row["grid_w"])
+    sims = np.frombuffer(row["sims"], dtype=np.float16)
+    if sims.size != int(np.prod(shape)):
+        raise ValueError(
+            f"clip_dense row of image {row['image_id']!r}: sims hold {sims.size} "
+            f"values, expected {shape}"
+        )
+    return ClipDenseResult(
+        row["image_id"],
+        row["image_uri"],
+        row["height"],
+        row["width"],
+        row["num_crops"],
+        np.asarray(row["votes"], dtype=np.int32),
+        present,
+        sims.reshape(shape).astype(np.float32),
+    )
+
+
+def results_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=CLIP_DENSE_SCHEMA)
+
+
+# ---- shell: worker and stage runner --------------------------------------------------------
+
+
+class ClipDenseWorker:
+    """Shard worker: decodes the index shard's images and runs the core on them.
+
+    The CLIP model is built once (``cfg.models.clip``, ``cfg.clip_dense.mode``/``precision``)
+    and the vocabulary's text embeddings are computed once, here. A spec is
+    ``{"index": index_fp}``; the output shard has the index shard's number.
+    """
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        cfg: Config,
+        vocabulary: Sequence[str],
+        fp: str,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        from fmbseg.models.registry import build_from_config
+
+        self.store, self.cfg, self.fp = store, cfg, fp
+        self.storage_options = storage_options
+        self.model: DenseClip = build_from_config(
+            cfg.models,
+            "clip",
+            cfg.runtime.device,
+            store_options=store.storage_options,
+            mode=cfg.clip_dense.mode,
+            precision=cfg.clip_dense.precision,
+        )
+        self.text = self.model.encode_text(list(vocabulary), cfg.clip_dense.templates)
+
+    def _load(self, row: dict) -> np.ndarray:
+        return load_image(row["uri"], self.storage_options, self.cfg.index.max_pixels)
+
+    def _images(self, rows: list[dict], errors: list[dict]) -> Iterator[tuple[dict, np.ndarray]]:
+        for row, image, exc in prefetch(rows, self._load):
+            if exc is not None:  # an unreadable image is that image's error, not the shard's
+                errors.append(error_from(exc, row["image_id"], row["uri"], STAGE))
+            else:
+                yield row, image
+
+    def _run(self, rows: list[dict], errors: list[dict]) -> list[dict]:
+        out = []
+        for dense in run_dense(self.model, self._images(rows, errors), self.cfg.clip_dense):
+            row = dense.key
+            res = summarise(
+                dense, self.text, self.cfg.clip_dense.min_crops, row["image_id"], row["uri"]
+            )
+            out.append(result_row(res, self.fp))
+        return out
+
+    def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
+        rows = self.store.read_shard(INDEX_STAGE, spec["index"], shard).to_pylist()
+        errors: list[dict] = []
+        try:
+            out = self._run(rows, errors)
+        except Exception:  # noqa: BLE001 - find the image(s) that broke the batch
+            out, errors = [], []
+            for row in rows:
+                try:
+                    out += self._run([row], errors)
+                except Exception as exc:
+                    errors.append(error_from(exc, row["image_id"], row["uri"], STAGE))
+        return results_table(out), errors_table(errors)
+
+
+def run_clip_dense(
+    store: ArtifactStore,
+    cfg: Config,
+    index_fp: str,
+    vocabulary: Sequence[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """Run (or reuse) clip_dense over a committed index; returns its fingerprint.
+
+    ``vocabulary`` must already be validated (``fmbseg.data.vocab.validate_vocabulary``); it
+    is stored in the manifest meta, where the later stages read it.
+    """
+    vocabulary = tuple(vocabulary)
+    fp = stage_fingerprint(STAGE, cfg, {"index": index_fp}, vocabulary)
+    specs = [{"index": index_fp}] * num_shards(store, INDEX_STAGE, index_fp)
+    factory = functools.partial(ClipDenseWorker, store, cfg, vocabulary, fp, storage_options)
+    run_stage(
+        store,
+        STAGE,
+        fp,
+        specs,
+        factory,
+        cfg.runtime,
+        use_gpu=True,
+        progress=progress,
+        meta={VOCABULARY_KEY: list(vocabulary), "index": index_fp},
+    )
+    return fp

@@ -1,0 +1,241 @@
+"""Stage ``index``: list an image source, identify every image by content, record its size.
+
+Core: :func:`index_images` (URIs in, records + errors out). Shell: :func:`plan_index`
+(list the source, compute the fingerprint) and :func:`execute_index` (shards on the
+runner, cross-shard de-duplication, commit); :func:`run_index` does both.
+
+Records (one row per distinct image, Parquet): ``image_id`` [string] = content hash of the
+file's bytes, ``uri`` [string], ``width``/``height`` [int32] in pixels as displayed (EXIF
+orientation applied). Every other listed file is a row of the errors table
+(:data:`fmbseg.tasks.runner.ERRORS_SCHEMA`) with ``error_type`` one of ``read_error``,
+``empty``, ``not_an_image``, ``truncated``, ``corrupt``, ``too_large``, ``duplicate``.
+
+Duplicates: of several files with identical bytes, the one with the smallest URI is
+indexed; each other copy is a ``duplicate`` error whose message names the kept URI. Shards
+are contiguous runs of the sorted listing, so within a shard "first seen" is that rule, and
+across shards the finalize step (before the manifest is written) removes later copies.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fmbseg.config import Config, IndexConfig
+from fmbseg.data.images import ImageDecodeError, decode_image, image_size
+from fmbseg.data.sources import ImageRef, list_images, listing_hash, read_bytes
+from fmbseg.storage.fingerprint import content_hash, fingerprint
+from fmbseg.storage.store import ArtifactStore, Manifest
+from fmbseg.tasks.runner import ERRORS_SCHEMA, Progress, errors_table, plan_shards, run_stage
+
+log = logging.getLogger(__name__)
+
+STAGE = "index"
+CODE_VERSION = "1"
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+    ]
+)
+
+
+def _error(uri: str, image_id: str | None, error_type: str, message: str) -> dict[str, Any]:
+    return {"uri": uri, "image_id": image_id, "stage": STAGE, "error_type": error_type,
+            "message": message}  # fmt: skip
+
+
+def index_images(
+    uris: Iterable[str | ImageRef],
+    cfg: IndexConfig,
+    read: Callable[[str], bytes] = read_bytes,
+) -> tuple[pa.Table, pa.Table]:
+    """Read, identify and measure images; the pure core of the stage.
+
+    Args:
+        uris: image URIs (or :class:`ImageRef`), in listing order.
+        cfg: ``max_pixels`` and ``verify_decode`` (full decode vs. header only).
+        read: ``read(uri) -> bytes``; raises for unreadable inputs.
+
+    Returns:
+        (records of RECORD_SCHEMA, errors of ERRORS_SCHEMA). Of identical contents only the
+        first occurrence is a record; later ones are ``duplicate`` errors.
+    """
+    records: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    kept: dict[str, str] = {}
+    for item in uris:
+        uri = item.uri if isinstance(item, ImageRef) else str(item)
+        try:
+            data = read(uri)
+        except FileNotFoundError:
+            errors.append(_error(uri, None, "read_error", "file not found"))
+            continue
+        except Exception as exc:
+            errors.append(_error(uri, None, "read_error", f"{type(exc).__name__}: {exc}"))
+            continue
+        image_id = content_hash(data)
+        if image_id in kept:
+            errors.append(_error(uri, image_id, "duplicate", f"same bytes as {kept[image_id]}"))
+            continue
+        try:
+            if cfg.verify_decode:
+                height, width = decode_image(data, uri, cfg.max_pixels).shape[:2]
+            else:
+                width, height = image_size(data, uri)
+                if width * height > cfg.max_pixels:
+                    raise ImageDecodeError(
+                        uri, f"image too large: {width}x{height} > {cfg.max_pixels}", "too_large"
+                    )
+        except ImageDecodeError as exc:
+            errors.append(_error(uri, image_id, exc.kind, exc.reason))
+            continue
+        kept[image_id] = uri
+        records.append({"image_id": image_id, "uri": uri, "width": width, "height": height})
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA), errors_table(errors)
+
+
+@dataclass(frozen=True)
+class IndexShardSpec:
+    """Shard input: the URIs of a contiguous run of the sorted listing."""
+
+    uris: tuple[str, ...]
+
+
+class IndexWorker:
+    """ShardWorker for ``index``: reads images with fsspec, no models."""
+
+    def __init__(self, cfg: IndexConfig, storage_options: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.read = functools.partial(read_bytes, storage_options=storage_options)
+
+    def process(self, shard: int, spec: IndexShardSpec) -> tuple[pa.Table, pa.Table]:
+        return index_images(spec.uris, self.cfg, self.read)
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """A listed source and the fingerprint its index will have."""
+
+    source: str
+    fingerprint: str
+    refs: tuple[ImageRef, ...]
+    shard_size: int
+
+    def specs(self) -> list[IndexShardSpec]:
+        uris = [r.uri for r in self.refs]
+        return [IndexShardSpec(tuple(uris[r.start : r.stop])) for r in
+                plan_shards(len(uris), self.shard_size)]  # fmt: skip
+
+
+def index_fingerprint(cfg: Config, refs: Sequence[ImageRef]) -> str:
+    """fingerprint("index", CODE_VERSION, index config + shard size, {source: listing hash}).
+
+    The shard size is part of it because shard ``i`` must mean the same URIs to a resumed
+    run as to the run that wrote its receipt.
+    """
+    config = {"index": cfg.index, "shard_size": cfg.runtime.shard_size}
+    return fingerprint(STAGE, CODE_VERSION, config, {"source": listing_hash(refs)})
+
+
+def plan_index(
+    source: str,
+    cfg: Config,
+    storage_options: dict[str, Any] | None = None,
+    image_root: str | None = None,
+) -> IndexPlan:
+    """List ``source`` and compute the stage fingerprint (no image is read)."""
+    refs = list_images(source, cfg.index.extensions, storage_options, image_root)
+    return IndexPlan(str(source), index_fingerprint(cfg, refs), tuple(refs), cfg.runtime.shard_size)
+
+
+def dedup_across_shards(store: ArtifactStore, stage: str, fp: str, num_shards: int) -> dict:
+    """Finalize hook: keep each image_id in its first shard; later copies become errors.
+
+    Rewrites only shards that hold a later copy. Idempotent, so a resumed run may repeat it.
+    Returns manifest meta: ``images``, ``duplicates`` and ``errors_by_type`` counts.
+    """
+    receipts = store.shard_receipts(stage, fp)
+    kept: dict[str, str] = {}
+    images = 0
+    by_type: Counter[str] = Counter()
+    for shard in range(num_shards):
+        r = receipts[shard]
+        records = store.read_receipted(stage, fp, r)
+        errors = store.read_receipted(stage, fp, r, "errors")
+        ids, uris = records.column("image_id").to_pylist(), records.column("uri").to_pylist()
+        later = [i for i, image_id in enumerate(ids) if image_id in kept]
+        if later:
+            dup_rows = [_error(uris[i], ids[i], "duplicate", f"same bytes as {kept[ids[i]]}")
+                        for i in later]  # fmt: skip
+            mask = pa.array([image_id not in kept for image_id in ids])
+            records = records.filter(mask)
+            parts = [t for t in (errors, errors_table(dup_rows)) if t.num_columns]
+            errors = pa.concat_tables([t.cast(ERRORS_SCHEMA) for t in parts])
+            store.write_shard(stage, fp, shard, records, errors)
+            log.info("%s/%s shard %d: %d cross-shard duplicates", stage, fp, shard, len(later))
+        for image_id, uri in zip(records.column("image_id").to_pylist(),
+                                 records.column("uri").to_pylist(), strict=True):  # fmt: skip
+            kept[image_id] = uri
+        images += records.num_rows
+        if errors.num_rows:
+            by_type.update(errors.column("error_type").to_pylist())
+    return {"images": images, "duplicates": by_type.get("duplicate", 0),
+            "errors_by_type": dict(sorted(by_type.items()))}  # fmt: skip
+
+
+def execute_index(
+    store: ArtifactStore,
+    plan: IndexPlan,
+    cfg: Config,
+    storage_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Index the planned listing into ``stages/index/{plan.fingerprint}`` (or reuse it)."""
+    factory = functools.partial(IndexWorker, cfg.index, storage_options)
+    return run_stage(
+        store, STAGE, plan.fingerprint, plan.specs(), factory, cfg.runtime,
+        progress=progress, meta={"source": plan.source, "listed": len(plan.refs)},
+        finalize=dedup_across_shards,
+    )  # fmt: skip
+
+
+def run_index(
+    store: ArtifactStore,
+    source: str,
+    cfg: Config,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    image_root: str | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """List, index and commit ``source``; returns the index fingerprint."""
+    plan = plan_index(source, cfg, storage_options, image_root)
+    execute_index(store, plan, cfg, storage_options, progress)
+    return plan.fingerprint
+
+
+def read_index(store: ArtifactStore, fp: str) -> pa.Table:
+    """The committed index ``fp`` as one table of RECORD_SCHEMA, in listing order."""
+    table = store.read_table(STAGE, fp)
+    if not table.num_columns:
+        return RECORD_SCHEMA.empty_table()
+    return table.cast(RECORD_SCHEMA)
+
+
+def count_errors(store: ArtifactStore, stage: str, fp: str) -> dict[str, int]:
+    """``error_type -> count`` over a committed stage's errors table."""
+    errors = store.read_table(stage, fp, "errors", columns=["error_type"])
+    if not errors.num_rows:
+        return {}
+    counts = pc.value_counts(errors.column("error_type")).to_pylist()
+    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}

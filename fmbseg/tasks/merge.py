@@ -1,0 +1,245 @@
+"""Stage `merge` (METHOD "Merge"): all stage-1.1 masks plus a seeded sample of stage-1.2 masks.
+
+Core: :func:`sample_auto` and :func:`merge_image`. Sampling is per image, with a generator
+seeded by ``(cfg.seed, a hash of image_id)``, so an image's sample does not depend on which
+shard it landed in, on the other images, or on the order SAM returned its masks (they are
+put in a canonical order before sampling). Each image keeps ``round(auto_fraction * n)``
+of its ``n`` automatic masks (halves round up).
+
+Records keep the ``fingerprint`` of the stage that made them (sam_prompt or sam_auto), so a
+merged mask points to its origin. Label maps are composed from merged records with
+:func:`fmbseg.storage.records.compose_label_map` (by export and by training).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fmbseg.config import Config, MergeConfig
+from fmbseg.storage import ArtifactStore
+from fmbseg.storage.records import ERROR_SCHEMA, MaskRecords, error_row, errors_table
+from fmbseg.tasks.runner import Progress, run_stage
+from fmbseg.tasks.stage1 import (
+    CODE_VERSIONS,
+    INDEX_STAGE,
+    VOCABULARY_KEY,
+    num_shards,
+    read_part,
+    read_vocabulary,
+    stage_fingerprint,
+)
+
+STAGE = "merge"
+CODE_VERSION = CODE_VERSIONS[STAGE]
+
+
+def image_seed(seed: int, image_id: str) -> np.random.Generator:
+    """A generator that depends only on ``seed`` and ``image_id`` (not Python's salted hash)."""
+    digest = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, digest])
+
+
+def sample_count(n: int, fraction: float) -> int:
+    """``round(fraction * n)`` with halves rounded up, within ``[0, n]``."""
+    return min(n, max(0, int(np.floor(fraction * n + 0.5))))
+
+
+def canonical_order(table: pa.Table) -> np.ndarray:
+    """Row order by (area descending, RLE bytes, category id): independent of input order."""
+    keys = list(
+        zip(
+            table.column("area").to_pylist(),
+            table.column("rle_counts").to_pylist(),
+            table.column("category_id").to_pylist(),
+            strict=True,
+        )
+    )
+    return np.array(
+        sorted(range(len(keys)), key=lambda i: (-keys[i][0], keys[i][1], keys[i][2])),
+        dtype=np.int64,
+    )
+
+
+def sample_auto(auto: MaskRecords, image_id: str, cfg: MergeConfig) -> MaskRecords:
+    """The sampled automatic masks of ONE image (``auto`` holds only that image's records)."""
+    n = len(auto)
+    k = sample_count(n, cfg.auto_fraction)
+    if k == n:
+        return auto
+    order = canonical_order(auto.table)
+    chosen = np.sort(image_seed(cfg.seed, image_id).permutation(order)[:k])
+    return MaskRecords(auto.table.take(pa.array(chosen)))
+
+
+def merge_image(
+    prompt: MaskRecords, auto: MaskRecords, image_id: str, cfg: MergeConfig
+) -> MaskRecords:
+    """Merged records of ONE image: every prompt mask, then the sampled automatic masks."""
+    return MaskRecords.concat([prompt, sample_auto(auto, image_id, cfg)])
+
+
+def merge_shard(
+    images: Sequence[Mapping[str, object]],
+    prompt: MaskRecords,
+    auto: MaskRecords,
+    cfg: MergeConfig,
+    upstream_errors: pa.Table | None = None,
+) -> tuple[MaskRecords, pa.Table]:
+    """Merge the records of a shard's images; a reason for every image left without masks.
+
+    Args:
+        images: one mapping per image with ``image_id``, ``image_uri`` and ``present`` (the
+            class ids clip_dense found), in output order.
+        prompt, auto: the records of the sam_prompt and sam_auto stages for those images.
+        upstream_errors: rows (``ERROR_SCHEMA``) the earlier stages recorded; an image
+            without masks gets its first upstream reason, else ``no_class_present`` when
+            no class was present, else ``no_masks``.
+
+    Returns (records, errors with ``stage="merge"``).
+    """
+    earlier: dict[str, dict] = {}
+    if upstream_errors is not None and upstream_errors.num_rows:
+        for row in upstream_errors.to_pylist():
+            earlier.setdefault(row["image_id"], row)
+    by_image_p = _split(prompt)
+    by_image_a = _split(auto)
+    parts, errors = [], []
+    for image in images:
+        image_id, uri = str(image["image_id"]), str(image["image_uri"])
+        merged = merge_image(
+            by_image_p.get(image_id, MaskRecords.empty()),
+            by_image_a.get(image_id, MaskRecords.empty()),
+            image_id,
+            cfg,
+        )
+        if len(merged):
+            parts.append(merged)
+        elif image_id in earlier:
+            e = earlier[image_id]
+            errors.append(
+                error_row(image_id, uri, STAGE, e["error_type"], f"{e['stage']}: {e['message']}")
+            )
+        elif not len(image["present"]):  # type: ignore[arg-type]
+            errors.append(
+                error_row(
+                    image_id,
+                    uri,
+                    STAGE,
+                    "no_class_present",
+                    "CLIP found no vocabulary class in enough crops",
+                )
+            )
+        else:
+            errors.append(
+                error_row(
+                    image_id,
+                    uri,
+                    STAGE,
+                    "no_masks",
+                    "classes were present but SAM returned no usable mask",
+                )
+            )
+    return MaskRecords.concat(parts), errors_table(errors)
+
+
+def _split(records: MaskRecords) -> dict[str, MaskRecords]:
+    """Records grouped by image id (one pass over the table)."""
+    rows: dict[str, list[int]] = {}
+    for i, image_id in enumerate(records.table.column("image_id").to_pylist()):
+        rows.setdefault(image_id, []).append(i)
+    return {k: MaskRecords(records.table.take(pa.array(v))) for k, v in rows.items()}
+
+
+# ---- shell ---------------------------------------------------------------------------------
+
+
+class MergeWorker:
+    """Shard worker of merge: no model. A spec is ``{"index", "clip_dense", "sam_prompt",
+    "sam_auto"} -> fingerprint``; shard ``i`` of each is read."""
+
+    def __init__(self, store: ArtifactStore, cfg: MergeConfig) -> None:
+        self.store, self.cfg = store, cfg
+
+    def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
+        index = self.store.read_shard(INDEX_STAGE, spec["index"], shard).to_pylist()
+        clip = read_part(self.store, "clip_dense", spec["clip_dense"], shard)
+        present = (
+            {}
+            if clip is None
+            else dict(
+                zip(
+                    clip.column("image_id").to_pylist(),
+                    clip.column("present").to_pylist(),
+                    strict=True,
+                )
+            )
+        )
+        images = [
+            {
+                "image_id": r["image_id"],
+                "image_uri": r["uri"],
+                "present": present.get(r["image_id"], []),
+            }
+            for r in index
+        ]
+        records = {}
+        upstream = []
+        for stage in ("sam_prompt", "sam_auto"):
+            part = read_part(self.store, stage, spec[stage], shard)
+            records[stage] = MaskRecords.empty() if part is None else MaskRecords(part)
+        for stage in ("clip_dense", "sam_prompt", "sam_auto"):
+            errors = read_part(self.store, stage, spec[stage], shard, kind="errors")
+            if errors is not None:
+                upstream.append(errors.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA))
+        # a SAM stage's "no_class_present" row is the same reason merge gives itself
+        merged, errors = merge_shard(
+            images, records["sam_prompt"], records["sam_auto"], self.cfg, _real_failures(upstream)
+        )
+        return merged.table, errors
+
+
+def _real_failures(tables: list[pa.Table]) -> pa.Table | None:
+    if not tables:
+        return None
+    t = pa.concat_tables(tables)
+    return t.filter(pc.not_equal(t.column("error_type"), "no_class_present"))
+
+
+def run_merge(
+    store: ArtifactStore,
+    cfg: Config,
+    index_fp: str,
+    clip_fp: str,
+    prompt_fp: str,
+    auto_fp: str,
+    *,
+    progress: Progress | None = None,
+) -> str:
+    """Run (or reuse) merge of committed sam_prompt and sam_auto outputs; returns its fingerprint."""
+    inputs = {
+        "index": index_fp,
+        "clip_dense": clip_fp,
+        "sam_prompt": prompt_fp,
+        "sam_auto": auto_fp,
+    }
+    fp = stage_fingerprint(STAGE, cfg, inputs)
+    vocabulary = read_vocabulary(store, "clip_dense", clip_fp)
+    specs = [inputs] * num_shards(store, INDEX_STAGE, index_fp)
+    factory = functools.partial(MergeWorker, store, cfg.merge)
+    run_stage(
+        store,
+        STAGE,
+        fp,
+        specs,
+        factory,
+        cfg.runtime,
+        progress=progress,
+        meta={VOCABULARY_KEY: list(vocabulary), **inputs},
+    )
+    return fp

@@ -1,0 +1,312 @@
+"""The shard executor every stage uses: fan a stage out over shards, resume, commit.
+
+A stage is a list of shard *specs* (small picklable descriptions of each shard's input,
+e.g. upstream fingerprints + shard id) and a *worker factory*. Each executor slot builds
+one worker (models load once, in the worker's ``__init__``) and calls
+``worker.process(shard, spec)`` for the shards it is handed; the slot itself writes the
+returned tables with :meth:`ArtifactStore.write_shard`, so record data never flows through
+the driver, which keeps only the receipts. Shards that already have receipts are skipped
+(resume after a crash), and the manifest is committed last.
+
+Executors (``RuntimeConfig.executor``):
+- ``"local"``: one worker in this process, shards in order. For unit tests and debugging.
+- ``"ray"``: a pool of Ray actors, each reserving ``cpus_per_worker`` CPUs and, for GPU
+  stages on a cluster with GPUs, ``gpus_per_worker`` GPUs. Shards are streamed to whichever
+  actor is idle. An actor that dies (OOM, node loss, segfault) is replaced and its shard
+  resubmitted, up to ``max_retries`` times per shard.
+
+Errors: bad *inputs* (an undecodable image) are the worker's business and become rows of
+the shard's errors table (:func:`errors_table`); an exception escaping ``process`` is a bug
+and fails the stage with a :class:`StageError` naming the shard.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from fmbseg.config import RuntimeConfig
+from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: shards done (including ones done by an earlier run) of total."""
+
+Finalize = Callable[[ArtifactStore, str, str, int], "dict[str, Any] | None"]
+"""``finalize(store, stage, fp, num_shards) -> extra manifest meta``; may rewrite shards."""
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string()),
+        pa.field("image_id", pa.string(), nullable=True),
+        pa.field("stage", pa.string()),
+        pa.field("error_type", pa.string()),
+        pa.field("message", pa.string()),
+    ]
+)
+
+
+def errors_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Rows ``{uri, image_id, stage, error_type, message}`` -> a table of ERRORS_SCHEMA.
+
+    Every stage's errors table has these columns, so they concatenate across stages.
+    """
+    names = ERRORS_SCHEMA.names
+    for i, row in enumerate(rows):
+        missing = [n for n in names if n not in row]
+        if missing:
+            raise ValueError(f"error row {i} lacks {missing}; expected keys {names}")
+    return pa.Table.from_pylist([{n: r[n] for n in names} for r in rows], schema=ERRORS_SCHEMA)
+
+
+class ShardWorker(Protocol):
+    """Processes shards of one stage; one instance per executor slot (Ray actor).
+
+    Build models once in ``__init__``; read the shard's inputs from the store in ``process``.
+    """
+
+    def process(self, shard: int, spec: Any) -> tuple[pa.Table, pa.Table | None]:
+        """Shard ``shard`` described by ``spec`` -> (records, errors or None)."""
+        ...
+
+
+class StageError(RuntimeError):
+    """A stage could not complete; the message names the stage, the shard and the cause."""
+
+
+def plan_shards(n_items: int, shard_size: int) -> list[range]:
+    """Split ``range(n_items)`` into ``ceil(n_items / shard_size)`` contiguous ranges.
+
+    Sizes differ by at most one (balanced) and depend only on the two arguments.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if n_items < 0:
+        raise ValueError(f"n_items must be >= 0, got {n_items}")
+    if n_items == 0:
+        return []
+    n = -(-n_items // shard_size)
+    base, extra = divmod(n_items, n)
+    out, start = [], 0
+    for i in range(n):
+        stop = start + base + (1 if i < extra else 0)
+        out.append(range(start, stop))
+        start = stop
+    return out
+
+
+class ShardSlot:
+    """One executor slot: a worker plus the store it writes to (a Ray actor's body)."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        stage: str,
+        fp: str,
+        worker_factory: Callable[[], ShardWorker],
+    ) -> None:
+        self.store, self.stage, self.fp = store, stage, fp
+        self.worker = worker_factory()
+
+    def run(self, shard: int, spec: Any) -> ShardReceipt:
+        out = self.worker.process(shard, spec)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], pa.Table)):
+            raise TypeError(
+                f"{type(self.worker).__name__}.process must return (pa.Table, pa.Table | None),"
+                f" got {type(out).__name__}"
+            )
+        records, errors = out
+        return self.store.write_shard(self.stage, self.fp, shard, records, errors)
+
+
+def run_stage(
+    store: ArtifactStore,
+    stage: str,
+    fp: str,
+    specs: Sequence[Any],
+    worker_factory: Callable[[], ShardWorker],
+    runtime: RuntimeConfig,
+    *,
+    use_gpu: bool = False,
+    progress: Progress | None = None,
+    meta: dict[str, Any] | None = None,
+    finalize: Finalize | None = None,
+) -> Manifest:
+    """Run every shard of ``stage/fp`` that has no receipt yet, then commit the manifest.
+
+    Args:
+        specs: ``specs[i]`` describes shard ``i``'s input; small and picklable.
+        worker_factory: picklable zero-argument callable building a :class:`ShardWorker`.
+        use_gpu: reserve GPUs for the Ray actors (when the cluster has any).
+        progress: called as ``progress(done, total)`` after every shard.
+        meta: stored in the manifest (e.g. counts, source description).
+        finalize: run after all shards are written and before the commit (e.g. a
+            cross-shard dedup that rewrites shards); its returned dict extends ``meta``.
+
+    Returns:
+        The committed manifest. If ``stage/fp`` was already committed, that manifest,
+        without running anything; if another writer commits first, theirs.
+    """
+    total = len(specs)
+    existing = store.manifest(stage, fp)
+    if existing is not None:
+        log.info("%s/%s already committed; skipping", stage, fp)
+        if progress:
+            progress(total, total)
+        return existing
+    done = {i: r for i, r in store.shard_receipts(stage, fp).items() if i < total}
+    todo = [i for i in range(total) if i not in done]
+    if done:
+        log.info("%s/%s: resuming, %d of %d shards already written", stage, fp, len(done), total)
+    if progress:
+        progress(len(done), total)
+    if todo:
+        on_done = _counter(len(done), total, progress)
+        if runtime.executor == "local":
+            _run_local(store, stage, fp, specs, todo, worker_factory, on_done)
+        elif runtime.executor == "ray":
+            _run_ray(store, stage, fp, specs, todo, worker_factory, runtime, use_gpu, on_done)
+        else:
+            raise ValueError(f"runtime.executor must be 'local' or 'ray', got {runtime.executor!r}")
+    all_meta = dict(meta or {})
+    if finalize is not None:
+        all_meta.update(finalize(store, stage, fp, total) or {})
+    manifest, won = store.commit(stage, fp, total, meta=all_meta)
+    if won:
+        store.sweep(stage, fp)
+    else:
+        log.info("%s/%s was committed by another writer first; using theirs", stage, fp)
+    return manifest
+
+
+def _counter(start: int, total: int, progress: Progress | None) -> Callable[[], None]:
+    count = [start]
+
+    def tick() -> None:
+        count[0] += 1
+        if progress:
+            progress(count[0], total)
+
+    return tick
+
+
+def _run_local(
+    store: ArtifactStore,
+    stage: str,
+    fp: str,
+    specs: Sequence[Any],
+    todo: list[int],
+    worker_factory: Callable[[], ShardWorker],
+    on_done: Callable[[], None],
+) -> None:
+    slot = ShardSlot(store, stage, fp, worker_factory)
+    for shard in todo:
+        try:
+            slot.run(shard, specs[shard])
+        except Exception as exc:
+            raise StageError(
+                f"stage {stage!r} ({fp}): shard {shard} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        on_done()
+
+
+def _last_line(exc: BaseException) -> str:
+    """The final line of a Ray error (the original ``Type: message``), without the traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _pool_shape(runtime: RuntimeConfig, use_gpu: bool, n_todo: int) -> tuple[int, float]:
+    """(number of actors, GPUs per actor) for the connected Ray cluster."""
+    import ray
+
+    cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    gpus = runtime.gpus_per_worker if use_gpu and cluster_gpus > 0 else 0.0
+    if runtime.num_workers > 0:
+        n = runtime.num_workers
+    elif gpus > 0:
+        n = max(1, int(cluster_gpus // gpus))
+    else:
+        n = 1
+    return max(1, min(n, n_todo)), gpus
+
+
+def _run_ray(
+    store: ArtifactStore,
+    stage: str,
+    fp: str,
+    specs: Sequence[Any],
+    todo: list[int],
+    worker_factory: Callable[[], ShardWorker],
+    runtime: RuntimeConfig,
+    use_gpu: bool,
+    on_done: Callable[[], None],
+) -> None:
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if not ray.is_initialized():
+        ray.init(address=runtime.ray_address)
+    n_actors, gpus = _pool_shape(runtime, use_gpu, len(todo))
+    actor_cls = ray.remote(ShardSlot).options(  # type: ignore[attr-defined]
+        num_cpus=runtime.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0
+    )
+    factory_ref = ray.put(worker_factory)
+
+    def new_actor() -> Any:
+        return actor_cls.remote(store, stage, fp, factory_ref)
+
+    log.info("%s/%s: %d shards on %d Ray actors (%.2g GPU each)", stage, fp, len(todo),
+             n_actors, gpus)  # fmt: skip
+    queue = deque(todo)
+    attempts = dict.fromkeys(todo, 0)
+    live = [new_actor() for _ in range(n_actors)]
+    idle = list(live)
+    pending: dict[Any, tuple[Any, int]] = {}
+    try:
+        while queue or pending:
+            while idle and queue:
+                actor, shard = idle.pop(), queue.popleft()
+                attempts[shard] += 1
+                pending[actor.run.remote(shard, specs[shard])] = (actor, shard)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                actor, shard = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as exc:
+                    if getattr(exc, "actor_init_failed", False):
+                        raise StageError(
+                            f"stage {stage!r} ({fp}): the worker could not be built "
+                            f"(while starting shard {shard}): {_last_line(exc)}"
+                        ) from exc
+                    if attempts[shard] > runtime.max_retries:
+                        raise StageError(
+                            f"stage {stage!r} ({fp}): shard {shard} failed: its worker died "
+                            f"on each of {attempts[shard]} attempts; last cause: {exc}"
+                        ) from exc
+                    log.warning("%s/%s: worker died on shard %d (attempt %d); replacing it",
+                                stage, fp, shard, attempts[shard])  # fmt: skip
+                    ray.kill(actor)
+                    live.remove(actor)
+                    replacement = new_actor()
+                    live.append(replacement)
+                    idle.append(replacement)
+                    queue.appendleft(shard)
+                    continue
+                except RayTaskError as exc:
+                    cause = exc.cause if exc.cause is not None else exc
+                    raise StageError(
+                        f"stage {stage!r} ({fp}): shard {shard} failed: "
+                        f"{type(cause).__name__}: {cause}"
+                    ) from exc
+                idle.append(actor)
+                on_done()
+    finally:
+        for actor in live:
+            ray.kill(actor)

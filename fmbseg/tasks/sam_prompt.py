@@ -1,0 +1,118 @@
+"""Stage `sam_prompt` (METHOD 1.1.3): the top CLIP cells of each present class prompt SAM.
+
+Core: :func:`prompt_points` (top-k cells -> ``(x, y)`` patch centres in original pixels)
+and :func:`prompt_masks` (one SAM call per present class, keep the mask with the highest
+predicted IoU, one record per class). It reads only the stored similarity maps of stage
+`clip_dense`, never CLIP itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fmbseg.config import Config, SamPromptConfig
+from fmbseg.models.base import Segmenter
+from fmbseg.storage import ArtifactStore
+from fmbseg.storage.records import mask_row
+from fmbseg.tasks.clip_dense import ClipDenseResult
+from fmbseg.tasks.runner import Progress
+from fmbseg.tasks.stage1 import CODE_VERSIONS, SamStageWorker, run_sam_stage
+
+STAGE = "sam_prompt"
+CODE_VERSION = CODE_VERSIONS[STAGE]
+
+
+def top_cells(sim: np.ndarray, k: int) -> np.ndarray:
+    """``(h, w)`` similarity map -> ``(min(k, h*w), 2) int64`` ``(row, col)`` of the top cells.
+
+    Descending similarity; equal values keep row-major order (deterministic).
+    """
+    flat = sim.reshape(-1)
+    order = np.argsort(-flat, kind="stable")[: min(k, flat.size)]
+    return np.stack(np.unravel_index(order, sim.shape), axis=1)
+
+
+def prompt_points(sim: np.ndarray, k: int, cell_h: float, cell_w: float) -> np.ndarray:
+    """``(h, w)`` similarity map -> ``(k', 2) float32`` points ``(x, y)`` in original pixels.
+
+    A cell ``(row, col)`` becomes its centre ``x = (col + 0.5) * cell_w``,
+    ``y = (row + 0.5) * cell_h`` (x = column; origin at the top-left pixel's corner).
+    """
+    cells = top_cells(sim, k)
+    xs = (cells[:, 1] + 0.5) * cell_w
+    ys = (cells[:, 0] + 0.5) * cell_h
+    return np.stack([xs, ys], axis=1).astype(np.float32)
+
+
+def prompt_masks(
+    segmenter: Segmenter,
+    image: np.ndarray,
+    clip: ClipDenseResult,
+    vocabulary: Sequence[str],
+    cfg: SamPromptConfig,
+    fingerprint: str,
+) -> list[dict[str, Any]]:
+    """Record rows (``source="prompt"``) for the present classes of one ``HxWx3 uint8`` image.
+
+    One mask per present class whose best mask is not empty; none when no class is present
+    (the caller records why). ``score`` is SAM's predicted IoU of the kept mask.
+    """
+    if image.shape[:2] != (clip.height, clip.width):
+        raise ValueError(
+            f"image {clip.image_id!r} is {image.shape[:2]}, but clip_dense saw "
+            f"{(clip.height, clip.width)}"
+        )
+    if not len(clip.present):
+        return []
+    segmenter.set_image(image)
+    rows = []
+    for j, class_id in enumerate(clip.present):
+        points = prompt_points(clip.sims[j], cfg.num_points, clip.cell_h, clip.cell_w)
+        labels = np.ones(len(points), dtype=np.int64)
+        masks, scores = segmenter.predict(points, labels, multimask=cfg.multimask)
+        best = int(np.argmax(scores))
+        mask = np.asarray(masks[best], dtype=bool)
+        if not mask.any():
+            continue
+        rows.append(
+            mask_row(
+                mask,
+                image_id=clip.image_id,
+                image_uri=clip.image_uri,
+                category_id=int(class_id),
+                category=vocabulary[class_id],
+                source="prompt",
+                score=float(scores[best]),
+                fingerprint=fingerprint,
+            )
+        )
+    return rows
+
+
+# ---- shell ---------------------------------------------------------------------------------
+
+
+class SamPromptWorker(SamStageWorker):
+    """Shard worker of sam_prompt (see :class:`~fmbseg.tasks.stage1.SamStageWorker`)."""
+
+    stage = STAGE
+
+    def label(self, image: np.ndarray, clip: ClipDenseResult) -> list[dict[str, Any]]:
+        return prompt_masks(
+            self.segmenter, image, clip, self.vocabulary, self.cfg.sam_prompt, self.fp
+        )
+
+
+def run_sam_prompt(
+    store: ArtifactStore,
+    cfg: Config,
+    clip_fp: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """Run (or reuse) sam_prompt on a committed clip_dense output; returns its fingerprint."""
+    return run_sam_stage(store, cfg, clip_fp, STAGE, SamPromptWorker, storage_options, progress)

@@ -1,0 +1,256 @@
+"""What the stage-1 shells (clip_dense, sam_prompt, sam_auto, merge, export) share.
+
+Reading upstream shards and the vocabulary, loading an image for a record, turning a
+per-image exception into an errors-table row, and the fingerprint of each stage. Shards
+keep the index's numbering through every stage: shard ``i`` of ``sam_auto`` holds the masks
+of the images of shard ``i`` of ``index``.
+
+Fingerprints (``fmbseg.storage.fingerprint``) hash the config a stage's output depends on
+and its inputs' fingerprints, nothing else: execution-only fields (``clip_dense.batch_size``,
+``sam_auto.points_per_batch``) are left out, so changing them reuses committed outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from fmbseg.config import Config
+from fmbseg.storage import ArtifactStore, fingerprint
+from fmbseg.storage.records import error_row
+
+INDEX_STAGE = "index"
+PREFETCH = 4  # images read and decoded ahead of the model, in threads
+T = TypeVar("T")
+VOCABULARY_KEY = "vocabulary"  # manifest meta key holding the run's class names
+
+CODE_VERSIONS = {  # bump when a stage's output format or meaning changes
+    "clip_dense": "1",
+    "sam_prompt": "1",
+    "sam_auto": "1",
+    "merge": "1",
+    "export": "1",
+}
+
+
+def _without(section: Any, *fields: str) -> dict[str, Any]:
+    d = dataclasses.asdict(section)
+    for f in fields:
+        d.pop(f)
+    return d
+
+
+def stage_fingerprint(
+    stage: str, cfg: Config, inputs: dict[str, str], vocabulary: Sequence[str] | None = None
+) -> str:
+    """The fingerprint of one stage-1 stage from the config sections it reads and its inputs."""
+    m = cfg.models
+    parts: dict[str, Any]
+    if stage == "clip_dense":
+        parts = {
+            "clip_dense": _without(cfg.clip_dense, "batch_size"),
+            "models": {
+                "clip": m.clip,
+                "clip_weights": m.clip_weights,
+                "clip_quick_gelu": m.clip_quick_gelu,
+            },
+            "vocabulary": list(vocabulary or ()),
+        }
+    elif stage == "sam_prompt":
+        parts = {
+            "sam_prompt": cfg.sam_prompt,
+            "models": {"sam": m.sam, "sam_weights": m.sam_weights},
+        }
+    elif stage == "sam_auto":
+        parts = {
+            "sam_auto": _without(cfg.sam_auto, "points_per_batch"),
+            "models": {"sam": m.sam, "sam_weights": m.sam_weights},
+        }
+    elif stage == "merge":
+        parts = {"merge": cfg.merge}
+    elif stage == "export":
+        parts = {"export": cfg.export}
+    else:
+        raise ValueError(f"stage_fingerprint: unknown stage {stage!r}; known {list(CODE_VERSIONS)}")
+    return fingerprint(stage, CODE_VERSIONS[stage], parts, inputs)
+
+
+def stage1_fingerprints(cfg: Config, index_fp: str, vocabulary: Sequence[str]) -> dict[str, str]:
+    """Every stage-1 fingerprint, before running anything (what the ``run_*`` functions
+    return): ``clip_dense``, ``sam_prompt``, ``sam_auto``, ``merge``, ``export``."""
+    fps = {"index": index_fp}
+    fps["clip_dense"] = stage_fingerprint("clip_dense", cfg, {"index": index_fp}, vocabulary)
+    for stage in ("sam_prompt", "sam_auto"):
+        fps[stage] = stage_fingerprint(stage, cfg, {"clip_dense": fps["clip_dense"]})
+    fps["merge"] = stage_fingerprint("merge", cfg, dict(fps))
+    fps["export"] = stage_fingerprint("export", cfg, {"merge": fps["merge"]})
+    del fps["index"]
+    return fps
+
+
+def num_shards(store: ArtifactStore, stage: str, fp: str) -> int:
+    return store.require_manifest(stage, fp).num_shards
+
+
+def read_vocabulary(store: ArtifactStore, stage: str, fp: str) -> tuple[str, ...]:
+    """The class names recorded in a stage-1 manifest (clip_dense and everything after it)."""
+    meta = store.require_manifest(stage, fp).meta
+    if VOCABULARY_KEY not in meta:
+        raise ValueError(f"{stage}/{fp} has no vocabulary in its manifest meta")
+    return tuple(meta[VOCABULARY_KEY])
+
+
+def read_part(
+    store: ArtifactStore, stage: str, fp: str, shard: int, kind: str = "part"
+) -> pa.Table | None:
+    """One committed shard's records or errors; None when that shard wrote none."""
+    table = store.read_shard(stage, fp, shard, kind=kind)
+    return table if table.num_columns else None
+
+
+def load_image(
+    uri: str, storage_options: dict[str, Any] | None, max_pixels: int | None
+) -> np.ndarray:
+    """``HxWx3 uint8 RGB`` pixels of ``uri`` (decoded the way every stage decodes)."""
+    from fmbseg.data.images import decode_image
+    from fmbseg.data.sources import read_bytes
+
+    return decode_image(read_bytes(uri, storage_options), uri, max_pixels)
+
+
+def prefetch(
+    items: Sequence[T], load: Callable[[T], np.ndarray], ahead: int = PREFETCH
+) -> Iterator[tuple[T, np.ndarray | None, Exception | None]]:
+    """``(item, load(item), None)`` or ``(item, None, exception)`` for each item, in order.
+
+    Up to ``ahead`` loads run in threads while the caller works (decoding releases the GIL),
+    so reading and decoding images overlaps the model's forward passes.
+    """
+    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="fmbseg-load") as pool:
+        window: deque[tuple[T, Future[np.ndarray]]] = deque()
+        it = iter(items)
+        for item in itertools.islice(it, ahead):
+            window.append((item, pool.submit(load, item)))
+        while window:
+            item, future = window.popleft()
+            for nxt in itertools.islice(it, 1):
+                window.append((nxt, pool.submit(load, nxt)))
+            try:
+                yield item, future.result(), None
+            except Exception as exc:  # handed to the caller: one image's failure
+                yield item, None, exc
+
+
+def error_from(exc: BaseException, image_id: str | None, uri: str, stage: str) -> dict[str, Any]:
+    """An errors-table row for an exception raised while processing one image."""
+    kind = getattr(exc, "kind", None)  # ImageDecodeError carries a category
+    error_type = f"{type(exc).__name__}:{kind}" if kind else type(exc).__name__
+    return error_row(image_id, uri, stage, error_type, str(exc)[:2000])
+
+
+class SamStageWorker:
+    """Base of the two SAM stages' shard workers: SAM built once, images from clip_dense rows.
+
+    A spec is ``{"clip_dense": clip_fp}``; the output shard has the same number. Images with
+    no present class are not run through SAM and get a ``no_class_present`` error row;
+    images that fail to load or to segment get an error row naming the exception.
+    """
+
+    stage = ""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        cfg: Config,
+        vocabulary: Sequence[str],
+        fp: str,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        from fmbseg.models.registry import build_from_config
+
+        self.store, self.cfg, self.fp = store, cfg, fp
+        self.vocabulary = tuple(vocabulary)
+        self.storage_options = storage_options
+        self.segmenter = build_from_config(
+            cfg.models,
+            "sam",
+            cfg.runtime.device,
+            store_options=store.storage_options,
+            auto_config=cfg.sam_auto,
+        )
+
+    def _load(self, clip: Any) -> np.ndarray:
+        return load_image(clip.image_uri, self.storage_options, self.cfg.index.max_pixels)
+
+    def label(self, image: np.ndarray, clip: Any) -> list[dict[str, Any]]:
+        """Record rows of one image (``clip`` is its ClipDenseResult)."""
+        raise NotImplementedError
+
+    def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
+        from fmbseg.storage.records import MaskRecords, errors_table
+        from fmbseg.tasks.clip_dense import result_from_row
+
+        rows: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        todo = []
+        for row in self.store.read_shard("clip_dense", spec["clip_dense"], shard).to_pylist():
+            clip = result_from_row(row)
+            if len(clip.present):
+                todo.append(clip)
+            else:  # SAM is not run on images without a class to label
+                errors.append(
+                    error_row(
+                        clip.image_id,
+                        clip.image_uri,
+                        self.stage,
+                        "no_class_present",
+                        "CLIP found no vocabulary class in enough crops",
+                    )
+                )
+        for clip, image, exc in prefetch(todo, self._load):
+            try:
+                if exc is not None:
+                    raise exc
+                assert image is not None
+                rows += self.label(image, clip)
+            except Exception as err:  # this image's failure, not the shard's
+                errors.append(error_from(err, clip.image_id, clip.image_uri, self.stage))
+        return MaskRecords.from_rows(rows).table, errors_table(errors)
+
+
+def run_sam_stage(
+    store: ArtifactStore,
+    cfg: Config,
+    clip_fp: str,
+    stage: str,
+    worker: type[SamStageWorker],
+    storage_options: dict[str, Any] | None,
+    progress: Callable[[int, int], None] | None,
+) -> str:
+    """Run one SAM stage over every shard of ``clip_dense/clip_fp``; returns its fingerprint."""
+    from fmbseg.tasks.runner import run_stage
+
+    vocabulary = read_vocabulary(store, "clip_dense", clip_fp)
+    fp = stage_fingerprint(stage, cfg, {"clip_dense": clip_fp})
+    specs = [{"clip_dense": clip_fp}] * num_shards(store, "clip_dense", clip_fp)
+    factory = functools.partial(worker, store, cfg, vocabulary, fp, storage_options)
+    run_stage(
+        store,
+        stage,
+        fp,
+        specs,
+        factory,
+        cfg.runtime,
+        use_gpu=True,
+        progress=progress,
+        meta={VOCABULARY_KEY: list(vocabulary), "clip_dense": clip_fp},
+    )
+    return fp

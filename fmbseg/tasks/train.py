@@ -1,0 +1,305 @@
+"""Stage 2 training (METHOD.md stage 2): the alignment module on frozen DINOv2 patch features.
+
+:func:`run_train` is the stage: pseudo-labels (merge records) + index -> a model version in
+the store's :class:`~fmbseg.storage.models.ModelRegistry`. The stage is fingerprinted like
+any other (train config, encoder, text model, vocabulary, label and index fingerprints); a
+committed fingerprint returns its model at once. While it runs, every epoch writes a
+checkpoint (module, optimizer, scheduler, epoch, losses, RNG states) under
+``stages/train/{fp}/checkpoints/``; a restarted run resumes after the last complete epoch and,
+because each epoch's batch order depends only on ``(seed, epoch)``, ends with the same
+weights as an uninterrupted run (exactly, on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from fmbseg.config import Config, TrainConfig, to_dict
+from fmbseg.models.align import AlignmentConfig, AlignmentModule
+from fmbseg.models.base import DenseClip, PatchEncoder
+from fmbseg.storage.fingerprint import canonical_json, content_hash, fingerprint
+from fmbseg.storage.models import ModelRegistry
+from fmbseg.storage.store import ArtifactStore
+from fmbseg.tasks.features import (
+    FeatureCache,
+    build_feature_cache,
+    check_input_size,
+)
+from fmbseg.tasks.train_data import (
+    EpochOrder,
+    PatchDataset,
+    labelled_images,
+    require_labelled,
+    restrict_to,
+    vocabulary_names,
+)
+from fmbseg.tasks.train_loop import load_checkpoint, loss_curve_png, save_checkpoint, train_loop
+
+log = logging.getLogger(__name__)
+
+STAGE = "train"
+CODE_VERSION = "1"
+LABELS_STAGE = "merge"
+CARD_KIND = "fmbseg-alignment"
+# What label maps are composed from (bbox and fingerprint are not needed).
+LABEL_COLUMNS = (
+    "image_id",
+    "image_uri",
+    "height",
+    "width",
+    "category_id",
+    "category",
+    "source",
+    "score",
+    "rle_counts",
+    "area",
+)
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    for key in ("epochs", "batch_size", "input_size", "heads"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.min_labelled_fraction <= 1.0:
+        raise ValueError(
+            f"train.min_labelled_fraction must be in [0, 1], got {cfg.min_labelled_fraction}"
+        )
+    if not cfg.temperature > 0:
+        raise ValueError(f"train.temperature must be > 0, got {cfg.temperature}")
+    if not cfg.templates:
+        raise ValueError("train.templates must name at least one text template")
+
+
+def train_fingerprint(
+    cfg: Config, encoder_name: str, text_name: str, labels_fp: str, index_fp: str, names: list[str]
+) -> str:
+    train = {k: v for k, v in to_dict(cfg.train).items() if k != "num_loader_workers"}
+    return fingerprint(
+        STAGE,
+        CODE_VERSION,
+        {
+            "train": train,
+            "encoder": encoder_name,
+            "encoder_weights": cfg.models.dino_weights,
+            "text": text_name,
+            "text_weights": cfg.models.clip_weights,
+        },
+        {
+            "labels": labels_fp,
+            "index": index_fp,
+            "vocabulary": content_hash(canonical_json(names).encode()),
+        },
+    )
+
+
+# ---- the stage -------------------------------------------------------------------------------
+
+
+def _build(
+    cfg: Config, kind: Literal["clip", "dino"], options: dict[str, Any], device: torch.device
+) -> Any:
+    """The ``kind`` model ``cfg.models`` names (DINOv2 at ``train.input_size``)."""
+    from fmbseg.models.registry import build_from_config
+
+    extra: dict[str, Any] = {"img_size": cfg.train.input_size} if kind == "dino" else {}
+    log.info("building %s model %s on %s", kind, getattr(cfg.models, kind), device)
+    return build_from_config(cfg.models, kind, device, store_options=options, **extra)
+
+
+def _given(encoder: PatchEncoder, device: torch.device) -> PatchEncoder:
+    return encoder
+
+
+def run_train(
+    store: ArtifactStore,
+    cfg: Config,
+    labels_fp: str,
+    index_fp: str,
+    vocab: Any,
+    *,
+    progress: Progress | None = None,
+    encoder: PatchEncoder | None = None,
+    text_model: DenseClip | None = None,
+) -> tuple[str, str]:
+    """Train the alignment module on merge-stage pseudo-labels; returns (model name, version).
+
+    Args:
+        store: artifact store holding the merge output ``labels_fp`` and index ``index_fp``.
+        cfg: the whole config (``train``, ``models``, ``runtime`` sections are read).
+        vocab: the class names the pseudo-labels were made with (``category_id`` = position),
+            a list of strings or an object with ``.names``.
+        progress: called with a dict per finished epoch (``stage``, ``epoch``, ``epochs``,
+            ``loss``) and per feature-cache shard.
+        encoder, text_model: prebuilt models (tests); default: built from ``cfg.models``.
+    """
+    from fmbseg.tasks.index import read_index
+
+    tcfg = cfg.train
+    check_train_config(tcfg)
+    names = vocabulary_names(vocab)
+    device = resolve_device(cfg.runtime.device)
+    registry = ModelRegistry(store)
+    options = store.storage_options
+    encoder_name = encoder.name if encoder is not None else cfg.models.dino
+    text_name = getattr(text_model, "name", None) or cfg.models.clip
+    fp = train_fingerprint(cfg, encoder_name, text_name, labels_fp, index_fp, names)
+    done = store.manifest(STAGE, fp)
+    if done is not None:  # before building any model: a committed run costs nothing
+        log.info("train %s already committed: %s:%s", fp, done.meta["model"], done.meta["version"])
+        return done.meta["model"], done.meta["version"]
+
+    if encoder is None:
+        factory = functools.partial(_build, cfg, "dino", options)
+        # With cached features on Ray actors, this process's encoder only supplies metadata.
+        remote = tcfg.cache_features and cfg.runtime.executor == "ray"
+        encoder = factory(torch.device("cpu") if remote else device)
+    else:
+        factory = functools.partial(_given, encoder)
+    text_model = text_model or _build(cfg, "clip", options, device)
+    grid = check_input_size(encoder, tcfg.input_size)
+    records = store.read_table(LABELS_STAGE, labels_fp, columns=LABEL_COLUMNS)
+    index = read_index(store, index_fp)
+    data = labelled_images(
+        records,
+        names,
+        tcfg.input_size,
+        encoder.preprocess.patch_size,
+        tcfg.min_labelled_fraction,
+        tcfg.num_loader_workers,
+        all_image_ids=index.column("image_id").to_pylist(),
+    )
+    require_labelled(data, labels_fp)
+    cache = features_fp = None
+    if tcfg.cache_features:
+        features_fp = build_feature_cache(
+            store,
+            encoder.name,
+            cfg.models.dino_weights,
+            tcfg.input_size,
+            index_fp,
+            index.select(["image_id", "uri"]),
+            encoder_factory=factory,
+            runtime=cfg.runtime,
+            batch_size=tcfg.batch_size,
+            storage_options=options,
+            progress=progress,
+        )
+        cache = FeatureCache(store, features_fp)
+        data = restrict_to(data, [image_id in cache for image_id in data.image_ids])
+        require_labelled(data, labels_fp)
+    dataset = PatchDataset(
+        data,
+        cache=cache,
+        preprocess=encoder.preprocess,
+        input_size=tcfg.input_size,
+        storage_options=store.storage_options,
+    )
+
+    with torch.no_grad():
+        text = text_model.encode_text(names, tuple(tcfg.templates)).float().to(device)
+    out_dim = tcfg.out_dim or text.shape[1]
+    if out_dim != text.shape[1]:
+        raise ValueError(
+            f"train.out_dim={out_dim} differs from the text model's embedding "
+            f"width {text.shape[1]}: the module must map into the text space"
+        )
+    mcfg = AlignmentConfig(
+        in_dim=encoder.embed_dim, out_dim=out_dim, heads=tcfg.heads, mlp_ratio=tcfg.mlp_ratio
+    )
+    torch.manual_seed(tcfg.seed)
+    module = AlignmentModule(mcfg).to(device)
+    sampler = EpochOrder(dataset.groups(), tcfg.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=tcfg.batch_size,
+        sampler=sampler,
+        num_workers=tcfg.num_loader_workers,
+        pin_memory=device.type == "cuda",
+    )
+    start = load_checkpoint(store, fp)
+    if start is not None:
+        log.info("train %s: resuming after epoch %d", fp, start["epoch"])
+
+    def on_epoch(state: dict[str, Any]) -> None:
+        save_checkpoint(store, fp, state)
+        if progress is not None:
+            progress(
+                {
+                    "stage": STAGE,
+                    "epoch": state["epoch"],
+                    "epochs": tcfg.epochs,
+                    "loss": state["epoch_losses"][-1],
+                }
+            )
+
+    epoch_losses, step_losses = train_loop(
+        module,
+        loader,
+        sampler,
+        text,
+        tcfg,
+        device,
+        encoder=None if cache is not None else encoder,
+        start=start,
+        on_epoch=on_epoch,
+    )
+
+    card = {
+        "kind": CARD_KIND,
+        "module": mcfg.to_dict(),
+        "temperature": tcfg.temperature,
+        "encoder": {
+            "name": encoder.name,
+            "weights": cfg.models.dino_weights,
+            "input_size": tcfg.input_size,
+            "grid": grid,
+            "embed_dim": encoder.embed_dim,
+            "preprocess": asdict(encoder.preprocess),
+        },
+        "text": {
+            "name": text_name,
+            "weights": cfg.models.clip_weights,
+            "quick_gelu": getattr(cfg.models, "clip_quick_gelu", None),
+            "templates": list(tcfg.templates),
+            "embed_dim": out_dim,
+        },
+        "vocabulary": names,
+        "data": {
+            "labels_fp": labels_fp,
+            "index_fp": index_fp,
+            "features_fp": features_fp,
+            "train_fp": fp,
+            "images": len(data.image_ids),
+            "images_without_labels": data.without_labels,
+            "labelled_patches": int((data.labels >= 0).sum()),
+        },
+        "train": to_dict(tcfg),
+        "epoch_losses": epoch_losses,
+        "metrics": {"final_loss": epoch_losses[-1]},
+        "loss_curve": "loss_curve.png",
+    }
+    tensors = {k: v.detach().float() for k, v in module.state_dict().items()}
+    version = registry.save(
+        tcfg.model_name,
+        tensors,
+        card,
+        files={"loss_curve.png": loss_curve_png(epoch_losses, step_losses)},
+    )
+    manifest, _ = store.commit(STAGE, fp, 0, meta={"model": tcfg.model_name, "version": version})
+    return manifest.meta["model"], manifest.meta["version"]

@@ -1,0 +1,240 @@
+"""Training data for stage 2: per-patch labels from merged records, datasets and batch order.
+
+:func:`labelled_images` turns the merge stage's records (one row per mask) into one
+``(N,)`` patch-label vector per image (:mod:`fmbseg.tasks.patch_labels`), checking that the
+records' categories are the training vocabulary's. :class:`PatchDataset` yields
+``(input, labels)`` pairs whose input is either cached DINOv2 features ``(N, C) float32`` or
+the encoder input ``(3, S, S) float32``; :class:`EpochOrder` fixes the visiting order of each
+epoch from ``(seed, epoch)`` alone, so a resumed run replays exactly the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fmbseg.models.base import Preprocess
+from fmbseg.storage.records import compose_label_map
+from fmbseg.tasks.features import FeatureCache, encoder_input, load_image
+from fmbseg.tasks.patch_labels import patch_labels
+
+
+class NoLabelledPatchesError(ValueError):
+    """The pseudo-label set gives no image a single labelled patch: nothing to train on."""
+
+
+def vocabulary_names(vocab: Any) -> list[str]:
+    """A list of class names from a list/tuple of strings or an object with ``.names``."""
+    names = getattr(vocab, "names", vocab)
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ValueError(f"vocabulary must be a non-empty list of class names, got {vocab!r}")
+    names = list(names)
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise ValueError(f"vocabulary: class names must be non-empty strings, got {bad[:5]}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"vocabulary: duplicate class names {dupes[:10]}")
+    return names
+
+
+def check_categories(records: pa.Table, names: Sequence[str], what: str) -> None:
+    """Every (category_id, category) of ``records`` must be ``names[category_id]``."""
+    pairs = (
+        records.select(["category_id", "category"])
+        .group_by(["category_id", "category"])
+        .aggregate([])
+        .to_pylist()
+    )
+    wrong = [
+        (p["category_id"], p["category"])
+        for p in pairs
+        if not (0 <= p["category_id"] < len(names) and names[p["category_id"]] == p["category"])
+    ]
+    if wrong:
+        cid, cat = wrong[0]
+        have = (
+            f"{names[cid]!r} at that id"
+            if 0 <= cid < len(names)
+            else f"nothing at that id (it has {len(names)} classes)"
+        )
+        raise ValueError(
+            f"{what}: records label category {cat!r} with id {cid}, but the training vocabulary "
+            f"has {have} ({len(wrong)} mismatched categories); train with the vocabulary the "
+            "pseudo-labels were made with"
+        )
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Images with at least one labelled patch, and how many had none."""
+
+    image_ids: list[str]
+    uris: list[str]
+    labels: np.ndarray  # (n, N) int16: class index per patch, -1 = ignored
+    without_labels: int  # images of the label set with no labelled patch (left out)
+
+
+class _ComposeJob(Dataset):
+    """Item i: patch labels of the i-th image of ``records`` (sorted by image_id)."""
+
+    def __init__(
+        self,
+        records: pa.Table,
+        bounds: np.ndarray,
+        input_size: int,
+        patch_size: int,
+        min_fraction: float,
+    ) -> None:
+        self.records, self.bounds = records, bounds
+        self.args = (input_size, patch_size, min_fraction)
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start, stop = int(self.bounds[i]), int(self.bounds[i + 1])
+        part = self.records.slice(start, stop - start)
+        h, w = part.column("height")[0].as_py(), part.column("width")[0].as_py()
+        return patch_labels(compose_label_map(part, h, w), *self.args).astype(np.int16)
+
+
+def labelled_images(
+    records: pa.Table,
+    names: Sequence[str],
+    input_size: int,
+    patch_size: int,
+    min_fraction: float,
+    num_workers: int = 0,
+    all_image_ids: Sequence[str] | None = None,
+) -> LabelledImages:
+    """Patch labels of every image in ``records`` (merge-stage rows, several per image).
+
+    ``all_image_ids``: the images the label set covers (the index), to count those that got
+    no mask at all among the images without labels. Label maps are composed in
+    ``num_workers`` DataLoader processes (0 = in this process).
+    """
+    check_categories(records, names, "pseudo-labels")
+    records = records.sort_by([("image_id", "ascending")])
+    ids = records.column("image_id").to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, int)
+    bounds = np.r_[starts, len(ids)].astype(np.int64)
+    job = _ComposeJob(records, bounds, input_size, patch_size, min_fraction)
+    loader = DataLoader(job, batch_size=None, num_workers=num_workers)
+    per_image = [np.asarray(x) for x in loader]
+    grid = (input_size // patch_size) ** 2
+    labels = np.stack(per_image) if per_image else np.zeros((0, grid), np.int16)
+    has = (labels >= 0).any(axis=1)
+    first = starts.tolist()
+    image_ids = [str(ids[s]) for s in first]
+    uri_col = records.column("image_uri")
+    uris = [uri_col[s].as_py() for s in first]
+    missing = 0
+    if all_image_ids is not None:
+        missing = len(set(all_image_ids) - set(image_ids))
+    keep = np.flatnonzero(has)
+    return LabelledImages(
+        image_ids=[image_ids[i] for i in keep],
+        uris=[uris[i] for i in keep],
+        labels=labels[keep],
+        without_labels=int((~has).sum()) + missing,
+    )
+
+
+def restrict_to(data: LabelledImages, keep: Sequence[bool]) -> LabelledImages:
+    """Only the images where ``keep`` is true; the others count as without labels."""
+    idx = np.flatnonzero(np.asarray(keep, dtype=bool))
+    if len(idx) == len(data.image_ids):
+        return data
+    return LabelledImages(
+        image_ids=[data.image_ids[i] for i in idx],
+        uris=[data.uris[i] for i in idx],
+        labels=data.labels[idx],
+        without_labels=data.without_labels + len(data.image_ids) - len(idx),
+    )
+
+
+def require_labelled(data: LabelledImages, labels_fp: str) -> None:
+    if not data.image_ids:
+        raise NoLabelledPatchesError(
+            f"pseudo-label set {labels_fp!r} has no labelled patch to train on: all "
+            f"{data.without_labels} images had no mask, or masks too small to label any patch "
+            "(check the merge stage's errors table, or lower train.min_labelled_fraction)"
+        )
+
+
+class PatchDataset(Dataset):
+    """``(input, labels (N,) int64)`` per labelled image.
+
+    ``input`` is ``(N, C) float32`` cached features when ``cache`` is given, else the
+    ``(3, S, S) float32`` normalised encoder input of the decoded image.
+    """
+
+    def __init__(
+        self,
+        data: LabelledImages,
+        *,
+        cache: FeatureCache | None,
+        preprocess: Preprocess,
+        input_size: int,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.data = data
+        self.cache = cache
+        self.preprocess = preprocess
+        self.input_size = input_size
+        self.storage_options = storage_options
+
+    def __len__(self) -> int:
+        return len(self.data.image_ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.from_numpy(self.data.labels[i].astype(np.int64))
+        if self.cache is not None:
+            x = torch.from_numpy(self.cache.get(self.data.image_ids[i]).astype(np.float32))
+        else:
+            image = load_image(self.data.uris[i], self.storage_options)
+            x = encoder_input(image, self.preprocess, self.input_size)
+        return x, y
+
+    def groups(self) -> list[list[int]]:
+        """Dataset indices grouped by feature-cache shard (one group without a cache)."""
+        if self.cache is None:
+            return [list(range(len(self)))]
+        by_shard: dict[int, list[int]] = {}
+        for i, image_id in enumerate(self.data.image_ids):
+            by_shard.setdefault(self.cache.shard_of(image_id), []).append(i)
+        return [by_shard[s] for s in sorted(by_shard)]
+
+
+class EpochOrder(Sampler[int]):
+    """Shuffled order that depends only on ``(seed, epoch)``: groups shuffled, then members.
+
+    Keeping a feature-cache shard's images together means each pass reads a shard once
+    (per loader worker) instead of once per image.
+    """
+
+    def __init__(self, groups: list[list[int]], seed: int) -> None:
+        self.groups = groups
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = []
+        for gi in torch.randperm(len(self.groups), generator=g).tolist():
+            members = self.groups[gi]
+            order.extend(members[j] for j in torch.randperm(len(members), generator=g).tolist())
+        return iter(order)

@@ -1,0 +1,130 @@
+"""Pseudo-label quality: prompt-only, auto-only and merged label maps vs. ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fmbseg.data.datasets import open_dataset
+from fmbseg.storage.records import MaskRecords, mask_row
+from fmbseg.tasks.label_quality import label_maps, pseudo_label_quality
+from tests.evaluate import dataset_trees as trees
+from tests.evaluate.standins import ListDataset
+
+VOCAB = ("cat", "dog", "sky")  # the annotation vocabulary; category_id = position
+
+
+def _mask(rows: slice, cols: slice, shape=(10, 10)) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[rows, cols] = True
+    return m
+
+
+def _row(mask: np.ndarray, name: str, source: str, image_id: str = "a") -> dict:
+    return mask_row(
+        mask,
+        image_id=image_id,
+        image_uri=f"mem://{image_id}.png",
+        category_id=VOCAB.index(name),
+        category=name,
+        source=source,
+        score=0.9,
+        fingerprint="fp",
+    )
+
+
+def _world(background: bool = True):
+    truth = np.zeros((10, 10), np.uint8)
+    off = 1 if background else 0
+    truth[:, :5] = off + 0  # cat
+    truth[:, 5:] = off + 1  # dog
+    truth[0, :] = 255
+    classes = (("background",) if background else ()) + ("cat", "dog")
+    ds = ListDataset(
+        "toy",
+        classes,
+        [
+            ("a", np.zeros((10, 10, 3), np.uint8), truth),
+            ("b", np.zeros((10, 10, 3), np.uint8), truth.copy()),
+        ],
+        background=0 if background else None,
+    )
+    rows = [
+        _row(_mask(slice(None), slice(0, 5)), "cat", "prompt"),  # exact cat, area 50
+        _row(_mask(slice(None), slice(5, None)), "sky", "auto"),  # dog area called sky, area 50
+        _row(_mask(slice(1, 3), slice(0, 2)), "dog", "auto"),  # 4 wrong pixels inside the cat
+    ]
+    return ds, rows
+
+
+def test_three_label_maps_by_hand():
+    ds, rows = _world()
+    report = pseudo_label_quality(ds, {"a": rows})
+    assert report["num_images"] == 2 and report["images_without_records"] == 1
+    assert report["unmatched_categories"] == ["sky"]  # mapped to the dataset's background
+
+    # image "b" has no records: everything there is unlabelled (a miss)
+    p = report["prompt"]  # cat exact; dog region unlabelled
+    iou = [r["IoU"] for r in p["per_class"]]
+    assert iou == [None, 1.0 * 45 / 90, 0.0]  # cat: 45 hits of 90 true pixels (two images)
+    assert p["coverage"] == pytest.approx(45 / 180) and p["precision"] == 1.0
+
+    a = report["auto"]  # right half -> background (0), 4 cat pixels called dog
+    assert [r["IoU"] for r in a["per_class"]] == [0.0, 0.0, 0.0]
+    assert a["coverage"] == pytest.approx(49 / 180) and a["precision"] == 0.0
+
+    m = report["merged"]  # cat (prompt) wins the area tie with sky; small dog painted last
+    iou = [r["IoU"] for r in m["per_class"]]
+    assert iou[0] == 0.0 and iou[1] == pytest.approx(41 / 90) and iou[2] == 0.0
+    assert m["mIoU"] == pytest.approx(41 / 90 / 3)
+    assert m["precision"] == pytest.approx(41 / 90)
+
+
+def test_record_containers_are_equivalent_and_no_background_means_miss():
+    ds, rows = _world(background=False)
+    recs = MaskRecords.from_rows(rows)
+    a = pseudo_label_quality(ds, {"a": recs, "b": recs.table}, limit=2)
+    b = pseudo_label_quality(ds, lambda sid: rows)
+    for v in ("prompt", "auto", "merged"):
+        assert a[v]["confusion"] == b[v]["confusion"]
+    # without a background class, "sky" is no prediction: the dog half stays unlabelled
+    maps = label_maps(rows, 10, 10, ds.classes, None)
+    assert (maps["auto"][:, 5:] == 255).all() and (maps["merged"][:, 5:] == 255).all()
+    assert (maps["merged"][1:3, 0:2] == 1).all() and (maps["prompt"][:, :5] == 0).all()
+    assert a["merged"]["coverage"] == pytest.approx(0.5)
+
+
+def test_on_a_real_tree_perfect_records_score_one(tmp_path):
+    raw = trees.write_context(str(tmp_path))
+    ds = open_dataset("context60", str(tmp_path))
+    records = {}
+    for sid, lab in raw.items():
+        rows = []
+        for v in np.unique(lab):
+            rows.append(
+                mask_row(
+                    lab == v,
+                    image_id=sid,
+                    image_uri=sid,
+                    category_id=int(v),
+                    category=ds.classes[v],
+                    source="prompt",
+                    score=1.0,
+                    fingerprint="fp",
+                )
+            )
+        records[sid] = rows
+    report = pseudo_label_quality(ds, records)
+    assert report["prompt"]["mIoU"] == 1.0 and report["merged"]["mIoU"] == 1.0
+    assert report["auto"]["coverage"] == 0.0 and report["auto"]["precision"] is None
+    present = {int(v) for lab in raw.values() for v in np.unique(lab)}
+    assert {
+        i for i, r in enumerate(report["merged"]["per_class"]) if r["IoU"] is not None
+    } == present
+
+
+def test_mismatched_record_size_is_an_error():
+    ds, rows = _world()
+    small = [_row(_mask(slice(None), slice(None), shape=(5, 5)), "cat", "prompt")]
+    with pytest.raises(ValueError, match="a mask is 5x5, the image 10x10"):
+        pseudo_label_quality(ds, {"a": small})

@@ -1,0 +1,196 @@
+"""SAM adapter: (x, y) prompts at original size, and automatic masks filtered by the config."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+from skimage.measure import label
+
+from fmbseg.config import SamAutoConfig
+from fmbseg.models import build_model
+from fmbseg.models.base import Segmenter
+from fmbseg.models.sam import SamSegmenter
+from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
+
+torch.set_num_threads(1)
+
+# Everything off, so that each test turns on only the filter it checks. NMS at 1.0 keeps
+# every mask, so a filtered run returns exactly a subset of the unfiltered one.
+NO_FILTERS = SamAutoConfig(
+    points_per_side=6,
+    points_per_batch=36,
+    pred_iou_thresh=0.0,
+    stability_score_thresh=0.0,
+    box_nms_thresh=1.0,
+    min_mask_region_area=0,
+    max_area_fraction=1.0,
+)
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    """A 64x96 (H x W) image with a bright rectangle: not square, so x/y swaps show."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 60, size=(64, 96, 3), dtype=np.uint8)
+    img[10:40, 50:90] = 220
+    return img
+
+
+@pytest.fixture(scope="module")
+def sam() -> SamSegmenter:
+    return build_model("sam_tiny", None, "cpu", auto_config=NO_FILTERS)
+
+
+def _key(record: dict) -> tuple:
+    return (
+        record["area"],
+        tuple(record["bbox"]),
+        round(record["predicted_iou"], 6),
+        record["segmentation"].tobytes(),
+    )
+
+
+def _generate(sam: SamSegmenter, image: np.ndarray, **changes: object) -> list[dict]:
+    return SamSegmenter(sam.sam, "sam_tiny", dataclasses.replace(NO_FILTERS, **changes)).generate(
+        image
+    )
+
+
+def test_predict_returns_masks_at_original_size(sam: SamSegmenter, image: np.ndarray) -> None:
+    assert isinstance(sam, Segmenter)
+    sam.set_image(image)
+    masks, scores = sam.predict(np.array([[70.5, 20.5]]), np.array([1]))
+    assert masks.shape == (3, 64, 96) and masks.dtype == bool
+    assert scores.shape == (3,) and scores.dtype == np.float32
+    masks, scores = sam.predict(
+        np.array([[70.5, 20.5], [60.0, 30.0]]), np.array([1, 1]), multimask=False
+    )
+    assert masks.shape == (1, 64, 96) and scores.shape == (1,)
+
+
+def test_predict_points_are_xy_like_sam_predictor(sam: SamSegmenter, image: np.ndarray) -> None:
+    sam.set_image(image)
+    points = np.array([[70.5, 20.5], [30.5, 50.5]], dtype=np.float32)  # (x, y), corner origin
+    labels = np.array([1, 0])
+    masks, scores = sam.predict(points, labels)
+    direct = SamPredictor(sam.sam)
+    direct.set_image(image)
+    # SAM takes pixel indices (it adds 0.5 itself): the centre of pixel (70, 20) is (70, 20).
+    ref_masks, ref_scores, _ = direct.predict(point_coords=points - 0.5, point_labels=labels)
+    np.testing.assert_array_equal(masks, ref_masks)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
+    swapped, swapped_scores, _ = direct.predict(
+        point_coords=points[:, ::-1] - 0.5, point_labels=labels
+    )
+    assert not np.array_equal(masks, swapped) or not np.allclose(scores, swapped_scores)
+
+
+def test_predict_validates_inputs(image: np.ndarray) -> None:
+    fresh = build_model("sam_tiny", None)
+    with pytest.raises(RuntimeError, match="set_image"):
+        fresh.predict(np.array([[1.0, 1.0]]), np.array([1]))
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        fresh.set_image(image.astype(np.float32))
+    fresh.set_image(image)
+    with pytest.raises(ValueError, match=r"points must be \(P, 2\)"):
+        fresh.predict(np.array([1.0, 2.0]), np.array([1]))
+    with pytest.raises(ValueError, match=r"labels must be \(2,\)"):
+        fresh.predict(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([1]))
+
+
+def test_generate_records(sam: SamSegmenter, image: np.ndarray) -> None:
+    records = sam.generate(image)
+    assert len(records) > 5
+    for r in records:
+        assert r["segmentation"].shape == (64, 96) and r["segmentation"].dtype == bool
+        assert r["area"] == int(r["segmentation"].sum())
+        x, y, w, h = r["bbox"]
+        ys, xs = np.nonzero(r["segmentation"])
+        assert (x, y, w, h) == (xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min())
+
+
+def test_generate_drops_masks_above_max_area_fraction(sam: SamSegmenter, image: np.ndarray) -> None:
+    everything = sam.generate(image)
+    fraction = float(np.median([r["area"] for r in everything])) / image[..., 0].size
+    kept = _generate(sam, image, max_area_fraction=fraction)
+    expected = [r for r in everything if r["area"] <= fraction * image[..., 0].size]
+    assert 0 < len(kept) < len(everything)
+    assert sorted(map(_key, kept)) == sorted(map(_key, expected))
+
+
+@pytest.mark.parametrize(
+    "field,record_key",
+    [("stability_score_thresh", "stability_score"), ("pred_iou_thresh", "predicted_iou")],
+)
+def test_generate_applies_score_thresholds(
+    field: str, record_key: str, sam: SamSegmenter, image: np.ndarray
+) -> None:
+    everything = sam.generate(image)
+    values = sorted(r[record_key] for r in everything)
+    positive = [v for v in values if v > 0]  # SAM disables a threshold of 0
+    assert len(positive) > 4, f"tiny SAM produced too few positive {record_key}: {values}"
+    thresh = (positive[len(positive) // 2] + positive[len(positive) // 2 - 1]) / 2
+    kept = _generate(sam, image, **{field: thresh})
+    assert 0 < len(kept) < len(everything)
+    assert all(r[record_key] > thresh for r in kept)
+    expected = [r for r in everything if r[record_key] > thresh]
+    assert sorted(map(_key, kept)) == sorted(map(_key, expected))
+
+
+def test_generate_removes_small_regions_with_cv2(sam: SamSegmenter, image: np.ndarray) -> None:
+    def regions(mask: np.ndarray) -> list[int]:  # 8-connected component sizes, as SAM's cv2
+        return [int(n) for n in np.bincount(label(mask, connectivity=2).ravel())[1:]]
+
+    raw = sam.generate(image)
+    assert min(min(regions(r["segmentation"]) + regions(~r["segmentation"])) for r in raw) < 12
+    cleaned = _generate(sam, image, min_mask_region_area=12)
+    assert cleaned
+    for r in cleaned:
+        m = r["segmentation"]
+        assert min(regions(~m), default=12) >= 12  # small holes filled
+        islands = regions(m)
+        assert len(islands) == 1 or min(islands) >= 12  # small islands removed (largest kept)
+
+
+def test_checkpoint_loads_and_mismatch_is_named(
+    tmp_path: Path, sam: SamSegmenter, image: np.ndarray
+) -> None:
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(sam.sam.state_dict(), path)
+    loaded = build_model("sam_tiny", str(path), seed=7, auto_config=NO_FILTERS)
+    random_other = build_model("sam_tiny", None, seed=7)
+    for p, q in zip(loaded.sam.parameters(), sam.sam.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert any(
+        not torch.equal(p, q)
+        for p, q in zip(random_other.sam.parameters(), sam.sam.parameters(), strict=True)
+    )
+    sd = sam.sam.state_dict()
+    sd["mask_decoder.extra.weight"] = torch.zeros(1)
+    sd["image_encoder.neck.0.weight"] = torch.zeros(3, 3)
+    torch.save(sd, path)
+    with pytest.raises(CheckpointMismatchError) as info:
+        build_model("sam_tiny", str(path))
+    msg = str(info.value)
+    assert "unexpected keys: mask_decoder.extra.weight" in msg
+    assert "image_encoder.neck.0.weight (3, 3) vs model (32, 32, 1, 1)" in msg
+
+
+def test_missing_real_checkpoint_says_how_to_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsNotFoundError) as info:
+        build_model("sam_vit_h", "sam_vit_h_4b8939.pth", cache_dir=str(tmp_path / "cache"))
+    msg = str(info.value)
+    assert str(tmp_path / "sam_vit_h_4b8939.pth") in msg
+    assert str(tmp_path / "cache" / "sam_vit_h_4b8939.pth") in msg
+    assert (
+        "set models.sam_weights to a local path or a store URI "
+        "(e.g. --set models.sam_weights=s3://bucket/sam_vit_h_4b8939.pth)"
+    ) in msg

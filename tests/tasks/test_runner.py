@@ -1,0 +1,266 @@
+"""The shard runner: planning, local and Ray executors, resume, failures."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import ray.cloudpickle
+
+from fmbseg.config import RuntimeConfig
+from fmbseg.storage import ArtifactStore
+from fmbseg.tasks.runner import StageError, errors_table, plan_shards, run_stage
+
+# Workers defined here must reach Ray worker processes, which cannot import this module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+LOCAL = RuntimeConfig(executor="local")
+RAY = RuntimeConfig(executor="ray", num_workers=2, cpus_per_worker=1.0, max_retries=2)
+
+
+def _specs(n_items: int = 10, shard_size: int = 3) -> list[list[int]]:
+    return [list(r) for r in plan_shards(n_items, shard_size)]
+
+
+class SquareWorker:
+    """Records ``item, square``; negative items are bad inputs -> error rows."""
+
+    def __init__(self, marker_dir: str | None = None, die_on: int | None = None) -> None:
+        self.marker_dir, self.die_on = marker_dir, die_on
+        self.pid = os.getpid()
+
+    def process(self, shard: int, spec: list[int]) -> tuple[pa.Table, pa.Table]:
+        if shard == self.die_on and self.marker_dir is not None:
+            marker = Path(self.marker_dir) / f"died-{shard}"
+            if not marker.exists():  # first attempt only: the process vanishes mid-shard
+                marker.touch()
+                os._exit(1)
+        good = [i for i in spec if i >= 0]
+        bad = [i for i in spec if i < 0]
+        records = pa.table(
+            {
+                "item": pa.array(good, pa.int64()),
+                "square": pa.array([i * i for i in good], pa.int64()),
+                "pid": pa.array([self.pid] * len(good), pa.int64()),
+            }
+        )
+        errors = errors_table(
+            [{"uri": f"item-{i}", "image_id": None, "stage": "sq", "error_type": "negative",
+              "message": f"{i} < 0"} for i in bad]
+        )  # fmt: skip
+        return records, errors
+
+
+class AlwaysDies:
+    def process(self, shard: int, spec: list[int]) -> tuple[pa.Table, None]:
+        os._exit(1)
+
+
+class Buggy:
+    def process(self, shard: int, spec: list[int]) -> tuple[pa.Table, None]:
+        if shard == 2:
+            raise KeyError("missing column 'x'")
+        return pa.table({"item": spec}), None
+
+
+class SlowOnShardZero:
+    def process(self, shard: int, spec: list[int]) -> tuple[pa.Table, None]:
+        if shard == 0:
+            time.sleep(1.5)
+        return pa.table({"shard": [shard], "pid": [os.getpid()]}), None
+
+
+def _broken_factory() -> SquareWorker:
+    raise RuntimeError("weights file not found: /nope.pth")
+
+
+def _summary(manifest) -> list[tuple]:
+    return [(r.shard, r.rows, r.error_rows, r.sha256, r.errors_sha256) for r in manifest.shards]
+
+
+# ---- planning --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "size"), [(10, 3), (7, 7), (8, 3), (1, 5), (256, 256), (257, 256)])
+def test_plan_shards_balanced_and_complete(n: int, size: int) -> None:
+    shards = plan_shards(n, size)
+    assert len(shards) == -(-n // size)
+    assert [i for r in shards for i in r] == list(range(n))
+    lengths = [len(r) for r in shards]
+    assert max(lengths) - min(lengths) <= 1
+    assert max(lengths) <= size
+    assert plan_shards(n, size) == shards
+
+
+def test_plan_shards_edge_cases() -> None:
+    assert plan_shards(0, 4) == []
+    assert [len(r) for r in plan_shards(10, 4)] == [4, 3, 3]
+    with pytest.raises(ValueError, match="shard_size must be >= 1, got 0"):
+        plan_shards(5, 0)
+    with pytest.raises(ValueError, match="n_items must be >= 0"):
+        plan_shards(-1, 3)
+
+
+# ---- local executor --------------------------------------------------------------------------
+
+
+def test_local_run_commits_records_and_errors(local_store: ArtifactStore) -> None:
+    specs = [[0, 1, -1], [2, 3], [-2, -3]]
+    seen: list[tuple[int, int]] = []
+    manifest = run_stage(
+        local_store, "sq", "fp", specs, SquareWorker, LOCAL,
+        progress=lambda d, t: seen.append((d, t)), meta={"k": "v"},
+    )  # fmt: skip
+    assert (manifest.num_shards, manifest.rows, manifest.error_rows) == (3, 4, 3)
+    assert manifest.meta == {"k": "v"}
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    table = local_store.read_table("sq", "fp")
+    assert table.column("square").to_pylist() == [0, 1, 4, 9]
+    errors = local_store.read_table("sq", "fp", kind="errors")
+    assert errors.column("uri").to_pylist() == ["item--1", "item--2", "item--3"]
+
+
+def test_committed_stage_is_not_rerun(local_store: ArtifactStore) -> None:
+    first = run_stage(local_store, "sq", "fp", _specs(), SquareWorker, LOCAL)
+
+    def must_not_build() -> SquareWorker:
+        raise AssertionError("the worker factory ran for a committed stage")
+
+    again = run_stage(local_store, "sq", "fp", _specs(), must_not_build, LOCAL)
+    assert again == first
+
+
+def test_resume_skips_shards_with_receipts(local_store: ArtifactStore) -> None:
+    specs = _specs(10, 3)  # 4 shards
+    worker = SquareWorker()
+    for shard in (0, 2):  # an earlier, interrupted run wrote these
+        local_store.write_shard("sq", "fp", shard, *worker.process(shard, specs[shard]))
+    calls: list[int] = []
+
+    class Counting(SquareWorker):
+        def process(self, shard: int, spec: list[int]) -> tuple[pa.Table, pa.Table]:
+            calls.append(shard)
+            return super().process(shard, spec)
+
+    seen: list[tuple[int, int]] = []
+    manifest = run_stage(local_store, "sq", "fp", specs, Counting, LOCAL,
+                         progress=lambda d, t: seen.append((d, t)))  # fmt: skip
+    assert calls == [1, 3]
+    assert seen == [(2, 4), (3, 4), (4, 4)]
+    assert local_store.read_table("sq", "fp").column("item").to_pylist() == list(range(10))
+    assert manifest.rows == 10
+
+
+def test_bug_in_process_names_the_shard(local_store: ArtifactStore) -> None:
+    with pytest.raises(StageError, match=r"stage 'sq' \(fp\): shard 2 failed: KeyError"):
+        run_stage(local_store, "sq", "fp", _specs(), Buggy, LOCAL)
+    assert sorted(local_store.shard_receipts("sq", "fp")) == [0, 1]  # kept for the rerun
+    assert local_store.manifest("sq", "fp") is None
+
+
+def test_wrong_return_type_is_reported(local_store: ArtifactStore) -> None:
+    class ReturnsList:
+        def process(self, shard: int, spec: list[int]) -> list[int]:
+            return spec
+
+    with pytest.raises(StageError, match=r"shard 0 failed: TypeError: ReturnsList.process must"):
+        run_stage(local_store, "sq", "fp", _specs(), ReturnsList, LOCAL)
+
+
+def test_finalize_runs_before_commit_and_extends_meta(local_store: ArtifactStore) -> None:
+    def finalize(store: ArtifactStore, stage: str, fp: str, n: int) -> dict:
+        assert store.manifest(stage, fp) is None  # not committed yet
+        assert sorted(store.shard_receipts(stage, fp)) == list(range(n))
+        return {"checked": n}
+
+    m = run_stage(local_store, "sq", "fp", _specs(), SquareWorker, LOCAL, meta={"a": 1},
+                  finalize=finalize)  # fmt: skip
+    assert m.meta == {"a": 1, "checked": 4}
+
+
+def test_unknown_executor(local_store: ArtifactStore) -> None:
+    with pytest.raises(ValueError, match="executor must be 'local' or 'ray', got 'dask'"):
+        run_stage(local_store, "sq", "fp", _specs(), SquareWorker,
+                  RuntimeConfig(executor="dask"))  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_zero_shards_commit_an_empty_stage(local_store: ArtifactStore) -> None:
+    m = run_stage(local_store, "sq", "fp", [], SquareWorker, LOCAL)
+    assert (m.num_shards, m.rows) == (0, 0)
+    assert local_store.is_committed("sq", "fp")
+
+
+# ---- Ray executor ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ray_and_local_give_identical_manifests(ray_session, tmp_path: Path) -> None:
+    specs = [[0, 1, -1], [2, 3], [-2], [4, 5, 6], [7]]
+
+    class NoPid(SquareWorker):
+        def process(self, shard: int, spec: list[int]) -> tuple[pa.Table, pa.Table]:
+            records, errors = super().process(shard, spec)
+            return records.drop_columns(["pid"]), errors
+
+    local = run_stage(ArtifactStore(str(tmp_path / "a")), "sq", "fp", specs, NoPid, LOCAL)
+    seen: list[tuple[int, int]] = []
+    ray_store = ArtifactStore(str(tmp_path / "b"))
+    remote = run_stage(ray_store, "sq", "fp", specs, NoPid, RAY,
+                       progress=lambda d, t: seen.append((d, t)))  # fmt: skip
+    assert _summary(remote) == _summary(local)
+    assert (remote.rows, remote.error_rows) == (local.rows, local.error_rows) == (8, 2)
+    assert seen[0] == (0, 5) and seen[-1] == (5, 5) and len(seen) == 6
+    assert ray_store.read_table("sq", "fp").column("item").to_pylist() == list(range(8))
+
+
+@pytest.mark.slow
+def test_ray_replaces_a_dead_actor_and_loses_nothing(ray_session, local_store, tmp_path) -> None:
+    specs = _specs(12, 2)  # 6 shards
+    factory = functools.partial(SquareWorker, str(tmp_path), 1)
+    manifest = run_stage(local_store, "sq", "fp", specs, factory, RAY)
+    assert (tmp_path / "died-1").exists()  # the first attempt of shard 1 really died
+    items = local_store.read_table("sq", "fp").column("item").to_pylist()
+    assert sorted(items) == list(range(12))  # every item exactly once
+    assert manifest.num_shards == 6 and manifest.rows == 12
+
+
+@pytest.mark.slow
+def test_ray_gives_up_after_max_retries(ray_session, local_store) -> None:
+    runtime = RuntimeConfig(executor="ray", num_workers=1, max_retries=1)
+    with pytest.raises(StageError, match=r"shard 0 failed: its worker died on each of 2 attempts"):
+        run_stage(local_store, "sq", "fp", _specs(4, 2), AlwaysDies, runtime)
+    assert local_store.manifest("sq", "fp") is None
+
+
+@pytest.mark.slow
+def test_ray_task_exception_names_the_shard(ray_session, local_store) -> None:
+    one = RuntimeConfig(executor="ray", num_workers=1)
+    with pytest.raises(StageError, match=r"shard 2 failed: KeyError: \"missing column 'x'\""):
+        run_stage(local_store, "sq", "fp", _specs(), Buggy, one)
+
+
+@pytest.mark.slow
+def test_ray_worker_that_cannot_be_built(ray_session, local_store) -> None:
+    one = RuntimeConfig(executor="ray", num_workers=1)
+    with pytest.raises(
+        StageError,
+        match=r"could not be built \(while starting shard 0\): RuntimeError: weights file not "
+        r"found: /nope.pth$",
+    ):
+        run_stage(local_store, "sq", "fp", _specs(), _broken_factory, one)
+
+
+@pytest.mark.slow
+def test_ray_streams_shards_to_idle_actors(ray_session, local_store) -> None:
+    specs = [[i] for i in range(6)]
+    run_stage(local_store, "sq", "fp", specs, SlowOnShardZero, RAY)
+    table = local_store.read_table("sq", "fp")
+    pid_of = dict(zip(table["shard"].to_pylist(), table["pid"].to_pylist(), strict=True))
+    busy = pid_of[0]
+    # while shard 0 sleeps, the other actor takes every remaining shard (no fixed split)
+    assert [s for s, pid in pid_of.items() if pid == busy] == [0]
