@@ -340,7 +340,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def load_config(name_or_path: str | None = "default", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    name_or_path: str | None = "default", overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """Load a built-in config by name or a YAML file, then apply ``section.key=value`` overrides."""
     data = _load_raw(name_or_path) if name_or_path else {}
     for text in overrides:

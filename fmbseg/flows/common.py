@@ -23,9 +23,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-from prefect import task
+from prefect import Task, task
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -38,7 +38,8 @@ from fmbseg.data.sources import SourceError
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
 
 log = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # Errors in the user's input: retrying the task cannot help, and the CLI reports them
 # as "fmbseg: error: ..." without a traceback.
@@ -112,7 +113,8 @@ def stage_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str | None]:
     return key
 
 
-def _retry_unless_user_error(task_: Any, task_run: Any, state: Any) -> bool:
+def retry_unless_user_error(task_: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry unless the failure is an input error."""
     try:
         exc = state.result(raise_on_failure=False)
     except Exception:  # the result itself could not be loaded: retry
@@ -122,25 +124,20 @@ def _retry_unless_user_error(task_: Any, task_run: Any, state: Any) -> bool:
 
 def stage_task(
     stage: str, *, retries: int = 1, retry_delay_seconds: float = 5.0
-) -> Callable[[F], F]:
+) -> Callable[[Callable[P, R]], Task[P, R]]:
     """Decorator: a Prefect task for ``stage``, cached by fingerprint, retried on failure.
 
     The decorated function must take ``store`` and ``fp`` parameters and return ``fp``.
     Unit tests call the undecorated body as ``the_task.fn(...)``.
     """
-
-    def wrap(fn: F) -> F:
-        return task(  # type: ignore[return-value]
-            fn,
-            name=stage,
-            cache_key_fn=stage_cache_key(stage),
-            persist_result=True,
-            retries=retries,
-            retry_delay_seconds=retry_delay_seconds,
-            retry_condition_fn=_retry_unless_user_error,
-        )
-
-    return wrap
+    return task(
+        name=stage,
+        cache_key_fn=stage_cache_key(stage),
+        persist_result=True,
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+        retry_condition_fn=retry_unless_user_error,
+    )
 
 
 # ---- progress ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from fmbseg.flows.common import (
     manifest_artifact,
     open_store,
     record_lineage,
+    retry_unless_user_error,
     stage_task,
     table_artifact,
 )
@@ -22,8 +23,14 @@ from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.index import STAGE, IndexPlan, execute_index, plan_index
 
 
-@task(name="list-images", cache_policy=NO_CACHE, persist_result=False, retries=2,
-      retry_delay_seconds=5)  # fmt: skip
+@task(
+    name="list-images",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_user_error,
+)
 def list_images_task(
     images: str, cfg: Config, storage_options: dict[str, Any] | None, image_root: str | None
 ) -> IndexPlan:

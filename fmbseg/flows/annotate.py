@@ -1,0 +1,216 @@
+"""Flow ``annotate``: stage 1 of METHOD.md, images + class names -> pseudo-labels.
+
+index -> clip_dense -> sam_prompt | sam_auto -> merge -> export, each stage one Prefect
+task cached by its fingerprint (a changed SAM threshold reruns sam_auto, merge and export;
+nothing else). Each stage fans out over the index's shards on Ray (fmbseg.tasks.runner).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from fmbseg.config import Config
+from fmbseg.data.vocab import load_vocabulary, validate_vocabulary
+from fmbseg.flows.common import (
+    StageProgress,
+    configure,
+    current_flow_run_id,
+    manifest_artifact,
+    open_store,
+    record_lineage,
+    stage_task,
+    table_artifact,
+)
+from fmbseg.flows.index import index_task, list_images_task
+from fmbseg.storage.store import ArtifactStore
+from fmbseg.tasks.clip_dense import run_clip_dense
+from fmbseg.tasks.export import run_export
+from fmbseg.tasks.index import count_errors
+from fmbseg.tasks.merge import run_merge
+from fmbseg.tasks.sam_auto import run_sam_auto
+from fmbseg.tasks.sam_prompt import run_sam_prompt
+from fmbseg.tasks.stage1 import stage1_fingerprints
+
+SAM_STAGES = ("sam_prompt", "sam_auto")
+
+
+def _same(stage: str, expected: str, got: str) -> str:
+    if got != expected:  # the flow's precomputed fingerprint and the stage's must agree
+        raise RuntimeError(f"stage {stage}: fingerprint {got} differs from planned {expected}")
+    return got
+
+
+@stage_task("clip_dense")
+def clip_dense_task(
+    store: ArtifactStore,
+    fp: str,
+    cfg: Config,
+    index_fp: str,
+    vocabulary: tuple[str, ...],
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Sliding-window dense CLIP, presence, and similarity maps of the present classes."""
+    progress = StageProgress("clip_dense", fp)
+    got = run_clip_dense(
+        store, cfg, index_fp, vocabulary, storage_options=storage_options, progress=progress
+    )
+    return _same("clip_dense", fp, got)
+
+
+@stage_task("sam_prompt")
+def sam_prompt_task(
+    store: ArtifactStore,
+    fp: str,
+    cfg: Config,
+    clip_fp: str,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """METHOD 1.1.3: top-5 CLIP patches per present class as SAM point prompts."""
+    progress = StageProgress("sam_prompt", fp)
+    got = run_sam_prompt(store, cfg, clip_fp, storage_options=storage_options, progress=progress)
+    return _same("sam_prompt", fp, got)
+
+
+@stage_task("sam_auto")
+def sam_auto_task(
+    store: ArtifactStore,
+    fp: str,
+    cfg: Config,
+    clip_fp: str,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """METHOD 1.2: SAM automatic masks, labelled from the stored CLIP similarity maps."""
+    progress = StageProgress("sam_auto", fp)
+    got = run_sam_auto(store, cfg, clip_fp, storage_options=storage_options, progress=progress)
+    return _same("sam_auto", fp, got)
+
+
+@stage_task("merge")
+def merge_task(
+    store: ArtifactStore, fp: str, cfg: Config, index_fp: str, clip_fp: str,
+    prompt_fp: str, auto_fp: str,
+) -> str:  # fmt: skip
+    """Prompt masks + a seeded sample of automatic masks, per image."""
+    progress = StageProgress("merge", fp)
+    got = run_merge(store, cfg, index_fp, clip_fp, prompt_fp, auto_fp, progress=progress)
+    return _same("merge", fp, got)
+
+
+@task(name="export", cache_policy=NO_CACHE, persist_result=False, retries=1)
+def export_task(
+    store: ArtifactStore, fp: str, cfg: Config, merge_fp: str,
+    storage_options: dict[str, Any] | None = None,
+) -> str:  # fmt: skip
+    """COCO JSON, PNG label maps, Parquet, overlays and gallery.html (skipped when complete)."""
+    got = run_export(
+        store, cfg, merge_fp, storage_options=storage_options,
+        progress=StageProgress("export", fp),
+    )  # fmt: skip
+    return _same("export", fp, got)
+
+
+def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> dict[str, Any]:
+    """Counts for people: images, masks per source, classes found, errors per stage.
+
+    Streams the merge output one shard at a time, so the driver's memory does not grow with
+    the number of images.
+    """
+    sources: Counter[str] = Counter()
+    classes: Counter[str] = Counter()
+    images: set[str] = set()
+    for table in store.iter_shards("merge", fps["merge"]):
+        part = table.select(["image_id", "source", "category"]).to_pydict()
+        sources.update(str(s) for s in part["source"])
+        classes.update(part["category"])
+        images.update(part["image_id"])
+    index = store.require_manifest("index", fps["index"])
+    errors = {
+        stage: count_errors(store, stage, fps[stage])
+        for stage in ("index", "clip_dense", *SAM_STAGES, "merge")
+    }
+    export = store.read_json(f"exports/{fps['export']}/export.json")
+    return {
+        "images_indexed": index.rows,
+        "images_with_masks": len(images),
+        "masks_prompt": sources["prompt"],
+        "masks_auto": sources["auto"],
+        "classes_found": dict(classes.most_common()),
+        "errors": {stage: counts for stage, counts in errors.items() if counts},
+        "export": store.url(f"exports/{fps['export']}"),
+        "gallery": store.url(f"exports/{fps['export']}/gallery.html")
+        if export["files"].get("gallery") else None,
+        "coco": store.url(f"exports/{fps['export']}/annotations.json"),
+    }  # fmt: skip
+
+
+def annotate_stages(
+    st: ArtifactStore,
+    cfg: Config,
+    images: str,
+    vocabulary: tuple[str, ...],
+    storage_options: dict[str, Any] | None = None,
+    image_root: str | None = None,
+) -> dict[str, str]:
+    """Run (or reuse) every stage-1 stage inside the calling flow; returns {stage: fp}."""
+    plan = list_images_task(images, cfg, storage_options, image_root)
+    index_fp = index_task(st, plan.fingerprint, plan, cfg, storage_options)
+    fps = {"index": index_fp, **stage1_fingerprints(cfg, index_fp, vocabulary)}
+    clip_dense_task(st, fps["clip_dense"], cfg, index_fp, vocabulary, storage_options)
+    sam_prompt_task(st, fps["sam_prompt"], cfg, fps["clip_dense"], storage_options)
+    sam_auto_task(st, fps["sam_auto"], cfg, fps["clip_dense"], storage_options)
+    merge_task(st, fps["merge"], cfg, index_fp, fps["clip_dense"], fps["sam_prompt"],
+               fps["sam_auto"])  # fmt: skip
+    export_task(st, fps["export"], cfg, fps["merge"], storage_options)
+    for stage in ("index", "clip_dense", *SAM_STAGES, "merge"):
+        manifest_artifact(st, stage, fps[stage])
+    return fps
+
+
+def resolve_vocabulary(classes: str | Sequence[str] | None, vocab: str | None) -> tuple[str, ...]:
+    """``classes`` (comma-separated or a list) or a built-in/.txt ``vocab``; validated."""
+    if (classes is None) == (vocab is None):
+        raise ValueError("give exactly one of classes (names) or vocab (a built-in or .txt)")
+    if classes is not None:
+        names = classes.split(",") if isinstance(classes, str) else list(classes)
+        return validate_vocabulary([n.strip() for n in names])
+    assert vocab is not None
+    return load_vocabulary(vocab)
+
+
+@flow(name="annotate")
+def annotate_flow(
+    images: str,
+    store: str = "./fmbseg-store",
+    classes: str | list[str] | None = None,
+    vocab: str | None = None,
+    config: str = "default",
+    overrides: list[str] | None = None,
+    ray_address: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    image_root: str | None = None,
+) -> dict[str, Any]:
+    """Pseudo-label ``images`` for ``classes`` (or a built-in ``vocab``) into ``store``.
+
+    Returns ``{"fingerprints": {stage: fp}, "summary": {...}}``; the summary says where the
+    COCO JSON, label PNGs and gallery are.
+    """
+    vocabulary = resolve_vocabulary(classes, vocab)  # bad names fail before any work
+    cfg = configure(config, overrides, ray_address)
+    st = open_store(store, storage_options)
+    fps = annotate_stages(st, cfg, images, vocabulary, storage_options, image_root)
+    summary = annotation_summary(st, fps)
+    table_artifact(
+        "annotate-summary",
+        [{"what": k, "value": str(v)} for k, v in summary.items()],
+        description="pseudo-labels: images, masks per source, classes, errors, outputs",
+    )
+    record_lineage(st, current_flow_run_id(), {
+        "flow": "annotate", "images": images, "vocabulary": list(vocabulary),
+        "config": cfg.to_dict(), "stages": fps,
+    })  # fmt: skip
+    return {"fingerprints": fps, "summary": summary}
