@@ -7,15 +7,29 @@ models a config names (``tiny`` = random-weight tiny CLIP and SAM, CPU). Every m
 timed, so the report separates model time from everything else (decoding, resizing,
 stitching, RLE, Parquet, PNG, store I/O), per stage and overall, measured in this one run.
 
-    python bench/annotate.py [--config tiny] [--images 64] [--threads 1] [--set k=v ...]
+A second table splits the time outside model calls by phase, from timers on the functions
+that do that work (main thread only; an inner timed call counts toward the outermost):
+decoding images, RLE encode/decode, Parquet (de)serialisation, store file operations, PNG/JPEG
+and overlays; "other" is the rest (Python glue, resizing, stitching, sampling, validation).
+Decoding done ahead in the loader threads overlaps the models and is shown apart.
+
+``--forward-time`` also times every outermost ``torch.nn.Module`` forward (global hooks; they
+add a little to the model time), to show how much of a model call is the network itself and
+how much the model library's own pre/post-processing (e.g. segment-anything's automatic mask
+generator: point grids, its RLE, NMS, copying).
+
+    python bench/annotate.py [--config tiny] [--images 64] [--threads 1] [--forward-time]
+                             [--set k=v ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +42,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 TIMED = {"crops_and_dense", "encode_text", "set_image", "predict", "generate"}
 MODEL_TIME: collections.Counter[str] = collections.Counter()
 BUILD_TIME: collections.Counter[str] = collections.Counter()
+PHASE_TIME: collections.Counter[str] = collections.Counter()  # main thread, outermost call
+THREAD_TIME: collections.Counter[str] = collections.Counter()  # loader threads (overlapped)
+FORWARD_TIME: collections.Counter[str] = collections.Counter()
+_depth = threading.local()
 
 
 class Timed:
@@ -51,6 +69,75 @@ class Timed:
                 MODEL_TIME[name] += time.perf_counter() - start
 
         return timed
+
+
+def time_phase(phase: str, fn: Any) -> Any:
+    """``fn`` wrapped to add its wall time to PHASE_TIME[phase] (THREAD_TIME off the main thread).
+
+    Only the outermost timed call of a thread counts, so phases never overlap.
+    """
+
+    @functools.wraps(fn)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_depth, "n", 0):
+            return fn(*args, **kwargs)
+        _depth.n = 1
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _depth.n = 0
+            main = threading.current_thread() is threading.main_thread()
+            (PHASE_TIME if main else THREAD_TIME)[phase] += time.perf_counter() - start
+
+    return timed
+
+
+def patch_phases() -> list[str]:
+    """Time the functions doing the non-model work, where the stages look them up."""
+    import pyarrow.parquet as pq
+
+    from fmbseg.storage import records, store
+    from fmbseg.tasks import export, stage1
+
+    targets = {
+        "decode": [(stage1, "load_image")],
+        "rle": [(records, "encode_mask"), (records, "decode_mask")],
+        "parquet": [(store, "table_to_parquet_bytes"), (export, "table_to_parquet_bytes"),
+                    (pq, "read_table")],  # fmt: skip
+        "store io": [(store.ArtifactStore, m) for m in
+                     ("read_bytes", "write_bytes", "ls", "exists", "create_exclusive", "delete")],  # fmt: skip
+        "png/jpeg": [(export, "label_png"), (export, "jpeg"), (export, "overlay")],
+    }
+    for phase, places in targets.items():
+        for owner, name in places:
+            setattr(owner, name, time_phase(phase, getattr(owner, name)))
+    # modules that imported load_image by name
+    from fmbseg.tasks import clip_dense
+
+    for mod in (clip_dense, export):
+        mod.load_image = stage1.load_image  # type: ignore[attr-defined]
+    return list(targets)
+
+
+def hook_forwards() -> None:
+    """Add the wall time of every outermost nn.Module forward to FORWARD_TIME["forward"]."""
+    state = {"depth": 0, "start": 0.0}
+
+    def pre(module: Any, args: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            if state["depth"] == 0:
+                state["start"] = time.perf_counter()
+            state["depth"] += 1
+
+    def post(module: Any, args: Any, out: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            state["depth"] -= 1
+            if state["depth"] == 0:
+                FORWARD_TIME["forward"] += time.perf_counter() - state["start"]
+
+    torch.nn.modules.module.register_module_forward_pre_hook(pre)
+    torch.nn.modules.module.register_module_forward_hook(post)
 
 
 def make_images(folder: Path, n: int, size: tuple[int, int] = (96, 128)) -> None:
@@ -78,6 +165,8 @@ def main() -> None:
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--forward-time", action="store_true",
+                    help="also time nn.Module forwards inside the model calls")  # fmt: skip
     ap.add_argument("--set", action="append", default=[], help="section.key=value override")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,20 +192,24 @@ def main() -> None:
 
     registry.build_from_config = timed_build  # type: ignore[assignment]
     registry.list_models()  # import the model libraries now, not inside the first stage
+    phases = patch_phases()
+    if args.forward_time:
+        hook_forwards()
     cfg = replace(load_config(args.config, args.set), runtime={"executor": "local"})
     vocab = load_vocabulary("voc-20")
     with tempfile.TemporaryDirectory() as tmp:
         make_images(Path(tmp) / "images", args.images)
         store = ArtifactStore(str(Path(tmp) / "store"))
-        rows, fps = [], {}
+        rows, fps, by_phase = [], {}, {}
 
         def stage(name: str, fn: Any, *a: Any, **k: Any) -> None:
-            MODEL_TIME.clear()
-            BUILD_TIME.clear()
+            for counter in (MODEL_TIME, BUILD_TIME, PHASE_TIME, THREAD_TIME, FORWARD_TIME):
+                counter.clear()
             start = time.perf_counter()
             fps[name] = fn(store, cfg, *a, **k)
             wall = time.perf_counter() - start
             rows.append((name, wall, sum(MODEL_TIME.values()), BUILD_TIME["build"]))
+            by_phase[name] = (dict(PHASE_TIME), dict(THREAD_TIME), FORWARD_TIME["forward"])
 
         stage("index", lambda s, c: run_index(s, str(Path(tmp) / "images"), c))
         stage("clip_dense", run_clip_dense, fps["index"], vocab)
@@ -137,6 +230,27 @@ def main() -> None:
         print(f"{name:<11} {wall:8.2f} {b:8.2f} {m:8.2f} {share:8.0%} "
               f"{args.images / (wall - b):9.1f}")  # fmt: skip
     print("images/s and the outside share exclude model builds (paid once per worker).")
+    print()
+    print("time outside model calls by phase, s (main thread; 'other' = the rest)")
+    cols = [*phases, "other"]
+    print(f"{'stage':<11} " + " ".join(f"{c:>9}" for c in cols) + f" {'threads':>8}"
+          + (f" {'nn fwd':>8}" if args.forward_time else ""))  # fmt: skip
+    totals = np.zeros(len(cols) + 2)
+    for name, wall, m, b in rows:
+        main, threads, fwd = by_phase[name]
+        vals = [main.get(c, 0.0) for c in phases]
+        vals += [wall - m - b - sum(vals), sum(threads.values()), fwd]
+        totals += vals
+        print(_phase_line(name, vals, args.forward_time))
+    print(_phase_line("total", list(totals), args.forward_time))
+    print("threads = decoding in the loader threads, overlapped with the model calls.")
+    if args.forward_time:
+        print("nn fwd = time inside torch.nn.Module forwards (part of 'model s').")
+
+
+def _phase_line(name: str, vals: list[float], forward: bool) -> str:
+    line = f"{name:<11} " + " ".join(f"{v:9.3f}" for v in vals[:-2]) + f" {vals[-2]:8.3f}"
+    return line + (f" {vals[-1]:8.2f}" if forward else "")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ class TrainConfig:
     """Stage 2 (METHOD stage 2): alignment module on frozen DINOv2 patch features."""
 
     input_size: int = 448  # DINOv2 input side (patch 14 -> 32x32 patches)
-    min_labelled_fraction: float = 0.5  # a patch whose majority label covers less is ignored
+    min_labelled_fraction: float = 0.5  # majority label's share of a patch, else ignored (ours)
     heads: int = 16
     mlp_ratio: float = 4.0
     out_dim: int | None = None  # None = the CLIP text-embedding width

@@ -53,6 +53,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from fmbseg.data.folder_dataset import open_folder_dataset
 from fmbseg.data.vocab import load_vocabulary
 
 IGNORE_INDEX = 255
@@ -398,7 +399,7 @@ _NAME_ALIASES = {
 
 def dataset_names() -> list[str]:
     """Names :func:`open_dataset` accepts (aliases aside)."""
-    return sorted(DATASETS)
+    return sorted([*DATASETS, "folder"])
 
 
 def open_dataset(
@@ -419,6 +420,8 @@ def open_dataset(
             ImageSets/Segmentation/val.txt not found``).
     """
     key = _NAME_ALIASES.get(name.lower(), name.lower())
+    if key == "folder":  # users' own images/ + labels/ + classes.txt
+        return open_folder_dataset(root, storage_options, split)
     spec = DATASETS.get(key)
     if spec is None:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")

@@ -30,7 +30,7 @@ from fmbseg.flows.index import index_task, list_images_task
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.clip_dense import run_clip_dense
 from fmbseg.tasks.export import run_export
-from fmbseg.tasks.index import count_errors
+from fmbseg.tasks.index import IndexPlan, count_errors
 from fmbseg.tasks.merge import run_merge
 from fmbseg.tasks.sam_auto import run_sam_auto
 from fmbseg.tasks.sam_prompt import run_sam_prompt
@@ -158,7 +158,29 @@ def annotate_stages(
 ) -> dict[str, str]:
     """Run (or reuse) every stage-1 stage inside the calling flow; returns {stage: fp}."""
     plan = list_images_task(images, cfg, storage_options, image_root)
+    return annotate_plan(st, cfg, plan, vocabulary, storage_options)
+
+
+def annotate_plan(
+    st: ArtifactStore,
+    cfg: Config,
+    plan: IndexPlan,
+    vocabulary: tuple[str, ...],
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """Index a prebuilt ``plan`` (e.g. only the images new since the last run), then label it."""
     index_fp = index_task(st, plan.fingerprint, plan, cfg, storage_options)
+    return label_index(st, cfg, index_fp, vocabulary, storage_options)
+
+
+def label_index(
+    st: ArtifactStore,
+    cfg: Config,
+    index_fp: str,
+    vocabulary: tuple[str, ...],
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """Every stage after ``index`` on the committed index ``index_fp``; returns {stage: fp}."""
     fps = {"index": index_fp, **stage1_fingerprints(cfg, index_fp, vocabulary)}
     clip_dense_task(st, fps["clip_dense"], cfg, index_fp, vocabulary, storage_options)
     sam_prompt_task(st, fps["sam_prompt"], cfg, fps["clip_dense"], storage_options)
@@ -176,8 +198,10 @@ def resolve_vocabulary(classes: str | Sequence[str] | None, vocab: str | None) -
     if (classes is None) == (vocab is None):
         raise ValueError("give exactly one of classes (names) or vocab (a built-in or .txt)")
     if classes is not None:
+        if isinstance(classes, str) and not classes.strip():
+            raise ValueError("classes: empty; give names separated by commas, e.g. 'cat,dog'")
         names = classes.split(",") if isinstance(classes, str) else list(classes)
-        return validate_vocabulary([n.strip() for n in names])
+        return validate_vocabulary([n.strip() for n in names], "classes")
     assert vocab is not None
     return load_vocabulary(vocab)
 

@@ -27,6 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task, task
 from prefect.artifacts import (
+    create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
@@ -34,8 +35,13 @@ from prefect.artifacts import (
 from prefect.context import get_run_context
 
 from fmbseg.config import Config, ConfigError, load_config, replace
+from fmbseg.data.datasets import DatasetError
 from fmbseg.data.sources import SourceError
+from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
+from fmbseg.storage.models import ModelNotFoundError
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
+from fmbseg.tasks.segment import IncompatibleModelError
+from fmbseg.tasks.train_data import NoLabelledPatchesError
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -43,7 +49,10 @@ R = TypeVar("R")
 
 # Errors in the user's input: retrying the task cannot help, and the CLI reports them
 # as "fmbseg: error: ..." without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, SourceError, NotCommittedError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, SourceError, NotCommittedError, DatasetError, ModelNotFoundError,
+    WeightsNotFoundError, CheckpointMismatchError, NoLabelledPatchesError, IncompatibleModelError,
+)  # fmt: skip
 
 Listener = Callable[[str, int, int], None]
 _listeners: list[Listener] = []
@@ -164,11 +173,14 @@ class StageProgress:
     """``progress(done, total)`` for one stage: listeners + a Prefect progress artifact.
 
     Artifact updates are throttled to one per ``min_interval`` seconds (plus the last one);
-    failing to reach the Prefect API never fails the stage.
+    failing to reach the Prefect API never fails the stage. ``unit``: what ``done`` counts
+    (``"shards"``; training reports ``"epochs"``), named in the artifact's description.
     """
 
-    def __init__(self, stage: str, fp: str = "", min_interval: float = 2.0) -> None:
-        self.stage, self.fp, self.min_interval = stage, fp, min_interval
+    def __init__(
+        self, stage: str, fp: str = "", min_interval: float = 2.0, unit: str = "shards"
+    ) -> None:
+        self.stage, self.fp, self.min_interval, self.unit = stage, fp, min_interval, unit
         self.artifact_id: Any = None
         self._last = 0.0
         self._enabled = _in_prefect_run()
@@ -190,7 +202,7 @@ class StageProgress:
                 self.artifact_id = create_progress_artifact(
                     percent,
                     key=_artifact_key(f"{self.stage}-progress"),
-                    description=f"shards of stage {self.stage} {self.fp} written",
+                    description=f"{self.unit} of stage {self.stage} {self.fp} written",
                 )
             else:
                 update_progress_artifact(self.artifact_id, percent)
@@ -209,6 +221,16 @@ def table_artifact(key: str, rows: Sequence[Mapping[str, Any]], description: str
         )
     except Exception as exc:
         log.warning("table artifact %s not created: %s", key, exc)
+
+
+def markdown_artifact(key: str, markdown: str, description: str = "") -> None:
+    """A Prefect markdown artifact (no-op outside a run; API failures are only logged)."""
+    if not _in_prefect_run():
+        return
+    try:
+        create_markdown_artifact(markdown, key=_artifact_key(key), description=description)
+    except Exception as exc:
+        log.warning("markdown artifact %s not created: %s", key, exc)
 
 
 def manifest_artifact(store: ArtifactStore, stage: str, fp: str) -> None:

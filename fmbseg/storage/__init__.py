@@ -1,6 +1,7 @@
 """Artifact store over fsspec: fingerprints, shard commit, manifests, lineage, model registry."""
 
 from fmbseg.storage.fingerprint import content_hash, fingerprint
+from fmbseg.storage.models import ModelNotFoundError, ModelRef, ModelRegistry
 from fmbseg.storage.store import (
     ArtifactStore,
     Manifest,
@@ -14,6 +15,9 @@ from fmbseg.storage.store import (
 __all__ = [
     "ArtifactStore",
     "Manifest",
+    "ModelNotFoundError",
+    "ModelRef",
+    "ModelRegistry",
     "NotCommittedError",
     "RetryPolicy",
     "ShardReceipt",

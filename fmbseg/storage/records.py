@@ -45,7 +45,7 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 
-# Identical to fmbseg.tasks.runner.ERRORS_SCHEMA, so every stage's errors concatenate.
+# Every stage's errors table (fmbseg.tasks.runner.ERRORS_SCHEMA is this), so they concatenate.
 ERROR_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string()),

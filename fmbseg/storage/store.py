@@ -22,151 +22,43 @@ committed manifest lists.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import errno
 import hashlib
 import io
 import json
 import logging
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fmbseg.storage.manifest import (
+    Manifest,
+    ShardReceipt,
+    _now,
+    table_to_parquet_bytes,
+)
+from fmbseg.storage.retry import (
+    NotCommittedError,
+    RetryPolicy,
+    StoreError,
+    is_transient,
+    retry_call,
+)
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MANIFEST = "_manifest.json"
-
-
-class StoreError(RuntimeError):
-    """A storage operation failed for good (after retries), or the store is inconsistent."""
-
-
-class NotCommittedError(StoreError):
-    """A stage output was asked for that no committed manifest lists."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff for transient storage errors."""
-
-    attempts: int = 5  # total tries, including the first
-    initial_delay: float = 0.2  # seconds before the first retry
-    max_delay: float = 5.0
-    multiplier: float = 2.0
-
-
-# Errors that retrying cannot fix.
-_PERMANENT = (
-    FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-    NotADirectoryError, ValueError, TypeError, KeyError,
-)  # fmt: skip
-# s3fs maps client-side S3 errors (bad argument, name too long, ...) to OSError with these.
-_PERMANENT_ERRNOS = {errno.EINVAL, errno.EMSGSIZE, errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.EPERM}
-_TRANSIENT_NAMES = (
-    "Connection", "Timeout", "Throttl", "ServiceUnavailable", "SlowDown", "ClientPayload",
-    "ServerDisconnected", "EndpointConnection", "ReadTimeout",
-)  # fmt: skip
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether retrying ``exc`` may help (network, throttling, 5xx), as opposed to a bug/absence."""
-    if isinstance(exc, _PERMANENT):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, OSError):
-        return exc.errno not in _PERMANENT_ERRNOS
-    # botocore / aiohttp errors, without importing them here
-    return any(k in type(exc).__name__ for k in _TRANSIENT_NAMES)
-
-
-def retry_call(what: str, fn: Callable[[], T], policy: RetryPolicy, where: str = "") -> T:
-    """Run ``fn``, retrying transient errors with exponential backoff.
-
-    Permanent errors propagate unchanged; a transient error that outlives ``policy.attempts``
-    becomes a :class:`StoreError` naming ``what`` (the operation) and ``where``.
-    """
-    delay = policy.initial_delay
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            if attempt == policy.attempts:
-                on = f" on {where}" if where else ""
-                raise StoreError(
-                    f"{what} failed after {attempt} attempts{on}: {type(exc).__name__}: {exc}"
-                ) from exc
-            log.warning(
-                "%s: transient %s (%s), retry %d/%d in %.2fs",
-                what, type(exc).__name__, exc, attempt, policy.attempts - 1, delay,
-            )  # fmt: skip
-            time.sleep(delay)
-            delay = min(delay * policy.multiplier, policy.max_delay)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-@dataclass(frozen=True)
-class ShardReceipt:
-    """Proof that one shard's files are fully written: their names, row counts, checksums."""
-
-    shard: int
-    rows: int
-    error_rows: int
-    sha256: str
-    errors_sha256: str | None
-    written_at: str
-    part: str = ""  # file name of the records, in the stage folder
-    errors_part: str | None = None  # file name of the errors table; None when no errors
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ShardReceipt:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-    def files(self) -> list[str]:
-        return [self.part] + ([self.errors_part] if self.errors_part else [])
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A committed stage output: every shard with its row count and checksum."""
-
-    stage: str
-    fingerprint: str
-    num_shards: int
-    rows: int
-    error_rows: int
-    shards: list[ShardReceipt]
-    committed_at: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        d = json.loads(text)
-        d["shards"] = [ShardReceipt.from_dict(s) for s in d["shards"]]
-        return cls(**d)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
-
-
-def table_to_parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
+# Re-exported: the storage API callers import from here.
+__all__ = [
+    "ArtifactStore", "Manifest", "NotCommittedError", "RetryPolicy", "ShardReceipt",
+    "StoreError", "is_transient", "retry_call", "table_to_parquet_bytes",
+]  # fmt: skip
 
 
 class ArtifactStore:

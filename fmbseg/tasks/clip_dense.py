@@ -33,6 +33,7 @@ from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
     INDEX_STAGE,
     VOCABULARY_KEY,
+    Upstream,
     error_from,
     load_image,
     num_shards,
@@ -284,6 +285,7 @@ class ClipDenseWorker:
         from fmbseg.models.registry import build_from_config
 
         self.store, self.cfg, self.fp = store, cfg, fp
+        self.upstream = Upstream(store)
         self.storage_options = storage_options
         self.model: DenseClip = build_from_config(
             cfg.models,
@@ -316,7 +318,7 @@ class ClipDenseWorker:
         return out
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
-        rows = self.store.read_shard(INDEX_STAGE, spec["index"], shard).to_pylist()
+        rows = self.upstream.read(INDEX_STAGE, spec["index"], shard).to_pylist()
         errors: list[dict] = []
         try:
             out = self._run(rows, errors)

@@ -121,9 +121,15 @@ def pseudo_label_quality(
         "unmatched_categories": sorted(unmatched),
     }
     for v in VARIANTS:
-        report = metrics_report(cms[v], dataset.classes)
-        m = cms[v].matrix
-        labelled = int(m[:, :k].sum())
-        report["precision"] = float(np.trace(m[:, :k]) / labelled) if labelled else None
-        out[v] = report
+        out[v] = quality_report(cms[v], dataset.classes)
     return out
+
+
+def quality_report(cm: ConfusionMatrix, classes: Sequence[str]) -> dict[str, Any]:
+    """:func:`~fmbseg.tasks.evaluate.metrics_report` plus ``precision``: the fraction of
+    labelled evaluated pixels labelled correctly (``None`` when nothing was labelled)."""
+    report = metrics_report(cm, classes)
+    k = cm.num_classes
+    labelled = int(cm.matrix[:, :k].sum())
+    report["precision"] = float(np.trace(cm.matrix[:, :k]) / labelled) if labelled else None
+    return report

@@ -29,8 +29,8 @@ from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
     INDEX_STAGE,
     VOCABULARY_KEY,
+    Upstream,
     num_shards,
-    read_part,
     read_vocabulary,
     stage_fingerprint,
 )
@@ -52,29 +52,48 @@ def sample_count(n: int, fraction: float) -> int:
 
 def canonical_order(table: pa.Table) -> np.ndarray:
     """Row order by (area descending, RLE bytes, category id): independent of input order."""
-    keys = list(
-        zip(
-            table.column("area").to_pylist(),
-            table.column("rle_counts").to_pylist(),
-            table.column("category_id").to_pylist(),
-            strict=True,
-        )
+    return _canonical(
+        table.column("area").to_pylist(),
+        table.column("rle_counts").to_pylist(),
+        table.column("category_id").to_pylist(),
     )
+
+
+def _canonical(areas: Sequence[int], rles: Sequence[bytes], cats: Sequence[int]) -> np.ndarray:
+    keys = list(zip(areas, rles, cats, strict=True))
     return np.array(
         sorted(range(len(keys)), key=lambda i: (-keys[i][0], keys[i][1], keys[i][2])),
         dtype=np.int64,
     )
 
 
-def sample_auto(auto: MaskRecords, image_id: str, cfg: MergeConfig) -> MaskRecords:
-    """The sampled automatic masks of ONE image (``auto`` holds only that image's records)."""
-    n = len(auto)
+def _sampled(
+    areas: Sequence[int],
+    rles: Sequence[bytes],
+    cats: Sequence[int],
+    image_id: str,
+    cfg: MergeConfig,
+) -> np.ndarray | None:
+    """Positions (ascending) of the automatic masks ONE image keeps; None = all of them."""
+    n = len(areas)
     k = sample_count(n, cfg.auto_fraction)
     if k == n:
-        return auto
-    order = canonical_order(auto.table)
-    chosen = np.sort(image_seed(cfg.seed, image_id).permutation(order)[:k])
-    return MaskRecords(auto.table.take(pa.array(chosen)))
+        return None
+    order = _canonical(areas, rles, cats)
+    return np.sort(image_seed(cfg.seed, image_id).permutation(order)[:k])
+
+
+def sample_auto(auto: MaskRecords, image_id: str, cfg: MergeConfig) -> MaskRecords:
+    """The sampled automatic masks of ONE image (``auto`` holds only that image's records)."""
+    t = auto.table
+    chosen = _sampled(
+        t.column("area").to_pylist(),
+        t.column("rle_counts").to_pylist(),
+        t.column("category_id").to_pylist(),
+        image_id,
+        cfg,
+    )
+    return auto if chosen is None else MaskRecords(t.take(pa.array(chosen)))
 
 
 def merge_image(
@@ -107,19 +126,31 @@ def merge_shard(
     if upstream_errors is not None and upstream_errors.num_rows:
         for row in upstream_errors.to_pylist():
             earlier.setdefault(row["image_id"], row)
-    by_image_p = _split(prompt)
-    by_image_a = _split(auto)
-    parts, errors = [], []
+    # One take over [prompt rows; auto rows] for the whole shard: the rows of each image in
+    # order, its prompt masks then its sampled automatic masks (what merge_image gives).
+    by_image_p = _rows_by_image(prompt.table)
+    by_image_a = _rows_by_image(auto.table)
+    a = auto.table
+    areas, rles, cats = (a.column(n).to_pylist() for n in ("area", "rle_counts", "category_id"))
+    offset = len(prompt)
+    take: list[int] = []
+    errors = []
     for image in images:
         image_id, uri = str(image["image_id"]), str(image["image_uri"])
-        merged = merge_image(
-            by_image_p.get(image_id, MaskRecords.empty()),
-            by_image_a.get(image_id, MaskRecords.empty()),
-            image_id,
-            cfg,
-        )
-        if len(merged):
-            parts.append(merged)
+        rows = list(by_image_p.get(image_id, ()))
+        autos = by_image_a.get(image_id, [])
+        if autos:
+            chosen = _sampled(
+                [areas[i] for i in autos],
+                [rles[i] for i in autos],
+                [cats[i] for i in autos],
+                image_id,
+                cfg,
+            )
+            kept = autos if chosen is None else [autos[j] for j in chosen]
+            rows += [offset + i for i in kept]
+        if rows:
+            take += rows
         elif image_id in earlier:
             e = earlier[image_id]
             errors.append(
@@ -145,15 +176,18 @@ def merge_shard(
                     "classes were present but SAM returned no usable mask",
                 )
             )
-    return MaskRecords.concat(parts), errors_table(errors)
+    if not take:
+        return MaskRecords.empty(), errors_table(errors)
+    both = pa.concat_tables([prompt.table, a]).unify_dictionaries().combine_chunks()
+    return MaskRecords(both.take(pa.array(take, type=pa.int64()))), errors_table(errors)
 
 
-def _split(records: MaskRecords) -> dict[str, MaskRecords]:
-    """Records grouped by image id (one pass over the table)."""
+def _rows_by_image(table: pa.Table) -> dict[str, list[int]]:
+    """Row indices of each image id (one pass over the table)."""
     rows: dict[str, list[int]] = {}
-    for i, image_id in enumerate(records.table.column("image_id").to_pylist()):
+    for i, image_id in enumerate(table.column("image_id").to_pylist()):
         rows.setdefault(image_id, []).append(i)
-    return {k: MaskRecords(records.table.take(pa.array(v))) for k, v in rows.items()}
+    return rows
 
 
 # ---- shell ---------------------------------------------------------------------------------
@@ -165,10 +199,12 @@ class MergeWorker:
 
     def __init__(self, store: ArtifactStore, cfg: MergeConfig) -> None:
         self.store, self.cfg = store, cfg
+        self.upstream = Upstream(store)
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
-        index = self.store.read_shard(INDEX_STAGE, spec["index"], shard).to_pylist()
-        clip = read_part(self.store, "clip_dense", spec["clip_dense"], shard)
+        up = self.upstream
+        index = up.read(INDEX_STAGE, spec["index"], shard).to_pylist()
+        clip = up.part("clip_dense", spec["clip_dense"], shard)
         present = (
             {}
             if clip is None
@@ -191,10 +227,10 @@ class MergeWorker:
         records = {}
         upstream = []
         for stage in ("sam_prompt", "sam_auto"):
-            part = read_part(self.store, stage, spec[stage], shard)
+            part = up.part(stage, spec[stage], shard)
             records[stage] = MaskRecords.empty() if part is None else MaskRecords(part)
         for stage in ("clip_dense", "sam_prompt", "sam_auto"):
-            errors = read_part(self.store, stage, spec[stage], shard, kind="errors")
+            errors = up.part(stage, spec[stage], shard, kind="errors")
             if errors is not None:
                 upstream.append(errors.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA))
         # a SAM stage's "no_class_present" row is the same reason merge gives itself

@@ -35,7 +35,8 @@ def patch_labels(
         label_map: ``HxW uint8`` label values (category ids), ``255`` = ignore.
         input_size: side of the square encoder input, a multiple of ``patch_size``.
         patch_size: encoder patch side in pixels (14 for DINOv2).
-        min_fraction: a patch's majority label must cover at least this fraction of its pixels.
+        min_fraction: a patch's majority label must cover at least this fraction of its pixels
+            (ignored pixels count in the total), else the patch is ignored.
 
     Returns:
         ``(g*g,) int64`` with ``g = input_size // patch_size``, row-major like the encoder's
@@ -62,5 +63,7 @@ def patch_labels(
     majority = labelled.argmax(axis=1)
     top = labelled[np.arange(g * g), majority]
     area = patch_size * patch_size
-    keep = (top >= min_fraction * area) & (counts[:, IGNORE] * 2 <= area) & (top > 0)
+    # One knob: at the default 0.5 a kept patch is also at least half labelled, so mostly
+    # unlabelled patches are ignored; a lower threshold (noisy or sparse labels) keeps more.
+    keep = (top >= min_fraction * area) & (top > 0)
     return np.where(keep, majority, -1).astype(np.int64)

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from fmbseg.config import RuntimeConfig
+from fmbseg.storage.records import ERROR_SCHEMA
 from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,8 @@ Progress = Callable[[int, int], None]
 Finalize = Callable[[ArtifactStore, str, str, int], "dict[str, Any] | None"]
 """``finalize(store, stage, fp, num_shards) -> extra manifest meta``; may rewrite shards."""
 
-ERRORS_SCHEMA = pa.schema(
-    [
-        pa.field("uri", pa.string()),
-        pa.field("image_id", pa.string(), nullable=True),
-        pa.field("stage", pa.string()),
-        pa.field("error_type", pa.string()),
-        pa.field("message", pa.string()),
-    ]
+ERRORS_SCHEMA = (
+    ERROR_SCHEMA  # every stage's errors table: uri, image_id, stage, error_type, message
 )
 
 

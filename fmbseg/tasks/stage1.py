@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from fmbseg.config import Config
-from fmbseg.storage import ArtifactStore, fingerprint
+from fmbseg.storage import ArtifactStore, Manifest, fingerprint
 from fmbseg.storage.records import error_row
 
 INDEX_STAGE = "index"
@@ -109,11 +109,42 @@ def read_vocabulary(store: ArtifactStore, stage: str, fp: str) -> tuple[str, ...
 
 
 def read_part(
-    store: ArtifactStore, stage: str, fp: str, shard: int, kind: str = "part"
+    store: ArtifactStore,
+    stage: str,
+    fp: str,
+    shard: int,
+    kind: str = "part",
+    manifest: Manifest | None = None,
 ) -> pa.Table | None:
     """One committed shard's records or errors; None when that shard wrote none."""
-    table = store.read_shard(stage, fp, shard, kind=kind)
+    table = store.read_shard(stage, fp, shard, kind=kind, manifest=manifest)
     return table if table.num_columns else None
+
+
+class Upstream:
+    """A worker's reader of committed upstream shards; each manifest is fetched once.
+
+    A committed manifest never changes, so one worker keeps it for all its shards rather
+    than re-reading ``_manifest.json`` for every shard it reads.
+    """
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self.store = store
+        self._manifests: dict[tuple[str, str], Manifest] = {}
+
+    def manifest(self, stage: str, fp: str) -> Manifest:
+        key = (stage, fp)
+        if key not in self._manifests:
+            self._manifests[key] = self.store.require_manifest(stage, fp)
+        return self._manifests[key]
+
+    def read(self, stage: str, fp: str, shard: int, kind: str = "part") -> pa.Table:
+        """Shard ``shard`` of ``stage/fp`` (an empty, column-less table when it has none)."""
+        return self.store.read_shard(stage, fp, shard, kind, manifest=self.manifest(stage, fp))
+
+    def part(self, stage: str, fp: str, shard: int, kind: str = "part") -> pa.Table | None:
+        """Like :func:`read_part`: None when that shard wrote no records (or errors)."""
+        return read_part(self.store, stage, fp, shard, kind, self.manifest(stage, fp))
 
 
 def load_image(
@@ -177,6 +208,7 @@ class SamStageWorker:
         from fmbseg.models.registry import build_from_config
 
         self.store, self.cfg, self.fp = store, cfg, fp
+        self.upstream = Upstream(store)
         self.vocabulary = tuple(vocabulary)
         self.storage_options = storage_options
         self.segmenter = build_from_config(
@@ -201,7 +233,7 @@ class SamStageWorker:
         rows: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
         todo = []
-        for row in self.store.read_shard("clip_dense", spec["clip_dense"], shard).to_pylist():
+        for row in self.upstream.read("clip_dense", spec["clip_dense"], shard).to_pylist():
             clip = result_from_row(row)
             if len(clip.present):
                 todo.append(clip)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -41,6 +41,14 @@ from fmbseg.tasks.train_data import (
     vocabulary_names,
 )
 from fmbseg.tasks.train_loop import load_checkpoint, loss_curve_png, save_checkpoint, train_loop
+from fmbseg.tasks.train_sets import (
+    FeatureCaches,
+    init_state,
+    label_sets,
+    resolve_init,
+    sets_inputs,
+    unite,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +95,16 @@ def check_train_config(cfg: TrainConfig) -> None:
 
 
 def train_fingerprint(
-    cfg: Config, encoder_name: str, text_name: str, labels_fp: str, index_fp: str, names: list[str]
+    cfg: Config,
+    encoder_name: str,
+    text_name: str,
+    labels_fp: str | Sequence[tuple[str, str]],
+    index_fp: str | None,
+    names: list[str],
+    init: str | None = None,
 ) -> str:
+    """``labels_fp``/``index_fp`` as :func:`run_train` takes them; every pair counts, in
+    order; ``init``: the ``name:version`` fine-tuning starts from (None: from scratch)."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k != "num_loader_workers"}
     return fingerprint(
         STAGE,
@@ -101,8 +117,7 @@ def train_fingerprint(
             "text_weights": cfg.models.clip_weights,
         },
         {
-            "labels": labels_fp,
-            "index": index_fp,
+            **sets_inputs(label_sets(labels_fp, index_fp), init),
             "vocabulary": content_hash(canonical_json(names).encode()),
         },
     )
@@ -129,24 +144,30 @@ def _given(encoder: PatchEncoder, device: torch.device) -> PatchEncoder:
 def run_train(
     store: ArtifactStore,
     cfg: Config,
-    labels_fp: str,
-    index_fp: str,
+    labels_fp: str | Sequence[tuple[str, str]],
+    index_fp: str | None,
     vocab: Any,
     *,
     progress: Progress | None = None,
     encoder: PatchEncoder | None = None,
     text_model: DenseClip | None = None,
+    init_from: str | None = None,
 ) -> tuple[str, str]:
     """Train the alignment module on merge-stage pseudo-labels; returns (model name, version).
 
     Args:
         store: artifact store holding the merge output ``labels_fp`` and index ``index_fp``.
         cfg: the whole config (``train``, ``models``, ``runtime`` sections are read).
+        labels_fp, index_fp: one label set, or ``labels_fp`` = several ``(labels_fp,
+            index_fp)`` pairs (oldest first) and ``index_fp=None``: trained on their union
+            (:mod:`fmbseg.tasks.train_sets`).
         vocab: the class names the pseudo-labels were made with (``category_id`` = position),
             a list of strings or an object with ``.names``.
         progress: called with a dict per finished epoch (``stage``, ``epoch``, ``epochs``,
             ``loss``) and per feature-cache shard.
         encoder, text_model: prebuilt models (tests); default: built from ``cfg.models``.
+        init_from: a registry reference (``champion``, ``name:vNNNN``) whose weights training
+            starts from (fine-tuning); its module must fit this config's.
     """
     from fmbseg.tasks.index import read_index
 
@@ -158,7 +179,10 @@ def run_train(
     options = store.storage_options
     encoder_name = encoder.name if encoder is not None else cfg.models.dino
     text_name = getattr(text_model, "name", None) or cfg.models.clip
-    fp = train_fingerprint(cfg, encoder_name, text_name, labels_fp, index_fp, names)
+    sets = label_sets(labels_fp, index_fp)
+    init_ref = resolve_init(registry, init_from, tcfg.model_name) if init_from else None
+    init = f"{init_ref.name}:{init_ref.version}" if init_ref else None
+    fp = train_fingerprint(cfg, encoder_name, text_name, sets, None, names, init)
     done = store.manifest(STAGE, fp)
     if done is not None:  # before building any model: a committed run costs nothing
         log.info("train %s already committed: %s:%s", fp, done.meta["model"], done.meta["version"])
@@ -173,39 +197,35 @@ def run_train(
         factory = functools.partial(_given, encoder)
     text_model = text_model or _build(cfg, "clip", options, device)
     grid = check_input_size(encoder, tcfg.input_size)
-    records = store.read_table(LABELS_STAGE, labels_fp, columns=LABEL_COLUMNS)
-    index = read_index(store, index_fp)
-    data = labelled_images(
-        records,
-        names,
-        tcfg.input_size,
-        encoder.preprocess.patch_size,
-        tcfg.min_labelled_fraction,
-        tcfg.num_loader_workers,
-        all_image_ids=index.column("image_id").to_pylist(),
-    )
-    require_labelled(data, labels_fp)
-    cache = features_fp = None
+    what = ", ".join(lfp for lfp, _ in sets)
+    indexes, parts = [], []
+    for lfp, ifp in sets:
+        records = store.read_table(LABELS_STAGE, lfp, columns=LABEL_COLUMNS)
+        indexes.append(read_index(store, ifp))
+        parts.append(labelled_images(
+            records, names, tcfg.input_size, encoder.preprocess.patch_size,
+            tcfg.min_labelled_fraction, tcfg.num_loader_workers,
+            all_image_ids=indexes[-1].column("image_id").to_pylist(),
+        ))  # fmt: skip
+    data = unite(parts)
+    require_labelled(data, what)
+    cache: FeatureCache | FeatureCaches | None = None
+    feature_fps: list[str | None] = [None] * len(sets)
     if tcfg.cache_features:
-        features_fp = build_feature_cache(
-            store,
-            encoder.name,
-            cfg.models.dino_weights,
-            tcfg.input_size,
-            index_fp,
-            index.select(["image_id", "uri"]),
-            encoder_factory=factory,
-            runtime=cfg.runtime,
-            batch_size=tcfg.batch_size,
-            storage_options=options,
-            progress=progress,
-        )
-        cache = FeatureCache(store, features_fp)
+        for k, ((_, ifp), index) in enumerate(zip(sets, indexes, strict=True)):
+            feature_fps[k] = build_feature_cache(
+                store, encoder.name, cfg.models.dino_weights, tcfg.input_size, ifp,
+                index.select(["image_id", "uri"]), encoder_factory=factory,
+                runtime=cfg.runtime, batch_size=tcfg.batch_size, storage_options=options,
+                progress=progress,
+            )  # fmt: skip
+        caches = [FeatureCache(store, str(ffp)) for ffp in feature_fps]
+        cache = caches[0] if len(caches) == 1 else FeatureCaches(caches)
         data = restrict_to(data, [image_id in cache for image_id in data.image_ids])
-        require_labelled(data, labels_fp)
+        require_labelled(data, what)
     dataset = PatchDataset(
         data,
-        cache=cache,
+        cache=cache,  # type: ignore[arg-type]  # FeatureCaches reads like a FeatureCache
         preprocess=encoder.preprocess,
         input_size=tcfg.input_size,
         storage_options=store.storage_options,
@@ -223,7 +243,10 @@ def run_train(
         in_dim=encoder.embed_dim, out_dim=out_dim, heads=tcfg.heads, mlp_ratio=tcfg.mlp_ratio
     )
     torch.manual_seed(tcfg.seed)
-    module = AlignmentModule(mcfg).to(device)
+    module = AlignmentModule(mcfg)
+    if init_ref is not None:
+        module.load_state_dict(init_state(registry, init_ref, mcfg, encoder.name))
+    module = module.to(device)
     sampler = EpochOrder(dataset.groups(), tcfg.seed)
     loader = DataLoader(
         dataset,
@@ -281,9 +304,14 @@ def run_train(
         },
         "vocabulary": names,
         "data": {
-            "labels_fp": labels_fp,
-            "index_fp": index_fp,
-            "features_fp": features_fp,
+            "labels_fp": sets[0][0],
+            "index_fp": sets[0][1],
+            "features_fp": feature_fps[0],
+            "label_sets": [
+                {"labels_fp": lfp, "index_fp": ifp, "features_fp": ffp}
+                for (lfp, ifp), ffp in zip(sets, feature_fps, strict=True)
+            ],
+            "init_from": init,
             "train_fp": fp,
             "images": len(data.image_ids),
             "images_without_labels": data.without_labels,

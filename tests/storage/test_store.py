@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from fmbseg.storage import ArtifactStore, NotCommittedError, RetryPolicy, StoreError
-from fmbseg.storage import store as store_mod
+from fmbseg.storage import retry as retry_mod
 from fmbseg.storage.store import is_transient, table_to_parquet_bytes
 
 STAGE = "demo"
@@ -278,7 +278,7 @@ def test_transient_errors_are_retried_with_backoff(
     any_store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     delays: list[float] = []
-    monkeypatch.setattr(store_mod.time, "sleep", delays.append)
+    monkeypatch.setattr(retry_mod.time, "sleep", delays.append)
     store = _fast_retry(any_store, attempts=3)
     flaky = _FlakyFS(store.fs, _IO_METHODS, fail=lambda n: n % 3 == 1)  # 1st, 4th, 7th ...
     store.fs = flaky
@@ -295,7 +295,7 @@ def test_persistent_errors_become_a_store_error(
     any_store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     delays: list[float] = []
-    monkeypatch.setattr(store_mod.time, "sleep", delays.append)
+    monkeypatch.setattr(retry_mod.time, "sleep", delays.append)
     store = _fast_retry(any_store, attempts=4)
     store.fs = _FlakyFS(store.fs, _IO_METHODS, fail=lambda n: True)
     with pytest.raises(StoreError, match=r"write stages/demo/fp/part-00000-\w+\.parquet failed "
@@ -308,7 +308,7 @@ def test_permanent_errors_are_not_retried(
     any_store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     delays: list[float] = []
-    monkeypatch.setattr(store_mod.time, "sleep", delays.append)
+    monkeypatch.setattr(retry_mod.time, "sleep", delays.append)
     with pytest.raises(FileNotFoundError):
         any_store.read_bytes("no/such/file")
     assert delays == []

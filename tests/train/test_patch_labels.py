@@ -23,19 +23,23 @@ def test_majority_and_ignore_rules_on_a_hand_made_map() -> None:
     _fill(m[14:, :14], {6: 78, 255: 118})  # mostly unlabelled: ignored
     _fill(m[14:, 14:], {2: 79, 4: 69, 5: 48})  # majority 40%: below 0.5
     assert patch_labels(m, 28, 14, 0.5).tolist() == [3, 1, -1, -1]
-    assert patch_labels(m, 28, 14, 0.3).tolist() == [3, 1, -1, 2]
-    # mostly unlabelled stays ignored whatever the fraction asked for
-    assert patch_labels(m, 28, 14, 0.0)[2] == -1
+    assert patch_labels(m, 28, 14, 0.3).tolist() == [3, 1, 6, 2]  # 40% and 39.8%
+    # one threshold: below it a mostly unlabelled patch with a clear label counts too
+    assert patch_labels(m, 28, 14, 0.39)[2] == 6  # 78 / 196 px
+    assert patch_labels(m, 28, 14, 0.4)[2] == -1
 
 
-def test_ties_go_to_the_smaller_label_and_half_ignored_is_kept() -> None:
+def test_ties_go_to_the_smaller_label_and_the_threshold_counts_ignored_pixels() -> None:
     m = np.zeros((14, 14), np.uint8)
     _fill(m, {7: 98, 3: 98})
     assert patch_labels(m, 14, 14, 0.5).tolist() == [3]
     _fill(m, {9: 98, 255: 98})
     assert patch_labels(m, 14, 14, 0.5).tolist() == [9]
     _fill(m, {9: 97, 255: 99})
-    assert patch_labels(m, 14, 14, 0.0).tolist() == [-1]
+    assert patch_labels(m, 14, 14, 0.5).tolist() == [-1]
+    assert patch_labels(m, 14, 14, 0.0).tolist() == [9]
+    m[:] = 255
+    assert patch_labels(m, 14, 14, 0.0).tolist() == [-1]  # nothing labelled: always ignored
 
 
 def test_resized_quadrants_and_row_major_order() -> None:

@@ -6,7 +6,7 @@ Every subcommand shares a parent parser (``--store``, ``--config``, ``--set``,
 settings, runs a Prefect flow and prints where the outputs are. Errors in the user's input
 (config, source) print ``fmbseg: error: <message>`` and exit with status 2.
 
-Adding a subcommand::
+Each subcommand lives in its own module of this package and registers itself::
 
     @command("train", "train the alignment module", Arg("--labels", required=True))
     def cmd_train(args: argparse.Namespace, common: Common) -> int:
@@ -16,7 +16,6 @@ Adding a subcommand::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import logging
 import os
 import sys
@@ -29,7 +28,7 @@ import yaml
 
 from fmbseg import __version__
 from fmbseg.config import Config, ConfigError, load_config, replace
-from fmbseg.data.sources import SourceError, check_source
+from fmbseg.data.sources import SourceError
 from fmbseg.storage.store import ArtifactStore
 
 DEFAULT_STORE = "./fmbseg-store"
@@ -68,13 +67,20 @@ class Arg:
 
 Handler = Callable[[argparse.Namespace, Common], int]
 _COMMANDS: dict[str, tuple[str, tuple[Arg, ...], Handler]] = {}
+_DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
-def command(name: str, help: str, *args: Arg) -> Callable[[Handler], Handler]:
-    """Register ``fn(args, common) -> exit status`` as subcommand ``name``."""
+def command(
+    name: str, help: str, *args: Arg, defaults: dict[str, Any] | None = None
+) -> Callable[[Handler], Handler]:
+    """Register ``fn(args, common) -> exit status`` as subcommand ``name``.
+
+    ``defaults`` replace common options' defaults for this command (e.g. its ``config``).
+    """
 
     def register(fn: Handler) -> Handler:
         _COMMANDS[name] = (help, args, fn)
+        _DEFAULTS[name] = dict(defaults or {})
         return fn
 
     return register
@@ -120,18 +126,21 @@ def _common(args: argparse.Namespace) -> Common:
     )  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(defaults: dict[str, Any]) -> argparse.ArgumentParser:
+    """The shared options, as a fresh parent parser per subcommand (so that one command's
+    ``defaults`` never leak into another's: argparse parents share their action objects)."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("common options")
     group.add_argument(
         "--store",
-        default=DEFAULT_STORE,
+        default=defaults.get("store", DEFAULT_STORE),
         help="artifact store: a folder or fsspec URI (default %(default)s)",
     )
     group.add_argument(
         "--config",
-        default="default",
-        help="built-in config name (default, tiny, ...) or a YAML file",
+        default=defaults.get("config", "default"),
+        help="built-in config name (default, quickstart, tiny) or a YAML file "
+        "(default %(default)s)",
     )
     group.add_argument(
         "--set",
@@ -154,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         "client_kwargs.endpoint_url=http://host:9000)",
     )
     group.add_argument("-v", "--verbose", action="store_true", help="show Prefect/Ray logs")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fmbseg",
         description="Annotation-free semantic segmentation: pseudo-labels from CLIP + SAM, "
@@ -162,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fmbseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, arguments, _) in _COMMANDS.items():
+        parent = _common_options(_DEFAULTS.get(name, {}))
         p = sub.add_parser(name, parents=[parent], help=help_, description=help_)
         for a in arguments:
             p.add_argument(*a.flags, **a.kwargs)
@@ -201,8 +215,11 @@ def _quiet_user_errors() -> Iterator[None]:
 
 
 @contextmanager
-def _progress_bars() -> Iterator[None]:
-    """tqdm bars (on stderr), one per stage, fed by the flows' progress reports."""
+def progress_bars(units: dict[str, str] | None = None) -> Iterator[None]:
+    """tqdm bars (on stderr), one per stage, fed by the flows' progress reports.
+
+    ``units``: a stage's unit when it does not count shards (``{"train": "epoch"}``).
+    """
     from tqdm import tqdm
 
     from fmbseg.flows.common import observe_progress
@@ -212,7 +229,8 @@ def _progress_bars() -> Iterator[None]:
     def on_progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="shard", file=sys.stderr,
+            unit = (units or {}).get(stage, "shard")
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr,
                                      dynamic_ncols=True, leave=True)  # fmt: skip
         bar.update(done - bar.n)
         if done >= total:
@@ -234,42 +252,6 @@ def _quiet_environment(verbose: bool) -> None:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
-# ---- subcommands ------------------------------------------------------------------------------
-
-
-@command(
-    "index",
-    "list an image source and index its images (content ids, sizes, errors)",
-    Arg("--images", required=True,
-        help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list or COCO .json"),
-    Arg("--image-root", default=None, help="for COCO JSON: folder that file_name is relative to"),
-)  # fmt: skip
-def cmd_index(args: argparse.Namespace, common: Common) -> int:
-    check_source(args.images, common.storage_options)
-    from fmbseg.flows.index import index_flow
-    from fmbseg.tasks.index import STAGE
-
-    started = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
-    with _progress_bars():
-        fp = index_flow(
-            images=args.images, store=common.store, config=common.config,
-            overrides=list(common.overrides), ray_address=common.ray_address,
-            storage_options=common.storage_options or None, image_root=args.image_root,
-        )  # fmt: skip
-    store = common.open_store()
-    m = store.require_manifest(STAGE, fp)
-    by_type = m.meta.get("errors_by_type", {})
-    cached = " (cache hit: already indexed)" if m.committed_at < started else ""
-    details = ", ".join(f"{n} {t}" for t, n in sorted(by_type.items()))
-    print(f"index: {m.rows} images, {m.error_rows} errors, {by_type.get('duplicate', 0)} "
-          f"duplicates{cached}")  # fmt: skip
-    if details:
-        print(f"  errors by type: {details}")
-    print(f"  fingerprint: {fp}")
-    print(f"  output:      {store.stage_url(STAGE, fp)}")
-    return 0
-
-
 # ---- entry point ------------------------------------------------------------------------------
 
 
@@ -284,18 +266,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _quiet_environment(args.verbose)
+    from fmbseg.flows.common import USER_ERRORS
+
     try:
         common = _common(args)
         _, _, handler = _COMMANDS[args.command]
         with _quiet_user_errors():
             return handler(args, common)
-    except (ConfigError, SourceError, UsageError) as exc:
+    except (ConfigError, SourceError, UsageError, *USER_ERRORS) as exc:
         print(f"fmbseg: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fmbseg: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from fmbseg.cli import main
+
+sys.exit(main())

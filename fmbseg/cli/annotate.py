@@ -1,0 +1,71 @@
+"""``fmbseg annotate``: pseudo-label an image source for a list of classes (stage 1)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fmbseg.cli.core import Arg, Common, UsageError, command, progress_bars
+from fmbseg.data.sources import check_source
+
+IMAGES = Arg(
+    "--images", required=True,
+    help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list of URIs or COCO .json",
+)  # fmt: skip
+IMAGE_ROOT = Arg("--image-root", default=None, help="for COCO JSON: folder of the file_names")
+CLASSES = Arg("--classes", default=None, help='class names, comma-separated: "cat,dog,grass"')
+VOCAB = Arg(
+    "--vocab", default=None,
+    help="built-in vocabulary (coco-stuff-171, coco-object-80, voc-20, context-59, ade-150, "
+    "cityscapes-19) or a .txt file with one name per line",
+)  # fmt: skip
+
+
+def vocabulary_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """--classes or --vocab, validated here so bad names fail before any work."""
+    from fmbseg.flows.annotate import resolve_vocabulary
+
+    try:
+        return resolve_vocabulary(args.classes, args.vocab)
+    except (ValueError, OSError) as exc:
+        message = str(exc).replace("classes (names) or vocab", "--classes or --vocab")
+        raise UsageError(message) from exc
+
+
+def print_annotation_summary(summary: dict[str, Any]) -> None:
+    classes = summary["classes_found"]
+    top = ", ".join(f"{name} {n}" for name, n in list(classes.items())[:8])
+    more = f" (+{len(classes) - 8} more)" if len(classes) > 8 else ""
+    print(f"annotate: {summary['images_indexed']} images indexed, "
+          f"{summary['images_with_masks']} with masks; {summary['masks_prompt']} prompt masks, "
+          f"{summary['masks_auto']} automatic masks")  # fmt: skip
+    print(f"  classes found: {len(classes)}{': ' + top + more if classes else ''}")
+    for stage, counts in summary["errors"].items():
+        details = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+        print(f"  {stage} errors: {details}")
+    print(f"  COCO JSON:   {summary['coco']}")
+    print(f"  label maps:  {summary['export']}/labels/")
+    if summary.get("gallery"):
+        print(f"  gallery:     {summary['gallery']}")
+
+
+@command(
+    "annotate",
+    "pseudo-label images for a list of classes with CLIP + SAM (COCO RLE, PNG, Parquet, gallery)",
+    IMAGES, CLASSES, VOCAB, IMAGE_ROOT,
+)  # fmt: skip
+def cmd_annotate(args: argparse.Namespace, common: Common) -> int:
+    vocabulary = vocabulary_from_args(args)
+    check_source(args.images, common.storage_options)
+    from fmbseg.flows.annotate import annotate_flow
+
+    with progress_bars():
+        out = annotate_flow(
+            images=args.images, store=common.store, classes=list(vocabulary),
+            config=common.config, overrides=list(common.overrides),
+            ray_address=common.ray_address, storage_options=common.storage_options or None,
+            image_root=args.image_root,
+        )  # fmt: skip
+    print_annotation_summary(out["summary"])
+    print(f"  merge fingerprint (for `fmbseg train --labels`): {out['fingerprints']['merge']}")
+    return 0

@@ -1,0 +1,82 @@
+"""``fmbseg evaluate``: mIoU of a model (or a training-free baseline) on a benchmark split."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fmbseg.cli.core import Arg, Common, UsageError, command, progress_bars
+from fmbseg.data.datasets import DatasetError, dataset_names
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--limit must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--limit must be >= 1, got {value}")
+    return value
+
+
+def labels_summary(report: dict[str, Any]) -> str:
+    """Prompt-only / auto-only / merged pseudo-labels in one table, then the merged per class."""
+    from fmbseg.tasks.evaluate import format_report
+
+    def pct(v: float | None) -> str:
+        return "   -  " if v is None else f"{100 * v:6.2f}"
+
+    lines = [f"pseudo-labels {report['labels']} on {report['dataset']}: {report['num_images']} "
+             f"images ({report['images_without_records']} without records)",
+             f"{'labels':<10}{'mIoU':>8}{'aAcc':>8}{'coverage':>10}{'precision':>11}"]  # fmt: skip
+    for v in ("prompt", "auto", "merged"):
+        r = report[v]
+        lines.append(f"{v:<10}{pct(r['mIoU']):>8}{pct(r['aAcc']):>8}{pct(r['coverage']):>10}"
+                     f"{pct(r['precision']):>11}")  # fmt: skip
+    merged = {**report["merged"], "dataset": f"{report['dataset']} (merged)",
+              "num_images": report["num_images"]}  # fmt: skip
+    return "\n".join([*lines, "", format_report(merged)])
+
+
+@command(
+    "evaluate",
+    "evaluate a model or a baseline on a benchmark split (mIoU, per-class IoU)",
+    Arg("--dataset", required=True, help=f"benchmark: {', '.join(dataset_names())}"),
+    Arg("--data-root", required=True,
+        help="the dataset's folder in mmsegmentation's layout (or its parent), path or URI"),
+    Arg("--model", default="champion",
+        help="maskclip | sclip (baselines from the config's CLIP), or a registry reference: "
+             "champion, latest, vNNNN, name:version, a model folder URI; or labels:latest | "
+             "labels:<merge fingerprint> to score pseudo-labels (default %(default)s)"),
+    Arg("--name", default=None, dest="model_name",
+        help="registry model name for champion/latest/vNNNN (default: train.model_name)"),
+    Arg("--limit", type=_limit, default=None, help="evaluate only the first N images"),
+)  # fmt: skip
+def cmd_evaluate(args: argparse.Namespace, common: Common) -> int:
+    from fmbseg.flows.evaluate import evaluate_flow
+    from fmbseg.storage.models import ModelNotFoundError
+    from fmbseg.storage.store import NotCommittedError
+    from fmbseg.tasks.evaluate import format_report
+
+    try:
+        with progress_bars():
+            report = evaluate_flow(
+                dataset=args.dataset, data_root=args.data_root, model=args.model,
+                store=common.store, config=common.config, overrides=list(common.overrides),
+                ray_address=common.ray_address,
+                storage_options=common.storage_options or None, limit=args.limit,
+                model_name=args.model_name,
+            )  # fmt: skip
+    except (DatasetError, ModelNotFoundError, NotCommittedError) as exc:
+        raise UsageError(str(exc)) from exc
+    if "merged" in report:  # model=labels:...: pseudo-label quality, three label maps
+        print(labels_summary(report))
+    else:
+        print(format_report(report))
+    if report.get("images_failed"):
+        print(f"  {report['images_failed']} images could not be read (see the stage's errors)")
+    print(f"model:       {report['model']}")
+    print(f"fingerprint: {report['fingerprint']}")
+    for uri in report["report_uris"]:
+        print(f"report:      {uri}")
+    return 0

@@ -1,0 +1,42 @@
+"""``fmbseg index``: list an image source and index it."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+
+from fmbseg.cli.core import Arg, Common, command, progress_bars
+from fmbseg.data.sources import check_source
+
+
+@command(
+    "index",
+    "list an image source and index its images (content ids, sizes, errors)",
+    Arg("--images", required=True,
+        help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list or COCO .json"),
+    Arg("--image-root", default=None, help="for COCO JSON: folder that file_name is relative to"),
+)  # fmt: skip
+def cmd_index(args: argparse.Namespace, common: Common) -> int:
+    check_source(args.images, common.storage_options)
+    from fmbseg.flows.index import index_flow
+    from fmbseg.tasks.index import STAGE
+
+    started = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
+    with progress_bars():
+        fp = index_flow(
+            images=args.images, store=common.store, config=common.config,
+            overrides=list(common.overrides), ray_address=common.ray_address,
+            storage_options=common.storage_options or None, image_root=args.image_root,
+        )  # fmt: skip
+    store = common.open_store()
+    m = store.require_manifest(STAGE, fp)
+    by_type = m.meta.get("errors_by_type", {})
+    cached = " (cache hit: already indexed)" if m.committed_at < started else ""
+    details = ", ".join(f"{n} {t}" for t, n in sorted(by_type.items()))
+    print(f"index: {m.rows} images, {m.error_rows} errors, {by_type.get('duplicate', 0)} "
+          f"duplicates{cached}")  # fmt: skip
+    if details:
+        print(f"  errors by type: {details}")
+    print(f"  fingerprint: {fp}")
+    print(f"  output:      {store.stage_url(STAGE, fp)}")
+    return 0

@@ -1,0 +1,80 @@
+"""``fmbseg run``: the whole pipeline (annotate-and-train) on an embedded default.
+
+With no ``--images`` it runs on five real photos bundled with scikit-image, written into the
+store under ``samples/``, for a built-in class list. Its default config is ``quickstart``
+(small real pretrained models; they download on first use). Offline, it says so and how to
+run ``--config tiny`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fmbseg.cli.annotate import (
+    CLASSES,
+    IMAGE_ROOT,
+    VOCAB,
+    print_annotation_summary,
+    vocabulary_from_args,
+)
+from fmbseg.cli.core import Arg, Common, command, progress_bars
+from fmbseg.data.sources import check_source
+from fmbseg.models.weights import WeightsNotFoundError
+
+OFFLINE_HINT = (
+    "the {config!r} config needs pretrained weights that could not be loaded (offline?).\n"
+    "  {error}\n"
+    "Run the pipeline with tiny random-weight models instead (it runs end to end; the labels "
+    "mean nothing):\n  fmbseg run --config tiny\n"
+    "or point models.clip_weights / sam_weights / dino_weights at local or store copies "
+    "with --set (see README, 'Models and weights')."
+)
+
+
+@command(
+    "run",
+    "annotate-and-train on the bundled sample photos (or --images): labels, gallery, model",
+    Arg("--images", default=None,
+        help="image source (default: the five sample photos bundled with scikit-image)"),
+    CLASSES, VOCAB, IMAGE_ROOT,
+    Arg("--eval-dataset", default=None, help="evaluate on this dataset (voc21, folder, ...)"),
+    Arg("--eval-data-root", default=None, help="root of the evaluation dataset"),
+    defaults={"config": "quickstart"},
+)  # fmt: skip
+def cmd_run(args: argparse.Namespace, common: Common) -> int:
+    from fmbseg.data.samples import SAMPLE_CLASSES, write_sample_photos
+
+    if args.classes is None and args.vocab is None:
+        args.classes = ",".join(SAMPLE_CLASSES)
+    vocabulary = vocabulary_from_args(args)
+    store = common.open_store()
+    if args.images is None:
+        images = write_sample_photos(store.url("samples"), common.storage_options)
+        print(f"run: {len(SAMPLE_CLASSES)} classes on the bundled sample photos in {images}")
+    else:
+        images = args.images
+        check_source(images, common.storage_options)
+    from fmbseg.flows.annotate_and_train import annotate_and_train_flow
+
+    try:
+        with progress_bars(units={"train": "epoch"}):
+            out = annotate_and_train_flow(
+                images=images, store=common.store, classes=list(vocabulary),
+                config=common.config, overrides=list(common.overrides),
+                ray_address=common.ray_address, storage_options=common.storage_options or None,
+                image_root=args.image_root, eval_dataset=args.eval_dataset,
+                eval_data_root=args.eval_data_root,
+            )  # fmt: skip
+    except WeightsNotFoundError as exc:
+        print(f"fmbseg: {OFFLINE_HINT.format(config=common.config, error=exc)}")
+        return 2
+    print_annotation_summary(out["summary"])
+    model, evaluation = out["model"], out["evaluation"]
+    print(f"  model:       {model['model']}:{model['version']}  {model.get('card', '')}")
+    if evaluation.get("metrics"):
+        print(f"  evaluation:  mIoU {evaluation['metrics']['mIoU']:.4f}")
+    print(f"  champion:    {'promoted' if evaluation['promoted'] else 'not promoted'} "
+          f"({evaluation['reason']})")  # fmt: skip
+    print(f"segment new images with:\n  fmbseg segment IMAGE --classes \"{','.join(vocabulary)}\""
+          f" --model champion --store {common.store}")  # fmt: skip
+    return 0

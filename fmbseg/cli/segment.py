@@ -1,0 +1,124 @@
+"""``fmbseg segment``: label images with a trained model and any list of class names."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import posixpath
+from collections.abc import Sequence
+from typing import Any
+
+from fmbseg.cli.core import Arg, Common, UsageError, command
+
+MAX_CLASSES = 255  # a palette PNG label map holds at most this many class indices
+
+
+def parse_classes(classes: str | None, vocab: str | None) -> tuple[str, ...]:
+    """Class names from ``--classes "cat,dog"`` or ``--vocab NAME|FILE.txt`` (exactly one)."""
+    from fmbseg.data.vocab import load_vocabulary, validate_vocabulary
+
+    if (classes is None) == (vocab is None):
+        raise UsageError("give the class names with exactly one of --classes or --vocab")
+    try:
+        if classes is not None:
+            parts = classes.split(",")
+            if len(parts) > 1 and not parts[-1].strip():
+                parts = parts[:-1]  # "cat," = one class
+            names = validate_vocabulary(parts, "--classes")
+        else:
+            names = load_vocabulary(str(vocab))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if len(names) > MAX_CLASSES:
+        raise UsageError(
+            f"{len(names)} classes: label maps are palette PNGs and hold at most {MAX_CLASSES}"
+        )
+    return names
+
+
+def check_images(images: Sequence[str], storage_options: dict[str, Any]) -> None:
+    """Raise UsageError naming every image path or URI that is not an existing file."""
+    import fsspec
+
+    bad = []
+    for image in images:
+        if "://" in image and not image.startswith("file://"):
+            try:
+                fs, path = fsspec.core.url_to_fs(image, **storage_options)
+                ok = fs.isfile(path)
+            except Exception as exc:
+                raise UsageError(f"image {image!r} cannot be reached: {exc}") from None
+        else:
+            ok = os.path.isfile(image.removeprefix("file://"))
+        if not ok:
+            bad.append(image)
+    if bad:
+        raise UsageError(f"image not found (or not a file): {', '.join(map(repr, bad))}")
+
+
+def output_stems(images: Sequence[str], out: str) -> list[str]:
+    """``{out}/{image file stem}`` per image; repeated stems get ``-2``, ``-3``, ... suffixes."""
+    join = posixpath.join if "://" in out else os.path.join
+    seen: dict[str, int] = {}
+    stems = []
+    for image in images:
+        stem = os.path.splitext(posixpath.basename(image.rstrip("/")))[0] or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(join(out, stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"))
+    return stems
+
+
+@command(
+    "segment",
+    "segment images with a trained model and any list of class names",
+    Arg("images", nargs="+", metavar="IMAGE", help="image files: local paths or fsspec URIs"),
+    Arg("--classes", default=None, help='comma-separated class names, e.g. "cat,dog,grass"'),
+    Arg("--vocab", default=None,
+        help="a built-in vocabulary (voc-21, coco-stuff-171, ade-150, ...) or a .txt file "
+             "with one class name per line"),
+    Arg("--model", default="champion", metavar="champion|latest|vNNNN|NAME:VERSION|URI",
+        help="which model version to use (default: champion, the promoted version)"),
+    Arg("--name", default=None,
+        help="model name in the store's registry (default: the config's train.model_name)"),
+    Arg("--out", default="./fmbseg-segment",
+        help="output folder or fsspec URI (default %(default)s)"),
+)  # fmt: skip
+def cmd_segment(args: argparse.Namespace, common: Common) -> int:
+    from fmbseg.data.images import decode_image
+    from fmbseg.data.sources import read_bytes
+    from fmbseg.storage.models import ModelNotFoundError
+    from fmbseg.tasks.segment import IncompatibleModelError, OpenVocabSegmenter, write_outputs
+
+    classes = list(parse_classes(args.classes, args.vocab))
+    check_images(args.images, common.storage_options)
+    name = args.name or common.cfg.train.model_name
+    try:
+        segmenter = OpenVocabSegmenter.load(
+            common.open_store(), args.model, name, common.cfg.runtime.device
+        )
+    except ModelNotFoundError as exc:
+        hint = ""
+        if args.model.endswith("champion"):
+            hint = (
+                "; use --model latest (or NAME:vNNNN) for an unpromoted version, or run "
+                "`fmbseg train` first if there is none"
+            )
+        raise UsageError(f"{exc}{hint}") from None
+    except (IncompatibleModelError, ValueError) as exc:
+        raise UsageError(f"--model {args.model!r}: {exc}") from None
+    ref = segmenter.ref
+    assert ref is not None  # load() always resolves one
+    print(f"segment: {len(args.images)} image(s), model {ref.name}:{ref.version} ({ref.uri}), "
+          f"{len(classes)} classes")  # fmt: skip
+    for image_uri, stem in zip(args.images, output_stems(args.images, args.out), strict=True):
+        try:
+            image = decode_image(read_bytes(image_uri, common.storage_options), image_uri)
+        except (FileNotFoundError, ValueError) as exc:  # ImageDecodeError is a ValueError
+            raise UsageError(f"image {image_uri!r} cannot be read: {exc}") from None
+        label_map = segmenter.segment(image, classes)
+        labels_png, overlay_png = write_outputs(
+            image, label_map, classes, stem, storage_options=common.storage_options
+        )
+        print(f"  {image_uri} -> {labels_png} (label map), {overlay_png} (overlay)")
+    print("  label values: " + ", ".join(f"{i}={c}" for i, c in enumerate(classes)))
+    return 0

@@ -1,0 +1,44 @@
+"""``fmbseg train``: train the open-vocabulary segmenter on committed pseudo-labels."""
+
+from __future__ import annotations
+
+import argparse
+
+from fmbseg.cli.core import DEFAULT_STORE, Arg, Common, UsageError, command, progress_bars
+
+
+@command(
+    "train",
+    "train the open-vocabulary segmenter (stage 2) on committed pseudo-labels",
+    Arg("--labels", default="latest", metavar="FINGERPRINT|latest",
+        help="merge-stage fingerprint of the pseudo-labels to train on, or 'latest' "
+             "(the most recently committed; default)"),
+)  # fmt: skip
+def cmd_train(args: argparse.Namespace, common: Common) -> int:
+    from fmbseg.flows.train import train_flow
+    from fmbseg.storage.store import NotCommittedError
+
+    try:
+        with progress_bars(units={"train": "epoch"}):
+            result = train_flow(
+                store=common.store, labels=args.labels, config=common.config,
+                overrides=list(common.overrides), ray_address=common.ray_address,
+                storage_options=common.storage_options or None,
+            )  # fmt: skip
+    except NotCommittedError as exc:
+        raise UsageError(str(exc)) from None
+    ref = f"{result['model']}:{result['version']}"
+    cached = " (cache hit: already trained on these labels, nothing retrained)"
+    losses = result["epoch_losses"]
+    print(f"train: model {ref}{cached if result['cached'] else ''}")
+    print(f"  labels:     {result['labels']} (merge), index {result['index']}, "
+          f"{result['images']} images, {len(result['vocabulary'])} classes")  # fmt: skip
+    print(f"  epochs:     {len(losses)}, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"  weights:    {result['weights']}")
+    print(f"  card:       {result['card']}")
+    print(f"  loss curve: {result['loss_curve']}")
+    store = "" if common.store == DEFAULT_STORE else f" --store {common.store}"
+    print(f'  use it:     fmbseg segment IMAGE... --classes "cat,dog,grass" --model {ref}{store}')
+    print("              (--model latest = the newest version; --model champion once one "
+          "is promoted)")  # fmt: skip
+    return 0

@@ -1,0 +1,228 @@
+"""Flow ``evaluate``: mIoU of a model on a benchmark split (METHOD "Evaluation").
+
+plan (open the split, resolve the model, fingerprint) -> stage ``evaluate`` (shards of the
+split on Ray, one confusion matrix per shard) -> exact merge -> report JSON in the store,
+artifacts, lineage. The stage is cached by its fingerprint, so evaluating the same model
+on the same split again reads the committed shard matrices instead of running the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from fmbseg.config import Config
+from fmbseg.flows.common import (
+    StageProgress,
+    configure,
+    current_flow_run_id,
+    manifest_artifact,
+    markdown_artifact,
+    open_store,
+    record_lineage,
+    retry_unless_user_error,
+    stage_task,
+    table_artifact,
+)
+from fmbseg.storage.store import ArtifactStore
+from fmbseg.tasks.evaluate_stage import (
+    STAGE,
+    EvalPlan,
+    build_report,
+    plan_evaluation,
+    run_evaluate,
+    write_report,
+)
+from fmbseg.tasks.label_quality_stage import STAGE as LQ_STAGE
+from fmbseg.tasks.label_quality_stage import (
+    LabelsPlan,
+    build_label_report,
+    plan_label_quality,
+    run_label_quality,
+    write_label_report,
+)
+
+LABELS_PREFIX = "labels:"
+
+
+@task(
+    name="plan-evaluation",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_user_error,
+)
+def plan_evaluation_task(
+    store: ArtifactStore,
+    dataset: str,
+    data_root: str,
+    model: str,
+    cfg: Config,
+    limit: int | None,
+    model_name: str | None,
+    storage_options: dict[str, Any] | None,
+) -> EvalPlan:
+    """List the split's files, resolve the model reference, compute the fingerprint."""
+    return plan_evaluation(store, dataset, data_root, model, cfg, limit=limit,
+                           model_name=model_name, storage_options=storage_options)  # fmt: skip
+
+
+@stage_task(STAGE)
+def evaluate_task(store: ArtifactStore, fp: str, plan: EvalPlan, cfg: Config) -> str:
+    """The protocol over every shard of the split; one confusion matrix per shard."""
+    return run_evaluate(store, plan, cfg, progress=StageProgress(STAGE, fp))
+
+
+@task(
+    name="plan-label-quality",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_user_error,
+)
+def plan_label_quality_task(
+    store: ArtifactStore,
+    dataset: str,
+    data_root: str,
+    labels: str,
+    cfg: Config,
+    limit: int | None,
+    storage_options: dict[str, Any] | None,
+) -> LabelsPlan:
+    """List the split, resolve the merge output, locate its records, fingerprint."""
+    return plan_label_quality(store, dataset, data_root, labels, cfg, limit=limit,
+                              storage_options=storage_options)  # fmt: skip
+
+
+@stage_task(LQ_STAGE)
+def label_quality_task(store: ArtifactStore, fp: str, plan: LabelsPlan, cfg: Config) -> str:
+    """Prompt-only, auto-only and merged pseudo-label maps vs. the truth, per shard."""
+    return run_label_quality(store, plan, cfg, progress=StageProgress(LQ_STAGE, fp))
+
+
+def per_class_markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown table of per-class IoU / accuracy (percentages)."""
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    lines = [
+        f"# {report['model']} on {report['dataset']}",
+        "",
+        f"mIoU **{pct(report['mIoU'])}**, mAcc {pct(report['mAcc'])}, pixel accuracy "
+        f"{pct(report['aAcc'])} over {report['num_images']} images "
+        f"(fingerprint `{report['fingerprint']}`).",
+        "",
+        "| class | IoU | Acc | pixels |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {r['class']} | {pct(r['IoU'])} | {pct(r['Acc'])} | {r['pixels']} |"
+              for r in report["per_class"]]  # fmt: skip
+    return "\n".join(lines)
+
+
+@flow(name="evaluate")
+def evaluate_flow(
+    dataset: str,
+    data_root: str,
+    model: str = "champion",
+    store: str = "./fmbseg-store",
+    config: str = "default",
+    overrides: list[str] | None = None,
+    ray_address: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    limit: int | None = None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on the ``dataset`` split stored under ``data_root``.
+
+    Args:
+        dataset: ``voc21``, ``voc20``, ``context59``, ``context60``, ``coco-stuff-171``,
+            ``coco-object``, ``cityscapes`` or ``ade20k`` (mmseg layout, see
+            :mod:`fmbseg.data.datasets`).
+        model: ``maskclip`` / ``sclip`` (training-free baselines built from
+            ``cfg.models``), or a registry reference: ``champion``, ``latest``, ``vNNNN``,
+            ``name:version`` or a model version folder URI. ``labels:<merge fp>`` or
+            ``labels:latest`` scores stage-1 pseudo-labels instead (:func:`label_quality_flow`).
+        model_name: registry model name for references without one (default
+            ``cfg.train.model_name``).
+        limit: evaluate only the first ``limit`` images of the split.
+
+    Returns the report (see :func:`fmbseg.tasks.evaluate_stage.build_report`) plus
+    ``report_uris``: where its JSON was written (for a registry model next to its card,
+    ``models/{name}/{version}/eval/{dataset}.json``; always ``evaluations/{fp}/report.json``).
+    """
+    if model.startswith(LABELS_PREFIX):
+        return label_quality_flow(dataset, data_root, model[len(LABELS_PREFIX) :], store, config,
+                                  overrides, ray_address, storage_options, limit)  # fmt: skip
+    cfg = configure(config, overrides, ray_address)
+    st = open_store(store, storage_options)
+    plan = plan_evaluation_task(st, dataset, data_root, model, cfg, limit, model_name,
+                                storage_options)  # fmt: skip
+    fp = evaluate_task(st, plan.fingerprint, plan, cfg)
+    report = build_report(st, plan, cfg)
+    uris = write_report(st, plan, report)
+    manifest_artifact(st, STAGE, fp)
+    table_artifact(
+        "evaluate-results",
+        [{"dataset": report["dataset"], "model": report["model"], "mIoU": report["mIoU"],
+          "pixel_acc": report["aAcc"], "images": report["num_images"], "report": uris[0]}],
+        description="evaluation: mIoU and pixel accuracy (fractions)",
+    )  # fmt: skip
+    what = f"per-class IoU of {report['model']} on {report['dataset']}"
+    markdown_artifact("evaluate-per-class", per_class_markdown(report), description=what)
+    record_lineage(st, current_flow_run_id(), {
+        "flow": "evaluate", "dataset": plan.dataset.name, "data_root": data_root,
+        "model": plan.model.identity(), "limit": limit, "config": cfg.to_dict(),
+        "stages": {STAGE: fp}, "report": uris[0],
+    })  # fmt: skip
+    return {**report, "report_uris": uris}
+
+
+@flow(name="label-quality")
+def label_quality_flow(
+    dataset: str,
+    data_root: str,
+    labels: str = "latest",
+    store: str = "./fmbseg-store",
+    config: str = "default",
+    overrides: list[str] | None = None,
+    ray_address: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Score the stage-1 pseudo-labels ``labels`` (a ``merge`` fingerprint or ``latest``) of
+    ``dataset``'s images against its ground truth: prompt-only (1.1), auto-only (1.2), merged.
+
+    The annotate flow must have labelled the split's image files (matched by content, from
+    any location). Returns the report (:func:`~fmbseg.tasks.label_quality_stage.
+    build_label_report`) plus ``report_uris`` (``evaluations/{fp}/report.json``).
+    """
+    cfg = configure(config, overrides, ray_address)
+    st = open_store(store, storage_options)
+    plan = plan_label_quality_task(st, dataset, data_root, labels, cfg, limit, storage_options)
+    fp = label_quality_task(st, plan.fingerprint, plan, cfg)
+    report = build_label_report(st, plan)
+    uris = write_label_report(st, plan, report)
+    manifest_artifact(st, LQ_STAGE, fp)
+    rows = [{"dataset": report["dataset"], "labels": v, "mIoU": report[v]["mIoU"],
+             "pixel_acc": report[v]["aAcc"], "coverage": report[v]["coverage"],
+             "precision": report[v]["precision"], "images": report["num_images"]}
+            for v in ("prompt", "auto", "merged")]  # fmt: skip
+    table_artifact("label-quality-results", rows,
+                   description="pseudo-labels vs. ground truth (fractions)")  # fmt: skip
+    merged = {**report["merged"], "model": f"{report['model']} (merged)",
+              "dataset": report["dataset"], "num_images": report["num_images"],
+              "fingerprint": fp}  # fmt: skip
+    markdown_artifact("label-quality-per-class", per_class_markdown(merged),
+                      description="per-class IoU of the merged pseudo-labels")  # fmt: skip
+    record_lineage(st, current_flow_run_id(), {
+        "flow": "label-quality", "dataset": plan.dataset.name, "data_root": data_root,
+        "labels": plan.merge_fp, "limit": limit, "config": cfg.to_dict(),
+        "stages": {LQ_STAGE: fp, "merge": plan.merge_fp}, "report": uris[0],
+    })  # fmt: skip
+    return {**report, "report_uris": uris}

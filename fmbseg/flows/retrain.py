@@ -1,0 +1,242 @@
+"""Flow ``retrain``: scheduled incremental retraining on the images that arrived since last time.
+
+find new images (source listing minus the ledger's batches, :mod:`fmbseg.tasks.ledger`) ->
+annotate only those (one more batch; stages cached by fingerprint) -> record the batch ->
+train on the union of every batch's labels (from scratch, or fine-tuned from the champion)
+-> evaluate the new version and the champion on the held-out set -> promote by the rule of
+:mod:`fmbseg.tasks.promotion`. Nothing new (and a model already trained on every batch):
+the run records "nothing new" and trains nothing.
+
+Earlier batches are relabelled only when their labels for the current vocabulary and config
+are not committed (a changed class list or SAM threshold); otherwise their merge outputs
+are reused as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from fmbseg.config import Config, ConfigError
+from fmbseg.flows.annotate import annotate_plan, label_index, resolve_vocabulary
+from fmbseg.flows.annotate_and_train import evaluate_and_promote
+from fmbseg.flows.common import (
+    configure,
+    current_flow_run_id,
+    open_store,
+    record_lineage,
+    retry_unless_user_error,
+    stage_task,
+    table_artifact,
+)
+from fmbseg.flows.train import TrainProgress, model_summary
+from fmbseg.storage.models import ModelRegistry
+from fmbseg.storage.store import ArtifactStore
+from fmbseg.tasks import ledger as ledger_
+from fmbseg.tasks.ledger import NewImages, new_images_plan
+from fmbseg.tasks.promotion import decide_and_record
+from fmbseg.tasks.stage1 import stage1_fingerprints
+from fmbseg.tasks.train import STAGE as TRAIN_STAGE
+from fmbseg.tasks.train import run_train, train_fingerprint
+
+MODES = ("scratch", "finetune")
+
+
+@task(
+    name="find-new-images",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_user_error,
+)
+def find_new_images_task(
+    store: ArtifactStore,
+    images: str,
+    cfg: Config,
+    batches: list[dict[str, Any]],
+    storage_options: dict[str, Any] | None,
+    image_root: str | None,
+) -> NewImages:
+    """List the source; plan an index of the images no recorded batch covers."""
+    return new_images_plan(store, images, cfg, batches, storage_options, image_root)
+
+
+@stage_task(TRAIN_STAGE)
+def train_sets_task(
+    store: ArtifactStore,
+    fp: str,
+    cfg: Config,
+    sets: list[tuple[str, str]],
+    vocabulary: tuple[str, ...],
+    init_from: str | None,
+) -> str:
+    """Train (or resume) on the union of ``sets``; commit ``stages/train/{fp}``."""
+    run_train(store, cfg, sets, None, list(vocabulary), progress=TrainProgress(fp),
+              init_from=init_from)  # fmt: skip
+    if not store.is_committed(TRAIN_STAGE, fp):
+        raise RuntimeError(f"train finished but stage {TRAIN_STAGE}/{fp} is not committed")
+    return fp
+
+
+def batch_labels(
+    st: ArtifactStore,
+    cfg: Config,
+    batches: list[dict[str, Any]],
+    vocabulary: tuple[str, ...],
+    storage_options: dict[str, Any] | None,
+) -> list[tuple[str, str]]:
+    """(merge fp, index fp) of every batch for this vocabulary and config, oldest first;
+    a batch whose labels for them are not committed is labelled again (cached stages)."""
+    sets = []
+    for batch in batches:
+        merge = stage1_fingerprints(cfg, batch["index"], vocabulary)["merge"]
+        if not st.is_committed("merge", merge):
+            merge = label_index(st, cfg, batch["index"], vocabulary, storage_options)["merge"]
+        sets.append((merge, batch["index"]))
+    return sets
+
+
+def up_to_date(registry: ModelRegistry, name: str, ledger: dict[str, Any]) -> str | None:
+    """The version already trained on every batch with its promotion decided, else None."""
+    if not ledger["models"] or ledger["models"][-1]["version"] not in registry.versions(name):
+        return None
+    last = ledger["models"][-1]
+    numbers = [b["batch"] for b in ledger["batches"]]
+    card = registry.card(name, last["version"])
+    return last["version"] if last["batches"] == numbers and "promotion" in card else None
+
+
+@flow(name="retrain")
+def retrain_flow(
+    images: str,
+    store: str = "./fmbseg-store",
+    classes: str | list[str] | None = None,
+    vocab: str | None = None,
+    config: str = "default",
+    overrides: list[str] | None = None,
+    ray_address: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    image_root: str | None = None,
+    mode: str = "scratch",
+    eval_dataset: str | None = None,
+    eval_data_root: str | None = None,
+    eval_limit: int | None = None,
+) -> dict[str, Any]:
+    """Annotate the images of ``images`` not seen by earlier runs, retrain, maybe promote.
+
+    Args:
+        mode: ``scratch`` (train anew on every batch) or ``finetune`` (start from the
+            champion's weights; the first model is trained from scratch).
+        eval_dataset, eval_data_root: the held-out set (e.g. ``folder`` and its root, see
+            :mod:`fmbseg.data.folder_dataset`); without it only a first model is promoted.
+
+    Returns ``{"listed", "new_images", "annotated", "batch", "batches", "fingerprints",
+    "trained", "model", "evaluation", "promoted", "reason"}``; ``model`` is None when
+    nothing was trained (``reason`` says why).
+    """
+    vocabulary = resolve_vocabulary(classes, vocab)  # bad input fails before any work
+    if mode not in MODES:
+        raise ConfigError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    if (eval_dataset is None) != (eval_data_root is None):
+        raise ValueError("give both eval_dataset and eval_data_root, or neither")
+    cfg = configure(config, overrides, ray_address)
+    common: dict[str, Any] = {"config": config, "overrides": overrides,
+                              "ray_address": ray_address, "storage_options": storage_options}  # fmt: skip
+    st = open_store(store, storage_options)
+    registry, name = ModelRegistry(st), cfg.train.model_name
+    ledger = ledger_.read_ledger(st, name)
+    found = find_new_images_task(st, images, cfg, ledger["batches"], storage_options, image_root)
+    fps: dict[str, str] = {}
+    out: dict[str, Any] = {"listed": found.listed, "new_images": found.new, "annotated": 0,
+                           "batch": None, "fingerprints": fps, "trained": False, "model": None,
+                           "evaluation": None, "promoted": None}  # fmt: skip
+    if found.plan is not None:
+        fps.update(annotate_plan(st, cfg, found.plan, vocabulary, storage_options))
+        indexed = st.require_manifest("index", fps["index"]).rows
+        ledger = ledger_.append_batch(st, name, {
+            "index": fps["index"], "merge": fps["merge"], "source": images,
+            "listed": found.new, "images": indexed, "vocabulary": list(vocabulary),
+            "flow_run": current_flow_run_id(),
+        })  # fmt: skip
+        out["annotated"] = indexed
+        out["batch"] = next(b["batch"] for b in ledger["batches"] if b["index"] == fps["index"])
+    out["batches"] = len(ledger["batches"])
+    current = up_to_date(registry, name, ledger) if found.plan is None else None
+    if not ledger["batches"]:
+        out["reason"] = f"no images under {images}: nothing to annotate or train"
+    elif current is not None:
+        out["reason"] = f"nothing new: {name}:{current} is trained on all {out['batches']} batches"
+    else:
+        out.update(_train_and_decide(st, cfg, name, ledger, vocabulary, mode, common,
+                                     store, eval_dataset, eval_data_root, eval_limit))  # fmt: skip
+    ledger_.append_run(st, name, {
+        "new_images": found.new, "annotated": out["annotated"], "batch": out["batch"],
+        "version": out["model"] and out["model"]["version"], "promoted": out["promoted"],
+        "reason": out["reason"], "flow_run": current_flow_run_id(),
+    })  # fmt: skip
+    version = f"{name}:{out['model']['version']}" if out["model"] else "none (not retrained)"
+    table_artifact("retrain-summary", [
+        {"what": "images listed", "value": str(found.listed)},
+        {"what": "new images found", "value": str(found.new)},
+        {"what": "annotated (indexed)", "value": str(out["annotated"])},
+        {"what": "model version", "value": version},
+        {"what": "promoted", "value": str(out["promoted"])},
+        {"what": "reason", "value": out["reason"]},
+    ], description="retrain: new images, the model trained on all batches, the decision")  # fmt: skip
+    record_lineage(st, current_flow_run_id(), {
+        "flow": "retrain", "images": images, "vocabulary": list(vocabulary), "mode": mode,
+        "config": cfg.to_dict(), "stages": fps, "batches": ledger["batches"],
+        "model": out["model"] and {"name": name, "version": out["model"]["version"]},
+        "evaluation": out["evaluation"], "reason": out["reason"],
+    })  # fmt: skip
+    return out
+
+
+def _train_and_decide(
+    st: ArtifactStore,
+    cfg: Config,
+    name: str,
+    ledger: dict[str, Any],
+    vocabulary: tuple[str, ...],
+    mode: str,
+    common: dict[str, Any],
+    store: str,
+    eval_dataset: str | None,
+    eval_data_root: str | None,
+    eval_limit: int | None,
+) -> dict[str, Any]:
+    """Train on every batch, record what it was trained on, evaluate, decide promotion."""
+    registry = ModelRegistry(st)
+    sets = batch_labels(st, cfg, ledger["batches"], vocabulary, common["storage_options"])
+    champion = registry.champion(name)
+    init = f"{name}:{champion}" if mode == "finetune" and champion else None
+    fp = train_fingerprint(cfg, cfg.models.dino, cfg.models.clip, sets, None, list(vocabulary),
+                           init)  # fmt: skip
+    train_sets_task(st, fp, cfg, sets, vocabulary, init)
+    summary = model_summary(st, fp)
+    version = summary["version"]
+    numbers = [b["batch"] for b in ledger["batches"]]
+    registry.update_card(name, version, {"retrain": {
+        "mode": mode, "init_from": init, "batches": [
+            {**{k: b[k] for k in ("batch", "index", "images", "source")}, "merge": s[0]}
+            for b, s in zip(ledger["batches"], sets, strict=True)],
+        "images": sum(b["images"] for b in ledger["batches"]),
+        "new_batch": numbers[-1], "new_images": ledger["batches"][-1]["images"],
+    }})  # fmt: skip
+    model = {"model": name, "version": version}
+    if eval_dataset is not None and eval_data_root is not None:
+        evaluation = evaluate_and_promote(store, model, eval_dataset, eval_data_root, common,
+                                          eval_limit)  # fmt: skip
+    else:
+        verdict = decide_and_record(registry, name, version, None, None, {"retrain": True})
+        evaluation = {"metrics": None, "champion_metrics": None, "promoted": verdict.promote,
+                      "reason": verdict.reason}  # fmt: skip
+    ledger_.append_model(st, name, {
+        "version": version, "batches": numbers, "mode": mode, "init_from": init,
+        "promoted": evaluation["promoted"], "reason": evaluation["reason"],
+    })  # fmt: skip
+    return {"trained": True, "model": summary, "evaluation": evaluation,
+            "promoted": evaluation["promoted"], "reason": evaluation["reason"]}  # fmt: skip

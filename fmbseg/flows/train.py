@@ -1,0 +1,208 @@
+"""Flow ``train``: stage 2 on committed pseudo-labels -> a model version in the registry.
+
+The labels are a committed ``merge`` output (its fingerprint, or ``"latest"``: the most
+recently committed one). Its manifest records the lineage training needs: the index
+fingerprint (meta ``index``) and the vocabulary the labels were made with (meta
+``vocabulary``; ``category_id`` = position). The training stage is one Prefect task cached by
+the train fingerprint: a second run with the same labels and config is a cache hit that
+returns the model version already in the registry and trains nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from fmbseg.config import Config
+from fmbseg.flows.common import (
+    StageProgress,
+    configure,
+    current_flow_run_id,
+    markdown_artifact,
+    open_store,
+    record_lineage,
+    stage_task,
+    table_artifact,
+)
+from fmbseg.storage.models import CARD, WEIGHTS, ModelRegistry
+from fmbseg.storage.store import ArtifactStore, NotCommittedError
+from fmbseg.tasks.features import STAGE as FEATURES_STAGE
+from fmbseg.tasks.stage1 import VOCABULARY_KEY
+from fmbseg.tasks.train import LABELS_STAGE, STAGE, run_train, train_fingerprint
+from fmbseg.tasks.train_data import vocabulary_names
+
+LOSS_CURVE = "loss_curve.png"  # the file run_train saves beside the weights
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """What one training run reads: the labels, the index they cover, their class names."""
+
+    labels_fp: str
+    index_fp: str
+    vocabulary: tuple[str, ...]
+
+
+def resolve_labels(store: ArtifactStore, labels: str) -> TrainInputs:
+    """``labels`` (a merge fingerprint or ``"latest"``) -> its committed lineage.
+
+    Raises:
+        NotCommittedError: no committed merge output ``labels`` (or none at all for latest).
+        ValueError: the merge manifest does not record its index or vocabulary.
+    """
+    if labels == "latest":
+        fp = store.latest(LABELS_STAGE)
+        if fp is None:
+            raise NotCommittedError(
+                f"labels 'latest': no committed pseudo-labels (stage {LABELS_STAGE!r}) in "
+                f"{store.uri}; run `fmbseg annotate` first"
+            )
+    else:
+        fp = labels
+    manifest = store.manifest(LABELS_STAGE, fp)
+    if manifest is None:
+        known = store.committed_fingerprints(LABELS_STAGE)
+        raise NotCommittedError(
+            f"labels {fp!r}: no committed pseudo-labels (stage {LABELS_STAGE!r}) with this "
+            f"fingerprint in {store.uri}; committed: {known or 'none'} (or pass 'latest')"
+        )
+    missing = [k for k in ("index", VOCABULARY_KEY) if k not in manifest.meta]
+    if missing:
+        raise ValueError(
+            f"labels {fp!r}: the {LABELS_STAGE} manifest in {store.uri} does not record "
+            f"{missing} (not written by fmbseg's merge stage?)"
+        )
+    return TrainInputs(fp, manifest.meta["index"], tuple(manifest.meta[VOCABULARY_KEY]))
+
+
+def fingerprint_for(cfg: Config, inputs: TrainInputs) -> str:
+    """The train fingerprint :func:`run_train` commits for ``cfg`` and ``inputs``
+    (models built from ``cfg.models``)."""
+    names = vocabulary_names(list(inputs.vocabulary))
+    return train_fingerprint(
+        cfg, cfg.models.dino, cfg.models.clip, inputs.labels_fp, inputs.index_fp, names
+    )
+
+
+class TrainProgress:
+    """run_train's ``progress(report)`` -> one :class:`StageProgress` per reporting stage:
+    ``dino_features`` counts shards, ``train`` counts epochs."""
+
+    def __init__(self, fp: str) -> None:
+        self.fp = fp
+        self._stages: dict[str, StageProgress] = {}
+
+    def __call__(self, report: dict[str, Any]) -> None:
+        stage = report["stage"]
+        if stage == STAGE:
+            done, total, unit = report["epoch"], report["epochs"], "epochs"
+        else:
+            done, total, unit = report["shard"], report["shards"], "shards"
+        if stage not in self._stages:
+            fp = self.fp if stage == STAGE else ""
+            self._stages[stage] = StageProgress(stage, fp, unit=unit)
+        self._stages[stage](done, total)
+
+
+@task(name="resolve-labels", cache_policy=NO_CACHE, persist_result=False)
+def resolve_labels_task(store: ArtifactStore, labels: str) -> TrainInputs:
+    """Which merge output to train on, its index and vocabulary (reads one manifest)."""
+    return resolve_labels(store, labels)
+
+
+@stage_task(STAGE)
+def train_task(store: ArtifactStore, fp: str, cfg: Config, inputs: TrainInputs) -> str:
+    """Train (or resume) the alignment module; commit ``stages/train/{fp}`` -> model version."""
+    progress = TrainProgress(fp)
+    if not store.is_committed(STAGE, fp):
+        progress({"stage": STAGE, "epoch": 0, "epochs": cfg.train.epochs})
+    run_train(
+        store, cfg, inputs.labels_fp, inputs.index_fp, list(inputs.vocabulary), progress=progress
+    )
+    if not store.is_committed(STAGE, fp):  # the flow and run_train disagree on the fingerprint
+        raise RuntimeError(f"train finished but stage {STAGE}/{fp} is not committed")
+    return fp
+
+
+def model_summary(store: ArtifactStore, fp: str) -> dict[str, Any]:
+    """The model version committed as ``stages/train/{fp}``: name, version, URIs, losses."""
+    meta = store.require_manifest(STAGE, fp).meta
+    name, version = meta["model"], meta["version"]
+    card = ModelRegistry(store).card(name, version)
+    rel = ModelRegistry.rel(name, version)
+    return {
+        "model": name,
+        "version": version,
+        "uri": store.url(rel),
+        "card": store.url(f"{rel}/{CARD}"),
+        "weights": store.url(f"{rel}/{WEIGHTS}"),
+        "loss_curve": store.url(f"{rel}/{card.get('loss_curve', LOSS_CURVE)}"),
+        "train_fp": fp,
+        "labels": card["data"]["labels_fp"],
+        "index": card["data"]["index_fp"],
+        "features": card["data"].get("features_fp"),
+        "vocabulary": list(card["vocabulary"]),
+        "images": card["data"]["images"],
+        "epoch_losses": list(card["epoch_losses"]),
+        "final_loss": card["metrics"]["final_loss"],
+    }
+
+
+def loss_markdown(summary: dict[str, Any]) -> str:
+    """Per-epoch losses as a markdown table, with the loss curve's store URI."""
+    lines = [
+        f"### Stage-2 training loss: {summary['model']}:{summary['version']}",
+        "",
+        "| epoch | mean loss |",
+        "|---:|---:|",
+        *(f"| {i} | {loss:.4f} |" for i, loss in enumerate(summary["epoch_losses"], 1)),
+        "",
+        f"Loss curve (per step and per epoch): `{summary['loss_curve']}`",
+    ]
+    return "\n".join(lines)
+
+
+@flow(name="train")
+def train_flow(
+    store: str = "./fmbseg-store",
+    labels: str = "latest",
+    config: str = "default",
+    overrides: list[str] | None = None,
+    ray_address: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train the open-vocabulary segmenter on the pseudo-labels ``labels`` in ``store``.
+
+    ``labels``: a merge-stage fingerprint or ``"latest"``. Returns :func:`model_summary`
+    (``{"model", "version", "card", "weights", "loss_curve", ...}``) plus ``cached`` (True
+    when this config had already trained on these labels: nothing was retrained) and
+    ``flow_run`` (the Prefect flow run id, or None).
+    """
+    cfg = configure(config, overrides, ray_address)
+    st = open_store(store, storage_options)
+    inputs = resolve_labels_task(st, labels)
+    fp = fingerprint_for(cfg, inputs)
+    cached = st.is_committed(STAGE, fp)
+    train_task(st, fp, cfg, inputs)
+    summary = model_summary(st, fp)
+    ref = f"{summary['model']}:{summary['version']}"
+    markdown_artifact("train-loss", loss_markdown(summary), description=f"loss of {ref}")
+    table_artifact("train-model", [{
+        "model": summary["model"], "version": summary["version"], "labels": inputs.labels_fp,
+        "index": inputs.index_fp, "train_fp": fp, "images": summary["images"],
+        "final_loss": summary["final_loss"], "card": summary["card"],
+        "weights": summary["weights"], "loss_curve": summary["loss_curve"],
+    }], description=f"model version {ref}")  # fmt: skip
+    stages = {LABELS_STAGE: inputs.labels_fp, "index": inputs.index_fp, STAGE: fp}
+    if summary["features"]:
+        stages[FEATURES_STAGE] = summary["features"]
+    run_id = current_flow_run_id()
+    record_lineage(st, run_id, {
+        "flow": "train", "labels": labels, "config": cfg.to_dict(), "stages": stages,
+        "model": {"name": summary["model"], "version": summary["version"],
+                  "card": summary["card"]},
+    })  # fmt: skip
+    return {**summary, "cached": cached, "flow_run": run_id}

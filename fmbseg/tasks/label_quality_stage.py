@@ -1,0 +1,197 @@
+"""Stage ``label_quality``: stage-1 pseudo-labels of a benchmark's images vs. its ground truth.
+
+The annotate flow must have run on (a superset of) the split's image files, from any
+location: a pseudo-label record finds its benchmark sample through the image's content hash
+(the index's ``image_id``), not its path. Each shard of the split runs
+:func:`fmbseg.tasks.label_quality.pseudo_label_quality` on its samples and stores the three
+confusion matrices (prompt-only / stage 1.1, auto-only / stage 1.2, merged); the flow sums
+them exactly.
+
+Output shard records (one row per shard, :data:`RECORD_SCHEMA`): ``shard``, ``images``,
+``without_records`` [int32], ``unmatched`` [string, JSON list of record categories that are
+no dataset class], and ``prompt`` / ``auto`` / ``merged`` [string, JSON of
+``ConfusionMatrix.to_dict()``].
+
+Fingerprint = hash("label_quality", CODE_VERSION, dataset name, data root, evaluated sample
+ids, ``limit``, the ``merge`` fingerprint).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fmbseg.config import Config
+from fmbseg.data.datasets import DatasetError, SegDataset, open_dataset
+from fmbseg.storage.fingerprint import content_hash, fingerprint
+from fmbseg.storage.store import ArtifactStore, NotCommittedError
+from fmbseg.tasks.label_quality import VARIANTS, pseudo_label_quality, quality_report
+from fmbseg.tasks.metrics import ConfusionMatrix
+from fmbseg.tasks.runner import Progress, plan_shards, run_stage
+
+STAGE = "label_quality"
+CODE_VERSION = "1"
+MERGE_STAGE = "merge"
+RECORD_SCHEMA = pa.schema(
+    [pa.field("shard", pa.int32()), pa.field("images", pa.int32()),
+     pa.field("without_records", pa.int32()), pa.field("unmatched", pa.string())]
+    + [pa.field(v, pa.string()) for v in VARIANTS]
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LabelsPlan:
+    """The split (``limit`` applied), the merge output scored, shards and fingerprint.
+
+    ``locations`` maps each pseudo-labelled ``image_id`` to the merge shards holding its
+    records, so a worker reads only the shards its images need.
+    """
+
+    dataset: SegDataset
+    data_root: str
+    limit: int | None
+    merge_fp: str
+    locations: dict[str, tuple[int, ...]]
+    shards: tuple[tuple[int, int], ...]
+    fingerprint: str
+
+    @property
+    def num_images(self) -> int:
+        return len(self.dataset)
+
+
+def resolve_labels(store: ArtifactStore, ref: str) -> str:
+    """``"latest"`` or a merge fingerprint -> a committed merge fingerprint."""
+    if ref == "latest":
+        fp = store.latest(MERGE_STAGE)
+        if fp is None:
+            raise NotCommittedError(
+                f"no committed pseudo-labels (stage {MERGE_STAGE}) in {store.uri}; "
+                "run `fmbseg annotate` on the dataset's images first"
+            )
+        return fp
+    store.require_manifest(MERGE_STAGE, ref)
+    return ref
+
+
+def plan_label_quality(
+    store: ArtifactStore,
+    dataset: str,
+    data_root: str,
+    labels: str,
+    cfg: Config,
+    *,
+    limit: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> LabelsPlan:
+    """Open the split, resolve the merge output, locate its images' records, fingerprint."""
+    if limit is not None and limit < 1:
+        raise DatasetError(f"limit must be >= 1 image, got {limit}")
+    ds = open_dataset(dataset, data_root, storage_options)
+    if limit is not None and limit < len(ds):
+        ds = ds.subset(range(limit))
+    merge_fp = resolve_labels(store, labels)
+    where: dict[str, set[int]] = defaultdict(set)
+    for shard in range(store.require_manifest(MERGE_STAGE, merge_fp).num_shards):
+        table = store.read_shard(MERGE_STAGE, merge_fp, shard)
+        if table.num_columns:
+            for image_id in pc.unique(table["image_id"]).to_pylist():
+                where[image_id].add(shard)
+    ids = hashlib.sha256("\n".join(ds.sample_ids).encode()).hexdigest()[:16]
+    parts = {"dataset": ds.name, "data_root": data_root, "samples": ids, "limit": limit}
+    fp = fingerprint(STAGE, CODE_VERSION, parts, {"merge": merge_fp})
+    shards = tuple((r.start, r.stop) for r in plan_shards(len(ds), cfg.runtime.shard_size))
+    locations = {k: tuple(sorted(v)) for k, v in where.items()}
+    return LabelsPlan(ds, data_root, limit, merge_fp, locations, shards, fp)
+
+
+class LabelQualityWorker:
+    """Shard worker: hashes its images, reads their records, scores the three label maps.
+
+    A spec is ``{"start": i, "stop": j}`` into the plan's samples.
+    """
+
+    def __init__(self, store: ArtifactStore, plan: LabelsPlan) -> None:
+        self.store, self.plan = store, plan
+
+    def records(self, part: SegDataset) -> dict[str, pa.Table]:
+        """Sample id -> that image's merge records (images without records are absent)."""
+        by_hash: dict[str, list[str]] = defaultdict(list)
+        for sample in part.samples:
+            by_hash[content_hash(part._read(sample.image))].append(sample.sample_id)
+        shards = sorted({s for h in by_hash for s in self.plan.locations.get(h, ())})
+        wanted = pa.array(list(by_hash), pa.string())
+        tables = []
+        for shard in shards:
+            t = self.store.read_shard(MERGE_STAGE, self.plan.merge_fp, shard)
+            tables.append(t.filter(pc.is_in(t["image_id"], value_set=wanted)))
+        out: dict[str, pa.Table] = {}
+        if not tables:
+            return out
+        found = pa.concat_tables(tables)
+        for image_id in pc.unique(found["image_id"]).to_pylist():
+            rows = found.filter(pc.equal(found["image_id"], image_id))
+            for sid in by_hash[image_id]:
+                out[sid] = rows
+        return out
+
+    def process(self, shard: int, spec: dict[str, int]) -> tuple[pa.Table, None]:
+        part = self.plan.dataset.subset(range(spec["start"], spec["stop"]))
+        q = pseudo_label_quality(part, self.records(part))
+        row = {"shard": shard, "images": q["num_images"],
+               "without_records": q["images_without_records"],
+               "unmatched": json.dumps(q["unmatched_categories"]),
+               **{v: json.dumps(q[v]["confusion"]) for v in VARIANTS}}  # fmt: skip
+        return pa.Table.from_pylist([row], schema=RECORD_SCHEMA), None
+
+
+def run_label_quality(
+    store: ArtifactStore, plan: LabelsPlan, cfg: Config, *, progress: Progress | None = None
+) -> str:
+    """Run (or reuse) the stage for ``plan``; returns its fingerprint."""
+    specs = [{"start": a, "stop": b} for a, b in plan.shards]
+    meta = {"dataset": plan.dataset.name, "data_root": plan.data_root, "limit": plan.limit,
+            "merge": plan.merge_fp, "num_images": plan.num_images}  # fmt: skip
+    run_stage(store, STAGE, plan.fingerprint, specs,
+              functools.partial(LabelQualityWorker, store, plan), cfg.runtime,
+              progress=progress, meta=meta)  # fmt: skip
+    return plan.fingerprint
+
+
+def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]:
+    """Summed matrices -> ``{"dataset", "data_root", "limit", "model" ("labels:{fp}"),
+    "labels" (merge fp), "fingerprint", "num_images", "images_without_records",
+    "unmatched_categories", "prompt", "auto", "merged"}``; each variant as
+    :func:`~fmbseg.tasks.label_quality.quality_report` (mIoU, coverage, precision, ...)."""
+    ds = plan.dataset
+    cms = {v: ConfusionMatrix(len(ds.classes), ds.ignore_index) for v in VARIANTS}
+    images = without = 0
+    unmatched: set[str] = set()
+    for table in store.iter_shards(STAGE, plan.fingerprint):
+        for row in table.to_pylist():
+            images += row["images"]
+            without += row["without_records"]
+            unmatched.update(json.loads(row["unmatched"]))
+            for v in VARIANTS:
+                cms[v].merge(ConfusionMatrix.from_dict(json.loads(row[v])))
+    return {
+        "dataset": ds.name, "data_root": plan.data_root, "limit": plan.limit,
+        "model": f"labels:{plan.merge_fp}", "labels": plan.merge_fp,
+        "fingerprint": plan.fingerprint, "num_images": images,
+        "images_without_records": without, "unmatched_categories": sorted(unmatched),
+        **{v: quality_report(cms[v], ds.classes) for v in VARIANTS},
+    }  # fmt: skip
+
+
+def write_label_report(store: ArtifactStore, plan: LabelsPlan, report: dict[str, Any]) -> list[str]:
+    """``evaluations/{fp}/report.json``; returns ``[its URI]``."""
+    rel = f"evaluations/{plan.fingerprint}/report.json"
+    store.write_json(rel, report)
+    return [store.url(rel)]

@@ -1,0 +1,120 @@
+"""The ``annotate`` flow under Prefect: stages cached by fingerprint, summary, artifacts, lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from fmbseg.flows.annotate import annotate_flow, resolve_vocabulary
+from fmbseg.storage import ArtifactStore
+from tests.synthetic import BUILDS, VOCAB, synthetic_config, write_scenes
+
+N_IMAGES = 6
+
+
+def _config_file(tmp_path: Path, name: str = "synthetic.yaml", **sections) -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(synthetic_config(**sections).to_dict()))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_annotate_flow_runs_caches_and_reruns_only_what_changed(
+    prefect_harness, tmp_path: Path
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    write_scenes(tmp_path / "images", N_IMAGES)
+    store_dir = str(tmp_path / "store")
+    config = _config_file(tmp_path)
+    BUILDS.clear()
+    state = annotate_flow(
+        str(tmp_path / "images"), store_dir, classes=",".join(VOCAB), config=config,
+        return_state=True,
+    )  # fmt: skip
+    out = state.result()
+    fps, summary = out["fingerprints"], out["summary"]
+    assert set(fps) == {"index", "clip_dense", "sam_prompt", "sam_auto", "merge", "export"}
+    assert summary["images_indexed"] == N_IMAGES
+    assert summary["images_with_masks"] == N_IMAGES
+    assert summary["masks_prompt"] > 0 and summary["masks_auto"] > 0
+    assert set(summary["classes_found"]) <= set(VOCAB) and summary["errors"] == {}
+    assert BUILDS == {"clip": 1, "sam": 2}  # one CLIP, one SAM per SAM stage
+
+    store = ArtifactStore(store_dir)
+    coco_path = Path(summary["coco"].removeprefix("file://"))
+    coco = COCO(str(coco_path))
+    assert len(coco.imgs) == N_IMAGES
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(VOCAB)
+    n_masks = summary["masks_prompt"] + summary["masks_auto"]
+    assert len(coco.anns) == n_masks
+    ann = coco.anns[coco.getAnnIds()[0]]
+    assert int(mask_utils.area(ann["segmentation"])) == ann["area"] > 0
+    assert summary["gallery"] and Path(summary["gallery"].removeprefix("file://")).is_file()
+
+    lineage = store.read_run(str(state.state_details.flow_run_id))
+    assert lineage["flow"] == "annotate" and lineage["stages"] == fps
+    assert lineage["vocabulary"] == list(VOCAB)
+    api = PREFECT_API_URL.value()
+    table = httpx.get(f"{api}/artifacts/annotate-summary/latest").json()
+    assert table["flow_run_id"] == str(state.state_details.flow_run_id)
+    rows = {r["what"]: r["value"] for r in json.loads(table["data"])}
+    assert rows["images_indexed"] == str(N_IMAGES)
+    progress = httpx.get(f"{api}/artifacts/sam-auto-progress/latest").json()
+    assert progress["data"] == 100.0
+
+    # A changed SAM threshold: sam_auto, merge and export rerun; CLIP and prompting do not.
+    BUILDS.clear()
+    changed = _config_file(
+        tmp_path, "changed.yaml",
+        sam_auto={"pred_iou_thresh": 0.9, "stability_score_thresh": 0.92,
+                  "min_mask_region_area": 10, "max_area_fraction": 0.95},
+    )  # fmt: skip
+    again = annotate_flow(str(tmp_path / "images"), store_dir, classes=list(VOCAB), config=changed)
+    same = {s for s in fps if again["fingerprints"][s] == fps[s]}
+    assert same == {"index", "clip_dense", "sam_prompt"}
+    assert BUILDS == {"sam": 1}
+    merged = store.read_table("merge", again["fingerprints"]["merge"])
+    assert sorted(set(merged.column("image_id").to_pylist())) == sorted(
+        store.read_table("merge", fps["merge"]).column("image_id").unique().to_pylist()
+    )
+
+    # Everything committed: a third run builds no model at all.
+    BUILDS.clear()
+    third = annotate_flow(str(tmp_path / "images"), store_dir, classes=list(VOCAB), config=changed)
+    assert third["fingerprints"] == again["fingerprints"] and BUILDS == {}
+
+
+@pytest.mark.parametrize(
+    ("classes", "vocab", "message"),
+    [
+        ("cat, dog, Cat", None, "duplicate name 'Cat'"),
+        ("cat,,dog", None, "name #1 is blank"),
+        ("", None, "classes: empty"),
+        ([], None, "classes: no class names given"),
+        (None, None, "exactly one of"),
+        ("cat", "voc-20", "exactly one of"),
+        (None, "no-such-vocab", "no-such-vocab"),
+    ],
+)
+def test_bad_vocabulary_fails_before_any_work(classes, vocab, message, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve_vocabulary(classes, vocab)
+    with pytest.raises(ValueError, match=message):
+        annotate_flow.fn(str(tmp_path / "nothing"), str(tmp_path / "store"), classes, vocab)
+    assert not (tmp_path / "store").exists()
+
+
+def test_builtin_vocabulary_and_single_class() -> None:
+    assert resolve_vocabulary(None, "voc-20")[:3] == ("aeroplane", "bicycle", "bird")
+    assert resolve_vocabulary("cat", None) == ("cat",)
+    assert resolve_vocabulary(["cat", " dog "], None) == ("cat", "dog")
+    assert len(resolve_vocabulary(None, "coco-stuff-171")) == 171
+    assert np.all([isinstance(n, str) for n in resolve_vocabulary(None, "ade-150")])

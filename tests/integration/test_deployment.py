@@ -1,0 +1,150 @@
+"""prefect.yaml against a real Prefect server + process worker on loopback (issue 6, item 2).
+
+Server, ``prefect deploy``, ``prefect deployment run`` and the worker are subprocesses with
+their own PREFECT_HOME and SQLite DB (tests/integration/prefect_stack.py), as a user runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from fmbseg.storage import ArtifactStore
+from tests.integration.prefect_stack import (
+    PREFECT,
+    REPO,
+    PrefectStack,
+    flow_run_id,
+    free_port,
+    stop_process,
+)
+
+POOL = "fmbseg-process"
+N_IMAGES = 4
+# What `smoke` runs with here: the in-process executor (no Ray start-up on 2 CI cores).
+OVERRIDES = [
+    "runtime.executor=local",
+    "sam_auto.box_nms_thresh=1.0",
+    "sam_auto.max_area_fraction=1.0",
+    "merge.auto_fraction=1.0",
+    "train.min_labelled_fraction=0.0",
+]
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# prefect 3.8.8's `prefect deploy` asks for online workers with limit=null after saving the
+# deployment; FastAPI >= 0.151 answers 422 (fastapi < 0.151 accepts it).
+KNOWN_DEPLOY_422 = "workers/filter' - Response: {'exception_message': 'Invalid request received."
+
+
+def _two_tone_images(folder: Path, n: int) -> list[Path]:
+    """``n`` 64x64 PNGs, each two flat colour blocks split at a different column."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        image = np.empty((64, 64, 3), np.uint8)
+        left, right = rng.integers(0, 256, (2, 3), dtype=np.uint8)
+        image[:, : 24 + 6 * i], image[:, 24 + 6 * i :] = left, right
+        paths.append(folder / f"two-tone-{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    return paths
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[PrefectStack]:
+    s = PrefectStack(home=tmp_path / "prefect-home", port=free_port())
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+def _deploy(stack: PrefectStack, name: str) -> dict:
+    out = stack.cli("--no-prompt", "deploy", "-n", name)
+    created = f"Deployment 'annotate-and-train/{name}' successfully created"
+    assert created in out.stdout, out.stdout[-3000:]
+    assert out.returncode == 0 or KNOWN_DEPLOY_422 in out.stdout, out.stdout[-3000:]
+    return stack.api("GET", f"/deployments/name/annotate-and-train/{name}")
+
+
+def _run_worker(stack: PrefectStack, run_id: str, log_path: Path, timeout_s: float) -> dict:
+    """``prefect worker start --run-once`` until the flow run is terminal; its final state."""
+    with log_path.open("ab") as log:
+        worker = subprocess.Popen(
+            [*PREFECT, "worker", "start", "--pool", POOL, "--run-once"],
+            env=stack.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            run = stack.api("GET", f"/flow_runs/{run_id}")
+            if run["state_type"] in TERMINAL or time.monotonic() > deadline:
+                return run
+            if worker.poll() is not None and run["state_type"] == "SCHEDULED":
+                # --run-once found nothing yet (the run was not due): poll again
+                return _run_worker(stack, run_id, log_path, deadline - time.monotonic())
+            time.sleep(1)
+    finally:
+        stop_process(worker)
+
+
+@pytest.mark.slow
+def test_smoke_deployment_runs_to_completed_on_a_worker(stack: PrefectStack, tmp_path: Path):
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert {d["name"] for d in spec["deployments"]} >= {"default", "smoke"}
+
+    out = stack.cli("work-pool", "create", POOL, "--type", "process")
+    assert out.returncode == 0, out.stdout[-3000:]
+    default = _deploy(stack, "default")
+    smoke = _deploy(stack, "smoke")
+    for dep in (default, smoke):
+        assert dep["entrypoint"] == "fmbseg/flows/annotate_and_train.py:annotate_and_train_flow"
+        assert dep["work_pool_name"] == POOL
+        # no pull step in prefect.yaml -> `prefect deploy` records the directory it ran in
+        assert dep["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+        ]
+    assert default["parameters"]["config"] == "default"
+    assert smoke["parameters"]["config"] == "tiny"
+
+    images = _two_tone_images(tmp_path / "images", N_IMAGES)
+    store_dir = tmp_path / "store"
+    run = stack.cli(
+        "deployment", "run", "annotate-and-train/smoke",
+        "-p", f"images={images[0].parent}", "-p", f"store={store_dir}",
+        "-p", f"overrides={json.dumps(OVERRIDES)}",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]
+    run_id = flow_run_id(run.stdout)
+
+    worker_log = tmp_path / "worker.log"
+    final = _run_worker(stack, run_id, worker_log, timeout_s=240)
+    assert final["state_type"] == "COMPLETED", (
+        f"flow run ended {final['state_type']}: {final['state']['message']}\n"
+        f"{PrefectStack.tail(worker_log)}"
+    )
+
+    store = ArtifactStore(str(store_dir))
+    lineage = json.loads((store_dir / "runs" / f"{run_id}.json").read_text())
+    assert lineage["flow"] == "annotate-and-train"
+    fps = lineage["stages"]
+    index = store.require_manifest("index", fps["index"])
+    assert index.rows == N_IMAGES
+    merge = store.require_manifest("merge", fps["merge"])
+    assert merge.rows > 0
+    coco = json.loads((store_dir / "exports" / fps["export"] / "annotations.json").read_text())
+    assert len(coco["images"]) == N_IMAGES and len(coco["annotations"]) == merge.rows
+    name, version = lineage["model"]["name"], lineage["model"]["version"]
+    model_dir = store_dir / "models" / name / version
+    assert (model_dir / "weights.safetensors").stat().st_size > 0
+    card = json.loads((model_dir / "card.json").read_text())
+    assert json.dumps(card).count(fps["merge"]) >= 1  # the card names the labels it used

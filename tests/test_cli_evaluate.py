@@ -1,0 +1,98 @@
+"""``fmbseg evaluate``: a baseline end to end, the report it prints and writes, input errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmbseg.cli import main
+from fmbseg.storage import ArtifactStore
+from tests.evaluate import dataset_trees as trees
+
+
+@pytest.fixture
+def voc_root(tmp_path: Path) -> str:
+    torch.set_num_threads(1)
+    root = tmp_path / "data"
+    trees.write_voc(str(root))
+    return str(root)
+
+
+def _argv(root: str, store: Path, *extra: str) -> list[str]:
+    return ["evaluate", "--dataset", "voc21", "--data-root", root, "--store", str(store),
+            "--config", "tiny", "--set", "runtime.executor=local", *extra]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_maskclip_baseline_end_to_end(
+    prefect_harness, voc_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store_dir = tmp_path / "store"
+    argv = _argv(voc_root, store_dir, "--model", "maskclip", "--set", "runtime.shard_size=2")
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("voc21: 3 images, mIoU ")
+    assert "aeroplane" in out and "tvmonitor" in out  # the per-class table
+    assert "evaluate" in err and "shard" in err  # the progress bar: 2 shards
+    store = ArtifactStore(str(store_dir))
+    (fp,) = store.committed_fingerprints("evaluate")
+    assert f"fingerprint: {fp}" in out
+    uri = store.url(f"evaluations/{fp}/report.json")
+    assert f"report:      {uri}" in out
+    report = store.read_json(f"evaluations/{fp}/report.json")
+    assert f"mIoU {100 * report['mIoU']:6.2f}" in out
+    assert report["num_images"] == 3 and report["model"] == "maskclip"
+
+    assert main([*argv, "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("voc21: 1 images, mIoU ")
+    assert len(store.committed_fingerprints("evaluate")) == 2
+
+
+@pytest.mark.slow
+def test_pseudo_label_quality_summary(
+    prefect_harness, voc_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.flows.test_evaluate_flow import _commit_labels
+
+    store_dir = tmp_path / "store"
+    _commit_labels(ArtifactStore(str(store_dir)), voc_root)
+    assert main(_argv(voc_root, store_dir, "--model", "labels:latest")) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == ("pseudo-labels labels0000000000 on voc21: 3 images "
+                        "(1 without records)")  # fmt: skip
+    assert [ln.split()[0] for ln in lines[2:5]] == ["prompt", "auto", "merged"]
+    assert "voc21 (merged): 3 images, mIoU" in out and "person" in out
+    assert "report:      " in out and "model:       labels:labels0000000000" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data-root", "{tmp}/missing"], "voc21 root {tmp}/missing: directory not found"),
+        (["--data-root", "{tmp}"], "voc21 root {tmp}: ImageSets/Segmentation/val.txt not found"),
+        (["--dataset", "voc2099"], "unknown dataset 'voc2099'; known: ade20k, cityscapes"),
+        (["--model", "champion", "--name", "seg"], "model 'seg' has no champion"),
+        (["--model", "seg:v0007"], "model 'seg' has no complete version 'v0007'"),
+        (["--model", "labels:latest"], "no committed pseudo-labels (stage merge) in "),
+    ],
+)
+def test_input_errors_exit_2_naming_what_is_missing(
+    prefect_harness, voc_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    extra: list[str], message: str,
+) -> None:  # fmt: skip
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    assert main([*_argv(voc_root, tmp_path / "store", "--model", "maskclip"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"fmbseg: error: {message.format(tmp=tmp_path)}" in err
+    assert "Traceback" not in err
+
+
+def test_bad_limit_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["evaluate", "--dataset", "voc21", "--data-root", str(tmp_path), "--limit", "0"]
+    assert main(argv) == 2
+    assert "--limit must be >= 1, got 0" in capsys.readouterr().err

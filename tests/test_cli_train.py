@@ -1,0 +1,137 @@
+"""``fmbseg train`` and ``fmbseg segment``: end to end on a labelled store, and input errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fmbseg.cli import main
+from fmbseg.storage.models import ModelRegistry
+from tests.flows.labelled import LABELS_A, OVERRIDES, labelled_world
+
+TINY = ["--config", "tiny", *(a for o in OVERRIDES for a in ("--set", o))]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    status = main(argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_train_then_segment(
+    prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = labelled_world(tmp_path)
+    store = ["--store", world.store.uri]
+    status, out, err = _run(["train", "--labels", "latest", *store, *TINY], capsys)
+    assert status == 0, err
+    assert "train: model fmbseg-align:v0001\n" in out  # trained now: no cache-hit note
+    assert f"labels:     {LABELS_A} (merge)" in out and "epochs:     2," in out
+    version_dir = world.store.url("models/fmbseg-align/v0001")
+    for what in ("weights.safetensors", "card.json", "loss_curve.png"):
+        assert f"{version_dir}/{what}" in out
+    assert "fmbseg segment IMAGE... " in out and "--model fmbseg-align:v0001" in out
+    assert "train" in err  # the epoch progress bar (stderr)
+
+    status, out, _ = _run(["train", "--labels", LABELS_A, *store, *TINY], capsys)
+    assert status == 0 and "fmbseg-align:v0001 (cache hit" in out
+    assert ModelRegistry(world.store).versions("fmbseg-align") == ["v0001"]
+
+    images = [world.uris[sc.image_id] for sc in world.held_out]
+    out_dir = tmp_path / "seg"
+    argv = ["segment", *images, "--classes", "cat,dog,grass", "--model", "latest",
+            "--out", str(out_dir), *store, *TINY]  # fmt: skip
+    status, out, err = _run(argv, capsys)
+    assert status == 0, err
+    assert "model fmbseg-align:v0001" in out and "0=cat, 1=dog, 2=grass" in out
+    for image in images:
+        stem = Path(image).stem
+        labels_png, overlay_png = out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.png"
+        assert f"{image} -> {labels_png} (label map), {overlay_png} (overlay)" in out
+        pixels = np.asarray(Image.open(image))
+        label_map = np.asarray(Image.open(labels_png))
+        assert label_map.shape == pixels.shape[:2] and label_map.dtype == np.uint8
+        assert int(label_map.max()) < 3
+        overlay = Image.open(overlay_png)
+        assert overlay.mode == "RGB" and overlay.width == pixels.shape[1]
+        assert overlay.height >= pixels.shape[0]  # the image, then a legend below it
+
+
+def test_train_rejects_labels_that_are_not_committed(
+    prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = labelled_world(tmp_path)
+    status, _, err = _run(["train", "--labels", "cafe0000", "--store", world.store.uri, *TINY],
+                          capsys)  # fmt: skip
+    assert status == 2
+    assert err.startswith("fmbseg: error: labels 'cafe0000': no committed pseudo-labels")
+    assert LABELS_A in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def trained_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(store URI, an image path): a store holding one trained, unpromoted version."""
+    from fmbseg.config import load_config
+    from fmbseg.tasks.train import run_train
+    from tests.synthetic import VOCAB
+    from tests.train.world import INDEX_FP
+
+    torch.set_num_threads(1)
+    world = labelled_world(tmp_path_factory.mktemp("trained"))
+    run_train(world.store, load_config("tiny", [*OVERRIDES, "train.epochs=1"]), LABELS_A,
+              INDEX_FP, VOCAB)  # fmt: skip
+    return world.store.uri, world.uris[world.held_out[0].image_id]
+
+
+CLASSES = ["--classes", "cat,dog"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{image}", *CLASSES, "--model", "champion"],
+         "model 'fmbseg-align' has no champion in {store} (nothing promoted yet; versions: "
+         "['v0001']); use --model latest"),
+        (["{image}", *CLASSES, "--name", "other", "--model", "latest"],
+         "model 'other' has no saved versions"),
+        (["{image}", *CLASSES, "--model", "v0007"],
+         "model 'fmbseg-align' has no complete version 'v0007'"),
+        (["{image}", *CLASSES, "--model", "{tmp}"],
+         "is neither 'latest', 'champion', 'vNNNN', 'name:version' nor"),
+        (["{image}", "--classes", "cat,Cat", "--model", "latest"],
+         "--classes: duplicate name 'Cat' (#1) repeats 'cat' (#0)"),
+        (["{image}", "--vocab", "nonsense", "--model", "latest"],
+         "vocabulary 'nonsense' is not a built-in name"),
+        (["{image}", *CLASSES, "--vocab", "voc-21", "--model", "latest"],
+         "exactly one of --classes or --vocab"),
+        (["{image}", "--model", "latest"], "exactly one of --classes or --vocab"),
+        (["{image}", "{tmp}/missing.png", *CLASSES, "--model", "latest"],
+         "image not found (or not a file): '{tmp}/missing.png'"),
+    ],
+)  # fmt: skip
+def test_segment_input_errors_exit_2(
+    trained_store: tuple[str, str],
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store, image = trained_store
+    fill = {"image": image, "store": store, "tmp": tmp_path}
+    argv = ["segment", *(a.format(**fill) for a in args), "--out", str(tmp_path / "out"),
+            "--store", store, "--config", "tiny"]  # fmt: skip
+    status, _, err = _run(argv, capsys)
+    assert status == 2
+    assert err.startswith("fmbseg: error: ")
+    assert message.format(**fill) in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
