@@ -103,10 +103,15 @@ def patch_phases() -> list[str]:
     targets = {
         "decode": [(stage1, "load_image")],
         "rle": [(records, "encode_mask"), (records, "decode_mask")],
-        "parquet": [(store, "table_to_parquet_bytes"), (export, "table_to_parquet_bytes"),
-                    (pq, "read_table")],  # fmt: skip
-        "store io": [(store.ArtifactStore, m) for m in
-                     ("read_bytes", "write_bytes", "ls", "exists", "create_exclusive", "delete")],  # fmt: skip
+        "parquet": [
+            (store, "table_to_parquet_bytes"),
+            (export, "table_to_parquet_bytes"),
+            (pq, "read_table"),
+        ],
+        "store io": [
+            (store.ArtifactStore, m)
+            for m in ("read_bytes", "write_bytes", "ls", "exists", "create_exclusive", "delete")
+        ],
         "png/jpeg": [(export, "label_png"), (export, "jpeg"), (export, "overlay")],
     }
     for phase, places in targets.items():

@@ -90,7 +90,6 @@ class SamPromptConfig:
 
     num_points: int = 5  # positive points per present class (paper: 5)
     multimask: bool = True  # keep the highest predicted-IoU of SAM's 3 masks
-    long_side: int | None = None  # None = SAM's own input size
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def evaluate_and_promote(
         report = evaluate_flow(
             dataset=dataset, data_root=data_root, model=ref, store=store, limit=limit, **common
         )
-        return {"mIoU": report["mIoU"], "dataset": dataset, "images": report.get("images")}
+        return {"mIoU": report["mIoU"], "dataset": dataset, "images": report["num_images"]}
 
     candidate = mean_iou(f"{name}:{version}")
     baseline = mean_iou(f"{name}:{champion}") if champion not in (None, version) else None

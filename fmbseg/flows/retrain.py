@@ -14,7 +14,7 @@ are reused as they are.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -99,14 +99,26 @@ def batch_labels(
     return sets
 
 
-def up_to_date(registry: ModelRegistry, name: str, ledger: dict[str, Any]) -> str | None:
-    """The version already trained on every batch with its promotion decided, else None."""
+def training_key(cfg: Config, sets: list[tuple[str, str]], vocabulary: tuple[str, ...]) -> str:
+    """What a model line's training depends on, the init model aside: the from-scratch train
+    fingerprint of ``sets`` (so a fine-tuned version is up to date with the same key)."""
+    return train_fingerprint(cfg, cfg.models.dino, cfg.models.clip, sets, None, list(vocabulary))
+
+
+def up_to_date(
+    registry: ModelRegistry, name: str, ledger: dict[str, Any], cfg: Config,
+    vocabulary: tuple[str, ...],
+) -> str | None:  # fmt: skip
+    """The version last trained on every batch, with this vocabulary and config, whose
+    promotion is decided; None when there is none (then the flow trains)."""
     if not ledger["models"] or ledger["models"][-1]["version"] not in registry.versions(name):
         return None
     last = ledger["models"][-1]
-    numbers = [b["batch"] for b in ledger["batches"]]
-    card = registry.card(name, last["version"])
-    return last["version"] if last["batches"] == numbers and "promotion" in card else None
+    sets = [(stage1_fingerprints(cfg, b["index"], vocabulary)["merge"], b["index"])
+            for b in ledger["batches"]]  # fmt: skip
+    if last.get("key") != training_key(cfg, sets, vocabulary):
+        return None
+    return last["version"] if "promotion" in registry.card(name, last["version"]) else None
 
 
 @flow(name="retrain")
@@ -120,7 +132,7 @@ def retrain_flow(
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
     image_root: str | None = None,
-    mode: str = "scratch",
+    mode: Literal["scratch", "finetune"] = "scratch",
     eval_dataset: str | None = None,
     eval_data_root: str | None = None,
     eval_limit: int | None = None,
@@ -164,11 +176,12 @@ def retrain_flow(
         out["annotated"] = indexed
         out["batch"] = next(b["batch"] for b in ledger["batches"] if b["index"] == fps["index"])
     out["batches"] = len(ledger["batches"])
-    current = up_to_date(registry, name, ledger) if found.plan is None else None
+    current = None if found.plan else up_to_date(registry, name, ledger, cfg, vocabulary)
     if not ledger["batches"]:
         out["reason"] = f"no images under {images}: nothing to annotate or train"
     elif current is not None:
-        out["reason"] = f"nothing new: {name}:{current} is trained on all {out['batches']} batches"
+        out["reason"] = (f"nothing new: {name}:{current} is trained on all {out['batches']} "
+                         "batches with this vocabulary and config")  # fmt: skip
     else:
         out.update(_train_and_decide(st, cfg, name, ledger, vocabulary, mode, common,
                                      store, eval_dataset, eval_data_root, eval_limit))  # fmt: skip
@@ -236,6 +249,7 @@ def _train_and_decide(
                       "reason": verdict.reason}  # fmt: skip
     ledger_.append_model(st, name, {
         "version": version, "batches": numbers, "mode": mode, "init_from": init,
+        "key": training_key(cfg, sets, vocabulary),
         "promoted": evaluation["promoted"], "reason": evaluation["reason"],
     })  # fmt: skip
     return {"trained": True, "model": summary, "evaluation": evaluation,

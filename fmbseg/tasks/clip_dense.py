@@ -36,6 +36,7 @@ from fmbseg.tasks.stage1 import (
     Upstream,
     error_from,
     load_image,
+    loader_pool,
     num_shards,
     prefetch,
     stage_fingerprint,
@@ -286,6 +287,7 @@ class ClipDenseWorker:
 
         self.store, self.cfg, self.fp = store, cfg, fp
         self.upstream = Upstream(store)
+        self.loader = loader_pool()
         self.storage_options = storage_options
         self.model: DenseClip = build_from_config(
             cfg.models,
@@ -301,10 +303,11 @@ class ClipDenseWorker:
         return load_image(row["uri"], self.storage_options, self.cfg.index.max_pixels)
 
     def _images(self, rows: list[dict], errors: list[dict]) -> Iterator[tuple[dict, np.ndarray]]:
-        for row, image, exc in prefetch(rows, self._load):
+        for row, image, exc in prefetch(rows, self._load, pool=self.loader):
             if exc is not None:  # an unreadable image is that image's error, not the shard's
                 errors.append(error_from(exc, row["image_id"], row["uri"], STAGE))
             else:
+                assert image is not None
                 yield row, image
 
     def _run(self, rows: list[dict], errors: list[dict]) -> list[dict]:

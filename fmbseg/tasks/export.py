@@ -19,6 +19,7 @@ share a stem.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections import Counter
@@ -41,7 +42,13 @@ from fmbseg.tasks.gallery import (
     overlay,
 )
 from fmbseg.tasks.runner import Progress
-from fmbseg.tasks.stage1 import CODE_VERSIONS, load_image, read_vocabulary, stage_fingerprint
+from fmbseg.tasks.stage1 import (
+    CODE_VERSIONS,
+    load_image,
+    prefetch,
+    read_vocabulary,
+    stage_fingerprint,
+)
 
 STAGE = "export"
 CODE_VERSION = CODE_VERSIONS[STAGE]
@@ -141,33 +148,43 @@ def run_export(
     names = dict(zip(ids, image_names(uris, ids), strict=True))
     ecfg = cfg.export
     entries: list[GalleryEntry] = []
-    for n, image_id in enumerate(ids):
-        rows = records.table.take(pa.array(by_image[image_id]))
-        h, w = rows.column("height")[0].as_py(), rows.column("width")[0].as_py()
-        label = compose_label_map(rows, h, w)
-        name = names[image_id]
-        if ecfg.png:
-            store.write_bytes(f"{base}/labels/{name}.png", label_png(label, colours))
-        if ecfg.overlays and len(entries) < ecfg.gallery_max_images:
-            image = load_image(uris[n], storage_options, cfg.index.max_pixels)
-            over = overlay(image, label, colours, ecfg.overlay_alpha)
-            store.write_bytes(f"{base}/overlays/{name}.jpg", jpeg(over))
-            store.write_bytes(f"{base}/thumbs/{name}.jpg", jpeg(over, THUMB_SIDE))
-            sources = rows.column("source").to_pylist()
-            entries.append(
-                GalleryEntry(
-                    name=name,
-                    uri=uris[n],
-                    thumb=f"thumbs/{name}.jpg",
-                    full=f"overlays/{name}.jpg",
-                    label_file=f"labels/{name}.png" if ecfg.png else None,
-                    prompt_masks=sources.count("prompt"),
-                    auto_masks=sources.count("auto"),
-                    classes=sorted(int(k) for k in np.unique(label) if k != 255),
+    shown = uris[: max(0, ecfg.gallery_max_images)] if ecfg.overlays else []
+    # the gallery's images are read and decoded in threads, ahead of the loop below
+    images = prefetch(shown, lambda uri: load_image(uri, storage_options, cfg.index.max_pixels))
+    with contextlib.closing(images):
+        for n, image_id in enumerate(ids):
+            rows = _rows_of(records.table, by_image[image_id])
+            h, w = rows.column("height")[0].as_py(), rows.column("width")[0].as_py()
+            label = compose_label_map(rows, h, w)
+            name = names[image_id]
+            if ecfg.png:
+                store.write_bytes(f"{base}/labels/{name}.png", label_png(label, colours))
+            if n < len(shown):
+                _, image, exc = next(images)
+                if exc is not None:
+                    raise exc
+                assert image is not None
+                over = overlay(image, label, colours, ecfg.overlay_alpha)
+                full = jpeg(over)
+                store.write_bytes(f"{base}/overlays/{name}.jpg", full)
+                # an image that already fits the thumbnail is not resized: same bytes
+                thumb = full if max(over.shape[:2]) <= THUMB_SIDE else jpeg(over, THUMB_SIDE)
+                store.write_bytes(f"{base}/thumbs/{name}.jpg", thumb)
+                sources = rows.column("source").to_pylist()
+                entries.append(
+                    GalleryEntry(
+                        name=name,
+                        uri=uris[n],
+                        thumb=f"thumbs/{name}.jpg",
+                        full=f"overlays/{name}.jpg",
+                        label_file=f"labels/{name}.png" if ecfg.png else None,
+                        prompt_masks=sources.count("prompt"),
+                        auto_masks=sources.count("auto"),
+                        classes=sorted(int(k) for k in np.unique(label) if k != 255),
+                    )
                 )
-            )
-        if progress:
-            progress(n + 1, len(ids))
+            if progress:
+                progress(n + 1, len(ids))
     coco = coco_dataset(records, vocabulary, names if ecfg.png else None)
     store.write_bytes(f"{base}/annotations.json", json.dumps(coco).encode())
     store.write_bytes(f"{base}/records.parquet", table_to_parquet_bytes(records.table))
@@ -212,6 +229,14 @@ def run_export(
         },
     )
     return fp
+
+
+def _rows_of(table: pa.Table, rows: list[int]) -> pa.Table:
+    """``table``'s rows ``rows``: a zero-copy slice when they are consecutive (as merge
+    writes them), else a take."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return table.slice(rows[0], len(rows))
+    return table.take(pa.array(rows))
 
 
 def _row_ranges(table: pa.Table) -> dict[str, list[int]]:

@@ -6,7 +6,7 @@
      "batches": [{"batch": 1, "index": fp, "merge": fp, "source": uri, "listed": n,
                   "images": indexed, "vocabulary": [...], "at": time, "flow_run": id}, ...],
      "models":  [{"version": "v0002", "batches": [1, 2], "mode": "scratch", "init_from": None,
-                  "promoted": bool, "reason": str, "at": time}, ...],
+                  "key": training key, "promoted": bool, "reason": str, "at": time}, ...],
      "runs":    [{"at": time, "new_images": 0, "outcome": "nothing new", ...}, ...]}
 
 A batch is appended only once its ``merge`` output is committed. A run that crashes before

@@ -112,6 +112,10 @@ def merge_shard(
 ) -> tuple[MaskRecords, pa.Table]:
     """Merge the records of a shard's images; a reason for every image left without masks.
 
+    The records equal :func:`merge_image` of each image in ``images`` order, concatenated,
+    but come from one ``take`` over the shard's tables (no per-image tables to build and
+    validate).
+
     Args:
         images: one mapping per image with ``image_id``, ``image_uri`` and ``present`` (the
             class ids clip_dense found), in output order.

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -157,27 +157,40 @@ def load_image(
     return decode_image(read_bytes(uri, storage_options), uri, max_pixels)
 
 
+def loader_pool(ahead: int = PREFETCH) -> ThreadPoolExecutor:
+    """Threads for :func:`prefetch`. A worker keeps one for all its shards: starting and
+    joining threads for every shard costs more than decoding a small shard's images."""
+    return ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="fmbseg-load")
+
+
 def prefetch(
-    items: Sequence[T], load: Callable[[T], np.ndarray], ahead: int = PREFETCH
-) -> Iterator[tuple[T, np.ndarray | None, Exception | None]]:
+    items: Sequence[T],
+    load: Callable[[T], np.ndarray],
+    ahead: int = PREFETCH,
+    pool: ThreadPoolExecutor | None = None,
+) -> Generator[tuple[T, np.ndarray | None, Exception | None], None, None]:
     """``(item, load(item), None)`` or ``(item, None, exception)`` for each item, in order.
 
     Up to ``ahead`` loads run in threads while the caller works (decoding releases the GIL),
-    so reading and decoding images overlaps the model's forward passes.
+    so reading and decoding images overlaps the model's forward passes. The threads are
+    ``pool``'s, else a pool made (and shut down) for this call.
     """
-    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="fmbseg-load") as pool:
-        window: deque[tuple[T, Future[np.ndarray]]] = deque()
-        it = iter(items)
-        for item in itertools.islice(it, ahead):
-            window.append((item, pool.submit(load, item)))
-        while window:
-            item, future = window.popleft()
-            for nxt in itertools.islice(it, 1):
-                window.append((nxt, pool.submit(load, nxt)))
-            try:
-                yield item, future.result(), None
-            except Exception as exc:  # handed to the caller: one image's failure
-                yield item, None, exc
+    if pool is None:
+        with loader_pool(ahead) as own:
+            yield from prefetch(items, load, ahead, own)
+        return
+    window: deque[tuple[T, Future[np.ndarray]]] = deque()
+    it = iter(items)
+    for item in itertools.islice(it, ahead):
+        window.append((item, pool.submit(load, item)))
+    while window:
+        item, future = window.popleft()
+        for nxt in itertools.islice(it, 1):
+            window.append((nxt, pool.submit(load, nxt)))
+        try:
+            yield item, future.result(), None
+        except Exception as exc:  # handed to the caller: one image's failure
+            yield item, None, exc
 
 
 def error_from(exc: BaseException, image_id: str | None, uri: str, stage: str) -> dict[str, Any]:
@@ -209,6 +222,7 @@ class SamStageWorker:
 
         self.store, self.cfg, self.fp = store, cfg, fp
         self.upstream = Upstream(store)
+        self.loader = loader_pool()
         self.vocabulary = tuple(vocabulary)
         self.storage_options = storage_options
         self.segmenter = build_from_config(
@@ -247,7 +261,7 @@ class SamStageWorker:
                         "CLIP found no vocabulary class in enough crops",
                     )
                 )
-        for clip, image, exc in prefetch(todo, self._load):
+        for clip, image, exc in prefetch(todo, self._load, pool=self.loader):
             try:
                 if exc is not None:
                     raise exc

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 import yaml
@@ -78,6 +79,8 @@ def manifests(store: ArtifactStore, fps: dict[str, str]) -> dict[str, str]:
 def test_retrain_annotates_only_new_images_and_promotes_by_the_rule(
     prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from prefect.settings import PREFECT_API_URL
+
     images, held = tmp_path / "images", tmp_path / "held"
     write_images(images, range(N))
     (images / "broken.png").write_bytes(b"not an image")  # an index error, covered too
@@ -119,6 +122,7 @@ def test_retrain_annotates_only_new_images_and_promotes_by_the_rule(
     assert card2["retrain"]["init_from"] == f"{MODEL}:v0001" == card2["data"]["init_from"]
     ev = second["evaluation"]
     new, old = ev["metrics"]["mIoU"], ev["champion_metrics"]["mIoU"]
+    assert ev["metrics"]["images"] == ev["champion_metrics"]["images"] == 4  # same held-out set
     assert second["promoted"] is (new >= old)
     assert reg.champion(MODEL) == ("v0002" if new >= old else "v0001")
     assert card2["promotion"]["promoted"] is (new >= old)
@@ -152,6 +156,22 @@ def test_retrain_annotates_only_new_images_and_promotes_by_the_rule(
     assert [m["version"] for m in ledger["models"]] == ["v0001", "v0002"]
     assert [r["new_images"] for r in ledger["runs"]] == [N + 1, M, 0]
     assert ledger["runs"][-1]["reason"].startswith("nothing new")
+
+    # Run 4: nothing new, but another train config: retrained (no relabelling); without a
+    # held-out set the new version is not evaluated, so the champion stays.
+    champion = reg.champion(MODEL)
+    fourth = retrain_flow(**{**args, "eval_dataset": None, "eval_data_root": None},
+                          overrides=["train.epochs=1"])  # fmt: skip
+    assert (fourth["new_images"], fourth["model"]["version"]) == (0, "v0003")
+    assert fourth["promoted"] is False and "not evaluated" in fourth["reason"]
+    assert reg.champion(MODEL) == champion
+    assert reg.card(MODEL, "v0003")["promotion"]["promoted"] is False
+    assert len(st.committed_fingerprints("clip_dense")) == 2
+    api = PREFECT_API_URL.value()
+    table = httpx.get(f"{api}/artifacts/retrain-summary/latest").json()
+    rows = {r["what"]: r["value"] for r in json.loads(table["data"])}
+    assert rows["new images found"] == "0" and rows["model version"] == f"{MODEL}:v0003"
+    assert rows["promoted"] == "False" and "not evaluated" in rows["reason"]
     lineage = json.loads(st.read_bytes(next(
         f"runs/{r}" for r in st.ls("runs") if st.read_json(f"runs/{r}")["flow"] == "retrain"
         and st.read_json(f"runs/{r}")["reason"].startswith("nothing new")
@@ -206,3 +226,40 @@ def test_retrain_cli_input_errors_exit_2(tmp_path: Path, capsys) -> None:
     assert main([*base, "--classes", "cat,Cat"]) == 2
     assert "duplicate" in capsys.readouterr().err
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.slow
+def test_annotate_and_train_evaluates_and_promotes_by_the_rule(
+    prefect_harness, tmp_path: Path
+) -> None:
+    from fmbseg.flows.annotate_and_train import annotate_and_train_flow
+
+    images, held = tmp_path / "images", tmp_path / "held"
+    write_images(images, range(4))
+    write_held_out(held, range(100, 103))
+    store_dir = str(tmp_path / "store")
+    args = dict(images=str(images), store=store_dir, classes=",".join(VOCAB),
+                config=config_file(tmp_path), eval_dataset="folder",
+                eval_data_root=str(held))  # fmt: skip
+    reg = ModelRegistry(ArtifactStore(store_dir))
+
+    first = annotate_and_train_flow(**args)
+    assert first["model"]["version"] == "v0001" and first["evaluation"]["promoted"] is True
+    assert first["evaluation"]["champion_metrics"] is None
+    assert first["evaluation"]["metrics"]["images"] == 3
+    miou1 = first["evaluation"]["metrics"]["mIoU"]
+    assert reg.card(MODEL, "v0001")["promotion"]["candidate_metrics"]["mIoU"] == miou1
+
+    # Another training setting: v0002 is evaluated beside the champion on the same set.
+    second = annotate_and_train_flow(**args, overrides=["train.lr=0.0001"])
+    assert second["fingerprints"] == first["fingerprints"]  # the labels were reused
+    ev = second["evaluation"]
+    assert second["model"]["version"] == "v0002"
+    assert ev["champion_metrics"]["mIoU"] == miou1
+    assert ev["promoted"] == (ev["metrics"]["mIoU"] >= miou1)
+    assert reg.champion(MODEL) == ("v0002" if ev["promoted"] else "v0001")
+    history = reg.champion_record(MODEL)["history"]
+    assert [(d["version"], d["promoted"]) for d in history] == [
+        ("v0001", True), ("v0002", ev["promoted"])
+    ]
+    assert reg.card(MODEL, "v0002")["promotion"]["reason"] == ev["reason"]

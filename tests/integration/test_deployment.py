@@ -29,14 +29,6 @@ from tests.integration.prefect_stack import (
 
 POOL = "fmbseg-process"
 N_IMAGES = 4
-# What `smoke` runs with here: the in-process executor (no Ray start-up on 2 CI cores).
-OVERRIDES = [
-    "runtime.executor=local",
-    "sam_auto.box_nms_thresh=1.0",
-    "sam_auto.max_area_fraction=1.0",
-    "merge.auto_fraction=1.0",
-    "train.min_labelled_fraction=0.0",
-]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # prefect 3.8.8's `prefect deploy` asks for online workers with limit=null after saving the
 # deployment; FastAPI >= 0.151 answers 422 (fastapi < 0.151 accepts it).
@@ -115,13 +107,15 @@ def test_smoke_deployment_runs_to_completed_on_a_worker(stack: PrefectStack, tmp
         ]
     assert default["parameters"]["config"] == "default"
     assert smoke["parameters"]["config"] == "tiny"
+    # smoke's own overrides plus the in-process executor (no Ray start-up on 2 CI cores)
+    overrides = [*smoke["parameters"]["overrides"], "runtime.executor=local"]
 
     images = _two_tone_images(tmp_path / "images", N_IMAGES)
     store_dir = tmp_path / "store"
     run = stack.cli(
         "deployment", "run", "annotate-and-train/smoke",
         "-p", f"images={images[0].parent}", "-p", f"store={store_dir}",
-        "-p", f"overrides={json.dumps(OVERRIDES)}",
+        "-p", f"overrides={json.dumps(overrides)}",
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:]
     run_id = flow_run_id(run.stdout)

@@ -34,7 +34,11 @@ def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_builtin_names_by_kind() -> None:
     # Test helpers (tests/synthetic.py) may register stand-ins too: look only at the built-ins.
     def builtin(kind: str) -> list[str]:
-        return [n for n in list_models(kind) if get_model_spec(n).builder.__module__.startswith("fmbseg.")]
+        return [
+            n
+            for n in list_models(kind)
+            if get_model_spec(n).builder.__module__.startswith("fmbseg.")
+        ]
 
     assert builtin("clip") == ["clip_tiny", "clip_vit_b16", "clip_vit_l14", "clip_vit_l14_336"]
     assert builtin("sam") == ["sam_tiny", "sam_vit_b", "sam_vit_h", "sam_vit_l"]

@@ -1,0 +1,108 @@
+"""The stage-1 shells' overhead cuts keep results identical: merge's one-take shard merge,
+manifests read once per worker, a loader pool shared across shards, the overlay's edges."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from skimage.segmentation import find_boundaries
+
+from fmbseg.config import MergeConfig
+from fmbseg.storage import ArtifactStore
+from fmbseg.storage.records import IGNORE, MaskRecords, mask_row
+from fmbseg.tasks.gallery import inner_boundaries
+from fmbseg.tasks.merge import merge_image, merge_shard
+from fmbseg.tasks.stage1 import Upstream, loader_pool, prefetch
+
+
+def _records(rng: np.random.Generator, image_ids: list[str], source: str, n: int) -> MaskRecords:
+    rows = []
+    for _ in range(n):
+        mask = np.zeros((12, 10), bool)
+        y, x = rng.integers(0, 8, 2)
+        mask[y : y + rng.integers(1, 5), x : x + rng.integers(1, 3)] = True
+        image_id = image_ids[rng.integers(len(image_ids))]
+        rows.append(
+            mask_row(
+                mask,
+                image_id=image_id,
+                image_uri=f"u/{image_id}",
+                category_id=int(rng.integers(4)),
+                category="c",
+                source=source,
+                score=float(rng.uniform()),
+                fingerprint="fp",
+            )
+        )
+    return MaskRecords.from_rows(rows)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 1.0])
+def test_merge_shard_equals_merging_image_by_image(fraction):
+    rng = np.random.default_rng(7)
+    ids = [f"img-{i}" for i in range(6)]  # img-5 gets no masks at all
+    prompt = _records(rng, ids[:3], "prompt", 7)
+    auto = _records(rng, ids[1:5], "auto", 30)  # rows of the images interleaved
+    cfg = MergeConfig(auto_fraction=fraction, seed=11)
+    images = [{"image_id": i, "image_uri": f"u/{i}", "present": [0]} for i in reversed(ids)]
+
+    merged, errors = merge_shard(images, prompt, auto, cfg)
+
+    expected = [merge_image(prompt.for_image(i), auto.for_image(i), i, cfg) for i in reversed(ids)]
+    assert merged.table.to_pylist() == MaskRecords.concat(expected).table.to_pylist()
+    assert merged.table.schema.equals(MaskRecords.empty().table.schema)
+    empty = [i for i, m in zip(reversed(ids), expected, strict=True) if not len(m)]
+    assert "img-5" in empty and [r["image_id"] for r in errors.to_pylist()] == empty
+
+
+def test_upstream_reads_each_manifest_once(tmp_path, monkeypatch):
+    store = ArtifactStore(str(tmp_path))
+    for shard in range(3):
+        store.write_shard("s", "fp", shard, pa.table({"x": [shard, shard]}))
+    store.commit("s", "fp", 3)
+    reads: list[str] = []
+    read_bytes = ArtifactStore.read_bytes
+    monkeypatch.setattr(
+        ArtifactStore, "read_bytes", lambda self, rel: reads.append(rel) or read_bytes(self, rel)
+    )
+    up = Upstream(store)
+    assert [up.read("s", "fp", i).column("x").to_pylist() for i in range(3)] == [
+        [0, 0], [1, 1], [2, 2]]  # fmt: skip
+    assert up.part("s", "fp", 1, kind="errors") is None  # no errors written: None, no read
+    assert sum(r.endswith("_manifest.json") for r in reads) == 1
+    assert len(reads) == 4  # the manifest and the three parts
+
+
+def test_prefetch_on_a_shared_pool_keeps_order_errors_and_threads():
+    def load(i: int) -> np.ndarray:
+        if i == 2:
+            raise ValueError("bad 2")
+        return np.full(3, i)
+
+    pool = loader_pool(2)
+    try:
+        for _ in range(3):  # shards of one worker reuse the pool's threads
+            out = list(prefetch(range(5), load, ahead=2, pool=pool))
+            assert [i for i, _, _ in out] == list(range(5))
+            assert [int(a[0]) for i, a, _ in out if a is not None] == [0, 1, 3, 4]
+            assert str(out[2][2]) == "bad 2" and out[2][1] is None
+        names = [t.name for t in threading.enumerate() if t.name.startswith("fmbseg-load")]
+        assert 1 <= len(names) <= 2
+    finally:
+        pool.shutdown()
+    assert [i for i, _, _ in prefetch([1, 3], load)] == [1, 3]  # a pool of its own
+
+
+def test_inner_boundaries_match_skimage():
+    rng = np.random.default_rng(3)
+    for trial in range(100):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        label = rng.choice([0, 1, 4, IGNORE], size=(h, w)).astype(np.uint8)
+        if trial % 2:  # blocky regions, as label maps are
+            label = np.kron(label, np.ones((3, 3), np.uint8))[:h, :w]
+        np.testing.assert_array_equal(
+            inner_boundaries(label), find_boundaries(label, mode="inner", background=IGNORE)
+        )
