@@ -266,7 +266,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             )
         tp = hints[key]
         sub = f"{where}.{key}" if where else key
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, sub)
         else:
             kwargs[key] = _coerce(value, tp, sub)

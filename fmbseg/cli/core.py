@@ -268,12 +268,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_environment(args.verbose)
     from fmbseg.flows.common import USER_ERRORS
 
+    input_errors: tuple[type[BaseException], ...] = (
+        ConfigError,
+        SourceError,
+        UsageError,
+        *USER_ERRORS,
+    )
     try:
         common = _common(args)
         _, _, handler = _COMMANDS[args.command]
         with _quiet_user_errors():
             return handler(args, common)
-    except (ConfigError, SourceError, UsageError, *USER_ERRORS) as exc:
+    except input_errors as exc:
         print(f"fmbseg: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
