@@ -260,6 +260,7 @@ def test_annotate_and_train_evaluates_and_promotes_by_the_rule(
     assert reg.champion(MODEL) == ("v0002" if ev["promoted"] else "v0001")
     history = reg.champion_record(MODEL)["history"]
     assert [(d["version"], d["promoted"]) for d in history] == [
-        ("v0001", True), ("v0002", ev["promoted"])
+        ("v0001", True),
+        ("v0002", ev["promoted"]),
     ]
     assert reg.card(MODEL, "v0002")["promotion"]["reason"] == ev["reason"]
