@@ -30,7 +30,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -151,6 +151,33 @@ class ArtifactStore:
                 self.fs.pipe_file(target, data)
 
         self.retry(f"write {rel}", _write)
+
+    @contextlib.contextmanager
+    def open_write(self, rel: str) -> Iterator[IO[bytes]]:
+        """A handle to write ``rel`` in pieces; the file appears whole when the block exits
+        cleanly, else not at all (locally a temp file renamed into place; on object stores
+        the upload is aborted). Not retried: the caller's writes cannot be replayed."""
+        target = self.path(rel)
+        if self._local:
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:12]}"
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                os.replace(tmp, target)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            return
+        handle = self.fs.open(target, "wb")
+        try:
+            yield handle
+        except BaseException:  # fsspec's close() would publish the partial file
+            if isinstance(handle, fsspec.spec.AbstractBufferedFile):
+                handle.discard()  # s3fs, gcsfs: abort the upload
+                handle.closed = True  # and leave nothing for __del__ to flush
+            raise
+        handle.close()
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create ``rel`` only if absent. True if this call created it, False if it existed.

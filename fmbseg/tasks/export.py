@@ -15,110 +15,203 @@ Written under ``{store}/exports/{fingerprint}/`` through the store (any fsspec U
 Category ids are the vocabulary indices everywhere (records, COCO, PNG values), so COCO ids
 start at 0. ``{name}`` is the image file's stem, or ``stem-{image_id[:8]}`` when two images
 share a stem.
+
+The work fans out over merge's shards with :func:`fmbseg.tasks.runner.run_stage`: a worker
+per slot composes one shard's label maps and writes its PNGs, overlays and thumbnails, and
+commits one small row per image (:data:`EXPORT_SCHEMA`, no masks) as the internal stage
+``stages/export/{fp}``, so a killed export resumes without redoing committed shards. The
+driver then streams the files that span every image (annotations.json, records.parquet,
+errors.parquet, gallery.html) one shard at a time. Images keep merge's order (shard by
+shard, first appearance within a shard): COCO ids and the gallery's first images follow it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from fmbseg.config import Config
-from fmbseg.storage import ArtifactStore
-from fmbseg.storage.records import MaskRecords, compose_label_map
-from fmbseg.storage.store import table_to_parquet_bytes
-from fmbseg.tasks.gallery import (
-    GalleryEntry,
-    class_colours,
-    gallery_html,
-    jpeg,
-    label_png,
-    overlay,
-)
-from fmbseg.tasks.runner import Progress
+from fmbseg.config import Config, ExportConfig
+from fmbseg.storage import ArtifactStore, Manifest
+from fmbseg.storage.records import IGNORE, compose_label_map
+from fmbseg.tasks.export_coco import coco_dataset, first_rows
+from fmbseg.tasks.export_files import write_export_files
+from fmbseg.tasks.gallery import class_colours, jpeg, label_png, overlay
+from fmbseg.tasks.runner import Progress, run_stage
 from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
+    VOCABULARY_KEY,
+    Upstream,
     load_image,
+    loader_pool,
     prefetch,
     read_vocabulary,
     stage_fingerprint,
 )
 
+__all__ = ["EXPORT_SCHEMA", "ExportWorker", "coco_dataset", "image_names", "run_export"]
+
 STAGE = "export"
 CODE_VERSION = CODE_VERSIONS[STAGE]
 THUMB_SIDE = 320
 
+EXPORT_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("name", pa.string()),  # file name of labels/{name}.png (and overlays, thumbs)
+        ("uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("prompt_masks", pa.int32()),  # merged masks per source
+        ("auto_masks", pa.int32()),
+        ("classes", pa.list_(pa.int32())),  # category ids present in the label map, ascending
+        ("gallery", pa.bool_()),  # has an overlay and thumbnail, and a card in gallery.html
+    ]
+)
+"""One row per exported image, in merge's order; what the driver needs of a shard."""
+
+
+def image_stem(uri: str) -> str:
+    """The file stem of ``uri``, made file-system-safe (``"image"`` when nothing is left)."""
+    stem = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "image"
+
+
+def image_name(uri: str, image_id: str, repeated: Collection[str]) -> str:
+    """The image's export name: its stem, or ``stem-{image_id[:8]}`` if the stem is in
+    ``repeated`` (the stems two or more images of the whole export share)."""
+    stem = image_stem(uri)
+    return f"{stem}-{image_id[:8]}" if stem in repeated else stem
+
 
 def image_names(uris: Sequence[str], image_ids: Sequence[str]) -> list[str]:
     """File-system-safe, unique names for images: the file stem, disambiguated by image id."""
-    stems = [
-        re.sub(r"[^A-Za-z0-9._-]+", "_", u.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0])
-        or "image"
-        for u in uris
-    ]
-    counts = Counter(stems)
-    return [s if counts[s] == 1 else f"{s}-{i[:8]}" for s, i in zip(stems, image_ids, strict=True)]
+    counts = Counter(image_stem(u) for u in uris)
+    repeated = {s for s, n in counts.items() if n > 1}
+    return [image_name(u, i, repeated) for u, i in zip(uris, image_ids, strict=True)]
 
 
-def coco_dataset(
-    records: MaskRecords, vocabulary: Sequence[str], names: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """Merged records -> a COCO instance-segmentation dict (one annotation per mask).
+# ---- shard worker ----------------------------------------------------------------------------
 
-    Images are numbered from 1 in order of first appearance and keep ``uri``,
-    ``fmbseg_image_id`` and (when ``names`` maps image ids to names) ``label_file``.
+
+class ExportWorker:
+    """Shard worker of export: no model. A spec is ``{"merge": fp, "gallery": k}``: shard
+    ``i`` of ``merge/fp`` is exported, and its first ``k`` images get an overlay and thumb.
+
+    ``repeated`` holds the stems shared by several images of the whole export (usually
+    few), so names agree across shards without a global view in the worker.
     """
-    t = records.table
-    cols = {n: t.column(n).to_pylist() for n in t.column_names}
-    image_ids = records.image_ids()
-    coco_id = {image_id: i + 1 for i, image_id in enumerate(image_ids)}
-    first: dict[str, int] = {}
-    for row, image_id in enumerate(cols["image_id"]):
-        first.setdefault(image_id, row)
-    images = []
-    for image_id in image_ids:
-        r = first[image_id]
-        entry = {
-            "id": coco_id[image_id],
-            "file_name": cols["image_uri"][r].rsplit("/", 1)[-1],
-            "width": cols["width"][r],
-            "height": cols["height"][r],
-            "uri": cols["image_uri"][r],
-            "fmbseg_image_id": image_id,
-        }
-        if names is not None:
-            entry["label_file"] = f"labels/{names[image_id]}.png"
-        images.append(entry)
-    annotations = [
-        {
-            "id": j + 1,
-            "image_id": coco_id[cols["image_id"][j]],
-            "category_id": cols["category_id"][j],
-            "segmentation": {
-                "size": [cols["height"][j], cols["width"][j]],
-                "counts": cols["rle_counts"][j].decode("ascii"),
-            },
-            "area": cols["area"][j],
-            "bbox": [round(v, 2) for v in cols["bbox"][j]],
-            "iscrowd": 0,
-            "score": round(cols["score"][j], 6),
-            "source": cols["source"][j],
-        }
-        for j in range(t.num_rows)
-    ]
-    categories = [{"id": k, "name": name, "supercategory": ""} for k, name in enumerate(vocabulary)]
-    return {
-        "info": {"description": "fmbseg pseudo-labels"},
-        "images": images,
-        "categories": categories,
-        "annotations": annotations,
-    }
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        cfg: Config,
+        base: str,
+        num_classes: int,
+        repeated: frozenset[str],
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.store, self.cfg, self.base, self.repeated = store, cfg, base, repeated
+        self.colours = class_colours(num_classes)
+        self.storage_options = storage_options
+        self.upstream = Upstream(store)
+        self.loader = loader_pool()
+
+    def _load(self, uri: str) -> np.ndarray:
+        return load_image(uri, self.storage_options, self.cfg.index.max_pixels)
+
+    def process(self, shard: int, spec: dict[str, Any]) -> tuple[pa.Table, None]:
+        table = self.upstream.read("merge", spec["merge"], shard)
+        if not table.num_rows:
+            return EXPORT_SCHEMA.empty_table(), None
+        ecfg: ExportConfig = self.cfg.export
+        first = first_rows(table)
+        ids = list(first)
+        uris = table.column("image_uri").to_pylist()
+        shown = [uris[first[i]] for i in ids[: spec["gallery"]]]
+        rows = []
+        # the gallery's images are read and decoded in threads, ahead of the loop below
+        images = prefetch(shown, self._load, pool=self.loader)
+        with contextlib.closing(images):
+            for n, (image_id, part) in enumerate(_per_image(table, ids)):
+                uri = uris[first[image_id]]
+                h, w = part.column("height")[0].as_py(), part.column("width")[0].as_py()
+                label = compose_label_map(part, h, w)
+                name = image_name(uri, image_id, self.repeated)
+                if ecfg.png:
+                    self.store.write_bytes(f"{self.base}/labels/{name}.png",
+                                           label_png(label, self.colours))  # fmt: skip
+                if n < len(shown):
+                    _, image, exc = next(images)
+                    if exc is not None:
+                        raise exc
+                    assert image is not None
+                    self._write_overlay(name, image, label, ecfg.overlay_alpha)
+                sources = Counter(str(s) for s in part.column("source").to_pylist())
+                present = np.flatnonzero(np.bincount(label.ravel(), minlength=IGNORE + 1))
+                rows.append(
+                    {
+                        "image_id": image_id, "name": name, "uri": uri, "width": w, "height": h,
+                        "prompt_masks": sources["prompt"], "auto_masks": sources["auto"],
+                        "classes": [int(k) for k in present if k != IGNORE],
+                        "gallery": n < len(shown),
+                    }
+                )  # fmt: skip
+        return pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), None
+
+    def _write_overlay(self, name: str, image: np.ndarray, label: np.ndarray, alpha: float) -> None:
+        over = overlay(image, label, self.colours, alpha)
+        full = jpeg(over)
+        self.store.write_bytes(f"{self.base}/overlays/{name}.jpg", full)
+        # an image that already fits the thumbnail is not resized: same bytes
+        thumb = full if max(over.shape[:2]) <= THUMB_SIDE else jpeg(over, THUMB_SIDE)
+        self.store.write_bytes(f"{self.base}/thumbs/{name}.jpg", thumb)
+
+
+def _per_image(table: pa.Table, ids: list[str]) -> list[tuple[str, pa.Table]]:
+    """``(image_id, its rows)`` for ``ids``: zero-copy slices when an image's rows are
+    consecutive (as merge writes them), else a take."""
+    rows: dict[str, list[int]] = {}
+    for i, image_id in enumerate(table.column("image_id").to_pylist()):
+        rows.setdefault(image_id, []).append(i)
+    out = []
+    for image_id in ids:
+        r = rows[image_id]
+        consecutive = r[-1] - r[0] + 1 == len(r)
+        out.append((image_id, table.slice(r[0], len(r)) if consecutive else table.take(r)))
+    return out
+
+
+# ---- driver ----------------------------------------------------------------------------------
+
+
+def plan_export(
+    store: ArtifactStore, merge: Manifest, gallery_images: int
+) -> tuple[list[dict[str, Any]], frozenset[str]]:
+    """(one spec per merge shard, the stems several images share), streaming merge's shards.
+
+    Names need a global view (is this stem unique in the whole export?). Trade-off: while
+    this pass runs the driver counts one short stem per image (the only per-image state it
+    keeps, less than the index's own rows; never masks) and it reads every merge shard
+    once more, one at a time; workers then get only the stems that repeat.
+    """
+    counts: Counter[str] = Counter()
+    specs, shown = [], 0
+    for shard in range(merge.num_shards):
+        t = store.read_shard("merge", merge.fingerprint, shard, manifest=merge)
+        first = first_rows(t) if t.num_rows else {}
+        uris = t.column("image_uri").to_pylist() if first else []
+        counts.update(image_stem(uris[r]) for r in first.values())
+        k = min(len(first), max(0, gallery_images - shown))
+        shown += k
+        specs.append({"merge": merge.fingerprint, "gallery": k})
+    return specs, frozenset(s for s, n in counts.items() if n > 1)
 
 
 def run_export(
@@ -129,118 +222,26 @@ def run_export(
     storage_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> str:
-    """Export a committed merge output (or reuse a complete export); returns its fingerprint."""
+    """Export a committed merge output (or reuse a complete export); returns its fingerprint.
+
+    ``progress(done, total)`` counts merge shards exported.
+    """
     fp = stage_fingerprint(STAGE, cfg, {"merge": merge_fp})
     base = f"exports/{fp}"
     if store.exists(f"{base}/export.json"):
         return fp
+    merge = store.require_manifest("merge", merge_fp)
     vocabulary = read_vocabulary(store, "merge", merge_fp)
-    colours = class_colours(len(vocabulary))
-    records = (
-        MaskRecords(store.read_table("merge", merge_fp))
-        if store.require_manifest("merge", merge_fp).rows
-        else MaskRecords.empty()
-    )
-    errors = store.read_table("merge", merge_fp, "errors")
-    ids = records.image_ids()
-    by_image = _row_ranges(records.table)
-    uris = [records.table.column("image_uri")[by_image[i][0]].as_py() for i in ids]
-    names = dict(zip(ids, image_names(uris, ids), strict=True))
     ecfg = cfg.export
-    entries: list[GalleryEntry] = []
-    shown = uris[: max(0, ecfg.gallery_max_images)] if ecfg.overlays else []
-    # the gallery's images are read and decoded in threads, ahead of the loop below
-    images = prefetch(shown, lambda uri: load_image(uri, storage_options, cfg.index.max_pixels))
-    with contextlib.closing(images):
-        for n, image_id in enumerate(ids):
-            rows = _rows_of(records.table, by_image[image_id])
-            h, w = rows.column("height")[0].as_py(), rows.column("width")[0].as_py()
-            label = compose_label_map(rows, h, w)
-            name = names[image_id]
-            if ecfg.png:
-                store.write_bytes(f"{base}/labels/{name}.png", label_png(label, colours))
-            if n < len(shown):
-                _, image, exc = next(images)
-                if exc is not None:
-                    raise exc
-                assert image is not None
-                over = overlay(image, label, colours, ecfg.overlay_alpha)
-                full = jpeg(over)
-                store.write_bytes(f"{base}/overlays/{name}.jpg", full)
-                # an image that already fits the thumbnail is not resized: same bytes
-                thumb = full if max(over.shape[:2]) <= THUMB_SIDE else jpeg(over, THUMB_SIDE)
-                store.write_bytes(f"{base}/thumbs/{name}.jpg", thumb)
-                sources = rows.column("source").to_pylist()
-                entries.append(
-                    GalleryEntry(
-                        name=name,
-                        uri=uris[n],
-                        thumb=f"thumbs/{name}.jpg",
-                        full=f"overlays/{name}.jpg",
-                        label_file=f"labels/{name}.png" if ecfg.png else None,
-                        prompt_masks=sources.count("prompt"),
-                        auto_masks=sources.count("auto"),
-                        classes=sorted(int(k) for k in np.unique(label) if k != 255),
-                    )
-                )
-            if progress:
-                progress(n + 1, len(ids))
-    coco = coco_dataset(records, vocabulary, names if ecfg.png else None)
-    store.write_bytes(f"{base}/annotations.json", json.dumps(coco).encode())
-    store.write_bytes(f"{base}/records.parquet", table_to_parquet_bytes(records.table))
-    if errors.num_columns:
-        store.write_bytes(f"{base}/errors.parquet", table_to_parquet_bytes(errors))
-    sources = Counter(records.table.column("source").to_pylist())
-    summary = {
-        "images": len(ids),
-        "masks": len(records),
-        "prompt masks": sources["prompt"],
-        "auto masks": sources["auto"],
-        "images without masks": errors.num_rows,
-    }
-    if ecfg.overlays:
-        per_class = np.bincount(
-            records.table.column("category_id").to_numpy(), minlength=len(vocabulary)
-        )
-        err_list = [(r["uri"], r["error_type"], r["message"]) for r in errors.to_pylist()]
-        page = gallery_html(
-            f"fmbseg pseudo-labels {fp}",
-            entries,
-            vocabulary,
-            colours,
-            per_class.tolist(),
-            summary,
-            err_list,
-        )
-        store.write_bytes(f"{base}/gallery.html", page.encode())
-    store.write_json(
-        f"{base}/export.json",
-        {
-            "fingerprint": fp,
-            "merge": merge_fp,
-            "vocabulary": list(vocabulary),
-            **{k.replace(" ", "_"): v for k, v in summary.items()},
-            "files": {
-                "coco": "annotations.json",
-                "records": "records.parquet",
-                "labels": "labels/" if ecfg.png else None,
-                "gallery": "gallery.html" if ecfg.overlays else None,
-            },
-        },
+    if store.is_committed(STAGE, fp):  # killed while writing the files: no shard to redo
+        specs, repeated = [{}] * merge.num_shards, frozenset[str]()
+    else:
+        gallery = max(0, ecfg.gallery_max_images) if ecfg.overlays else 0
+        specs, repeated = plan_export(store, merge, gallery)
+    factory = functools.partial(
+        ExportWorker, store, cfg, base, len(vocabulary), repeated, storage_options
     )
+    meta = {VOCABULARY_KEY: list(vocabulary), "merge": merge_fp}
+    run_stage(store, STAGE, fp, specs, factory, cfg.runtime, progress=progress, meta=meta)
+    write_export_files(store, cfg.export, STAGE, fp, merge, vocabulary)
     return fp
-
-
-def _rows_of(table: pa.Table, rows: list[int]) -> pa.Table:
-    """``table``'s rows ``rows``: a zero-copy slice when they are consecutive (as merge
-    writes them), else a take."""
-    if rows[-1] - rows[0] + 1 == len(rows):
-        return table.slice(rows[0], len(rows))
-    return table.take(pa.array(rows))
-
-
-def _row_ranges(table: pa.Table) -> dict[str, list[int]]:
-    rows: dict[str, list[int]] = {}
-    for i, image_id in enumerate(table.column("image_id").to_pylist()):
-        rows.setdefault(image_id, []).append(i)
-    return rows

@@ -166,11 +166,14 @@ def gallery_html(
     mask_counts: Sequence[int],
     summary: dict[str, int],
     errors: Sequence[tuple[str, str, str]] = (),
+    num_errors: int | None = None,
 ) -> str:
     """A self-contained static page: summary, class legend, image cards, unlabelled images.
 
     ``mask_counts[k]``: masks of class ``k`` over the whole export; ``errors``: ``(uri,
-    error_type, message)`` of images without masks (the first 200 are listed).
+    error_type, message)`` of images without masks (the first 200 are listed);
+    ``num_errors``: how many there are in all (default ``len(errors)``), for a caller that
+    passes only the first ones.
     """
     legend = "".join(
         f'<span><span class="sw" style="background:rgb({c[0]},{c[1]},{c[2]})"></span>'
@@ -196,8 +199,9 @@ def gallery_html(
         f"<tr><td>{html.escape(u)}</td><td>{html.escape(t)}</td><td>{html.escape(m)}</td></tr>"
         for u, t, m in list(errors)[:200]
     )
+    total = len(errors) if num_errors is None else num_errors
     err_html = (
-        f"<h2>Images without masks ({len(errors)})</h2><table><tr><th>image</th>"
+        f"<h2>Images without masks ({total})</h2><table><tr><th>image</th>"
         f"<th>reason</th><th>detail</th></tr>{err_rows}</table>"
         if errors
         else ""
