@@ -233,6 +233,7 @@ def run_export(
     merge = store.require_manifest("merge", merge_fp)
     vocabulary = read_vocabulary(store, "merge", merge_fp)
     ecfg = cfg.export
+    specs: list[dict[str, Any]]
     if store.is_committed(STAGE, fp):  # killed while writing the files: no shard to redo
         specs, repeated = [{}] * merge.num_shards, frozenset[str]()
     else:
