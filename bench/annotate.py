@@ -105,8 +105,8 @@ def patch_phases() -> list[str]:
         "rle": [(records, "encode_mask"), (records, "decode_mask")],
         "parquet": [
             (store, "table_to_parquet_bytes"),
-            (export, "table_to_parquet_bytes"),
             (pq, "read_table"),
+            (pq.ParquetFile, "read"),
         ],
         "store io": [
             (store.ArtifactStore, m)

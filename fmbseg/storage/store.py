@@ -368,7 +368,8 @@ class ArtifactStore:
         blob = self.read_bytes(rel)
         if hashlib.sha256(blob).hexdigest() != sha:
             raise StoreError(f"{self.url(rel)} does not match its manifest checksum (tampered?)")
-        return pq.read_table(io.BytesIO(blob))
+        # ParquetFile, not read_table: the dataset machinery costs ~4x on small shards
+        return pq.ParquetFile(io.BytesIO(blob)).read()
 
     def read_shard(
         self,
