@@ -14,6 +14,8 @@ point ``(x + 0.5, y + 0.5)`` asks about the centre of pixel column ``x``, row ``
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -27,6 +29,7 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+from segment_anything.utils.amg import MaskData
 
 from fmbseg.config import SamAutoConfig
 from fmbseg.models.registry import register_model
@@ -119,9 +122,45 @@ class SamSegmenter:
         ``stability_score``, ``point_coords``, ``crop_box``), filtered by the configured
         IoU / stability / NMS / small-region settings and by ``max_area_fraction``."""
         _check_image(image, f"{self.name}.generate")
-        records = self._generator.generate(image)
+        with shallow_mask_data_concat():
+            records = self._generator.generate(image)
         limit = self.auto_config.max_area_fraction * image.shape[0] * image.shape[1]
         return [r for r in records if r["area"] <= limit]
+
+
+def _concat(self: MaskData, new_stats: MaskData) -> None:
+    """``MaskData.cat`` without its ``deepcopy`` of list fields (the per-mask RLEs)."""
+    for k, v in new_stats.items():
+        old = self._stats.get(k)
+        if old is None:
+            self._stats[k] = list(v) if isinstance(v, list) else v
+        elif isinstance(v, torch.Tensor):
+            self._stats[k] = torch.cat([old, v], dim=0)
+        elif isinstance(v, np.ndarray):
+            self._stats[k] = np.concatenate([old, v], axis=0)
+        elif isinstance(v, list):
+            self._stats[k] = old + v
+        else:
+            raise TypeError(f"MaskData key {k} has an unsupported type {type(v)}.")
+
+
+@contextlib.contextmanager
+def shallow_mask_data_concat() -> Iterator[None]:
+    """While active, the automatic mask generator concatenates its batches without copying.
+
+    segment-anything's ``MaskData.cat`` deep-copies every list it appends: the uncompressed
+    RLE of every mask of every point batch, which the generator builds fresh per batch and
+    never mutates or reuses. On CPU that copy cost more than the tiny model's forward passes
+    (most of ``generate``'s time in ``bench/annotate.py``). Tensors and arrays were never
+    copied by ``cat`` (``torch.cat`` / ``np.concatenate`` allocate new ones), so results are
+    identical (``tests/models/test_sam.py``).
+    """
+    stock = MaskData.cat
+    MaskData.cat = _concat  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        MaskData.cat = stock  # type: ignore[method-assign]
 
 
 # ---- builders ---------------------------------------------------------------------------------

@@ -194,3 +194,27 @@ def test_missing_real_checkpoint_says_how_to_fix(
         "set models.sam_weights to a local path or a store URI "
         "(e.g. --set models.sam_weights=s3://bucket/sam_vit_h_4b8939.pth)"
     ) in msg
+
+
+def test_generate_without_mask_data_copies_equals_the_stock_generator(
+    sam: SamSegmenter, image: np.ndarray
+) -> None:
+    from segment_anything.utils.amg import MaskData
+
+    from fmbseg.models.sam import shallow_mask_data_concat
+
+    stock_cat = MaskData.cat
+    # 2 point batches and small-region removal: batches are concatenated, RLEs re-read
+    cfg = dataclasses.replace(NO_FILTERS, points_per_batch=8, min_mask_region_area=20)
+    ours = SamSegmenter(sam.sam, "sam_tiny", cfg)
+    fast = ours.generate(image)
+    assert MaskData.cat is stock_cat  # restored after the call
+    stock = ours._generator.generate(image)  # the library's own path, deep copies included
+    assert len(fast) == len(stock) > 5
+    for a, b in zip(fast, stock, strict=True):
+        assert _key(a) == _key(b)
+        assert a["stability_score"] == b["stability_score"]
+        assert a["point_coords"] == b["point_coords"] and a["crop_box"] == b["crop_box"]
+    with pytest.raises(RuntimeError, match="boom"), shallow_mask_data_concat():
+        raise RuntimeError("boom")
+    assert MaskData.cat is stock_cat
