@@ -189,10 +189,10 @@ class _HideUserErrorTracebacks(logging.Filter):
     """Drop Prefect's failure logs for input errors; the CLI prints those in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from fmbseg.flows.common import USER_ERRORS
+        from fmbseg.flows.common import USER_ERRORS, is_user_error
 
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, USER_ERRORS):
+        if exc is not None and is_user_error(exc):
             return False
         if record.levelno < logging.ERROR:
             return True
@@ -266,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _quiet_environment(args.verbose)
-    from fmbseg.flows.common import USER_ERRORS
+    from fmbseg.flows.common import USER_ERRORS, is_user_error
+    from fmbseg.tasks.runner import StageError
 
     input_errors: tuple[type[BaseException], ...] = (
         ConfigError,
@@ -281,6 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handler(args, common)
     except input_errors as exc:
         print(f"fmbseg: error: {exc}", file=sys.stderr)
+        return 2
+    except StageError as exc:
+        if not is_user_error(exc):
+            raise
+        print(f"fmbseg: error: {exc}", file=sys.stderr)  # e.g. weights a worker could not find
         return 2
     except KeyboardInterrupt:
         print("fmbseg: interrupted", file=sys.stderr)

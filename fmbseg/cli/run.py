@@ -20,6 +20,7 @@ from fmbseg.cli.annotate import (
 from fmbseg.cli.core import Arg, Common, command, progress_bars
 from fmbseg.data.sources import check_source
 from fmbseg.models.weights import WeightsNotFoundError
+from fmbseg.tasks.runner import StageError
 
 OFFLINE_HINT = (
     "the {config!r} config needs pretrained weights that could not be loaded (offline?).\n"
@@ -65,8 +66,11 @@ def cmd_run(args: argparse.Namespace, common: Common) -> int:
                 image_root=args.image_root, eval_dataset=args.eval_dataset,
                 eval_data_root=args.eval_data_root,
             )  # fmt: skip
-    except WeightsNotFoundError as exc:
-        print(f"fmbseg: {OFFLINE_HINT.format(config=common.config, error=exc)}")
+    except (WeightsNotFoundError, StageError) as exc:
+        missing = exc if isinstance(exc, WeightsNotFoundError) else exc.cause
+        if not isinstance(missing, WeightsNotFoundError):
+            raise
+        print(f"fmbseg: {OFFLINE_HINT.format(config=common.config, error=missing)}")
         return 2
     print_annotation_summary(out["summary"])
     model, evaluation = out["model"], out["evaluation"]

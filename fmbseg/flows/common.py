@@ -128,7 +128,12 @@ def retry_unless_user_error(task_: Any, task_run: Any, state: Any) -> bool:
         exc = state.result(raise_on_failure=False)
     except Exception:  # the result itself could not be loaded: retry
         return True
-    return not isinstance(exc, USER_ERRORS)
+    return not is_user_error(exc)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """An input error, also when a stage's worker raised it (``StageError.cause``)."""
+    return isinstance(exc, USER_ERRORS) or isinstance(getattr(exc, "cause", None), USER_ERRORS)
 
 
 def stage_task(

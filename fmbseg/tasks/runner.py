@@ -71,7 +71,26 @@ class ShardWorker(Protocol):
 
 
 class StageError(RuntimeError):
-    """A stage could not complete; the message names the stage, the shard and the cause."""
+    """A stage could not complete; the message names the stage, the shard and the cause.
+
+    ``cause`` is the worker's original exception when there is one (also across Ray), so
+    callers can tell an input error (missing weights, ...) from a crash.
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class _BuildFailed(Exception):
+    """Raised by a Ray slot whose worker could not be built: carries the original error."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_BuildFailed, (self.cause,))
 
 
 def plan_shards(n_items: int, shard_size: int) -> list[range]:
@@ -96,7 +115,7 @@ def plan_shards(n_items: int, shard_size: int) -> list[range]:
 
 
 class ShardSlot:
-    """One executor slot: a worker plus the store it writes to (a Ray actor's body)."""
+    """One executor slot: a worker plus the store it writes to (the in-process executor's)."""
 
     def __init__(
         self,
@@ -106,9 +125,13 @@ class ShardSlot:
         worker_factory: Callable[[], ShardWorker],
     ) -> None:
         self.store, self.stage, self.fp = store, stage, fp
-        self.worker = worker_factory()
+        self.build_error: Exception | None = None
+        self.worker: ShardWorker | None = worker_factory()
 
     def run(self, shard: int, spec: Any) -> ShardReceipt:
+        if self.worker is None:
+            assert self.build_error is not None
+            raise _BuildFailed(self.build_error)
         out = self.worker.process(shard, spec)
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], pa.Table)):
             raise TypeError(
@@ -117,6 +140,24 @@ class ShardSlot:
             )
         records, errors = out
         return self.store.write_shard(self.stage, self.fp, shard, records, errors)
+
+
+class _RemoteSlot(ShardSlot):
+    """The Ray actor's body: a failed build is kept and raised by ``run``, so the driver
+    receives the original exception (an actor's failed ``__init__`` only reaches it as text)."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        stage: str,
+        fp: str,
+        worker_factory: Callable[[], ShardWorker],
+    ) -> None:
+        try:
+            super().__init__(store, stage, fp, worker_factory)
+        except Exception as exc:
+            self.store, self.stage, self.fp = store, stage, fp
+            self.worker, self.build_error = None, exc
 
 
 def run_stage(
@@ -205,7 +246,8 @@ def _run_local(
             slot.run(shard, specs[shard])
         except Exception as exc:
             raise StageError(
-                f"stage {stage!r} ({fp}): shard {shard} failed: {type(exc).__name__}: {exc}"
+                f"stage {stage!r} ({fp}): shard {shard} failed: {type(exc).__name__}: {exc}",
+                exc,
             ) from exc
         on_done()
 
@@ -248,7 +290,7 @@ def _run_ray(
     if not ray.is_initialized():
         ray.init(address=runtime.ray_address)
     n_actors, gpus = _pool_shape(runtime, use_gpu, len(todo))
-    actor_cls = ray.remote(ShardSlot).options(  # type: ignore[attr-defined]
+    actor_cls = ray.remote(_RemoteSlot).options(  # type: ignore[attr-defined]
         num_cpus=runtime.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0
     )
     factory_ref = ray.put(worker_factory)
@@ -296,9 +338,16 @@ def _run_ray(
                     continue
                 except RayTaskError as exc:
                     cause = exc.cause if exc.cause is not None else exc
+                    if isinstance(cause, _BuildFailed):
+                        raise StageError(
+                            f"stage {stage!r} ({fp}): the worker could not be built "
+                            f"(while starting shard {shard}): {cause}",
+                            cause.cause,
+                        ) from cause.cause
                     raise StageError(
                         f"stage {stage!r} ({fp}): shard {shard} failed: "
-                        f"{type(cause).__name__}: {cause}"
+                        f"{type(cause).__name__}: {cause}",
+                        cause,
                     ) from exc
                 idle.append(actor)
                 on_done()

@@ -251,8 +251,22 @@ def test_ray_worker_that_cannot_be_built(ray_session, local_store) -> None:
         StageError,
         match=r"could not be built \(while starting shard 0\): RuntimeError: weights file not "
         r"found: /nope.pth$",
-    ):
+    ) as failure:
         run_stage(local_store, "sq", "fp", _specs(), _broken_factory, one)
+    # the original exception crosses from the actor, so callers can classify it
+    assert type(failure.value.cause) is RuntimeError
+    assert str(failure.value.cause) == "weights file not found: /nope.pth"
+
+
+def test_a_stage_error_is_a_user_error_when_its_cause_is() -> None:
+    from fmbseg.flows.common import is_user_error
+    from fmbseg.models.weights import WeightsNotFoundError
+
+    missing = WeightsNotFoundError("could not find sam_vit_b weights")
+    assert is_user_error(StageError("stage 'sam_auto': worker could not be built", missing))
+    assert is_user_error(missing)
+    assert not is_user_error(StageError("stage 'sam_auto': shard 3 failed", KeyError("x")))
+    assert not is_user_error(StageError("no cause"))
 
 
 @pytest.mark.slow
