@@ -89,6 +89,23 @@ def command(
 # ---- parsing ----------------------------------------------------------------------------------
 
 
+def positive_int(flag: str) -> Callable[[str], int]:
+    """An argparse ``type`` for ``flag``: a whole number >= 1, else a message naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be a whole number, got {text!r}"
+            ) from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
 def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
     """``["key=abc", "client_kwargs.endpoint_url=http://h:9000"]`` -> nested dict.
 

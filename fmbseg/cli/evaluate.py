@@ -5,18 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fmbseg.cli.core import Arg, Common, UsageError, command, progress_bars
-from fmbseg.data.datasets import DatasetError, dataset_names
-
-
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--limit must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--limit must be >= 1, got {value}")
-    return value
+from fmbseg.cli.core import Arg, Common, command, positive_int, progress_bars
+from fmbseg.data.datasets import dataset_names
 
 
 def labels_summary(report: dict[str, Any]) -> str:
@@ -50,25 +40,20 @@ def labels_summary(report: dict[str, Any]) -> str:
              "labels:<merge fingerprint> to score pseudo-labels (default %(default)s)"),
     Arg("--name", default=None, dest="model_name",
         help="registry model name for champion/latest/vNNNN (default: train.model_name)"),
-    Arg("--limit", type=_limit, default=None, help="evaluate only the first N images"),
+    Arg("--limit", type=positive_int("--limit"), default=None, help="evaluate only the first N images"),
 )  # fmt: skip
 def cmd_evaluate(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.flows.evaluate import evaluate_flow
-    from fmbseg.storage.models import ModelNotFoundError
-    from fmbseg.storage.store import NotCommittedError
     from fmbseg.tasks.evaluate import format_report
 
-    try:
-        with progress_bars():
-            report = evaluate_flow(
-                dataset=args.dataset, data_root=args.data_root, model=args.model,
-                store=common.store, config=common.config, overrides=list(common.overrides),
-                ray_address=common.ray_address,
-                storage_options=common.storage_options or None, limit=args.limit,
-                model_name=args.model_name,
-            )  # fmt: skip
-    except (DatasetError, ModelNotFoundError, NotCommittedError) as exc:
-        raise UsageError(str(exc)) from exc
+    with progress_bars():
+        report = evaluate_flow(
+            dataset=args.dataset, data_root=args.data_root, model=args.model,
+            store=common.store, config=common.config, overrides=list(common.overrides),
+            ray_address=common.ray_address,
+            storage_options=common.storage_options or None, limit=args.limit,
+            model_name=args.model_name,
+        )  # fmt: skip
     if "merged" in report:  # model=labels:...: pseudo-label quality, three label maps
         print(labels_summary(report))
     else:

@@ -6,20 +6,8 @@ import argparse
 from typing import Any
 
 from fmbseg.cli.annotate import CLASSES, IMAGE_ROOT, IMAGES, VOCAB, vocabulary_from_args
-from fmbseg.cli.core import Arg, Common, UsageError, command, progress_bars
+from fmbseg.cli.core import Arg, Common, UsageError, command, positive_int, progress_bars
 from fmbseg.data.sources import check_source
-
-
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--eval-limit must be a whole number, got {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--eval-limit must be >= 1, got {value}")
-    return value
 
 
 def print_retrain(out: dict[str, Any]) -> None:
@@ -52,27 +40,22 @@ def print_retrain(out: dict[str, Any]) -> None:
         help="held-out set to compare the new model with the champion: 'folder' (your own "
              "images/, labels/ and classes.txt) or a benchmark name"),
     Arg("--eval-data-root", default=None, help="the held-out set's folder or URI"),
-    Arg("--eval-limit", type=_limit, default=None, help="evaluate only the first N images"),
+    Arg("--eval-limit", type=positive_int("--eval-limit"), default=None, help="evaluate only the first N images"),
 )  # fmt: skip
 def cmd_retrain(args: argparse.Namespace, common: Common) -> int:
     vocabulary = vocabulary_from_args(args)
     if (args.eval_dataset is None) != (args.eval_data_root is None):
         raise UsageError("give both --eval-dataset and --eval-data-root, or neither")
     check_source(args.images, common.storage_options)
-    from fmbseg.data.datasets import DatasetError
     from fmbseg.flows.retrain import retrain_flow
-    from fmbseg.storage.models import ModelNotFoundError
 
-    try:
-        with progress_bars(units={"train": "epoch"}):
-            out = retrain_flow(
-                images=args.images, store=common.store, classes=list(vocabulary),
-                config=common.config, overrides=list(common.overrides),
-                ray_address=common.ray_address, storage_options=common.storage_options or None,
-                image_root=args.image_root, mode=args.mode, eval_dataset=args.eval_dataset,
-                eval_data_root=args.eval_data_root, eval_limit=args.eval_limit,
-            )  # fmt: skip
-    except (DatasetError, ModelNotFoundError) as exc:
-        raise UsageError(str(exc)) from exc
+    with progress_bars(units={"train": "epoch"}):
+        out = retrain_flow(
+            images=args.images, store=common.store, classes=list(vocabulary),
+            config=common.config, overrides=list(common.overrides),
+            ray_address=common.ray_address, storage_options=common.storage_options or None,
+            image_root=args.image_root, mode=args.mode, eval_dataset=args.eval_dataset,
+            eval_data_root=args.eval_data_root, eval_limit=args.eval_limit,
+        )  # fmt: skip
     print_retrain(out)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fmbseg.cli.core import DEFAULT_STORE, Arg, Common, UsageError, command, progress_bars
+from fmbseg.cli.core import DEFAULT_STORE, Arg, Common, command, progress_bars
 
 
 @command(
@@ -16,17 +16,13 @@ from fmbseg.cli.core import DEFAULT_STORE, Arg, Common, UsageError, command, pro
 )  # fmt: skip
 def cmd_train(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.flows.train import train_flow
-    from fmbseg.storage.store import NotCommittedError
 
-    try:
-        with progress_bars(units={"train": "epoch"}):
-            result = train_flow(
-                store=common.store, labels=args.labels, config=common.config,
-                overrides=list(common.overrides), ray_address=common.ray_address,
-                storage_options=common.storage_options or None,
-            )  # fmt: skip
-    except NotCommittedError as exc:
-        raise UsageError(str(exc)) from None
+    with progress_bars(units={"train": "epoch"}):
+        result = train_flow(
+            store=common.store, labels=args.labels, config=common.config,
+            overrides=list(common.overrides), ray_address=common.ray_address,
+            storage_options=common.storage_options or None,
+        )  # fmt: skip
     ref = f"{result['model']}:{result['version']}"
     cached = " (cache hit: already trained on these labels, nothing retrained)"
     losses = result["epoch_losses"]

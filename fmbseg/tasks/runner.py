@@ -125,13 +125,9 @@ class ShardSlot:
         worker_factory: Callable[[], ShardWorker],
     ) -> None:
         self.store, self.stage, self.fp = store, stage, fp
-        self.build_error: Exception | None = None
-        self.worker: ShardWorker | None = worker_factory()
+        self.worker = worker_factory()
 
     def run(self, shard: int, spec: Any) -> ShardReceipt:
-        if self.worker is None:
-            assert self.build_error is not None
-            raise _BuildFailed(self.build_error)
         out = self.worker.process(shard, spec)
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], pa.Table)):
             raise TypeError(
@@ -153,11 +149,16 @@ class _RemoteSlot(ShardSlot):
         fp: str,
         worker_factory: Callable[[], ShardWorker],
     ) -> None:
+        self.build_error: Exception | None = None
         try:
             super().__init__(store, stage, fp, worker_factory)
-        except Exception as exc:
-            self.store, self.stage, self.fp = store, stage, fp
-            self.worker, self.build_error = None, exc
+        except Exception as exc:  # the store, stage and fp are set before the build
+            self.build_error = exc
+
+    def run(self, shard: int, spec: Any) -> ShardReceipt:
+        if self.build_error is not None:
+            raise _BuildFailed(self.build_error)
+        return super().run(shard, spec)
 
 
 def run_stage(
