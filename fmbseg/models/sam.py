@@ -14,14 +14,12 @@ point ``(x + 0.5, y + 0.5)`` asks about the centre of pixel column ``x``, row ``
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
-from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
+from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -29,10 +27,10 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
-from segment_anything.utils.amg import MaskData
 
 from fmbseg.config import SamAutoConfig
 from fmbseg.models.registry import register_model
+from fmbseg.models.sam_amg import BinaryMaskGenerator
 from fmbseg.models.weights import load_into, load_state_dict_file, resolve_weights, seeded
 
 # The official checkpoint file names, for error messages.
@@ -72,7 +70,7 @@ class SamSegmenter:
         self.auto_config = auto_config or SamAutoConfig()
         self.predictor = SamPredictor(sam)
         cfg = self.auto_config
-        self._generator = SamAutomaticMaskGenerator(
+        self._generator = BinaryMaskGenerator(
             sam,
             points_per_side=cfg.points_per_side,
             points_per_batch=cfg.points_per_batch,
@@ -80,7 +78,6 @@ class SamSegmenter:
             stability_score_thresh=cfg.stability_score_thresh,
             box_nms_thresh=cfg.box_nms_thresh,
             min_mask_region_area=cfg.min_mask_region_area,
-            output_mode="binary_mask",
         )
         self._image_hw: tuple[int, int] | None = None
 
@@ -122,45 +119,9 @@ class SamSegmenter:
         ``stability_score``, ``point_coords``, ``crop_box``), filtered by the configured
         IoU / stability / NMS / small-region settings and by ``max_area_fraction``."""
         _check_image(image, f"{self.name}.generate")
-        with shallow_mask_data_concat():
-            records = self._generator.generate(image)
+        records = self._generator.generate(image)
         limit = self.auto_config.max_area_fraction * image.shape[0] * image.shape[1]
         return [r for r in records if r["area"] <= limit]
-
-
-def _concat(self: MaskData, new_stats: MaskData) -> None:
-    """``MaskData.cat`` without its ``deepcopy`` of list fields (the per-mask RLEs)."""
-    for k, v in new_stats.items():
-        old = self._stats.get(k)
-        if old is None:
-            self._stats[k] = list(v) if isinstance(v, list) else v
-        elif isinstance(v, torch.Tensor):
-            self._stats[k] = torch.cat([old, v], dim=0)
-        elif isinstance(v, np.ndarray):
-            self._stats[k] = np.concatenate([old, v], axis=0)
-        elif isinstance(v, list):
-            self._stats[k] = old + v
-        else:
-            raise TypeError(f"MaskData key {k} has an unsupported type {type(v)}.")
-
-
-@contextlib.contextmanager
-def shallow_mask_data_concat() -> Iterator[None]:
-    """While active, the automatic mask generator concatenates its batches without copying.
-
-    segment-anything's ``MaskData.cat`` deep-copies every list it appends: the uncompressed
-    RLE of every mask of every point batch, which the generator builds fresh per batch and
-    never mutates or reuses. On CPU that copy cost more than the tiny model's forward passes
-    (most of ``generate``'s time in ``bench/annotate.py``). Tensors and arrays were never
-    copied by ``cat`` (``torch.cat`` / ``np.concatenate`` allocate new ones), so results are
-    identical (``tests/models/test_sam.py``).
-    """
-    stock = MaskData.cat
-    MaskData.cat = _concat  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        MaskData.cat = stock  # type: ignore[method-assign]
 
 
 # ---- builders ---------------------------------------------------------------------------------

@@ -286,8 +286,8 @@ class ClipDenseWorker:
         from fmbseg.models.registry import build_from_config
 
         self.store, self.cfg, self.fp = store, cfg, fp
-        self.upstream = Upstream(store)
         self.loader = loader_pool()
+        self.upstream = Upstream(store, self.loader)
         self.storage_options = storage_options
         self.model: DenseClip = build_from_config(
             cfg.models,
@@ -319,6 +319,9 @@ class ClipDenseWorker:
             )
             out.append(result_row(res, self.fp))
         return out
+
+    def prefetch(self, shard: int, spec: dict[str, str]) -> None:
+        self.upstream.prefetch(INDEX_STAGE, spec["index"], shard)
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         rows = self.upstream.read(INDEX_STAGE, spec["index"], shard).to_pylist()

@@ -120,11 +120,14 @@ class ExportWorker:
         self.store, self.cfg, self.base, self.repeated = store, cfg, base, repeated
         self.colours = class_colours(num_classes)
         self.storage_options = storage_options
-        self.upstream = Upstream(store)
         self.loader = loader_pool()
+        self.upstream = Upstream(store, self.loader)
 
     def _load(self, uri: str) -> np.ndarray:
         return load_image(uri, self.storage_options, self.cfg.index.max_pixels)
+
+    def prefetch(self, shard: int, spec: dict[str, Any]) -> None:
+        self.upstream.prefetch("merge", spec["merge"], shard)
 
     def process(self, shard: int, spec: dict[str, Any]) -> tuple[pa.Table, None]:
         table = self.upstream.read("merge", spec["merge"], shard)

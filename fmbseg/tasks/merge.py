@@ -30,6 +30,7 @@ from fmbseg.tasks.stage1 import (
     INDEX_STAGE,
     VOCABULARY_KEY,
     Upstream,
+    loader_pool,
     num_shards,
     read_vocabulary,
     stage_fingerprint,
@@ -203,7 +204,14 @@ class MergeWorker:
 
     def __init__(self, store: ArtifactStore, cfg: MergeConfig) -> None:
         self.store, self.cfg = store, cfg
-        self.upstream = Upstream(store)
+        self.upstream = Upstream(store, loader_pool(2))
+
+    def prefetch(self, shard: int, spec: dict[str, str]) -> None:
+        up = self.upstream
+        up.prefetch(INDEX_STAGE, spec["index"], shard)
+        for stage in ("clip_dense", "sam_prompt", "sam_auto"):
+            up.prefetch(stage, spec[stage], shard)
+            up.prefetch(stage, spec[stage], shard, kind="errors")
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         up = self.upstream

@@ -8,12 +8,19 @@ returned tables with :meth:`ArtifactStore.write_shard`, so record data never flo
 the driver, which keeps only the receipts. Shards that already have receipts are skipped
 (resume after a crash), and the manifest is committed last.
 
+A slot keeps the worker busy: while one shard is processed, the next one's inputs are
+read (a worker may define ``prefetch(shard, spec)``, a hint that starts reading them in
+its own threads and returns at once) and the previous one's tables are written, in threads.
+The worker still processes one shard at a time (its models are not shared between threads).
+
 Executors (``RuntimeConfig.executor``):
-- ``"local"``: one worker in this process, shards in order. For unit tests and debugging.
+- ``"local"``: one worker in this process, shards processed in order; writes of shard
+  ``i`` overlap shard ``i + 1``. For unit tests, debugging and single-process runs.
 - ``"ray"``: a pool of Ray actors, each reserving ``cpus_per_worker`` CPUs and, for GPU
   stages on a cluster with GPUs, ``gpus_per_worker`` GPUs. Shards are streamed to whichever
-  actor is idle. An actor that dies (OOM, node loss, segfault) is replaced and its shard
-  resubmitted, up to ``max_retries`` times per shard.
+  actor has room; an actor holds up to ``SLOT_DEPTH`` shards (a threaded actor: one
+  processed, the other read ahead or written). An actor that dies (OOM, node loss,
+  segfault) is replaced and its shards resubmitted, up to ``max_retries`` times per shard.
 
 Errors: bad *inputs* (an undecodable image) are the worker's business and become rows of
 the shard's errors table (:func:`errors_table`); an exception escaping ``process`` is a bug
@@ -22,9 +29,12 @@ and fails the stage with a :class:`StageError` naming the shard.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -34,6 +44,8 @@ from fmbseg.storage.records import ERROR_SCHEMA
 from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
 
 log = logging.getLogger(__name__)
+
+SLOT_DEPTH = 2  # shards in one slot at once: one being processed, one read ahead or written
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: shards done (including ones done by an earlier run) of total."""
@@ -68,6 +80,13 @@ class ShardWorker(Protocol):
     def process(self, shard: int, spec: Any) -> tuple[pa.Table, pa.Table | None]:
         """Shard ``shard`` described by ``spec`` -> (records, errors or None)."""
         ...
+
+
+def _hint_prefetch(worker: ShardWorker, shard: int, spec: Any) -> None:
+    """Ask ``worker`` to start reading a shard it will process next (if it can)."""
+    hint = getattr(worker, "prefetch", None)
+    if hint is not None:
+        hint(shard, spec)
 
 
 class StageError(RuntimeError):
@@ -114,8 +133,36 @@ def plan_shards(n_items: int, shard_size: int) -> list[range]:
     return out
 
 
+class _InTurn:
+    """A lock granted in the order it was asked for (``threading.Lock`` may let a newer
+    waiter in first, again and again, and starve an older shard)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._waiting: deque[object] = deque()
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        me = object()
+        with self._cv:
+            self._waiting.append(me)
+            self._cv.wait_for(lambda: self._waiting[0] is me)
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._waiting.popleft()
+                self._cv.notify_all()
+
+
 class ShardSlot:
-    """One executor slot: a worker plus the store it writes to (the in-process executor's)."""
+    """One executor slot: a worker plus the store it writes to.
+
+    :meth:`run` may be called from ``SLOT_DEPTH`` threads at once (a threaded Ray actor):
+    each call hints the worker to prefetch, processes under the slot's lock (one shard at a
+    time, in the order the calls came), then writes outside it, so one shard's reading or writing overlaps another's
+    processing. The local executor drives :meth:`process` and :meth:`write` itself, in order.
+    """
 
     def __init__(
         self,
@@ -126,16 +173,25 @@ class ShardSlot:
     ) -> None:
         self.store, self.stage, self.fp = store, stage, fp
         self.worker = worker_factory()
+        self._busy = _InTurn()
 
-    def run(self, shard: int, spec: Any) -> ShardReceipt:
+    def process(self, shard: int, spec: Any) -> tuple[pa.Table, pa.Table | None]:
         out = self.worker.process(shard, spec)
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], pa.Table)):
             raise TypeError(
                 f"{type(self.worker).__name__}.process must return (pa.Table, pa.Table | None),"
                 f" got {type(out).__name__}"
             )
-        records, errors = out
-        return self.store.write_shard(self.stage, self.fp, shard, records, errors)
+        return out
+
+    def write(self, shard: int, out: tuple[pa.Table, pa.Table | None]) -> ShardReceipt:
+        return self.store.write_shard(self.stage, self.fp, shard, *out)
+
+    def run(self, shard: int, spec: Any) -> ShardReceipt:
+        _hint_prefetch(self.worker, shard, spec)
+        with self._busy():
+            out = self.process(shard, spec)
+        return self.write(shard, out)
 
 
 class _RemoteSlot(ShardSlot):
@@ -242,15 +298,35 @@ def _run_local(
     on_done: Callable[[], None],
 ) -> None:
     slot = ShardSlot(store, stage, fp, worker_factory)
-    for shard in todo:
+
+    def failed(shard: int, exc: Exception) -> StageError:
+        return StageError(
+            f"stage {stage!r} ({fp}): shard {shard} failed: {type(exc).__name__}: {exc}", exc
+        )
+
+    def finish(shard: int, write: Future[ShardReceipt]) -> None:
         try:
-            slot.run(shard, specs[shard])
+            write.result()
         except Exception as exc:
-            raise StageError(
-                f"stage {stage!r} ({fp}): shard {shard} failed: {type(exc).__name__}: {exc}",
-                exc,
-            ) from exc
+            raise failed(shard, exc) from exc
         on_done()
+
+    # shard i+1 is prefetched while shard i is processed, and shard i is written while
+    # shard i+1 is processed; at most one write in flight
+    with ThreadPoolExecutor(1, thread_name_prefix=f"fmbseg-write-{stage}") as writer:
+        writing: tuple[int, Future[ShardReceipt]] | None = None
+        for k, shard in enumerate(todo):
+            if k + 1 < len(todo):
+                _hint_prefetch(slot.worker, todo[k + 1], specs[todo[k + 1]])
+            try:
+                out = slot.process(shard, specs[shard])
+            except Exception as exc:
+                raise failed(shard, exc) from exc
+            if writing is not None:
+                finish(*writing)
+            writing = (shard, writer.submit(slot.write, shard, out))
+        if writing is not None:
+            finish(*writing)
 
 
 def _last_line(exc: BaseException) -> str:
@@ -292,7 +368,11 @@ def _run_ray(
         ray.init(address=runtime.ray_address)
     n_actors, gpus = _pool_shape(runtime, use_gpu, len(todo))
     actor_cls = ray.remote(_RemoteSlot).options(  # type: ignore[attr-defined]
-        num_cpus=runtime.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0
+        num_cpus=runtime.cpus_per_worker,
+        num_gpus=gpus,
+        max_restarts=0,
+        max_task_retries=0,
+        max_concurrency=SLOT_DEPTH,
     )
     factory_ref = ray.put(worker_factory)
 
@@ -304,7 +384,7 @@ def _run_ray(
     queue = deque(todo)
     attempts = dict.fromkeys(todo, 0)
     live = [new_actor() for _ in range(n_actors)]
-    idle = list(live)
+    idle = [a for _ in range(SLOT_DEPTH) for a in live]  # one entry per free place
     pending: dict[Any, tuple[Any, int]] = {}
     try:
         while queue or pending:
@@ -328,14 +408,17 @@ def _run_ray(
                             f"stage {stage!r} ({fp}): shard {shard} failed: its worker died "
                             f"on each of {attempts[shard]} attempts; last cause: {exc}"
                         ) from exc
+                    queue.appendleft(shard)
+                    if actor not in live:  # its other shard already reported the death
+                        continue
                     log.warning("%s/%s: worker died on shard %d (attempt %d); replacing it",
                                 stage, fp, shard, attempts[shard])  # fmt: skip
                     ray.kill(actor)
                     live.remove(actor)
+                    idle = [a for a in idle if a is not actor]
                     replacement = new_actor()
                     live.append(replacement)
-                    idle.append(replacement)
-                    queue.appendleft(shard)
+                    idle += [replacement] * SLOT_DEPTH
                     continue
                 except RayTaskError as exc:
                     cause = exc.cause if exc.cause is not None else exc

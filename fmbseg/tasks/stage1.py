@@ -125,12 +125,15 @@ class Upstream:
     """A worker's reader of committed upstream shards; each manifest is fetched once.
 
     A committed manifest never changes, so one worker keeps it for all its shards rather
-    than re-reading ``_manifest.json`` for every shard it reads.
+    than re-reading ``_manifest.json`` for every shard it reads. :meth:`prefetch` starts a
+    read in ``pool``'s threads; the next :meth:`read` of that shard takes its result.
     """
 
-    def __init__(self, store: ArtifactStore) -> None:
+    def __init__(self, store: ArtifactStore, pool: ThreadPoolExecutor | None = None) -> None:
         self.store = store
+        self.pool = pool
         self._manifests: dict[tuple[str, str], Manifest] = {}
+        self._ahead: dict[tuple[str, str, int, str], Future[pa.Table]] = {}
 
     def manifest(self, stage: str, fp: str) -> Manifest:
         key = (stage, fp)
@@ -140,11 +143,25 @@ class Upstream:
 
     def read(self, stage: str, fp: str, shard: int, kind: str = "part") -> pa.Table:
         """Shard ``shard`` of ``stage/fp`` (an empty, column-less table when it has none)."""
+        ahead = self._ahead.pop((stage, fp, shard, kind), None)
+        if ahead is not None:
+            return ahead.result()
         return self.store.read_shard(stage, fp, shard, kind, manifest=self.manifest(stage, fp))
+
+    def prefetch(self, stage: str, fp: str, shard: int, kind: str = "part") -> None:
+        """Start reading what :meth:`read` will be asked for (no-op without a pool)."""
+        key = (stage, fp, shard, kind)
+        if self.pool is not None and key not in self._ahead:
+            self._ahead[key] = self.pool.submit(
+                lambda: self.store.read_shard(
+                    stage, fp, shard, kind, manifest=self.manifest(stage, fp)
+                )
+            )
 
     def part(self, stage: str, fp: str, shard: int, kind: str = "part") -> pa.Table | None:
         """Like :func:`read_part`: None when that shard wrote no records (or errors)."""
-        return read_part(self.store, stage, fp, shard, kind, self.manifest(stage, fp))
+        table = self.read(stage, fp, shard, kind)
+        return table if table.num_columns else None
 
 
 def load_image(
@@ -221,8 +238,8 @@ class SamStageWorker:
         from fmbseg.models.registry import build_from_config
 
         self.store, self.cfg, self.fp = store, cfg, fp
-        self.upstream = Upstream(store)
         self.loader = loader_pool()
+        self.upstream = Upstream(store, self.loader)
         self.vocabulary = tuple(vocabulary)
         self.storage_options = storage_options
         self.segmenter = build_from_config(
@@ -239,6 +256,9 @@ class SamStageWorker:
     def label(self, image: np.ndarray, clip: Any) -> list[dict[str, Any]]:
         """Record rows of one image (``clip`` is its ClipDenseResult)."""
         raise NotImplementedError
+
+    def prefetch(self, shard: int, spec: dict[str, str]) -> None:
+        self.upstream.prefetch("clip_dense", spec["clip_dense"], shard)
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         from fmbseg.storage.records import MaskRecords, errors_table

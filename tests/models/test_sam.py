@@ -196,25 +196,44 @@ def test_missing_real_checkpoint_says_how_to_fix(
     ) in msg
 
 
-def test_generate_without_mask_data_copies_equals_the_stock_generator(
-    sam: SamSegmenter, image: np.ndarray
+@pytest.mark.parametrize(
+    "changes",
+    [
+        # 2 point batches, small-region removal (holes and islands change masks, then NMS)
+        {"points_per_batch": 8, "min_mask_region_area": 20},
+        # every filter of METHOD 1.2 at work: IoU, stability, NMS, small regions; the flipped
+        # image's last point batch keeps no mask
+        {"points_per_batch": 5, "pred_iou_thresh": 0.34, "stability_score_thresh": 0.1,
+         "box_nms_thresh": 0.99, "min_mask_region_area": 30},
+    ],
+)  # fmt: skip
+def test_binary_mask_generator_equals_the_stock_generator(
+    sam: SamSegmenter, image: np.ndarray, changes: dict
 ) -> None:
-    from segment_anything.utils.amg import MaskData
+    from segment_anything import SamAutomaticMaskGenerator
 
-    from fmbseg.models.sam import shallow_mask_data_concat
-
-    stock_cat = MaskData.cat
-    # 2 point batches and small-region removal: batches are concatenated, RLEs re-read
-    cfg = dataclasses.replace(NO_FILTERS, points_per_batch=8, min_mask_region_area=20)
-    ours = SamSegmenter(sam.sam, "sam_tiny", cfg)
-    fast = ours.generate(image)
-    assert MaskData.cat is stock_cat  # restored after the call
-    stock = ours._generator.generate(image)  # the library's own path, deep copies included
-    assert len(fast) == len(stock) > 5
-    for a, b in zip(fast, stock, strict=True):
-        assert _key(a) == _key(b)
-        assert a["stability_score"] == b["stability_score"]
-        assert a["point_coords"] == b["point_coords"] and a["crop_box"] == b["crop_box"]
-    with pytest.raises(RuntimeError, match="boom"), shallow_mask_data_concat():
-        raise RuntimeError("boom")
-    assert MaskData.cat is stock_cat
+    cfg = dataclasses.replace(NO_FILTERS, **changes)
+    ours = SamSegmenter(sam.sam, "sam_tiny", cfg)._generator
+    stock = SamAutomaticMaskGenerator(
+        sam.sam,
+        points_per_side=cfg.points_per_side,
+        points_per_batch=cfg.points_per_batch,
+        pred_iou_thresh=cfg.pred_iou_thresh,
+        stability_score_thresh=cfg.stability_score_thresh,
+        box_nms_thresh=cfg.box_nms_thresh,
+        min_mask_region_area=cfg.min_mask_region_area,
+        output_mode="binary_mask",
+    )
+    counts = []
+    for img in (image, np.ascontiguousarray(image[::-1, ::2])):
+        fast, slow = ours.generate(img), stock.generate(img)
+        assert len(fast) == len(slow) >= 1
+        counts.append(len(fast))
+        for a, b in zip(fast, slow, strict=True):
+            assert a.keys() == b.keys()
+            assert a["segmentation"].dtype == bool and a["segmentation"].shape == img.shape[:2]
+            assert np.array_equal(a["segmentation"], b["segmentation"])
+            assert {k: v for k, v in a.items() if k != "segmentation"} == {
+                k: v for k, v in b.items() if k != "segmentation"
+            }
+    assert sum(counts) > 2

@@ -226,7 +226,9 @@ def test_killed_writer_resumes_only_missing_shards(
     )  # fmt: skip
     assert proc.returncode == -9, proc.stderr
     assert log.read_text().split() == ["0", "1", "2", "3"]  # died inside shard 3
-    assert sorted(any_store.shard_receipts(STAGE, "killed")) == [0, 1, 2]
+    written = sorted(any_store.shard_receipts(STAGE, "killed"))
+    # shard 2 is written while shard 3 is processed: the kill may come before its receipt
+    assert written in ([0, 1, 2], [0, 1])
     assert any_store.manifest(STAGE, "killed") is None
 
     _CountingWorker.calls = []
@@ -234,7 +236,7 @@ def test_killed_writer_resumes_only_missing_shards(
     manifest = run_stage(
         any_store, STAGE, "killed", specs, _CountingWorker, RuntimeConfig(executor="local")
     )
-    assert _CountingWorker.calls == [3, 4, 5]  # only the missing shards were redone
+    assert _CountingWorker.calls == list(range(len(written), 6))  # only the missing ones redone
     assert manifest.num_shards == 6
     assert any_store.read_table(STAGE, "killed").column("item").to_pylist() == list(range(12))
 

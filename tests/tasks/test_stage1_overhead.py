@@ -11,7 +11,7 @@ import pytest
 from skimage.segmentation import find_boundaries
 
 from fmbseg.config import MergeConfig
-from fmbseg.storage import ArtifactStore
+from fmbseg.storage import ArtifactStore, StoreError
 from fmbseg.storage.records import IGNORE, MaskRecords, mask_row
 from fmbseg.tasks.gallery import inner_boundaries
 from fmbseg.tasks.merge import merge_image, merge_shard
@@ -74,6 +74,36 @@ def test_upstream_reads_each_manifest_once(tmp_path, monkeypatch):
     assert up.part("s", "fp", 1, kind="errors") is None  # no errors written: None, no read
     assert sum(r.endswith("_manifest.json") for r in reads) == 1
     assert len(reads) == 4  # the manifest and the three parts
+
+
+def test_upstream_prefetch_reads_in_the_pool_and_read_takes_the_result(tmp_path, monkeypatch):
+    store = ArtifactStore(str(tmp_path))
+    for shard in range(3):
+        store.write_shard("s", "fp", shard, pa.table({"x": [shard]}))
+    store.commit("s", "fp", 3)
+    threads: list[str] = []
+    read_shard = ArtifactStore.read_shard
+
+    def spy(self, *a, **k):
+        threads.append(threading.current_thread().name)
+        return read_shard(self, *a, **k)
+
+    monkeypatch.setattr(ArtifactStore, "read_shard", spy)
+    pool = loader_pool(2)
+    try:
+        up = Upstream(store, pool)
+        up.prefetch("s", "fp", 1)
+        up.prefetch("s", "fp", 1)  # a repeated hint reads once
+        assert up.read("s", "fp", 1).column("x").to_pylist() == [1]
+        assert len(threads) == 1 and threads[0].startswith("fmbseg-load")
+        assert up.read("s", "fp", 1).column("x").to_pylist() == [1]  # taken: read again
+        assert len(threads) == 2 and threads[1] == threading.current_thread().name
+        up.prefetch("s", "fp", 7)  # a bad shard fails where it is read, not in the hint
+        with pytest.raises(StoreError, match="has shards 0..2, not 7"):
+            up.read("s", "fp", 7)
+    finally:
+        pool.shutdown()
+    assert Upstream(store).prefetch("s", "fp", 0) is None  # no pool: a no-op hint
 
 
 def test_prefetch_on_a_shared_pool_keeps_order_errors_and_threads():
