@@ -359,7 +359,10 @@ def test_ray_replaces_a_dead_actor_and_loses_nothing(ray_session, local_store, t
 @pytest.mark.slow
 def test_ray_gives_up_after_max_retries(ray_session, local_store) -> None:
     runtime = RuntimeConfig(executor="ray", num_workers=1, max_retries=1)
-    with pytest.raises(StageError, match=r"shard 0 failed: its worker died on each of 2 attempts"):
+    # the actor holds shards 0 and 1 (SLOT_DEPTH): either may be the one that reports
+    with pytest.raises(
+        StageError, match=r"shard [01] failed: its worker died on each of 2 attempts"
+    ):
         run_stage(local_store, "sq", "fp", _specs(4, 2), AlwaysDies, runtime)
     assert local_store.manifest("sq", "fp") is None
 
