@@ -3,7 +3,8 @@
 Runs index -> clip_dense -> sam_prompt -> sam_auto -> merge -> export with the local
 executor on ``--images`` generated photos (random crops of skimage's sample photos) and the
 models a config names (``tiny`` = random-weight tiny CLIP and SAM, CPU). Every model call
-(CLIP ``crops_and_dense``/``encode_text``, SAM ``set_image``/``predict``/``generate``) is
+(CLIP ``crops_and_dense``/``encode_text``, SAM ``set_image``/``predict``/``predict_batch``/
+``generate``) is
 timed, so the report separates model time from everything else (decoding, resizing,
 stitching, RLE, Parquet, PNG, store I/O), per stage and overall, measured in this one run.
 
@@ -40,7 +41,7 @@ import torch
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-TIMED = {"crops_and_dense", "encode_text", "set_image", "predict", "generate"}
+TIMED = {"crops_and_dense", "encode_text", "set_image", "predict", "predict_batch", "generate"}
 MODEL_TIME: collections.Counter[str] = collections.Counter()
 BUILD_TIME: collections.Counter[str] = collections.Counter()
 PHASE_TIME: collections.Counter[str] = collections.Counter()  # main thread, outermost call

@@ -160,6 +160,14 @@ class ColourClip:
         return self.crop_embeddings(crops), self.dense_features(crops)
 
 
+def predict_each(
+    sam: Any, points: np.ndarray, labels: np.ndarray, multimask: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``Segmenter.predict_batch`` of a stand-in: its ``predict`` on each prompt, stacked."""
+    out = [sam.predict(p, lab, multimask) for p, lab in zip(points, labels, strict=True)]
+    return np.stack([m for m, _ in out]), np.stack([s for _, s in out])
+
+
 class OracleSam:
     """Stand-in Segmenter returning true regions, read back from the class colours."""
 
@@ -187,6 +195,11 @@ class OracleSam:
         part = true.copy()
         part[: (ys.min() + ys.max()) // 2] = False
         return np.stack([part, true, box]), np.array([0.6, 0.95, 0.8], dtype=np.float32)
+
+    def predict_batch(
+        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return predict_each(self, points, labels, multimask)
 
     def generate(self, image: np.ndarray) -> list[dict]:
         self.set_image(image)

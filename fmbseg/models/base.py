@@ -82,6 +82,14 @@ class Segmenter(Protocol):
         """
         ...
 
+    def predict_batch(
+        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``B`` prompts on the current image at once: points ``(B, P, 2)``, labels
+        ``(B, P)`` -> masks ``(B, M, H, W) bool``, scores ``(B, M) float32``; prompt ``b``
+        gets what :meth:`predict` gives for ``points[b]``, ``labels[b]``."""
+        ...
+
     def generate(self, image: np.ndarray) -> list[dict]:
         """Automatic masks of ``image`` in segment-anything's record format
         (``segmentation`` HxW bool, ``area``, ``bbox`` XYWH, ``predicted_iou``,

@@ -113,6 +113,35 @@ class SamSegmenter:
         )
         return masks.astype(bool), scores.astype(np.float32)
 
+    def predict_batch(
+        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``B`` prompts in one pass of the prompt encoder and mask decoder: points
+        ``(B, P, 2)`` float ``(x, y)`` in original pixels, labels ``(B, P)`` -> masks
+        ``(B, M, H, W) bool`` and predicted IoU ``(B, M) float32``, prompt ``b`` as
+        :meth:`predict` of ``points[b]`` (up to float rounding in the batched matmuls)."""
+        if self._image_hw is None:
+            raise RuntimeError(f"{self.name}.predict_batch: call set_image(image) first")
+        pts = np.asarray(points, dtype=np.float32)
+        lab = np.asarray(labels)
+        if pts.ndim != 3 or pts.shape[2] != 2 or 0 in pts.shape[:2]:
+            raise ValueError(
+                f"{self.name}.predict_batch: points must be (B, P, 2) with B, P >= 1, "
+                f"got {pts.shape}"
+            )
+        if lab.shape != pts.shape[:2]:
+            raise ValueError(
+                f"{self.name}.predict_batch: labels must be {pts.shape[:2]}, got {lab.shape}"
+            )
+        coords = self.predictor.transform.apply_coords(pts - 0.5, self._image_hw)
+        with torch.inference_mode():
+            masks, scores, _ = self.predictor.predict_torch(
+                torch.as_tensor(coords, dtype=torch.float, device=self.device),
+                torch.as_tensor(lab, dtype=torch.int, device=self.device),
+                multimask_output=multimask,
+            )
+        return masks.cpu().numpy(), scores.float().cpu().numpy()
+
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Automatic masks of ``HxWx3 uint8 RGB`` in segment-anything's record format
         (``segmentation`` HxW bool, ``area``, ``bbox`` XYWH, ``predicted_iou``,

@@ -68,13 +68,16 @@ def prompt_masks(
     if not len(clip.present):
         return []
     segmenter.set_image(image)
+    # every present class's points share one decoder pass (same count: the grid's top k)
+    points = np.stack(
+        [prompt_points(sim, cfg.num_points, clip.cell_h, clip.cell_w) for sim in clip.sims]
+    )
+    labels = np.ones(points.shape[:2], dtype=np.int64)
+    masks, scores = segmenter.predict_batch(points, labels, multimask=cfg.multimask)
     rows = []
     for j, class_id in enumerate(clip.present):
-        points = prompt_points(clip.sims[j], cfg.num_points, clip.cell_h, clip.cell_w)
-        labels = np.ones(len(points), dtype=np.int64)
-        masks, scores = segmenter.predict(points, labels, multimask=cfg.multimask)
-        best = int(np.argmax(scores))
-        mask = np.asarray(masks[best], dtype=bool)
+        best = int(np.argmax(scores[j]))
+        mask = np.asarray(masks[j, best], dtype=bool)
         if not mask.any():
             continue
         rows.append(
@@ -85,7 +88,7 @@ def prompt_masks(
                 category_id=int(class_id),
                 category=vocabulary[class_id],
                 source="prompt",
-                score=float(scores[best]),
+                score=float(scores[j, best]),
                 fingerprint=fingerprint,
             )
         )

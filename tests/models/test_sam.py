@@ -90,6 +90,30 @@ def test_predict_points_are_xy_like_sam_predictor(sam: SamSegmenter, image: np.n
     assert not np.array_equal(masks, swapped) or not np.allclose(scores, swapped_scores)
 
 
+@pytest.mark.parametrize("multimask", [True, False])
+def test_predict_batch_equals_predict_per_prompt(
+    sam: SamSegmenter, image: np.ndarray, multimask: bool
+) -> None:
+    sam.set_image(image)
+    rng = np.random.default_rng(4)
+    points = rng.uniform([0, 0], [96, 64], size=(4, 5, 2)).astype(np.float32)  # (x, y)
+    labels = np.ones((4, 5), dtype=np.int64)
+    labels[1, 2] = 0
+    masks, scores = sam.predict_batch(points, labels, multimask=multimask)
+    m = 3 if multimask else 1
+    assert masks.shape == (4, m, 64, 96) and masks.dtype == bool
+    assert scores.shape == (4, m) and scores.dtype == np.float32
+    for b in range(4):
+        one, one_scores = sam.predict(points[b], labels[b], multimask=multimask)
+        np.testing.assert_allclose(scores[b], one_scores, atol=1e-5)
+        # batched matmuls may round differently: a pixel on the 0-logit edge may flip
+        assert (masks[b] != one).mean() < 1e-3
+    with pytest.raises(ValueError, match=r"points must be \(B, P, 2\) with B, P >= 1"):
+        sam.predict_batch(points[0], labels[0])
+    with pytest.raises(ValueError, match=r"labels must be \(4, 5\), got \(4, 4\)"):
+        sam.predict_batch(points, labels[:, :4])
+
+
 def test_predict_validates_inputs(image: np.ndarray) -> None:
     fresh = build_model("sam_tiny", None)
     with pytest.raises(RuntimeError, match="set_image"):

@@ -9,6 +9,7 @@ from fmbseg.config import SamPromptConfig
 from fmbseg.storage.records import decode_mask
 from fmbseg.tasks.clip_dense import ClipDenseResult
 from fmbseg.tasks.sam_prompt import prompt_masks, prompt_points, top_cells
+from tests.synthetic import predict_each
 
 
 def test_top_cells_are_descending_with_row_major_ties():
@@ -47,6 +48,9 @@ class RecordingSam:
         empty = np.zeros((h, w), bool)
         full = np.ones((h, w), bool)
         return np.stack([full, good, empty]), np.array([0.5, 0.9, 0.1], np.float32)
+
+    def predict_batch(self, points, labels, multimask=True):
+        return predict_each(self, points, labels, multimask)
 
     def generate(self, image):  # pragma: no cover - not used here
         raise AssertionError
