@@ -160,8 +160,9 @@ class ShardSlot:
 
     :meth:`run` may be called from ``SLOT_DEPTH`` threads at once (a threaded Ray actor):
     each call hints the worker to prefetch, processes under the slot's lock (one shard at a
-    time, in the order the calls came), then writes outside it, so one shard's reading or writing overlaps another's
-    processing. The local executor drives :meth:`process` and :meth:`write` itself, in order.
+    time, in the order the calls came), then writes outside it, so one shard's reading or
+    writing overlaps another's processing. The local executor drives :meth:`process` and
+    :meth:`write` itself, in order.
     """
 
     def __init__(
@@ -172,8 +173,8 @@ class ShardSlot:
         worker_factory: Callable[[], ShardWorker],
     ) -> None:
         self.store, self.stage, self.fp = store, stage, fp
-        self.worker = worker_factory()
         self._busy = _InTurn()
+        self.worker = worker_factory()
 
     def process(self, shard: int, spec: Any) -> tuple[pa.Table, pa.Table | None]:
         out = self.worker.process(shard, spec)
@@ -208,7 +209,7 @@ class _RemoteSlot(ShardSlot):
         self.build_error: Exception | None = None
         try:
             super().__init__(store, stage, fp, worker_factory)
-        except Exception as exc:  # the store, stage and fp are set before the build
+        except Exception as exc:  # everything but the worker is set before the build
             self.build_error = exc
 
     def run(self, shard: int, spec: Any) -> ShardReceipt:

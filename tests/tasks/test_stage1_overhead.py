@@ -103,7 +103,10 @@ def test_upstream_prefetch_reads_in_the_pool_and_read_takes_the_result(tmp_path,
             up.read("s", "fp", 7)
     finally:
         pool.shutdown()
-    assert Upstream(store).prefetch("s", "fp", 0) is None  # no pool: a no-op hint
+    no_pool = Upstream(store)
+    no_pool.prefetch("s", "fp", 0)  # no pool: a no-op hint, nothing read
+    assert len(threads) == 3
+    assert no_pool.read("s", "fp", 0).column("x").to_pylist() == [0] and len(threads) == 4
 
 
 def test_prefetch_on_a_shared_pool_keeps_order_errors_and_threads():
