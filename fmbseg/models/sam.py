@@ -106,12 +106,8 @@ class SamSegmenter:
             )
         if lab.shape != (len(pts),):
             raise ValueError(f"{self.name}.predict: labels must be ({len(pts)},), got {lab.shape}")
-        masks, scores, _ = self.predictor.predict(
-            point_coords=pts - 0.5,
-            point_labels=lab.astype(np.int32),
-            multimask_output=multimask,
-        )
-        return masks.astype(bool), scores.astype(np.float32)
+        masks, scores = self.predict_batch(pts[None], lab[None], multimask)
+        return masks[0], scores[0]
 
     def predict_batch(
         self, points: np.ndarray, labels: np.ndarray, multimask: bool = True

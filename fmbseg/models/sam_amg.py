@@ -86,7 +86,8 @@ class BinaryMaskGenerator(SamAutomaticMaskGenerator):
             for (points,) in batch_iterator(self.points_per_batch, points_for_image)
         ]
         self.predictor.reset_image()
-        data = MaskData(**{k: torch.cat([b[k] for b in batches]) for k in batches[0]._stats})
+        keys = [k for k, _ in batches[0].items()]
+        data = MaskData(**{k: torch.cat([b[k] for b in batches]) for k in keys})
         keep = batched_nms(
             data["boxes"].float(),
             data["iou_preds"],

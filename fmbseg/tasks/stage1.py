@@ -108,19 +108,6 @@ def read_vocabulary(store: ArtifactStore, stage: str, fp: str) -> tuple[str, ...
     return tuple(meta[VOCABULARY_KEY])
 
 
-def read_part(
-    store: ArtifactStore,
-    stage: str,
-    fp: str,
-    shard: int,
-    kind: str = "part",
-    manifest: Manifest | None = None,
-) -> pa.Table | None:
-    """One committed shard's records or errors; None when that shard wrote none."""
-    table = store.read_shard(stage, fp, shard, kind=kind, manifest=manifest)
-    return table if table.num_columns else None
-
-
 class Upstream:
     """A worker's reader of committed upstream shards; each manifest is fetched once.
 
@@ -144,22 +131,19 @@ class Upstream:
     def read(self, stage: str, fp: str, shard: int, kind: str = "part") -> pa.Table:
         """Shard ``shard`` of ``stage/fp`` (an empty, column-less table when it has none)."""
         ahead = self._ahead.pop((stage, fp, shard, kind), None)
-        if ahead is not None:
-            return ahead.result()
-        return self.store.read_shard(stage, fp, shard, kind, manifest=self.manifest(stage, fp))
+        return ahead.result() if ahead is not None else self._read(stage, fp, shard, kind)
 
     def prefetch(self, stage: str, fp: str, shard: int, kind: str = "part") -> None:
         """Start reading what :meth:`read` will be asked for (no-op without a pool)."""
         key = (stage, fp, shard, kind)
         if self.pool is not None and key not in self._ahead:
-            self._ahead[key] = self.pool.submit(
-                lambda: self.store.read_shard(
-                    stage, fp, shard, kind, manifest=self.manifest(stage, fp)
-                )
-            )
+            self._ahead[key] = self.pool.submit(self._read, stage, fp, shard, kind)
+
+    def _read(self, stage: str, fp: str, shard: int, kind: str) -> pa.Table:
+        return self.store.read_shard(stage, fp, shard, kind, manifest=self.manifest(stage, fp))
 
     def part(self, stage: str, fp: str, shard: int, kind: str = "part") -> pa.Table | None:
-        """Like :func:`read_part`: None when that shard wrote no records (or errors)."""
+        """Like :meth:`read`, but None when that shard wrote no records (or errors)."""
         table = self.read(stage, fp, shard, kind)
         return table if table.num_columns else None
 
