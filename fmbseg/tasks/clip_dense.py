@@ -33,12 +33,12 @@ from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
     INDEX_STAGE,
     VOCABULARY_KEY,
+    ReadAhead,
     Upstream,
     error_from,
     load_image,
     loader_pool,
     num_shards,
-    prefetch,
     stage_fingerprint,
 )
 from fmbseg.tasks.windows import (  # noqa: F401 - part of this stage's API
@@ -288,6 +288,7 @@ class ClipDenseWorker:
         self.store, self.cfg, self.fp = store, cfg, fp
         self.loader = loader_pool()
         self.upstream = Upstream(store, self.loader)
+        self.images = ReadAhead(self._load, self.loader)
         self.storage_options = storage_options
         self.model: DenseClip = build_from_config(
             cfg.models,
@@ -299,11 +300,11 @@ class ClipDenseWorker:
         )
         self.text = self.model.encode_text(list(vocabulary), cfg.clip_dense.templates)
 
-    def _load(self, row: dict) -> np.ndarray:
-        return load_image(row["uri"], self.storage_options, self.cfg.index.max_pixels)
+    def _load(self, uri: str) -> np.ndarray:
+        return load_image(uri, self.storage_options, self.cfg.index.max_pixels)
 
     def _images(self, rows: list[dict], errors: list[dict]) -> Iterator[tuple[dict, np.ndarray]]:
-        for row, image, exc in prefetch(rows, self._load, pool=self.loader):
+        for row, image, exc in self.images.each(rows, lambda r: r["uri"]):
             if exc is not None:  # an unreadable image is that image's error, not the shard's
                 errors.append(error_from(exc, row["image_id"], row["uri"], STAGE))
             else:
@@ -321,7 +322,10 @@ class ClipDenseWorker:
         return out
 
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
-        self.upstream.prefetch(INDEX_STAGE, spec["index"], shard)
+        self.upstream.prefetch(
+            INDEX_STAGE, spec["index"], shard,
+            then=lambda index: self.images.start(index.column("uri").to_pylist()),
+        )  # fmt: skip
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         rows = self.upstream.read(INDEX_STAGE, spec["index"], shard).to_pylist()

@@ -30,8 +30,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -47,10 +48,10 @@ from fmbseg.tasks.runner import Progress, run_stage
 from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
     VOCABULARY_KEY,
+    ReadAhead,
     Upstream,
     load_image,
     loader_pool,
-    prefetch,
     read_vocabulary,
     stage_fingerprint,
 )
@@ -60,6 +61,7 @@ __all__ = ["EXPORT_SCHEMA", "ExportWorker", "coco_dataset", "image_names", "run_
 STAGE = "export"
 CODE_VERSION = CODE_VERSIONS[STAGE]
 THUMB_SIDE = 320
+WRITERS = 2  # threads encoding and writing a worker's per-image files
 
 EXPORT_SCHEMA = pa.schema(
     [
@@ -122,12 +124,18 @@ class ExportWorker:
         self.storage_options = storage_options
         self.loader = loader_pool()
         self.upstream = Upstream(store, self.loader)
+        self.images = ReadAhead(self._load, self.loader)
+        # PNG/JPEG encoding and the file writes (object-store PUTs) run here, beside the loop
+        self.writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="fmbseg-export")
 
     def _load(self, uri: str) -> np.ndarray:
         return load_image(uri, self.storage_options, self.cfg.index.max_pixels)
 
     def prefetch(self, shard: int, spec: dict[str, Any]) -> None:
-        self.upstream.prefetch("merge", spec["merge"], shard)
+        self.upstream.prefetch(
+            "merge", spec["merge"], shard,
+            then=lambda merged: self.images.start(_gallery_uris(merged, spec["gallery"])),
+        )  # fmt: skip
 
     def process(self, shard: int, spec: dict[str, Any]) -> tuple[pa.Table, None]:
         table = self.upstream.read("merge", spec["merge"], shard)
@@ -137,10 +145,11 @@ class ExportWorker:
         first = first_rows(table)
         ids = list(first)
         uris = table.column("image_uri").to_pylist()
-        shown = [uris[first[i]] for i in ids[: spec["gallery"]]]
+        shown = _gallery_uris(table, spec["gallery"])
         rows = []
+        writes: deque[Future[None]] = deque()
         # the gallery's images are read and decoded in threads, ahead of the loop below
-        images = prefetch(shown, self._load, pool=self.loader)
+        images = self.images.each(shown, str)
         with contextlib.closing(images):
             for n, (image_id, part) in enumerate(_per_image(table, ids)):
                 uri = uris[first[image_id]]
@@ -148,14 +157,16 @@ class ExportWorker:
                 label = compose_label_map(part, h, w)
                 name = image_name(uri, image_id, self.repeated)
                 if ecfg.png:
-                    self.store.write_bytes(f"{self.base}/labels/{name}.png",
-                                           label_png(label, self.colours))  # fmt: skip
+                    writes.append(self.writer.submit(self._write_label, name, label))
                 if n < len(shown):
                     _, image, exc = next(images)
                     if exc is not None:
                         raise exc
                     assert image is not None
-                    self._write_overlay(name, image, label, ecfg.overlay_alpha)
+                    writes.append(self.writer.submit(
+                        self._write_overlay, name, image, label, ecfg.overlay_alpha))  # fmt: skip
+                while len(writes) > 2 * WRITERS:  # bounds the images held for writing
+                    writes.popleft().result()
                 sources = Counter(str(s) for s in part.column("source").to_pylist())
                 present = np.flatnonzero(np.bincount(label.ravel(), minlength=IGNORE + 1))
                 rows.append(
@@ -166,7 +177,12 @@ class ExportWorker:
                         "gallery": n < len(shown),
                     }
                 )  # fmt: skip
+        while writes:  # every file of the shard is written before its receipt
+            writes.popleft().result()
         return pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), None
+
+    def _write_label(self, name: str, label: np.ndarray) -> None:
+        self.store.write_bytes(f"{self.base}/labels/{name}.png", label_png(label, self.colours))
 
     def _write_overlay(self, name: str, image: np.ndarray, label: np.ndarray, alpha: float) -> None:
         over = overlay(image, label, self.colours, alpha)
@@ -175,6 +191,14 @@ class ExportWorker:
         # an image that already fits the thumbnail is not resized: same bytes
         thumb = full if max(over.shape[:2]) <= THUMB_SIDE else jpeg(over, THUMB_SIDE)
         self.store.write_bytes(f"{self.base}/thumbs/{name}.jpg", thumb)
+
+
+def _gallery_uris(table: pa.Table, k: int) -> list[str]:
+    """The URIs of a merge shard's first ``k`` images (those that get an overlay)."""
+    if not table.num_rows or k <= 0:
+        return []
+    uris = table.column("image_uri").to_pylist()
+    return [uris[r] for r in list(first_rows(table).values())[:k]]
 
 
 def _per_image(table: pa.Table, ids: list[str]) -> list[tuple[str, pa.Table]]:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from collections import deque
-from collections.abc import Callable, Generator, Sequence
+import logging
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -26,6 +28,8 @@ import pyarrow as pa
 from fmbseg.config import Config
 from fmbseg.storage import ArtifactStore, Manifest, fingerprint
 from fmbseg.storage.records import error_row
+
+log = logging.getLogger(__name__)
 
 INDEX_STAGE = "index"
 PREFETCH = 4  # images read and decoded ahead of the model, in threads
@@ -133,11 +137,26 @@ class Upstream:
         ahead = self._ahead.pop((stage, fp, shard, kind), None)
         return ahead.result() if ahead is not None else self._read(stage, fp, shard, kind)
 
-    def prefetch(self, stage: str, fp: str, shard: int, kind: str = "part") -> None:
-        """Start reading what :meth:`read` will be asked for (no-op without a pool)."""
+    def prefetch(
+        self,
+        stage: str,
+        fp: str,
+        shard: int,
+        kind: str = "part",
+        then: Callable[[pa.Table], None] | None = None,
+    ) -> None:
+        """Start reading what :meth:`read` will be asked for (no-op without a pool).
+
+        ``then(table)`` runs in the loader thread once the read succeeds (e.g. to start
+        reading the shard's first images); a failed read is raised by :meth:`read`, not here.
+        """
+        if self.pool is None:
+            return
         key = (stage, fp, shard, kind)
-        if self.pool is not None and key not in self._ahead:
+        if key not in self._ahead:
             self._ahead[key] = self.pool.submit(self._read, stage, fp, shard, kind)
+        if then is not None:
+            self._ahead[key].add_done_callback(functools.partial(_then, then, key))
 
     def _read(self, stage: str, fp: str, shard: int, kind: str) -> pa.Table:
         return self.store.read_shard(stage, fp, shard, kind, manifest=self.manifest(stage, fp))
@@ -146,6 +165,15 @@ class Upstream:
         """Like :meth:`read`, but None when that shard wrote no records (or errors)."""
         table = self.read(stage, fp, shard, kind)
         return table if table.num_columns else None
+
+
+def _then(fn: Callable[[pa.Table], None], key: tuple, future: Future[pa.Table]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    try:
+        fn(future.result())
+    except Exception:  # noqa: BLE001 - only a hint; the shard's own reads will fail loudly
+        log.debug("read-ahead after %s failed", key, exc_info=True)
 
 
 def load_image(
@@ -159,39 +187,72 @@ def load_image(
 
 
 def loader_pool(ahead: int = PREFETCH) -> ThreadPoolExecutor:
-    """Threads for :func:`prefetch`. A worker keeps one for all its shards: starting and
+    """Threads for :class:`ReadAhead` and :class:`Upstream`. A worker keeps one for all its shards: starting and
     joining threads for every shard costs more than decoding a small shard's images."""
     return ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="fmbseg-load")
 
 
-def prefetch(
-    items: Sequence[T],
-    load: Callable[[T], np.ndarray],
-    ahead: int = PREFETCH,
-    pool: ThreadPoolExecutor | None = None,
-) -> Generator[tuple[T, np.ndarray | None, Exception | None], None, None]:
-    """``(item, load(item), None)`` or ``(item, None, exception)`` for each item, in order.
+class ReadAhead:
+    """A worker's image reads, in its loader threads, up to ``ahead`` in flight.
 
-    Up to ``ahead`` loads run in threads while the caller works (decoding releases the GIL),
-    so reading and decoding images overlaps the model's forward passes. The threads are
-    ``pool``'s, else a pool made (and shut down) for this call.
+    :meth:`each` yields a shard's images in order while the next ones decode. :meth:`start`
+    begins reads before any shard asks for them: a worker's prefetch hint starts the first
+    images of its next shard as soon as that shard's upstream table is read, so a shard
+    does not open by waiting for its first decode. At most ``2 * ahead`` started reads are
+    held; beyond that the oldest is dropped (a hint, never a result).
     """
-    if pool is None:
-        with loader_pool(ahead) as own:
-            yield from prefetch(items, load, ahead, own)
-        return
-    window: deque[tuple[T, Future[np.ndarray]]] = deque()
-    it = iter(items)
-    for item in itertools.islice(it, ahead):
-        window.append((item, pool.submit(load, item)))
-    while window:
-        item, future = window.popleft()
-        for nxt in itertools.islice(it, 1):
-            window.append((nxt, pool.submit(load, nxt)))
-        try:
-            yield item, future.result(), None
-        except Exception as exc:  # handed to the caller: one image's failure
-            yield item, None, exc
+
+    def __init__(
+        self,
+        load: Callable[[str], np.ndarray],
+        pool: ThreadPoolExecutor | None,
+        ahead: int = PREFETCH,
+    ) -> None:
+        self.load, self.pool, self.ahead = load, pool, ahead
+        self._lock = threading.Lock()
+        self._started: OrderedDict[str, Future[np.ndarray]] = OrderedDict()
+
+    def start(self, uris: Iterable[str]) -> None:
+        """Begin reading the first ``ahead`` of ``uris`` (no-op without a pool)."""
+        if self.pool is None:
+            return
+        with self._lock:
+            for uri in itertools.islice(uris, self.ahead):
+                if uri not in self._started:
+                    self._started[uri] = self.pool.submit(self.load, uri)
+            while len(self._started) > 2 * self.ahead:
+                self._started.popitem(last=False)[1].cancel()
+
+    def _submit(self, uri: str, pool: ThreadPoolExecutor) -> Future[np.ndarray]:
+        with self._lock:
+            started = self._started.pop(uri, None)
+        return started if started is not None else pool.submit(self.load, uri)
+
+    def each(
+        self, items: Sequence[T], uri: Callable[[T], str]
+    ) -> Generator[tuple[T, np.ndarray | None, Exception | None], None, None]:
+        """``(item, image, None)`` or ``(item, None, exception)`` for each item, in order."""
+        if self.pool is None:
+            with loader_pool(self.ahead) as own:
+                yield from self._each(items, uri, own)
+        else:
+            yield from self._each(items, uri, self.pool)
+
+    def _each(
+        self, items: Sequence[T], uri: Callable[[T], str], pool: ThreadPoolExecutor
+    ) -> Generator[tuple[T, np.ndarray | None, Exception | None], None, None]:
+        window: deque[tuple[T, Future[np.ndarray]]] = deque()
+        it = iter(items)
+        for item in itertools.islice(it, self.ahead):
+            window.append((item, self._submit(uri(item), pool)))
+        while window:
+            item, future = window.popleft()
+            for nxt in itertools.islice(it, 1):
+                window.append((nxt, self._submit(uri(nxt), pool)))
+            try:
+                yield item, future.result(), None
+            except Exception as exc:  # handed to the caller: one image's failure
+                yield item, None, exc
 
 
 def error_from(exc: BaseException, image_id: str | None, uri: str, stage: str) -> dict[str, Any]:
@@ -224,6 +285,7 @@ class SamStageWorker:
         self.store, self.cfg, self.fp = store, cfg, fp
         self.loader = loader_pool()
         self.upstream = Upstream(store, self.loader)
+        self.images = ReadAhead(self._load, self.loader)
         self.vocabulary = tuple(vocabulary)
         self.storage_options = storage_options
         self.segmenter = build_from_config(
@@ -234,15 +296,20 @@ class SamStageWorker:
             auto_config=cfg.sam_auto,
         )
 
-    def _load(self, clip: Any) -> np.ndarray:
-        return load_image(clip.image_uri, self.storage_options, self.cfg.index.max_pixels)
+    def _load(self, uri: str) -> np.ndarray:
+        return load_image(uri, self.storage_options, self.cfg.index.max_pixels)
 
     def label(self, image: np.ndarray, clip: Any) -> list[dict[str, Any]]:
         """Record rows of one image (``clip`` is its ClipDenseResult)."""
         raise NotImplementedError
 
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
-        self.upstream.prefetch("clip_dense", spec["clip_dense"], shard)
+        self.upstream.prefetch("clip_dense", spec["clip_dense"], shard, then=self._start_images)
+
+    def _start_images(self, clip: pa.Table) -> None:
+        """Start reading the images SAM will run on (those with a present class)."""
+        uris, present = clip.column("image_uri").to_pylist(), clip.column("present").to_pylist()
+        self.images.start(u for u, p in zip(uris, present, strict=True) if p)
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         from fmbseg.storage.records import MaskRecords, errors_table
@@ -265,7 +332,7 @@ class SamStageWorker:
                         "CLIP found no vocabulary class in enough crops",
                     )
                 )
-        for clip, image, exc in prefetch(todo, self._load, pool=self.loader):
+        for clip, image, exc in self.images.each(todo, lambda c: c.image_uri):
             try:
                 if exc is not None:
                     raise exc

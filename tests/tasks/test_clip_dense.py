@@ -178,18 +178,19 @@ def test_corrupt_row_names_the_image():
         cd.result_from_row(row)
 
 
-def test_prefetch_keeps_order_and_hands_back_failures():
+def test_read_ahead_keeps_order_and_hands_back_failures():
     import time
 
-    from fmbseg.tasks.stage1 import prefetch
+    from fmbseg.tasks.stage1 import ReadAhead
 
-    def load(i: int) -> np.ndarray:
+    def load(uri: str) -> np.ndarray:
+        i = int(uri)
         time.sleep(0.002 * (7 - i))  # later items finish first
         if i == 3:
             raise FileNotFoundError(f"image {i}")
         return np.full((1, 1, 3), i, np.uint8)
 
-    out = list(prefetch(list(range(7)), load, ahead=3))
+    out = list(ReadAhead(load, None, ahead=3).each(list(range(7)), str))
     assert [item for item, _, _ in out] == list(range(7))
     assert [int(img[0, 0, 0]) for i, img, _ in out if i != 3] == [0, 1, 2, 4, 5, 6]
     assert isinstance(out[3][2], FileNotFoundError) and out[3][1] is None

@@ -15,7 +15,7 @@ from fmbseg.storage import ArtifactStore, StoreError
 from fmbseg.storage.records import IGNORE, MaskRecords, mask_row
 from fmbseg.tasks.gallery import inner_boundaries
 from fmbseg.tasks.merge import merge_image, merge_shard
-from fmbseg.tasks.stage1 import Upstream, loader_pool, prefetch
+from fmbseg.tasks.stage1 import ReadAhead, Upstream, loader_pool
 
 
 def _records(rng: np.random.Generator, image_ids: list[str], source: str, n: int) -> MaskRecords:
@@ -109,16 +109,17 @@ def test_upstream_prefetch_reads_in_the_pool_and_read_takes_the_result(tmp_path,
     assert no_pool.read("s", "fp", 0).column("x").to_pylist() == [0] and len(threads) == 4
 
 
-def test_prefetch_on_a_shared_pool_keeps_order_errors_and_threads():
-    def load(i: int) -> np.ndarray:
-        if i == 2:
+def test_read_ahead_on_a_shared_pool_keeps_order_errors_and_threads():
+    def load(uri: str) -> np.ndarray:
+        if uri == "2":
             raise ValueError("bad 2")
-        return np.full(3, i)
+        return np.full(3, int(uri))
 
     pool = loader_pool(2)
     try:
+        reads = ReadAhead(load, pool, ahead=2)
         for _ in range(3):  # shards of one worker reuse the pool's threads
-            out = list(prefetch(range(5), load, ahead=2, pool=pool))
+            out = list(reads.each(range(5), str))
             assert [i for i, _, _ in out] == list(range(5))
             assert [int(a[0]) for i, a, _ in out if a is not None] == [0, 1, 3, 4]
             assert str(out[2][2]) == "bad 2" and out[2][1] is None
@@ -126,7 +127,62 @@ def test_prefetch_on_a_shared_pool_keeps_order_errors_and_threads():
         assert 1 <= len(names) <= 2
     finally:
         pool.shutdown()
-    assert [i for i, _, _ in prefetch([1, 3], load)] == [1, 3]  # a pool of its own
+    assert [i for i, _, _ in ReadAhead(load, None).each([1, 3], str)] == [1, 3]  # own pool
+
+
+def test_read_ahead_start_begins_reads_that_each_then_takes():
+    loads: list[tuple[str, str]] = []
+    gate = threading.Event()
+
+    def load(uri: str) -> np.ndarray:
+        loads.append((uri, threading.current_thread().name))
+        gate.wait(5)
+        return np.array([len(loads)])
+
+    pool = loader_pool(2)
+    try:
+        reads = ReadAhead(load, pool, ahead=2)
+        reads.start(["a", "b", "c"])  # only the first `ahead` start
+        gate.set()
+        out = list(reads.each(["a", "b", "c"], str))
+        assert [u for u, _, _ in out] == ["a", "b", "c"]
+        assert sorted(u for u, _ in loads) == ["a", "b", "c"]  # each read exactly once
+        assert all(name.startswith("fmbseg-load") for _, name in loads)
+        # started reads are bounded: the oldest hint is dropped, never read twice
+        gate.clear()
+        reads.start(["d", "e"])
+        reads.start(["f", "g"])
+        reads.start(["h", "i"])  # 6 > 2 * ahead: "d" and "e" are dropped
+        assert list(reads._started) == ["f", "g", "h", "i"]
+        gate.set()
+        out = list(reads.each(["f", "g", "h", "i"], str))
+        assert all(exc is None for _, _, exc in out)
+        assert sorted(u for u, _ in loads).count("f") == 1
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+def test_upstream_prefetch_then_runs_on_the_table_and_not_on_a_failed_read(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    store.write_shard("s", "fp", 0, pa.table({"uri": ["a", "b"]}))
+    store.commit("s", "fp", 1)
+    seen: list[list[str]] = []
+    done = threading.Event()
+    pool = loader_pool(2)
+    try:
+        up = Upstream(store, pool)
+        up.prefetch("s", "fp", 0, then=lambda t: seen.append(t.column("uri").to_pylist()))
+        assert up.read("s", "fp", 0).num_rows == 2
+        up.prefetch("s", "fp", 5, then=lambda t: seen.append(["never"]))  # no shard 5
+        up.prefetch("s", "fp", 0, then=lambda t: 1 / 0)  # a failing hint is swallowed
+        up.prefetch("s", "fp", 0, then=lambda t: done.set())
+        assert done.wait(5)
+        with pytest.raises(StoreError, match="not 5"):
+            up.read("s", "fp", 5)
+        assert seen == [["a", "b"]]
+    finally:
+        pool.shutdown()
 
 
 def test_inner_boundaries_match_skimage():
@@ -139,3 +195,50 @@ def test_inner_boundaries_match_skimage():
         np.testing.assert_array_equal(
             inner_boundaries(label), find_boundaries(label, mode="inner", background=IGNORE)
         )
+
+
+@pytest.mark.parametrize("stage", ["clip_dense", "sam_auto", "export"])
+def test_a_prefetch_hint_starts_the_next_shards_images_and_each_is_read_once(
+    tmp_path, monkeypatch, stage
+):
+    """The hint for shard 1 reads its upstream table, then starts its first images; the
+    shard's processing takes those reads (no image read twice) and its output is unchanged."""
+    from fmbseg.tasks import clip_dense, export, sam_auto, stage1
+    from tests.synthetic import VOCAB, run_pipeline, synthetic_config, write_scenes
+
+    cfg = synthetic_config()
+    write_scenes(tmp_path / "images", 8)  # two shards of four
+    store = ArtifactStore(str(tmp_path / "store"))
+    fps = run_pipeline(store, cfg, tmp_path / "images")
+    loads: list[str] = []
+
+    def counting(uri, *a):
+        loads.append(uri)
+        return load_image(uri, *a)
+
+    load_image = stage1.load_image
+    for module in (stage1, clip_dense, export):
+        monkeypatch.setattr(module, "load_image", counting)
+    if stage == "clip_dense":
+        worker = clip_dense.ClipDenseWorker(store, cfg, VOCAB, "fp")
+        spec: dict = {"index": fps["index"]}
+    elif stage == "sam_auto":
+        worker = sam_auto.SamAutoWorker(store, cfg, VOCAB, "fp")
+        spec = {"clip_dense": fps["clip_dense"]}
+    else:
+        worker = export.ExportWorker(store, cfg, f"{tmp_path}/again", len(VOCAB), frozenset())
+        spec = {"merge": fps["merge"], "gallery": 3}
+    worker.prefetch(1, spec)
+    for _ in range(500):  # the hint's reads run in the loader threads
+        started = list(worker.images._started)
+        if len(started) >= 3 and len(loads) == len(started):
+            break
+        threading.Event().wait(0.01)
+    assert len(started) >= 3 and sorted(loads) == sorted(started)  # before any processing
+    out, _ = worker.process(1, spec)
+    assert sorted(loads) == sorted(set(loads))  # every image read once
+    assert not worker.images._started  # all taken
+    if stage != "export":  # export's rows name the files; its files are checked elsewhere
+        committed = store.read_shard(stage, fps[stage], 1)
+        drop = ["fingerprint"]
+        assert out.drop_columns(drop).equals(committed.drop_columns(drop))
