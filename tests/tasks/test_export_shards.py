@@ -165,6 +165,29 @@ def test_a_failed_export_shard_resumes_without_redoing_committed_ones(
         assert store.read_bytes(f"exports/{fp}/{rel}") == fresh.read_bytes(f"exports/{fp}/{rel}")
 
 
+def test_a_failed_file_write_fails_its_shard_before_the_receipt(tmp_path, monkeypatch):
+    """Label PNGs and overlays are written in the worker's threads; a write that fails
+    fails its shard (no receipt, so a rerun redoes it), with the store's error."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    _merge(store, tmp_path)
+    cfg = synthetic_config(export={"gallery_max_images": 3})
+    write_bytes = ArtifactStore.write_bytes
+
+    def failing(self, rel, data):
+        if rel.endswith("/overlays/cat-2ycat-01.jpg"):
+            raise OSError(f"no space left writing {rel}")
+        write_bytes(self, rel, data)
+
+    monkeypatch.setattr(ArtifactStore, "write_bytes", failing)
+    with pytest.raises(StageError, match=r"shard 2 failed: OSError: no space left .*cat-2ycat-01"):
+        run_export(store, cfg, "m1")
+    fp = export_mod.stage_fingerprint("export", cfg, {"merge": "m1"})
+    assert sorted(store.shard_receipts("export", fp)) == [0, 1]  # shard 2 is redone on rerun
+    monkeypatch.setattr(ArtifactStore, "write_bytes", write_bytes)
+    assert run_export(store, cfg, "m1") == fp
+    assert store.exists(f"exports/{fp}/overlays/cat-2ycat-01.jpg")
+
+
 def test_an_empty_merge_exports_valid_empty_files(tmp_path):
     store = ArtifactStore(str(tmp_path / "store"))
     errors = errors_table([error_row("a", "/a.png", "merge", "no_masks", "-")])
