@@ -2,7 +2,9 @@
 
 index -> clip_dense -> sam_prompt | sam_auto -> merge -> export, each stage one Prefect
 task cached by its fingerprint (a changed SAM threshold reruns sam_auto, merge and export;
-nothing else). Each stage fans out over the index's shards on Ray (fmbseg.tasks.runner).
+nothing else); the two SAM stages share one task and, when both run, one pass over the
+images (fmbseg.tasks.sam_pair). Each stage fans out over the index's shards on Ray
+(fmbseg.tasks.runner).
 """
 
 from __future__ import annotations
@@ -32,8 +34,7 @@ from fmbseg.tasks.clip_dense import run_clip_dense
 from fmbseg.tasks.export import run_export
 from fmbseg.tasks.index import IndexPlan, count_errors
 from fmbseg.tasks.merge import run_merge
-from fmbseg.tasks.sam_auto import run_sam_auto
-from fmbseg.tasks.sam_prompt import run_sam_prompt
+from fmbseg.tasks.sam_pair import run_sam_stages
 from fmbseg.tasks.stage1 import stage1_fingerprints
 
 SAM_STAGES = ("sam_prompt", "sam_auto")
@@ -62,32 +63,20 @@ def clip_dense_task(
     return _same("clip_dense", fp, got)
 
 
-@stage_task("sam_prompt")
-def sam_prompt_task(
+@stage_task("sam_prompt+sam_auto")
+def sam_task(
     store: ArtifactStore,
-    fp: str,
+    fp: dict[str, str],
     cfg: Config,
     clip_fp: str,
     storage_options: dict[str, Any] | None = None,
-) -> str:
-    """METHOD 1.1.3: top-5 CLIP patches per present class as SAM point prompts."""
-    progress = StageProgress("sam_prompt", fp)
-    got = run_sam_prompt(store, cfg, clip_fp, storage_options=storage_options, progress=progress)
-    return _same("sam_prompt", fp, got)
-
-
-@stage_task("sam_auto")
-def sam_auto_task(
-    store: ArtifactStore,
-    fp: str,
-    cfg: Config,
-    clip_fp: str,
-    storage_options: dict[str, Any] | None = None,
-) -> str:
-    """METHOD 1.2: SAM automatic masks, labelled from the stored CLIP similarity maps."""
-    progress = StageProgress("sam_auto", fp)
-    got = run_sam_auto(store, cfg, clip_fp, storage_options=storage_options, progress=progress)
-    return _same("sam_auto", fp, got)
+) -> dict[str, str]:
+    """METHOD 1.1.3 (top-5 CLIP patches per present class as SAM point prompts) and 1.2
+    (SAM automatic masks labelled from the stored similarity maps): two versioned stages,
+    run in one pass that embeds each image once when both are to run."""
+    progress = {stage: StageProgress(stage, fp[stage]) for stage in SAM_STAGES}
+    got = run_sam_stages(store, cfg, clip_fp, storage_options=storage_options, progress=progress)
+    return {stage: _same(stage, fp[stage], got[stage]) for stage in SAM_STAGES}
 
 
 @stage_task("merge")
@@ -183,8 +172,7 @@ def label_index(
     """Every stage after ``index`` on the committed index ``index_fp``; returns {stage: fp}."""
     fps = {"index": index_fp, **stage1_fingerprints(cfg, index_fp, vocabulary)}
     clip_dense_task(st, fps["clip_dense"], cfg, index_fp, vocabulary, storage_options)
-    sam_prompt_task(st, fps["sam_prompt"], cfg, fps["clip_dense"], storage_options)
-    sam_auto_task(st, fps["sam_auto"], cfg, fps["clip_dense"], storage_options)
+    sam_task(st, {s: fps[s] for s in SAM_STAGES}, cfg, fps["clip_dense"], storage_options)
     merge_task(st, fps["merge"], cfg, index_fp, fps["clip_dense"], fps["sam_prompt"],
                fps["sam_auto"])  # fmt: skip
     export_task(st, fps["export"], cfg, fps["merge"], storage_options)

@@ -111,13 +111,18 @@ def _store_tag(store: ArtifactStore) -> str:
 
 
 def stage_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str | None]:
-    """A Prefect ``cache_key_fn``: ``fmbseg-{stage}-{store}-{fp}`` once ``fp`` is committed."""
+    """A Prefect ``cache_key_fn``: ``fmbseg-{stage}-{store}-{fp}`` once ``fp`` is committed.
+
+    A task of several stages in one pass (``"a+b"``) takes ``fp`` as ``{stage: fp}``; its
+    key needs every one committed.
+    """
 
     def key(context: Any, parameters: dict[str, Any]) -> str | None:
         store, fp = parameters["store"], parameters["fp"]
-        if not store.is_committed(stage, fp):
+        fps = dict(fp) if isinstance(fp, Mapping) else {stage: fp}
+        if not all(store.is_committed(s, f) for s, f in fps.items()):
             return None
-        return f"fmbseg-{stage}-{_store_tag(store)}-{fp}"
+        return f"fmbseg-{stage}-{_store_tag(store)}-{'-'.join(fps.values())}"
 
     return key
 

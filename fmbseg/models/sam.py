@@ -79,6 +79,8 @@ class SamSegmenter:
             box_nms_thresh=cfg.box_nms_thresh,
             min_mask_region_area=cfg.min_mask_region_area,
         )
+        # one predictor: generate() reuses set_image's embedding of the same image array
+        self._generator.predictor = self.predictor
         self._image_hw: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
@@ -87,8 +89,10 @@ class SamSegmenter:
     def set_image(self, image: np.ndarray) -> None:
         """Embed ``HxWx3 uint8 RGB``; :meth:`predict` then refers to this image."""
         _check_image(image, f"{self.name}.set_image")
+        self._generator.embedded = None
         self.predictor.set_image(image, image_format="RGB")
         self._image_hw = (int(image.shape[0]), int(image.shape[1]))
+        self._generator.embedded = image
 
     def predict(
         self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
@@ -142,9 +146,16 @@ class SamSegmenter:
         """Automatic masks of ``HxWx3 uint8 RGB`` in segment-anything's record format
         (``segmentation`` HxW bool, ``area``, ``bbox`` XYWH, ``predicted_iou``,
         ``stability_score``, ``point_coords``, ``crop_box``), filtered by the configured
-        IoU / stability / NMS / small-region settings and by ``max_area_fraction``."""
+        IoU / stability / NMS / small-region settings and by ``max_area_fraction``.
+
+        Given the very array last passed to :meth:`set_image` (unchanged since), the image
+        is not embedded again (one SAM image-encoder pass serves prompts and automatic
+        masks). Afterwards no image is set."""
         _check_image(image, f"{self.name}.generate")
-        records = self._generator.generate(image)
+        try:
+            records = self._generator.generate(image)
+        finally:  # the generator resets the predictor
+            self._generator.embedded, self._image_hw = None, None
         limit = self.auto_config.max_area_fraction * image.shape[0] * image.shape[1]
         return [r for r in records if r["area"] <= limit]
 

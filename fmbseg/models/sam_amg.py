@@ -41,10 +41,16 @@ class BinaryMaskGenerator(SamAutomaticMaskGenerator):
     Takes the stock generator's arguments except ``output_mode``; :meth:`generate` returns
     the stock records (``segmentation`` HxW bool, ``area``, ``bbox`` XYWH, ``predicted_iou``,
     ``point_coords``, ``stability_score``, ``crop_box`` XYWH).
+
+    ``embedded``: the image array whose embedding ``predictor`` holds, set by an owner that
+    shares the predictor and has just called ``set_image`` on it; :meth:`generate` of that
+    very array then skips the whole-image ``set_image`` (the crop layers of
+    ``crop_n_layers > 0`` are still embedded). None (the default) embeds every crop.
     """
 
     def __init__(self, model: Any, **kwargs: Any) -> None:
         super().__init__(model, output_mode="binary_mask", **kwargs)
+        self.embedded: np.ndarray | None = None
 
     @torch.no_grad()
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
@@ -77,7 +83,9 @@ class BinaryMaskGenerator(SamAutomaticMaskGenerator):
     ) -> MaskData:
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
-        self.predictor.set_image(cropped)
+        whole = list(crop_box) == [0, 0, image.shape[1], image.shape[0]]
+        if not (whole and self.embedded is image and self.predictor.is_image_set):
+            self.predictor.set_image(cropped)
         points_for_image = (
             self.point_grids[crop_layer_idx] * np.array(cropped.shape[:2])[None, ::-1]
         )

@@ -22,6 +22,10 @@ Executors (``RuntimeConfig.executor``):
   processed, the other read ahead or written). An actor that dies (OOM, node loss,
   segfault) is replaced and its shards resubmitted, up to ``max_retries`` times per shard.
 
+Several stages may share one pass (:func:`run_stages`): the worker returns one output per
+stage for each shard, and each stage keeps its own shards, receipts and manifest, exactly as
+if it had run alone. (The two SAM stages share the SAM image embedding this way.)
+
 Errors: bad *inputs* (an undecodable image) are the worker's business and become rows of
 the shard's errors table (:func:`errors_table`); an exception escaping ``process`` is a bug
 and fails the stage with a :class:`StageError` naming the shard.
@@ -46,6 +50,9 @@ from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
 log = logging.getLogger(__name__)
 
 SLOT_DEPTH = 2  # shards in one slot at once: one being processed, one read ahead or written
+
+Target = tuple[str, str]
+"""``(stage, fingerprint)``: where one stage's shards are written and committed."""
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: shards done (including ones done by an earlier run) of total."""
@@ -77,8 +84,9 @@ class ShardWorker(Protocol):
     Build models once in ``__init__``; read the shard's inputs from the store in ``process``.
     """
 
-    def process(self, shard: int, spec: Any) -> tuple[pa.Table, pa.Table | None]:
-        """Shard ``shard`` described by ``spec`` -> (records, errors or None)."""
+    def process(self, shard: int, spec: Any) -> Any:
+        """Shard ``shard`` described by ``spec`` -> (records, errors or None); for
+        :func:`run_stages` of several stages, a list of those pairs, one per stage."""
         ...
 
 
@@ -155,8 +163,18 @@ class _InTurn:
                 self._cv.notify_all()
 
 
+def _label(targets: Sequence[Target]) -> str:
+    """``stage 'x' (fp)`` for one target, ``stages 'x' (fp), 'y' (fp)`` for several."""
+    names = ", ".join(f"{stage!r} ({fp})" for stage, fp in targets)
+    return f"stage{'s' if len(targets) > 1 else ''} {names}"
+
+
+def _is_pair(out: Any) -> bool:
+    return isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], pa.Table)
+
+
 class ShardSlot:
-    """One executor slot: a worker plus the store it writes to.
+    """One executor slot: a worker plus the store it writes to (one target per stage).
 
     :meth:`run` may be called from ``SLOT_DEPTH`` threads at once (a threaded Ray actor):
     each call hints the worker to prefetch, processes under the slot's lock (one shard at a
@@ -168,27 +186,37 @@ class ShardSlot:
     def __init__(
         self,
         store: ArtifactStore,
-        stage: str,
-        fp: str,
+        targets: Sequence[Target],
         worker_factory: Callable[[], ShardWorker],
     ) -> None:
-        self.store, self.stage, self.fp = store, stage, fp
+        self.store, self.targets = store, list(targets)
         self._busy = _InTurn()
         self.worker = worker_factory()
 
-    def process(self, shard: int, spec: Any) -> tuple[pa.Table, pa.Table | None]:
+    def process(self, shard: int, spec: Any) -> list[tuple[pa.Table, pa.Table | None]]:
+        """The worker's output for ``shard``, one ``(records, errors)`` pair per target."""
         out = self.worker.process(shard, spec)
-        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], pa.Table)):
+        name = type(self.worker).__name__
+        if len(self.targets) == 1:
+            if not _is_pair(out):
+                raise TypeError(f"{name}.process must return (pa.Table, pa.Table | None),"
+                                f" got {type(out).__name__}")  # fmt: skip
+            return [out]
+        if not (isinstance(out, list | tuple) and len(out) == len(self.targets)
+                and all(_is_pair(o) for o in out)):  # fmt: skip
             raise TypeError(
-                f"{type(self.worker).__name__}.process must return (pa.Table, pa.Table | None),"
-                f" got {type(out).__name__}"
+                f"{name}.process must return a list of {len(self.targets)} (pa.Table, "
+                f"pa.Table | None) pairs, one per stage {[s for s, _ in self.targets]}"
             )
-        return out
+        return list(out)
 
-    def write(self, shard: int, out: tuple[pa.Table, pa.Table | None]) -> ShardReceipt:
-        return self.store.write_shard(self.stage, self.fp, shard, *out)
+    def write(self, shard: int, outs: list[tuple[pa.Table, pa.Table | None]]) -> list[ShardReceipt]:
+        return [
+            self.store.write_shard(stage, fp, shard, *out)
+            for (stage, fp), out in zip(self.targets, outs, strict=True)
+        ]
 
-    def run(self, shard: int, spec: Any) -> ShardReceipt:
+    def run(self, shard: int, spec: Any) -> list[ShardReceipt]:
         _hint_prefetch(self.worker, shard, spec)
         with self._busy():
             out = self.process(shard, spec)
@@ -202,17 +230,16 @@ class _RemoteSlot(ShardSlot):
     def __init__(
         self,
         store: ArtifactStore,
-        stage: str,
-        fp: str,
+        targets: Sequence[Target],
         worker_factory: Callable[[], ShardWorker],
     ) -> None:
         self.build_error: Exception | None = None
         try:
-            super().__init__(store, stage, fp, worker_factory)
+            super().__init__(store, targets, worker_factory)
         except Exception as exc:  # everything but the worker is set before the build
             self.build_error = exc
 
-    def run(self, shard: int, spec: Any) -> ShardReceipt:
+    def run(self, shard: int, spec: Any) -> list[ShardReceipt]:
         if self.build_error is not None:
             raise _BuildFailed(self.build_error)
         return super().run(shard, spec)
@@ -246,36 +273,75 @@ def run_stage(
         The committed manifest. If ``stage/fp`` was already committed, that manifest,
         without running anything; if another writer commits first, theirs.
     """
+    (manifest,) = run_stages(store, [(stage, fp)], specs, worker_factory, runtime,
+                             use_gpu=use_gpu, progress=progress, meta=meta,
+                             finalize=finalize)  # fmt: skip
+    return manifest
+
+
+def run_stages(
+    store: ArtifactStore,
+    targets: Sequence[Target],
+    specs: Sequence[Any],
+    worker_factory: Callable[[], ShardWorker],
+    runtime: RuntimeConfig,
+    *,
+    use_gpu: bool = False,
+    progress: Progress | None = None,
+    meta: dict[str, Any] | None = None,
+    finalize: Finalize | None = None,
+) -> list[Manifest]:
+    """:func:`run_stage` for stages that share one pass over the same shards.
+
+    The worker returns one ``(records, errors)`` pair per target for each shard; each
+    stage gets its own shard files, receipts and manifest (``meta`` in each). A shard is
+    done when every target has its receipt; the others are redone for all targets. Either
+    all targets are committed already (their manifests are returned, nothing runs) or none
+    is; ``finalize`` is for a single target.
+    """
+    if not targets:
+        raise ValueError("run_stages: no target stages")
+    if finalize is not None and len(targets) > 1:
+        raise ValueError("run_stages: finalize is for a single target stage")
     total = len(specs)
-    existing = store.manifest(stage, fp)
-    if existing is not None:
-        log.info("%s/%s already committed; skipping", stage, fp)
+    label = _label(targets)
+    existing = [store.manifest(stage, fp) for stage, fp in targets]
+    if all(m is not None for m in existing):
+        log.info("%s already committed; skipping", label)
         if progress:
             progress(total, total)
-        return existing
-    done = {i: r for i, r in store.shard_receipts(stage, fp).items() if i < total}
+        return [m for m in existing if m is not None]
+    if any(m is not None for m in existing):
+        committed = [t for t, m in zip(targets, existing, strict=True) if m is not None]
+        raise ValueError(f"run_stages: {_label(committed)} already committed, the others not;"
+                         " run the others on their own")  # fmt: skip
+    written = [set(store.shard_receipts(stage, fp)) for stage, fp in targets]
+    done = set.intersection(*written) & set(range(total))
     todo = [i for i in range(total) if i not in done]
     if done:
-        log.info("%s/%s: resuming, %d of %d shards already written", stage, fp, len(done), total)
+        log.info("%s: resuming, %d of %d shards already written", label, len(done), total)
     if progress:
         progress(len(done), total)
     if todo:
         on_done = _counter(len(done), total, progress)
         if runtime.executor == "local":
-            _run_local(store, stage, fp, specs, todo, worker_factory, on_done)
+            _run_local(store, targets, specs, todo, worker_factory, on_done)
         elif runtime.executor == "ray":
-            _run_ray(store, stage, fp, specs, todo, worker_factory, runtime, use_gpu, on_done)
+            _run_ray(store, targets, specs, todo, worker_factory, runtime, use_gpu, on_done)
         else:
             raise ValueError(f"runtime.executor must be 'local' or 'ray', got {runtime.executor!r}")
-    all_meta = dict(meta or {})
-    if finalize is not None:
-        all_meta.update(finalize(store, stage, fp, total) or {})
-    manifest, won = store.commit(stage, fp, total, meta=all_meta)
-    if won:
-        store.sweep(stage, fp)
-    else:
-        log.info("%s/%s was committed by another writer first; using theirs", stage, fp)
-    return manifest
+    manifests = []
+    for stage, fp in targets:
+        all_meta = dict(meta or {})
+        if finalize is not None:
+            all_meta.update(finalize(store, stage, fp, total) or {})
+        manifest, won = store.commit(stage, fp, total, meta=all_meta)
+        if won:
+            store.sweep(stage, fp)
+        else:
+            log.info("%s/%s was committed by another writer first; using theirs", stage, fp)
+        manifests.append(manifest)
+    return manifests
 
 
 def _counter(start: int, total: int, progress: Progress | None) -> Callable[[], None]:
@@ -291,21 +357,19 @@ def _counter(start: int, total: int, progress: Progress | None) -> Callable[[], 
 
 def _run_local(
     store: ArtifactStore,
-    stage: str,
-    fp: str,
+    targets: Sequence[Target],
     specs: Sequence[Any],
     todo: list[int],
     worker_factory: Callable[[], ShardWorker],
     on_done: Callable[[], None],
 ) -> None:
-    slot = ShardSlot(store, stage, fp, worker_factory)
+    slot = ShardSlot(store, targets, worker_factory)
+    label = _label(targets)
 
     def failed(shard: int, exc: Exception) -> StageError:
-        return StageError(
-            f"stage {stage!r} ({fp}): shard {shard} failed: {type(exc).__name__}: {exc}", exc
-        )
+        return StageError(f"{label}: shard {shard} failed: {type(exc).__name__}: {exc}", exc)
 
-    def finish(shard: int, write: Future[ShardReceipt]) -> None:
+    def finish(shard: int, write: Future[list[ShardReceipt]]) -> None:
         try:
             write.result()
         except Exception as exc:
@@ -314,8 +378,8 @@ def _run_local(
 
     # shard i+1 is prefetched while shard i is processed, and shard i is written while
     # shard i+1 is processed; at most one write in flight
-    with ThreadPoolExecutor(1, thread_name_prefix=f"fmbseg-write-{stage}") as writer:
-        writing: tuple[int, Future[ShardReceipt]] | None = None
+    with ThreadPoolExecutor(1, thread_name_prefix=f"fmbseg-write-{targets[0][0]}") as writer:
+        writing: tuple[int, Future[list[ShardReceipt]]] | None = None
         for k, shard in enumerate(todo):
             if k + 1 < len(todo):
                 _hint_prefetch(slot.worker, todo[k + 1], specs[todo[k + 1]])
@@ -353,8 +417,7 @@ def _pool_shape(runtime: RuntimeConfig, use_gpu: bool, n_todo: int) -> tuple[int
 
 def _run_ray(
     store: ArtifactStore,
-    stage: str,
-    fp: str,
+    targets: Sequence[Target],
     specs: Sequence[Any],
     todo: list[int],
     worker_factory: Callable[[], ShardWorker],
@@ -378,10 +441,11 @@ def _run_ray(
     factory_ref = ray.put(worker_factory)
 
     def new_actor() -> Any:
-        return actor_cls.remote(store, stage, fp, factory_ref)
+        return actor_cls.remote(store, targets, factory_ref)
 
-    log.info("%s/%s: %d shards on %d Ray actors (%.2g GPU each)", stage, fp, len(todo),
-             n_actors, gpus)  # fmt: skip
+    label = _label(targets)
+    log.info("%s: %d shards on %d Ray actors (%.2g GPU each)", label, len(todo), n_actors,
+             gpus)  # fmt: skip
     queue = deque(todo)
     attempts = dict.fromkeys(todo, 0)
     live = [new_actor() for _ in range(n_actors)]
@@ -401,19 +465,19 @@ def _run_ray(
                 except RayActorError as exc:
                     if getattr(exc, "actor_init_failed", False):
                         raise StageError(
-                            f"stage {stage!r} ({fp}): the worker could not be built "
+                            f"{label}: the worker could not be built "
                             f"(while starting shard {shard}): {_last_line(exc)}"
                         ) from exc
                     if attempts[shard] > runtime.max_retries:
                         raise StageError(
-                            f"stage {stage!r} ({fp}): shard {shard} failed: its worker died "
+                            f"{label}: shard {shard} failed: its worker died "
                             f"on each of {attempts[shard]} attempts; last cause: {exc}"
                         ) from exc
                     queue.appendleft(shard)
                     if actor not in live:  # its other shard already reported the death
                         continue
-                    log.warning("%s/%s: worker died on shard %d (attempt %d); replacing it",
-                                stage, fp, shard, attempts[shard])  # fmt: skip
+                    log.warning("%s: worker died on shard %d (attempt %d); replacing it",
+                                label, shard, attempts[shard])  # fmt: skip
                     ray.kill(actor)
                     live.remove(actor)
                     idle = [a for a in idle if a is not actor]
@@ -425,13 +489,12 @@ def _run_ray(
                     cause = exc.cause if exc.cause is not None else exc
                     if isinstance(cause, _BuildFailed):
                         raise StageError(
-                            f"stage {stage!r} ({fp}): the worker could not be built "
+                            f"{label}: the worker could not be built "
                             f"(while starting shard {shard}): {cause}",
                             cause.cause,
                         ) from cause.cause
                     raise StageError(
-                        f"stage {stage!r} ({fp}): shard {shard} failed: "
-                        f"{type(cause).__name__}: {cause}",
+                        f"{label}: shard {shard} failed: {type(cause).__name__}: {cause}",
                         cause,
                     ) from exc
                 idle.append(actor)

@@ -312,35 +312,51 @@ class SamStageWorker:
         self.images.start(u for u, p in zip(uris, present, strict=True) if p)
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
+        ((records, errors),) = self.label_shard(shard, spec, [(self.stage, self.label)])
+        return records, errors
+
+    def label_shard(
+        self,
+        shard: int,
+        spec: dict[str, str],
+        labellers: Sequence[tuple[str, Callable[[np.ndarray, Any], list[dict[str, Any]]]]],
+    ) -> list[tuple[pa.Table, pa.Table]]:
+        """``(records, errors)`` per ``(stage, label)`` of ``labellers``, each image decoded
+        once and labelled by each in turn (a failure is that stage's error for the image)."""
         from fmbseg.storage.records import MaskRecords, errors_table
         from fmbseg.tasks.clip_dense import result_from_row
 
-        rows: list[dict[str, Any]] = []
-        errors: list[dict[str, Any]] = []
+        rows: dict[str, list[dict[str, Any]]] = {stage: [] for stage, _ in labellers}
+        errors: dict[str, list[dict[str, Any]]] = {stage: [] for stage, _ in labellers}
         todo = []
         for row in self.upstream.read("clip_dense", spec["clip_dense"], shard).to_pylist():
             clip = result_from_row(row)
             if len(clip.present):
                 todo.append(clip)
-            else:  # SAM is not run on images without a class to label
-                errors.append(
+                continue
+            for stage, _ in labellers:  # SAM is not run on images without a class to label
+                errors[stage].append(
                     error_row(
                         clip.image_id,
                         clip.image_uri,
-                        self.stage,
+                        stage,
                         "no_class_present",
                         "CLIP found no vocabulary class in enough crops",
                     )
                 )
         for clip, image, exc in self.images.each(todo, lambda c: c.image_uri):
-            try:
-                if exc is not None:
-                    raise exc
-                assert image is not None
-                rows += self.label(image, clip)
-            except Exception as err:  # this image's failure, not the shard's
-                errors.append(error_from(err, clip.image_id, clip.image_uri, self.stage))
-        return MaskRecords.from_rows(rows).table, errors_table(errors)
+            for stage, label in labellers:
+                try:
+                    if exc is not None:
+                        raise exc
+                    assert image is not None
+                    rows[stage] += label(image, clip)
+                except Exception as err:  # this image's failure, not the shard's
+                    errors[stage].append(error_from(err, clip.image_id, clip.image_uri, stage))
+        return [
+            (MaskRecords.from_rows(rows[stage]).table, errors_table(errors[stage]))
+            for stage, _ in labellers
+        ]
 
 
 def run_sam_stage(

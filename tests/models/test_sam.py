@@ -138,6 +138,27 @@ def test_generate_records(sam: SamSegmenter, image: np.ndarray) -> None:
         assert (x, y, w, h) == (xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min())
 
 
+def test_generate_after_set_image_of_the_same_array_embeds_it_once(image: np.ndarray) -> None:
+    """Prompts then automatic masks of one image: one image-encoder pass, same records."""
+    seg = build_model("sam_tiny", None, "cpu", auto_config=NO_FILTERS)
+    alone = [_key(r) for r in seg.generate(image)]
+    encodes: list[tuple] = []
+    hook = seg.sam.image_encoder.register_forward_hook(lambda m, a, o: encodes.append(o.shape))
+    try:
+        seg.set_image(image)
+        seg.predict(np.array([[60.0, 20.0]]), np.array([1]))
+        shared = [_key(r) for r in seg.generate(image)]
+        assert len(encodes) == 1 and shared == alone
+        with pytest.raises(RuntimeError, match="call set_image"):  # generate leaves none set
+            seg.predict(np.array([[60.0, 20.0]]), np.array([1]))
+        seg.set_image(image)
+        copy = image.copy()  # equal pixels, another array: embedded again
+        assert [_key(r) for r in seg.generate(copy)] == alone and len(encodes) == 3
+        assert [_key(r) for r in seg.generate(image)] == alone and len(encodes) == 4
+    finally:
+        hook.remove()
+
+
 def test_generate_drops_masks_above_max_area_fraction(sam: SamSegmenter, image: np.ndarray) -> None:
     everything = sam.generate(image)
     fraction = float(np.median([r["area"] for r in everything])) / image[..., 0].size

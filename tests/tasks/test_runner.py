@@ -24,6 +24,7 @@ from fmbseg.tasks.runner import (
     errors_table,
     plan_shards,
     run_stage,
+    run_stages,
 )
 
 # Workers defined here must reach Ray worker processes, which cannot import this module.
@@ -314,12 +315,67 @@ def test_slot_run_from_two_threads_processes_one_shard_at_a_time(local_store) ->
                 Guarded.inside -= 1
             return pa.table({"item": pa.array(spec, pa.int64())}), None
 
-    slot = ShardSlot(local_store, "sq", "fp", Guarded)
+    slot = ShardSlot(local_store, [("sq", "fp")], Guarded)
     specs = _specs(12, 2)
     with ThreadPoolExecutor(SLOT_DEPTH) as pool:
-        receipts = list(pool.map(slot.run, range(len(specs)), specs))
+        receipts = [r for (r,) in pool.map(slot.run, range(len(specs)), specs)]
     assert Guarded.most == 1
     assert [r.shard for r in receipts] == list(range(6)) and sum(r.rows for r in receipts) == 12
+
+
+class SquareAndCube(SquareWorker):
+    """Two stages in one pass: squares (with the error rows) and cubes (no errors)."""
+
+    calls: list[int] = []
+
+    def process(self, shard: int, spec: list[int]) -> list[tuple[pa.Table, pa.Table | None]]:
+        SquareAndCube.calls.append(shard)
+        squares, errors = super().process(shard, spec)
+        good = [i for i in spec if i >= 0]
+        cubes = pa.table({"item": pa.array(good, pa.int64()),
+                          "cube": pa.array([i**3 for i in good], pa.int64())})  # fmt: skip
+        return [(squares.drop_columns(["pid"]), errors), (cubes, None)]
+
+
+def test_run_stages_commits_each_stage_as_if_it_ran_alone(tmp_path) -> None:
+    specs = [[0, 1, -1], [2, 3], [-2], [4, 5, 6], [7]]
+    store = ArtifactStore(str(tmp_path / "both"))
+    sq, cube = run_stages(store, [("sq", "a"), ("cube", "b")], specs, SquareAndCube, LOCAL,
+                          meta={"k": 1})  # fmt: skip
+    assert (sq.rows, sq.error_rows, cube.rows, cube.error_rows) == (8, 2, 8, 0)
+    assert sq.meta == cube.meta == {"k": 1} and sq.num_shards == cube.num_shards == 5
+    assert store.read_table("cube", "b").column("cube").to_pylist() == [i**3 for i in range(8)]
+
+    class SquaresOnly(SquareWorker):
+        def process(self, shard: int, spec: list[int]) -> tuple[pa.Table, pa.Table]:
+            records, errors = super().process(shard, spec)
+            return records.drop_columns(["pid"]), errors
+
+    alone = run_stage(ArtifactStore(str(tmp_path / "alone")), "sq", "a", specs, SquaresOnly, LOCAL)
+    assert _summary(alone) == _summary(sq)  # same files, byte for byte
+
+
+def test_run_stages_redoes_a_shard_any_stage_lacks_and_refuses_half_committed(tmp_path) -> None:
+    store = ArtifactStore(str(tmp_path / "s"))
+    specs = _specs(10, 3)  # 4 shards
+    worker = SquareAndCube()
+    for shard in (0, 1):  # an earlier, killed run: shards 0 and 1 of sq, only 0 of cube
+        (squares, errors), (cubes, _) = worker.process(shard, specs[shard])
+        store.write_shard("sq", "a", shard, squares, errors)
+        if shard == 0:
+            store.write_shard("cube", "b", shard, cubes)
+    SquareAndCube.calls = []
+    seen: list[tuple[int, int]] = []
+    run_stages(store, [("sq", "a"), ("cube", "b")], specs, SquareAndCube, LOCAL,
+               progress=lambda d, t: seen.append((d, t)))  # fmt: skip
+    assert SquareAndCube.calls == [1, 2, 3] and seen[0] == (1, 4) and seen[-1] == (4, 4)
+    assert store.read_table("cube", "b").column("item").to_pylist() == list(range(10))
+
+    with pytest.raises(ValueError, match=r"stage 'sq' \(a\) already committed, the others not"):
+        run_stages(store, [("sq", "a"), ("cube", "new")], specs, SquareAndCube, LOCAL)
+    with pytest.raises(StageError, match=r"stages 'sq' \(x\), 'cube' \(y\): shard 0 failed: "
+                       r"TypeError: SquareWorker.process must return a list of 2"):  # fmt: skip
+        run_stages(store, [("sq", "x"), ("cube", "y")], specs, SquareWorker, LOCAL)
 
 
 # ---- Ray executor ----------------------------------------------------------------------------
@@ -343,6 +399,15 @@ def test_ray_and_local_give_identical_manifests(ray_session, tmp_path: Path) -> 
     assert (remote.rows, remote.error_rows) == (local.rows, local.error_rows) == (8, 2)
     assert seen[0] == (0, 5) and seen[-1] == (5, 5) and len(seen) == 6
     assert ray_store.read_table("sq", "fp").column("item").to_pylist() == list(range(8))
+
+
+@pytest.mark.slow
+def test_run_stages_on_ray_matches_local(ray_session, tmp_path: Path) -> None:
+    specs = _specs(10, 2)
+    targets = [("sq", "a"), ("cube", "b")]
+    local = run_stages(ArtifactStore(str(tmp_path / "l")), targets, specs, SquareAndCube, LOCAL)
+    remote = run_stages(ArtifactStore(str(tmp_path / "r")), targets, specs, SquareAndCube, RAY)
+    assert [_summary(m) for m in remote] == [_summary(m) for m in local]
 
 
 @pytest.mark.slow

@@ -1,0 +1,97 @@
+"""sam_prompt and sam_auto in one pass: the same committed outputs, half the decoding and
+half the SAM image-encoder passes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+from fmbseg.config import load_config, replace
+from fmbseg.storage import ArtifactStore
+from fmbseg.tasks import stage1
+from fmbseg.tasks.clip_dense import run_clip_dense
+from fmbseg.tasks.index import run_index
+from fmbseg.tasks.sam_auto import run_sam_auto
+from fmbseg.tasks.sam_pair import run_sam_stages
+from fmbseg.tasks.sam_prompt import run_sam_prompt
+from tests.synthetic import VOCAB, write_scenes
+
+CFG = replace(load_config("tiny"), runtime={"executor": "local", "shard_size": 3})
+
+
+@pytest.fixture
+def counted(monkeypatch) -> Counter:
+    """Counts SAM image-encoder passes and image reads."""
+    calls: Counter[str] = Counter()
+    forward, load = ImageEncoderViT.forward, stage1.load_image
+
+    def encode(self, x):
+        calls["encode"] += len(x)
+        return forward(self, x)
+
+    def read(*a):
+        calls["read"] += 1
+        return load(*a)
+
+    monkeypatch.setattr(ImageEncoderViT, "forward", encode)
+    monkeypatch.setattr(stage1, "load_image", read)
+    return calls
+
+
+def _clip(tmp_path: Path, name: str) -> tuple[ArtifactStore, str]:
+    if not (tmp_path / "images").exists():  # the same files (and mtimes) for both stores
+        write_scenes(tmp_path / "images", 7)
+    store = ArtifactStore(str(tmp_path / name))
+    index = run_index(store, str(tmp_path / "images"), CFG)
+    return store, run_clip_dense(store, CFG, index, VOCAB)
+
+
+def _summary(store: ArtifactStore, stage: str, fp: str) -> list[tuple]:
+    m = store.require_manifest(stage, fp)
+    return [(r.shard, r.rows, r.error_rows, r.sha256, r.errors_sha256) for r in m.shards]
+
+
+def test_one_pass_writes_what_the_two_stages_write_alone(tmp_path, counted) -> None:
+    store, clip = _clip(tmp_path, "apart")
+    present = sum(
+        bool(p) for p in store.read_table("clip_dense", clip).column("present").to_pylist()
+    )
+    assert present >= 5  # SAM runs on these
+    counted.clear()
+    apart = {
+        "sam_prompt": run_sam_prompt(store, CFG, clip),
+        "sam_auto": run_sam_auto(store, CFG, clip),
+    }
+    assert counted == {"encode": 2 * present, "read": 2 * present}
+
+    together, clip2 = _clip(tmp_path, "together")
+    assert clip2 == clip
+    counted.clear()
+    seen: dict[str, list] = {"sam_prompt": [], "sam_auto": []}
+    progress = {s: (lambda d, t, s=s: seen[s].append((d, t))) for s in seen}
+    fps = run_sam_stages(together, CFG, clip, progress=progress)
+    assert fps == apart
+    assert counted == {"encode": present, "read": present}  # each image read and embedded once
+    for stage, fp in fps.items():
+        assert _summary(together, stage, fp) == _summary(store, stage, fp)  # byte for byte
+        assert together.require_manifest(stage, fp).meta == store.require_manifest(stage, fp).meta
+        assert seen[stage][0] == (0, 3) and seen[stage][-1] == (3, 3)
+
+    counted.clear()
+    assert run_sam_stages(together, CFG, clip) == fps and not counted  # committed: reused
+
+
+def test_with_one_stage_committed_only_the_other_runs(tmp_path, counted) -> None:
+    store, clip = _clip(tmp_path, "s")
+    present = sum(
+        bool(p) for p in store.read_table("clip_dense", clip).column("present").to_pylist()
+    )
+    prompt_fp = run_sam_prompt(store, CFG, clip)
+    changed = replace(CFG, sam_auto={"pred_iou_thresh": 0.5})  # a new sam_auto only
+    counted.clear()
+    fps = run_sam_stages(store, changed, clip)
+    assert fps["sam_prompt"] == prompt_fp and store.is_committed("sam_auto", fps["sam_auto"])
+    assert counted == {"encode": present, "read": present}  # sam_auto alone
