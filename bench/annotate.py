@@ -1,7 +1,7 @@
 """Stage-1 annotation throughput (images/s) end to end, and the share of time outside models.
 
-Runs index -> clip_dense -> sam_prompt -> sam_auto -> merge -> export with the local
-executor on ``--images`` generated photos (random crops of skimage's sample photos) and the
+Runs index -> clip_dense -> sam_prompt + sam_auto (one pass, as the flow runs them) -> merge
+-> export with the local executor on ``--images`` generated photos (random crops of skimage's sample photos) and the
 models a config names (``tiny`` = random-weight tiny CLIP and SAM, CPU). Every model call
 (CLIP ``crops_and_dense``/``encode_text``, SAM ``set_image``/``predict``/``predict_batch``/
 ``generate``) is
@@ -175,11 +175,10 @@ def pipeline(
     from fmbseg.tasks.export import run_export
     from fmbseg.tasks.index import run_index
     from fmbseg.tasks.merge import run_merge
-    from fmbseg.tasks.sam_auto import run_sam_auto
-    from fmbseg.tasks.sam_prompt import run_sam_prompt
+    from fmbseg.tasks.sam_pair import run_sam_stages
 
     rows: list[tuple[str, float, float, float]] = []
-    fps: dict[str, str] = {}
+    fps: dict[str, Any] = {}
     by_phase: dict[str, Any] = {}
 
     def stage(name: str, fn: Any, *a: Any) -> None:
@@ -197,9 +196,9 @@ def pipeline(
 
     stage("index", lambda s, c: run_index(s, images, c))
     stage("clip_dense", run_clip_dense, fps["index"], vocab)
-    stage("sam_prompt", run_sam_prompt, fps["clip_dense"])
-    stage("sam_auto", run_sam_auto, fps["clip_dense"])
-    stage("merge", run_merge, fps["index"], fps["clip_dense"], fps["sam_prompt"], fps["sam_auto"])
+    stage("sam", run_sam_stages, fps["clip_dense"])  # both SAM stages, one pass
+    sam = fps.pop("sam")
+    stage("merge", run_merge, fps["index"], fps["clip_dense"], sam["sam_prompt"], sam["sam_auto"])
     stage("export", run_export, fps["merge"])
     return rows, by_phase, store.require_manifest("merge", fps["merge"]).rows
 
