@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from sam_auto import photos  # type: ignore[import-not-found]
+from sam_auto import photos  # bench/ is on sys.path when run as a script
 
 
 def both(seg: Any, image: np.ndarray, points: np.ndarray, share: bool) -> tuple[Any, ...]:
