@@ -34,8 +34,9 @@ def photos(n: int, size: tuple[int, int]) -> list[np.ndarray]:
     return out
 
 
-def run(generate: Any, images: list[np.ndarray]) -> tuple[float, list[list[dict]]]:
-    """(seconds per image, the records of every image)."""
+def run(generate: Any, images: list[Any]) -> tuple[float, list[Any]]:
+    """(seconds per image, what ``generate`` returns for each; an item may bundle an image
+    with its prompts)."""
     generate(images[0])  # warm-up (allocator, kernels)
     if torch.cuda.is_available():
         torch.cuda.synchronize()

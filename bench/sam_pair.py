@@ -16,12 +16,11 @@ memory on CUDA, and checks both give the same masks.
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import numpy as np
 import torch
-from sam_auto import photos  # bench/ is on sys.path when run as a script
+from sam_auto import photos, run  # bench/ is on sys.path when run as a script
 
 
 def both(seg: Any, image: np.ndarray, points: np.ndarray, share: bool) -> tuple[Any, ...]:
@@ -31,17 +30,6 @@ def both(seg: Any, image: np.ndarray, points: np.ndarray, share: bool) -> tuple[
     # another array with the same pixels is embedded again, as a separate stage does
     auto = seg.generate(image if share else image.copy())
     return masks, scores, [r["segmentation"] for r in auto]
-
-
-def timed(fn: Any, images: list[np.ndarray], points: list[np.ndarray]) -> tuple[float, list]:
-    fn(images[0], points[0])  # warm-up (allocator, kernels)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = [fn(im, pts) for im, pts in zip(images, points, strict=True)]
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / len(images), out
 
 
 def main() -> None:
@@ -71,9 +59,10 @@ def main() -> None:
     points = [rng.uniform((0, 0), (w, h), size=(args.classes, 5, 2)) for _ in images]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    t_ours, ours = timed(lambda im, p: both(seg, im, p, share=True), images, points)
+    items = list(zip(images, points, strict=True))
+    t_ours, ours = run(lambda item: both(seg, *item, share=True), items)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    t_ref, ref = timed(lambda im, p: both(seg, im, p, share=False), images, points)
+    t_ref, ref = run(lambda item: both(seg, *item, share=False), items)
     for (m1, s1, a1), (m2, s2, a2) in zip(ours, ref, strict=True):
         assert np.array_equal(m1, m2) and np.allclose(s1, s2), "prompt masks differ"
         assert len(a1) == len(a2) and all(np.array_equal(x, y) for x, y in zip(a1, a2, strict=True))
