@@ -16,7 +16,7 @@ The worker still processes one shard at a time (its models are not shared betwee
 Executors (``RuntimeConfig.executor``):
 - ``"local"``: one worker in this process, shards processed in order; writes of shard
   ``i`` overlap shard ``i + 1``. For unit tests, debugging and single-process runs.
-- ``"ray"``: a pool of Ray actors, each reserving ``cpus_per_worker`` CPUs and, for GPU
+- ``"ray"`` (:mod:`fmbseg.tasks.ray_executor`): a pool of Ray actors, each reserving ``cpus_per_worker`` CPUs and, for GPU
   stages on a cluster with GPUs, ``gpus_per_worker`` GPUs. Shards are streamed to whichever
   actor has room; an actor holds up to ``SLOT_DEPTH`` shards (a threaded actor: one
   processed, the other read ahead or written). An actor that dies (OOM, node loss,
@@ -109,17 +109,6 @@ class StageError(RuntimeError):
         self.cause = cause
 
 
-class _BuildFailed(Exception):
-    """Raised by a Ray slot whose worker could not be built: carries the original error."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(f"{type(cause).__name__}: {cause}")
-        self.cause = cause
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_BuildFailed, (self.cause,))
-
-
 def plan_shards(n_items: int, shard_size: int) -> list[range]:
     """Split ``range(n_items)`` into ``ceil(n_items / shard_size)`` contiguous ranges.
 
@@ -163,7 +152,7 @@ class _InTurn:
                 self._cv.notify_all()
 
 
-def _label(targets: Sequence[Target]) -> str:
+def target_label(targets: Sequence[Target]) -> str:
     """``stage 'x' (fp)`` for one target, ``stages 'x' (fp), 'y' (fp)`` for several."""
     names = ", ".join(f"{stage!r} ({fp})" for stage, fp in targets)
     return f"stage{'s' if len(targets) > 1 else ''} {names}"
@@ -221,28 +210,6 @@ class ShardSlot:
         with self._busy():
             out = self.process(shard, spec)
         return self.write(shard, out)
-
-
-class _RemoteSlot(ShardSlot):
-    """The Ray actor's body: a failed build is kept and raised by ``run``, so the driver
-    receives the original exception (an actor's failed ``__init__`` only reaches it as text)."""
-
-    def __init__(
-        self,
-        store: ArtifactStore,
-        targets: Sequence[Target],
-        worker_factory: Callable[[], ShardWorker],
-    ) -> None:
-        self.build_error: Exception | None = None
-        try:
-            super().__init__(store, targets, worker_factory)
-        except Exception as exc:  # everything but the worker is set before the build
-            self.build_error = exc
-
-    def run(self, shard: int, spec: Any) -> list[ShardReceipt]:
-        if self.build_error is not None:
-            raise _BuildFailed(self.build_error)
-        return super().run(shard, spec)
 
 
 def run_stage(
@@ -304,7 +271,7 @@ def run_stages(
     if finalize is not None and len(targets) > 1:
         raise ValueError("run_stages: finalize is for a single target stage")
     total = len(specs)
-    label = _label(targets)
+    label = target_label(targets)
     existing = [store.manifest(stage, fp) for stage, fp in targets]
     if all(m is not None for m in existing):
         log.info("%s already committed; skipping", label)
@@ -313,7 +280,7 @@ def run_stages(
         return [m for m in existing if m is not None]
     if any(m is not None for m in existing):
         committed = [t for t, m in zip(targets, existing, strict=True) if m is not None]
-        raise ValueError(f"run_stages: {_label(committed)} already committed, the others not;"
+        raise ValueError(f"run_stages: {target_label(committed)} already committed, the others not;"
                          " run the others on their own")  # fmt: skip
     written = [set(store.shard_receipts(stage, fp)) for stage, fp in targets]
     done = set.intersection(*written) & set(range(total))
@@ -327,7 +294,9 @@ def run_stages(
         if runtime.executor == "local":
             _run_local(store, targets, specs, todo, worker_factory, on_done)
         elif runtime.executor == "ray":
-            _run_ray(store, targets, specs, todo, worker_factory, runtime, use_gpu, on_done)
+            from fmbseg.tasks.ray_executor import run_ray
+
+            run_ray(store, targets, specs, todo, worker_factory, runtime, use_gpu, on_done)
         else:
             raise ValueError(f"runtime.executor must be 'local' or 'ray', got {runtime.executor!r}")
     manifests = []
@@ -364,7 +333,7 @@ def _run_local(
     on_done: Callable[[], None],
 ) -> None:
     slot = ShardSlot(store, targets, worker_factory)
-    label = _label(targets)
+    label = target_label(targets)
 
     def failed(shard: int, exc: Exception) -> StageError:
         return StageError(f"{label}: shard {shard} failed: {type(exc).__name__}: {exc}", exc)
@@ -392,113 +361,3 @@ def _run_local(
             writing = (shard, writer.submit(slot.write, shard, out))
         if writing is not None:
             finish(*writing)
-
-
-def _last_line(exc: BaseException) -> str:
-    """The final line of a Ray error (the original ``Type: message``), without the traceback."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
-
-
-def _pool_shape(runtime: RuntimeConfig, use_gpu: bool, n_todo: int) -> tuple[int, float]:
-    """(number of actors, GPUs per actor) for the connected Ray cluster."""
-    import ray
-
-    cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
-    gpus = runtime.gpus_per_worker if use_gpu and cluster_gpus > 0 else 0.0
-    if runtime.num_workers > 0:
-        n = runtime.num_workers
-    elif gpus > 0:
-        n = max(1, int(cluster_gpus // gpus))
-    else:
-        n = 1
-    return max(1, min(n, n_todo)), gpus
-
-
-def _run_ray(
-    store: ArtifactStore,
-    targets: Sequence[Target],
-    specs: Sequence[Any],
-    todo: list[int],
-    worker_factory: Callable[[], ShardWorker],
-    runtime: RuntimeConfig,
-    use_gpu: bool,
-    on_done: Callable[[], None],
-) -> None:
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
-    if not ray.is_initialized():
-        ray.init(address=runtime.ray_address)
-    n_actors, gpus = _pool_shape(runtime, use_gpu, len(todo))
-    actor_cls = ray.remote(_RemoteSlot).options(  # type: ignore[attr-defined]
-        num_cpus=runtime.cpus_per_worker,
-        num_gpus=gpus,
-        max_restarts=0,
-        max_task_retries=0,
-        max_concurrency=SLOT_DEPTH,
-    )
-    factory_ref = ray.put(worker_factory)
-
-    def new_actor() -> Any:
-        return actor_cls.remote(store, targets, factory_ref)
-
-    label = _label(targets)
-    log.info("%s: %d shards on %d Ray actors (%.2g GPU each)", label, len(todo), n_actors,
-             gpus)  # fmt: skip
-    queue = deque(todo)
-    attempts = dict.fromkeys(todo, 0)
-    live = [new_actor() for _ in range(n_actors)]
-    idle = [a for _ in range(SLOT_DEPTH) for a in live]  # one entry per free place
-    pending: dict[Any, tuple[Any, int]] = {}
-    try:
-        while queue or pending:
-            while idle and queue:
-                actor, shard = idle.pop(), queue.popleft()
-                attempts[shard] += 1
-                pending[actor.run.remote(shard, specs[shard])] = (actor, shard)
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                actor, shard = pending.pop(ref)
-                try:
-                    ray.get(ref)
-                except RayActorError as exc:
-                    if getattr(exc, "actor_init_failed", False):
-                        raise StageError(
-                            f"{label}: the worker could not be built "
-                            f"(while starting shard {shard}): {_last_line(exc)}"
-                        ) from exc
-                    if attempts[shard] > runtime.max_retries:
-                        raise StageError(
-                            f"{label}: shard {shard} failed: its worker died "
-                            f"on each of {attempts[shard]} attempts; last cause: {exc}"
-                        ) from exc
-                    queue.appendleft(shard)
-                    if actor not in live:  # its other shard already reported the death
-                        continue
-                    log.warning("%s: worker died on shard %d (attempt %d); replacing it",
-                                label, shard, attempts[shard])  # fmt: skip
-                    ray.kill(actor)
-                    live.remove(actor)
-                    idle = [a for a in idle if a is not actor]
-                    replacement = new_actor()
-                    live.append(replacement)
-                    idle += [replacement] * SLOT_DEPTH
-                    continue
-                except RayTaskError as exc:
-                    cause = exc.cause if exc.cause is not None else exc
-                    if isinstance(cause, _BuildFailed):
-                        raise StageError(
-                            f"{label}: the worker could not be built "
-                            f"(while starting shard {shard}): {cause}",
-                            cause.cause,
-                        ) from cause.cause
-                    raise StageError(
-                        f"{label}: shard {shard} failed: {type(cause).__name__}: {cause}",
-                        cause,
-                    ) from exc
-                idle.append(actor)
-                on_done()
-    finally:
-        for actor in live:
-            ray.kill(actor)
