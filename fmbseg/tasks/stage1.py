@@ -187,8 +187,9 @@ def load_image(
 
 
 def loader_pool(ahead: int = PREFETCH) -> ThreadPoolExecutor:
-    """Threads for :class:`ReadAhead` and :class:`Upstream`. A worker keeps one for all its shards: starting and
-    joining threads for every shard costs more than decoding a small shard's images."""
+    """Threads for :class:`ReadAhead` and :class:`Upstream`. A worker keeps one for all its
+    shards: starting and joining threads for every shard costs more than decoding a small
+    shard's images."""
     return ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="fmbseg-load")
 
 
