@@ -132,10 +132,15 @@ class ExportWorker:
         return load_image(uri, self.storage_options, self.cfg.index.max_pixels)
 
     def prefetch(self, shard: int, spec: dict[str, Any]) -> None:
-        self.upstream.prefetch(
-            "merge", spec["merge"], shard,
-            then=lambda merged: self.images.start(_gallery_uris(merged, spec["gallery"])),
-        )  # fmt: skip
+        k = spec["gallery"]
+        self.upstream.prefetch("merge", spec["merge"], shard,
+                               then=lambda merged: self._start_gallery(merged, k))  # fmt: skip
+
+    def _start_gallery(self, merged: pa.Table, k: int) -> None:
+        """Start reading the gallery images of a merge shard (read ahead of its turn)."""
+        if merged.num_rows:
+            uris = merged.column("image_uri").to_pylist()
+            self.images.start(_gallery_uris(uris, first_rows(merged), k))
 
     def process(self, shard: int, spec: dict[str, Any]) -> tuple[pa.Table, None]:
         table = self.upstream.read("merge", spec["merge"], shard)
@@ -145,7 +150,7 @@ class ExportWorker:
         first = first_rows(table)
         ids = list(first)
         uris = table.column("image_uri").to_pylist()
-        shown = _gallery_uris(table, spec["gallery"])
+        shown = _gallery_uris(uris, first, spec["gallery"])
         rows = []
         writes: deque[Future[None]] = deque()
         # the gallery's images are read and decoded in threads, ahead of the loop below
@@ -193,12 +198,10 @@ class ExportWorker:
         self.store.write_bytes(f"{self.base}/thumbs/{name}.jpg", thumb)
 
 
-def _gallery_uris(table: pa.Table, k: int) -> list[str]:
-    """The URIs of a merge shard's first ``k`` images (those that get an overlay)."""
-    if not table.num_rows or k <= 0:
-        return []
-    uris = table.column("image_uri").to_pylist()
-    return [uris[r] for r in list(first_rows(table).values())[:k]]
+def _gallery_uris(uris: list[str], first: dict[str, int], k: int) -> list[str]:
+    """The URIs of a merge shard's first ``k`` images (those that get an overlay), from its
+    ``image_uri`` column and :func:`first_rows`."""
+    return [uris[r] for r in list(first.values())[: max(0, k)]]
 
 
 def _per_image(table: pa.Table, ids: list[str]) -> list[tuple[str, pa.Table]]:
