@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -61,6 +60,6 @@ def _now() -> str:
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
+    sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
+    return sink.getvalue().to_pybytes()

@@ -179,6 +179,18 @@ class MaskRecords:
         return cls(pa.Table.from_arrays(arrays, schema=RECORD_SCHEMA))
 
     @classmethod
+    def derived(cls, table: pa.Table) -> MaskRecords:
+        """Records made from validated ones without new values: rows taken, filtered or
+        concatenated, or a committed shard of a stage that writes validated records read
+        back (the store checks its bytes against the receipt's checksum). Only the schema
+        is compared, in microseconds; a table of another schema is validated in full."""
+        if not table.schema.equals(RECORD_SCHEMA):
+            return cls(table)
+        out = cls.__new__(cls)
+        out.table = table
+        return out
+
+    @classmethod
     def empty(cls) -> MaskRecords:
         return cls(RECORD_SCHEMA.empty_table())
 
@@ -188,7 +200,7 @@ class MaskRecords:
             return cls.empty()
         # Each part may carry its own source dictionary; unify them into one.
         table = pa.concat_tables([p.table for p in parts]).unify_dictionaries()
-        return cls(table.combine_chunks())
+        return cls.derived(table.combine_chunks())
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -201,9 +213,9 @@ class MaskRecords:
         return list(dict.fromkeys(self.table.column("image_id").to_pylist()))
 
     def for_image(self, image_id: str) -> MaskRecords:
-        out = MaskRecords.__new__(MaskRecords)  # a filter of a valid table stays valid
-        out.table = self.table.filter(pc.equal(self.table.column("image_id"), image_id))
-        return out
+        return MaskRecords.derived(
+            self.table.filter(pc.equal(self.table.column("image_id"), image_id))
+        )
 
     def rows(self) -> list[dict[str, Any]]:
         return self.table.to_pylist()
@@ -272,29 +284,56 @@ def compose_label_map(
     if isinstance(records, MaskRecords):
         records = records.table
     if isinstance(records, pa.Table):
-        cols = {
-            n: records.column(n).to_pylist()
-            for n in ("rle_counts", "category_id", "area", "source", "score", "height", "width")
-        }
+        cols = {n: records.column(n).to_pylist() for n in LABEL_COLUMNS}
         if records.num_rows and len(set(records.column("image_id").to_pylist())) > 1:
             raise RecordError("compose_label_map: records of more than one image given")
     else:
         recs = list(records)
-        cols = {
-            n: [r[n] for r in recs]
-            for n in ("rle_counts", "category_id", "area", "source", "score", "height", "width")
-        }
+        cols = {n: [r[n] for r in recs] for n in LABEL_COLUMNS}
+    return compose_rows(cols, range(len(cols["rle_counts"])), height, width)
+
+
+LABEL_COLUMNS = ("rle_counts", "category_id", "area", "source", "score", "height", "width")
+"""The record columns a label map is painted from."""
+
+
+def compose_rows(
+    cols: Mapping[str, Sequence[Any]], rows: Sequence[int], height: int, width: int
+) -> np.ndarray:
+    """:func:`compose_label_map` of rows ``rows`` (all of ONE image) of a records table
+    given as Python lists, ``cols[name]`` for each of :data:`LABEL_COLUMNS`.
+
+    For a worker that composes every image of a shard: the columns are converted once per
+    shard, not once per image.
+    """
     label = np.full((height, width), IGNORE, dtype=np.uint8)
-    ids = np.asarray(cols["category_id"], dtype=np.int64)
+    ids = np.asarray([cols["category_id"][i] for i in rows], dtype=np.int64)
     if len(ids) and (ids.min() < 0 or ids.max() >= IGNORE):
         raise RecordError(
             f"compose_label_map: category ids must be in [0, {IGNORE - 1}] for a uint8 map "
             f"({IGNORE} = ignore); got {int(ids.min())}..{int(ids.max())}"
         )
-    for h, w in zip(cols["height"], cols["width"], strict=True):
-        if (h, w) != (height, width):
-            raise RecordError(f"compose_label_map: a mask is {h}x{w}, the image {height}x{width}")
-    order = paint_order(np.asarray(cols["area"]), cols["source"], np.asarray(cols["score"]), ids)
-    for i in order:
-        label[decode_mask(cols["rle_counts"][i], height, width)] = ids[i]
+    heights, widths = cols["height"], cols["width"]
+    for i in rows:
+        if (heights[i], widths[i]) != (height, width):
+            raise RecordError(
+                f"compose_label_map: a mask is {heights[i]}x{widths[i]}, the image {height}x{width}"
+            )
+    order = paint_order(
+        np.asarray([cols["area"][i] for i in rows]),
+        [cols["source"][i] for i in rows],
+        np.asarray([cols["score"][i] for i in rows]),
+        ids,
+    )
+    if not len(order):
+        return label
+    counts = cols["rle_counts"]
+    rles = [{"size": [height, width], "counts": counts[rows[j]]} for j in order]
+    with warnings.catch_warnings():  # pycocotools' own numpy-2 "copy keyword" deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        masks = mask_utils.decode(rles)  # H x W x n uint8 in Fortran order, one call
+    # paint the transposed view: each mask's transpose is C-contiguous, no copy per mask
+    painted = label.T
+    for k, j in enumerate(order):
+        painted[masks[:, :, k].T.view(bool)] = ids[j]
     return label

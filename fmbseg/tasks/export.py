@@ -8,7 +8,8 @@ Written under ``{store}/exports/{fingerprint}/`` through the store (any fsspec U
     errors.parquet        images without masks and why (merge's errors table)
     labels/{name}.png     palette PNG label maps, image-sized; value = category id, 255 = ignore
     overlays/{name}.jpg   image + label colours + outlines (first ``gallery_max_images``)
-    thumbs/{name}.jpg     small overlays for the gallery
+    thumbs/{name}.jpg     overlays shrunk to 320 px for the gallery's cards (an overlay
+                          that already fits is its own card image: no thumb is written)
     gallery.html          one static page: summary, class legend, image cards
     export.json           what was written; written last, so its presence = complete
 
@@ -40,10 +41,10 @@ import pyarrow as pa
 
 from fmbseg.config import Config, ExportConfig
 from fmbseg.storage import ArtifactStore, Manifest
-from fmbseg.storage.records import IGNORE, compose_label_map
+from fmbseg.storage.records import IGNORE, LABEL_COLUMNS, compose_rows
 from fmbseg.tasks.export_coco import coco_dataset, first_rows
 from fmbseg.tasks.export_files import write_export_files
-from fmbseg.tasks.gallery import class_colours, jpeg, label_png, overlay
+from fmbseg.tasks.gallery import THUMB_SIDE, class_colours, has_thumb, jpeg, label_png, overlay
 from fmbseg.tasks.runner import Progress, run_stage
 from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
@@ -60,7 +61,6 @@ __all__ = ["EXPORT_SCHEMA", "ExportWorker", "coco_dataset", "image_names", "run_
 
 STAGE = "export"
 CODE_VERSION = CODE_VERSIONS[STAGE]
-THUMB_SIDE = 320
 WRITERS = 2  # threads encoding and writing a worker's per-image files
 
 EXPORT_SCHEMA = pa.schema(
@@ -147,19 +147,19 @@ class ExportWorker:
         if not table.num_rows:
             return EXPORT_SCHEMA.empty_table(), None
         ecfg: ExportConfig = self.cfg.export
-        first = first_rows(table)
-        ids = list(first)
-        uris = table.column("image_uri").to_pylist()
-        shown = _gallery_uris(uris, first, spec["gallery"])
+        # the shard's columns as Python lists once, not a slice and conversions per image
+        cols = {n: table.column(n).to_pylist() for n in (*LABEL_COLUMNS, "image_uri")}
+        by_image = _rows_by_image(table.column("image_id").to_pylist())
+        uris = cols["image_uri"]
+        shown = _gallery_uris(uris, {i: r[0] for i, r in by_image.items()}, spec["gallery"])
         rows = []
         writes: deque[Future[None]] = deque()
         # the gallery's images are read and decoded in threads, ahead of the loop below
         images = self.images.each(shown, str)
         with contextlib.closing(images):
-            for n, (image_id, part) in enumerate(_per_image(table, ids)):
-                uri = uris[first[image_id]]
-                h, w = part.column("height")[0].as_py(), part.column("width")[0].as_py()
-                label = compose_label_map(part, h, w)
+            for n, (image_id, r) in enumerate(by_image.items()):
+                uri, h, w = uris[r[0]], cols["height"][r[0]], cols["width"][r[0]]
+                label = compose_rows(cols, r, h, w)
                 name = image_name(uri, image_id, self.repeated)
                 if ecfg.png:
                     writes.append(self.writer.submit(self._write_label, name, label))
@@ -172,7 +172,7 @@ class ExportWorker:
                         self._write_overlay, name, image, label, ecfg.overlay_alpha))  # fmt: skip
                 while len(writes) > 2 * WRITERS:  # bounds the images held for writing
                     writes.popleft().result()
-                sources = Counter(str(s) for s in part.column("source").to_pylist())
+                sources = Counter(cols["source"][i] for i in r)
                 present = np.flatnonzero(np.bincount(label.ravel(), minlength=IGNORE + 1))
                 rows.append(
                     {
@@ -187,15 +187,17 @@ class ExportWorker:
         return pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), None
 
     def _write_label(self, name: str, label: np.ndarray) -> None:
-        self.store.write_bytes(f"{self.base}/labels/{name}.png", label_png(label, self.colours))
+        self.store.write_bytes(
+            f"{self.base}/labels/{name}.png",
+            label_png(label, self.colours, self.cfg.export.png_compress_level),
+        )
 
     def _write_overlay(self, name: str, image: np.ndarray, label: np.ndarray, alpha: float) -> None:
         over = overlay(image, label, self.colours, alpha)
         full = jpeg(over)
         self.store.write_bytes(f"{self.base}/overlays/{name}.jpg", full)
-        # an image that already fits the thumbnail is not resized: same bytes
-        thumb = full if max(over.shape[:2]) <= THUMB_SIDE else jpeg(over, THUMB_SIDE)
-        self.store.write_bytes(f"{self.base}/thumbs/{name}.jpg", thumb)
+        if has_thumb(*over.shape[:2]):  # else the card shows the overlay itself
+            self.store.write_bytes(f"{self.base}/thumbs/{name}.jpg", jpeg(over, THUMB_SIDE))
 
 
 def _gallery_uris(uris: list[str], first: dict[str, int], k: int) -> list[str]:
@@ -204,18 +206,13 @@ def _gallery_uris(uris: list[str], first: dict[str, int], k: int) -> list[str]:
     return [uris[r] for r in list(first.values())[: max(0, k)]]
 
 
-def _per_image(table: pa.Table, ids: list[str]) -> list[tuple[str, pa.Table]]:
-    """``(image_id, its rows)`` for ``ids``: zero-copy slices when an image's rows are
-    consecutive (as merge writes them), else a take."""
+def _rows_by_image(image_ids: list[str]) -> dict[str, list[int]]:
+    """image id -> its row numbers, in order of first appearance (merge writes an image's
+    rows together, and the images of a shard in the index's order)."""
     rows: dict[str, list[int]] = {}
-    for i, image_id in enumerate(table.column("image_id").to_pylist()):
+    for i, image_id in enumerate(image_ids):
         rows.setdefault(image_id, []).append(i)
-    out = []
-    for image_id in ids:
-        r = rows[image_id]
-        consecutive = r[-1] - r[0] + 1 == len(r)
-        out.append((image_id, table.slice(r[0], len(r)) if consecutive else table.take(r)))
-    return out
+    return rows
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -234,7 +231,8 @@ def plan_export(
     counts: Counter[str] = Counter()
     specs, shown = [], 0
     for shard in range(merge.num_shards):
-        t = store.read_shard("merge", merge.fingerprint, shard, manifest=merge)
+        t = store.read_shard("merge", merge.fingerprint, shard, manifest=merge,
+                             columns=["image_id", "image_uri"])  # fmt: skip
         first = first_rows(t) if t.num_rows else {}
         uris = t.column("image_uri").to_pylist() if first else []
         counts.update(image_stem(uris[r]) for r in first.values())

@@ -20,7 +20,7 @@ from fmbseg.config import ExportConfig
 from fmbseg.storage import ArtifactStore, Manifest
 from fmbseg.storage.records import RECORD_SCHEMA, MaskRecords
 from fmbseg.tasks.export_coco import CocoWriter, coco_annotations, coco_image, first_rows
-from fmbseg.tasks.gallery import GalleryEntry, class_colours, gallery_html
+from fmbseg.tasks.gallery import GalleryEntry, class_colours, gallery_html, has_thumb
 
 ERRORS_LISTED = 200  # images without masks that gallery.html names
 
@@ -63,7 +63,7 @@ def write_export_files(
             part = store.read_shard("merge", merge.fingerprint, shard, manifest=merge)
             if not part.num_rows:
                 continue
-            table = MaskRecords(part).table
+            table = MaskRecords.derived(part).table
             first = first_rows(table)
             coco_ids = {image_id: images_before + i + 1 for i, image_id in enumerate(first)}
             coco.annotations(coco_annotations(table, coco_ids, next_ann))
@@ -111,11 +111,12 @@ def write_export_files(
 
 def _entry(row: dict[str, Any], png: bool) -> GalleryEntry:
     name = row["name"]
+    full = f"overlays/{name}.jpg"
     return GalleryEntry(
         name=name,
         uri=row["uri"],
-        thumb=f"thumbs/{name}.jpg",
-        full=f"overlays/{name}.jpg",
+        thumb=f"thumbs/{name}.jpg" if has_thumb(row["height"], row["width"]) else full,
+        full=full,
         label_file=f"labels/{name}.png" if png else None,
         prompt_masks=row["prompt_masks"],
         auto_masks=row["auto_masks"],

@@ -41,6 +41,13 @@ _BASE = [
     (158, 218, 229),
 ]
 IGNORE_COLOUR = (0, 0, 0)
+THUMB_SIDE = 320  # long side of the gallery's card images
+
+
+def has_thumb(height: int, width: int) -> bool:
+    """Whether an image's overlay gets a separate thumbnail: only one larger than
+    :data:`THUMB_SIDE`; a card shows a smaller overlay itself."""
+    return max(height, width) > THUMB_SIDE
 
 
 def class_colours(n: int) -> np.ndarray:
@@ -61,8 +68,11 @@ def palette(colours: np.ndarray) -> list[int]:
     return pal.reshape(-1).tolist()
 
 
-def label_png(label: np.ndarray, colours: np.ndarray) -> bytes:
-    """``HxW uint8`` label map -> palette PNG bytes; pixel values are the class ids (255 = ignore)."""
+def label_png(label: np.ndarray, colours: np.ndarray, compress_level: int = 6) -> bytes:
+    """``HxW uint8`` label map -> palette PNG bytes; pixel values are the class ids (255 = ignore).
+
+    ``compress_level``: zlib's 0-9 (PIL's default 6); lossless at every level.
+    """
     if label.dtype != np.uint8 or label.ndim != 2:
         raise ValueError(
             f"label_png: expected an HxW uint8 label map, got {label.shape} {label.dtype}"
@@ -70,7 +80,7 @@ def label_png(label: np.ndarray, colours: np.ndarray) -> bytes:
     im = Image.fromarray(label)  # mode "L"; putpalette turns it into "P" keeping the values
     im.putpalette(palette(colours))
     buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=False)
+    im.save(buf, format="PNG", optimize=False, compress_level=compress_level)
     return buf.getvalue()
 
 

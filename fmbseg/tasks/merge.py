@@ -94,7 +94,7 @@ def sample_auto(auto: MaskRecords, image_id: str, cfg: MergeConfig) -> MaskRecor
         image_id,
         cfg,
     )
-    return auto if chosen is None else MaskRecords(t.take(pa.array(chosen)))
+    return auto if chosen is None else MaskRecords.derived(t.take(pa.array(chosen)))
 
 
 def merge_image(
@@ -184,7 +184,7 @@ def merge_shard(
     if not take:
         return MaskRecords.empty(), errors_table(errors)
     both = pa.concat_tables([prompt.table, a]).unify_dictionaries().combine_chunks()
-    return MaskRecords(both.take(pa.array(take, type=pa.int64()))), errors_table(errors)
+    return MaskRecords.derived(both.take(pa.array(take, type=pa.int64()))), errors_table(errors)
 
 
 def _rows_by_image(table: pa.Table) -> dict[str, list[int]]:
@@ -198,6 +198,11 @@ def _rows_by_image(table: pa.Table) -> dict[str, list[int]]:
 # ---- shell ---------------------------------------------------------------------------------
 
 
+INDEX_COLUMNS = ("image_id", "uri")
+CLIP_COLUMNS = ("image_id", "present")  # not the similarity maps
+READ_COLUMNS = {"clip_dense": CLIP_COLUMNS}
+
+
 class MergeWorker:
     """Shard worker of merge: no model. A spec is ``{"index", "clip_dense", "sam_prompt",
     "sam_auto"} -> fingerprint``; shard ``i`` of each is read."""
@@ -208,15 +213,15 @@ class MergeWorker:
 
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
         up = self.upstream
-        up.prefetch(INDEX_STAGE, spec["index"], shard)
+        up.prefetch(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)
         for stage in ("clip_dense", "sam_prompt", "sam_auto"):
-            up.prefetch(stage, spec[stage], shard)
+            up.prefetch(stage, spec[stage], shard, columns=READ_COLUMNS.get(stage))
             up.prefetch(stage, spec[stage], shard, kind="errors")
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         up = self.upstream
-        index = up.read(INDEX_STAGE, spec["index"], shard).to_pylist()
-        clip = up.part("clip_dense", spec["clip_dense"], shard)
+        index = up.read(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS).to_pylist()
+        clip = up.part("clip_dense", spec["clip_dense"], shard, columns=CLIP_COLUMNS)
         present = (
             {}
             if clip is None
@@ -240,7 +245,7 @@ class MergeWorker:
         upstream = []
         for stage in ("sam_prompt", "sam_auto"):
             part = up.part(stage, spec[stage], shard)
-            records[stage] = MaskRecords.empty() if part is None else MaskRecords(part)
+            records[stage] = MaskRecords.empty() if part is None else MaskRecords.derived(part)
         for stage in ("clip_dense", "sam_prompt", "sam_auto"):
             errors = up.part(stage, spec[stage], shard, kind="errors")
             if errors is not None:

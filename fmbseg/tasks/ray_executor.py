@@ -82,7 +82,7 @@ def run_ray(
     worker_factory: Callable[[], ShardWorker],
     runtime: RuntimeConfig,
     use_gpu: bool,
-    on_done: Callable[[], None],
+    on_done: Callable[[list[ShardReceipt]], None],
 ) -> None:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -120,7 +120,7 @@ def run_ray(
             for ref in ready:
                 actor, shard = pending.pop(ref)
                 try:
-                    ray.get(ref)
+                    written = ray.get(ref)
                 except RayActorError as exc:
                     if getattr(exc, "actor_init_failed", False):
                         raise StageError(
@@ -157,7 +157,7 @@ def run_ray(
                         cause,
                     ) from exc
                 idle.append(actor)
-                on_done()
+                on_done(written)
     finally:
         for actor in live:
             ray.kill(actor)

@@ -282,15 +282,16 @@ def run_stages(
         committed = [t for t, m in zip(targets, existing, strict=True) if m is not None]
         raise ValueError(f"run_stages: {target_label(committed)} already committed, the others not;"
                          " run the others on their own")  # fmt: skip
-    written = [set(store.shard_receipts(stage, fp)) for stage, fp in targets]
-    done = set.intersection(*written) & set(range(total))
+    # receipts per target: listed now, then each write's; the commit needs them all
+    receipts = [store.shard_receipts(stage, fp) for stage, fp in targets]
+    done = set.intersection(*(set(r) for r in receipts)) & set(range(total))
     todo = [i for i in range(total) if i not in done]
     if done:
         log.info("%s: resuming, %d of %d shards already written", label, len(done), total)
     if progress:
         progress(len(done), total)
     if todo:
-        on_done = _counter(len(done), total, progress)
+        on_done = _counter(receipts, len(done), total, progress)
         if runtime.executor == "local":
             _run_local(store, targets, specs, todo, worker_factory, on_done)
         elif runtime.executor == "ray":
@@ -300,11 +301,12 @@ def run_stages(
         else:
             raise ValueError(f"runtime.executor must be 'local' or 'ray', got {runtime.executor!r}")
     manifests = []
-    for stage, fp in targets:
+    for (stage, fp), known in zip(targets, receipts, strict=True):
         all_meta = dict(meta or {})
-        if finalize is not None:
+        if finalize is not None:  # it may rewrite shards: their receipts are read back
             all_meta.update(finalize(store, stage, fp, total) or {})
-        manifest, won = store.commit(stage, fp, total, meta=all_meta)
+        manifest, won = store.commit(stage, fp, total, meta=all_meta,
+                                     receipts=None if finalize else known)  # fmt: skip
         if won:
             store.sweep(stage, fp)
         else:
@@ -313,10 +315,15 @@ def run_stages(
     return manifests
 
 
-def _counter(start: int, total: int, progress: Progress | None) -> Callable[[], None]:
+def _counter(
+    receipts: list[dict[int, ShardReceipt]], start: int, total: int, progress: Progress | None
+) -> Callable[[list[ShardReceipt]], None]:
+    """``on_done(receipts of a shard, one per target)``: keeps them, reports progress."""
     count = [start]
 
-    def tick() -> None:
+    def tick(written: list[ShardReceipt]) -> None:
+        for known, receipt in zip(receipts, written, strict=True):
+            known[receipt.shard] = receipt
         count[0] += 1
         if progress:
             progress(count[0], total)
@@ -330,7 +337,7 @@ def _run_local(
     specs: Sequence[Any],
     todo: list[int],
     worker_factory: Callable[[], ShardWorker],
-    on_done: Callable[[], None],
+    on_done: Callable[[list[ShardReceipt]], None],
 ) -> None:
     slot = ShardSlot(store, targets, worker_factory)
     label = target_label(targets)
@@ -340,10 +347,10 @@ def _run_local(
 
     def finish(shard: int, write: Future[list[ShardReceipt]]) -> None:
         try:
-            write.result()
+            written = write.result()
         except Exception as exc:
             raise failed(shard, exc) from exc
-        on_done()
+        on_done(written)
 
     # shard i+1 is prefetched while shard i is processed, and shard i is written while
     # shard i+1 is processed; at most one write in flight

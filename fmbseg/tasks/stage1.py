@@ -112,6 +112,10 @@ def read_vocabulary(store: ArtifactStore, stage: str, fp: str) -> tuple[str, ...
     return tuple(meta[VOCABULARY_KEY])
 
 
+Columns = tuple[str, ...] | None
+"""Columns to read of a shard (hashable: part of a read-ahead's key); None = all."""
+
+
 class Upstream:
     """A worker's reader of committed upstream shards; each manifest is fetched once.
 
@@ -124,7 +128,7 @@ class Upstream:
         self.store = store
         self.pool = pool
         self._manifests: dict[tuple[str, str], Manifest] = {}
-        self._ahead: dict[tuple[str, str, int, str], Future[pa.Table]] = {}
+        self._ahead: dict[tuple[str, str, int, str, Columns], Future[pa.Table]] = {}
 
     def manifest(self, stage: str, fp: str) -> Manifest:
         key = (stage, fp)
@@ -132,10 +136,14 @@ class Upstream:
             self._manifests[key] = self.store.require_manifest(stage, fp)
         return self._manifests[key]
 
-    def read(self, stage: str, fp: str, shard: int, kind: str = "part") -> pa.Table:
-        """Shard ``shard`` of ``stage/fp`` (an empty, column-less table when it has none)."""
-        ahead = self._ahead.pop((stage, fp, shard, kind), None)
-        return ahead.result() if ahead is not None else self._read(stage, fp, shard, kind)
+    def read(
+        self, stage: str, fp: str, shard: int, kind: str = "part", columns: Columns = None
+    ) -> pa.Table:
+        """Shard ``shard`` of ``stage/fp`` (an empty, column-less table when it has none);
+        only ``columns`` when given (a prefetch must have named the same ones)."""
+        key = (stage, fp, shard, kind, columns)
+        ahead = self._ahead.pop(key, None)
+        return ahead.result() if ahead is not None else self._read(*key)
 
     def prefetch(
         self,
@@ -144,6 +152,7 @@ class Upstream:
         shard: int,
         kind: str = "part",
         then: Callable[[pa.Table], None] | None = None,
+        columns: Columns = None,
     ) -> None:
         """Start reading what :meth:`read` will be asked for (no-op without a pool).
 
@@ -152,18 +161,22 @@ class Upstream:
         """
         if self.pool is None:
             return
-        key = (stage, fp, shard, kind)
+        key = (stage, fp, shard, kind, columns)
         if key not in self._ahead:
-            self._ahead[key] = self.pool.submit(self._read, stage, fp, shard, kind)
+            self._ahead[key] = self.pool.submit(self._read, *key)
         if then is not None:
             self._ahead[key].add_done_callback(functools.partial(_then, then, key))
 
-    def _read(self, stage: str, fp: str, shard: int, kind: str) -> pa.Table:
-        return self.store.read_shard(stage, fp, shard, kind, manifest=self.manifest(stage, fp))
+    def _read(self, stage: str, fp: str, shard: int, kind: str, columns: Columns) -> pa.Table:
+        m = self.manifest(stage, fp)
+        cols = None if columns is None else list(columns)
+        return self.store.read_shard(stage, fp, shard, kind, manifest=m, columns=cols)
 
-    def part(self, stage: str, fp: str, shard: int, kind: str = "part") -> pa.Table | None:
+    def part(
+        self, stage: str, fp: str, shard: int, kind: str = "part", columns: Columns = None
+    ) -> pa.Table | None:
         """Like :meth:`read`, but None when that shard wrote no records (or errors)."""
-        table = self.read(stage, fp, shard, kind)
+        table = self.read(stage, fp, shard, kind, columns)
         return table if table.num_columns else None
 
 

@@ -125,7 +125,9 @@ def test_killed_flow_resumes_from_committed_shards(
     script.write_text(textwrap.dedent(_FLOW_SCRIPT))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-home"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")  # fmt: skip
+               PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               # its own temporary server: 20 s by default, too short on a busy 2-core box
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")  # fmt: skip
     log = tmp_path / "flow.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -134,7 +136,7 @@ def test_killed_flow_resumes_from_committed_shards(
         )  # fmt: skip
     stage_root = store_dir / "stages" / "clip_dense"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # the temporary server may take up to 120 s
         while len(list(stage_root.glob("*/receipt-*.json"))) < KILL_AFTER:
             assert proc.poll() is None, f"flow ended before the kill:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no receipts:\n{log.read_text()[-3000:]}"

@@ -22,8 +22,8 @@ from fmbseg.storage.records import (
     errors_table,
     mask_row,
 )
-from fmbseg.tasks.export import coco_dataset, image_names, run_export
-from fmbseg.tasks.gallery import class_colours, label_png, overlay
+from fmbseg.tasks.export import ExportWorker, coco_dataset, image_names, run_export
+from fmbseg.tasks.gallery import class_colours, has_thumb, label_png, overlay
 from tests.synthetic import make_scene, synthetic_config
 
 # pycocotools' own decode trips a numpy-2 deprecation; not ours to fix.
@@ -143,6 +143,29 @@ def test_label_png_keeps_ids_and_has_a_palette():
     assert pal[255].tolist() == [0, 0, 0] and pal[1].tolist() == class_colours(3)[1].tolist()
 
 
+def test_label_png_is_lossless_at_every_compression_level():
+    label = make_scene(3, 60, 80).truth.astype(np.uint8)
+    sizes = []
+    for level in (0, 1, 6, 9):
+        data = label_png(label, class_colours(6), level)
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), label)
+        sizes.append(len(data))
+    assert sizes[0] > sizes[1] >= sizes[3]  # level 0 stores, the others deflate
+
+
+def test_only_an_overlay_larger_than_a_card_gets_a_thumbnail(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    worker = ExportWorker(store, synthetic_config(), "exports/e", 3, frozenset())
+    for name, (h, w) in {"big": (400, 640), "small": (240, 320)}.items():
+        image = np.full((h, w, 3), 90, np.uint8)
+        worker._write_overlay(name, image, np.zeros((h, w), np.uint8), 0.5)
+        over = Image.open(io.BytesIO(store.read_bytes(f"exports/e/overlays/{name}.jpg")))
+        assert over.size == (w, h)
+    thumb = Image.open(io.BytesIO(store.read_bytes("exports/e/thumbs/big.jpg")))
+    assert thumb.size == (320, 200) and has_thumb(400, 640)
+    assert not store.exists("exports/e/thumbs/small.jpg") and not has_thumb(240, 320)
+
+
 def test_overlay_colours_labelled_pixels_and_darkens_the_rest():
     image = np.full((6, 6, 3), 200, np.uint8)
     label = np.full((6, 6), 255, np.uint8)
@@ -195,7 +218,7 @@ def test_run_export_writes_every_format_and_is_skipped_once_complete(tmp_path):
         np.testing.assert_array_equal(label, scene.truth)  # one exact mask per class
         over = Image.open(io.BytesIO(store.read_bytes(f"{base}/overlays/{name}.jpg")))
         assert over.size == (40, 24)
-        assert store.exists(f"{base}/thumbs/{name}.jpg")
+        assert not store.exists(f"{base}/thumbs/{name}.jpg")  # it fits: no second copy
     coco = json.loads(store.read_bytes(f"{base}/annotations.json"))
     assert len(coco["categories"]) == 6 and len(coco["images"]) == 2
     table = pq.read_table(io.BytesIO(store.read_bytes(f"{base}/records.parquet")))
@@ -203,7 +226,8 @@ def test_run_export_writes_every_format_and_is_skipped_once_complete(tmp_path):
     first_rows = MaskRecords(table).for_image("id-first")
     np.testing.assert_array_equal(compose_label_map(first_rows, 24, 40), scenes["first"].truth)
     page = store.read_bytes(f"{base}/gallery.html").decode()
-    assert "thumbs/first.jpg" in page and "class0" in page and "no_class_present" in page
+    assert '<img loading="lazy" src="overlays/first.jpg"' in page
+    assert "class0" in page and "no_class_present" in page
     summary = store.read_json(f"{base}/export.json")
     assert summary["images"] == 2 and summary["images_without_masks"] == 1
     before = store.read_bytes(f"{base}/export.json")

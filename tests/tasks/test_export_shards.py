@@ -100,7 +100,7 @@ def test_export_runs_per_merge_shard_with_global_names_ids_and_gallery(
     for image_id, name in zip(ids, names, strict=True):
         png = Image.open(io.BytesIO(store.read_bytes(f"{base}/labels/{name}.png")))
         np.testing.assert_array_equal(np.asarray(png), truths[image_id])
-        assert store.exists(f"{base}/thumbs/{name}.jpg") == (name != "emu")
+        assert not store.exists(f"{base}/thumbs/{name}.jpg")  # small: its overlay is its card
         assert store.exists(f"{base}/overlays/{name}.jpg") == (name != "emu")
 
     # the streamed COCO file is byte-for-byte the one built from all records at once
@@ -115,8 +115,8 @@ def test_export_runs_per_merge_shard_with_global_names_ids_and_gallery(
     errors = pq.read_table(io.BytesIO(store.read_bytes(f"{base}/errors.parquet")))
     assert errors.column("image_id").to_pylist() == ["gone-0", "gone-1", "gone-2"]
     page = store.read_bytes(f"{base}/gallery.html").decode()
-    cards = [page.index(f'src="thumbs/{n}.jpg"') for n in names[:3]]
-    assert cards == sorted(cards) and "thumbs/emu.jpg" not in page
+    cards = [page.index(f'src="overlays/{n}.jpg"') for n in names[:3]]
+    assert cards == sorted(cards) and "overlays/emu.jpg" not in page
     assert "showing 3 of 4 labelled images" in page
     assert "Images without masks (3)" in page
     summary = store.read_json(f"{base}/export.json")

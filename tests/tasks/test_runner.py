@@ -175,6 +175,25 @@ def test_resume_skips_shards_with_receipts(local_store: ArtifactStore) -> None:
     assert manifest.rows == 10
 
 
+def test_the_commit_uses_the_receipts_the_run_listed_and_wrote(local_store, monkeypatch) -> None:
+    specs = _specs(10, 3)  # 4 shards
+    earlier = local_store.write_shard("sq", "fp", 1, *SquareWorker().process(1, specs[1]))
+    listings: list[str] = []
+    real = ArtifactStore.shard_receipts
+
+    def counted(self: ArtifactStore, stage: str, fp: str) -> dict:
+        listings.append(stage)
+        return real(self, stage, fp)
+
+    monkeypatch.setattr(ArtifactStore, "shard_receipts", counted)
+    manifest = run_stage(local_store, "sq", "fp", specs, SquareWorker, LOCAL)
+    assert listings == ["sq"]  # once, to resume; the commit does not read them back
+    assert manifest.shards[1] == earlier
+    assert [r.shard for r in manifest.shards] == [0, 1, 2, 3]
+    assert manifest.shards == [real(local_store, "sq", "fp")[i] for i in range(4)]
+    assert manifest.rows == 10
+
+
 def test_bug_in_process_names_the_shard(local_store: ArtifactStore) -> None:
     with pytest.raises(StageError, match=r"stage 'sq' \(fp\): shard 2 failed: KeyError"):
         run_stage(local_store, "sq", "fp", _specs(), Buggy, LOCAL)

@@ -1,0 +1,114 @@
+"""Encodings stage 1 chose for its small files, against the straightforward ones, in one run.
+
+- Shard reads: ``ArtifactStore`` parses a shard's Parquet bytes with ``pq.ParquetFile`` on an
+  Arrow ``BufferReader`` (zero-copy), against ``pq.ParquetFile`` on ``io.BytesIO`` and
+  ``pq.read_table`` (the dataset API). The shard is a real one: the mask records of
+  ``--masks`` random-blob masks of ``--size`` images, written the way the store writes them.
+- Label PNGs: ``export.png_compress_level`` 6 (the default, PIL's) against 1 and 9, on label
+  maps composed from those masks: encode time and bytes, the trade the option makes.
+
+Prints microseconds per call and the ratios to our path (to the default level).
+
+    python bench/io_paths.py [--masks 48] [--size 480x640] [--repeat 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def per_call(fn: Callable[[], Any], repeat: int) -> float:
+    """Median microseconds of ``fn()`` over 5 rounds of ``repeat`` calls."""
+    fn()
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        rounds.append((time.perf_counter() - start) / repeat * 1e6)
+    return float(np.median(rounds))
+
+
+def blobs(n: int, h: int, w: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` smooth random masks (thresholded low-frequency noise), like SAM's regions."""
+    from PIL import Image
+
+    out = []
+    for _ in range(n):
+        small = rng.random((max(2, h // 40), max(2, w // 40)))
+        field = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((w, h)))
+        out.append(field > rng.uniform(140, 220))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--masks", type=int, default=48)
+    ap.add_argument("--size", default="480x640", help="HxW of the images")
+    ap.add_argument("--repeat", type=int, default=200)
+    args = ap.parse_args()
+    h, w = (int(v) for v in args.size.split("x"))
+
+    from fmbseg.storage.manifest import table_to_parquet_bytes
+    from fmbseg.storage.records import MaskRecords, compose_label_map, mask_row
+    from fmbseg.tasks.gallery import class_colours, label_png
+
+    rng = np.random.default_rng(0)
+    masks = blobs(args.masks, h, w, rng)
+    rows = [
+        mask_row(
+            m,
+            image_id=f"img-{i // 8}",
+            image_uri=f"s3://b/img-{i // 8}.jpg",
+            category_id=int(rng.integers(0, 20)),
+            category="c",
+            source="auto",
+            score=0.9,
+            fingerprint="f",
+        )  # fmt: skip
+        for i, m in enumerate(masks)
+    ]
+    table = MaskRecords.from_rows(rows).table
+    blob = table_to_parquet_bytes(table)
+    print(f"shard: {table.num_rows} mask records of {h}x{w} images, {len(blob)} bytes of Parquet")
+    reads = {
+        "ParquetFile(BufferReader) (ours)": lambda: pq.ParquetFile(pa.BufferReader(blob)).read(),
+        "ParquetFile(BytesIO)": lambda: pq.ParquetFile(io.BytesIO(blob)).read(),
+        "pq.read_table(BytesIO)": lambda: pq.read_table(io.BytesIO(blob)),
+    }
+    assert all(fn().equals(table) for fn in reads.values())
+    times = {name: per_call(fn, args.repeat) for name, fn in reads.items()}
+    ours = times["ParquetFile(BufferReader) (ours)"]
+    print(f"{'shard read':<34} {'us/call':>9} {'vs ours':>8}")
+    for name, t in times.items():
+        print(f"{name:<34} {t:9.0f} {t / ours:7.2f}x")
+
+    colours = class_colours(20)
+    labels = [
+        compose_label_map(rows[k : k + 8], h, w) for k in range(0, len(rows), 8)
+    ]  # fmt: skip
+    print()
+    print(f"label PNGs: {len(labels)} maps of {h}x{w} composed from those masks")
+    print(f"{'zlib level':<34} {'us/map':>9} {'vs 6':>8} {'bytes/map':>10} {'vs 6':>8}")
+    results = {}
+    for level in (1, 6, 9):
+        t = per_call(lambda lv=level: [label_png(lab, colours, lv) for lab in labels],
+                     max(1, args.repeat // 20)) / len(labels)  # fmt: skip
+        size = float(np.mean([len(label_png(lab, colours, level)) for lab in labels]))
+        results[level] = (t, size)
+    t6, s6 = results[6]
+    for level, (t, size) in results.items():
+        name = f"{level}{' (default)' if level == 6 else ''}"
+        print(f"{name:<34} {t:9.0f} {t / t6:7.2f}x {size:10.0f} {size / s6:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
