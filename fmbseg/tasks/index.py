@@ -22,6 +22,7 @@ import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "index"
 CODE_VERSION = "1"
+READERS = 4  # images a worker reads and checks at once
 RECORD_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string()),
@@ -58,6 +60,7 @@ def index_images(
     uris: Iterable[str | ImageRef],
     cfg: IndexConfig,
     read: Callable[[str], bytes] = read_bytes,
+    pool: Executor | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Read, identify and measure images; the pure core of the stage.
 
@@ -65,43 +68,61 @@ def index_images(
         uris: image URIs (or :class:`ImageRef`), in listing order.
         cfg: ``max_pixels`` and ``verify_decode`` (full decode vs. header only).
         read: ``read(uri) -> bytes``; raises for unreadable inputs.
+        pool: threads that read and check the images side by side (object-store reads
+            wait on the network; decoding releases the GIL); in turn without one. The
+            outcome is the same either way.
 
     Returns:
         (records of RECORD_SCHEMA, errors of ERRORS_SCHEMA). Of identical contents only the
         first occurrence is a record; later ones are ``duplicate`` errors.
     """
+    listed = [item.uri if isinstance(item, ImageRef) else str(item) for item in uris]
+    inspect = functools.partial(_inspect, cfg=cfg, read=read)
     records: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     kept: dict[str, str] = {}
-    for item in uris:
-        uri = item.uri if isinstance(item, ImageRef) else str(item)
-        try:
-            data = read(uri)
-        except FileNotFoundError:
-            errors.append(_error(uri, None, "read_error", "file not found"))
-            continue
-        except Exception as exc:
-            errors.append(_error(uri, None, "read_error", f"{type(exc).__name__}: {exc}"))
-            continue
-        image_id = content_hash(data)
-        if image_id in kept:
+    for uri, (image_id, size, error) in zip(
+        listed, pool.map(inspect, listed) if pool else map(inspect, listed), strict=True
+    ):
+        if image_id is None:  # unreadable
+            assert error is not None
+            errors.append(_error(uri, None, *error))
+        elif image_id in kept:  # same bytes as a kept image: whatever its own check said
             errors.append(_error(uri, image_id, "duplicate", f"same bytes as {kept[image_id]}"))
-            continue
-        try:
-            if cfg.verify_decode:
-                height, width = decode_image(data, uri, cfg.max_pixels).shape[:2]
-            else:
-                width, height = image_size(data, uri)
-                if width * height > cfg.max_pixels:
-                    raise ImageDecodeError(
-                        uri, f"image too large: {width}x{height} > {cfg.max_pixels}", "too_large"
-                    )
-        except ImageDecodeError as exc:
-            errors.append(_error(uri, image_id, exc.kind, exc.reason))
-            continue
-        kept[image_id] = uri
-        records.append({"image_id": image_id, "uri": uri, "width": width, "height": height})
+        elif error is not None:
+            errors.append(_error(uri, image_id, *error))
+        else:
+            assert size is not None
+            kept[image_id] = uri
+            records.append({"image_id": image_id, "uri": uri, "width": size[0],
+                            "height": size[1]})  # fmt: skip
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA), errors_table(errors)
+
+
+def _inspect(
+    uri: str, cfg: IndexConfig, read: Callable[[str], bytes]
+) -> tuple[str | None, tuple[int, int] | None, tuple[str, str] | None]:
+    """``(image_id, (width, height), None)`` for a good image, else ``(image_id or None if
+    unreadable, None, (error_type, message))``; only these, not the bytes, are kept."""
+    try:
+        data = read(uri)
+    except FileNotFoundError:
+        return None, None, ("read_error", "file not found")
+    except Exception as exc:
+        return None, None, ("read_error", f"{type(exc).__name__}: {exc}")
+    image_id = content_hash(data)
+    try:
+        if cfg.verify_decode:
+            height, width = decode_image(data, uri, cfg.max_pixels).shape[:2]
+        else:
+            width, height = image_size(data, uri)
+            if width * height > cfg.max_pixels:
+                raise ImageDecodeError(
+                    uri, f"image too large: {width}x{height} > {cfg.max_pixels}", "too_large"
+                )
+    except ImageDecodeError as exc:
+        return image_id, None, (exc.kind, exc.reason)
+    return image_id, (width, height), None
 
 
 @dataclass(frozen=True)
@@ -117,9 +138,10 @@ class IndexWorker:
     def __init__(self, cfg: IndexConfig, storage_options: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.read = functools.partial(read_bytes, storage_options=storage_options)
+        self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="fmbseg-index")
 
     def process(self, shard: int, spec: IndexShardSpec) -> tuple[pa.Table, pa.Table]:
-        return index_images(spec.uris, self.cfg, self.read)
+        return index_images(spec.uris, self.cfg, self.read, self.pool)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pyarrow.compute as pc
 import pytest
 
 from fmbseg.config import Config, IndexConfig, RuntimeConfig, replace
-from fmbseg.data.sources import list_images
+from fmbseg.data.sources import list_images, read_bytes
 from fmbseg.storage import ArtifactStore, content_hash
 from fmbseg.tasks.index import (
     RECORD_SCHEMA,
@@ -57,6 +59,24 @@ def test_index_images_core(messy_image_dir: Path, messy_expected: dict[str, Any]
     assert all(d["message"] == f"same bytes as {coffee['uri']}" for d in dups)
     empty = errors.filter(pc.equal(errors["error_type"], "empty")).to_pylist()[0]
     assert empty["image_id"] == content_hash(b"")  # read fine, so it has an identity
+
+
+def test_reading_in_threads_gives_the_same_tables_and_reads_side_by_side(
+    messy_image_dir: Path,
+) -> None:
+    refs = list_images(str(messy_image_dir), EXTS)
+    alone = index_images(refs, IndexConfig())
+    together = threading.Barrier(3, timeout=30)  # the first three reads meet: concurrent
+
+    def read(uri: str) -> bytes:
+        if uri in {r.uri for r in refs[:3]}:
+            together.wait()
+        return read_bytes(uri)
+
+    with ThreadPoolExecutor(3) as pool:
+        side_by_side = index_images(refs, IndexConfig(), read=read, pool=pool)
+    assert side_by_side[0].equals(alone[0]) and side_by_side[1].equals(alone[1])
+    assert alone[1].num_rows > 0 and "duplicate" in alone[1]["error_type"].to_pylist()
 
 
 def test_unreadable_inputs_are_error_rows(tmp_path: Path) -> None:
