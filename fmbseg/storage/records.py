@@ -221,6 +221,14 @@ class MaskRecords:
         return self.table.to_pylist()
 
 
+def rows_by_image(table: pa.Table) -> dict[str, list[int]]:
+    """image id -> its row numbers in ``table``, images in order of first appearance."""
+    rows: dict[str, list[int]] = {}
+    for i, image_id in enumerate(table.column("image_id").to_pylist()):
+        rows.setdefault(image_id, []).append(i)
+    return rows
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 

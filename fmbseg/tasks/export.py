@@ -41,7 +41,7 @@ import pyarrow as pa
 
 from fmbseg.config import Config, ExportConfig
 from fmbseg.storage import ArtifactStore, Manifest
-from fmbseg.storage.records import IGNORE, LABEL_COLUMNS, compose_rows
+from fmbseg.storage.records import IGNORE, LABEL_COLUMNS, compose_rows, rows_by_image
 from fmbseg.tasks.export_coco import coco_dataset, first_rows
 from fmbseg.tasks.export_files import write_export_files
 from fmbseg.tasks.gallery import THUMB_SIDE, class_colours, has_thumb, jpeg, label_png, overlay
@@ -149,7 +149,7 @@ class ExportWorker:
         ecfg: ExportConfig = self.cfg.export
         # the shard's columns as Python lists once, not a slice and conversions per image
         cols = {n: table.column(n).to_pylist() for n in (*LABEL_COLUMNS, "image_uri")}
-        by_image = _rows_by_image(table.column("image_id").to_pylist())
+        by_image = rows_by_image(table)
         uris = cols["image_uri"]
         shown = _gallery_uris(uris, {i: r[0] for i, r in by_image.items()}, spec["gallery"])
         rows = []
@@ -204,15 +204,6 @@ def _gallery_uris(uris: list[str], first: dict[str, int], k: int) -> list[str]:
     """The URIs of a merge shard's first ``k`` images (those that get an overlay), from its
     ``image_uri`` column and :func:`first_rows`."""
     return [uris[r] for r in list(first.values())[: max(0, k)]]
-
-
-def _rows_by_image(image_ids: list[str]) -> dict[str, list[int]]:
-    """image id -> its row numbers, in order of first appearance (merge writes an image's
-    rows together, and the images of a shard in the index's order)."""
-    rows: dict[str, list[int]] = {}
-    for i, image_id in enumerate(image_ids):
-        rows.setdefault(image_id, []).append(i)
-    return rows
 
 
 # ---- driver ----------------------------------------------------------------------------------

@@ -23,7 +23,13 @@ import pyarrow.compute as pc
 
 from fmbseg.config import Config, MergeConfig
 from fmbseg.storage import ArtifactStore
-from fmbseg.storage.records import ERROR_SCHEMA, MaskRecords, error_row, errors_table
+from fmbseg.storage.records import (
+    ERROR_SCHEMA,
+    MaskRecords,
+    error_row,
+    errors_table,
+    rows_by_image,
+)
 from fmbseg.tasks.runner import Progress, run_stage
 from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
@@ -133,8 +139,8 @@ def merge_shard(
             earlier.setdefault(row["image_id"], row)
     # One take over [prompt rows; auto rows] for the whole shard: the rows of each image in
     # order, its prompt masks then its sampled automatic masks (what merge_image gives).
-    by_image_p = _rows_by_image(prompt.table)
-    by_image_a = _rows_by_image(auto.table)
+    by_image_p = rows_by_image(prompt.table)
+    by_image_a = rows_by_image(auto.table)
     a = auto.table
     areas, rles, cats = (a.column(n).to_pylist() for n in ("area", "rle_counts", "category_id"))
     offset = len(prompt)
@@ -185,14 +191,6 @@ def merge_shard(
         return MaskRecords.empty(), errors_table(errors)
     both = pa.concat_tables([prompt.table, a]).unify_dictionaries().combine_chunks()
     return MaskRecords.derived(both.take(pa.array(take, type=pa.int64()))), errors_table(errors)
-
-
-def _rows_by_image(table: pa.Table) -> dict[str, list[int]]:
-    """Row indices of each image id (one pass over the table)."""
-    rows: dict[str, list[int]] = {}
-    for i, image_id in enumerate(table.column("image_id").to_pylist()):
-        rows.setdefault(image_id, []).append(i)
-    return rows
 
 
 # ---- shell ---------------------------------------------------------------------------------
