@@ -198,7 +198,6 @@ def merge_shard(
 
 INDEX_COLUMNS = ("image_id", "uri")
 CLIP_COLUMNS = ("image_id", "present")  # not the similarity maps
-READ_COLUMNS = {"clip_dense": CLIP_COLUMNS}
 
 
 class MergeWorker:
@@ -213,7 +212,8 @@ class MergeWorker:
         up = self.upstream
         up.prefetch(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)
         for stage in ("clip_dense", "sam_prompt", "sam_auto"):
-            up.prefetch(stage, spec[stage], shard, columns=READ_COLUMNS.get(stage))
+            columns = CLIP_COLUMNS if stage == "clip_dense" else None
+            up.prefetch(stage, spec[stage], shard, columns=columns)
             up.prefetch(stage, spec[stage], shard, kind="errors")
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
