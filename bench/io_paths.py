@@ -4,6 +4,9 @@
   Arrow ``BufferReader`` (zero-copy), against ``pq.ParquetFile`` on ``io.BytesIO`` and
   ``pq.read_table`` (the dataset API). The shard is a real one: the mask records of
   ``--masks`` random-blob masks of ``--size`` images, written the way the store writes them.
+- Overlays: ``gallery.overlay`` (Pillow's blend, darkening and composite) against the same
+  formula in float32 numpy (the implementation it replaced), on those label maps over
+  random pixels; checks both give the same pixels.
 - Label PNGs: ``export.png_compress_level`` 6 (the default, PIL's) against 1 and 9, on label
   maps composed from those masks: encode time and bytes, the trade the option makes.
 
@@ -49,6 +52,18 @@ def blobs(n: int, h: int, w: int, rng: np.random.Generator) -> list[np.ndarray]:
     return out
 
 
+def float_overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray, alpha: float) -> Any:
+    """The overlay in float32 numpy: blend, darken the unlabelled, white outlines."""
+    from fmbseg.tasks.gallery import inner_boundaries
+
+    out = image.astype(np.float32)
+    lut = np.zeros((256, 3), dtype=np.float32)
+    lut[: len(colours)] = colours
+    out = np.where((label != 255)[..., None], (1 - alpha) * out + (alpha * lut)[label], out * 0.6)
+    out[inner_boundaries(label)] = 255.0
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--masks", type=int, default=48)
@@ -59,7 +74,7 @@ def main() -> None:
 
     from fmbseg.storage.manifest import table_to_parquet_bytes
     from fmbseg.storage.records import MaskRecords, compose_label_map, mask_row
-    from fmbseg.tasks.gallery import class_colours, label_png
+    from fmbseg.tasks.gallery import class_colours, label_png, overlay
 
     rng = np.random.default_rng(0)
     masks = blobs(args.masks, h, w, rng)
@@ -95,6 +110,19 @@ def main() -> None:
     labels = [
         compose_label_map(rows[k : k + 8], h, w) for k in range(0, len(rows), 8)
     ]  # fmt: skip
+    pixels = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in labels]
+    pairs = list(zip(pixels, labels, strict=True))
+    assert all((overlay(p, lab, colours, 0.5) == float_overlay(p, lab, colours, 0.5)).all()
+               for p, lab in pairs)  # fmt: skip
+    n = max(1, args.repeat // 20)
+    ours = per_call(lambda: [overlay(p, lab, colours, 0.5) for p, lab in pairs], n)
+    ref = per_call(lambda: [float_overlay(p, lab, colours, 0.5) for p, lab in pairs], n)
+    print()
+    print(f"overlays of {h}x{w}: same pixels")
+    print(f"{'overlay':<34} {'us/image':>9} {'vs ours':>8}")
+    print(f"{'Pillow blend + composite (ours)':<34} {ours / len(pairs):9.0f} {1:7.2f}x")
+    print(f"{'float32 numpy':<34} {ref / len(pairs):9.0f} {ref / ours:7.2f}x")
+
     print()
     print(f"label PNGs: {len(labels)} maps of {h}x{w} composed from those masks")
     print(f"{'zlib level':<34} {'us/map':>9} {'vs 6':>8} {'bytes/map':>10} {'vs 6':>8}")

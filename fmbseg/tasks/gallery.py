@@ -88,15 +88,25 @@ def overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray, alpha: fl
     """``HxWx3 uint8`` image blended with the label colours; region outlines in white.
 
     Unlabelled pixels keep the image, darkened, so gaps in the pseudo-labels stand out.
+    The blend, darkening and selection are Pillow's (C, one pass each, the GIL released):
+    the same pixels as the float formula ``(1 - alpha) * image + alpha * colour`` truncated,
+    ~3x faster on a 480x640 image (bench/io_paths.py).
     """
-    out = image.astype(np.float32)
-    lut = np.zeros((256, 3), dtype=np.float32)
-    lut[: len(colours)] = colours
-    # whole-image float32 arithmetic, then a select: no boolean gathers and scatters
-    labelled = (label != IGNORE)[..., None]
-    out = np.where(labelled, (1 - alpha) * out + (alpha * lut)[label], out * 0.6)
-    out[inner_boundaries(label)] = 255.0
-    return np.clip(out, 0, 255).astype(np.uint8)
+    if image.shape[:2] != label.shape or image.shape[2:] != (3,) or label.dtype != np.uint8:
+        raise ValueError(f"overlay: expected an HxWx3 image and an HxW uint8 label map, got "
+                         f"{image.shape} {image.dtype} and {label.shape} {label.dtype}")  # fmt: skip
+    classes = Image.fromarray(label)
+    labelled = classes.point(_LABELLED)  # 255 where labelled, 0 where IGNORE
+    classes.putpalette(palette(colours))
+    base = Image.fromarray(np.ascontiguousarray(image))
+    blended = Image.blend(base, classes.convert("RGB"), alpha)
+    out = np.array(Image.composite(blended, base.point(_DARKEN), labelled))
+    out[inner_boundaries(label)] = 255
+    return out
+
+
+_LABELLED = [255] * IGNORE + [0] * (256 - IGNORE)
+_DARKEN = [int(v * 0.6) for v in range(256)] * 3  # per band
 
 
 def inner_boundaries(label: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from fmbseg.storage.records import (
     mask_row,
 )
 from fmbseg.tasks.export import ExportWorker, coco_dataset, image_names, run_export
-from fmbseg.tasks.gallery import class_colours, has_thumb, label_png, overlay
+from fmbseg.tasks.gallery import class_colours, has_thumb, inner_boundaries, label_png, overlay
 from tests.synthetic import make_scene, synthetic_config
 
 # pycocotools' own decode trips a numpy-2 deprecation; not ours to fix.
@@ -164,6 +164,30 @@ def test_only_an_overlay_larger_than_a_card_gets_a_thumbnail(tmp_path):
     thumb = Image.open(io.BytesIO(store.read_bytes("exports/e/thumbs/big.jpg")))
     assert thumb.size == (320, 200) and has_thumb(400, 640)
     assert not store.exists("exports/e/thumbs/small.jpg") and not has_thumb(240, 320)
+
+
+def _float_overlay(image, label, colours, alpha):
+    """The overlay's formula in float numpy (the reference)."""
+    lut = np.zeros((256, 3), np.float64)
+    lut[: len(colours)] = colours
+    out = np.where((label != 255)[..., None], (1 - alpha) * image + alpha * lut[label], image * 0.6)
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])
+def test_overlay_is_the_float_blend_truncated_and_white_on_outlines(alpha):
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    label = np.kron(rng.integers(0, 4, (10, 14)), np.ones((5, 5), int)).astype(np.uint8)
+    label[label == 3] = 255
+    colours = class_colours(3)
+    out = overlay(image, label, colours, alpha)
+    edges = inner_boundaries(label)
+    assert (out[edges] == 255).all() and edges.any()
+    expected = _float_overlay(image.astype(np.float64), label, colours, alpha)
+    assert np.abs(out[~edges].astype(int) - np.floor(expected[~edges] + 1e-9)).max() == 0
+    with pytest.raises(ValueError, match="HxW uint8 label map"):
+        overlay(image, label.astype(np.int64), colours, alpha)
 
 
 def test_overlay_colours_labelled_pixels_and_darkens_the_rest():
