@@ -131,7 +131,7 @@ def decode_image(data: bytes, uri: str = "<bytes>", max_pixels: int | None = Non
     im = _open(data, uri, max_pixels)
     _load(im, uri)
     try:
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # not a copy of an upright image
     except Exception as exc:  # a malformed EXIF block should not lose the pixels
         log.warning("%s: ignoring unreadable EXIF orientation (%s)", uri, exc)
     try:
