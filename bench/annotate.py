@@ -19,8 +19,13 @@ add a little to the model time), to show how much of a model call is the network
 how much the model library's own pre/post-processing (e.g. segment-anything's automatic mask
 generator: point grids, its RLE, NMS, copying).
 
+``--store URI`` puts the artifact store elsewhere, e.g. on S3 (``--storage-option
+client_kwargs.endpoint_url=http://127.0.0.1:5000`` for MinIO or moto; the bucket must exist;
+each run writes under ``URI/run-{r}``), to see what the store's requests add; the images
+stay on local disk.
+
     python bench/annotate.py [--config tiny] [--images 64] [--repeat 3] [--threads 1] [--forward-time]
-                             [--set k=v ...] [--profile FILE]
+                             [--set k=v ...] [--profile FILE] [--store URI --storage-option k=v ...]
 """
 
 from __future__ import annotations
@@ -220,9 +225,13 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="section.key=value override")
     ap.add_argument("--profile", metavar="FILE",
                     help="write cProfile stats of the stage calls (not imports) to FILE")  # fmt: skip
+    ap.add_argument("--store", metavar="URI", help="artifact store root (default: a temp dir)")
+    ap.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="fsspec option of --store, dotted keys nest")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from fmbseg.cli.core import parse_storage_options
     from fmbseg.config import load_config, replace
     from fmbseg.data.vocab import load_vocabulary
     from fmbseg.models import registry
@@ -248,8 +257,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_images(Path(tmp) / "images", args.images)
         for r in range(args.repeat):
-            runs.append(pipeline(ArtifactStore(f"{tmp}/store-{r}"), cfg, f"{tmp}/images", vocab,
-                                 profiler))  # fmt: skip
+            root = f"{args.store.rstrip('/')}/run-{r}" if args.store else f"{tmp}/store-{r}"
+            store = ArtifactStore(root, parse_storage_options(args.storage_option))
+            runs.append(pipeline(store, cfg, f"{tmp}/images", vocab, profiler))
     # the run with the median outside share (all its figures from that one run)
     shares = [_share(*np.sum([row[1:] for row in rows], axis=0)) for rows, _, _ in runs]
     order = np.argsort(shares)
@@ -258,7 +268,7 @@ def main() -> None:
         profiler.dump_stats(args.profile)
 
     print(f"config {args.config}: {args.images} images, {len(vocab)} classes, {masks} merged "
-          f"masks, torch threads {args.threads}")  # fmt: skip
+          f"masks, torch threads {args.threads}, store {args.store or 'local temp dir'}")  # fmt: skip
     print("outside = wall - model calls - model builds (decode, resize, stitch, RLE, I/O, ...)")
     print(f"{'stage':<11} {'wall s':>8} {'build s':>8} {'model s':>8} {'outside':>8} "
           f"{'images/s':>9}")  # fmt: skip
