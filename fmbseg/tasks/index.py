@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,10 +33,11 @@ from fmbseg.config import Config, IndexConfig
 from fmbseg.data.images import ImageDecodeError, decode_image, image_size
 from fmbseg.data.sources import ImageRef, list_images, listing_hash, read_bytes
 from fmbseg.storage.fingerprint import content_hash, fingerprint
-from fmbseg.storage.store import ArtifactStore, Manifest
+from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
 from fmbseg.tasks.runner import ERRORS_SCHEMA, Progress, errors_table, plan_shards, run_stage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STAGE = "index"
 CODE_VERSION = "1"
@@ -180,39 +181,56 @@ def plan_index(
     return IndexPlan(str(source), index_fingerprint(cfg, refs), tuple(refs), cfg.runtime.shard_size)
 
 
-def dedup_across_shards(store: ArtifactStore, stage: str, fp: str, num_shards: int) -> dict:
+def dedup_across_shards(
+    store: ArtifactStore, stage: str, fp: str, receipts: dict[int, ShardReceipt]
+) -> dict:
     """Finalize hook: keep each image_id in its first shard; later copies become errors.
 
-    Rewrites only shards that hold a later copy. Idempotent, so a resumed run may repeat it.
+    Reads the shards in order, a few ahead in threads (object-store GETs overlap; at most
+    :data:`READERS` shards are held). Rewrites only shards that hold a later copy and puts
+    their new receipts in ``receipts``. Idempotent, so a resumed run may repeat it.
     Returns manifest meta: ``images``, ``duplicates`` and ``errors_by_type`` counts.
     """
-    receipts = store.shard_receipts(stage, fp)
     kept: dict[str, str] = {}
     images = 0
     by_type: Counter[str] = Counter()
-    for shard in range(num_shards):
+
+    def read(shard: int) -> tuple[pa.Table, pa.Table]:
         r = receipts[shard]
-        records = store.read_receipted(stage, fp, r)
-        errors = store.read_receipted(stage, fp, r, "errors")
-        ids, uris = records.column("image_id").to_pylist(), records.column("uri").to_pylist()
-        later = [i for i, image_id in enumerate(ids) if image_id in kept]
-        if later:
-            dup_rows = [_error(uris[i], ids[i], "duplicate", f"same bytes as {kept[ids[i]]}")
-                        for i in later]  # fmt: skip
-            mask = pa.array([image_id not in kept for image_id in ids])
-            records = records.filter(mask)
-            parts = [t for t in (errors, errors_table(dup_rows)) if t.num_columns]
-            errors = pa.concat_tables([t.cast(ERRORS_SCHEMA) for t in parts])
-            store.write_shard(stage, fp, shard, records, errors)
-            log.info("%s/%s shard %d: %d cross-shard duplicates", stage, fp, shard, len(later))
-        for image_id, uri in zip(records.column("image_id").to_pylist(),
-                                 records.column("uri").to_pylist(), strict=True):  # fmt: skip
-            kept[image_id] = uri
-        images += records.num_rows
-        if errors.num_rows:
-            by_type.update(errors.column("error_type").to_pylist())
+        return store.read_receipted(stage, fp, r), store.read_receipted(stage, fp, r, "errors")
+
+    with ThreadPoolExecutor(READERS, thread_name_prefix="fmbseg-dedup") as pool:
+        for shard, (records, errors) in enumerate(_in_order(pool, read, len(receipts))):
+            ids, uris = records.column("image_id").to_pylist(), records.column("uri").to_pylist()
+            later = [i for i, image_id in enumerate(ids) if image_id in kept]
+            if later:
+                dup_rows = [_error(uris[i], ids[i], "duplicate", f"same bytes as {kept[ids[i]]}")
+                            for i in later]  # fmt: skip
+                mask = pa.array([image_id not in kept for image_id in ids])
+                records = records.filter(mask)
+                parts = [t for t in (errors, errors_table(dup_rows)) if t.num_columns]
+                errors = pa.concat_tables([t.cast(ERRORS_SCHEMA) for t in parts])
+                receipts[shard] = store.write_shard(stage, fp, shard, records, errors)
+                log.info("%s/%s shard %d: %d cross-shard duplicates", stage, fp, shard, len(later))
+            for image_id, uri in zip(records.column("image_id").to_pylist(),
+                                     records.column("uri").to_pylist(), strict=True):  # fmt: skip
+                kept[image_id] = uri
+            images += records.num_rows
+            if errors.num_rows:
+                by_type.update(errors.column("error_type").to_pylist())
     return {"images": images, "duplicates": by_type.get("duplicate", 0),
             "errors_by_type": dict(sorted(by_type.items()))}  # fmt: skip
+
+
+def _in_order(pool: Executor, fn: Callable[[int], T], n: int) -> Iterator[T]:
+    """``fn(0), ..., fn(n - 1)`` in order, computed in ``pool`` at most READERS ahead."""
+    window: deque[Future[T]] = deque()
+    for i in range(n):
+        window.append(pool.submit(fn, i))
+        if len(window) >= READERS:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
 
 
 def execute_index(

@@ -57,8 +57,9 @@ Target = tuple[str, str]
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: shards done (including ones done by an earlier run) of total."""
 
-Finalize = Callable[[ArtifactStore, str, str, int], "dict[str, Any] | None"]
-"""``finalize(store, stage, fp, num_shards) -> extra manifest meta``; may rewrite shards."""
+Finalize = Callable[[ArtifactStore, str, str, "dict[int, ShardReceipt]"], "dict[str, Any] | None"]
+"""``finalize(store, stage, fp, receipts) -> extra manifest meta``: ``receipts`` holds every
+shard's (``0..n-1``); a shard it rewrites must get its new receipt there."""
 
 ERRORS_SCHEMA = (
     ERROR_SCHEMA  # every stage's errors table: uri, image_id, stage, error_type, message
@@ -234,7 +235,8 @@ def run_stage(
         progress: called as ``progress(done, total)`` after every shard.
         meta: stored in the manifest (e.g. counts, source description).
         finalize: run after all shards are written and before the commit (e.g. a
-            cross-shard dedup that rewrites shards); its returned dict extends ``meta``.
+            cross-shard dedup that rewrites shards, replacing their receipts in the dict it
+            is given); its returned dict extends ``meta``.
 
     Returns:
         The committed manifest. If ``stage/fp`` was already committed, that manifest,
@@ -303,10 +305,10 @@ def run_stages(
     manifests = []
     for (stage, fp), known in zip(targets, receipts, strict=True):
         all_meta = dict(meta or {})
-        if finalize is not None:  # it may rewrite shards: their receipts are read back
-            all_meta.update(finalize(store, stage, fp, total) or {})
-        manifest, won = store.commit(stage, fp, total, meta=all_meta,
-                                     receipts=None if finalize else known)  # fmt: skip
+        shards = {i: known[i] for i in range(total)}
+        if finalize is not None:  # it may rewrite shards, and replaces their receipts
+            all_meta.update(finalize(store, stage, fp, shards) or {})
+        manifest, won = store.commit(stage, fp, total, meta=all_meta, receipts=shards)
         if won:
             store.sweep(stage, fp)
         else:

@@ -143,12 +143,15 @@ def test_dedup_is_idempotent(local_store: ArtifactStore, messy_image_dir: Path) 
     worker = IndexWorker(cfg.index)
     for shard, spec in enumerate(plan.specs()):
         local_store.write_shard(STAGE, plan.fingerprint, shard, *worker.process(shard, spec))
-    n = len(plan.specs())
-    first = dedup_across_shards(local_store, STAGE, plan.fingerprint, n)
+    held = local_store.shard_receipts(STAGE, plan.fingerprint)
+    before = dict(held)
+    first = dedup_across_shards(local_store, STAGE, plan.fingerprint, held)
     receipts = local_store.shard_receipts(STAGE, plan.fingerprint)
-    second = dedup_across_shards(local_store, STAGE, plan.fingerprint, n)
+    assert held == receipts != before  # a rewritten shard's new receipt is put in the dict
+    second = dedup_across_shards(local_store, STAGE, plan.fingerprint, held)
     assert first == second and first["duplicates"] == 2
     assert local_store.shard_receipts(STAGE, plan.fingerprint) == receipts  # nothing rewritten
+    assert held == receipts
 
 
 def _snapshot(root: str) -> dict[str, int]:

@@ -211,14 +211,17 @@ def test_wrong_return_type_is_reported(local_store: ArtifactStore) -> None:
 
 
 def test_finalize_runs_before_commit_and_extends_meta(local_store: ArtifactStore) -> None:
-    def finalize(store: ArtifactStore, stage: str, fp: str, n: int) -> dict:
+    def finalize(store: ArtifactStore, stage: str, fp: str, receipts: dict) -> dict:
         assert store.manifest(stage, fp) is None  # not committed yet
-        assert sorted(store.shard_receipts(stage, fp)) == list(range(n))
-        return {"checked": n}
+        assert receipts == store.shard_receipts(stage, fp) and sorted(receipts) == [0, 1, 2, 3]
+        # a rewritten shard's new receipt goes into the dict, and the commit uses it
+        receipts[2] = store.write_shard(stage, fp, 2, *SquareWorker().process(2, [7]))
+        return {"checked": len(receipts)}
 
     m = run_stage(local_store, "sq", "fp", _specs(), SquareWorker, LOCAL, meta={"a": 1},
                   finalize=finalize)  # fmt: skip
     assert m.meta == {"a": 1, "checked": 4}
+    assert local_store.read_shard("sq", "fp", 2, manifest=m).column("square").to_pylist() == [49]
 
 
 def test_unknown_executor(local_store: ArtifactStore) -> None:
