@@ -305,7 +305,7 @@ def run_stages(
     manifests = []
     for (stage, fp), known in zip(targets, receipts, strict=True):
         all_meta = dict(meta or {})
-        shards = {i: known[i] for i in range(total)}
+        shards = {i: known[i] for i in range(total) if i in known}  # commit names any missing
         if finalize is not None:  # it may rewrite shards, and replaces their receipts
             all_meta.update(finalize(store, stage, fp, shards) or {})
         manifest, won = store.commit(stage, fp, total, meta=all_meta, receipts=shards)
