@@ -12,7 +12,9 @@ import contextlib
 import json
 import os
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, TypeVar
 
 import fsspec
@@ -209,3 +211,20 @@ class FileStore:
             return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
         return self.retry(f"list {rel}", _ls)
+
+
+def in_order_ahead(fn: Callable[[int], T], n: int, ahead: int = 4) -> Iterator[T]:
+    """``fn(0), ..., fn(n - 1)`` in order, computed in ``ahead`` threads, at most ``ahead``
+    results held: reads of many small files overlap their request latency (object stores)
+    while memory stays bounded. Stopping early cancels what has not started."""
+    pool = ThreadPoolExecutor(max(1, ahead), thread_name_prefix="fmbseg-ahead")
+    window: deque[Future[T]] = deque()
+    try:
+        for i in range(n):
+            window.append(pool.submit(fn, i))
+            if len(window) >= ahead:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fmbseg.storage.files import FileStore
+from fmbseg.storage.files import FileStore, in_order_ahead
 from fmbseg.storage.manifest import (
     Manifest,
     ShardReceipt,
@@ -251,10 +251,28 @@ class ArtifactStore(FileStore):
             return pa.table({})
         return self._read_verified(f"{self.stage_rel(stage, fp)}/{name}", sha, columns)
 
+    def shards(
+        self,
+        stage: str,
+        fp: str,
+        kind: str = "part",
+        manifest: Manifest | None = None,
+        columns: list[str] | None = None,
+        ahead: int = 4,
+    ) -> Iterator[pa.Table]:
+        """Every shard of a committed stage, in order (:meth:`read_shard` of each, empty
+        ones included), read ``ahead`` at a time in threads: on an object store the GETs
+        overlap, and at most ``ahead`` shards are held."""
+        m = manifest or self.require_manifest(stage, fp)
+        return in_order_ahead(
+            lambda i: self.read_shard(stage, fp, i, kind, manifest=m, columns=columns),
+            m.num_shards,
+            ahead,
+        )
+
     def iter_shards(self, stage: str, fp: str, kind: str = "part") -> Iterator[pa.Table]:
-        m = self.require_manifest(stage, fp)
-        for i in range(m.num_shards):
-            t = self.read_shard(stage, fp, i, kind, manifest=m)
+        """The committed shards that have rows of ``kind``, in order, read a few ahead."""
+        for t in self.shards(stage, fp, kind):
             if t.num_columns:
                 yield t
 

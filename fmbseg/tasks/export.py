@@ -22,7 +22,7 @@ per slot composes one shard's label maps and writes its PNGs, overlays and thumb
 commits one small row per image (:data:`EXPORT_SCHEMA`, no masks) as the internal stage
 ``stages/export/{fp}``, so a killed export resumes without redoing committed shards. The
 driver then streams the files that span every image (annotations.json, records.parquet,
-errors.parquet, gallery.html) one shard at a time. Images keep merge's order (shard by
+errors.parquet, gallery.html) shard by shard, a few read ahead. Images keep merge's order (shard by
 shard, first appearance within a shard): COCO ids and the gallery's first images follow it.
 """
 
@@ -217,13 +217,12 @@ def plan_export(
     Names need a global view (is this stem unique in the whole export?). Trade-off: while
     this pass runs the driver counts one short stem per image (the only per-image state it
     keeps, less than the index's own rows; never masks) and it reads every merge shard
-    once more, one at a time; workers then get only the stems that repeat.
+    once more (two columns, a few shards ahead); workers then get only the stems that repeat.
     """
     counts: Counter[str] = Counter()
     specs, shown = [], 0
-    for shard in range(merge.num_shards):
-        t = store.read_shard("merge", merge.fingerprint, shard, manifest=merge,
-                             columns=["image_id", "image_uri"])  # fmt: skip
+    columns = ["image_id", "image_uri"]
+    for t in store.shards("merge", merge.fingerprint, manifest=merge, columns=columns):
         first = first_rows(t) if t.num_rows else {}
         uris = t.column("image_uri").to_pylist() if first else []
         counts.update(image_stem(uris[r]) for r in first.values())

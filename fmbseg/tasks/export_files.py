@@ -1,11 +1,12 @@
-"""The export files that span every image, written by the driver one shard at a time.
+"""The export files that span every image, written by the driver shard by shard.
 
 After :mod:`fmbseg.tasks.export`'s shard workers have committed one row per image (the
 internal stage ``export``), these stream the whole-export files: ``annotations.json``
 (images from those rows, annotations from merge's records), ``records.parquet``,
-``errors.parquet``, ``gallery.html`` and, last, ``export.json``. At most one shard's
-records are in memory at a time; what is kept across shards is counts, the gallery's
-cards (at most ``gallery_max_images``) and the first errors it lists.
+``errors.parquet``, ``gallery.html`` and, last, ``export.json``. Shards are read in order,
+a few ahead (:meth:`ArtifactStore.shards`), so at most that many shards' records are in
+memory; what is kept across shards is counts, the gallery's cards (at most
+``gallery_max_images``) and the first errors it lists.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def write_export_files(
         pq.ParquetWriter(records_file, RECORD_SCHEMA, compression="zstd") as records_out,
     ):
         coco = CocoWriter(coco_file, vocabulary)
-        for shard in range(rows_manifest.num_shards):
-            rows = store.read_shard(stage, fp, shard, manifest=rows_manifest).to_pylist()
+        for table in store.shards(stage, fp, manifest=rows_manifest):
+            rows = table.to_pylist()
             start = counts["images"] + 1
             coco.images(
                 coco_image(start + i, r["image_id"], r["uri"], r["width"], r["height"],
@@ -59,8 +60,7 @@ def write_export_files(
             counts["prompt"] += sum(r["prompt_masks"] for r in rows)
             counts["auto"] += sum(r["auto_masks"] for r in rows)
         images_before, next_ann = 0, 1
-        for shard in range(merge.num_shards):
-            part = store.read_shard("merge", merge.fingerprint, shard, manifest=merge)
+        for part in store.shards("merge", merge.fingerprint, manifest=merge):
             if not part.num_rows:
                 continue
             table = MaskRecords.derived(part).table
@@ -132,8 +132,7 @@ def _write_errors(store: ArtifactStore, rel: str, merge: Manifest) -> list[tuple
         return listed
     with store.open_write(rel) as f:
         writer: pq.ParquetWriter | None = None
-        for shard in range(merge.num_shards):
-            t = store.read_shard("merge", merge.fingerprint, shard, "errors", manifest=merge)
+        for t in store.shards("merge", merge.fingerprint, "errors", manifest=merge):
             if not t.num_rows:
                 continue
             if writer is None:

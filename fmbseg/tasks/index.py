@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,12 +32,12 @@ import pyarrow.compute as pc
 from fmbseg.config import Config, IndexConfig
 from fmbseg.data.images import ImageDecodeError, decode_image, image_size
 from fmbseg.data.sources import ImageRef, list_images, listing_hash, read_bytes
+from fmbseg.storage.files import in_order_ahead
 from fmbseg.storage.fingerprint import content_hash, fingerprint
 from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
 from fmbseg.tasks.runner import ERRORS_SCHEMA, Progress, errors_table, plan_shards, run_stage
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 STAGE = "index"
 CODE_VERSION = "1"
@@ -199,38 +199,26 @@ def dedup_across_shards(
         r = receipts[shard]
         return store.read_receipted(stage, fp, r), store.read_receipted(stage, fp, r, "errors")
 
-    with ThreadPoolExecutor(READERS, thread_name_prefix="fmbseg-dedup") as pool:
-        for shard, (records, errors) in enumerate(_in_order(pool, read, len(receipts))):
-            ids, uris = records.column("image_id").to_pylist(), records.column("uri").to_pylist()
-            later = [i for i, image_id in enumerate(ids) if image_id in kept]
-            if later:
-                dup_rows = [_error(uris[i], ids[i], "duplicate", f"same bytes as {kept[ids[i]]}")
-                            for i in later]  # fmt: skip
-                mask = pa.array([image_id not in kept for image_id in ids])
-                records = records.filter(mask)
-                parts = [t for t in (errors, errors_table(dup_rows)) if t.num_columns]
-                errors = pa.concat_tables([t.cast(ERRORS_SCHEMA) for t in parts])
-                receipts[shard] = store.write_shard(stage, fp, shard, records, errors)
-                log.info("%s/%s shard %d: %d cross-shard duplicates", stage, fp, shard, len(later))
-            for image_id, uri in zip(records.column("image_id").to_pylist(),
-                                     records.column("uri").to_pylist(), strict=True):  # fmt: skip
-                kept[image_id] = uri
-            images += records.num_rows
-            if errors.num_rows:
-                by_type.update(errors.column("error_type").to_pylist())
+    for shard, (records, errors) in enumerate(in_order_ahead(read, len(receipts), READERS)):
+        ids, uris = records.column("image_id").to_pylist(), records.column("uri").to_pylist()
+        later = [i for i, image_id in enumerate(ids) if image_id in kept]
+        if later:
+            dup_rows = [_error(uris[i], ids[i], "duplicate", f"same bytes as {kept[ids[i]]}")
+                        for i in later]  # fmt: skip
+            mask = pa.array([image_id not in kept for image_id in ids])
+            records = records.filter(mask)
+            parts = [t for t in (errors, errors_table(dup_rows)) if t.num_columns]
+            errors = pa.concat_tables([t.cast(ERRORS_SCHEMA) for t in parts])
+            receipts[shard] = store.write_shard(stage, fp, shard, records, errors)
+            log.info("%s/%s shard %d: %d cross-shard duplicates", stage, fp, shard, len(later))
+        for image_id, uri in zip(records.column("image_id").to_pylist(),
+                                 records.column("uri").to_pylist(), strict=True):  # fmt: skip
+            kept[image_id] = uri
+        images += records.num_rows
+        if errors.num_rows:
+            by_type.update(errors.column("error_type").to_pylist())
     return {"images": images, "duplicates": by_type.get("duplicate", 0),
             "errors_by_type": dict(sorted(by_type.items()))}  # fmt: skip
-
-
-def _in_order(pool: Executor, fn: Callable[[int], T], n: int) -> Iterator[T]:
-    """``fn(0), ..., fn(n - 1)`` in order, computed in ``pool`` at most READERS ahead."""
-    window: deque[Future[T]] = deque()
-    for i in range(n):
-        window.append(pool.submit(fn, i))
-        if len(window) >= READERS:
-            yield window.popleft().result()
-    while window:
-        yield window.popleft().result()
 
 
 def execute_index(

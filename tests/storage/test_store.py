@@ -17,6 +17,7 @@ import pytest
 
 from fmbseg.storage import ArtifactStore, NotCommittedError, RetryPolicy, StoreError
 from fmbseg.storage import retry as retry_mod
+from fmbseg.storage.files import in_order_ahead
 from fmbseg.storage.store import is_transient, table_to_parquet_bytes
 
 STAGE = "demo"
@@ -99,6 +100,32 @@ def test_read_shard_decodes_only_the_columns_asked_for(any_store: ArtifactStore)
     part = any_store.read_shard(STAGE, "fp", 1, columns=["value"])
     assert part.column_names == ["value"] and part.column("value").to_pylist() == [10, 11, 12]
     assert any_store.read_shard(STAGE, "fp", 1).num_columns > 1
+
+
+def test_shards_come_in_order_read_a_few_ahead_side_by_side(any_store: ArtifactStore) -> None:
+    _write_all(any_store, "fp", 6)
+    any_store.commit(STAGE, "fp", 6)
+    got = [t.column("value").to_pylist() for t in any_store.shards(STAGE, "fp", columns=["value"])]
+    assert got == [[10 * i, 10 * i + 1, 10 * i + 2] for i in range(6)]
+    errors = [t.num_rows for t in any_store.shards(STAGE, "fp", "errors")]
+    assert errors == [0, 1, 0, 0, 0, 0]
+
+    meet = threading.Barrier(3, timeout=30)  # the first three calls run at once
+    started: list[int] = []
+
+    def fn(i: int) -> int:
+        started.append(i)
+        if i < 3:
+            meet.wait()
+        if i == 4:
+            raise ValueError("shard 4 is bad")
+        return i * i
+
+    it = in_order_ahead(fn, 100, ahead=3)
+    assert [next(it) for _ in range(4)] == [0, 1, 4, 9]
+    with pytest.raises(ValueError, match="shard 4 is bad"):
+        next(it)
+    assert max(started) < 8  # never more than `ahead` beyond what was taken
 
 
 def test_local_writes_make_again_a_directory_removed_since(local_store: ArtifactStore) -> None:
