@@ -22,8 +22,9 @@ per slot composes one shard's label maps and writes its PNGs, overlays and thumb
 commits one small row per image (:data:`EXPORT_SCHEMA`, no masks) as the internal stage
 ``stages/export/{fp}``, so a killed export resumes without redoing committed shards. The
 driver then streams the files that span every image (annotations.json, records.parquet,
-errors.parquet, gallery.html) shard by shard, a few read ahead. Images keep merge's order (shard by
-shard, first appearance within a shard): COCO ids and the gallery's first images follow it.
+errors.parquet, gallery.html) shard by shard, a few read ahead. Images keep merge's order
+(shard by shard, first appearance within a shard): COCO ids and the gallery's first images
+follow it.
 """
 
 from __future__ import annotations
