@@ -56,16 +56,9 @@ __all__ = [
 
 
 class ArtifactStore(FileStore):
-    """Versioned, shard-committed stage outputs on any fsspec filesystem (whole-file I/O:
-    :class:`~fmbseg.storage.files.FileStore`).
-
-    Args:
-        uri: root of the store: ``./fmbseg-store``, ``s3://bucket/prefix``, ``memory://x``.
-            A local path is made absolute, so a pickled store means the same folder in a
-            Ray worker with another working directory.
-        storage_options: passed to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
-        retry: backoff policy for transient errors.
-    """
+    """Versioned, shard-committed stage outputs on any fsspec filesystem. Built like its
+    base :class:`~fmbseg.storage.files.FileStore` (``uri``, ``storage_options``, ``retry``),
+    which does the whole-file I/O."""
 
     # ---- stages ---------------------------------------------------------------------------
 
