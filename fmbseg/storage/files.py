@@ -49,7 +49,7 @@ class FileStore:
         self.root = root.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self._local = "file" in protocols
-        self._made: set[str] = set()  # local directories this store has created or seen
+        self._made: set[str] = set()  # local directories this store has made
 
     def __getstate__(self) -> dict[str, Any]:
         # fsspec filesystems pickle, but rebuilding them keeps Ray workers' sessions fresh.

@@ -76,10 +76,15 @@ def encode_mask(mask: np.ndarray) -> tuple[bytes, tuple[float, float, float, flo
 def decode_mask(counts: bytes, height: int, width: int) -> np.ndarray:
     """COCO compressed RLE counts of an ``height x width`` mask -> ``HxW bool`` (C order)."""
     rle = {"size": [int(height), int(width)], "counts": counts}
-    with warnings.catch_warnings():  # pycocotools' own numpy-2 "copy keyword" deprecation
+    return np.ascontiguousarray(_coco_decode(rle).astype(bool))
+
+
+def _coco_decode(rles: dict[str, Any] | list[dict[str, Any]]) -> np.ndarray:
+    """``pycocotools.mask.decode``: ``HxW`` uint8 for one RLE, ``HxWxN`` (Fortran order) for a
+    list, without pycocotools' own numpy-2 "copy keyword" deprecation warning."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        decoded = mask_utils.decode(rle)
-    return np.ascontiguousarray(decoded.astype(bool))
+        return mask_utils.decode(rles)
 
 
 # ---- record rows and the validated container ------------------------------------------------
@@ -337,9 +342,7 @@ def compose_rows(
         return label
     counts = cols["rle_counts"]
     rles = [{"size": [height, width], "counts": counts[rows[j]]} for j in order]
-    with warnings.catch_warnings():  # pycocotools' own numpy-2 "copy keyword" deprecation
-        warnings.simplefilter("ignore", DeprecationWarning)
-        masks = mask_utils.decode(rles)  # H x W x n uint8 in Fortran order, one call
+    masks = _coco_decode(rles)  # H x W x n uint8 in Fortran order, one call
     # paint the transposed view: each mask's transpose is C-contiguous, no copy per mask
     painted = label.T
     for k, j in enumerate(order):

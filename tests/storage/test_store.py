@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import threading
@@ -129,8 +130,6 @@ def test_shards_come_in_order_read_a_few_ahead_side_by_side(any_store: ArtifactS
 
 
 def test_local_writes_make_again_a_directory_removed_since(local_store: ArtifactStore) -> None:
-    import shutil
-
     def streamed(rel: str) -> None:
         with local_store.open_write(rel) as f:
             f.write(b"w")
