@@ -108,7 +108,7 @@ CLASSES = ["--classes", "cat,dog"]
         (["{image}", *CLASSES, "--model", "{tmp}"],
          "is neither 'latest', 'champion', 'vNNNN', 'name:version' nor"),
         (["{image}", "--classes", "cat,Cat", "--model", "latest"],
-         "--classes: duplicate name 'Cat' (#1) repeats 'cat' (#0)"),
+         "--classes: duplicate name 'Cat' (#2) repeats 'cat' (#1)"),
         (["{image}", "--vocab", "nonsense", "--model", "latest"],
          "vocabulary 'nonsense' is not a built-in name"),
         (["{image}", *CLASSES, "--vocab", "voc-21", "--model", "latest"],

@@ -66,7 +66,7 @@ def validate_vocabulary(names: Iterable[str], where: str = "vocabulary") -> tupl
     """
     out: list[str] = []
     seen: dict[str, int] = {}
-    for i, name in enumerate(names):
+    for i, name in enumerate(names, 1):  # positions as people count them, from 1
         if not isinstance(name, str):
             raise ValueError(f"{where}: name #{i} is {type(name).__name__} {name!r}, not a string")
         stripped = name.strip()
@@ -78,7 +78,7 @@ def validate_vocabulary(names: Iterable[str], where: str = "vocabulary") -> tupl
         if key in seen:
             j = seen[key]
             raise ValueError(
-                f"{where}: duplicate name {stripped!r} (#{i}) repeats {out[j]!r} (#{j}); "
+                f"{where}: duplicate name {stripped!r} (#{i}) repeats {out[j - 1]!r} (#{j}); "
                 "names are compared ignoring case and spaces"
             )
         seen[key] = i

@@ -66,11 +66,11 @@ def test_unknown_name_and_missing_file_are_errors(tmp_path):
     ("names", "message"),
     [
         ([], "no class names given"),
-        (["cat", "  "], "name #1 is blank"),
-        (["cat", 3], "name #1 is int 3, not a string"),
+        (["cat", "  "], "name #2 is blank"),
+        (["cat", 3], "name #2 is int 3, not a string"),
         (
             ["Potted Plant", "dog", "pottedplant"],
-            "duplicate name 'pottedplant' \\(#2\\) repeats 'Potted Plant' \\(#0\\)",
+            "duplicate name 'pottedplant' \\(#3\\) repeats 'Potted Plant' \\(#1\\)",
         ),
         (["cat", "CAT"], "duplicate name 'CAT'"),
     ],
@@ -81,7 +81,7 @@ def test_validation_names_the_problem(names, message):
 
 
 def test_comma_list_with_blank_item_is_an_error():
-    with pytest.raises(ValueError, match="name #1 is blank"):
+    with pytest.raises(ValueError, match="name #2 is blank"):
         load_vocabulary("cat,,dog")
 
 

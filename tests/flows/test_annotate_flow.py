@@ -96,7 +96,7 @@ def test_annotate_flow_runs_caches_and_reruns_only_what_changed(
     ("classes", "vocab", "message"),
     [
         ("cat, dog, Cat", None, "duplicate name 'Cat'"),
-        ("cat,,dog", None, "name #1 is blank"),
+        ("cat,,dog", None, "name #2 is blank"),
         ("", None, "classes: empty"),
         ([], None, "classes: no class names given"),
         (None, None, "exactly one of"),

@@ -14,10 +14,13 @@ from pycocotools.coco import COCO
 
 from fmbseg.storage import ArtifactStore
 from fmbseg.storage.records import (
+    ENCODE_CHUNK,
     MaskRecords,
+    RecordError,
     compose_label_map,
     decode_mask,
     encode_mask,
+    encode_masks,
     error_row,
     errors_table,
     mask_row,
@@ -67,6 +70,44 @@ def test_rle_of_empty_and_full_masks():
         counts, _, area = encode_mask(m)
         assert area == m.sum()
         np.testing.assert_array_equal(decode_mask(counts, 5, 7), m)
+
+
+def _fortran_encode(mask: np.ndarray) -> tuple[bytes, tuple[float, ...], int]:
+    """The straightforward encoding encode_masks must equal: a Fortran copy per mask."""
+    rle = mask_utils.encode(np.asfortranarray(mask != 0, dtype=np.uint8))
+    return rle["counts"], tuple(float(v) for v in mask_utils.toBbox(rle)), int(mask_utils.area(rle))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (33, 17), (64, 48)])
+def test_encode_masks_equals_a_fortran_copy_per_mask_across_chunks(shape):
+    rng = np.random.default_rng(1)
+    # more masks than one pycocotools call takes, so a chunk boundary is crossed
+    masks = [rng.random(shape) < rng.uniform(0, 1) for _ in range(ENCODE_CHUNK + 5)]
+    masks[3] = np.zeros(shape, bool)
+    masks[4] = np.ones(shape, bool)
+    assert encode_masks(masks) == [_fortran_encode(m) for m in masks]
+    assert encode_masks(np.stack(masks)) == encode_masks(masks)  # an (n, H, W) array too
+    assert [encode_mask(m) for m in masks] == encode_masks(masks)
+
+
+def test_encode_masks_takes_views_and_nonzero_values_as_in():
+    rng = np.random.default_rng(2)
+    base = rng.random((30, 40)) < 0.4
+    views = [base[::2, 1::3], base.T, (base * 255).astype(np.uint8), base.astype(np.float32)]
+    got = encode_masks(views[:1]) + encode_masks(views[1:2]) + encode_masks(views[2:])
+    expected = [_fortran_encode(np.ascontiguousarray(v != 0)) for v in views]
+    assert got == expected
+    assert got[2] == _fortran_encode(base)  # 255 is "in", as 1 is
+
+
+def test_encode_masks_rejects_masks_of_other_shapes_naming_which():
+    assert encode_masks([]) == []
+    with pytest.raises(
+        RecordError, match=r"one size, got \(4, 6\) at index 1 \(the first is \(4, 5\)\)"
+    ):
+        encode_masks([np.zeros((4, 5), bool), np.zeros((4, 6), bool)])
+    with pytest.raises(RecordError, match=r"expected an HxW mask, got shape \(2, 4, 5\)"):
+        encode_mask(np.zeros((2, 4, 5), bool))
 
 
 # ---- COCO ----------------------------------------------------------------------------------
