@@ -1,0 +1,279 @@
+"""Stage 1 end to end: our stages vs. the straightforward per-image loop, on the same images.
+
+Ours: the real stages ``clip_dense`` -> ``sam_prompt`` + ``sam_auto`` (one pass) -> ``merge``
+with the local executor on a temporary store (image reads, Parquet, RLE and commits
+included; ``index`` runs before the clock starts): crops of several images share CLIP
+passes, one trunk pass gives CLS and dense features, CLIP at the config's precision
+(``auto``: bf16 autocast on a GPU), all present classes' prompts in one decoder pass, the
+automatic masks from the same image embedding in our binary-mask generator at the config's
+``points_per_batch``.
+
+Reference, as issue 3 words it: one image at a time, fp32; CLIP on that image's crops only,
+CLS and dense features in two passes; SAM prompted one class at a time; segment-anything's
+stock ``SamAutomaticMaskGenerator`` (``binary_mask``, its default ``points_per_batch`` 64,
+embedding the image again); the same presence, labelling, sampling and merge rules (our
+pure functions) and COCO RLE, kept in memory (no store).
+
+Both use the same models' architectures and weights (random unless the config names real
+ones: speed does not depend on them) and the config's settings. Model builds are not timed;
+each path first runs on ``--warmup`` images (kernels, allocator). Prints images/s of each,
+their ratio, masks made, and on CUDA the peak GPU memory of each (one worker: what a Ray
+actor holds).
+
+Random SAM weights keep few masks at METHOD's thresholds (0.86 IoU, 0.92 stability), which
+under-counts the per-mask work; ``--keep-all`` sets both to 0, as trained weights keep
+tens of masks per image. The ``masks`` column says what each run made.
+
+    python bench/stage1.py                                     # tiny models, CPU
+    python bench/stage1.py --config default --device cuda --images 32 --size 480x640
+    python bench/stage1.py --config default --device cuda --images 32 --size 480x640 --keep-all
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+BUILD_TIME = [0.0]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_mib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
+def ours(cfg: Any, folder: str, store_root: str, vocab: tuple[str, ...]) -> tuple[float, int]:
+    """(seconds of clip_dense + SAM + merge, model builds excluded; merged masks)."""
+    from fmbseg.storage import ArtifactStore
+    from fmbseg.tasks.clip_dense import run_clip_dense
+    from fmbseg.tasks.index import run_index
+    from fmbseg.tasks.merge import run_merge
+    from fmbseg.tasks.sam_pair import run_sam_stages
+
+    store = ArtifactStore(store_root)
+    index = run_index(store, folder, cfg)
+    BUILD_TIME[0] = 0.0
+    _sync()
+    start = time.perf_counter()
+    clip = run_clip_dense(store, cfg, index, vocab)
+    sam = run_sam_stages(store, cfg, clip)
+    merge = run_merge(store, cfg, index, clip, sam["sam_prompt"], sam["sam_auto"])
+    _sync()
+    seconds = time.perf_counter() - start - BUILD_TIME[0]
+    return seconds, store.require_manifest("merge", merge).rows
+
+
+class Reference:
+    """The straightforward per-image loop (see the module docstring)."""
+
+    def __init__(self, cfg: Any, vocab: tuple[str, ...]) -> None:
+        from segment_anything import SamAutomaticMaskGenerator
+
+        from fmbseg.models.registry import build_from_config
+
+        self.cfg, self.vocab = cfg, vocab
+        device = cfg.runtime.device
+        self.clip = build_from_config(cfg.models, "clip", device, mode=cfg.clip_dense.mode,
+                                      precision="fp32")  # fmt: skip
+        self.text = self.clip.encode_text(list(vocab), cfg.clip_dense.templates)
+        self.sam = build_from_config(cfg.models, "sam", device, auto_config=cfg.sam_auto)
+        a = cfg.sam_auto
+        self.stock = SamAutomaticMaskGenerator(
+            self.sam.sam,
+            points_per_side=a.points_per_side,
+            pred_iou_thresh=a.pred_iou_thresh,
+            stability_score_thresh=a.stability_score_thresh,
+            box_nms_thresh=a.box_nms_thresh,
+            min_mask_region_area=a.min_mask_region_area,
+            output_mode="binary_mask",
+        )  # points_per_batch: the stock default (64)
+
+    def dense(self, image: np.ndarray) -> Any:
+        """One image's crops through CLIP (CLS and dense in two passes), stitched."""
+        from fmbseg.tasks.clip_dense import DenseImage
+        from fmbseg.tasks.windows import geometry, prepare_image
+
+        model, ccfg = self.clip, self.cfg.clip_dense
+        geo = geometry(image.shape[0], image.shape[1], ccfg, model.preprocess)
+        canvas = prepare_image(image, geo, model.preprocess, model.device)
+        crops = torch.stack([canvas[:, y : y + geo.crop, x : x + geo.crop]
+                             for y, x in geo.windows])  # fmt: skip
+        with torch.inference_mode():
+            cls = model.crop_embeddings(crops)
+            dense = model.dense_features(crops)
+        p, g = geo.patch, dense.shape[-1]
+        gh, gw = max(geo.resized_h, geo.crop) // p, max(geo.resized_w, geo.crop) // p
+        total = torch.zeros(dense.shape[1], gh, gw, device=dense.device)
+        count = torch.zeros(1, gh, gw, device=dense.device)
+        for k, (y, x) in enumerate(geo.windows):
+            total[:, y // p : y // p + g, x // p : x // p + g] += dense[k]
+            count[:, y // p : y // p + g, x // p : x // p + g] += 1
+        feats = (total / count)[:, : geo.grid_h, : geo.grid_w]
+        return DenseImage(None, geo, feats.float().cpu(), cls.float().cpu())
+
+    def label(self, image_id: str, uri: str) -> tuple[int, dict[str, Any]]:
+        """Merged masks of one image, from its file."""
+        from fmbseg.storage.records import MaskRecords, mask_row
+        from fmbseg.tasks.clip_dense import summarise
+        from fmbseg.tasks.merge import merge_shard
+        from fmbseg.tasks.sam_auto import filter_masks, mask_class_scores
+        from fmbseg.tasks.sam_prompt import prompt_points
+        from fmbseg.tasks.stage1 import load_image
+
+        cfg = self.cfg
+        image = load_image(uri, None, cfg.index.max_pixels)
+        clip = summarise(self.dense(image), self.text, cfg.clip_dense.min_crops, image_id, uri)
+        common = {"image_id": image_id, "image_uri": uri, "fingerprint": "reference"}
+        prompt: list[dict[str, Any]] = []
+        auto: list[dict[str, Any]] = []
+        if len(clip.present):
+            predictor = self.sam.predictor
+            predictor.set_image(image)
+            for sim, k in zip(clip.sims, clip.present, strict=True):  # one class at a time
+                points = prompt_points(sim, cfg.sam_prompt.num_points, clip.cell_h, clip.cell_w)
+                masks, scores, _ = predictor.predict(
+                    point_coords=points - 0.5,  # SAM's coordinates: pixel centres
+                    point_labels=np.ones(len(points), dtype=np.int64),
+                    multimask_output=cfg.sam_prompt.multimask,
+                )
+                best = int(np.argmax(scores))
+                if masks[best].any():
+                    prompt.append(mask_row(masks[best], category_id=int(k),
+                                           category=self.vocab[k], source="prompt",
+                                           score=float(scores[best]), **common))  # fmt: skip
+            limit = cfg.sam_auto.max_area_fraction * image.shape[0] * image.shape[1]
+            records = [r for r in self.stock.generate(image) if r["area"] <= limit]
+            kept = filter_masks(records, clip.height, clip.width, cfg.sam_auto)
+            if kept:
+                segs = [np.asarray(m["segmentation"], dtype=bool) for m in kept]
+                labels = clip.present[mask_class_scores(segs, clip).argmax(axis=1)]
+                auto = [mask_row(seg, category_id=int(k), category=self.vocab[k], source="auto",
+                                 score=float(m.get("predicted_iou", 1.0)), **common)
+                        for m, seg, k in zip(kept, segs, labels, strict=True)]  # fmt: skip
+        row = {"image_id": image_id, "image_uri": uri, "present": clip.present.tolist()}
+        merged, _ = merge_shard(
+            [row], MaskRecords.from_rows(prompt), MaskRecords.from_rows(auto), cfg.merge
+        )
+        return merged.table.num_rows, row
+
+
+def reference(ref: Reference, images: list[tuple[str, str]]) -> tuple[float, int]:
+    """(seconds for every image, merged masks)."""
+    _sync()
+    start = time.perf_counter()
+    masks = sum(ref.label(image_id, uri)[0] for image_id, uri in images)
+    _sync()
+    return time.perf_counter() - start, masks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2, help="images each path runs first, untimed")
+    ap.add_argument("--size", default="96x128", help="HxW of the generated images")
+    ap.add_argument("--device", default=None, help="runtime.device (default: the config's)")
+    ap.add_argument("--vocab", default="voc-20")
+    ap.add_argument("--keep-all", action="store_true",
+                    help="SAM's IoU and stability thresholds 0 (random weights keep few masks)")  # fmt: skip
+    ap.add_argument("--random-weights", action=argparse.BooleanOptionalAction, default=True,
+                    help="the config's architectures with random weights (default)")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--set", action="append", default=[], help="section.key=value override")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from annotate import make_images  # bench/ is on sys.path when run as a script
+
+    from fmbseg.config import load_config, replace
+    from fmbseg.data.vocab import load_vocabulary
+    from fmbseg.models import registry
+    from fmbseg.storage import ArtifactStore
+    from fmbseg.tasks.index import run_index
+
+    sets = list(args.set)
+    if args.random_weights:
+        sets += ["models.clip_weights=null", "models.sam_weights=null"]
+    if args.keep_all:
+        sets += ["sam_auto.pred_iou_thresh=0", "sam_auto.stability_score_thresh=0"]
+    if args.device:
+        sets.append(f"runtime.device={args.device}")
+    cfg = replace(load_config(args.config, sets), runtime={"executor": "local"})
+    vocab = load_vocabulary(args.vocab)
+    build = registry.build_from_config
+
+    def timed_build(*a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return build(*a, **k)
+        finally:
+            BUILD_TIME[0] += time.perf_counter() - start
+
+    registry.build_from_config = timed_build  # type: ignore[assignment]
+    h, w = (int(v) for v in args.size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        warm, timed = f"{tmp}/warm", f"{tmp}/images"
+        make_images(Path(warm), args.warmup, (h, w))
+        make_images(Path(timed), args.images + args.warmup, (h, w))
+        for p in sorted(Path(timed).iterdir())[: args.warmup]:  # other pictures than warm's
+            p.unlink()
+
+        ours(cfg, warm, f"{tmp}/store-warm", vocab)
+        _reset_peak()
+        t_ours, m_ours = ours(cfg, timed, f"{tmp}/store", vocab)
+        peak_ours = _peak_mib()
+
+        listed = ArtifactStore(f"{tmp}/store-reference")  # the same image ids as ours
+
+        def listing(folder: str) -> list[tuple[str, str]]:
+            rows = listed.read_table("index", run_index(listed, folder, cfg)).to_pylist()
+            return [(r["image_id"], r["uri"]) for r in rows]
+
+        _reset_peak()
+        ref = Reference(cfg, vocab)
+        reference(ref, listing(warm))
+        t_ref, m_ref = reference(ref, listing(timed))
+        peak_ref = _peak_mib()
+
+    n = args.images
+    device = cfg.runtime.device
+    print(f"config {args.config} ({cfg.models.clip}, {cfg.models.sam}), {n} images {h}x{w}, "
+          f"{len(vocab)} classes, device {device}, torch threads {torch.get_num_threads()}, "
+          f"{'random' if args.random_weights else 'configured'} weights"
+          f"{', SAM thresholds 0' if args.keep_all else ''}")  # fmt: skip
+    cuda = torch.cuda.is_available()
+    print(
+        f"{'path':<44} {'s/image':>8} {'images/s':>9} {'masks':>6}" + ("  peak MiB" if cuda else "")
+    )
+    for name, t, m, peak in (
+        ("reference (per image, fp32, stock generator)", t_ref, m_ref, peak_ref),
+        ("ours (clip_dense, sam pair, merge stages)", t_ours, m_ours, peak_ours),
+    ):
+        print(f"{name:<44} {t / n:8.3f} {n / t:9.2f} {m:6d}" + (f" {peak:9.0f}" if cuda else ""))
+    print(f"throughput ours / reference: {t_ref / t_ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The benchmarks that compare whole paths still run, and both paths make the same output."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_stage1_bench_runs_both_paths_to_the_same_masks():
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    out = subprocess.run(
+        [sys.executable, "bench/stage1.py", "--images", "3", "--warmup", "1", "--threads", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    header = next(ln for ln in lines if ln.startswith("path "))
+    peak = "peak MiB" in header  # a column more on CUDA
+    rows = {}
+    for line in lines:
+        name = line.split(" ", 1)[0]
+        if name in ("reference", "ours"):
+            numbers = line.split()[-4 if peak else -3 :]
+            rows[name] = (float(numbers[0]), int(numbers[2]))  # s/image, masks
+    assert set(rows) == {"reference", "ours"}, out.stdout
+    # fp32 on the CPU, the same rules: the batched path makes the very masks the loop makes
+    assert rows["ours"][1] == rows["reference"][1] > 0, out.stdout
+    ratio = re.search(r"throughput ours / reference: ([\d.]+)x", out.stdout)
+    assert ratio and float(ratio.group(1)) > 0, out.stdout
