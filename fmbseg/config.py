@@ -97,7 +97,10 @@ class SamAutoConfig:
     """Stage `sam_auto` (METHOD 1.2): automatic masks, filtered, labelled from CLIP maps."""
 
     points_per_side: int = 32
-    points_per_batch: int = 256  # SAM's default is 64; larger batches fill a GPU better
+    # prompts per decoder pass; None = 256 on a GPU (fills it better), SAM's own 64 on a CPU,
+    # where a pass's mask logits (points x 3 x 1024 x 1024 float32: 3 GiB at 256) would take
+    # the RAM the workers share. Not in the fingerprint: the masks are the same.
+    points_per_batch: int | None = None
     pred_iou_thresh: float = 0.86
     stability_score_thresh: float = 0.92
     box_nms_thresh: float = 0.7

@@ -42,6 +42,22 @@ CHECKPOINT_NAMES = {
 }
 
 
+GPU_POINTS_PER_BATCH = 256
+CPU_POINTS_PER_BATCH = 64  # segment-anything's own default
+
+
+def points_per_batch(configured: int | None, device: torch.device) -> int:
+    """``sam_auto.points_per_batch``, or its default for ``device`` when None."""
+    if configured is None:
+        return GPU_POINTS_PER_BATCH if device.type == "cuda" else CPU_POINTS_PER_BATCH
+    if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
+        raise ValueError(
+            f"sam_auto.points_per_batch must be a positive integer or null (the device's "
+            f"default), got {configured!r}"
+        )
+    return configured
+
+
 def _check_image(image: np.ndarray, what: str) -> None:
     if not (
         isinstance(image, np.ndarray)
@@ -73,7 +89,7 @@ class SamSegmenter:
         self._generator = BinaryMaskGenerator(
             sam,
             points_per_side=cfg.points_per_side,
-            points_per_batch=cfg.points_per_batch,
+            points_per_batch=points_per_batch(cfg.points_per_batch, self.device),
             pred_iou_thresh=cfg.pred_iou_thresh,
             stability_score_thresh=cfg.stability_score_thresh,
             box_nms_thresh=cfg.box_nms_thresh,

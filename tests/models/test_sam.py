@@ -282,3 +282,22 @@ def test_binary_mask_generator_equals_the_stock_generator(
                 k: v for k, v in b.items() if k != "segmentation"
             }
     assert sum(counts) > 2
+
+
+def test_points_per_batch_defaults_by_device_and_rejects_nonsense(sam: SamSegmenter) -> None:
+    from fmbseg.config import load_config
+    from fmbseg.models.sam import points_per_batch
+
+    assert SamAutoConfig().points_per_batch is None  # the device decides
+    assert load_config("default").sam_auto.points_per_batch is None
+    assert points_per_batch(None, torch.device("cuda")) == 256
+    assert points_per_batch(None, torch.device("cpu")) == 64
+    assert points_per_batch(12, torch.device("cuda")) == 12
+    built = SamSegmenter(
+        sam.sam, "sam_tiny", dataclasses.replace(NO_FILTERS, points_per_batch=None)
+    )
+    assert built._generator.points_per_batch == 64  # the tiny SAM is on the CPU
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(ValueError, match=rf"sam_auto.points_per_batch must be a positive "
+                           rf"integer or null .*got {bad!r}"):  # fmt: skip
+            points_per_batch(bad, torch.device("cpu"))  # type: ignore[arg-type]
