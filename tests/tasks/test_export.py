@@ -14,13 +14,11 @@ from pycocotools.coco import COCO
 
 from fmbseg.storage import ArtifactStore
 from fmbseg.storage.records import (
-    ENCODE_CHUNK,
     MaskRecords,
     RecordError,
     compose_label_map,
     decode_mask,
     encode_mask,
-    encode_masks,
     error_row,
     errors_table,
     mask_row,
@@ -73,39 +71,26 @@ def test_rle_of_empty_and_full_masks():
 
 
 def _fortran_encode(mask: np.ndarray) -> tuple[bytes, tuple[float, ...], int]:
-    """The straightforward encoding encode_masks must equal: a Fortran copy per mask."""
+    """The straightforward encoding encode_mask must equal: numpy's Fortran copy."""
     rle = mask_utils.encode(np.asfortranarray(mask != 0, dtype=np.uint8))
     return rle["counts"], tuple(float(v) for v in mask_utils.toBbox(rle)), int(mask_utils.area(rle))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (33, 17), (64, 48)])
-def test_encode_masks_equals_a_fortran_copy_per_mask_across_chunks(shape):
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (33, 17), (64, 48), (0, 5)])
+def test_encode_mask_equals_numpys_fortran_copy(shape):
     rng = np.random.default_rng(1)
-    # more masks than one pycocotools call takes, so a chunk boundary is crossed
-    masks = [rng.random(shape) < rng.uniform(0, 1) for _ in range(ENCODE_CHUNK + 5)]
-    masks[3] = np.zeros(shape, bool)
-    masks[4] = np.ones(shape, bool)
-    assert encode_masks(masks) == [_fortran_encode(m) for m in masks]
-    assert encode_masks(np.stack(masks)) == encode_masks(masks)  # an (n, H, W) array too
-    assert [encode_mask(m) for m in masks] == encode_masks(masks)
+    masks = [rng.random(shape) < rng.uniform(0, 1) for _ in range(20)]
+    masks += [np.zeros(shape, bool), np.ones(shape, bool)]
+    assert [encode_mask(m) for m in masks] == [_fortran_encode(m) for m in masks]
 
 
-def test_encode_masks_takes_views_and_nonzero_values_as_in():
+def test_encode_mask_takes_views_and_nonzero_values_as_in():
     rng = np.random.default_rng(2)
     base = rng.random((30, 40)) < 0.4
     views = [base[::2, 1::3], base.T, (base * 255).astype(np.uint8), base.astype(np.float32)]
-    got = encode_masks(views[:1]) + encode_masks(views[1:2]) + encode_masks(views[2:])
-    expected = [_fortran_encode(np.ascontiguousarray(v != 0)) for v in views]
-    assert got == expected
-    assert got[2] == _fortran_encode(base)  # 255 is "in", as 1 is
-
-
-def test_encode_masks_rejects_masks_of_other_shapes_naming_which():
-    assert encode_masks([]) == []
-    with pytest.raises(
-        RecordError, match=r"one size, got \(4, 6\) at index 1 \(the first is \(4, 5\)\)"
-    ):
-        encode_masks([np.zeros((4, 5), bool), np.zeros((4, 6), bool)])
+    got = [encode_mask(v) for v in views]
+    assert got == [_fortran_encode(np.ascontiguousarray(v != 0)) for v in views]
+    assert got[2] == got[3] == _fortran_encode(base)  # 255 and 1.0 are "in", as True is
     with pytest.raises(RecordError, match=r"expected an HxW mask, got shape \(2, 4, 5\)"):
         encode_mask(np.zeros((2, 4, 5), bool))
 
