@@ -258,7 +258,7 @@ def main() -> None:
         peak_ref = _peak_mib()
 
     n = args.images
-    device = cfg.runtime.device
+    device = registry.resolve_device(cfg.runtime.device)
     print(f"config {args.config} ({cfg.models.clip}, {cfg.models.sam}), {n} images {h}x{w}, "
           f"{len(vocab)} classes, device {device}, torch threads {torch.get_num_threads()}, "
           f"{'random' if args.random_weights else 'configured'} weights"
