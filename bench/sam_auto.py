@@ -4,10 +4,10 @@ Both run on the same images with the same SAM (random weights: speed does not de
 them) and the same filters; the reference is the stock ``SamAutomaticMaskGenerator`` with
 ``output_mode="binary_mask"`` and its default ``points_per_batch`` (64), ours the generator
 stage ``sam_auto`` uses, at ``--points-per-batch`` (256: the config's default on a GPU) and
-at 64 (its default on a CPU, for memory: a pass at 256 holds 3 GiB of mask logits); the
+at 64 (its default on a CPU: a pass at 256 holds 3 GiB of mask logits); the
 stock generator also runs at ``--points-per-batch``, to separate the two gains. Prints
-seconds per image (and peak GPU memory), the ratios, and checks that both return the same
-masks.
+seconds per image, peak memory (GPU on CUDA, else the process's resident set, reset
+before each row on Linux), the ratios, and checks that both return the same masks.
 
     python bench/sam_auto.py                                   # sam_tiny, CPU
     python bench/sam_auto.py --model sam_vit_h --device cuda --points-per-side 32 --size 480x640
@@ -49,6 +49,36 @@ def run(generate: Any, images: list[Any]) -> tuple[float, list[Any]]:
     return (time.perf_counter() - start) / len(images), out
 
 
+def reset_peak(cuda: bool) -> None:
+    """Start a new peak: of GPU memory on CUDA, else of the process's resident memory."""
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: "5" resets VmHWM, the peak resident set size
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_mib(cuda: bool) -> float:
+    """MiB: peak GPU memory allocated on CUDA, else peak resident set (VmHWM; 0 if unknown)."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def measured(generate: Any, images: list[Any], cuda: bool) -> tuple[float, list[Any], float]:
+    """:func:`run` plus the peak memory (:func:`peak_mib`) during it."""
+    reset_peak(cuda)
+    seconds, out = run(generate, images)
+    return seconds, out, peak_mib(cuda)
+
+
 def main() -> None:
     from segment_anything import SamAutomaticMaskGenerator
 
@@ -78,20 +108,15 @@ def main() -> None:
     }
     stock = SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **common)
     ours = BinaryMaskGenerator(sam, points_per_batch=args.points_per_batch, **common)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    t_ours, r_ours = run(ours.generate, images)
-    peak_ours = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    t_stock, r_stock = run(stock.generate, images)
-    peak_stock = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    cuda = torch.device(args.device).type == "cuda"
+    t_ours, r_ours, peak_ours = measured(ours.generate, images, cuda)
+    t_stock, r_stock, peak_stock = measured(stock.generate, images, cuda)
     # the stock generator at our batch size: what the RLE round trip alone costs
     stock.points_per_batch = args.points_per_batch
-    t_stock_b, _ = run(stock.generate, images)
+    t_stock_b, _, peak_stock_b = measured(stock.generate, images, cuda)
     # ours at segment-anything's batch size (the config's default on a CPU)
     ours.points_per_batch = 64
-    t_ours_64, _ = run(ours.generate, images)
+    t_ours_64, _, peak_ours_64 = measured(ours.generate, images, cuda)
 
     masks = sum(len(r) for r in r_ours)
     same = all(
@@ -103,18 +128,20 @@ def main() -> None:
     )
     print(f"{args.model} on {args.device}, {args.images} images {h}x{w}, "
           f"{args.points_per_side}^2 points, {masks} masks kept, torch threads {args.threads}")  # fmt: skip
-    print(f"{'generator':<34} {'s/image':>9} {'images/s':>9} {'peak MiB':>9}")
-    print(f"{'stock (points_per_batch 64, RLE)':<34} {t_stock:9.4f} {1 / t_stock:9.1f} "
-          f"{peak_stock:9.0f}")  # fmt: skip
-    print(f"{f'stock (points_per_batch {args.points_per_batch}, RLE)':<34} {t_stock_b:9.4f} "
-          f"{1 / t_stock_b:9.1f} {'':>9}")  # fmt: skip
-    print(f"{f'ours (points_per_batch {args.points_per_batch})':<34} {t_ours:9.4f} "
-          f"{1 / t_ours:9.1f} {peak_ours:9.0f}")  # fmt: skip
-    print(f"{'ours (points_per_batch 64)':<34} {t_ours_64:9.4f} {1 / t_ours_64:9.1f} {'':>9}")
+    peak = "peak GPU MiB" if cuda else "peak RSS MiB"
+    print(f"{'generator':<34} {'s/image':>9} {'images/s':>9} {peak:>13}")
+    b = args.points_per_batch
+    for name, t, mib in (
+        ("stock (points_per_batch 64, RLE)", t_stock, peak_stock),
+        (f"stock (points_per_batch {b}, RLE)", t_stock_b, peak_stock_b),
+        (f"ours (points_per_batch {b})", t_ours, peak_ours),
+        ("ours (points_per_batch 64)", t_ours_64, peak_ours_64),
+    ):
+        print(f"{name:<34} {t:9.4f} {1 / t:9.1f} {mib:13.0f}")
     print(f"speed-up vs stock: {t_stock / t_ours:.2f}x; at the same batch size: "
           f"{t_stock_b / t_ours:.2f}x; same masks: {same}")  # fmt: skip
-    print(f"ours at points_per_batch {args.points_per_batch} vs 64: "
-          f"{t_ours_64 / t_ours:.2f}x the throughput")  # fmt: skip
+    print(f"ours at points_per_batch {b} vs 64: {t_ours_64 / t_ours:.2f}x the throughput, "
+          f"{peak_ours / peak_ours_64:.2f}x the peak memory")  # fmt: skip
 
 
 if __name__ == "__main__":
