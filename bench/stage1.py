@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sam_auto import peak_mib, reset_peak  # bench/ is on sys.path when run as a script
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -52,15 +53,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _reset_peak() -> None:
+def _reset_peak(cuda: bool) -> None:
+    """Free what the last path left (its models), then start a new peak."""
     gc.collect()
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_mib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    reset_peak(cuda)
 
 
 def ours(cfg: Any, folder: str, store_root: str, vocab: tuple[str, ...]) -> tuple[float, int]:
@@ -111,7 +109,7 @@ class Reference:
 
     def dense(self, image: np.ndarray) -> Any:
         """One image's crops through CLIP (CLS and dense in two passes), stitched."""
-        from fmbseg.tasks.clip_dense import DenseImage
+        from fmbseg.tasks.clip_dense import _Pending
         from fmbseg.tasks.windows import geometry, prepare_image
 
         model, ccfg = self.clip, self.cfg.clip_dense
@@ -122,17 +120,12 @@ class Reference:
         with torch.inference_mode():
             cls = model.crop_embeddings(crops)
             dense = model.dense_features(crops)
-        p, g = geo.patch, dense.shape[-1]
-        gh, gw = max(geo.resized_h, geo.crop) // p, max(geo.resized_w, geo.crop) // p
-        total = torch.zeros(dense.shape[1], gh, gw, device=dense.device)
-        count = torch.zeros(1, gh, gw, device=dense.device)
-        for k, (y, x) in enumerate(geo.windows):
-            total[:, y // p : y // p + g, x // p : x // p + g] += dense[k]
-            count[:, y // p : y // p + g, x // p : x // p + g] += 1
-        feats = (total / count)[:, : geo.grid_h, : geo.grid_w]
-        return DenseImage(None, geo, feats.float().cpu(), cls.float().cpu())
+        stitched = _Pending(None, geo, dense.shape[1], dense.device)  # the stage's averaging
+        for k in range(len(geo.windows)):
+            stitched.add(k, cls[k], dense[k])
+        return stitched.finish()
 
-    def label(self, image_id: str, uri: str) -> tuple[int, dict[str, Any]]:
+    def label(self, image_id: str, uri: str) -> int:
         """Merged masks of one image, from its file."""
         from fmbseg.storage.records import MaskRecords, mask_row
         from fmbseg.tasks.clip_dense import summarise
@@ -175,14 +168,14 @@ class Reference:
         merged, _ = merge_shard(
             [row], MaskRecords.from_rows(prompt), MaskRecords.from_rows(auto), cfg.merge
         )
-        return merged.table.num_rows, row
+        return merged.table.num_rows
 
 
 def reference(ref: Reference, images: list[tuple[str, str]]) -> tuple[float, int]:
     """(seconds for every image, merged masks)."""
     _sync()
     start = time.perf_counter()
-    masks = sum(ref.label(image_id, uri)[0] for image_id, uri in images)
+    masks = sum(ref.label(image_id, uri) for image_id, uri in images)
     _sync()
     return time.perf_counter() - start, masks
 
@@ -233,6 +226,8 @@ def main() -> None:
 
     registry.build_from_config = timed_build  # type: ignore[assignment]
     h, w = (int(v) for v in args.size.split("x"))
+    device = registry.resolve_device(cfg.runtime.device)
+    cuda = device.type == "cuda"  # GPU memory is what a worker's peak means there
     with tempfile.TemporaryDirectory() as tmp:
         warm, timed = f"{tmp}/warm", f"{tmp}/images"
         make_images(Path(warm), args.warmup, (h, w))
@@ -241,9 +236,9 @@ def main() -> None:
             p.unlink()
 
         ours(cfg, warm, f"{tmp}/store-warm", vocab)
-        _reset_peak()
+        _reset_peak(cuda)
         t_ours, m_ours = ours(cfg, timed, f"{tmp}/store", vocab)
-        peak_ours = _peak_mib()
+        peak_ours = peak_mib(cuda)
 
         listed = ArtifactStore(f"{tmp}/store-reference")  # the same image ids as ours
 
@@ -251,19 +246,17 @@ def main() -> None:
             rows = listed.read_table("index", run_index(listed, folder, cfg)).to_pylist()
             return [(r["image_id"], r["uri"]) for r in rows]
 
-        _reset_peak()
+        _reset_peak(cuda)
         ref = Reference(cfg, vocab)
         reference(ref, listing(warm))
         t_ref, m_ref = reference(ref, listing(timed))
-        peak_ref = _peak_mib()
+        peak_ref = peak_mib(cuda)
 
     n = args.images
-    device = registry.resolve_device(cfg.runtime.device)
     print(f"config {args.config} ({cfg.models.clip}, {cfg.models.sam}), {n} images {h}x{w}, "
           f"{len(vocab)} classes, device {device}, torch threads {torch.get_num_threads()}, "
           f"{'random' if args.random_weights else 'configured'} weights"
           f"{', SAM thresholds 0' if args.keep_all else ''}")  # fmt: skip
-    cuda = torch.cuda.is_available()
     print(
         f"{'path':<44} {'s/image':>8} {'images/s':>9} {'masks':>6}" + ("  peak MiB" if cuda else "")
     )
