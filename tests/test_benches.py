@@ -35,3 +35,18 @@ def test_stage1_bench_runs_both_paths_to_the_same_masks():
     assert rows["ours"][1] == rows["reference"][1] > 0, out.stdout
     ratio = re.search(r"throughput ours / reference: ([\d.]+)x", out.stdout)
     assert ratio and float(ratio.group(1)) > 0, out.stdout
+
+
+def test_io_paths_bench_checks_each_pair_of_paths_agree():
+    out = subprocess.run(
+        [sys.executable, "bench/io_paths.py", "--masks", "8", "--size", "48x64", "--repeat", "2",
+         "--pieces", "6", "--piece-rows", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]  # its asserts: the paths give equal outputs
+    for section in ("shard read", "RLE encoding", "streamed Parquet: 6 pieces of 3 records",
+                    "overlays of 48x64", "label PNGs"):  # fmt: skip
+        assert section in out.stdout, out.stdout
+    ratios = re.findall(r"^a row group per piece\s+\d+\s+([\d.]+)x\s+\d+\s+([\d.]+)x$",
+                        out.stdout, re.M)  # fmt: skip
+    assert len(ratios) == 1 and all(float(r) > 0 for r in ratios[0]), out.stdout

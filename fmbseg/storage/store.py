@@ -31,12 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fmbseg.storage.files import FileStore, in_order_ahead
-from fmbseg.storage.manifest import (
-    Manifest,
-    ShardReceipt,
-    _now,
-    table_to_parquet_bytes,
-)
+from fmbseg.storage.manifest import Manifest, ShardReceipt, _now
+from fmbseg.storage.parquet import table_to_parquet_bytes
 from fmbseg.storage.retry import (
     NotCommittedError,
     RetryPolicy,

@@ -4,7 +4,8 @@ After :mod:`fmbseg.tasks.export`'s shard workers have committed one row per imag
 internal stage ``export``), these stream the whole-export files: ``annotations.json``
 (images from those rows, annotations from merge's records), ``records.parquet``,
 ``errors.parquet``, ``gallery.html`` and, last, ``export.json``. Shards are read in order,
-a few ahead (:meth:`ArtifactStore.shards`), so at most that many shards' records are in
+a few ahead (:meth:`ArtifactStore.shards`), so at most that many shards' records, and one
+Parquet row group being gathered (:data:`fmbseg.storage.parquet.ROW_GROUP_BYTES`), are in
 memory; what is kept across shards is counts, the gallery's cards (at most
 ``gallery_max_images``) and the first errors it lists.
 """
@@ -15,11 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from fmbseg.config import ExportConfig
 from fmbseg.storage import ArtifactStore, Manifest
-from fmbseg.storage.records import RECORD_SCHEMA, MaskRecords
+from fmbseg.storage.parquet import RowGroupWriter
+from fmbseg.storage.records import ERROR_SCHEMA, RECORD_SCHEMA, MaskRecords
 from fmbseg.tasks.export_coco import CocoWriter, coco_annotations, coco_image, first_rows
 from fmbseg.tasks.gallery import GalleryEntry, class_colours, gallery_html, has_thumb
 
@@ -44,7 +45,7 @@ def write_export_files(
     with (
         store.open_write(f"{base}/annotations.json") as coco_file,
         store.open_write(f"{base}/records.parquet") as records_file,
-        pq.ParquetWriter(records_file, RECORD_SCHEMA, compression="zstd") as records_out,
+        RowGroupWriter(records_file, RECORD_SCHEMA) as records_out,
     ):
         coco = CocoWriter(coco_file, vocabulary)
         for table in store.shards(stage, fp, manifest=rows_manifest):
@@ -130,18 +131,13 @@ def _write_errors(store: ArtifactStore, rel: str, merge: Manifest) -> list[tuple
     listed: list[tuple[str, str, str]] = []
     if not merge.error_rows:
         return listed
-    with store.open_write(rel) as f:
-        writer: pq.ParquetWriter | None = None
+    with store.open_write(rel) as f, RowGroupWriter(f, ERROR_SCHEMA) as writer:
         for t in store.shards("merge", merge.fingerprint, "errors", manifest=merge):
             if not t.num_rows:
                 continue
-            if writer is None:
-                writer = pq.ParquetWriter(f, t.schema, compression="zstd")
-            writer.write_table(t.cast(writer.schema))
+            writer.write_table(t.cast(ERROR_SCHEMA))
             need = ERRORS_LISTED - len(listed)
             if need > 0:
                 head = t.slice(0, need).select(["uri", "error_type", "message"]).to_pydict()
                 listed += zip(head["uri"], head["error_type"], head["message"], strict=True)
-        if writer is not None:
-            writer.close()
     return listed

@@ -110,8 +110,9 @@ def test_export_runs_per_merge_shard_with_global_names_ids_and_gallery(
     whole = coco_dataset(merged, VOCAB, dict(zip(ids, names, strict=True)))
     assert store.read_bytes(f"{base}/annotations.json") == json.dumps(whole).encode()
 
-    records = pq.read_table(io.BytesIO(store.read_bytes(f"{base}/records.parquet")))
-    assert records.equals(merged.table)
+    records_file = pq.ParquetFile(io.BytesIO(store.read_bytes(f"{base}/records.parquet")))
+    assert records_file.read().equals(merged.table)
+    assert records_file.metadata.num_row_groups == 1  # not one per merge shard
     errors = pq.read_table(io.BytesIO(store.read_bytes(f"{base}/errors.parquet")))
     assert errors.column("image_id").to_pylist() == ["gone-0", "gone-1", "gone-2"]
     page = store.read_bytes(f"{base}/gallery.html").decode()
