@@ -124,11 +124,6 @@ def patch_phases() -> list[str]:
     for phase, places in targets.items():
         for owner, name in places:
             setattr(owner, name, time_phase(phase, getattr(owner, name)))
-    # modules that imported load_image by name
-    from fmbseg.tasks import clip_dense
-
-    for mod in (clip_dense, export):
-        mod.load_image = stage1.load_image  # type: ignore[attr-defined]
     return list(targets)
 
 

@@ -33,11 +33,8 @@ from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
     INDEX_STAGE,
     VOCABULARY_KEY,
-    ReadAhead,
-    Upstream,
+    ImageShardWorker,
     error_from,
-    load_image,
-    loader_pool,
     num_shards,
     stage_fingerprint,
 )
@@ -267,7 +264,7 @@ def results_table(rows: list[dict]) -> pa.Table:
 # ---- shell: worker and stage runner --------------------------------------------------------
 
 
-class ClipDenseWorker:
+class ClipDenseWorker(ImageShardWorker):
     """Shard worker: decodes the index shard's images and runs the core on them.
 
     The CLIP model is built once (``cfg.models.clip``, ``cfg.clip_dense.mode``/``precision``)
@@ -285,11 +282,8 @@ class ClipDenseWorker:
     ) -> None:
         from fmbseg.models.registry import build_from_config
 
-        self.store, self.cfg, self.fp = store, cfg, fp
-        self.loader = loader_pool()
-        self.upstream = Upstream(store, self.loader)
-        self.images = ReadAhead(self._load, self.loader)
-        self.storage_options = storage_options
+        super().__init__(store, cfg, storage_options)
+        self.fp = fp
         self.model: DenseClip = build_from_config(
             cfg.models,
             "clip",
@@ -299,9 +293,6 @@ class ClipDenseWorker:
             precision=cfg.clip_dense.precision,
         )
         self.text = self.model.encode_text(list(vocabulary), cfg.clip_dense.templates)
-
-    def _load(self, uri: str) -> np.ndarray:
-        return load_image(uri, self.storage_options, self.cfg.index.max_pixels)
 
     def _images(self, rows: list[dict], errors: list[dict]) -> Iterator[tuple[dict, np.ndarray]]:
         for row, image, exc in self.images.each(rows, lambda r: r["uri"]):

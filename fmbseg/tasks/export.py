@@ -50,10 +50,7 @@ from fmbseg.tasks.runner import Progress, run_stage
 from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
     VOCABULARY_KEY,
-    ReadAhead,
-    Upstream,
-    load_image,
-    loader_pool,
+    ImageShardWorker,
     read_vocabulary,
     stage_fingerprint,
 )
@@ -103,7 +100,7 @@ def image_names(uris: Sequence[str], image_ids: Sequence[str]) -> list[str]:
 # ---- shard worker ----------------------------------------------------------------------------
 
 
-class ExportWorker:
+class ExportWorker(ImageShardWorker):
     """Shard worker of export: no model. A spec is ``{"merge": fp, "gallery": k}``: shard
     ``i`` of ``merge/fp`` is exported, and its first ``k`` images get an overlay and thumb.
 
@@ -120,17 +117,11 @@ class ExportWorker:
         repeated: frozenset[str],
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        self.store, self.cfg, self.base, self.repeated = store, cfg, base, repeated
+        super().__init__(store, cfg, storage_options)
+        self.base, self.repeated = base, repeated
         self.colours = class_colours(num_classes)
-        self.storage_options = storage_options
-        self.loader = loader_pool()
-        self.upstream = Upstream(store, self.loader)
-        self.images = ReadAhead(self._load, self.loader)
         # PNG/JPEG encoding and the file writes (object-store PUTs) run here, beside the loop
         self.writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="fmbseg-export")
-
-    def _load(self, uri: str) -> np.ndarray:
-        return load_image(uri, self.storage_options, self.cfg.index.max_pixels)
 
     def prefetch(self, shard: int, spec: dict[str, Any]) -> None:
         k = spec["gallery"]

@@ -276,7 +276,24 @@ def error_from(exc: BaseException, image_id: str | None, uri: str, stage: str) -
     return error_row(image_id, uri, stage, error_type, str(exc)[:2000])
 
 
-class SamStageWorker:
+class ImageShardWorker:
+    """Base of the shard workers that read images (clip_dense, the SAM stages, export): one
+    pool of loader threads for the worker's life, shared by its upstream shard reads
+    (:attr:`upstream`) and its image reads ahead (:attr:`images`)."""
+
+    def __init__(
+        self, store: ArtifactStore, cfg: Config, storage_options: dict[str, Any] | None = None
+    ) -> None:
+        self.store, self.cfg, self.storage_options = store, cfg, storage_options
+        self.loader = loader_pool()
+        self.upstream = Upstream(store, self.loader)
+        self.images = ReadAhead(self._load, self.loader)
+
+    def _load(self, uri: str) -> np.ndarray:
+        return load_image(uri, self.storage_options, self.cfg.index.max_pixels)
+
+
+class SamStageWorker(ImageShardWorker):
     """Base of the two SAM stages' shard workers: SAM built once, images from clip_dense rows.
 
     A spec is ``{"clip_dense": clip_fp}``; the output shard has the same number. Images with
@@ -296,12 +313,8 @@ class SamStageWorker:
     ) -> None:
         from fmbseg.models.registry import build_from_config
 
-        self.store, self.cfg, self.fp = store, cfg, fp
-        self.loader = loader_pool()
-        self.upstream = Upstream(store, self.loader)
-        self.images = ReadAhead(self._load, self.loader)
-        self.vocabulary = tuple(vocabulary)
-        self.storage_options = storage_options
+        super().__init__(store, cfg, storage_options)
+        self.fp, self.vocabulary = fp, tuple(vocabulary)
         self.segmenter = build_from_config(
             cfg.models,
             "sam",
@@ -309,9 +322,6 @@ class SamStageWorker:
             store_options=store.storage_options,
             auto_config=cfg.sam_auto,
         )
-
-    def _load(self, uri: str) -> np.ndarray:
-        return load_image(uri, self.storage_options, self.cfg.index.max_pixels)
 
     def label(self, image: np.ndarray, clip: Any) -> list[dict[str, Any]]:
         """Record rows of one image (``clip`` is its ClipDenseResult)."""

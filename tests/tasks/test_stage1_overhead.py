@@ -221,8 +221,7 @@ def test_a_prefetch_hint_starts_the_next_shards_images_and_each_is_read_once(
         return load_image(uri, *a)
 
     load_image = stage1.load_image
-    for module in (stage1, clip_dense, export):
-        monkeypatch.setattr(module, "load_image", counting)
+    monkeypatch.setattr(stage1, "load_image", counting)  # every worker's images come through it
     if stage == "clip_dense":
         worker = clip_dense.ClipDenseWorker(store, cfg, VOCAB, "fp")
         spec: dict = {"index": fps["index"]}
