@@ -282,7 +282,7 @@ class ClipDenseWorker(ImageShardWorker):
     ) -> None:
         from fmbseg.models.registry import build_from_config
 
-        super().__init__(store, cfg, storage_options)
+        ImageShardWorker.__init__(self, store, cfg, storage_options)
         self.fp = fp
         self.model: DenseClip = build_from_config(
             cfg.models,

@@ -117,7 +117,7 @@ class ExportWorker(ImageShardWorker):
         repeated: frozenset[str],
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(store, cfg, storage_options)
+        ImageShardWorker.__init__(self, store, cfg, storage_options)
         self.base, self.repeated = base, repeated
         self.colours = class_colours(num_classes)
         # PNG/JPEG encoding and the file writes (object-store PUTs) run here, beside the loop

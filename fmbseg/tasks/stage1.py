@@ -279,7 +279,12 @@ def error_from(exc: BaseException, image_id: str | None, uri: str, stage: str) -
 class ImageShardWorker:
     """Base of the shard workers that read images (clip_dense, the SAM stages, export): one
     pool of loader threads for the worker's life, shared by its upstream shard reads
-    (:attr:`upstream`) and its image reads ahead (:attr:`images`)."""
+    (:attr:`upstream`) and its image reads ahead (:attr:`images`).
+
+    Subclasses call ``ImageShardWorker.__init__(self, ...)`` by name: a zero-argument
+    ``super()`` in a class that cloudpickle ships by value to a Ray actor (a subclass made at
+    run time, as the reliability tests make) can find a different copy of its own class.
+    """
 
     def __init__(
         self, store: ArtifactStore, cfg: Config, storage_options: dict[str, Any] | None = None
@@ -313,7 +318,7 @@ class SamStageWorker(ImageShardWorker):
     ) -> None:
         from fmbseg.models.registry import build_from_config
 
-        super().__init__(store, cfg, storage_options)
+        ImageShardWorker.__init__(self, store, cfg, storage_options)
         self.fp, self.vocabulary = fp, tuple(vocabulary)
         self.segmenter = build_from_config(
             cfg.models,
