@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from fmbseg.config import Config, ExportConfig
+from fmbseg.config import Config
 from fmbseg.storage import ArtifactStore, Manifest
 from fmbseg.storage.records import IGNORE, LABEL_COLUMNS, compose_rows, rows_by_image
 from fmbseg.tasks.export_coco import coco_dataset, first_rows
@@ -59,7 +59,7 @@ __all__ = ["EXPORT_SCHEMA", "ExportWorker", "coco_dataset", "image_names", "run_
 
 STAGE = "export"
 CODE_VERSION = CODE_VERSIONS[STAGE]
-WRITERS = 2  # threads encoding and writing a worker's per-image files
+WRITERS = 2  # threads composing, encoding and writing a worker's per-image files
 
 EXPORT_SCHEMA = pa.schema(
     [
@@ -120,7 +120,7 @@ class ExportWorker(ImageShardWorker):
         ImageShardWorker.__init__(self, store, cfg, storage_options)
         self.base, self.repeated = base, repeated
         self.colours = class_colours(num_classes)
-        # PNG/JPEG encoding and the file writes (object-store PUTs) run here, beside the loop
+        # label maps, PNG/JPEG encoding and the file writes (object-store PUTs) run here
         self.writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="fmbseg-export")
 
     def prefetch(self, shard: int, spec: dict[str, Any]) -> None:
@@ -138,45 +138,62 @@ class ExportWorker(ImageShardWorker):
         table = self.upstream.read("merge", spec["merge"], shard)
         if not table.num_rows:
             return EXPORT_SCHEMA.empty_table(), None
-        ecfg: ExportConfig = self.cfg.export
         # the shard's columns as Python lists once, not a slice and conversions per image
         cols = {n: table.column(n).to_pylist() for n in (*LABEL_COLUMNS, "image_uri")}
         by_image = rows_by_image(table)
         uris = cols["image_uri"]
         shown = _gallery_uris(uris, {i: r[0] for i, r in by_image.items()}, spec["gallery"])
-        rows = []
-        writes: deque[Future[None]] = deque()
+        rows: list[dict[str, Any]] = []
+        jobs: deque[tuple[dict[str, Any], Future[list[int]]]] = deque()
+
+        def finish_oldest() -> None:
+            row, job = jobs.popleft()
+            row["classes"] = job.result()
+            rows.append(row)
+
         # the gallery's images are read and decoded in threads, ahead of the loop below
         images = self.images.each(shown, str)
         with contextlib.closing(images):
             for n, (image_id, r) in enumerate(by_image.items()):
                 uri, h, w = uris[r[0]], cols["height"][r[0]], cols["width"][r[0]]
-                label = compose_rows(cols, r, h, w)
                 name = image_name(uri, image_id, self.repeated)
-                if ecfg.png:
-                    writes.append(self.writer.submit(self._write_label, name, label))
+                image = None
                 if n < len(shown):
                     _, image, exc = next(images)
                     if exc is not None:
                         raise exc
-                    assert image is not None
-                    writes.append(self.writer.submit(
-                        self._write_overlay, name, image, label, ecfg.overlay_alpha))  # fmt: skip
-                while len(writes) > 2 * WRITERS:  # bounds the images held for writing
-                    writes.popleft().result()
                 sources = Counter(cols["source"][i] for i in r)
-                present = np.flatnonzero(np.bincount(label.ravel(), minlength=IGNORE + 1))
-                rows.append(
-                    {
-                        "image_id": image_id, "name": name, "uri": uri, "width": w, "height": h,
-                        "prompt_masks": sources["prompt"], "auto_masks": sources["auto"],
-                        "classes": [int(k) for k in present if k != IGNORE],
-                        "gallery": n < len(shown),
-                    }
-                )  # fmt: skip
-        while writes:  # every file of the shard is written before its receipt
-            writes.popleft().result()
+                row = {
+                    "image_id": image_id, "name": name, "uri": uri, "width": w, "height": h,
+                    "prompt_masks": sources["prompt"], "auto_masks": sources["auto"],
+                    "gallery": n < len(shown),
+                }  # fmt: skip
+                jobs.append(
+                    (row, self.writer.submit(self._export_image, name, cols, r, h, w, image))
+                )
+                while len(jobs) > 2 * WRITERS:  # bounds the images held for writing
+                    finish_oldest()
+        while jobs:  # every file of the shard is written before its receipt
+            finish_oldest()
         return pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), None
+
+    def _export_image(
+        self,
+        name: str,
+        cols: dict[str, list],
+        r: list[int],
+        h: int,
+        w: int,
+        image: np.ndarray | None,
+    ) -> list[int]:
+        """Compose one image's label map, write its files; its class ids, ascending."""
+        label = compose_rows(cols, r, h, w)
+        if self.cfg.export.png:
+            self._write_label(name, label)
+        if image is not None:
+            self._write_overlay(name, image, label, self.cfg.export.overlay_alpha)
+        present = np.flatnonzero(np.bincount(label.ravel(), minlength=IGNORE + 1))
+        return [int(k) for k in present if k != IGNORE]
 
     def _write_label(self, name: str, label: np.ndarray) -> None:
         self.store.write_bytes(
