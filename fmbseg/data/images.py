@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import io
 import logging
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fmbseg.quiet import ignoring
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,8 @@ def _open(data: bytes, uri: str, max_pixels: int | None) -> Image.Image:
     if not data:
         raise ImageDecodeError(uri, "empty file (0 bytes)", "empty")
     try:
-        with warnings.catch_warnings():
-            # Our own max_pixels check below replaces PIL's warning; keep its hard error.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Our own max_pixels check below replaces PIL's warning; keep its hard error.
+        with ignoring(Image.DecompressionBombWarning):  # reads the header only: short
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError(
@@ -76,9 +76,10 @@ def _open(data: bytes, uri: str, max_pixels: int | None) -> Image.Image:
 
 def _load(im: Image.Image, uri: str) -> None:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im.load()
+        # Not under fmbseg.quiet.ignoring: decoding runs in several threads at once. Only GIF,
+        # ICO, ICNS and a few rarer formats check frame sizes again here, and they warn only
+        # past PIL's 89-megapixel limit.
+        im.load()
     except OSError as exc:
         text = str(exc)
         kind = "truncated" if "truncat" in text.lower() else "corrupt"

@@ -13,7 +13,6 @@ trusts its columns. Stage outputs are stored as its ``.table``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pycocotools import mask as mask_utils
+
+from fmbseg.quiet import ignoring
 
 SOURCES = ("prompt", "auto")  # "prompt" = stage 1.1 (CLIP points), "auto" = stage 1.2
 IGNORE = 255  # label-map value of unlabelled pixels; category ids must be below it
@@ -96,8 +97,7 @@ def decode_mask(counts: bytes, height: int, width: int) -> np.ndarray:
 def _coco_decode(rles: dict[str, Any] | list[dict[str, Any]]) -> np.ndarray:
     """``pycocotools.mask.decode``: ``HxW`` uint8 for one RLE, ``HxWxN`` (Fortran order) for a
     list, without pycocotools' own numpy-2 "copy keyword" deprecation warning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with ignoring(DeprecationWarning):  # pycocotools holds the GIL: the lock costs nothing
         return mask_utils.decode(rles)
 
 

@@ -20,7 +20,6 @@ Values are fractions in [0, 1] (mmseg prints percentages).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -154,10 +153,9 @@ class ConfusionMatrix:
             iou = np.where(union > 0, tp / union, np.nan)
             acc = np.where(truth > 0, tp / truth, np.nan)
         total = truth.sum()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices -> NaN
-            miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else math.nan
-            macc = float(np.nanmean(acc)) if np.isfinite(acc).any() else math.nan
+        # NaN, not nanmean's "mean of empty slice" warning, when no class has a value
+        miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else math.nan
+        macc = float(np.nanmean(acc)) if np.isfinite(acc).any() else math.nan
         return {
             "mIoU": miou,
             "mAcc": macc,
