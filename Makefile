@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: setup test test-fast demo lint typecheck bench clean
+.PHONY: setup test test-fast demo lint typecheck bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ lint: setup
 
 typecheck: setup
 	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/annotate.py --config tiny
+
+bench-gpu: setup
+	PY=$(PY) bash bench/gpu.sh
 
 clean:
 	rm -rf $(VENV) fmbseg-store .pytest_cache

@@ -5,12 +5,12 @@ the same crops, and their ratio (the saving the one-pass API buys the clip_dense
 Random weights: speed does not depend on them.
 
     .venv/bin/python bench/models.py                      # clip_tiny, CPU
-    .venv/bin/python bench/models.py clip_vit_l14_336 cuda 16 sclip
+    .venv/bin/python bench/models.py clip_vit_l14_336 cuda 16 sclip [--precision fp32]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import torch
@@ -31,22 +31,32 @@ def _time(fn: object, repeats: int) -> float:
     return best
 
 
-def main(argv: list[str]) -> None:
-    name = argv[0] if argv else "clip_tiny"
-    device = argv[1] if len(argv) > 1 else "cpu"
-    batch = int(argv[2]) if len(argv) > 2 else 16
-    mode = argv[3] if len(argv) > 3 else "maskclip"
-    clip = build_model(name, None, device, mode=mode)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", nargs="?", default="clip_tiny", help="a registered CLIP model")
+    ap.add_argument("device", nargs="?", default="cpu")
+    ap.add_argument("batch", nargs="?", type=int, default=16, help="crops per forward pass")
+    ap.add_argument("mode", nargs="?", default="maskclip", choices=["maskclip", "sclip"])
+    ap.add_argument("--precision", default="auto",
+                    help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp16 or fp32")  # fmt: skip
+    args = ap.parse_args()
+    clip = build_model(args.name, None, args.device, mode=args.mode, precision=args.precision)
     size = clip.preprocess.input_size
-    crops = torch.randn(batch, 3, size, size, device=clip.device)
+    crops = torch.randn(args.batch, 3, size, size, device=clip.device)
     clip.crops_and_dense(crops)  # warm-up
     one = _time(lambda: clip.crops_and_dense(crops), 5)
     two = _time(lambda: (clip.crop_embeddings(crops), clip.dense_features(crops)), 5)
-    print(f"{name} {mode} on {clip.device} ({clip.dtype}), {batch} crops of {size}px")
+    print(
+        f"{args.name} {args.mode} on {clip.device} ({clip.dtype}), {args.batch} crops of {size}px"
+    )
     print(f"  crops_and_dense (one trunk pass): {one * 1e3:8.1f} ms")
     print(f"  crop_embeddings + dense_features: {two * 1e3:8.1f} ms")
     print(f"  two passes / one pass:            {two / one:8.2f}x")
+    if clip.device.type == "cuda":
+        print(
+            f"  peak GPU memory:                  {torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB"
+        )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fmbseg.models.registry import list_models
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,3 +52,16 @@ def test_io_paths_bench_checks_each_pair_of_paths_agree():
     ratios = re.findall(r"^a row group per piece\s+\d+\s+([\d.]+)x\s+\d+\s+([\d.]+)x$",
                         out.stdout, re.M)  # fmt: skip
     assert len(ratios) == 1 and all(float(r) > 0 for r in ratios[0]), out.stdout
+
+
+def test_gpu_script_passes_only_options_its_benches_accept():
+    steps = [line.split()[1:] for line in (ROOT / "bench/gpu.sh").read_text().splitlines()
+             if line.startswith("step bench/")]  # fmt: skip
+    assert len(steps) == 6
+    for script, *args in steps:
+        out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120, check=True).stdout  # fmt: skip
+        for flag in (a for a in args if a.startswith("--")):
+            assert re.search(rf"(^|[\s\[]){re.escape(flag)}\b", out), (script, flag, out)
+        names = [a for a in args if a.startswith(("sam_", "clip_"))]
+        assert set(names) <= set(list_models()), names  # full-size models it builds
