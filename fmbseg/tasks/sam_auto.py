@@ -26,7 +26,8 @@ from fmbseg.storage import ArtifactStore
 from fmbseg.storage.records import mask_row
 from fmbseg.tasks.clip_dense import ClipDenseResult
 from fmbseg.tasks.runner import Progress
-from fmbseg.tasks.stage1 import CODE_VERSIONS, SamStageWorker, run_sam_stage
+from fmbseg.tasks.sam_stage import SamStageWorker, run_sam_stage
+from fmbseg.tasks.stage1 import CODE_VERSIONS
 
 STAGE = "sam_auto"
 CODE_VERSION = CODE_VERSIONS[STAGE]
@@ -124,7 +125,7 @@ def auto_masks(
 
 
 class SamAutoWorker(SamStageWorker):
-    """Shard worker of sam_auto (see :class:`~fmbseg.tasks.stage1.SamStageWorker`)."""
+    """Shard worker of sam_auto (see :class:`~fmbseg.tasks.sam_stage.SamStageWorker`)."""
 
     stage = STAGE
 

@@ -28,13 +28,8 @@ from fmbseg.tasks.sam_auto import STAGE as AUTO
 from fmbseg.tasks.sam_auto import auto_masks, run_sam_auto
 from fmbseg.tasks.sam_prompt import STAGE as PROMPT
 from fmbseg.tasks.sam_prompt import prompt_masks, run_sam_prompt
-from fmbseg.tasks.stage1 import (
-    VOCABULARY_KEY,
-    SamStageWorker,
-    num_shards,
-    read_vocabulary,
-    stage_fingerprint,
-)
+from fmbseg.tasks.sam_stage import SamStageWorker
+from fmbseg.tasks.stage1 import VOCABULARY_KEY, num_shards, read_vocabulary, stage_fingerprint
 
 __all__ = ["SamPairWorker", "run_sam_stages"]
 

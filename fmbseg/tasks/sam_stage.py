@@ -1,0 +1,144 @@
+"""What the two SAM stages' shells share: the shard worker that reads clip_dense's rows and
+the images SAM runs on, and the stage runner (:mod:`fmbseg.tasks.sam_prompt`,
+:mod:`fmbseg.tasks.sam_auto`; :mod:`fmbseg.tasks.sam_pair` runs both in one pass).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from fmbseg.config import Config
+from fmbseg.storage import ArtifactStore
+from fmbseg.storage.records import MaskRecords, error_row, errors_table
+from fmbseg.tasks.clip_dense import result_from_row
+from fmbseg.tasks.runner import run_stage
+from fmbseg.tasks.stage1 import (
+    VOCABULARY_KEY,
+    ImageShardWorker,
+    error_from,
+    num_shards,
+    read_vocabulary,
+    stage_fingerprint,
+)
+
+__all__ = ["SamStageWorker", "run_sam_stage"]
+
+
+class SamStageWorker(ImageShardWorker):
+    """Base of the two SAM stages' shard workers: SAM built once, images from clip_dense rows.
+
+    A spec is ``{"clip_dense": clip_fp}``; the output shard has the same number. Images with
+    no present class are not run through SAM and get a ``no_class_present`` error row;
+    images that fail to load or to segment get an error row naming the exception.
+    """
+
+    stage = ""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        cfg: Config,
+        vocabulary: Sequence[str],
+        fp: str,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        from fmbseg.models.registry import build_from_config
+
+        ImageShardWorker.__init__(self, store, cfg, storage_options)
+        self.fp, self.vocabulary = fp, tuple(vocabulary)
+        self.segmenter = build_from_config(
+            cfg.models,
+            "sam",
+            cfg.runtime.device,
+            store_options=store.storage_options,
+            auto_config=cfg.sam_auto,
+        )
+
+    def label(self, image: np.ndarray, clip: Any) -> list[dict[str, Any]]:
+        """Record rows of one image (``clip`` is its ClipDenseResult)."""
+        raise NotImplementedError
+
+    def prefetch(self, shard: int, spec: dict[str, str]) -> None:
+        self.upstream.prefetch("clip_dense", spec["clip_dense"], shard, then=self._start_images)
+
+    def _start_images(self, clip: pa.Table) -> None:
+        """Start reading the images SAM will run on (those with a present class)."""
+        uris, present = clip.column("image_uri").to_pylist(), clip.column("present").to_pylist()
+        self.images.start(u for u, p in zip(uris, present, strict=True) if p)
+
+    def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
+        ((records, errors),) = self.label_shard(shard, spec, [(self.stage, self.label)])
+        return records, errors
+
+    def label_shard(
+        self,
+        shard: int,
+        spec: dict[str, str],
+        labellers: Sequence[tuple[str, Callable[[np.ndarray, Any], list[dict[str, Any]]]]],
+    ) -> list[tuple[pa.Table, pa.Table]]:
+        """``(records, errors)`` per ``(stage, label)`` of ``labellers``, each image decoded
+        once and labelled by each in turn (a failure is that stage's error for the image)."""
+        rows: dict[str, list[dict[str, Any]]] = {stage: [] for stage, _ in labellers}
+        errors: dict[str, list[dict[str, Any]]] = {stage: [] for stage, _ in labellers}
+        todo = []
+        for row in self.upstream.read("clip_dense", spec["clip_dense"], shard).to_pylist():
+            clip = result_from_row(row)
+            if len(clip.present):
+                todo.append(clip)
+                continue
+            for stage, _ in labellers:  # SAM is not run on images without a class to label
+                errors[stage].append(
+                    error_row(
+                        clip.image_id,
+                        clip.image_uri,
+                        stage,
+                        "no_class_present",
+                        "CLIP found no vocabulary class in enough crops",
+                    )
+                )
+        for clip, image, exc in self.images.each(todo, lambda c: c.image_uri):
+            for stage, label in labellers:
+                try:
+                    if exc is not None:
+                        raise exc
+                    assert image is not None
+                    rows[stage] += label(image, clip)
+                except Exception as err:  # this image's failure, not the shard's
+                    errors[stage].append(error_from(err, clip.image_id, clip.image_uri, stage))
+        return [
+            (MaskRecords.from_rows(rows[stage]).table, errors_table(errors[stage]))
+            for stage, _ in labellers
+        ]
+
+
+def run_sam_stage(
+    store: ArtifactStore,
+    cfg: Config,
+    clip_fp: str,
+    stage: str,
+    worker: type[SamStageWorker],
+    storage_options: dict[str, Any] | None,
+    progress: Callable[[int, int], None] | None,
+) -> str:
+    """Run one SAM stage over every shard of ``clip_dense/clip_fp``; returns its fingerprint."""
+    vocabulary = read_vocabulary(store, "clip_dense", clip_fp)
+    fp = stage_fingerprint(stage, cfg, {"clip_dense": clip_fp})
+    specs = [{"clip_dense": clip_fp}] * num_shards(store, "clip_dense", clip_fp)
+    factory = functools.partial(worker, store, cfg, vocabulary, fp, storage_options)
+    run_stage(
+        store,
+        stage,
+        fp,
+        specs,
+        factory,
+        cfg.runtime,
+        use_gpu=True,
+        progress=progress,
+        meta={VOCABULARY_KEY: list(vocabulary), "clip_dense": clip_fp},
+    )
+    return fp
