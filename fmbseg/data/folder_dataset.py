@@ -14,14 +14,12 @@ an image) is an error naming the file, so a half-copied set never evaluates sile
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import fsspec
 
+from fmbseg.data.segdata import DatasetError, Layout, Sample, SegDataset
 from fmbseg.data.vocab import validate_vocabulary
-
-if TYPE_CHECKING:
-    from fmbseg.data.datasets import SegDataset
 
 NAME = "folder"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -41,15 +39,12 @@ def open_folder_dataset(
         DatasetError: a missing ``classes.txt`` / ``images/`` / ``labels/``, no images, an
             image without its label or the reverse; the message names the file.
     """
-    # Imported here: fmbseg.data.datasets imports this module to register the name "folder".
-    from fmbseg.data.datasets import DatasetError, Sample, SegDataset, _Layout
-
     options = dict(storage_options or {})
     fs, base = fsspec.core.url_to_fs(root, **options)
     base = base.rstrip("/") or "/"
     if not fs.isdir(base):
         raise DatasetError(f"{NAME} root {root}: directory not found")
-    layout = _Layout(NAME, root, fs, base)
+    layout = Layout(NAME, root, fs, base)
     lines = [ln.strip() for ln in layout.read_text("classes.txt").splitlines()]
     try:
         classes = validate_vocabulary(
