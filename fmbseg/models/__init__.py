@@ -24,7 +24,7 @@ from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError,
 
 _LAZY = {
     "OpenClipDense": "fmbseg.models.clip",
-    "UnsupportedModelError": "fmbseg.models.clip",
+    "UnsupportedModelError": "fmbseg.models.clip_layers",
     "SamSegmenter": "fmbseg.models.sam",
     "DinoPatchEncoder": "fmbseg.models.dino",
 }

@@ -2,17 +2,9 @@
 
 One trunk pass per batch of crops runs every block but the last; the pre-last-block tokens
 then feed (a) the unchanged last block -> ``ln_post`` on CLS -> ``proj`` (the standard image
-embedding) and (b) a modified last block on every token -> ``ln_post`` -> ``proj`` (dense
-features in the joint image-text space, METHOD 1.1.1):
-
-- ``maskclip``: attention replaced by its value path, ``x + ls_1(out_proj(v_proj(ln_1(x))))``;
-- ``sclip``: correlative self-attention, weights ``softmax(q qᵀ s) + softmax(k kᵀ s)``
-  (``s = head_dim^-0.5``, per head) applied to ``v`` with the pretrained in/out projections;
-
-both followed by the block's usual ``x + ls_2(mlp(ln_2(x)))``. Positional embeddings are
-interpolated bicubically (CLS kept) when the crop grid differs from the native one.
-Supported: open_clip ``VisionTransformer`` towers with the default residual blocks
-(``nn.MultiheadAttention``, optional layer scale), CLS pooling, no attentional pooler.
+embedding) and (b) the modified last block of :mod:`fmbseg.models.clip_layers` on every
+token -> ``ln_post`` -> ``proj`` (dense features in the joint image-text space, METHOD
+1.1.1). Builders from open_clip tags, local paths or store URIs, and the tiny random one.
 """
 
 from __future__ import annotations
@@ -25,10 +17,17 @@ from typing import Any, Literal, cast
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from fmbseg.models.base import Preprocess
+from fmbseg.models.clip_layers import (
+    MODES,
+    Mode,
+    check_supported,
+    dense_last_block,
+    interpolate_pos_embed,
+)
 from fmbseg.models.registry import register_model
 from fmbseg.models.weights import (
     load_into,
@@ -38,9 +37,7 @@ from fmbseg.models.weights import (
     seeded,
 )
 
-Mode = Literal["maskclip", "sclip"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-MODES: tuple[str, ...] = ("maskclip", "sclip")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEXT_BATCH = 256  # prompts per text-encoder forward
 
@@ -53,91 +50,6 @@ TINY_CLIP_CFG: dict[str, Any] = {
     "text_cfg": dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2, mlp_ratio=2),
 }
 TINY_TOKENIZER_ARCH = "ViT-B-16"  # its tokenizer: open_clip's SimpleTokenizer, context 77
-
-
-class UnsupportedModelError(ValueError):
-    """The CLIP variant has a tower the dense paths do not know how to modify."""
-
-
-def check_supported(visual: Any, name: str) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``visual`` is a plain open_clip ViT."""
-    if not isinstance(visual, VisionTransformer):
-        raise UnsupportedModelError(
-            f"{name}: the image tower is {type(visual).__name__}; dense CLIP needs an open_clip "
-            "VisionTransformer (ResNet and timm towers are not supported)"
-        )
-    problems = []
-    if visual.attn_pool is not None:
-        problems.append("attentional pooler")
-    if visual.pool_type != "tok":
-        problems.append(f"pool_type={visual.pool_type!r} (CLS token pooling needed)")
-    if visual.proj is None:
-        problems.append("no visual projection")
-    for i, blk in enumerate(visual.transformer.resblocks):
-        if not isinstance(blk, ResidualAttentionBlock) or hasattr(blk, "ln_1_kv"):
-            problems.append(f"block {i} is {type(blk).__name__} (custom attention blocks)")
-            break
-        attn = blk.attn
-        if not (
-            isinstance(attn, nn.MultiheadAttention)
-            and attn._qkv_same_embed_dim
-            and attn.bias_k is None
-            and not attn.add_zero_attn
-        ):
-            problems.append(f"block {i} attention is not a plain packed nn.MultiheadAttention")
-            break
-    if problems:
-        raise UnsupportedModelError(f"{name}: unsupported CLIP variant: {', '.join(problems)}")
-
-
-def interpolate_pos_embed(
-    pos: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]
-) -> torch.Tensor:
-    """``(1 + gh*gw, C)`` positional embedding of the ``native`` grid -> the ``grid`` one.
-
-    The CLS row is kept; the patch rows are resampled bicubically (``align_corners=False``,
-    antialiased when shrinking), exactly as open_clip's ``resize_pos_embed`` does when it
-    loads a checkpoint at another resolution; the identity when ``grid == native``.
-    """
-    cls, patches = pos[:1], pos[1:]
-    c = patches.shape[-1]
-    img = patches.reshape(1, native[0], native[1], c).permute(0, 3, 1, 2)
-    img = F.interpolate(img.float(), size=grid, mode="bicubic", align_corners=False, antialias=True)
-    patches = img.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], c).to(pos.dtype)
-    return torch.cat([cls, patches], dim=0)
-
-
-def sclip_attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """SCLIP's correlative attention: ``softmax(q qᵀ s) + softmax(k kᵀ s)``.
-
-    ``q``, ``k``: ``(B, heads, L, head_dim)``. Returns ``(B, heads, L, L)``; every row sums
-    to 2 (two stochastic matrices), which is how SCLIP defines it (no renormalisation).
-    """
-    qq = torch.softmax(q @ q.transpose(-1, -2) * scale, dim=-1)
-    kk = torch.softmax(k @ k.transpose(-1, -2) * scale, dim=-1)
-    return qq + kk
-
-
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, c = x.shape
-    return x.reshape(b, n, heads, c // heads).transpose(1, 2)
-
-
-def dense_last_block(blk: ResidualAttentionBlock, x: torch.Tensor, mode: Mode) -> torch.Tensor:
-    """The modified last block on batch-first tokens ``(B, L, C)`` -> ``(B, L, C)``."""
-    attn: nn.MultiheadAttention = blk.attn  # type: ignore[assignment]
-    y = blk.ln_1(x)
-    w, b = attn.in_proj_weight, attn.in_proj_bias
-    c = x.shape[-1]
-    if mode == "maskclip":
-        v = F.linear(y, w[2 * c :], None if b is None else b[2 * c :])
-        out = attn.out_proj(v)
-    else:
-        q, k, v = (_split_heads(t, attn.num_heads) for t in F.linear(y, w, b).chunk(3, dim=-1))
-        weights = sclip_attention_weights(q, k, attn.head_dim**-0.5)
-        out = attn.out_proj((weights @ v).transpose(1, 2).reshape(x.shape))
-    x = x + blk.ls_1(out)
-    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
 
 class OpenClipDense:

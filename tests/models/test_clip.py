@@ -11,9 +11,8 @@ import torch.nn.functional as F
 
 from fmbseg.models import build_model
 from fmbseg.models.base import DenseClip
-from fmbseg.models.clip import (
-    TINY_CLIP_CFG,
-    OpenClipDense,
+from fmbseg.models.clip import TINY_CLIP_CFG, OpenClipDense
+from fmbseg.models.clip_layers import (
     UnsupportedModelError,
     interpolate_pos_embed,
     sclip_attention_weights,
