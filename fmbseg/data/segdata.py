@@ -9,6 +9,7 @@ and its label map), :class:`Sample`, the label look-up tables, :class:`DatasetEr
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,27 @@ class SegDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def files_digest(self, images: bool = True) -> str:
+        """A digest of the samples' ids and the size and version of each one's label (and
+        image) file, so that a file edited in place changes it (what a cached evaluation is
+        keyed on). The version is the object store's ETag, else the modification time.
+
+        One listing per folder holding sample files, no file read. A file the listing lacks
+        counts as missing (reading that sample fails, as an error of its own).
+        """
+        fs = self.fs
+        listed: dict[str, dict[str, dict[str, Any]]] = {}
+        digest = hashlib.sha256()
+        for sample in self.samples:
+            digest.update(f"{sample.sample_id}\n".encode())
+            for rel in (sample.image, sample.label) if images else (sample.label,):
+                path = fs._strip_protocol(f"{self._base}/{rel}")
+                folder = path.rsplit("/", 1)[0]
+                if folder not in listed:
+                    listed[folder] = _listing(fs, folder)
+                digest.update(f"{rel}\0{_version(listed[folder].get(path))}\n".encode())
+        return digest.hexdigest()[:16]
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_fs"] = None
@@ -168,6 +190,26 @@ class SegDataset:
                 f"{image.shape[0]}x{image.shape[1]}"
             )
         return sample.sample_id, image, label
+
+
+def _listing(fs: Any, folder: str) -> dict[str, dict[str, Any]]:
+    """``{path: info}`` of ``folder``'s entries, listed afresh (not from fsspec's cache)."""
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(folder)
+    try:
+        entries = fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {fs._strip_protocol(e["name"]).rstrip("/"): e for e in entries}
+
+
+def _version(info: dict[str, Any] | None) -> str:
+    if info is None:
+        return "missing"
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return f"{info.get('size')}:{info[key]}"
+    return f"{info.get('size')}:"
 
 
 def decode_rgb(data: bytes, uri: str) -> np.ndarray:

@@ -14,7 +14,9 @@ Output shard records (one row per shard, :data:`RECORD_SCHEMA`): ``shard`` [int3
 is a row of the shard's errors table and is left out of the counts.
 
 Fingerprint = hash("evaluate", CODE_VERSION, dataset name, data root, split, the evaluated
-sample ids, ``limit``, the ``evaluate`` config without ``batch_size``, the model identity).
+samples (ids, and each image and label file's size and ETag or mtime: a file edited in place
+is evaluated again), ``limit``, the ``evaluate`` config without ``batch_size``, the model
+identity).
 A registry model's identity is its resolved ``name`` + ``version`` (never the word
 "champion"); a baseline's is its mode and CLIP weights.
 """
@@ -22,7 +24,6 @@ A registry model's identity is its resolved ``name`` + ``version`` (never the wo
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -155,8 +156,7 @@ def evaluation_fingerprint(
     """The stage fingerprint (see the module docstring); ``dataset`` is the evaluated subset."""
     ev = asdict(evaluate_config(cfg))
     ev.pop("batch_size")  # how many windows per forward pass: same numbers
-    ids = hashlib.sha256("\n".join(dataset.sample_ids).encode()).hexdigest()[:16]
-    parts = {"dataset": dataset.name, "data_root": data_root, "samples": ids,
+    parts = {"dataset": dataset.name, "data_root": data_root, "samples": dataset.files_digest(),
              "limit": limit, "evaluate": ev, "model": model.identity()}  # fmt: skip
     return fingerprint(STAGE, CODE_VERSION, parts)
 

@@ -13,13 +13,12 @@ no dataset class], and ``prompt`` / ``auto`` / ``merged`` [string, JSON of
 ``ConfusionMatrix.to_dict()``].
 
 Fingerprint = hash("label_quality", CODE_VERSION, dataset name, data root, evaluated sample
-ids, ``limit``, the ``merge`` fingerprint).
+ids and each label file's size and ETag or mtime, ``limit``, the ``merge`` fingerprint).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -104,8 +103,8 @@ def plan_label_quality(
         if table.num_columns:
             for image_id in pc.unique(table["image_id"]).to_pylist():
                 where[image_id].add(shard)
-    ids = hashlib.sha256("\n".join(ds.sample_ids).encode()).hexdigest()[:16]
-    parts = {"dataset": ds.name, "data_root": data_root, "samples": ids, "limit": limit}
+    samples = ds.files_digest(images=False)  # ids and label files: no image is scored
+    parts = {"dataset": ds.name, "data_root": data_root, "samples": samples, "limit": limit}
     fp = fingerprint(STAGE, CODE_VERSION, parts, {"merge": merge_fp})
     shards = tuple((r.start, r.stop) for r in plan_shards(len(ds), cfg.runtime.shard_size))
     locations = {k: tuple(sorted(v)) for k, v in where.items()}

@@ -78,3 +78,45 @@ def test_folder_dataset_errors_name_the_file(tmp_path: Path, breakage, message) 
 def test_unknown_dataset_lists_folder(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="folder"):
         open_dataset("no-such-set", str(tmp_path))
+
+
+def _edit_in_place(fs, path: str, data: bytes) -> None:
+    fs.pipe(path, data)
+    if fs.protocol in ("file", ("file", "local")):  # mtime resolution: make the edit visible
+        import os
+
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_files_digest_changes_when_a_file_is_edited_in_place(where, tmp_path, request) -> None:
+    if where == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        options = s3["storage_options"]
+        root = f"s3://{s3['bucket']}/folder-{uuid.uuid4().hex[:8]}"
+        fs = fsspec.filesystem("s3", **options)
+    else:
+        options, root, fs = {}, str(tmp_path), fsspec.filesystem("file")
+    labels = write_folder(fs, root)
+    digest = open_dataset("folder", root, options).files_digest()
+    assert open_dataset("folder", root, options).files_digest() == digest  # stable
+    labels_only = open_dataset("folder", root, options).files_digest(images=False)
+
+    edited = labels["sub/b"].copy()
+    edited[1:] = (edited[1:] + 1) % 3  # same size, other content
+    _edit_in_place(fs, f"{root}/labels/sub/b.png", _png(edited, "L"))
+    after_label = open_dataset("folder", root, options)
+    assert after_label.files_digest() != digest
+    assert after_label.files_digest(images=False) != labels_only
+    np.testing.assert_array_equal(after_label.load_label(after_label.samples[1]), edited)
+
+    before_image = after_label.files_digest()
+    before_labels = after_label.files_digest(images=False)
+    _edit_in_place(fs, f"{root}/images/a.png", _png(np.zeros((H, W, 3), np.uint8)))
+    after_image = open_dataset("folder", root, options)
+    assert after_image.files_digest() != before_image
+    assert after_image.files_digest(images=False) == before_labels  # labels untouched
+
+    # a subset covers only its own samples' files
+    assert after_image.subset([1]).files_digest() != after_image.files_digest()

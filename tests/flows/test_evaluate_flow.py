@@ -119,10 +119,11 @@ def test_limit_sharding_and_unreadable_images(
 
     jpg = Path(voc_root) / "VOCdevkit/VOC2012/JPEGImages/2007_000042.jpg"
     jpg.write_bytes(b"not a jpeg")
-    store2 = str(tmp_path / "store2")
-    broken = evaluate_flow("voc21", voc_root, "maskclip", store2, "tiny", LOCAL)
+    # an image edited in place is evaluated again, in the same store: not the cached report
+    broken = evaluate_flow("voc21", voc_root, "maskclip", store_dir, "tiny", LOCAL)
+    assert broken["fingerprint"] != full["fingerprint"]
     assert broken["num_images"] == 2 and broken["images_failed"] == 1
-    errors = ArtifactStore(store2).read_table(STAGE, broken["fingerprint"], kind="errors")
+    errors = ArtifactStore(store_dir).read_table(STAGE, broken["fingerprint"], kind="errors")
     assert errors["image_id"].to_pylist() == ["2007_000042"]
     assert errors["uri"][0].as_py() == f"file://{jpg}"
     assert "cannot decode image JPEGImages/2007_000042.jpg" in errors["message"][0].as_py()
