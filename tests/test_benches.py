@@ -65,3 +65,22 @@ def test_gpu_script_passes_only_options_its_benches_accept():
             assert re.search(rf"(^|[\s\[]){re.escape(flag)}\b", out), (script, flag, out)
         names = [a for a in args if a.startswith(("sam_", "clip_"))]
         assert set(names) <= set(list_models()), names  # full-size models it builds
+
+
+@pytest.mark.slow
+def test_annotate_bench_reports_every_stage_and_the_no_model_floor():
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    out = subprocess.run(
+        [sys.executable, "bench/annotate.py", "--images", "4", "--repeat", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    first_table = out.stdout.split("images/s and the outside share")[0]  # not the phase table
+    rows = {ln.split()[0]: ln.split() for ln in first_table.splitlines() if ln.strip()}
+    for stage in ("index", "clip_dense", "sam", "merge", "export", "total"):
+        assert stage in rows, out.stdout
+    assert float(rows["sam"][3]) > 0 and float(rows["merge"][3]) == 0  # model s
+    floor = re.search(r"stages without model calls \(index, merge, export\) alone: (\d+)%",
+                      out.stdout)  # fmt: skip
+    total_share = int(rows["total"][4].rstrip("%"))
+    assert floor and 0 < int(floor.group(1)) <= total_share, out.stdout
