@@ -283,6 +283,25 @@ def test_precision_is_fp32_on_cpu() -> None:
         build_model("clip_tiny", None, precision="fp8")
 
 
+@pytest.mark.parametrize("mode", ["maskclip", "sclip"])
+def test_the_autocast_path_runs_under_cpu_bf16_autocast_and_matches_fp32(mode) -> None:
+    # The CUDA path (autocast + float32 outputs) is device-generic: run it under CPU
+    # autocast, so a dtype mix-up in it fails here, without a GPU. 96 px crops also take
+    # the positional-embedding interpolation under autocast.
+    fp32 = build_model("clip_tiny", None, "cpu", mode=mode)
+    bf16 = build_model("clip_tiny", None, "cpu", mode=mode)
+    bf16.dtype = torch.bfloat16  # what precision="auto" sets on CUDA
+    crops = _crops(3, size=96)
+    (c32, d32), (c16, d16) = fp32.crops_and_dense(crops), bf16.crops_and_dense(crops)
+    assert c16.dtype == d16.dtype == torch.float32 and d16.shape == d32.shape == (3, 32, 6, 6)
+    assert F.cosine_similarity(c16, c32, dim=-1).min() > 0.98
+    assert F.cosine_similarity(d16, d32, dim=1).min() > 0.95
+    assert not torch.equal(d16, d32)  # bf16 did run: the numbers differ a little
+    t32 = fp32.encode_text(["cat", "dog"], ("a photo of a {}.",))
+    t16 = bf16.encode_text(["cat", "dog"], ("a photo of a {}.",))
+    assert t16.dtype == torch.float32 and F.cosine_similarity(t16, t32, dim=-1).min() > 0.98
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_autocast_on_cuda_matches_fp32() -> None:

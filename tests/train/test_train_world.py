@@ -236,3 +236,29 @@ def test_feature_cache_on_ray_actors(world, ray_session) -> None:
     manifest = world.store.manifest(feat.STAGE, card["data"]["features_fp"])
     assert manifest.num_shards == 2 and manifest.rows == 16
     assert card["encoder"]["name"] == "dinov2_tiny" and card["data"]["images"] == 16
+
+
+def test_training_under_bf16_autocast_learns_and_keeps_float32_weights(
+    world, encoder, text_model, monkeypatch
+) -> None:
+    # What a CUDA run does (bf16 autocast around the encoder and the module, the loss in
+    # float32), run under CPU autocast: a dtype mix-up in that path fails here, without a GPU.
+    import fmbseg.tasks.train_loop as loop
+
+    calls = []
+
+    def cpu_bf16(device: torch.device) -> torch.autocast:
+        calls.append(device.type)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    monkeypatch.setattr(feat, "autocast_for", cpu_bf16)
+    monkeypatch.setattr(loop, "autocast_for", cpu_bf16)
+    name, version = run_train(world.store, tiny_config("train.epochs=12"), LABELS_FP, INDEX_FP,
+                              list(VOCAB), encoder=encoder, text_model=text_model)  # fmt: skip
+    assert calls and set(calls) == {"cpu"}
+    card = ModelRegistry(world.store).card(name, version)
+    assert all(np.isfinite(card["epoch_losses"]))
+    assert card["epoch_losses"][-1] < card["epoch_losses"][0]
+    seg = OpenVocabSegmenter.load(world.store, "latest", encoder=encoder, text_model=text_model)
+    assert all(v.dtype == torch.float32 for v in seg.module.state_dict().values())
+    assert patch_accuracy(seg, world.held_out, list(VOCAB)) >= 0.85
