@@ -8,7 +8,8 @@
 #
 # 1. bench/stage1.py: our stages vs. the per-image fp32 loop with the stock generator
 #    (throughput ratio, peak GPU memory of each path), at METHOD's thresholds and with
-#    --keep-all (random weights keep few masks at METHOD's thresholds).
+#    --keep-all (random weights keep few masks at METHOD's thresholds), and with SAM's
+#    image encoder in fp32 instead of bf16 (what the autocast buys).
 # 2. bench/sam_auto.py, bench/sam_pair.py: SAM ViT-H automatic masks and both SAM stages.
 # 3. bench/models.py: dense CLIP ViT-L/14@336, one trunk pass vs. two.
 set -uo pipefail
@@ -31,6 +32,8 @@ step() {
 print(torch.cuda.get_device_name(0), torch.__version__)" 2>&1 | tee -a "$LOG" || exit 1
 step bench/stage1.py --config default --device cuda --images "$IMAGES" --size 480x640
 step bench/stage1.py --config default --device cuda --images "$IMAGES" --size 480x640 --keep-all
+step bench/stage1.py --config default --device cuda --images "$IMAGES" --size 480x640 --keep-all \
+    --set models.sam_precision=fp32
 step bench/sam_auto.py --model sam_vit_h --device cuda --points-per-side 32 --size 480x640
 step bench/sam_pair.py --model sam_vit_h --device cuda --points-per-side 32 --size 480x640
 step bench/models.py clip_vit_l14_336 cuda 16

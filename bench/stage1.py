@@ -3,8 +3,9 @@
 Ours: the real stages ``clip_dense`` -> ``sam_prompt`` + ``sam_auto`` (one pass) -> ``merge``
 with the local executor on a temporary store (image reads, Parquet, RLE and commits
 included; ``index`` runs before the clock starts): crops of several images share CLIP
-passes, one trunk pass gives CLS and dense features, CLIP at the config's precision
-(``auto``: bf16 autocast on a GPU), all present classes' prompts in one decoder pass, the
+passes, one trunk pass gives CLS and dense features, CLIP and SAM's image encoder at the
+config's precisions (``auto``: bf16 autocast on a GPU; ``--set models.sam_precision=fp32``
+keeps SAM in fp32), all present classes' prompts in one decoder pass, the
 automatic masks from the same image embedding in our binary-mask generator at the config's
 ``points_per_batch``.
 
@@ -95,7 +96,8 @@ class Reference:
         self.clip = build_from_config(cfg.models, "clip", device, mode=cfg.clip_dense.mode,
                                       precision="fp32")  # fmt: skip
         self.text = self.clip.encode_text(list(vocab), cfg.clip_dense.templates)
-        self.sam = build_from_config(cfg.models, "sam", device, auto_config=cfg.sam_auto)
+        self.sam = build_from_config(cfg.models, "sam", device, auto_config=cfg.sam_auto,
+                                     precision="fp32")  # fmt: skip
         a = cfg.sam_auto
         self.stock = SamAutomaticMaskGenerator(
             self.sam.sam,

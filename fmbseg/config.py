@@ -43,6 +43,9 @@ class ModelsConfig:
     clip_quick_gelu: bool | None = None  # None = as the tag says; files/URIs: true (OpenAI CLIP)
     sam: str = "sam_vit_h"  # segment-anything vit_h
     sam_weights: str | None = "sam_vit_h_4b8939.pth"  # local path or store URI; None = random
+    # SAM's image encoder: auto = bf16 autocast on GPU (SAM 2's practice), fp32 on CPU;
+    # fp32 = segment-anything's own numbers. Prompt encoder and mask decoder stay fp32.
+    sam_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     dino: str = "dinov2_vitl14"  # timm vit_large_patch14_dinov2 (paper: ViT-L/14)
     dino_weights: str | None = "hub"  # "hub" = timm pretrained, a local path, a URI; None = random
 

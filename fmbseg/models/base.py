@@ -10,10 +10,27 @@ Conventions used throughout:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def compute_dtype(precision: str, device: torch.device, name: str) -> torch.dtype:
+    """The autocast dtype of a model on ``device``: ``auto`` = bf16 on CUDA; ``bf16``/``fp16``
+    on CUDA; always float32 on a CPU. An unknown ``precision`` is an error naming ``name``."""
+    if precision not in ("auto", *PRECISIONS):
+        raise ValueError(f"{name}: precision {precision!r} is not one of {['auto', *PRECISIONS]}")
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if precision == "auto" else PRECISIONS[precision]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import open_clip
 import torch
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from fmbseg.models.base import Preprocess
+from fmbseg.models.base import Precision, Preprocess, compute_dtype
 from fmbseg.models.clip_layers import (
     MODES,
     Mode,
@@ -37,8 +37,6 @@ from fmbseg.models.weights import (
     seeded,
 )
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEXT_BATCH = 256  # prompts per text-encoder forward
 
 # A random CLIP of the real classes and tokenizer: ViT-B/16-like (patch 16), 64 px input.
@@ -76,8 +74,7 @@ class OpenClipDense:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"{name}: mode {mode!r} is not one of {list(MODES)}")
-        if precision not in ("auto", *_DTYPES):
-            raise ValueError(f"{name}: precision {precision!r} is not one of {['auto', *_DTYPES]}")
+        self.dtype = compute_dtype(precision, torch.device(device), name)  # fails fast
         check_supported(model.visual, name)
         visual = cast(VisionTransformer, model.visual)
         self.name = name
@@ -97,10 +94,6 @@ class OpenClipDense:
             patch_size=int(visual.patch_size[0]),
         )
         self.embed_dim = int(visual.proj.shape[1])
-        if self.device.type == "cuda":
-            self.dtype = torch.bfloat16 if precision == "auto" else _DTYPES[precision]
-        else:
-            self.dtype = torch.float32
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def __repr__(self) -> str:

@@ -11,14 +11,14 @@ preprocessing's ``input_size``.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Any
 
 import timm
 import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from fmbseg.models.base import Preprocess
+from fmbseg.models.base import Precision, Preprocess, compute_dtype
 from fmbseg.models.registry import register_model
 from fmbseg.models.weights import (
     load_into,
@@ -27,9 +27,6 @@ from fmbseg.models.weights import (
     resolve_weights,
     seeded,
 )
-
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Registry name -> (timm architecture, extra timm kwargs).
 DINO_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -52,8 +49,6 @@ class DinoPatchEncoder:
     """
 
     def __init__(self, model: nn.Module, name: str, precision: Precision = "auto") -> None:
-        if precision not in ("auto", *_DTYPES):
-            raise ValueError(f"{name}: precision {precision!r} is not one of {['auto', *_DTYPES]}")
         self.model = model.eval().requires_grad_(False)
         self.name = name
         self.device = next(model.parameters()).device
@@ -66,10 +61,7 @@ class DinoPatchEncoder:
         )
         self.embed_dim = int(model.embed_dim)  # type: ignore[arg-type]
         self.num_prefix_tokens = int(model.num_prefix_tokens)  # type: ignore[arg-type]
-        if self.device.type == "cuda":
-            self.dtype = torch.bfloat16 if precision == "auto" else _DTYPES[precision]
-        else:
-            self.dtype = torch.float32
+        self.dtype = compute_dtype(precision, self.device, name)
 
     def __repr__(self) -> str:
         return (

@@ -168,12 +168,14 @@ def build_from_config(
 
     ``build_from_config(cfg.models, "clip", dev, mode=...)`` is
     ``build_model(cfg.models.clip, cfg.models.clip_weights, dev, kind="clip", ...)`` plus
-    the model-specific keys of the section (``clip_quick_gelu``).
+    the model-specific keys of the section (``clip_quick_gelu``, ``sam_precision``).
     """
     if kind not in KINDS:
         raise ValueError(f"build_from_config: kind {kind!r} is not one of {list(KINDS)}")
     if kind == "clip":
         kwargs.setdefault("quick_gelu", models.clip_quick_gelu)
+    elif kind == "sam":
+        kwargs.setdefault("precision", models.sam_precision)
     return build_model(
         getattr(models, kind),
         getattr(models, f"{kind}_weights"),

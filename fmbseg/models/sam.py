@@ -29,6 +29,7 @@ from segment_anything.modeling import (
 )
 
 from fmbseg.config import SamAutoConfig
+from fmbseg.models.base import Precision, compute_dtype
 from fmbseg.models.registry import register_model
 from fmbseg.models.sam_amg import BinaryMaskGenerator
 from fmbseg.models.weights import load_into, load_state_dict_file, resolve_weights, seeded
@@ -76,12 +77,25 @@ class SamSegmenter:
         sam: a segment-anything ``Sam`` (already on its device, eval mode).
         name: registry name, for messages.
         auto_config: thresholds for :meth:`generate` (``SamAutoConfig()`` if None).
+        precision: of the image encoder: ``"auto"`` = bf16 autocast on CUDA (as SAM 2 runs
+            its image encoder), ``"bf16"``/``"fp16"`` autocast on CUDA, always float32 on a
+            CPU; ``"fp32"`` = segment-anything's own numbers. The prompt encoder and mask
+            decoder run in float32 on float32 embeddings either way.
     """
 
-    def __init__(self, sam: Sam, name: str, auto_config: SamAutoConfig | None = None) -> None:
+    def __init__(
+        self,
+        sam: Sam,
+        name: str,
+        auto_config: SamAutoConfig | None = None,
+        precision: Precision = "auto",
+    ) -> None:
+        self.dtype = compute_dtype(precision, sam.device, name)
         self.sam = sam.eval().requires_grad_(False)
         self.name = name
         self.device = sam.device
+        if self.dtype != torch.float32:
+            _autocast_image_encoder(sam.image_encoder, self.dtype)
         self.image_size = int(sam.image_encoder.img_size)  # SAM's input long side
         self.auto_config = auto_config or SamAutoConfig()
         self.predictor = SamPredictor(sam)
@@ -100,7 +114,8 @@ class SamSegmenter:
         self._image_hw: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
-        return f"SamSegmenter({self.name!r}, device={self.device}, input={self.image_size})"
+        return (f"SamSegmenter({self.name!r}, device={self.device}, input={self.image_size}, "
+                f"encoder dtype={self.dtype})")  # fmt: skip
 
     def set_image(self, image: np.ndarray) -> None:
         """Embed ``HxWx3 uint8 RGB``; :meth:`predict` then refers to this image."""
@@ -176,6 +191,20 @@ class SamSegmenter:
         return [r for r in records if r["area"] <= limit]
 
 
+def _autocast_image_encoder(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Run ``encoder`` (SAM's ViT, nearly all of SAM's compute) under ``dtype`` autocast and
+    hand on float32 embeddings, so the prompt encoder and mask decoder stay float32; every
+    caller (the predictor, the mask generator's crops) goes through it. Weights stay
+    float32; the module's state dict is unchanged."""
+    inner = encoder.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=dtype):
+            return inner(x).float()
+
+    encoder.forward = forward  # type: ignore[method-assign]
+
+
 # ---- builders ---------------------------------------------------------------------------------
 
 
@@ -243,11 +272,13 @@ def build_sam(
     *,
     store_options: dict[str, Any] | None = None,
     auto_config: SamAutoConfig | None = None,
+    precision: Precision = "auto",
     cache_dir: str | None = None,
     seed: int = 0,
 ) -> SamSegmenter:
     """SAM ``variant`` (``vit_h``/``vit_l``/``vit_b``/``tiny``) with weights from a local
-    path or URI (``None`` = deterministic random init)."""
+    path or URI (``None`` = deterministic random init). ``precision``: of the image encoder
+    (``auto`` = bf16 autocast on CUDA, float32 on a CPU; see :class:`SamSegmenter`)."""
     path = None
     if weights is not None:  # resolve first: a missing file fails before a 2.5 GB init
         path = resolve_weights(
@@ -261,7 +292,7 @@ def build_sam(
         sam = build_tiny_sam_model() if variant == "tiny" else sam_model_registry[variant]()
     if path is not None:
         load_into(sam, load_state_dict_file(path), f"SAM checkpoint {path} for {name}")
-    return SamSegmenter(sam.to(device), name, auto_config)
+    return SamSegmenter(sam.to(device), name, auto_config, precision)
 
 
 def _register(name: str, variant: str, description: str) -> None:

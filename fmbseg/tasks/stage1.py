@@ -68,15 +68,15 @@ def stage_fingerprint(
             },
             "vocabulary": list(vocabulary or ()),
         }
-    elif stage == "sam_prompt":
+    elif stage in ("sam_prompt", "sam_auto"):
+        section = cfg.sam_prompt if stage == "sam_prompt" else cfg.sam_auto
         parts = {
-            "sam_prompt": cfg.sam_prompt,
-            "models": {"sam": m.sam, "sam_weights": m.sam_weights},
-        }
-    elif stage == "sam_auto":
-        parts = {
-            "sam_auto": _without(cfg.sam_auto, "points_per_batch"),
-            "models": {"sam": m.sam, "sam_weights": m.sam_weights},
+            stage: _without(section, "points_per_batch") if stage == "sam_auto" else section,
+            "models": {
+                "sam": m.sam,
+                "sam_weights": m.sam_weights,
+                "sam_precision": m.sam_precision,
+            },  # fmt: skip
         }
     elif stage == "merge":
         parts = {"merge": cfg.merge}

@@ -301,3 +301,37 @@ def test_points_per_batch_defaults_by_device_and_rejects_nonsense(sam: SamSegmen
         with pytest.raises(ValueError, match=rf"sam_auto.points_per_batch must be a positive "
                            rf"integer or null .*got {bad!r}"):  # fmt: skip
             points_per_batch(bad, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def test_precision_is_float32_on_a_cpu_and_checked_by_name() -> None:
+    for precision in ("auto", "bf16", "fp32"):
+        seg = build_model("sam_tiny", None, "cpu", precision=precision)
+        assert seg.dtype == torch.float32
+        assert "forward" not in vars(seg.sam.image_encoder)  # the plain encoder
+    with pytest.raises(ValueError, match=r"sam_tiny: precision 'fp8' is not one of"):
+        build_model("sam_tiny", None, "cpu", precision="fp8")
+
+
+def test_the_bf16_image_encoder_path_keeps_the_decoder_in_float32(image: np.ndarray) -> None:
+    # What precision="auto" does on CUDA, under CPU autocast: the same code path, no GPU.
+    from fmbseg.models.sam import _autocast_image_encoder
+
+    fp32 = build_model("sam_tiny", None, "cpu", auto_config=NO_FILTERS)
+    bf16 = build_model("sam_tiny", None, "cpu", auto_config=NO_FILTERS)
+    keys = list(bf16.sam.state_dict())
+    _autocast_image_encoder(bf16.sam.image_encoder, torch.bfloat16)
+    assert list(bf16.sam.state_dict()) == keys  # weights and their names unchanged
+    assert all(p.dtype == torch.float32 for p in bf16.sam.parameters())
+    for seg in (fp32, bf16):
+        seg.set_image(image)
+    emb32, emb16 = fp32.predictor.features, bf16.predictor.features
+    assert emb16.dtype == torch.float32 and not torch.equal(emb16, emb32)  # bf16 did run
+    assert torch.nn.functional.cosine_similarity(emb16.flatten(), emb32.flatten(), dim=0) > 0.99
+    point = np.array([[70.0, 25.0]])
+    (m32, s32), (m16, s16) = (seg.predict(point, np.array([1])) for seg in (fp32, bf16))
+    assert s16.dtype == np.float32 and np.abs(s16 - s32).max() < 0.05
+    inter, union = (m16 & m32).sum(axis=(1, 2)), (m16 | m32).sum(axis=(1, 2))
+    assert (inter / np.maximum(union, 1)).min() > 0.9
+    # the generator's own embedding (crops, or an image not set before) takes the same path
+    records = bf16.generate(image.copy())
+    assert records and len(records) == len(fp32.generate(image.copy()))
