@@ -94,8 +94,7 @@ class SamSegmenter:
         self.sam = sam.eval().requires_grad_(False)
         self.name = name
         self.device = sam.device
-        if self.dtype != torch.float32:
-            _autocast_image_encoder(sam.image_encoder, self.dtype)
+        _set_encoder_dtype(sam.image_encoder, self.dtype)
         self.image_size = int(sam.image_encoder.img_size)  # SAM's input long side
         self.auto_config = auto_config or SamAutoConfig()
         self.predictor = SamPredictor(sam)
@@ -191,17 +190,22 @@ class SamSegmenter:
         return [r for r in records if r["area"] <= limit]
 
 
-def _autocast_image_encoder(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
+def _set_encoder_dtype(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
     """Run ``encoder`` (SAM's ViT, nearly all of SAM's compute) under ``dtype`` autocast and
     hand on float32 embeddings, so the prompt encoder and mask decoder stay float32; every
-    caller (the predictor, the mask generator's crops) goes through it. Weights stay
-    float32; the module's state dict is unchanged."""
-    inner = encoder.forward
+    caller (the predictor, the mask generator's crops) goes through it. Weights and the
+    state dict are unchanged; float32 restores the plain forward (a ``Sam`` shared by two
+    segmenters follows the last one built)."""
+    plain = vars(encoder).get("_plain_forward", encoder.forward)
+    if dtype == torch.float32:
+        vars(encoder).pop("forward", None)
+        return
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=dtype):
-            return inner(x).float()
+            return plain(x).float()
 
+    encoder._plain_forward = plain  # type: ignore[assignment]
     encoder.forward = forward  # type: ignore[method-assign]
 
 

@@ -314,12 +314,13 @@ def test_precision_is_float32_on_a_cpu_and_checked_by_name() -> None:
 
 def test_the_bf16_image_encoder_path_keeps_the_decoder_in_float32(image: np.ndarray) -> None:
     # What precision="auto" does on CUDA, under CPU autocast: the same code path, no GPU.
-    from fmbseg.models.sam import _autocast_image_encoder
+    from fmbseg.models.sam import _set_encoder_dtype
 
     fp32 = build_model("sam_tiny", None, "cpu", auto_config=NO_FILTERS)
     bf16 = build_model("sam_tiny", None, "cpu", auto_config=NO_FILTERS)
     keys = list(bf16.sam.state_dict())
-    _autocast_image_encoder(bf16.sam.image_encoder, torch.bfloat16)
+    for _ in range(2):  # idempotent: a second segmenter on the same Sam wraps nothing twice
+        _set_encoder_dtype(bf16.sam.image_encoder, torch.bfloat16)
     assert list(bf16.sam.state_dict()) == keys  # weights and their names unchanged
     assert all(p.dtype == torch.float32 for p in bf16.sam.parameters())
     for seg in (fp32, bf16):
@@ -335,3 +336,6 @@ def test_the_bf16_image_encoder_path_keeps_the_decoder_in_float32(image: np.ndar
     # the generator's own embedding (crops, or an image not set before) takes the same path
     records = bf16.generate(image.copy())
     assert records and len(records) == len(fp32.generate(image.copy()))
+    _set_encoder_dtype(bf16.sam.image_encoder, torch.float32)  # back to the plain encoder
+    bf16.set_image(image)
+    assert torch.equal(bf16.predictor.features, emb32)
