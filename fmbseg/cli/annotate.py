@@ -23,10 +23,10 @@ VOCAB = Arg(
 
 def vocabulary_from_args(args: argparse.Namespace) -> tuple[str, ...]:
     """--classes or --vocab, validated here so bad names fail before any work."""
-    from fmbseg.flows.annotate import resolve_vocabulary
+    from fmbseg.data.vocab import resolve_vocabulary
 
     try:
-        return resolve_vocabulary(args.classes, args.vocab)
+        return resolve_vocabulary(args.classes, args.vocab, "--classes")
     except (ValueError, OSError) as exc:
         message = str(exc).replace("classes (names) or vocab", "--classes or --vocab")
         raise UsageError(message) from exc

@@ -8,27 +8,15 @@ import posixpath
 from collections.abc import Sequence
 from typing import Any
 
+from fmbseg.cli.annotate import vocabulary_from_args
 from fmbseg.cli.core import Arg, Common, UsageError, command
 
 MAX_CLASSES = 255  # a palette PNG label map holds at most this many class indices
 
 
-def parse_classes(classes: str | None, vocab: str | None) -> tuple[str, ...]:
-    """Class names from ``--classes "cat,dog"`` or ``--vocab NAME|FILE.txt`` (exactly one)."""
-    from fmbseg.data.vocab import load_vocabulary, validate_vocabulary
-
-    if (classes is None) == (vocab is None):
-        raise UsageError("give the class names with exactly one of --classes or --vocab")
-    try:
-        if classes is not None:
-            parts = classes.split(",")
-            if len(parts) > 1 and not parts[-1].strip():
-                parts = parts[:-1]  # "cat," = one class
-            names = validate_vocabulary(parts, "--classes")
-        else:
-            names = load_vocabulary(str(vocab))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+def parse_classes(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--classes``/``--vocab`` as ``fmbseg annotate`` reads them, at most 255 names."""
+    names = vocabulary_from_args(args)
     if len(names) > MAX_CLASSES:
         raise UsageError(
             f"{len(names)} classes: label maps are palette PNGs and hold at most {MAX_CLASSES}"
@@ -89,7 +77,7 @@ def cmd_segment(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.storage.models import ModelNotFoundError
     from fmbseg.tasks.segment import IncompatibleModelError, OpenVocabSegmenter, write_outputs
 
-    classes = list(parse_classes(args.classes, args.vocab))
+    classes = list(parse_classes(args))
     check_images(args.images, common.storage_options)
     name = args.name or common.cfg.train.model_name
     try:

@@ -134,6 +134,30 @@ def load_vocabulary(name_or_csv: str) -> tuple[str, ...]:
     )
 
 
+def resolve_vocabulary(
+    classes: str | Sequence[str] | None, vocab: str | None, where: str = "classes"
+) -> tuple[str, ...]:
+    """Class names from exactly one of ``classes`` (comma-separated, or a list) and ``vocab``
+    (a built-in name, a ``.txt`` file or a comma list), validated; errors name ``where``.
+
+    One trailing comma is allowed (``"cat,"`` is one class, as ``--vocab`` needs it).
+    """
+    if (classes is None) == (vocab is None):
+        raise ValueError("give exactly one of classes (names) or vocab (a built-in or .txt)")
+    if classes is not None:
+        if isinstance(classes, str):
+            if not classes.strip():
+                raise ValueError(f"{where}: empty; give names separated by commas, e.g. 'cat,dog'")
+            names = classes.split(",")
+            if len(names) > 1 and not names[-1].strip():
+                names = names[:-1]
+        else:
+            names = list(classes)
+        return validate_vocabulary(names, where)
+    assert vocab is not None
+    return load_vocabulary(vocab)
+
+
 def _read_text(path: str) -> str:
     if "://" not in path:
         p = Path(path)

@@ -10,14 +10,13 @@ images (fmbseg.tasks.sam_pair). Each stage fans out over the index's shards on R
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from fmbseg.config import Config
-from fmbseg.data.vocab import load_vocabulary, validate_vocabulary
+from fmbseg.data.vocab import resolve_vocabulary
 from fmbseg.flows.common import (
     StageProgress,
     configure,
@@ -179,19 +178,6 @@ def label_index(
     for stage in ("index", "clip_dense", *SAM_STAGES, "merge"):
         manifest_artifact(st, stage, fps[stage])
     return fps
-
-
-def resolve_vocabulary(classes: str | Sequence[str] | None, vocab: str | None) -> tuple[str, ...]:
-    """``classes`` (comma-separated or a list) or a built-in/.txt ``vocab``; validated."""
-    if (classes is None) == (vocab is None):
-        raise ValueError("give exactly one of classes (names) or vocab (a built-in or .txt)")
-    if classes is not None:
-        if isinstance(classes, str) and not classes.strip():
-            raise ValueError("classes: empty; give names separated by commas, e.g. 'cat,dog'")
-        names = classes.split(",") if isinstance(classes, str) else list(classes)
-        return validate_vocabulary([n.strip() for n in names], "classes")
-    assert vocab is not None
-    return load_vocabulary(vocab)
 
 
 @flow(name="annotate")

@@ -13,7 +13,8 @@ from typing import Any
 
 from prefect import flow
 
-from fmbseg.flows.annotate import annotate_flow, resolve_vocabulary
+from fmbseg.data.vocab import resolve_vocabulary
+from fmbseg.flows.annotate import annotate_flow
 from fmbseg.flows.common import (
     configure,
     current_flow_run_id,

@@ -20,7 +20,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from fmbseg.config import Config, ConfigError
-from fmbseg.flows.annotate import annotate_plan, label_index, resolve_vocabulary
+from fmbseg.data.vocab import resolve_vocabulary
+from fmbseg.flows.annotate import annotate_plan, label_index
 from fmbseg.flows.annotate_and_train import evaluate_and_promote
 from fmbseg.flows.common import (
     configure,

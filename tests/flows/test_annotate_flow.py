@@ -12,7 +12,8 @@ import yaml
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from fmbseg.flows.annotate import annotate_flow, resolve_vocabulary
+from fmbseg.data.vocab import resolve_vocabulary
+from fmbseg.flows.annotate import annotate_flow
 from fmbseg.storage import ArtifactStore
 from tests.synthetic import BUILDS, VOCAB, synthetic_config, write_scenes
 
@@ -115,6 +116,8 @@ def test_bad_vocabulary_fails_before_any_work(classes, vocab, message, tmp_path:
 def test_builtin_vocabulary_and_single_class() -> None:
     assert resolve_vocabulary(None, "voc-20")[:3] == ("aeroplane", "bicycle", "bird")
     assert resolve_vocabulary("cat", None) == ("cat",)
+    assert resolve_vocabulary("cat,", None) == ("cat",)  # as --vocab "cat," and segment read it
+    assert resolve_vocabulary(" cat , dog ,", None) == ("cat", "dog")
     assert resolve_vocabulary(["cat", " dog "], None) == ("cat", "dog")
     assert len(resolve_vocabulary(None, "coco-stuff-171")) == 171
     assert np.all([isinstance(n, str) for n in resolve_vocabulary(None, "ade-150")])
