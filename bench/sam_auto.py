@@ -1,7 +1,8 @@
 """Automatic masks: our ``BinaryMaskGenerator`` vs. segment-anything's stock generator.
 
 Both run on the same images with the same SAM (random weights: speed does not depend on
-them) and the same filters; the reference is the stock ``SamAutomaticMaskGenerator`` with
+them; the image encoder at the pipeline's default precision, bf16 autocast on a GPU) and
+the same filters; the reference is the stock ``SamAutomaticMaskGenerator`` with
 ``output_mode="binary_mask"`` and its default ``points_per_batch`` (64), ours the generator
 stage ``sam_auto`` uses, at ``--points-per-batch`` (256: the config's default on a GPU) and
 at 64 (its default on a CPU: a pass at 256 holds 3 GiB of mask logits); the

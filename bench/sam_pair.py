@@ -3,8 +3,9 @@
 What a shard of ``sam_prompt`` then a shard of ``sam_auto`` do to each image (the
 reference: SAM's image encoder runs twice), against the one pass of
 ``fmbseg.tasks.sam_pair`` (prompts, then automatic masks from the same embedding): both
-on the same images with the same SAM (random weights: speed does not depend on them) and
-the same settings. Prompts: ``--classes`` present classes of 5 points each, in one decoder
+on the same images with the same SAM (random weights: speed does not depend on them; the
+image encoder at the pipeline's default precision, bf16 autocast on a GPU) and the same
+settings. Prompts: ``--classes`` present classes of 5 points each, in one decoder
 pass, as stage ``sam_prompt`` sends them. Prints seconds per image, the ratio, peak GPU
 memory on CUDA, and checks both give the same masks.
 
