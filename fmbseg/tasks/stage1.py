@@ -57,6 +57,7 @@ def stage_fingerprint(
 ) -> str:
     """The fingerprint of one stage-1 stage from the config sections it reads and its inputs."""
     m = cfg.models
+    sam_models = {"sam": m.sam, "sam_weights": m.sam_weights, "sam_precision": m.sam_precision}
     parts: dict[str, Any]
     if stage == "clip_dense":
         parts = {
@@ -68,16 +69,10 @@ def stage_fingerprint(
             },
             "vocabulary": list(vocabulary or ()),
         }
-    elif stage in ("sam_prompt", "sam_auto"):
-        section = cfg.sam_prompt if stage == "sam_prompt" else cfg.sam_auto
-        parts = {
-            stage: _without(section, "points_per_batch") if stage == "sam_auto" else section,
-            "models": {
-                "sam": m.sam,
-                "sam_weights": m.sam_weights,
-                "sam_precision": m.sam_precision,
-            },  # fmt: skip
-        }
+    elif stage == "sam_prompt":
+        parts = {"sam_prompt": cfg.sam_prompt, "models": sam_models}
+    elif stage == "sam_auto":
+        parts = {"sam_auto": _without(cfg.sam_auto, "points_per_batch"), "models": sam_models}
     elif stage == "merge":
         parts = {"merge": cfg.merge}
     elif stage == "export":
