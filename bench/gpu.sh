@@ -10,7 +10,8 @@
 #    (throughput ratio, peak GPU memory of each path), at METHOD's thresholds and with
 #    --keep-all (random weights keep few masks at METHOD's thresholds), and with SAM's
 #    image encoder in fp32 instead of bf16 (what the autocast buys).
-# 2. bench/sam_auto.py, bench/sam_pair.py: SAM ViT-H automatic masks and both SAM stages.
+# 2. bench/sam_auto.py, bench/sam_pair.py: SAM ViT-H automatic masks and both SAM stages;
+#    bench/sam_post.py: the records built while SAM runs on the next image, or after it.
 # 3. bench/models.py: dense CLIP ViT-L/14@336, one trunk pass vs. two.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,5 +37,6 @@ step bench/stage1.py --config default --device cuda --images "$IMAGES" --size 48
     --set models.sam_precision=fp32
 step bench/sam_auto.py --model sam_vit_h --device cuda --points-per-side 32 --size 480x640
 step bench/sam_pair.py --model sam_vit_h --device cuda --points-per-side 32 --size 480x640
+step bench/sam_post.py --model sam_vit_h --device cuda --points-per-side 32 --size 480x640
 step bench/models.py clip_vit_l14_336 cuda 16
 step bench/models.py clip_vit_l14_336 cuda 16 sclip

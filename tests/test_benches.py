@@ -54,10 +54,22 @@ def test_io_paths_bench_checks_each_pair_of_paths_agree():
     assert len(ratios) == 1 and all(float(r) > 0 for r in ratios[0]), out.stdout
 
 
+def test_sam_post_bench_builds_the_same_rows_both_ways():
+    out = subprocess.run(
+        [sys.executable, "bench/sam_post.py", "--stand-in", "20", "--masks", "12", "--images", "3",
+         "--size", "96x128"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "3 images 96x128, 5 classes" in out.stdout and "51 rows" in out.stdout, out.stdout
+    found = re.search(r"throughput ours / reference: ([\d.]+)x; same rows: (\w+)", out.stdout)
+    assert found and float(found.group(1)) > 0 and found.group(2) == "True", out.stdout
+
+
 def test_gpu_script_passes_only_options_its_benches_accept():
     text = (ROOT / "bench/gpu.sh").read_text().replace("\\\n", " ")  # join continued lines
     steps = [line.split()[1:] for line in text.splitlines() if line.startswith("step bench/")]
-    assert len(steps) == 7
+    assert len(steps) == 8
     for script, *args in steps:
         out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,
                              text=True, timeout=120, check=True).stdout  # fmt: skip

@@ -34,8 +34,10 @@ from fmbseg.tasks.stage1 import (
     INDEX_STAGE,
     VOCABULARY_KEY,
     ImageShardWorker,
+    InOrder,
     error_from,
     num_shards,
+    post_pool,
     stage_fingerprint,
 )
 from fmbseg.tasks.windows import (  # noqa: F401 - part of this stage's API
@@ -292,7 +294,9 @@ class ClipDenseWorker(ImageShardWorker):
             mode=cfg.clip_dense.mode,
             precision=cfg.clip_dense.precision,
         )
-        self.text = self.model.encode_text(list(vocabulary), cfg.clip_dense.templates)
+        # on the CPU, where the stitched features are: the post thread never waits on the GPU
+        self.text = self.model.encode_text(list(vocabulary), cfg.clip_dense.templates).cpu()
+        self.post = post_pool()  # presence and similarity maps, beside the model's thread
 
     def _images(self, rows: list[dict], errors: list[dict]) -> Iterator[tuple[dict, np.ndarray]]:
         for row, image, exc in self.images.each(rows, lambda r: r["uri"]):
@@ -303,14 +307,20 @@ class ClipDenseWorker(ImageShardWorker):
                 yield row, image
 
     def _run(self, rows: list[dict], errors: list[dict]) -> list[dict]:
-        out = []
+        out: list[dict] = []
+        post: InOrder[None, dict] = InOrder(self.post, lambda _, job: out.append(job.result()))
         for dense in run_dense(self.model, self._images(rows, errors), self.cfg.clip_dense):
-            row = dense.key
-            res = summarise(
-                dense, self.text, self.cfg.clip_dense.min_crops, row["image_id"], row["uri"]
-            )
-            out.append(result_row(res, self.fp))
+            post.submit(None, functools.partial(self._summarise, dense))
+        post.drain()
         return out
+
+    def _summarise(self, dense: DenseImage) -> dict:
+        """The row of one image (in the post thread, while CLIP runs on the next crops)."""
+        row = dense.key
+        res = summarise(
+            dense, self.text, self.cfg.clip_dense.min_crops, row["image_id"], row["uri"]
+        )
+        return result_row(res, self.fp)
 
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
         self.upstream.prefetch(

@@ -2,7 +2,9 @@
 
 Core: :func:`filter_masks` (quality and size thresholds, applied whether or not the SAM
 adapter already did), :func:`mask_class_scores` (mean similarity of every present class
-under each mask) and :func:`auto_masks` (both, then one record per kept mask).
+under each mask) and :func:`auto_masks` (both, then one record per kept mask), in two parts:
+:func:`segment_auto` (SAM) and :func:`auto_rows` (the rest; the worker runs it in its post
+thread).
 
 Mean similarity under a mask, exactly and on the feature grid: every original pixel belongs
 to the grid cell containing its centre (nearest-cell upsampling: the pixel centre
@@ -15,6 +17,7 @@ over classes of these means is the mask's label.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +29,7 @@ from fmbseg.storage import ArtifactStore
 from fmbseg.storage.records import mask_row
 from fmbseg.tasks.clip_dense import ClipDenseResult
 from fmbseg.tasks.runner import Progress
-from fmbseg.tasks.sam_stage import SamStageWorker, run_sam_stage
+from fmbseg.tasks.sam_stage import Rows, SamStageWorker, run_sam_stage
 from fmbseg.tasks.stage1 import CODE_VERSIONS
 
 STAGE = "sam_auto"
@@ -80,28 +83,16 @@ def mask_class_scores(masks: Sequence[np.ndarray], clip: ClipDenseResult) -> np.
     return ((weights / totals) @ sims.T).astype(np.float32)
 
 
-def auto_masks(
-    segmenter: Segmenter,
-    image: np.ndarray,
+def auto_rows(
+    generated: list[dict[str, Any]],
     clip: ClipDenseResult,
     vocabulary: Sequence[str],
     cfg: SamAutoConfig,
     fingerprint: str,
 ) -> list[dict[str, Any]]:
-    """Record rows (``source="auto"``) for one ``HxWx3 uint8`` image.
-
-    Each kept automatic mask gets the present class with the highest mean similarity under
-    it; ``score`` is SAM's predicted IoU. No present class -> no masks (SAM is not run; the
-    caller records why).
-    """
-    if image.shape[:2] != (clip.height, clip.width):
-        raise ValueError(
-            f"image {clip.image_id!r} is {image.shape[:2]}, but clip_dense saw "
-            f"{(clip.height, clip.width)}"
-        )
-    if not len(clip.present):
-        return []
-    kept = filter_masks(segmenter.generate(image), clip.height, clip.width, cfg)
+    """The CPU part of :func:`auto_masks`: SAM's mask records (``segmenter.generate``)
+    filtered, labelled and turned into record rows."""
+    kept = filter_masks(generated, clip.height, clip.width, cfg)
     if not kept:
         return []
     segs = [np.asarray(m["segmentation"], dtype=bool) for m in kept]
@@ -121,6 +112,36 @@ def auto_masks(
     ]
 
 
+def segment_auto(
+    segmenter: Segmenter, image: np.ndarray, clip: ClipDenseResult
+) -> list[dict[str, Any]]:
+    """SAM's part of :func:`auto_masks`: its automatic mask records (none, SAM not run,
+    when no class is present)."""
+    if image.shape[:2] != (clip.height, clip.width):
+        raise ValueError(
+            f"image {clip.image_id!r} is {image.shape[:2]}, but clip_dense saw "
+            f"{(clip.height, clip.width)}"
+        )
+    return segmenter.generate(image) if len(clip.present) else []
+
+
+def auto_masks(
+    segmenter: Segmenter,
+    image: np.ndarray,
+    clip: ClipDenseResult,
+    vocabulary: Sequence[str],
+    cfg: SamAutoConfig,
+    fingerprint: str,
+) -> list[dict[str, Any]]:
+    """Record rows (``source="auto"``) for one ``HxWx3 uint8`` image.
+
+    Each kept automatic mask gets the present class with the highest mean similarity under
+    it; ``score`` is SAM's predicted IoU. No present class -> no masks (SAM is not run; the
+    caller records why).
+    """
+    return auto_rows(segment_auto(segmenter, image, clip), clip, vocabulary, cfg, fingerprint)
+
+
 # ---- shell ---------------------------------------------------------------------------------
 
 
@@ -129,8 +150,10 @@ class SamAutoWorker(SamStageWorker):
 
     stage = STAGE
 
-    def label(self, image: np.ndarray, clip: ClipDenseResult) -> list[dict[str, Any]]:
-        return auto_masks(self.segmenter, image, clip, self.vocabulary, self.cfg.sam_auto, self.fp)
+    def segment(self, image: np.ndarray, clip: ClipDenseResult) -> Rows:
+        generated = segment_auto(self.segmenter, image, clip)
+        cfg = self.cfg.sam_auto
+        return functools.partial(auto_rows, generated, clip, self.vocabulary, cfg, self.fp)
 
 
 def run_sam_auto(

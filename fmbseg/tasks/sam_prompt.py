@@ -2,12 +2,14 @@
 
 Core: :func:`prompt_points` (top-k cells -> ``(x, y)`` patch centres in original pixels)
 and :func:`prompt_masks` (one SAM call per present class, keep the mask with the highest
-predicted IoU, one record per class). It reads only the stored similarity maps of stage
+predicted IoU, one record per class), in two parts: :func:`segment_prompts` (SAM) and
+:func:`prompt_rows` (records; the worker builds them in its post thread). It reads only the stored similarity maps of stage
 `clip_dense`, never CLIP itself.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +21,7 @@ from fmbseg.storage import ArtifactStore
 from fmbseg.storage.records import mask_row
 from fmbseg.tasks.clip_dense import ClipDenseResult
 from fmbseg.tasks.runner import Progress
-from fmbseg.tasks.sam_stage import SamStageWorker, run_sam_stage
+from fmbseg.tasks.sam_stage import Rows, SamStageWorker, run_sam_stage
 from fmbseg.tasks.stage1 import CODE_VERSIONS
 
 STAGE = "sam_prompt"
@@ -48,33 +50,38 @@ def prompt_points(sim: np.ndarray, k: int, cell_h: float, cell_w: float) -> np.n
     return np.stack([xs, ys], axis=1).astype(np.float32)
 
 
-def prompt_masks(
-    segmenter: Segmenter,
-    image: np.ndarray,
-    clip: ClipDenseResult,
-    vocabulary: Sequence[str],
-    cfg: SamPromptConfig,
-    fingerprint: str,
-) -> list[dict[str, Any]]:
-    """Record rows (``source="prompt"``) for the present classes of one ``HxWx3 uint8`` image.
-
-    One mask per present class whose best mask is not empty; none when no class is present
-    (the caller records why). ``score`` is SAM's predicted IoU of the kept mask.
-    """
+def segment_prompts(
+    segmenter: Segmenter, image: np.ndarray, clip: ClipDenseResult, cfg: SamPromptConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """SAM's part of :func:`prompt_masks`: ``(P, M, H, W) bool`` masks and ``(P, M)
+    float32`` predicted IoUs, ``M`` candidates for each of the ``P`` present classes (none
+    when no class is present)."""
     if image.shape[:2] != (clip.height, clip.width):
         raise ValueError(
             f"image {clip.image_id!r} is {image.shape[:2]}, but clip_dense saw "
             f"{(clip.height, clip.width)}"
         )
     if not len(clip.present):
-        return []
+        return np.zeros((0, 0, *image.shape[:2]), dtype=bool), np.zeros((0, 0), np.float32)
     segmenter.set_image(image)
     # every present class's points share one decoder pass (same count: the grid's top k)
     points = np.stack(
         [prompt_points(sim, cfg.num_points, clip.cell_h, clip.cell_w) for sim in clip.sims]
     )
     labels = np.ones(points.shape[:2], dtype=np.int64)
-    masks, scores = segmenter.predict_batch(points, labels, multimask=cfg.multimask)
+    return segmenter.predict_batch(points, labels, multimask=cfg.multimask)
+
+
+def prompt_rows(
+    masks: np.ndarray,
+    scores: np.ndarray,
+    clip: ClipDenseResult,
+    vocabulary: Sequence[str],
+    fingerprint: str,
+) -> list[dict[str, Any]]:
+    """The CPU part of :func:`prompt_masks`: of each present class's candidates (from
+    :func:`segment_prompts`), the record of the one with the highest predicted IoU, unless
+    it is empty."""
     rows = []
     for j, class_id in enumerate(clip.present):
         best = int(np.argmax(scores[j]))
@@ -96,6 +103,23 @@ def prompt_masks(
     return rows
 
 
+def prompt_masks(
+    segmenter: Segmenter,
+    image: np.ndarray,
+    clip: ClipDenseResult,
+    vocabulary: Sequence[str],
+    cfg: SamPromptConfig,
+    fingerprint: str,
+) -> list[dict[str, Any]]:
+    """Record rows (``source="prompt"``) for the present classes of one ``HxWx3 uint8`` image.
+
+    One mask per present class whose best mask is not empty; none when no class is present
+    (the caller records why). ``score`` is SAM's predicted IoU of the kept mask.
+    """
+    masks, scores = segment_prompts(segmenter, image, clip, cfg)
+    return prompt_rows(masks, scores, clip, vocabulary, fingerprint)
+
+
 # ---- shell ---------------------------------------------------------------------------------
 
 
@@ -104,10 +128,9 @@ class SamPromptWorker(SamStageWorker):
 
     stage = STAGE
 
-    def label(self, image: np.ndarray, clip: ClipDenseResult) -> list[dict[str, Any]]:
-        return prompt_masks(
-            self.segmenter, image, clip, self.vocabulary, self.cfg.sam_prompt, self.fp
-        )
+    def segment(self, image: np.ndarray, clip: ClipDenseResult) -> Rows:
+        masks, scores = segment_prompts(self.segmenter, image, clip, self.cfg.sam_prompt)
+        return functools.partial(prompt_rows, masks, scores, clip, self.vocabulary, self.fp)
 
 
 def run_sam_prompt(

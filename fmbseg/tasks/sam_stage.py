@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -18,21 +19,29 @@ from fmbseg.storage.records import MaskRecords, error_row, errors_table
 from fmbseg.tasks.clip_dense import result_from_row
 from fmbseg.tasks.runner import run_stage
 from fmbseg.tasks.stage1 import (
+    POST_AHEAD,
     VOCABULARY_KEY,
     ImageShardWorker,
+    InOrder,
     error_from,
     num_shards,
+    post_pool,
     read_vocabulary,
     stage_fingerprint,
 )
 
-__all__ = ["SamStageWorker", "run_sam_stage"]
+Rows = Callable[[], list[dict[str, Any]]]
+"""What builds one image's record rows from SAM's output (run in a worker's post thread)."""
+
+__all__ = ["Rows", "SamStageWorker", "run_sam_stage"]
 
 
 class SamStageWorker(ImageShardWorker):
     """Base of the two SAM stages' shard workers: SAM built once, images from clip_dense rows.
 
-    A spec is ``{"clip_dense": clip_fp}``; the output shard has the same number. Images with
+    A spec is ``{"clip_dense": clip_fp}``; the output shard has the same number. SAM runs in
+    the worker's thread; the CPU work on its output (filtering, labelling, RLE) in a post
+    thread meanwhile, on the previous image. Images with
     no present class are not run through SAM and get a ``no_class_present`` error row;
     images that fail to load or to segment get an error row naming the exception.
     """
@@ -58,9 +67,12 @@ class SamStageWorker(ImageShardWorker):
             store_options=store.storage_options,
             auto_config=cfg.sam_auto,
         )
+        self.post = post_pool()  # records of one image are built while SAM runs the next
 
-    def label(self, image: np.ndarray, clip: Any) -> list[dict[str, Any]]:
-        """Record rows of one image (``clip`` is its ClipDenseResult)."""
+    def segment(self, image: np.ndarray, clip: Any) -> Rows:
+        """SAM's calls on one image (``clip`` is its ClipDenseResult), in this thread; returns
+        what turns their output into the image's record rows, which :meth:`label_shard`
+        runs in the post thread while SAM takes the next image."""
         raise NotImplementedError
 
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
@@ -72,26 +84,38 @@ class SamStageWorker(ImageShardWorker):
         self.images.start(u for u, p in zip(uris, present, strict=True) if p)
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
-        ((records, errors),) = self.label_shard(shard, spec, [(self.stage, self.label)])
+        ((records, errors),) = self.label_shard(shard, spec, [(self.stage, self.segment)])
         return records, errors
 
     def label_shard(
         self,
         shard: int,
         spec: dict[str, str],
-        labellers: Sequence[tuple[str, Callable[[np.ndarray, Any], list[dict[str, Any]]]]],
+        segmenters: Sequence[tuple[str, Callable[[np.ndarray, Any], Rows]]],
     ) -> list[tuple[pa.Table, pa.Table]]:
-        """``(records, errors)`` per ``(stage, label)`` of ``labellers``, each image decoded
-        once and labelled by each in turn (a failure is that stage's error for the image)."""
-        rows: dict[str, list[dict[str, Any]]] = {stage: [] for stage, _ in labellers}
-        errors: dict[str, list[dict[str, Any]]] = {stage: [] for stage, _ in labellers}
+        """``(records, errors)`` per ``(stage, segment)`` of ``segmenters``, each image decoded
+        once and segmented by each in turn (a failure is that stage's error for the image).
+
+        Records and errors come out in image order: the post thread's results are taken
+        back in the order they were handed to it (:class:`~fmbseg.tasks.stage1.InOrder`).
+        """
+        rows: dict[str, list[dict[str, Any]]] = {stage: [] for stage, _ in segmenters}
+        errors: dict[str, list[dict[str, Any]]] = {stage: [] for stage, _ in segmenters}
+
+        def done(key: tuple[str, Any], job: Future[list[dict[str, Any]]]) -> None:
+            stage, clip = key
+            try:
+                rows[stage] += job.result()
+            except Exception as err:  # this image's failure, not the shard's
+                errors[stage].append(error_from(err, clip.image_id, clip.image_uri, stage))
+
         todo = []
         for row in self.upstream.read("clip_dense", spec["clip_dense"], shard).to_pylist():
             clip = result_from_row(row)
             if len(clip.present):
                 todo.append(clip)
                 continue
-            for stage, _ in labellers:  # SAM is not run on images without a class to label
+            for stage, _ in segmenters:  # SAM is not run on images without a class to label
                 errors[stage].append(
                     error_row(
                         clip.image_id,
@@ -101,18 +125,20 @@ class SamStageWorker(ImageShardWorker):
                         "CLIP found no vocabulary class in enough crops",
                     )
                 )
+        post = InOrder(self.post, done, POST_AHEAD * len(segmenters))
         for clip, image, exc in self.images.each(todo, lambda c: c.image_uri):
-            for stage, label in labellers:
+            for stage, segment in segmenters:
                 try:
                     if exc is not None:
                         raise exc
                     assert image is not None
-                    rows[stage] += label(image, clip)
-                except Exception as err:  # this image's failure, not the shard's
-                    errors[stage].append(error_from(err, clip.image_id, clip.image_uri, stage))
+                    post.submit((stage, clip), segment(image, clip))
+                except Exception as err:
+                    post.failed((stage, clip), err)
+        post.drain()
         return [
             (MaskRecords.from_rows(rows[stage]).table, errors_table(errors[stage]))
-            for stage, _ in labellers
+            for stage, _ in segmenters
         ]
 
 

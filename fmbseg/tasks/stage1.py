@@ -20,7 +20,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 INDEX_STAGE = "index"
 PREFETCH = 4  # images read and decoded ahead of the model, in threads
+POST_AHEAD = 2  # images whose records are built in the post thread while the model runs on
+# (their model outputs are held meanwhile: SAM's masks are full-size)
+K = TypeVar("K")
 T = TypeVar("T")
 VOCABULARY_KEY = "vocabulary"  # manifest meta key holding the run's class names
 
@@ -262,6 +265,50 @@ class ReadAhead:
                 yield item, future.result(), None
             except Exception as exc:  # handed to the caller: one image's failure
                 yield item, None, exc
+
+
+class InOrder(Generic[K, T]):
+    """CPU work that follows a model call (RLE, similarity maps, record rows), run in one
+    background thread while the model takes the next image, handed back in submission order.
+
+    ``done(key, future)`` runs in the caller's thread, for the oldest job, once more than
+    ``ahead`` are pending and for all of them at :meth:`drain`: what a shard keeps is in
+    input order and the same whatever the timing. A model call that failed goes in the
+    queue as :meth:`failed`, so its error keeps its place too.
+    """
+
+    def __init__(
+        self,
+        pool: ThreadPoolExecutor,
+        done: Callable[[K, Future[T]], None],
+        ahead: int = POST_AHEAD,
+    ) -> None:
+        self.pool, self.done, self.ahead = pool, done, ahead
+        self._queue: deque[tuple[K, Future[T]]] = deque()
+
+    def submit(self, key: K, fn: Callable[[], T]) -> None:
+        self._push(key, self.pool.submit(fn))
+
+    def failed(self, key: K, exc: BaseException) -> None:
+        future: Future[T] = Future()
+        future.set_exception(exc)
+        self._push(key, future)
+
+    def _push(self, key: K, future: Future[T]) -> None:
+        self._queue.append((key, future))
+        while len(self._queue) > self.ahead:
+            self.done(*self._queue.popleft())
+
+    def drain(self) -> None:
+        """Hand back every pending job (waiting for each)."""
+        while self._queue:
+            self.done(*self._queue.popleft())
+
+
+def post_pool() -> ThreadPoolExecutor:
+    """A worker's post thread for :class:`InOrder` (one: results come back in order anyway,
+    and the model's own thread is the other busy one)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmbseg-post")
 
 
 def error_from(exc: BaseException, image_id: str | None, uri: str, stage: str) -> dict[str, Any]:

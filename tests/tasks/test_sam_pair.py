@@ -95,3 +95,42 @@ def test_with_one_stage_committed_only_the_other_runs(tmp_path, counted) -> None
     fps = run_sam_stages(store, changed, clip)
     assert fps["sam_prompt"] == prompt_fp and store.is_committed("sam_auto", fps["sam_auto"])
     assert counted == {"encode": present, "read": present}  # sam_auto alone
+
+
+def test_records_built_in_the_post_thread_keep_image_order_and_failures(
+    tmp_path, monkeypatch
+) -> None:
+    """A failure while building one image's auto records (the post thread's part) is that
+    image's sam_auto error; its prompt records, and every other image's, stay in order."""
+    import threading
+
+    from fmbseg.tasks import sam_pair
+    from fmbseg.tasks.sam_pair import SamPairWorker
+
+    store, clip = _clip(tmp_path, "store")
+    rows = store.read_shard("clip_dense", clip, 0).to_pylist()
+    assert len(rows) == 3 and all(r["present"] for r in rows)
+    bad = rows[1]["image_id"]
+    threads: set[str] = set()
+    build = sam_pair.auto_rows
+
+    def auto_rows(generated, clip_result, *a):
+        threads.add(threading.current_thread().name)
+        if clip_result.image_id == bad:
+            raise RuntimeError("labelling broke")
+        return build(generated, clip_result, *a)
+
+    monkeypatch.setattr(sam_pair, "auto_rows", auto_rows)
+    vocab = stage1.read_vocabulary(store, "clip_dense", clip)
+    worker = SamPairWorker(store, CFG, vocab, ("p-fp", "a-fp"))
+    (prompt, prompt_errors), (auto, auto_errors) = worker.process(0, {"clip_dense": clip})
+
+    order = [r["image_id"] for r in rows]
+    assert threads and all(t.startswith("fmbseg-post") for t in threads)
+    prompt_ids = prompt.column("image_id").to_pylist()
+    assert sorted(set(prompt_ids), key=order.index) == order  # every image, in image order
+    assert prompt_ids == sorted(prompt_ids, key=order.index) and not prompt_errors.num_rows
+    auto_ids = auto.column("image_id").to_pylist()
+    assert bad not in auto_ids and auto_ids == sorted(auto_ids, key=order.index)
+    assert auto_errors.to_pylist()[0]["image_id"] == bad and auto_errors.num_rows == 1
+    assert "labelling broke" in auto_errors.to_pylist()[0]["message"]

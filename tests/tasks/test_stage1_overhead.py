@@ -15,7 +15,7 @@ from fmbseg.storage import ArtifactStore, StoreError
 from fmbseg.storage.records import IGNORE, MaskRecords, mask_row
 from fmbseg.tasks.gallery import inner_boundaries
 from fmbseg.tasks.merge import merge_image, merge_shard
-from fmbseg.tasks.stage1 import ReadAhead, Upstream, loader_pool
+from fmbseg.tasks.stage1 import InOrder, ReadAhead, Upstream, loader_pool, post_pool
 
 
 def _records(rng: np.random.Generator, image_ids: list[str], source: str, n: int) -> MaskRecords:
@@ -245,3 +245,81 @@ def test_a_prefetch_hint_starts_the_next_shards_images_and_each_is_read_once(
         committed = store.read_shard(stage, fps[stage], 1)
         drop = ["fingerprint"]
         assert out.drop_columns(drop).equals(committed.drop_columns(drop))
+
+
+def test_in_order_hands_back_in_submission_order_with_failures_in_place():
+    """Jobs finishing out of order come back in order; at most ``ahead`` are pending."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    handed: list[tuple[int, object]] = []
+    pending_when_handed: list[int] = []
+
+    def done(key, job):
+        pending_when_handed.append(len(post._queue))
+        try:
+            handed.append((key, job.result()))
+        except ValueError as exc:
+            handed.append((key, str(exc)))
+
+    def job(i):
+        def run():
+            time.sleep(0.02 * (i % 3 == 0))  # some finish after the ones behind them
+            if i == 4:
+                raise ValueError("job 4 failed")
+            return (i, threading.current_thread().name)
+
+        return run
+
+    pool = ThreadPoolExecutor(3)  # several threads, so jobs do finish out of order
+    try:
+        post = InOrder(pool, done, ahead=2)
+        for i in range(8):
+            if i == 6:
+                post.failed(i, ValueError("model failed on 6"))
+            else:
+                post.submit(i, job(i))
+            assert len(post._queue) <= 2
+        assert [k for k, _ in handed] == list(range(6))  # handed back as the queue filled
+        post.drain()
+    finally:
+        pool.shutdown()
+    assert [k for k, _ in handed] == list(range(8))
+    assert handed[4][1] == "job 4 failed" and handed[6][1] == "model failed on 6"
+    assert all(r[0] == k for k, r in handed if isinstance(r, tuple))
+    assert pending_when_handed[:6] == [2] * 6  # the oldest goes once 3 wait, leaving 2
+    one = post_pool()
+    try:
+        assert (
+            one.submit(lambda: threading.current_thread().name).result().startswith("fmbseg-post")
+        )
+    finally:
+        one.shutdown()
+
+
+def test_clip_dense_summarises_in_the_post_thread_and_keeps_the_rows(tmp_path, monkeypatch):
+    """One crop per forward pass: each image's rows are built in the post thread while CLIP
+    runs on the next one's crops; the shard equals the committed one (larger batches)."""
+    from fmbseg.config import replace
+    from fmbseg.tasks import clip_dense
+    from tests.synthetic import VOCAB, run_pipeline, synthetic_config, write_scenes
+
+    cfg = synthetic_config()
+    write_scenes(tmp_path / "images", 4)
+    store = ArtifactStore(str(tmp_path / "store"))
+    fps = run_pipeline(store, cfg, tmp_path / "images")
+    threads: list[str] = []
+    summarise = clip_dense.summarise
+
+    def recording(*a, **k):
+        threads.append(threading.current_thread().name)
+        return summarise(*a, **k)
+
+    monkeypatch.setattr(clip_dense, "summarise", recording)
+    one_crop = replace(cfg, clip_dense={"batch_size": 1})
+    worker = clip_dense.ClipDenseWorker(store, one_crop, VOCAB, "fp")
+    out, errors = worker.process(0, {"index": fps["index"]})
+    committed = store.read_shard("clip_dense", fps["clip_dense"], 0)
+    assert out.drop_columns(["fingerprint"]).equals(committed.drop_columns(["fingerprint"]))
+    assert not errors.num_rows and len(threads) == out.num_rows == 4
+    assert all(t.startswith("fmbseg-post") for t in threads)
