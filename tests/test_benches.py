@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -67,9 +68,12 @@ def test_sam_post_bench_builds_the_same_rows_both_ways():
 
 
 def test_gpu_script_passes_only_options_its_benches_accept():
-    text = (ROOT / "bench/gpu.sh").read_text().replace("\\\n", " ")  # join continued lines
-    steps = [line.split()[1:] for line in text.splitlines() if line.startswith("step bench/")]
-    assert len(steps) == 8
+    env = {**os.environ, "DRY_RUN": "1", "PY": sys.executable, "LOG": os.devnull}
+    run = functools.partial(subprocess.run, ["bash", "bench/gpu.sh"], cwd=ROOT, text=True,
+                            capture_output=True, timeout=60, check=True)  # fmt: skip
+    steps = [line.split() for line in run(env=env).stdout.splitlines()]
+    assert len(steps) == 8 and steps[0][:2] == ["bench/stage1.py", "--config"], steps
+    assert "--keep-all" in steps[0]  # the headline figure first
     for script, *args in steps:
         out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,
                              text=True, timeout=120, check=True).stdout  # fmt: skip
@@ -77,6 +81,9 @@ def test_gpu_script_passes_only_options_its_benches_accept():
             assert re.search(rf"(^|[\s\[]){re.escape(flag)}\b", out), (script, flag, out)
         names = [a for a in args if a.startswith(("sam_", "clip_"))]
         assert set(names) <= set(list_models()), names  # full-size models it builds
+    # past the deadline no step starts: the run ends within the time it was given
+    late = run(env={**env, "DEADLINE_S": "10"}).stdout.splitlines()
+    assert len(late) == 8 and all(line.startswith("### skipped") for line in late), late
 
 
 @pytest.mark.slow
