@@ -103,3 +103,21 @@ def test_annotate_bench_reports_every_stage_and_the_no_model_floor():
                       out.stdout)  # fmt: skip
     total_share = int(rows["total"][4].rstrip("%"))
     assert floor and 0 < int(floor.group(1)) <= total_share, out.stdout
+
+
+@pytest.mark.slow
+def test_driver_memory_bench_measures_each_count_in_its_own_driver():
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    out = subprocess.run(
+        [sys.executable, "bench/driver_memory.py", "--images", "4", "8", "--shard-size", "4",
+         "--row-group-mib", "0.001", "--arrow-pool", "system"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Arrow memory pool system" in out.stdout, out.stdout
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.split()[:1] in (["4"], ["8"])]
+    assert [r[0] for r in rows] == ["4", "8"] and all(len(r) == 11 for r in rows), out.stdout
+    assert all(int(r[1]) > 0 and float(r[-2]) > 0 for r in rows), out.stdout  # masks, KiB
+    assert int(rows[1][-1]) > 1, out.stdout  # row groups of 1 KiB: one per merge shard
+    growth = re.search(r"growth per extra image: heap peak (-?\d+) bytes", out.stdout)
+    assert growth, out.stdout
