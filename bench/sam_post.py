@@ -88,7 +88,7 @@ def main() -> None:
     from fmbseg.tasks.clip_dense import ClipDenseResult
     from fmbseg.tasks.sam_auto import auto_rows, segment_auto
     from fmbseg.tasks.sam_prompt import prompt_rows, segment_prompts
-    from fmbseg.tasks.stage1 import InOrder, post_pool
+    from fmbseg.tasks.stage1 import POST_AHEAD, InOrder, post_pool
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="sam_tiny")
@@ -164,7 +164,7 @@ def main() -> None:
         def done(_: int, job: Future[Rows]) -> None:
             out.extend(job.result())
 
-        post: InOrder[int, Rows] = InOrder(pool, done, 4)  # as a SAM pair worker: 2 per image
+        post: InOrder[int, Rows] = InOrder(pool, done, 2 * POST_AHEAD)  # as a SAM pair worker
         for i in ids:
             for build in segment(i):
                 post.submit(i, build)

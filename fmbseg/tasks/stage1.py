@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 
 INDEX_STAGE = "index"
 PREFETCH = 4  # images read and decoded ahead of the model, in threads
-POST_AHEAD = 2  # images whose records are built in the post thread while the model runs on
-# (their model outputs are held meanwhile: SAM's masks are full-size)
+# Images whose model output waits for (or is in) the post thread while the model runs on:
+# one is enough to overlap them, and each holds full-size masks (100 SAM masks of a 12 MP
+# photo are 1.2 GB of bool), so no more.
+POST_AHEAD = 1
 K = TypeVar("K")
 T = TypeVar("T")
 VOCABULARY_KEY = "vocabulary"  # manifest meta key holding the run's class names
