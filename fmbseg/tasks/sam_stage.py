@@ -40,10 +40,10 @@ class SamStageWorker(ImageShardWorker):
     """Base of the two SAM stages' shard workers: SAM built once, images from clip_dense rows.
 
     A spec is ``{"clip_dense": clip_fp}``; the output shard has the same number. SAM runs in
-    the worker's thread; the CPU work on its output (filtering, labelling, RLE) in a post
-    thread meanwhile, on the previous image. Images with
-    no present class are not run through SAM and get a ``no_class_present`` error row;
-    images that fail to load or to segment get an error row naming the exception.
+    the worker's thread; the CPU work on its output (filtering, labelling, RLE) runs in a
+    post thread meanwhile, on the previous image. Images with no present class are not run
+    through SAM and get a ``no_class_present`` error row; images that fail to load, to
+    segment or to become records get an error row naming the exception.
     """
 
     stage = ""
