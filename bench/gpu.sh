@@ -64,7 +64,8 @@ print(torch.cuda.get_device_name(0), torch.__version__)" 2>&1 | tee -a "$LOG" ||
 STAGE1=(bench/stage1.py --config default --device cuda --images "$IMAGES" --size 480x640)
 step "${STAGE1[@]}" --keep-all
 step "${STAGE1[@]}"
-step bench/sam_post.py --model sam_vit_h --device cuda --points-per-side 32 --size 480x640
+step bench/sam_post.py --model sam_vit_h --device cuda --points-per-side 32 --size 480x640 \
+    --keep-all
 step "${STAGE1[@]}" --keep-all --set models.sam_precision=fp32
 step bench/sam_auto.py --model sam_vit_h --device cuda --points-per-side 32 --size 480x640
 step bench/sam_pair.py --model sam_vit_h --device cuda --points-per-side 32 --size 480x640

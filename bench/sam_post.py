@@ -19,7 +19,7 @@ count real weights keep.
 
     python bench/sam_post.py                                           # sam_tiny, CPU
     python bench/sam_post.py --stand-in 100 --masks 100                # device-bound SAM
-    python bench/sam_post.py --model sam_vit_h --device cuda --points-per-side 32 --size 480x640
+    python bench/sam_post.py --model sam_vit_h --device cuda --points-per-side 32 --keep-all
 """
 
 from __future__ import annotations
@@ -105,15 +105,18 @@ def main() -> None:
         help="instead of SAM: a stand-in taking MS ms of device time per image",
     )
     ap.add_argument("--masks", type=int, default=100, help="automatic masks of --stand-in")
+    ap.add_argument("--keep-all", action="store_true",
+                    help="SAM's IoU and stability thresholds 0 (random weights keep few masks; "
+                    "always so for sam_tiny)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     h, w = (int(v) for v in args.size.split("x"))
-    tiny = args.model == "sam_tiny"
     # random weights keep almost no mask at METHOD's thresholds; the work per mask is the point
+    keep_all = args.keep_all or args.model == "sam_tiny"
     auto_cfg = SamAutoConfig(
         points_per_side=args.points_per_side,
-        pred_iou_thresh=0.0 if tiny else 0.86,
-        stability_score_thresh=0.0 if tiny else 0.92,
+        pred_iou_thresh=0.0 if keep_all else 0.86,
+        stability_score_thresh=0.0 if keep_all else 0.92,
     )
     if args.stand_in is None:
         seg: Any = build_model(args.model, None, args.device, auto_config=auto_cfg)

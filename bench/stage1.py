@@ -186,7 +186,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2, help="images each path runs first, untimed")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="images each path runs first, untimed (0: none)")  # fmt: skip
     ap.add_argument("--size", default="96x128", help="HxW of the generated images")
     ap.add_argument("--device", default=None, help="runtime.device (default: the config's)")
     ap.add_argument("--vocab", default="voc-20")
@@ -237,7 +238,8 @@ def main() -> None:
         for p in sorted(Path(timed).iterdir())[: args.warmup]:  # other pictures than warm's
             p.unlink()
 
-        ours(cfg, warm, f"{tmp}/store-warm", vocab)
+        if args.warmup:
+            ours(cfg, warm, f"{tmp}/store-warm", vocab)
         _reset_peak(cuda)
         t_ours, m_ours = ours(cfg, timed, f"{tmp}/store", vocab)
         peak_ours = peak_mib(cuda)
@@ -250,7 +252,8 @@ def main() -> None:
 
         _reset_peak(cuda)
         ref = Reference(cfg, vocab)
-        reference(ref, listing(warm))
+        if args.warmup:
+            reference(ref, listing(warm))
         t_ref, m_ref = reference(ref, listing(timed))
         peak_ref = peak_mib(cuda)
 
