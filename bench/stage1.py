@@ -18,8 +18,9 @@ pure functions) and COCO RLE, kept in memory (no store).
 Both use the same models' architectures and weights (random unless the config names real
 ones: speed does not depend on them) and the config's settings. Model builds are not timed;
 each path first runs on ``--warmup`` images (kernels, allocator). Prints images/s of each,
-their ratio, masks made, and on CUDA the peak GPU memory of each (one worker: what a Ray
-actor holds).
+their ratio, masks made, on CUDA the peak GPU memory of each (one worker: what a Ray
+actor holds), and where each path's time goes: CLIP, SAM (with the labelling and RLE of
+its masks) and the rest.
 
 Random SAM weights keep few masks at METHOD's thresholds (0.86 IoU, 0.92 stability), which
 under-counts the per-mask work; ``--keep-all`` sets both to 0, as trained weights keep
@@ -37,6 +38,7 @@ import gc
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +64,11 @@ def _reset_peak(cuda: bool) -> None:
     reset_peak(cuda)
 
 
-def ours(cfg: Any, folder: str, store_root: str, vocab: tuple[str, ...]) -> tuple[float, int]:
-    """(seconds of clip_dense + SAM + merge, model builds excluded; merged masks)."""
+def ours(
+    cfg: Any, folder: str, store_root: str, vocab: tuple[str, ...]
+) -> tuple[float, int, dict[str, float]]:
+    """(seconds of clip_dense + SAM + merge, model builds excluded; merged masks; seconds
+    per part: ``clip`` = stage clip_dense, ``sam`` = the SAM pair, ``rest`` = merge)."""
     from fmbseg.storage import ArtifactStore
     from fmbseg.tasks.clip_dense import run_clip_dense
     from fmbseg.tasks.index import run_index
@@ -72,15 +77,22 @@ def ours(cfg: Any, folder: str, store_root: str, vocab: tuple[str, ...]) -> tupl
 
     store = ArtifactStore(store_root)
     index = run_index(store, folder, cfg)
-    BUILD_TIME[0] = 0.0
-    _sync()
-    start = time.perf_counter()
-    clip = run_clip_dense(store, cfg, index, vocab)
-    sam = run_sam_stages(store, cfg, clip)
-    merge = run_merge(store, cfg, index, clip, sam["sam_prompt"], sam["sam_auto"])
-    _sync()
-    seconds = time.perf_counter() - start - BUILD_TIME[0]
-    return seconds, store.require_manifest("merge", merge).rows
+    parts: dict[str, float] = {}
+
+    def part(name: str, run: Any) -> Any:
+        BUILD_TIME[0] = 0.0
+        _sync()
+        start = time.perf_counter()
+        out = run()
+        _sync()
+        parts[name] = time.perf_counter() - start - BUILD_TIME[0]
+        return out
+
+    clip = part("clip", lambda: run_clip_dense(store, cfg, index, vocab))
+    sam = part("sam", lambda: run_sam_stages(store, cfg, clip))
+    merge = part("rest", lambda: run_merge(store, cfg, index, clip, sam["sam_prompt"],
+                                           sam["sam_auto"]))  # fmt: skip
+    return sum(parts.values()), store.require_manifest("merge", merge).rows, parts
 
 
 class Reference:
@@ -92,6 +104,7 @@ class Reference:
         from fmbseg.models.registry import build_from_config
 
         self.cfg, self.vocab = cfg, vocab
+        self.parts: Counter[str] = Counter()  # seconds: clip, sam, rest (reading, merging)
         device = cfg.runtime.device
         self.clip = build_from_config(cfg.models, "clip", device, mode=cfg.clip_dense.mode,
                                       precision="fp32")  # fmt: skip
@@ -137,8 +150,19 @@ class Reference:
         from fmbseg.tasks.stage1 import load_image
 
         cfg = self.cfg
+        mark = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal mark
+            _sync()
+            now = time.perf_counter()
+            self.parts[name] += now - mark
+            mark = now
+
         image = load_image(uri, None, cfg.index.max_pixels)
+        lap("rest")
         clip = summarise(self.dense(image), self.text, cfg.clip_dense.min_crops, image_id, uri)
+        lap("clip")
         common = {"image_id": image_id, "image_uri": uri, "fingerprint": "reference"}
         prompt: list[dict[str, Any]] = []
         auto: list[dict[str, Any]] = []
@@ -166,15 +190,18 @@ class Reference:
                 auto = [mask_row(seg, category_id=int(k), category=self.vocab[k], source="auto",
                                  score=float(m.get("predicted_iou", 1.0)), **common)
                         for m, seg, k in zip(kept, segs, labels, strict=True)]  # fmt: skip
+        lap("sam")
         row = {"image_id": image_id, "image_uri": uri, "present": clip.present.tolist()}
         merged, _ = merge_shard(
             [row], MaskRecords.from_rows(prompt), MaskRecords.from_rows(auto), cfg.merge
         )
+        lap("rest")
         return merged.table.num_rows
 
 
 def reference(ref: Reference, images: list[tuple[str, str]]) -> tuple[float, int]:
-    """(seconds for every image, merged masks)."""
+    """(seconds for every image, merged masks); ``ref.parts`` holds this run's parts."""
+    ref.parts.clear()
     _sync()
     start = time.perf_counter()
     masks = sum(ref.label(image_id, uri) for image_id, uri in images)
@@ -241,7 +268,7 @@ def main() -> None:
         if args.warmup:
             ours(cfg, warm, f"{tmp}/store-warm", vocab)
         _reset_peak(cuda)
-        t_ours, m_ours = ours(cfg, timed, f"{tmp}/store", vocab)
+        t_ours, m_ours, parts_ours = ours(cfg, timed, f"{tmp}/store", vocab)
         peak_ours = peak_mib(cuda)
 
         listed = ArtifactStore(f"{tmp}/store-reference")  # the same image ids as ours
@@ -271,6 +298,10 @@ def main() -> None:
     ):
         print(f"{name:<44} {t / n:8.3f} {n / t:9.2f} {m:6d}" + (f" {peak:9.0f}" if cuda else ""))
     print(f"throughput ours / reference: {t_ref / t_ours:.2f}x")
+    print(f"where the time goes, s/image {'clip':>8} {'sam':>8} {'rest':>8}  (rest: reading "
+          "images, merging; ours also commits each stage)")  # fmt: skip
+    for name, parts in (("reference", ref.parts), ("ours", parts_ours)):
+        print(f"  {name:<26} " + " ".join(f"{parts[k] / n:8.3f}" for k in ("clip", "sam", "rest")))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,13 @@ def test_stage1_bench_runs_both_paths_to_the_same_masks():
     assert rows["ours"][1] == rows["reference"][1] > 0, out.stdout
     ratio = re.search(r"throughput ours / reference: ([\d.]+)x", out.stdout)
     assert ratio and float(ratio.group(1)) > 0, out.stdout
+    # where the time goes: clip, sam, rest per image, adding up to the path's s/image
+    parts = {ln.split()[0]: [float(v) for v in ln.split()[1:]]
+             for ln in lines if ln.startswith("  ")}  # fmt: skip
+    assert set(parts) == {"reference", "ours"} and all(len(p) == 3 for p in parts.values())
+    assert parts["ours"][1] > 0 and parts["reference"][1] > 0, out.stdout  # SAM time
+    assert abs(sum(parts["ours"]) - rows["ours"][0]) <= 0.002, out.stdout  # the same clock
+    assert 0.8 * rows["reference"][0] <= sum(parts["reference"]) <= rows["reference"][0] + 0.002
 
 
 def test_io_paths_bench_checks_each_pair_of_paths_agree():
