@@ -187,6 +187,14 @@ class ClipDenseResult:
     def cell_w(self) -> float:
         return self.width / self.grid_w
 
+    def check_image(self, image: np.ndarray) -> None:
+        """Raise ValueError, naming the image, unless ``image`` is the size clip_dense saw."""
+        if image.shape[:2] != (self.height, self.width):
+            raise ValueError(
+                f"image {self.image_id!r} is {image.shape[:2]}, but clip_dense saw "
+                f"{(self.height, self.width)}"
+            )
+
 
 def presence_votes(crop_cls: torch.Tensor, text: torch.Tensor) -> np.ndarray:
     """``(n, D)`` normalised CLS embeddings, ``(K, D)`` text -> ``(K,) int32`` crops won per class."""

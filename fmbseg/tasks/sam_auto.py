@@ -117,11 +117,7 @@ def segment_auto(
 ) -> list[dict[str, Any]]:
     """SAM's part of :func:`auto_masks`: its automatic mask records (none, SAM not run,
     when no class is present)."""
-    if image.shape[:2] != (clip.height, clip.width):
-        raise ValueError(
-            f"image {clip.image_id!r} is {image.shape[:2]}, but clip_dense saw "
-            f"{(clip.height, clip.width)}"
-        )
+    clip.check_image(image)
     return segmenter.generate(image) if len(clip.present) else []
 
 

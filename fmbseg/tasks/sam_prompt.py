@@ -56,11 +56,7 @@ def segment_prompts(
     """SAM's part of :func:`prompt_masks`: ``(P, M, H, W) bool`` masks and ``(P, M)
     float32`` predicted IoUs, ``M`` candidates for each of the ``P`` present classes (none
     when no class is present)."""
-    if image.shape[:2] != (clip.height, clip.width):
-        raise ValueError(
-            f"image {clip.image_id!r} is {image.shape[:2]}, but clip_dense saw "
-            f"{(clip.height, clip.width)}"
-        )
+    clip.check_image(image)
     if not len(clip.present):
         return np.zeros((0, 0, *image.shape[:2]), dtype=bool), np.zeros((0, 0), np.float32)
     segmenter.set_image(image)
