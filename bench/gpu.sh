@@ -38,6 +38,7 @@ if [ -z "$DRY_RUN" ] && ! "$PY" -c "import open_clip, segment_anything, pycocoto
         "(bash bench/gpu_wheels.sh)" | tee -a "$LOG"; exit 1; }
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1  # else every step would fail on its imports
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
