@@ -1,12 +1,18 @@
 """Stage-1 annotation throughput (images/s) end to end, and the share of time outside models.
 
 Runs index -> clip_dense -> sam_prompt + sam_auto (one pass, as the flow runs them) -> merge
--> export with the local executor on ``--images`` generated photos (random crops of skimage's sample photos) and the
-models a config names (``tiny`` = random-weight tiny CLIP and SAM, CPU). Every model call
-(CLIP ``crops_and_dense``/``encode_text``, SAM ``set_image``/``predict``/``predict_batch``/
-``generate``) is
-timed, so the report separates model time from everything else (decoding, resizing,
-stitching, RLE, Parquet, PNG, store I/O), per stage and overall, measured in this one run.
+-> export with the local executor on ``--images`` generated photos (random crops of
+skimage's sample photos) and the models a config names (``tiny`` = random-weight tiny CLIP
+and SAM, CPU). Every model call (CLIP ``crops_and_dense``/``encode_text``, SAM
+``set_image``/``predict``/``predict_batch``/``generate``) is timed, so the report separates
+model time from everything else (decoding, resizing, stitching, RLE, Parquet, PNG, store
+I/O), per stage and overall, measured in this one run.
+
+The tiny models take a few ms per image, so the fixed per-image work (three decodes, a PNG,
+an overlay JPEG, Parquet shards of 4 images) weighs heavily next to them. For the share
+next to real architectures, random weights are enough: ``--config quickstart --set
+models.clip_weights=null --set models.sam_weights=null --set runtime.device=cpu``
+(CLIP ViT-B/16, SAM ViT-B; tens of seconds per image on a CPU, so use few ``--images``).
 
 A second table splits the time outside model calls by phase, from timers on the functions
 that do that work (main thread only; an inner timed call counts toward the outermost):
