@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -51,6 +51,7 @@ from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
     VOCABULARY_KEY,
     ImageShardWorker,
+    InOrder,
     read_vocabulary,
     stage_fingerprint,
 )
@@ -144,13 +145,13 @@ class ExportWorker(ImageShardWorker):
         uris = cols["image_uri"]
         shown = _gallery_uris(uris, {i: r[0] for i, r in by_image.items()}, spec["gallery"])
         rows: list[dict[str, Any]] = []
-        jobs: deque[tuple[dict[str, Any], Future[list[int]]]] = deque()
 
-        def finish_oldest() -> None:
-            row, job = jobs.popleft()
+        def finish(row: dict[str, Any], job: Future[list[int]]) -> None:
             row["classes"] = job.result()
             rows.append(row)
 
+        # rows come back in image order; at most 2 * WRITERS images are held for writing
+        jobs: InOrder[dict[str, Any], list[int]] = InOrder(self.writer, finish, 2 * WRITERS)
         # the gallery's images are read and decoded in threads, ahead of the loop below
         images = self.images.each(shown, str)
         with contextlib.closing(images):
@@ -168,13 +169,8 @@ class ExportWorker(ImageShardWorker):
                     "prompt_masks": sources["prompt"], "auto_masks": sources["auto"],
                     "gallery": n < len(shown),
                 }  # fmt: skip
-                jobs.append(
-                    (row, self.writer.submit(self._export_image, name, cols, r, h, w, image))
-                )
-                while len(jobs) > 2 * WRITERS:  # bounds the images held for writing
-                    finish_oldest()
-        while jobs:  # every file of the shard is written before its receipt
-            finish_oldest()
+                jobs.submit(row, functools.partial(self._export_image, name, cols, r, h, w, image))
+        jobs.drain()  # every file of the shard is written before its receipt
         return pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), None
 
     def _export_image(

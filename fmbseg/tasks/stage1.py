@@ -270,8 +270,9 @@ class ReadAhead:
 
 
 class InOrder(Generic[K, T]):
-    """CPU work that follows a model call (RLE, similarity maps, record rows), run in one
-    background thread while the model takes the next image, handed back in submission order.
+    """Per-image jobs run in a pool while the caller goes on, handed back in submission
+    order: the CPU work that follows a model call (RLE, similarity maps, record rows) in a
+    worker's post thread while the model takes the next image; export's per-image files.
 
     ``done(key, future)`` runs in the caller's thread, for the oldest job, once more than
     ``ahead`` are pending and for all of them at :meth:`drain`: what a shard keeps is in
