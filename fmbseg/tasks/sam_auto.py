@@ -135,7 +135,22 @@ def auto_masks(
     it; ``score`` is SAM's predicted IoU. No present class -> no masks (SAM is not run; the
     caller records why).
     """
-    return auto_rows(segment_auto(segmenter, image, clip), clip, vocabulary, cfg, fingerprint)
+    return auto_job(segmenter, image, clip, vocabulary, cfg, fingerprint)()
+
+
+def auto_job(
+    segmenter: Segmenter,
+    image: np.ndarray,
+    clip: ClipDenseResult,
+    vocabulary: Sequence[str],
+    cfg: SamAutoConfig,
+    fingerprint: str,
+) -> Rows:
+    """:func:`auto_masks` in its two parts: SAM's now (:func:`segment_auto`, in the caller's
+    thread), and what builds the records from its output (:func:`auto_rows`), for a
+    worker's post thread."""
+    generated = segment_auto(segmenter, image, clip)
+    return functools.partial(auto_rows, generated, clip, vocabulary, cfg, fingerprint)
 
 
 # ---- shell ---------------------------------------------------------------------------------
@@ -147,9 +162,7 @@ class SamAutoWorker(SamStageWorker):
     stage = STAGE
 
     def segment(self, image: np.ndarray, clip: ClipDenseResult) -> Rows:
-        generated = segment_auto(self.segmenter, image, clip)
-        cfg = self.cfg.sam_auto
-        return functools.partial(auto_rows, generated, clip, self.vocabulary, cfg, self.fp)
+        return auto_job(self.segmenter, image, clip, self.vocabulary, self.cfg.sam_auto, self.fp)
 
 
 def run_sam_auto(

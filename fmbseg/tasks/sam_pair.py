@@ -25,9 +25,9 @@ from fmbseg.storage import ArtifactStore
 from fmbseg.tasks.clip_dense import ClipDenseResult
 from fmbseg.tasks.runner import Progress, run_stages
 from fmbseg.tasks.sam_auto import STAGE as AUTO
-from fmbseg.tasks.sam_auto import auto_rows, run_sam_auto, segment_auto
+from fmbseg.tasks.sam_auto import auto_job, run_sam_auto
 from fmbseg.tasks.sam_prompt import STAGE as PROMPT
-from fmbseg.tasks.sam_prompt import prompt_rows, run_sam_prompt, segment_prompts
+from fmbseg.tasks.sam_prompt import prompt_job, run_sam_prompt
 from fmbseg.tasks.sam_stage import Rows, SamStageWorker
 from fmbseg.tasks.stage1 import VOCABULARY_KEY, num_shards, read_vocabulary, stage_fingerprint
 
@@ -54,14 +54,13 @@ class SamPairWorker(SamStageWorker):
         self.prompt_fp, self.auto_fp = fps
 
     def _prompt(self, image: np.ndarray, clip: ClipDenseResult) -> Rows:
-        masks, scores = segment_prompts(self.segmenter, image, clip, self.cfg.sam_prompt)
-        return functools.partial(prompt_rows, masks, scores, clip, self.vocabulary, self.prompt_fp)
+        cfg = self.cfg.sam_prompt
+        return prompt_job(self.segmenter, image, clip, self.vocabulary, cfg, self.prompt_fp)
 
     def _auto(self, image: np.ndarray, clip: ClipDenseResult) -> Rows:
         # after _prompt's set_image of this very array: SAM does not embed it again
-        generated = segment_auto(self.segmenter, image, clip)
         cfg = self.cfg.sam_auto
-        return functools.partial(auto_rows, generated, clip, self.vocabulary, cfg, self.auto_fp)
+        return auto_job(self.segmenter, image, clip, self.vocabulary, cfg, self.auto_fp)
 
     def process(  # type: ignore[override]
         self, shard: int, spec: dict[str, str]

@@ -112,8 +112,22 @@ def prompt_masks(
     One mask per present class whose best mask is not empty; none when no class is present
     (the caller records why). ``score`` is SAM's predicted IoU of the kept mask.
     """
+    return prompt_job(segmenter, image, clip, vocabulary, cfg, fingerprint)()
+
+
+def prompt_job(
+    segmenter: Segmenter,
+    image: np.ndarray,
+    clip: ClipDenseResult,
+    vocabulary: Sequence[str],
+    cfg: SamPromptConfig,
+    fingerprint: str,
+) -> Rows:
+    """:func:`prompt_masks` in its two parts: SAM's now (:func:`segment_prompts`, in the
+    caller's thread), and what builds the records from its output (:func:`prompt_rows`),
+    for a worker's post thread."""
     masks, scores = segment_prompts(segmenter, image, clip, cfg)
-    return prompt_rows(masks, scores, clip, vocabulary, fingerprint)
+    return functools.partial(prompt_rows, masks, scores, clip, vocabulary, fingerprint)
 
 
 # ---- shell ---------------------------------------------------------------------------------
@@ -125,8 +139,8 @@ class SamPromptWorker(SamStageWorker):
     stage = STAGE
 
     def segment(self, image: np.ndarray, clip: ClipDenseResult) -> Rows:
-        masks, scores = segment_prompts(self.segmenter, image, clip, self.cfg.sam_prompt)
-        return functools.partial(prompt_rows, masks, scores, clip, self.vocabulary, self.fp)
+        cfg = self.cfg.sam_prompt
+        return prompt_job(self.segmenter, image, clip, self.vocabulary, cfg, self.fp)
 
 
 def run_sam_prompt(

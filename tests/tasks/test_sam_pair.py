@@ -104,7 +104,7 @@ def test_records_built_in_the_post_thread_keep_image_order_and_failures(
     image's sam_auto error; its prompt records, and every other image's, stay in order."""
     import threading
 
-    from fmbseg.tasks import sam_pair
+    from fmbseg.tasks import sam_auto
     from fmbseg.tasks.sam_pair import SamPairWorker
 
     store, clip = _clip(tmp_path, "store")
@@ -112,7 +112,7 @@ def test_records_built_in_the_post_thread_keep_image_order_and_failures(
     assert len(rows) == 3 and all(r["present"] for r in rows)
     bad = rows[1]["image_id"]
     threads: set[str] = set()
-    build = sam_pair.auto_rows
+    build = sam_auto.auto_rows  # what auto_job hands the post thread
 
     def auto_rows(generated, clip_result, *a):
         threads.add(threading.current_thread().name)
@@ -120,7 +120,7 @@ def test_records_built_in_the_post_thread_keep_image_order_and_failures(
             raise RuntimeError("labelling broke")
         return build(generated, clip_result, *a)
 
-    monkeypatch.setattr(sam_pair, "auto_rows", auto_rows)
+    monkeypatch.setattr(sam_auto, "auto_rows", auto_rows)
     vocab = stage1.read_vocabulary(store, "clip_dense", clip)
     worker = SamPairWorker(store, CFG, vocab, ("p-fp", "a-fp"))
     (prompt, prompt_errors), (auto, auto_errors) = worker.process(0, {"clip_dense": clip})
