@@ -143,6 +143,9 @@ class TrainConfig:
     mlp_ratio: float = 4.0
     out_dim: int | None = None  # None = the CLIP text-embedding width
     temperature: float = 0.1
+    # text prototypes in the loss's denominators: all = every vocabulary class (the paper's K),
+    # batch = only the classes present in the batch (ablation)
+    text_negatives: Literal["all", "batch"] = "all"
     templates: tuple[str, ...] = ("a photo of a {}.",)  # text prototypes (paper: one template)
     epochs: int = 10
     batch_size: int = 5  # images per batch (paper: 5)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+TextNegatives = Literal["all", "batch"]  # train.text_negatives
 
 
 @dataclass(frozen=True)
@@ -94,14 +96,23 @@ class AlignmentModule(nn.Module):
         return self.proj(x)
 
     def loss(
-        self, z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, temperature: float
+        self,
+        z: torch.Tensor,
+        labels: torch.Tensor,
+        text: torch.Tensor,
+        temperature: float,
+        negatives: TextNegatives = "all",
     ) -> torch.Tensor:
         """:func:`alignment_loss` (kept here so the module carries its objective)."""
-        return alignment_loss(z, labels, text, temperature)
+        return alignment_loss(z, labels, text, temperature, negatives)
 
 
 def alignment_loss(
-    z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, temperature: float
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    text: torch.Tensor,
+    temperature: float,
+    negatives: TextNegatives = "all",
 ) -> torch.Tensor:
     """Patch-text + patch-patch contrastive loss of METHOD.md stage 2 (paper Eq. 1-4).
 
@@ -109,40 +120,50 @@ def alignment_loss(
         z: ``(M, D) float`` module outputs of every patch of the batch (all images flattened).
         labels: ``(M,) int64`` class index of each patch into the rows of ``text``; ``-1`` =
             ignored (the patch takes no part in the loss, not even as a negative).
-        text: ``(K, D) float`` text embeddings of the vocabulary (row k = class k).
+        text: ``(K, D) float`` text embeddings of the whole training vocabulary (row k =
+            class k).
         temperature: τ > 0.
+        negatives: which text prototypes enter the denominators. ``"all"`` (the paper: its K
+            is the number of categories in the dataset): all K rows of ``text``, so every
+            vocabulary prototype is a negative for every patch, also the classes absent from
+            the batch. ``"batch"`` (ablation; this module's earlier reading): only the
+            classes present among the batch's labelled patches; the other rows of ``text``
+            take no part at all.
 
     Returns:
         A scalar float32 tensor, differentiable w.r.t. ``z`` (and ``text`` if it requires grad).
 
-    Definitions (over the L labelled patches and the P classes *present* among them; classes
-    of the vocabulary with no patch in the batch take no part, not even in denominators):
+    Definitions, over the L labelled patches; P = the classes present among them; T = the
+    prototypes in the denominators (all K with ``"all"``, P with ``"batch"``):
         z_i, t_k are L2-normalised; s(a, b) = a·b / τ.
-        D_i = Σ_{j≠i} exp(s(z_i, z_j)) + Σ_{k present} exp(s(z_i, t_k)) — every other labelled
-        patch (same class or not, from any image of the batch) and every present prototype,
+        D_i = Σ_{j≠i} exp(s(z_i, z_j)) + Σ_{k∈T} exp(s(z_i, t_k)) — every other labelled
+        patch (same class or not, from any image of the batch) and every prototype of T,
         including patch i's own class.
-        L_t(k) = −(1/N_k) Σ_{i: y_i=k} [s(z_i, t_k) − log D_i]   (averaged over its N_k patches)
+        L_t(k) = −(1/N_k) Σ_{i: y_i=k} [s(z_i, t_k) − log D_i]   for k ∈ P (N_k patches)
         L_p(i) = −(1/|P(i)|) Σ_{j∈P(i)} [s(z_i, z_j) − log D_i],  P(i) = {j ≠ i: y_j = y_i}
-        L = mean over present classes of L_t(k) + mean over patches with |P(i)| ≥ 1 of L_p(i).
-    Normalisation choices (ours; the paper does not state them): each present class weighs
-    the same in the text term whatever its size; a patch that is the only one of its class in
-    the batch has no positive pair, contributes no L_p term and is left out of that mean's
-    count (if no patch has a positive, the patch term is 0); the two terms are summed with
-    weight 1 each. Computed in float32 even under autocast.
+        L = (1/|P|) Σ_{k∈P} L_t(k) + mean over patches with |P(i)| ≥ 1 of L_p(i).
+    Normalisation choices (ours; the paper does not state them): the text term has one
+    summand per class *present* (an absent class has no positive pair, only negatives), and
+    each present class weighs the same whatever its size; a patch that is the only one of its
+    class in the batch has no positive pair, contributes no L_p term and is left out of that
+    mean's count (if no patch has a positive, the patch term is 0); the two terms are summed
+    with weight 1 each. Computed in float32 even under autocast.
 
     Vectorised: Σ_{j∈P(i)} z_i·z_j = z_i·(c_{y_i} − z_i) with c_k the sum of class k's
     patches, so positives need no (M, M) mask, and log D_i is one row-wise logsumexp over the
-    (L, L) patch logits (diagonal set to −inf) combined with the (L, P) text logits by
+    (L, L) patch logits (diagonal set to −inf) combined with the (L, |T|) text logits by
     logaddexp (numerically stable: no exp is taken of an unshifted logit).
 
-    Memory: O(L² + L·(D + P)). One (L, L) float32 logit matrix lives from forward to backward;
+    Memory: O(L² + L·(D + K)). One (L, L) float32 logit matrix lives from forward to backward;
     logsumexp's forward needs one more transiently, and backward (softmax weights, their
     product with the incoming gradient, the diagonal's zeroed copy) up to about four more.
     For a batch of 5 images × 32×32 patches (L ≤ 5120) at D = 768: 5120² × 4 B = 104.9 MB per
     matrix, so ≤ 5 × 104.9 ≈ 525 MB at the backward peak, plus z, its normalised copy and
-    their gradients (4 × 5120 × 768 × 4 B = 63 MB). Measured on CPU (L = 5120, D = 768,
-    P = 171): the process peak grows by 529 MB over one forward + backward.
+    their gradients (4 × 5120 × 768 × 4 B = 63 MB); the (L, K) text logits at K = 171 add
+    3.5 MB each. ``bench/loss.py`` prints the measured peak.
     """
+    if negatives not in ("all", "batch"):
+        raise ValueError(f"alignment_loss: negatives must be 'all' or 'batch', got {negatives!r}")
     if z.dim() != 2 or labels.dim() != 1 or z.shape[0] != labels.shape[0]:
         raise ValueError(
             f"alignment_loss: z must be (M, D) and labels (M,), got "
@@ -165,10 +186,15 @@ def alignment_loss(
     with torch.autocast(device_type=z.device.type, enabled=False):
         zn = F.normalize(z[keep].float(), dim=-1)  # (L, D)
         present, y = torch.unique(y_all, return_inverse=True)  # (P,), (L,) in 0..P-1
-        tn = F.normalize(text[present].float(), dim=-1)  # (P, D)
+        if negatives == "all":
+            tn = F.normalize(text.float(), dim=-1)  # (K, D)
+            own = y_all  # column of each patch's own prototype
+        else:
+            tn = F.normalize(text[present].float(), dim=-1)  # (P, D)
+            own = y
         inv_t = 1.0 / temperature
         n_points = zn.shape[0]
-        s_text = (zn @ tn.T) * inv_t  # (L, P)
+        s_text = (zn @ tn.T) * inv_t  # (L, |T|)
         log_d = torch.logsumexp(s_text, dim=1)  # (L,)
         if n_points > 1:
             s_pp = (zn * inv_t) @ zn.T  # (L, L)
@@ -177,7 +203,7 @@ def alignment_loss(
 
         counts = torch.bincount(y, minlength=present.numel()).to(zn.dtype)  # N_k, (P,)
         # Patch-text: mean over present classes of the per-class mean of -(s_ik - log D_i).
-        per_patch_t = log_d - s_text.gather(1, y[:, None]).squeeze(1)  # (L,)
+        per_patch_t = log_d - s_text.gather(1, own[:, None]).squeeze(1)  # (L,)
         sum_t = torch.zeros_like(counts).index_add_(0, y, per_patch_t)
         loss_t = (sum_t / counts).mean()
 

@@ -113,7 +113,11 @@ def train_loop(
             with autocast_for(device):
                 z = module(feats)
             loss = alignment_loss(
-                z.reshape(-1, z.shape[-1]), y.to(device).reshape(-1), text, cfg.temperature
+                z.reshape(-1, z.shape[-1]),
+                y.to(device).reshape(-1),
+                text,
+                cfg.temperature,
+                cfg.text_negatives,
             )
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -6,16 +6,25 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fmbseg.models.align import AlignmentConfig, AlignmentModule, alignment_loss
 
 
-def naive_loss(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, tau: float) -> float:
-    """METHOD.md stage 2, one patch at a time in float64 Python arithmetic."""
+def naive_loss(
+    z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, tau: float, negatives: str = "all"
+) -> float:
+    """METHOD.md stage 2, one patch at a time in float64 Python arithmetic.
+
+    D_i = Σ_{j≠i} exp(z_i·z_j/τ) + Σ_k exp(z_i·t_k/τ), k over all K prototypes ("all", the
+    paper's reading) or only the classes present in the batch ("batch", the ablation);
+    L_t(k) per category present in the batch; L_p(i) SupCon; L = mean_k L_t + mean_i L_p.
+    """
     idx = [i for i in range(len(labels)) if int(labels[i]) >= 0]
     zs = {i: z[i].double() / z[i].double().norm() for i in idx}
     present = sorted({int(labels[i]) for i in idx})
-    ts = {k: text[k].double() / text[k].double().norm() for k in present}
+    negs = list(range(len(text))) if negatives == "all" else present
+    ts = {k: text[k].double() / text[k].double().norm() for k in range(len(text))}
 
     def s(a: torch.Tensor, b: torch.Tensor) -> float:
         return float(a @ b) / tau
@@ -23,7 +32,7 @@ def naive_loss(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, tau: f
     denom = {}
     for i in idx:
         d = sum(math.exp(s(zs[i], zs[j])) for j in idx if j != i)
-        d += sum(math.exp(s(zs[i], ts[k])) for k in present)
+        d += sum(math.exp(s(zs[i], ts[k])) for k in negs)
         denom[i] = d
     l_t = []
     for k in present:
@@ -39,7 +48,8 @@ def naive_loss(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, tau: f
     return sum(l_t) / len(l_t) + (sum(l_p) / len(l_p) if l_p else 0.0)
 
 
-def test_loss_matches_naive_loop_with_singletons_and_ignored() -> None:
+@pytest.mark.parametrize("negatives", ["all", "batch"])
+def test_loss_matches_naive_loop_with_singletons_and_ignored(negatives: str) -> None:
     g = torch.Generator().manual_seed(0)
     m, d, k = 23, 8, 6
     z = torch.randn(m, d, generator=g) * 3
@@ -47,41 +57,82 @@ def test_loss_matches_naive_loop_with_singletons_and_ignored() -> None:
     labels = torch.randint(0, 4, (m,), generator=g)
     labels[[1, 5, 9, 17]] = -1  # ignored patches
     labels[3] = 5  # class 5 has a single patch: no L_p term for it
-    # class 4 (absent) must not enter any denominator
+    # class 4 is absent: a negative in every denominator with "all", nowhere with "batch"
     for tau in (0.1, 0.5):
-        got = float(alignment_loss(z, labels, text, tau))
-        assert got == pytest.approx(naive_loss(z, labels, text, tau), abs=1e-5, rel=1e-5)
+        got = float(alignment_loss(z, labels, text, tau, negatives))
+        want = naive_loss(z, labels, text, tau, negatives)
+        assert got == pytest.approx(want, abs=1e-5, rel=1e-5)
+    # the two readings differ exactly by the absent prototype's share of the denominators
+    assert naive_loss(z, labels, text, 0.1, "all") > naive_loss(z, labels, text, 0.1, "batch")
 
 
-def test_loss_ignores_values_of_ignored_patches_and_absent_text_rows() -> None:
+def test_loss_default_is_every_vocabulary_prototype_a_negative() -> None:
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(12, 6, generator=g)
+    text = torch.randn(5, 6, generator=g, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 1, -1, 2, 2, 0, 1, 2, 0])  # classes 3 and 4 absent
+    loss = alignment_loss(z, labels, text, 0.1)
+    assert float(loss) == pytest.approx(naive_loss(z, labels, text.detach(), 0.1), abs=1e-5)
+    loss.backward()
+    assert text.grad is not None
+    # the absent classes' prototypes are pushed away from the batch's patches
+    assert (text.grad[3:].abs().sum(1) > 1e-6).all()
+    moved = text.detach().clone()
+    moved[4] = F.normalize(z[0], dim=0)  # an absent class now looks like patch 0
+    assert float(alignment_loss(z, labels, moved, 0.1)) > float(loss) + 1e-3
+
+    text.grad = None
+    alignment_loss(z, labels, text, 0.1, "batch").backward()
+    assert torch.equal(text.grad[3:], torch.zeros_like(text.grad[3:]))
+    assert float(alignment_loss(z, labels, moved, 0.1, "batch")) == pytest.approx(
+        float(alignment_loss(z, labels, text.detach(), 0.1, "batch")), abs=1e-6
+    )
+
+
+def test_loss_known_answer_one_patch_two_prototypes() -> None:
+    # One patch of class 0 lying on t_0, t_1 orthogonal: no patch pairs, so
+    # L = L_t(0) = -log(e^{1/τ} / (e^{1/τ} + e^{0})) = log(1 + e^{-1/τ}); with only the
+    # batch's classes as negatives the single prototype is its own denominator: L = 0.
+    z = torch.tensor([[2.0, 0.0]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    y = torch.tensor([0])
+    tau = 0.5
+    assert float(alignment_loss(z, y, text, tau)) == pytest.approx(
+        math.log1p(math.exp(-1 / tau)), abs=1e-6
+    )
+    assert float(alignment_loss(z, y, text, tau, "batch")) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("negatives", ["all", "batch"])
+def test_loss_ignores_values_of_ignored_patches(negatives: str) -> None:
     g = torch.Generator().manual_seed(1)
     z = torch.randn(10, 4, generator=g)
     text = torch.randn(5, 4, generator=g)
     labels = torch.tensor([0, 0, 1, 1, 1, -1, -1, 2, 2, 0])
-    base = alignment_loss(z, labels, text, 0.1)
-    z2, text2 = z.clone(), text.clone()
+    base = alignment_loss(z, labels, text, 0.1, negatives)
+    z2 = z.clone()
     z2[5:7] = torch.randn(2, 4, generator=g) * 100
-    text2[3:] = torch.randn(2, 4, generator=g)
-    assert torch.allclose(base, alignment_loss(z2, labels, text2, 0.1))
+    assert torch.allclose(base, alignment_loss(z2, labels, text, 0.1, negatives))
 
 
-def test_loss_edge_cases_single_patch_and_all_singletons() -> None:
+@pytest.mark.parametrize("negatives", ["all", "batch"])
+def test_loss_edge_cases_single_patch_and_all_singletons(negatives: str) -> None:
     g = torch.Generator().manual_seed(2)
     z = torch.randn(3, 5, generator=g)
     text = torch.randn(4, 5, generator=g)
     one = torch.tensor([-1, 2, -1])
-    assert float(alignment_loss(z, one, text, 0.2)) == pytest.approx(
-        naive_loss(z, one, text, 0.2), abs=1e-6
+    assert float(alignment_loss(z, one, text, 0.2, negatives)) == pytest.approx(
+        naive_loss(z, one, text, 0.2, negatives), abs=1e-6
     )
     singles = torch.tensor([0, 1, 3])
-    assert float(alignment_loss(z, singles, text, 0.2)) == pytest.approx(
-        naive_loss(z, singles, text, 0.2), abs=1e-6
+    assert float(alignment_loss(z, singles, text, 0.2, negatives)) == pytest.approx(
+        naive_loss(z, singles, text, 0.2, negatives), abs=1e-6
     )
     z.requires_grad_(True)
-    alignment_loss(z, one, text, 0.2).backward()  # one patch, one class: L == 0, no NaN
+    alignment_loss(z, one, text, 0.2, negatives).backward()  # one patch ("batch": L == 0)
     assert torch.isfinite(z.grad).all()
     z.grad = None
-    alignment_loss(z, singles, text, 0.2).backward()
+    alignment_loss(z, singles, text, 0.2, negatives).backward()
     assert torch.isfinite(z.grad).all() and (z.grad.abs().sum(1) > 0).all()
 
 
@@ -149,3 +200,5 @@ def test_loss_input_errors() -> None:
         alignment_loss(z, torch.tensor([0, 1, 1, 0]), text, 0.0)
     with pytest.raises(ValueError, match=r"text must be \(K, 3\)"):
         alignment_loss(z, torch.tensor([0, 1, 1, 0]), torch.randn(2, 4), 0.1)
+    with pytest.raises(ValueError, match="negatives must be 'all' or 'batch', got 'some'"):
+        alignment_loss(z, torch.tensor([0, 1, 1, 0]), text, 0.1, "some")  # type: ignore[arg-type]
