@@ -47,8 +47,11 @@ def loop_loss(
         members.setdefault(k, []).append(i)
     log_d = []
     for i in range(len(ys)):
-        others = torch.cat([zn[:i], zn[i + 1 :]])
-        log_d.append(torch.logsumexp(torch.cat([others @ zn[i], t_neg @ zn[i]]) / tau, 0))
+        # z_j·z_i for every j, then drop j = i (slicing a vector, not copying zn per patch,
+        # keeps the autograd graph at O(L) floats per patch: the paper batch fits in memory)
+        s_pp = zn @ zn[i]
+        others = torch.cat([s_pp[:i], s_pp[i + 1 :]])
+        log_d.append(torch.logsumexp(torch.cat([others, t_neg @ zn[i]]) / tau, 0))
     l_t = []
     for k in present:
         l_t.append(torch.stack([log_d[i] - zn[i] @ tn[k] / tau for i in members[k]]).mean())

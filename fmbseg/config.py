@@ -138,6 +138,9 @@ class TrainConfig:
     """Stage 2 (METHOD stage 2): alignment module on frozen DINOv2 patch features."""
 
     input_size: int = 448  # DINOv2 input side (patch 14 -> 32x32 patches)
+    # training crops per image: short side resized to input_size, input_size squares cut at
+    # seeded offsets along the long side (features cached per crop); epochs cycle through them
+    crops_per_image: int = 2
     min_labelled_fraction: float = 0.5  # majority label's share of a patch, else ignored (ours)
     heads: int = 16
     mlp_ratio: float = 4.0

@@ -3,17 +3,22 @@
 Training reads each image's patch features once per epoch; recomputing DINOv2 ViT-L every
 epoch (and on every rerun) dominates the cost, so they are a stage of their own:
 
-    fingerprint = (encoder name, encoder weights, input size, index fingerprint)
-    records     = image_id [string], num_patches N, dim C [int32],
-                  features [binary: (N, C) float16, row-major patches]
-    manifest    = meta {encoder, weights, input_size, image_ids: one list per shard}
+    fingerprint = (code version, encoder name, encoder weights, input size, crops per image,
+                   index fingerprint)
+    records     = one row per training crop: image_id [string], crop [int32] (its slot),
+                  resized_h, resized_w, y0, x0 [int32] (its box), num_patches N, dim C
+                  [int32], features [binary: (N, C) float16, row-major patches]
+    manifest    = meta {encoder, weights, input_size, crops_per_image,
+                  image_ids: one list per shard}
                   (the id -> shard map, so readers need not open every part)
 
 The stage runs on the shard runner (:mod:`fmbseg.tasks.runner`): Ray actors each build the
-encoder once. Images are squashed to ``input_size x input_size`` (bilinear, antialiased) —
-the same geometry :mod:`fmbseg.tasks.patch_labels` gives label maps — then normalised with
-the encoder's own :class:`~fmbseg.models.base.Preprocess`. Images that fail to load get a
-row in the stage's errors table and no features.
+encoder once. Each image is resized so its short side is ``input_size`` and its training
+crops (:mod:`fmbseg.tasks.train_crops`, a function of the image alone) are cut, normalised
+with the encoder's own :class:`~fmbseg.models.base.Preprocess` and encoded: the cache is keyed
+per crop, because a crop's features are not a crop of the whole image's features (DINOv2's
+tokens attend to the whole input). :mod:`fmbseg.tasks.patch_labels` labels the same crops.
+Images that fail to load get a row in the stage's errors table and no features.
 """
 
 from __future__ import annotations
@@ -26,20 +31,25 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 from fmbseg.config import RuntimeConfig
-from fmbseg.models.base import PatchEncoder, Preprocess
+from fmbseg.models.base import PatchEncoder
 from fmbseg.storage.fingerprint import fingerprint
 from fmbseg.storage.records import error_row
 from fmbseg.storage.store import ArtifactStore, Manifest, NotCommittedError
 from fmbseg.tasks.runner import errors_table, plan_shards, run_stage
+from fmbseg.tasks.train_crops import CropBox, crop_boxes, crop_inputs
 
 STAGE = "dino_features"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: short-side resize + crops, one row per crop (1: squash)
 FEATURE_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
+        pa.field("crop", pa.int32(), nullable=False),  # slot j of the image's crops
+        pa.field("resized_h", pa.int32(), nullable=False),  # the crop's box (CropBox)
+        pa.field("resized_w", pa.int32(), nullable=False),
+        pa.field("y0", pa.int32(), nullable=False),
+        pa.field("x0", pa.int32(), nullable=False),
         pa.field("num_patches", pa.int32(), nullable=False),  # N
         pa.field("dim", pa.int32(), nullable=False),  # C
         pa.field("features", pa.binary(), nullable=False),  # (N, C) float16, row-major
@@ -48,21 +58,6 @@ FEATURE_SCHEMA = pa.schema(
 
 Progress = Callable[[dict[str, Any]], None]
 EncoderFactory = Callable[[torch.device], PatchEncoder]
-
-
-def encoder_input(image: np.ndarray, preprocess: Preprocess, size: int) -> torch.Tensor:
-    """``HxWx3 uint8 RGB`` -> ``(3, size, size) float32``, resized then normalised."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
-    t = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()  # copy: may be read-only
-    if t.shape[-2:] != (size, size):
-        t = F.interpolate(
-            t, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-    t = t.div_(255.0)
-    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
-    return ((t - mean) / std)[0]
 
 
 def check_input_size(encoder: PatchEncoder, input_size: int) -> int:
@@ -99,12 +94,17 @@ def load_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.nd
 
 
 def features_fingerprint(
-    encoder_name: str, weights: str | None, input_size: int, index_fp: str
+    encoder_name: str, weights: str | None, input_size: int, index_fp: str, crops_per_image: int
 ) -> str:
     return fingerprint(
         STAGE,
         CODE_VERSION,
-        {"encoder": encoder_name, "weights": weights, "input_size": input_size},
+        {
+            "encoder": encoder_name,
+            "weights": weights,
+            "input_size": input_size,
+            "crops_per_image": crops_per_image,
+        },
         {"index": index_fp},
     )
 
@@ -117,20 +117,22 @@ def build_feature_cache(
     index_fp: str,
     images: pa.Table,
     *,
+    crops_per_image: int,
     encoder_factory: EncoderFactory,
     runtime: RuntimeConfig,
     batch_size: int,
     storage_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> str:
-    """Compute and commit the features of ``images`` (columns image_id, uri); returns the fp.
+    """Compute and commit the features of the training crops of ``images`` (columns
+    image_id, uri; up to ``crops_per_image`` crops each); returns the fingerprint.
 
     Fans out over shards of ``runtime.shard_size`` images with the shard runner (Ray actors
     each build their encoder once with ``encoder_factory(device)``; ``"local"`` runs in this
     process). Already committed: returns at once; shards written by an interrupted run are
     kept.
     """
-    fp = features_fingerprint(encoder_name, weights, input_size, index_fp)
+    fp = features_fingerprint(encoder_name, weights, input_size, index_fp, crops_per_image)
     ids = images.column("image_id").to_pylist()
     uris = images.column("uri").to_pylist()
     specs = [
@@ -138,12 +140,19 @@ def build_feature_cache(
         for r in plan_shards(len(ids), runtime.shard_size)
     ]
     worker = functools.partial(
-        FeatureWorker, encoder_factory, runtime.device, input_size, batch_size, storage_options
+        FeatureWorker,
+        encoder_factory,
+        runtime.device,
+        input_size,
+        crops_per_image,
+        batch_size,
+        storage_options,
     )
     meta = {
         "encoder": encoder_name,
         "weights": weights,
         "input_size": input_size,
+        "crops_per_image": crops_per_image,
         "image_ids": [spec["image_ids"] for spec in specs],
     }
     tick = None
@@ -157,13 +166,14 @@ def build_feature_cache(
 
 
 class FeatureWorker:
-    """Shard worker of `dino_features`: builds its encoder once, encodes a shard's images."""
+    """Shard worker of `dino_features`: builds its encoder once, encodes a shard's crops."""
 
     def __init__(
         self,
         encoder_factory: EncoderFactory,
         device: str,
         input_size: int,
+        crops_per_image: int,
         batch_size: int,
         storage_options: dict[str, Any] | None,
     ) -> None:
@@ -176,7 +186,7 @@ class FeatureWorker:
         )
         self.encoder = encoder_factory(self.device)
         check_input_size(self.encoder, input_size)
-        self.args = (input_size, batch_size, self.device, storage_options)
+        self.args = (input_size, crops_per_image, batch_size, self.device, storage_options)
 
     def process(self, shard: int, spec: dict[str, list[str]]) -> tuple[pa.Table, pa.Table]:
         return _encode_shard(self.encoder, spec["image_ids"], spec["uris"], *self.args)
@@ -187,23 +197,31 @@ def _encode_shard(
     ids: Sequence[str],
     uris: Sequence[str],
     size: int,
+    crops_per_image: int,
     batch_size: int,
     device: torch.device,
     storage_options: dict[str, Any] | None,
 ) -> tuple[pa.Table, pa.Table]:
-    """Features of one shard's images (``FEATURE_SCHEMA``) and its errors table."""
-    out_ids: list[str] = []
-    blobs: list[bytes] = []
-    shapes: list[tuple[int, int]] = []
+    """Features of one shard's crops (``FEATURE_SCHEMA``; ``batch_size`` crops per encoder
+    call) and its errors table."""
+    out: dict[str, list[Any]] = {name: [] for name in FEATURE_SCHEMA.names}
     errors = []
-    pending: list[tuple[str, torch.Tensor]] = []
+    pending: list[tuple[str, int, CropBox, torch.Tensor]] = []
 
     def flush() -> None:
-        feats = encode_batch(encoder, torch.stack([t for _, t in pending]), device)
-        for (image_id, _), f in zip(pending, feats.to(torch.float16).cpu().numpy(), strict=True):
-            out_ids.append(image_id)
-            blobs.append(np.ascontiguousarray(f).tobytes())
-            shapes.append(f.shape)
+        feats = encode_batch(encoder, torch.stack([p[3] for p in pending]), device)
+        for (image_id, j, box, _), f in zip(
+            pending, feats.to(torch.float16).cpu().numpy(), strict=True
+        ):
+            out["image_id"].append(image_id)
+            out["crop"].append(j)
+            for key, value in zip(
+                ("resized_h", "resized_w", "y0", "x0"), box.as_tuple(), strict=True
+            ):
+                out[key].append(value)
+            out["num_patches"].append(f.shape[0])
+            out["dim"].append(f.shape[1])
+            out["features"].append(np.ascontiguousarray(f).tobytes())
         pending.clear()
 
     for image_id, uri in zip(ids, uris, strict=True):
@@ -212,25 +230,22 @@ def _encode_shard(
         except Exception as exc:  # noqa: BLE001 - recorded, the image is skipped
             errors.append(error_row(image_id, uri, STAGE, type(exc).__name__, str(exc)))
             continue
-        pending.append((image_id, encoder_input(image, encoder.preprocess, size)))
-        if len(pending) == batch_size:
-            flush()
+        h, w = image.shape[:2]
+        boxes = crop_boxes(image_id, h, w, size, crops_per_image)
+        for j, (box, x) in enumerate(
+            zip(boxes, crop_inputs(image, boxes, encoder.preprocess, size), strict=True)
+        ):
+            pending.append((image_id, j, box, x))
+            if len(pending) == batch_size:
+                flush()
     if pending:
         flush()
-    table = pa.table(
-        {
-            "image_id": pa.array(out_ids, pa.string()),
-            "num_patches": pa.array([n for n, _ in shapes], pa.int32()),
-            "dim": pa.array([c for _, c in shapes], pa.int32()),
-            "features": pa.array(blobs, pa.binary()),
-        },
-        schema=FEATURE_SCHEMA,
-    )
-    return table, errors_table(errors)
+    return pa.table(out, schema=FEATURE_SCHEMA), errors_table(errors)
 
 
 class FeatureCache:
-    """Read access to a committed `dino_features` output: ``get(image_id) -> (N, C) float16``.
+    """Read access to a committed `dino_features` output: ``get(image_id, crop) -> (N, C)
+    float16``, the features of crop slot ``crop`` of the image, and ``box(image_id, crop)``.
 
     Keeps the ``max_shards`` most recently used shards in memory (a shard is one Parquet
     file); read images in shard order (:meth:`shard_of`) to read each shard once per pass.
@@ -255,7 +270,7 @@ class FeatureCache:
             for image_id in ids
             if image_id not in failed
         }
-        self._shards: OrderedDict[int, tuple[pa.Table, dict[str, int]]] = OrderedDict()
+        self._shards: OrderedDict[int, tuple[pa.Table, dict[tuple[str, int], int]]] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"store": self.store, "fp": self.fp, "max_shards": self.max_shards}
@@ -272,8 +287,22 @@ class FeatureCache:
     def shard_of(self, image_id: str) -> int:
         return self._shard_of[image_id]
 
-    def get(self, image_id: str) -> np.ndarray:
-        """``(N, C) float16`` patch features, row-major patches (as the encoder returns them)."""
+    def get(self, image_id: str, crop: int = 0) -> np.ndarray:
+        """``(N, C) float16`` patch features of crop slot ``crop``, row-major patches (as the
+        encoder returns them)."""
+        table, row = self._row(image_id, crop)
+        n, c = table.column("num_patches")[row].as_py(), table.column("dim")[row].as_py()
+        blob = table.column("features")[row].as_py()
+        return np.frombuffer(blob, dtype=np.float16).reshape(n, c)
+
+    def box(self, image_id: str, crop: int = 0) -> CropBox:
+        """Where crop slot ``crop`` of the image was cut (to check labels were cut alike)."""
+        table, row = self._row(image_id, crop)
+        return CropBox(
+            *(table.column(k)[row].as_py() for k in ("resized_h", "resized_w", "y0", "x0"))
+        )
+
+    def _row(self, image_id: str, crop: int) -> tuple[pa.Table, int]:
         if image_id not in self._shard_of:
             raise KeyError(
                 f"image {image_id!r} has no cached features in {STAGE}/{self.fp} "
@@ -283,14 +312,15 @@ class FeatureCache:
         entry = self._shards.get(shard)
         if entry is None:
             table = self.store.read_shard(STAGE, self.fp, shard, manifest=self.manifest)
-            rows = {k: i for i, k in enumerate(table.column("image_id").to_pylist())}
+            ids, crops = table.column("image_id").to_pylist(), table.column("crop").to_pylist()
+            keys = zip(ids, crops, strict=True)
+            rows = {key: i for i, key in enumerate(keys)}
             entry = self._shards[shard] = (table, rows)
             while len(self._shards) > self.max_shards:
                 self._shards.popitem(last=False)
         else:
             self._shards.move_to_end(shard)
         table, rows = entry
-        row = rows[image_id]
-        n, c = table.column("num_patches")[row].as_py(), table.column("dim")[row].as_py()
-        blob = table.column("features")[row].as_py()
-        return np.frombuffer(blob, dtype=np.float16).reshape(n, c)
+        if (image_id, crop) not in rows:
+            raise KeyError(f"image {image_id!r} has no crop {crop} in {STAGE}/{self.fp}")
+        return table, rows[image_id, crop]

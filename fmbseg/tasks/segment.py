@@ -3,9 +3,10 @@
 frozen DINOv2 -> alignment module -> cosine similarity with the text embeddings of *any*
 class list -> bilinear upsampling to the image size -> per-pixel argmax.
 
-The image is squashed to the encoder's square training input (``card.encoder.input_size``),
-exactly as in training. Evaluation protocols that tile an image into windows call
-:meth:`OpenVocabSegmenter.similarities` per window.
+Geometry, as in training (:mod:`fmbseg.tasks.train_crops`) and the evaluation protocol: the
+image is resized so its short side is the training input size (``card.encoder.input_size``)
+and scored in square windows of that size, stride half a window, with the evaluation's own
+sliding-window code (:mod:`fmbseg.tasks.evaluate`); objects keep their aspect ratio.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from fmbseg.models.align import AlignmentConfig, AlignmentModule
 from fmbseg.models.base import DenseClip, PatchEncoder
 from fmbseg.storage.models import ModelRef, ModelRegistry
 from fmbseg.storage.store import ArtifactStore
-from fmbseg.tasks.features import autocast_for, encoder_input
 from fmbseg.tasks.train import CARD_KIND, resolve_device
+from fmbseg.tasks.train_crops import resized_short_side
 from fmbseg.tasks.train_data import vocabulary_names
+
+WINDOW_BATCH = 8  # windows per encoder call (bounds memory; does not change the result)
 
 
 class IncompatibleModelError(ValueError):
@@ -134,27 +137,24 @@ class OpenVocabSegmenter:
         return self._text_cache[names]
 
     @torch.no_grad()
-    def patch_embeddings(self, batch: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, S, S)`` normalised encoder input -> ``(B, N, D) float32`` L2-normalised."""
-        with autocast_for(self.device):
-            feats = self.encoder.patch_features(batch.to(self.device))
-            z = self.module(feats.to(self.device))
-        return F.normalize(z.float(), dim=-1)
-
-    @torch.no_grad()
-    def patch_similarities(self, image: np.ndarray, classes: list[str]) -> torch.Tensor:
-        """Cosine similarity of every patch with every class: ``(K, g, g) float32``."""
-        text = self.text_embeddings(classes)
-        x = encoder_input(image, self.encoder.preprocess, self.input_size)[None]
-        z = self.patch_embeddings(x)[0]  # (N, D)
-        g = self.input_size // self.encoder.preprocess.patch_size
-        return (text @ z.T).reshape(len(text), g, g)
-
-    @torch.no_grad()
     def similarities(self, image: np.ndarray, classes: list[str]) -> torch.Tensor:
-        """``(K, H, W) float32`` cosine similarities, bilinearly upsampled to the image size."""
-        sims = self.patch_similarities(image, classes)
+        """``(K, H, W) float32`` cosine similarities, bilinearly upsampled to the image size.
+
+        The image is resized (bilinear) so its short side is ``input_size``; square
+        ``input_size`` windows with stride ``input_size // 2`` (the evaluation's 448/224) are
+        scored by :class:`~fmbseg.tasks.predictors.AlignmentPredictor` and averaged where
+        they overlap (mmseg's slide inference), then upsampled to ``H x W``.
+        """
+        from fmbseg.tasks.evaluate import normalise_image, sliding_window_scores
+        from fmbseg.tasks.predictors import AlignmentPredictor
+
+        text = self.text_embeddings(classes)
+        predictor = AlignmentPredictor.from_segmenter(self)
         h, w = image.shape[:2]
+        x = normalise_image(image, resized_short_side(h, w, self.input_size), predictor)
+        window = self.input_size
+        stride = max(self.encoder.preprocess.patch_size, window // 2)
+        sims = sliding_window_scores(x, predictor, text, window, stride, WINDOW_BATCH)
         return F.interpolate(sims[None], size=(h, w), mode="bilinear", align_corners=False)[0]
 
     def segment(self, image: np.ndarray, classes: list[str]) -> np.ndarray:

@@ -53,7 +53,7 @@ from fmbseg.tasks.train_sets import (
 log = logging.getLogger(__name__)
 
 STAGE = "train"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: short-side resize + crops (train_crops); 1: whole image squashed
 LABELS_STAGE = "merge"
 CARD_KIND = "fmbseg-alignment"
 # What label maps are composed from (bbox and fingerprint are not needed).
@@ -81,7 +81,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_train_config(cfg: TrainConfig) -> None:
-    for key in ("epochs", "batch_size", "input_size", "heads"):
+    for key in ("epochs", "batch_size", "input_size", "heads", "crops_per_image"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"train.{key} must be >= 1, got {getattr(cfg, key)}")
     if not 0.0 <= cfg.min_labelled_fraction <= 1.0:
@@ -204,7 +204,7 @@ def run_train(
         indexes.append(read_index(store, ifp))
         parts.append(labelled_images(
             records, names, tcfg.input_size, encoder.preprocess.patch_size,
-            tcfg.min_labelled_fraction, tcfg.num_loader_workers,
+            tcfg.min_labelled_fraction, tcfg.crops_per_image, tcfg.num_loader_workers,
             all_image_ids=indexes[-1].column("image_id").to_pylist(),
         ))  # fmt: skip
     data = unite(parts)
@@ -215,7 +215,8 @@ def run_train(
         for k, ((_, ifp), index) in enumerate(zip(sets, indexes, strict=True)):
             feature_fps[k] = build_feature_cache(
                 store, encoder.name, cfg.models.dino_weights, tcfg.input_size, ifp,
-                index.select(["image_id", "uri"]), encoder_factory=factory,
+                index.select(["image_id", "uri"]), crops_per_image=tcfg.crops_per_image,
+                encoder_factory=factory,
                 runtime=cfg.runtime, batch_size=tcfg.batch_size, storage_options=options,
                 progress=progress,
             )  # fmt: skip
@@ -247,7 +248,7 @@ def run_train(
     if init_ref is not None:
         module.load_state_dict(init_state(registry, init_ref, mcfg, encoder.name))
     module = module.to(device)
-    sampler = EpochOrder(dataset.groups(), tcfg.seed)
+    sampler = EpochOrder(dataset.groups(), tcfg.seed, dataset.slots())
     loader = DataLoader(
         dataset,
         batch_size=tcfg.batch_size,

@@ -21,6 +21,7 @@ from fmbseg.models.align import AlignmentConfig
 from fmbseg.storage.fingerprint import canonical_json
 from fmbseg.storage.models import ModelRef, ModelRegistry
 from fmbseg.tasks.features import FeatureCache
+from fmbseg.tasks.train_crops import CropBox
 from fmbseg.tasks.train_data import LabelledImages
 
 LabelSet = tuple[str, str]  # (merge fingerprint, index fingerprint)
@@ -72,11 +73,12 @@ def unite(parts: Sequence[LabelledImages]) -> LabelledImages:
                 seen.add(image_id)
                 keep.append((p, i))
     labels = [parts[p].labels[i] for p, i in keep]
-    grid = parts[0].labels.shape[1]
+    boxes = [parts[p].boxes[i] for p, i in keep]
     return LabelledImages(
         image_ids=[parts[p].image_ids[i] for p, i in keep],
         uris=[parts[p].uris[i] for p, i in keep],
-        labels=np.stack(labels) if labels else np.zeros((0, grid), np.int16),
+        labels=np.stack(labels) if labels else parts[0].labels[:0],
+        boxes=np.stack(boxes) if boxes else parts[0].boxes[:0],
         without_labels=sum(part.without_labels for part in parts),
     )
 
@@ -113,9 +115,12 @@ class FeatureCaches:
         k = self._which(image_id)
         return int(self.offsets[k]) + self.caches[k].shard_of(image_id)
 
-    def get(self, image_id: str) -> np.ndarray:
-        """``(N, C) float16`` patch features of ``image_id``."""
-        return self.caches[self._which(image_id)].get(image_id)
+    def get(self, image_id: str, crop: int = 0) -> np.ndarray:
+        """``(N, C) float16`` patch features of crop ``crop`` of ``image_id``."""
+        return self.caches[self._which(image_id)].get(image_id, crop)
+
+    def box(self, image_id: str, crop: int = 0) -> CropBox:
+        return self.caches[self._which(image_id)].box(image_id, crop)
 
 
 def resolve_init(registry: ModelRegistry, ref: str, model_name: str) -> ModelRef:
