@@ -237,6 +237,7 @@ class PatchDataset(Dataset):
         image_id = self.data.image_ids[i]
         want = self.data.box(i, j)
         y = torch.from_numpy(self.data.labels[i, j].astype(np.int64))
+        got: CropBox | None
         if self.cache is not None:
             got = self.cache.box(image_id, j)
             x = torch.from_numpy(self.cache.get(image_id, j).astype(np.float32))
