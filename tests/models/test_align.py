@@ -72,14 +72,14 @@ def test_loss_default_is_every_vocabulary_prototype_a_negative() -> None:
     text = torch.randn(5, 6, generator=g, requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1, 1, -1, 2, 2, 0, 1, 2, 0])  # classes 3 and 4 absent
     loss = alignment_loss(z, labels, text, 0.1)
-    assert float(loss) == pytest.approx(naive_loss(z, labels, text.detach(), 0.1), abs=1e-5)
+    assert loss.item() == pytest.approx(naive_loss(z, labels, text.detach(), 0.1), abs=1e-5)
     loss.backward()
     assert text.grad is not None
     # the absent classes' prototypes are pushed away from the batch's patches
     assert (text.grad[3:].abs().sum(1) > 1e-6).all()
     moved = text.detach().clone()
     moved[4] = F.normalize(z[0], dim=0)  # an absent class now looks like patch 0
-    assert float(alignment_loss(z, labels, moved, 0.1)) > float(loss) + 1e-3
+    assert float(alignment_loss(z, labels, moved, 0.1)) > loss.item() + 1e-3
 
     text.grad = None
     alignment_loss(z, labels, text, 0.1, "batch").backward()
