@@ -74,7 +74,7 @@ def output_stems(images: Sequence[str], out: str) -> list[str]:
 def cmd_segment(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.data.images import decode_image
     from fmbseg.data.sources import read_bytes
-    from fmbseg.storage.models import ModelNotFoundError
+    from fmbseg.storage.models import CorruptModelError, ModelNotFoundError
     from fmbseg.tasks.segment import IncompatibleModelError, OpenVocabSegmenter, write_outputs
 
     classes = list(parse_classes(args))
@@ -86,10 +86,11 @@ def cmd_segment(args: argparse.Namespace, common: Common) -> int:
         )
     except ModelNotFoundError as exc:
         hint = ""
-        if args.model.endswith("champion"):
+        if args.model.endswith("champion") and not isinstance(exc, CorruptModelError):
             hint = (
-                "; use --model latest (or NAME:vNNNN) for an unpromoted version, or run "
-                "`fmbseg train` first if there is none"
+                "; use --model latest (or NAME:vNNNN) for an unpromoted version, promote one "
+                "with `fmbseg models promote NAME:vNNNN`, or run `fmbseg train` first if "
+                "there is none"
             )
         raise UsageError(f"{exc}{hint}") from None
     except (IncompatibleModelError, ValueError) as exc:

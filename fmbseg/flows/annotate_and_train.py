@@ -92,7 +92,9 @@ def annotate_and_train_flow(
     labels = annotate_flow(
         images=images, store=store, classes=list(vocabulary), image_root=image_root, **common
     )
-    model = train_flow(store=store, labels=labels["fingerprints"]["merge"], **common)
+    model = train_flow(
+        store=store, labels=labels["fingerprints"]["merge"], promote_first=False, **common
+    )
     st = open_store(store, storage_options)
     if eval_dataset is not None and eval_data_root is not None:
         evaluation = evaluate_and_promote(

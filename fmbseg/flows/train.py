@@ -10,6 +10,7 @@ returns the model version already in the registry and trains nothing.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +31,13 @@ from fmbseg.flows.common import (
 from fmbseg.storage.models import CARD, WEIGHTS, ModelRegistry
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.features import STAGE as FEATURES_STAGE
+from fmbseg.tasks.promotion import promote_if_first
 from fmbseg.tasks.stage1 import VOCABULARY_KEY
 from fmbseg.tasks.train import LABELS_STAGE, STAGE, run_train, train_fingerprint
 from fmbseg.tasks.train_data import vocabulary_names
 
 LOSS_CURVE = "loss_curve.png"  # the file run_train saves beside the weights
+_FINGERPRINT_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,12 @@ def resolve_labels(store: ArtifactStore, labels: str) -> TrainInputs:
                 f"labels 'latest': no committed pseudo-labels (stage {LABELS_STAGE!r}) in "
                 f"{store.uri}; run `fmbseg annotate` first"
             )
+    elif not _FINGERPRINT_RE.match(labels):
+        # the string becomes part of a store path: '../index/x' would read another stage
+        raise NotCommittedError(
+            f"labels {labels!r} is not a fingerprint (letters and digits, as `fmbseg status` "
+            f"lists them) or 'latest'"
+        )
     else:
         fp = labels
     manifest = store.manifest(LABELS_STAGE, fp)
@@ -139,7 +148,7 @@ def model_summary(store: ArtifactStore, fp: str) -> dict[str, Any]:
         "uri": store.url(rel),
         "card": store.url(f"{rel}/{CARD}"),
         "weights": store.url(f"{rel}/{WEIGHTS}"),
-        "loss_curve": store.url(f"{rel}/{card.get('loss_curve', LOSS_CURVE)}"),
+        "loss_curve": store.url(f"{rel}/{_plain_file(card.get('loss_curve', LOSS_CURVE))}"),
         "train_fp": fp,
         "labels": card["data"]["labels_fp"],
         "index": card["data"]["index_fp"],
@@ -149,6 +158,12 @@ def model_summary(store: ArtifactStore, fp: str) -> dict[str, Any]:
         "epoch_losses": list(card["epoch_losses"]),
         "final_loss": card["metrics"]["final_loss"],
     }
+
+
+def _plain_file(name: Any) -> str:
+    """A file name a card gives for its folder; anything else (a path) -> the default."""
+    ok = isinstance(name, str) and "/" not in name and "\\" not in name
+    return name if ok and name not in ("", ".", "..") else LOSS_CURVE
 
 
 def loss_markdown(summary: dict[str, Any]) -> str:
@@ -173,13 +188,17 @@ def train_flow(
     overrides: list[str] | None = None,
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    promote_first: bool = True,
 ) -> dict[str, Any]:
     """Train the open-vocabulary segmenter on the pseudo-labels ``labels`` in ``store``.
 
-    ``labels``: a merge-stage fingerprint or ``"latest"``. Returns :func:`model_summary`
-    (``{"model", "version", "card", "weights", "loss_curve", ...}``) plus ``cached`` (True
-    when this config had already trained on these labels: nothing was retrained) and
-    ``flow_run`` (the Prefect flow run id, or None).
+    ``labels``: a merge-stage fingerprint or ``"latest"``. ``promote_first``: make the
+    version the champion when its name has none yet (the registry's one rule; flows that
+    decide promotion themselves pass False). Returns :func:`model_summary` (``{"model",
+    "version", "card", "weights", "loss_curve", ...}``) plus ``cached`` (True when this
+    config had already trained on these labels: nothing was retrained), ``champion`` (the
+    name's champion version after this run, or None), ``promoted`` (this run made the version
+    the champion) and ``flow_run`` (the Prefect flow run id, or None).
     """
     cfg = configure(config, overrides, ray_address)
     st = open_store(store, storage_options)
@@ -188,6 +207,8 @@ def train_flow(
     cached = st.is_committed(STAGE, fp)
     train_task(st, fp, cfg, inputs)
     summary = model_summary(st, fp)
+    registry = ModelRegistry(st)
+    promoted = promote_first and promote_if_first(registry, summary["model"], summary["version"])
     ref = f"{summary['model']}:{summary['version']}"
     markdown_artifact("train-loss", loss_markdown(summary), description=f"loss of {ref}")
     table_artifact("train-model", [{
@@ -205,4 +226,6 @@ def train_flow(
         "model": {"name": summary["model"], "version": summary["version"],
                   "card": summary["card"]},
     })  # fmt: skip
-    return {**summary, "cached": cached, "flow_run": run_id}
+    champion = registry.champion(summary["model"])
+    return {**summary, "cached": cached, "champion": champion, "promoted": bool(promoted),
+            "flow_run": run_id}  # fmt: skip
