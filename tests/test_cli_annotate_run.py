@@ -98,6 +98,28 @@ def test_run_tiny_on_the_bundled_photos(
     assert "fmbseg segment IMAGE" in out and "--model champion" in out
     lineage = [json.loads(p.read_text()) for p in (store / "runs").glob("*.json")]
     assert any(r["flow"] == "annotate-and-train" for r in lineage)
+    (parent,) = [r for r in lineage if r["flow"] == "annotate-and-train"]
+    children = {r["flow"]: r for r in lineage if r["flow"] != "annotate-and-train"}
+    assert {"annotate", "train"} <= set(children)
+    for record in lineage:
+        assert record["outcome"] == "completed" and record["duration_s"] > 0
+        assert record["started_at"] < record["ended_at"]
+    assert parent["parent_run"] is None
+    assert all(r["parent_run"] == parent["run_id"] for r in children.values())
+
+    assert main(["status", "--store", str(store)]) == 0
+    status = capsys.readouterr().out
+    st = ArtifactStore(str(store))
+    for stage in ("index", "clip_dense", "sam_prompt", "sam_auto", "merge", "export", "train"):
+        (fp,) = st.committed_fingerprints(stage)
+        rows = st.manifest(stage, fp).rows
+        assert f"  {stage:<12} {fp}  {rows:>8} rows  " in status
+    (export_fp,) = st.ls("exports")
+    assert f"  {export_fp}  5 images, {len(SAMPLE_CLASSES)} classes, " in status
+    assert st.url(f"exports/{export_fp}/gallery.html") in status
+    assert f"  {name}: 1 version(s), latest v0001, champion v0001" in status
+    assert "annotate-and-train completed" in status.replace("  ", " ")
+    assert f"(in {parent['run_id']})" in status
 
     # Rerun: everything is a cache hit; no new model version, the champion stays.
     assert main(argv) == 0

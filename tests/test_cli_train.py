@@ -77,6 +77,15 @@ def test_train_rejects_labels_that_are_not_committed(
     assert status == 2
     assert err.startswith("fmbseg: error: labels 'cafe0000': no committed pseudo-labels")
     assert LABELS_A in err and "Traceback" not in err
+    # the failed run is in the store's lineage, with its outcome and error
+    (record,) = [world.store.read_json(f"runs/{e}") for e in world.store.ls("runs")]
+    assert record["flow"] == "train" and record["outcome"] == "failed"
+    assert "labels 'cafe0000': no committed pseudo-labels" in record["error"]
+    assert record["duration_s"] >= 0 and record["parameters"]["labels"] == "cafe0000"
+    assert main(["status", "--store", world.store.uri]) == 0
+    out = capsys.readouterr().out
+    assert f"  merge        {LABELS_A}  " in out and "models:\n  none" in out
+    assert " train              failed " in out
 
 
 def test_train_refuses_labels_that_are_paths(

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from fmbseg.config import Config
 from fmbseg.data.vocab import resolve_vocabulary
 from fmbseg.flows.common import (
+    LINEAGE_HOOKS,
     StageProgress,
     configure,
     current_flow_run_id,
@@ -180,7 +181,7 @@ def label_index(
     return fps
 
 
-@flow(name="annotate")
+@flow(name="annotate", **LINEAGE_HOOKS)
 def annotate_flow(
     images: str,
     store: str = "./fmbseg-store",

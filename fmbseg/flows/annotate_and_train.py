@@ -16,6 +16,7 @@ from prefect import flow
 from fmbseg.data.vocab import resolve_vocabulary
 from fmbseg.flows.annotate import annotate_flow
 from fmbseg.flows.common import (
+    LINEAGE_HOOKS,
     configure,
     current_flow_run_id,
     open_store,
@@ -60,7 +61,7 @@ def evaluate_and_promote(
             "promoted": verdict.promote, "reason": verdict.reason}  # fmt: skip
 
 
-@flow(name="annotate-and-train")
+@flow(name="annotate-and-train", **LINEAGE_HOOKS)
 def annotate_and_train_flow(
     images: str,
     store: str = "./fmbseg-store",

@@ -24,6 +24,7 @@ from fmbseg.data.vocab import resolve_vocabulary
 from fmbseg.flows.annotate import annotate_plan, label_index
 from fmbseg.flows.annotate_and_train import evaluate_and_promote
 from fmbseg.flows.common import (
+    LINEAGE_HOOKS,
     configure,
     current_flow_run_id,
     open_store,
@@ -122,7 +123,7 @@ def up_to_date(
     return last["version"] if "promotion" in registry.card(name, last["version"]) else None
 
 
-@flow(name="retrain")
+@flow(name="retrain", **LINEAGE_HOOKS)
 def retrain_flow(
     images: str,
     store: str = "./fmbseg-store",

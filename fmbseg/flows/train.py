@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fmbseg.config import Config
 from fmbseg.flows.common import (
+    LINEAGE_HOOKS,
     StageProgress,
     configure,
     current_flow_run_id,
@@ -180,7 +181,7 @@ def loss_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="train")
+@flow(name="train", **LINEAGE_HOOKS)
 def train_flow(
     store: str = "./fmbseg-store",
     labels: str = "latest",
