@@ -138,3 +138,35 @@ def test_run_offline_says_so_and_suggests_tiny(
     text = out.out + out.err
     assert "could not be loaded (offline?)" in text and "fmbseg run --config tiny" in text
     assert str(missing) in text and "models.sam_weights" in text
+
+
+def test_run_offline_fails_fast_naming_every_missing_checkpoint(
+    prefect_harness, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """quickstart with no network: an unreachable hub and empty caches. Every model's weights
+    are located before the first stage, so it fails in seconds, indexes nothing, and says
+    which keys to set (whole message, nothing cut)."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # an empty ~/.cache/fmbseg/weights
+    store = tmp_path / "store"
+    start = time.monotonic()
+    status = main(["run", "--store", str(store)])  # default config: quickstart
+    elapsed = time.monotonic() - start
+    out = capsys.readouterr()
+    assert status == 2, out.err
+    assert elapsed < 30, f"took {elapsed:.1f} s to report missing weights"
+    text = out.out + out.err
+    for key, value in [("clip_weights", "'openai'"), ("dino_weights", "'hub'"),
+                       ("sam_weights", "'https://dl.fbaipublicfiles.com/segment_anything/"
+                                       "sam_vit_b_01ec64.pth'")]:  # fmt: skip
+        assert f"models.{key}={value}" in text
+        assert f"set models.{key} to a local path or a store URI of the checkpoint" in text
+    assert "http://127.0.0.1:9/timm/vit_base_patch16_clip_224.openai" in text
+    assert "fmbseg run --config tiny" in text and "Traceback" not in text
+    assert not (store / "stages").exists()  # nothing was indexed

@@ -29,6 +29,7 @@ from fmbseg.flows.common import (
     table_artifact,
 )
 from fmbseg.flows.index import index_task, list_images_task
+from fmbseg.models.locate import locate_weights
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.clip_dense import run_clip_dense
 from fmbseg.tasks.export import run_export
@@ -200,6 +201,7 @@ def annotate_flow(
     """
     vocabulary = resolve_vocabulary(classes, vocab)  # bad names fail before any work
     cfg = configure(config, overrides, ray_address)
+    locate_weights(cfg.models, ("clip", "sam"), storage_options)  # seconds, not after index
     st = open_store(store, storage_options)
     fps = annotate_stages(st, cfg, images, vocabulary, storage_options, image_root)
     summary = annotation_summary(st, fps)

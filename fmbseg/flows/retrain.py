@@ -34,6 +34,7 @@ from fmbseg.flows.common import (
     table_artifact,
 )
 from fmbseg.flows.train import TrainProgress, model_summary
+from fmbseg.models.locate import locate_weights
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks import ledger as ledger_
@@ -157,6 +158,7 @@ def retrain_flow(
     if (eval_dataset is None) != (eval_data_root is None):
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)
+    locate_weights(cfg.models, ("clip", "sam", "dino"), storage_options)
     common: dict[str, Any] = {"config": config, "overrides": overrides,
                               "ray_address": ray_address, "storage_options": storage_options}  # fmt: skip
     st = open_store(store, storage_options)

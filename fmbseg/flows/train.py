@@ -29,6 +29,7 @@ from fmbseg.flows.common import (
     stage_task,
     table_artifact,
 )
+from fmbseg.models.locate import locate_weights
 from fmbseg.storage.models import CARD, WEIGHTS, ModelRegistry
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.features import STAGE as FEATURES_STAGE
@@ -202,6 +203,7 @@ def train_flow(
     the champion) and ``flow_run`` (the Prefect flow run id, or None).
     """
     cfg = configure(config, overrides, ray_address)
+    locate_weights(cfg.models, ("dino", "clip"), storage_options)
     st = open_store(store, storage_options)
     inputs = resolve_labels_task(st, labels)
     fp = fingerprint_for(cfg, inputs)
