@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow
 
+from fmbseg.data.samples import SAMPLE_CLASSES, write_sample_photos
 from fmbseg.data.vocab import resolve_vocabulary
 from fmbseg.flows.annotate import annotate_flow
 from fmbseg.flows.common import (
@@ -64,7 +65,7 @@ def evaluate_and_promote(
 
 @flow(name="annotate-and-train", **LINEAGE_HOOKS)
 def annotate_and_train_flow(
-    images: str,
+    images: str | None = None,
     store: str = "./fmbseg-store",
     classes: str | list[str] | None = None,
     vocab: str | None = None,
@@ -80,9 +81,14 @@ def annotate_and_train_flow(
     """Pseudo-label ``images`` for ``classes``/``vocab``, train the segmenter on them, and
     (with ``eval_dataset`` + ``eval_data_root``) evaluate it before deciding promotion.
 
+    ``images``: an image source; None = the five sample photos bundled with scikit-image,
+    written into ``{store}/samples`` (then with no ``classes``/``vocab``, their class list).
+
     Returns ``{"fingerprints", "summary", "model", "evaluation"}``: where the labels, the
     gallery and the model are, and the promotion decision.
     """
+    if images is None and classes is None and vocab is None:
+        classes = list(SAMPLE_CLASSES)
     vocabulary = resolve_vocabulary(classes, vocab)  # bad names fail before any work
     if (eval_dataset is None) != (eval_data_root is None):
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
@@ -92,6 +98,9 @@ def annotate_and_train_flow(
         "config": config, "overrides": overrides, "ray_address": ray_address,
         "storage_options": storage_options,
     }  # fmt: skip
+    if images is None:
+        images = write_sample_photos(open_store(store, storage_options).url("samples"),
+                                     storage_options)  # fmt: skip
     labels = annotate_flow(
         images=images, store=store, classes=list(vocabulary), image_root=image_root, **common
     )
