@@ -116,11 +116,12 @@ def annotate_and_train_flow(
         verdict = decide_and_record(ModelRegistry(st), model["model"], model["version"], None, None)
         evaluation = {"metrics": None, "promoted": verdict.promote, "reason": verdict.reason}
     table_artifact("annotate-and-train-summary", [
-        {"what": "images", "value": str(labels["summary"]["images_indexed"])},
+        {"what": "images", "value": labels["summary"]["images_indexed"]},
         {"what": "labels (COCO)", "value": labels["summary"]["coco"]},
-        {"what": "gallery", "value": str(labels["summary"]["gallery"])},
+        {"what": "gallery", "value": labels["summary"]["gallery"]},
         {"what": "model", "value": f"{model['model']}:{model['version']}"},
-        {"what": "promoted", "value": f"{evaluation['promoted']} ({evaluation['reason']})"},
+        {"what": "champion", "value": ("promoted" if evaluation["promoted"] else "not promoted")
+                                      + f" ({evaluation['reason']})"},
     ], description="annotate-and-train: outputs and the promotion decision")  # fmt: skip
     record_lineage(st, current_flow_run_id(), {
         "flow": "annotate-and-train", "images": images, "vocabulary": list(vocabulary),

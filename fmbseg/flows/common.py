@@ -17,6 +17,7 @@ listeners registered with :func:`observe_progress` (the CLI's progress bars).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as _dt
 import hashlib
@@ -222,13 +223,41 @@ class StageProgress:
             self._enabled = False
 
 
+def plain(value: Any) -> str | int | float | bool:
+    """A table cell as people read it, not a Python repr: ``{"cat": 3, "dog": 1}`` ->
+    ``"cat 3, dog 1"``, ``["a", "b"]`` -> ``"a, b"``, None -> ``"-"``; nested dicts as
+    ``"key: ..."`` groups separated by ``"; "``."""
+    if value is None:
+        return "-"
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        nested = any(isinstance(v, (Mapping, list, tuple)) for v in value.values())
+        if nested:
+            return "; ".join(f"{k}: {plain(v)}" for k, v in value.items()) or "-"
+        return ", ".join(f"{k} {plain(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple, set)):
+        return ", ".join(str(plain(v)) for v in value) or "-"
+    return str(value)
+
+
+def image_markdown(alt: str, data: bytes, mime: str) -> str:
+    """An image embedded in markdown as a ``data:`` URI: Prefect's UI renders those in
+    markdown artifacts (it allows ``data:image/`` sources), while links to store files
+    (``file://``, ``s3://``) do not load in a browser."""
+    return f"![{alt}](data:{mime};base64,{base64.b64encode(data).decode()})"
+
+
 def table_artifact(key: str, rows: Sequence[Mapping[str, Any]], description: str = "") -> None:
-    """A Prefect table artifact (no-op outside a run; API failures are only logged)."""
+    """A Prefect table artifact of plain cell values (see :func:`plain`); a no-op outside a
+    run, and API failures are only logged."""
     if not _in_prefect_run():
         return
     try:
         create_table_artifact(
-            [dict(r) for r in rows], key=_artifact_key(key), description=description
+            [{k: plain(v) for k, v in r.items()} for r in rows],
+            key=_artifact_key(key),
+            description=description,
         )
     except Exception as exc:
         log.warning("table artifact %s not created: %s", key, exc)

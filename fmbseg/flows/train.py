@@ -23,6 +23,7 @@ from fmbseg.flows.common import (
     StageProgress,
     configure,
     current_flow_run_id,
+    image_markdown,
     markdown_artifact,
     open_store,
     record_lineage,
@@ -168,11 +169,13 @@ def _plain_file(name: Any) -> str:
     return name if ok and name not in ("", ".", "..") else LOSS_CURVE
 
 
-def loss_markdown(summary: dict[str, Any]) -> str:
-    """Per-epoch losses as a markdown table, with the loss curve's store URI."""
+def loss_markdown(summary: dict[str, Any], curve_png: bytes | None = None) -> str:
+    """The loss curve (``curve_png`` embedded as an image, when given), per-epoch losses as a
+    markdown table, and the curve's store URI."""
     lines = [
         f"### Stage-2 training loss: {summary['model']}:{summary['version']}",
         "",
+        *([image_markdown("loss curve", curve_png, "image/png"), ""] if curve_png else []),
         "| epoch | mean loss |",
         "|---:|---:|",
         *(f"| {i} | {loss:.4f} |" for i, loss in enumerate(summary["epoch_losses"], 1)),
@@ -213,7 +216,9 @@ def train_flow(
     registry = ModelRegistry(st)
     promoted = promote_first and promote_if_first(registry, summary["model"], summary["version"])
     ref = f"{summary['model']}:{summary['version']}"
-    markdown_artifact("train-loss", loss_markdown(summary), description=f"loss of {ref}")
+    curve = ModelRegistry.rel(summary["model"], summary["version"], LOSS_CURVE)
+    curve_png = st.read_bytes(curve) if st.exists(curve) else None
+    markdown_artifact("train-loss", loss_markdown(summary, curve_png), description=f"loss of {ref}")
     table_artifact("train-model", [{
         "model": summary["model"], "version": summary["version"], "labels": inputs.labels_fp,
         "index": inputs.index_fp, "train_fp": fp, "images": summary["images"],
