@@ -8,7 +8,7 @@ import posixpath
 from collections.abc import Sequence
 from typing import Any
 
-from fmbseg.cli.annotate import vocabulary_from_args
+from fmbseg.cli.annotate import vocab_help, vocabulary_from_args
 from fmbseg.cli.core import Arg, Common, UsageError, command
 
 MAX_CLASSES = 255  # a palette PNG label map holds at most this many class indices
@@ -61,9 +61,7 @@ def output_stems(images: Sequence[str], out: str) -> list[str]:
     "segment images with a trained model and any list of class names",
     Arg("images", nargs="+", metavar="IMAGE", help="image files: local paths or fsspec URIs"),
     Arg("--classes", default=None, help='comma-separated class names, e.g. "cat,dog,grass"'),
-    Arg("--vocab", default=None,
-        help="a built-in vocabulary (voc-21, coco-stuff-171, ade-150, ...) or a .txt file "
-             "with one class name per line"),
+    Arg("--vocab", default=None, help=vocab_help()),
     Arg("--model", default="champion", metavar="champion|latest|vNNNN|NAME:VERSION|URI",
         help="which model version to use (default: champion, the promoted version)"),
     Arg("--name", default=None,
