@@ -173,8 +173,8 @@ def to_rgb(image: Image.Image | np.ndarray, what: str = "<image>") -> np.ndarray
         ImageDecodeError: a shape or dtype that is not an image (the message says which).
     """
     if isinstance(image, Image.Image):
-        im = ImageOps.exif_transpose(image)  # a copy: the caller's image is not changed
-        return np.ascontiguousarray(_to_rgb(im if im is not None else image))
+        upright = ImageOps.exif_transpose(image)  # a copy: the caller's image is not changed
+        return np.ascontiguousarray(_to_rgb(upright if upright is not None else image))
     arr = np.asarray(image)
     if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
         return np.ascontiguousarray(arr)
@@ -182,6 +182,7 @@ def to_rgb(image: Image.Image | np.ndarray, what: str = "<image>") -> np.ndarray
         arr = arr[..., 0]
     if arr.ndim == 3 and arr.dtype == np.uint16:  # Pillow has no 16-bit RGB(A) mode
         arr = np.rint(arr / 257.0).astype(np.uint8)
+    im: Image.Image | None
     try:
         im = Image.fromarray(arr)
     except (TypeError, ValueError, KeyError):

@@ -10,7 +10,6 @@ returns the model version already in the registry and trains nothing.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from fmbseg.flows.common import (
     table_artifact,
 )
 from fmbseg.models.locate import locate_weights
+from fmbseg.storage.fingerprint import check_fingerprint
 from fmbseg.storage.models import CARD, WEIGHTS, ModelRegistry
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.features import STAGE as FEATURES_STAGE
@@ -40,7 +40,6 @@ from fmbseg.tasks.train import LABELS_STAGE, STAGE, run_train, train_fingerprint
 from fmbseg.tasks.train_data import vocabulary_names
 
 LOSS_CURVE = "loss_curve.png"  # the file run_train saves beside the weights
-_FINGERPRINT_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -66,14 +65,8 @@ def resolve_labels(store: ArtifactStore, labels: str) -> TrainInputs:
                 f"labels 'latest': no committed pseudo-labels (stage {LABELS_STAGE!r}) in "
                 f"{store.uri}; run `fmbseg annotate` first"
             )
-    elif not _FINGERPRINT_RE.match(labels):
-        # the string becomes part of a store path: '../index/x' would read another stage
-        raise NotCommittedError(
-            f"labels {labels!r} is not a fingerprint (letters and digits, as `fmbseg status` "
-            f"lists them) or 'latest'"
-        )
     else:
-        fp = labels
+        fp = check_fingerprint(labels, "labels")
     manifest = store.manifest(LABELS_STAGE, fp)
     if manifest is None:
         known = store.committed_fingerprints(LABELS_STAGE)

@@ -11,6 +11,7 @@ minutes. What fails is reported together, each with the key to set.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -134,9 +135,9 @@ def locate_weights(
             continue
         hf = _hf_source(kind, name, ref)
         if hf is not None:
-            jobs[kind] = lambda hf=hf: _locate_hf(hf[0], hf[1], timeout_s)
+            jobs[kind] = functools.partial(_locate_hf, hf[0], hf[1], timeout_s)
         else:
-            jobs[kind] = lambda ref=ref: _locate_file(ref, store_options or {}, timeout_s)
+            jobs[kind] = functools.partial(_locate_file, ref, store_options or {}, timeout_s)
     results: dict[str, str | None] = {}
     threads = [
         threading.Thread(target=lambda k=k, f=f: results.__setitem__(k, f()), daemon=True)
