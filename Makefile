@@ -38,5 +38,6 @@ bench: setup
 bench-gpu: setup
 	PY=$(PY) bash bench/gpu.sh
 
+# Removes what `make` made; the artifact store (./fmbseg-store: your labels and models) stays.
 clean:
-	rm -rf $(VENV) fmbseg-store .pytest_cache
+	rm -rf $(VENV) .pytest_cache

@@ -26,6 +26,25 @@ def test_help_lists_commands_and_common_options(capsys: pytest.CaptureFixture[st
     assert "./fmbseg-store" in out
 
 
+@pytest.mark.parametrize("command", ["annotate", "run", "retrain", "segment"])
+def test_vocab_help_lists_every_builtin_vocabulary_and_alias(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fmbseg.data.vocab import VOCAB_DIR, resolve_vocabulary
+
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    text = text.replace("- ", "-")  # and breaks names at their dashes
+    for path in sorted(VOCAB_DIR.glob("*.txt")):
+        assert path.stem in text
+    for alias, name in [("voc", "voc-21"), ("coco-stuff", "coco-stuff-171"),
+                        ("ade20k", "ade-150"), ("cityscapes", "cityscapes-19"),
+                        ("context", "context-59"), ("coco-object", "coco-object-80"),
+                        ("ade", "ade-150")]:  # fmt: skip
+        assert f"{alias}={name}" in text
+        assert resolve_vocabulary(None, alias) == resolve_vocabulary(None, name)
+
+
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "usage: fmbseg" in capsys.readouterr().out
@@ -159,3 +178,16 @@ def test_empty_source_is_an_input_error_inside_the_flow(
     err = capfd.readouterr().err
     assert "fmbseg: error: image source" in err and "holds no images" in err
     assert "Traceback" not in err
+
+
+def test_make_clean_keeps_the_default_store() -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "clean"], cwd=repo, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "rm -rf .venv .pytest_cache" in dry.stdout
+    assert "fmbseg-store" not in dry.stdout  # the user's labels and models

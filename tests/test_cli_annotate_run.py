@@ -98,6 +98,28 @@ def test_run_tiny_on_the_bundled_photos(
     assert "fmbseg segment IMAGE" in out and "--model champion" in out
     lineage = [json.loads(p.read_text()) for p in (store / "runs").glob("*.json")]
     assert any(r["flow"] == "annotate-and-train" for r in lineage)
+    (parent,) = [r for r in lineage if r["flow"] == "annotate-and-train"]
+    children = {r["flow"]: r for r in lineage if r["flow"] != "annotate-and-train"}
+    assert {"annotate", "train"} <= set(children)
+    for record in lineage:
+        assert record["outcome"] == "completed" and record["duration_s"] > 0
+        assert record["started_at"] < record["ended_at"]
+    assert parent["parent_run"] is None
+    assert all(r["parent_run"] == parent["run_id"] for r in children.values())
+
+    assert main(["status", "--store", str(store)]) == 0
+    status = capsys.readouterr().out
+    st = ArtifactStore(str(store))
+    for stage in ("index", "clip_dense", "sam_prompt", "sam_auto", "merge", "export", "train"):
+        (fp,) = st.committed_fingerprints(stage)
+        rows = st.manifest(stage, fp).rows
+        assert f"  {stage:<12} {fp}  {rows:>8} rows  " in status
+    (export_fp,) = st.ls("exports")
+    assert f"  {export_fp}  5 images, {len(SAMPLE_CLASSES)} classes, " in status
+    assert st.url(f"exports/{export_fp}/gallery.html") in status
+    assert f"  {name}: 1 version(s), latest v0001, champion v0001" in status
+    assert "annotate-and-train completed" in status.replace("  ", " ")
+    assert f"(in {parent['run_id']})" in status
 
     # Rerun: everything is a cache hit; no new model version, the champion stays.
     assert main(argv) == 0
@@ -116,3 +138,35 @@ def test_run_offline_says_so_and_suggests_tiny(
     text = out.out + out.err
     assert "could not be loaded (offline?)" in text and "fmbseg run --config tiny" in text
     assert str(missing) in text and "models.sam_weights" in text
+
+
+def test_run_offline_fails_fast_naming_every_missing_checkpoint(
+    prefect_harness, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """quickstart with no network: an unreachable hub and empty caches. Every model's weights
+    are located before the first stage, so it fails in seconds, indexes nothing, and says
+    which keys to set (whole message, nothing cut)."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # an empty ~/.cache/fmbseg/weights
+    store = tmp_path / "store"
+    start = time.monotonic()
+    status = main(["run", "--store", str(store)])  # default config: quickstart
+    elapsed = time.monotonic() - start
+    out = capsys.readouterr()
+    assert status == 2, out.err
+    assert elapsed < 30, f"took {elapsed:.1f} s to report missing weights"
+    text = out.out + out.err
+    for key, value in [("clip_weights", "'openai'"), ("dino_weights", "'hub'"),
+                       ("sam_weights", "'https://dl.fbaipublicfiles.com/segment_anything/"
+                                       "sam_vit_b_01ec64.pth'")]:  # fmt: skip
+        assert f"models.{key}={value}" in text
+        assert f"set models.{key} to a local path or a store URI of the checkpoint" in text
+    assert "http://127.0.0.1:9/timm/vit_base_patch16_clip_224.openai" in text
+    assert "fmbseg run --config tiny" in text and "Traceback" not in text
+    assert not (store / "stages").exists()  # nothing was indexed

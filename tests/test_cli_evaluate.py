@@ -79,6 +79,10 @@ def test_pseudo_label_quality_summary(
         (["--model", "champion", "--name", "seg"], "model 'seg' has no champion"),
         (["--model", "seg:v0007"], "model 'seg' has no complete version 'v0007'"),
         (["--model", "labels:latest"], "no committed pseudo-labels (stage merge) in "),
+        (
+            ["--model", "labels:../index/abc"],
+            "labels '../index/abc' is not a fingerprint (letters and digits",
+        ),
     ],
 )
 def test_input_errors_exit_2_naming_what_is_missing(

@@ -40,7 +40,9 @@ def test_train_then_segment(
     for what in ("weights.safetensors", "card.json", "loss_curve.png"):
         assert f"{version_dir}/{what}" in out
     assert "fmbseg segment IMAGE... " in out and "--model fmbseg-align:v0001" in out
+    assert "  champion:   v0001 (the first model of fmbseg-align becomes its champion)" in out
     assert "train" in err  # the epoch progress bar (stderr)
+    assert ModelRegistry(world.store).champion("fmbseg-align") == "v0001"
 
     status, out, _ = _run(["train", "--labels", LABELS_A, *store, *TINY], capsys)
     assert status == 0 and "fmbseg-align:v0001 (cache hit" in out
@@ -48,7 +50,7 @@ def test_train_then_segment(
 
     images = [world.uris[sc.image_id] for sc in world.held_out]
     out_dir = tmp_path / "seg"
-    argv = ["segment", *images, "--classes", "cat,dog,grass", "--model", "latest",
+    argv = ["segment", *images, "--classes", "cat,dog,grass", "--model", "champion",
             "--out", str(out_dir), *store, *TINY]  # fmt: skip
     status, out, err = _run(argv, capsys)
     assert status == 0, err
@@ -75,6 +77,30 @@ def test_train_rejects_labels_that_are_not_committed(
     assert status == 2
     assert err.startswith("fmbseg: error: labels 'cafe0000': no committed pseudo-labels")
     assert LABELS_A in err and "Traceback" not in err
+    # the failed run is in the store's lineage, with its outcome and error
+    (record,) = [world.store.read_json(f"runs/{e}") for e in world.store.ls("runs")]
+    assert record["flow"] == "train" and record["outcome"] == "failed"
+    assert "labels 'cafe0000': no committed pseudo-labels" in record["error"]
+    assert record["duration_s"] >= 0 and record["parameters"]["labels"] == "cafe0000"
+    assert main(["status", "--store", world.store.uri]) == 0
+    out = capsys.readouterr().out
+    assert f"  merge        {LABELS_A}  " in out and "models:\n  none" in out
+    assert " train              failed " in out
+
+
+def test_train_refuses_labels_that_are_paths(
+    prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = labelled_world(tmp_path)
+    index_fp = world.store.committed_fingerprints("index")[0]
+    argv = ["train", "--labels", f"../index/{index_fp}", "--store", world.store.uri, *TINY]
+    status, out, err = _run(argv, capsys)
+    assert status == 2 and "train: model" not in out
+    assert err == (
+        f"fmbseg: error: labels '../index/{index_fp}' is not a fingerprint (letters and "
+        "digits, as `fmbseg status` lists them) or 'latest'\n"
+    )
+    assert ModelRegistry(world.store).versions("fmbseg-align") == []
 
 
 @pytest.fixture(scope="module")

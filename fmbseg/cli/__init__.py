@@ -4,7 +4,7 @@ The import order is the order ``fmbseg --help`` lists the commands in.
 """
 
 # isort: off
-from fmbseg.cli import index, annotate, train, segment, evaluate, run, retrain  # noqa: F401
+from fmbseg.cli import index, annotate, train, segment, evaluate, run, retrain, models, status  # noqa: F401
 
 # isort: on
 from fmbseg.cli.core import Common, UsageError, main, parse_storage_options

@@ -7,6 +7,7 @@ from typing import Any
 
 from fmbseg.cli.core import Arg, Common, UsageError, command, progress_bars
 from fmbseg.data.sources import check_source
+from fmbseg.data.vocab import builtin_vocabularies, vocabulary_aliases
 
 IMAGES = Arg(
     "--images", required=True,
@@ -14,11 +15,18 @@ IMAGES = Arg(
 )  # fmt: skip
 IMAGE_ROOT = Arg("--image-root", default=None, help="for COCO JSON: folder of the file_names")
 CLASSES = Arg("--classes", default=None, help='class names, comma-separated: "cat,dog,grass"')
-VOCAB = Arg(
-    "--vocab", default=None,
-    help="built-in vocabulary (coco-stuff-171, coco-object-80, voc-20, context-59, ade-150, "
-    "cityscapes-19) or a .txt file with one name per line",
-)  # fmt: skip
+
+
+def vocab_help() -> str:
+    """``--vocab``'s help: every built-in vocabulary and alias, read from the package."""
+    aliases = ", ".join(f"{a}={n}" for a, n in sorted(vocabulary_aliases().items()))
+    return (
+        f"built-in vocabulary: {', '.join(builtin_vocabularies())} (aliases: {aliases}); or a "
+        ".txt file with one name per line; or a comma list (one name: 'cat,')"
+    )
+
+
+VOCAB = Arg("--vocab", default=None, help=vocab_help())
 
 
 def vocabulary_from_args(args: argparse.Namespace) -> tuple[str, ...]:

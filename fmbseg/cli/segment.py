@@ -8,7 +8,7 @@ import posixpath
 from collections.abc import Sequence
 from typing import Any
 
-from fmbseg.cli.annotate import vocabulary_from_args
+from fmbseg.cli.annotate import vocab_help, vocabulary_from_args
 from fmbseg.cli.core import Arg, Common, UsageError, command
 
 MAX_CLASSES = 255  # a palette PNG label map holds at most this many class indices
@@ -61,9 +61,7 @@ def output_stems(images: Sequence[str], out: str) -> list[str]:
     "segment images with a trained model and any list of class names",
     Arg("images", nargs="+", metavar="IMAGE", help="image files: local paths or fsspec URIs"),
     Arg("--classes", default=None, help='comma-separated class names, e.g. "cat,dog,grass"'),
-    Arg("--vocab", default=None,
-        help="a built-in vocabulary (voc-21, coco-stuff-171, ade-150, ...) or a .txt file "
-             "with one class name per line"),
+    Arg("--vocab", default=None, help=vocab_help()),
     Arg("--model", default="champion", metavar="champion|latest|vNNNN|NAME:VERSION|URI",
         help="which model version to use (default: champion, the promoted version)"),
     Arg("--name", default=None,
@@ -74,7 +72,7 @@ def output_stems(images: Sequence[str], out: str) -> list[str]:
 def cmd_segment(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.data.images import decode_image
     from fmbseg.data.sources import read_bytes
-    from fmbseg.storage.models import ModelNotFoundError
+    from fmbseg.storage.models import CorruptModelError, ModelNotFoundError
     from fmbseg.tasks.segment import IncompatibleModelError, OpenVocabSegmenter, write_outputs
 
     classes = list(parse_classes(args))
@@ -86,10 +84,11 @@ def cmd_segment(args: argparse.Namespace, common: Common) -> int:
         )
     except ModelNotFoundError as exc:
         hint = ""
-        if args.model.endswith("champion"):
+        if args.model.endswith("champion") and not isinstance(exc, CorruptModelError):
             hint = (
-                "; use --model latest (or NAME:vNNNN) for an unpromoted version, or run "
-                "`fmbseg train` first if there is none"
+                "; use --model latest (or NAME:vNNNN) for an unpromoted version, promote one "
+                "with `fmbseg models promote NAME:vNNNN`, or run `fmbseg train` first if "
+                "there is none"
             )
         raise UsageError(f"{exc}{hint}") from None
     except (IncompatibleModelError, ValueError) as exc:

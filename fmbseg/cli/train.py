@@ -34,7 +34,13 @@ def cmd_train(args: argparse.Namespace, common: Common) -> int:
     print(f"  card:       {result['card']}")
     print(f"  loss curve: {result['loss_curve']}")
     store = "" if common.store == DEFAULT_STORE else f" --store {common.store}"
+    name = result["model"]
+    if result["promoted"]:
+        print(f"  champion:   {result['version']} (the first model of {name} becomes its "
+              "champion)")  # fmt: skip
+    else:
+        print(f"  champion:   {result['champion'] or 'none'} (promote this version with: "
+              f"fmbseg models promote {ref} --reason TEXT{store})")  # fmt: skip
     print(f'  use it:     fmbseg segment IMAGE... --classes "cat,dog,grass" --model {ref}{store}')
-    print("              (--model latest = the newest version; --model champion once one "
-          "is promoted)")  # fmt: skip
+    print("              (--model champion = the promoted version; --model latest = the newest)")
     return 0

@@ -159,3 +159,38 @@ def image_size(data: bytes, uri: str = "<bytes>") -> tuple[int, int]:
     except Exception:
         orientation = 1
     return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
+
+
+def to_rgb(image: Image.Image | np.ndarray, what: str = "<image>") -> np.ndarray:
+    """A PIL image or a numpy array -> ``HxWx3 uint8 RGB`` by the rules above, the ones
+    :func:`decode_image` applies to files (so the Python API sees what the index stage sees).
+
+    Arrays: ``HxW`` or ``HxWx1`` (gray), ``HxWx2`` (gray + alpha), ``HxWx3`` (RGB), ``HxWx4``
+    (RGBA), of uint8, uint16 (scaled by 1/257) or a type Pillow reads as one channel
+    (int32, float32: min-max scaled when beyond 8/16 bits).
+
+    Raises:
+        ImageDecodeError: a shape or dtype that is not an image (the message says which).
+    """
+    if isinstance(image, Image.Image):
+        upright = ImageOps.exif_transpose(image)  # a copy: the caller's image is not changed
+        return np.ascontiguousarray(_to_rgb(upright if upright is not None else image))
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
+        return np.ascontiguousarray(arr)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.dtype == np.uint16:  # Pillow has no 16-bit RGB(A) mode
+        arr = np.rint(arr / 257.0).astype(np.uint8)
+    im: Image.Image | None
+    try:
+        im = Image.fromarray(arr)
+    except (TypeError, ValueError, KeyError):
+        im = None
+    if im is None or arr.ndim not in (2, 3) or 0 in arr.shape[:2]:
+        raise ImageDecodeError(
+            what,
+            f"a {arr.dtype} array of shape {arr.shape} is not an image: use HxW (gray), "
+            "HxWx3 (RGB) or HxWx4 (RGBA), uint8 or uint16",
+        )
+    return np.ascontiguousarray(_to_rgb(im))

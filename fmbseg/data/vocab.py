@@ -58,6 +58,11 @@ def builtin_vocabularies() -> list[str]:
     return sorted(p.stem for p in VOCAB_DIR.glob("*.txt"))
 
 
+def vocabulary_aliases() -> dict[str, str]:
+    """Short spellings accepted for built-in vocabularies: ``{"voc": "voc-21", ...}``."""
+    return dict(_ALIASES)
+
+
 def validate_vocabulary(names: Iterable[str], where: str = "vocabulary") -> tuple[str, ...]:
     """Check a list of class names; returns them stripped, as a tuple.
 

@@ -9,25 +9,31 @@ images (fmbseg.tasks.sam_pair). Each stage fans out over the index's shards on R
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from typing import Any
 
+import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from fmbseg.config import Config
 from fmbseg.data.vocab import resolve_vocabulary
 from fmbseg.flows.common import (
+    LINEAGE_HOOKS,
     StageProgress,
     configure,
     current_flow_run_id,
+    image_markdown,
     manifest_artifact,
+    markdown_artifact,
     open_store,
     record_lineage,
     stage_task,
     table_artifact,
 )
 from fmbseg.flows.index import index_task, list_images_task
+from fmbseg.models.locate import locate_weights
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.clip_dense import run_clip_dense
 from fmbseg.tasks.export import run_export
@@ -180,7 +186,37 @@ def label_index(
     return fps
 
 
-@flow(name="annotate")
+# Overlays shown in the run's gallery artifact, shrunk to this long side: the artifact lives
+# in Prefect's database, so it stays small (a few tens of kB).
+ARTIFACT_THUMBNAILS = 4
+ARTIFACT_THUMB_SIDE = 240
+
+
+def gallery_markdown(store: ArtifactStore, export_fp: str, limit: int = ARTIFACT_THUMBNAILS) -> str:
+    """Markdown with the first ``limit`` overlays of an export embedded as images (see
+    :func:`~fmbseg.flows.common.image_markdown`) and where the full gallery is."""
+    from PIL import Image
+
+    from fmbseg.tasks.gallery import jpeg
+
+    base = f"exports/{export_fp}"
+    names = [n for n in store.ls(f"{base}/overlays") if n.endswith(".jpg")][:limit]
+    lines = [f"### Pseudo-labels {export_fp}", ""]
+    for name in names:
+        thumb = f"{base}/thumbs/{name}"
+        data = store.read_bytes(thumb if store.exists(thumb) else f"{base}/overlays/{name}")
+        small = jpeg(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+                     ARTIFACT_THUMB_SIDE, quality=80)  # fmt: skip
+        lines += [f"**{name[:-4]}**", "", image_markdown(name[:-4], small, "image/jpeg"), ""]
+    if not names:
+        lines += ["(no overlays: `export.overlays` is off or no image was labelled)", ""]
+    gallery = f"{base}/gallery.html"
+    if store.exists(gallery):
+        lines.append(f"Full gallery: `{store.url(gallery)}`")
+    return "\n".join(lines)
+
+
+@flow(name="annotate", **LINEAGE_HOOKS)
 def annotate_flow(
     images: str,
     store: str = "./fmbseg-store",
@@ -199,13 +235,19 @@ def annotate_flow(
     """
     vocabulary = resolve_vocabulary(classes, vocab)  # bad names fail before any work
     cfg = configure(config, overrides, ray_address)
+    locate_weights(cfg.models, ("clip", "sam"), storage_options)  # seconds, not after index
     st = open_store(store, storage_options)
     fps = annotate_stages(st, cfg, images, vocabulary, storage_options, image_root)
     summary = annotation_summary(st, fps)
     table_artifact(
         "annotate-summary",
-        [{"what": k, "value": str(v)} for k, v in summary.items()],
+        [{"what": k, "value": v} for k, v in summary.items()],
         description="pseudo-labels: images, masks per source, classes, errors, outputs",
+    )
+    markdown_artifact(
+        "annotate-gallery",
+        gallery_markdown(st, fps["export"]),
+        description="a few pseudo-labelled images (overlays) and the gallery's location",
     )
     record_lineage(st, current_flow_run_id(), {
         "flow": "annotate", "images": images, "vocabulary": list(vocabulary),

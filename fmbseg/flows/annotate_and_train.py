@@ -13,9 +13,11 @@ from typing import Any
 
 from prefect import flow
 
+from fmbseg.data.samples import SAMPLE_CLASSES, write_sample_photos
 from fmbseg.data.vocab import resolve_vocabulary
 from fmbseg.flows.annotate import annotate_flow
 from fmbseg.flows.common import (
+    LINEAGE_HOOKS,
     configure,
     current_flow_run_id,
     open_store,
@@ -24,6 +26,7 @@ from fmbseg.flows.common import (
 )
 from fmbseg.flows.evaluate import evaluate_flow
 from fmbseg.flows.train import train_flow
+from fmbseg.models.locate import locate_weights
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.tasks.promotion import decide_and_record
 
@@ -60,9 +63,9 @@ def evaluate_and_promote(
             "promoted": verdict.promote, "reason": verdict.reason}  # fmt: skip
 
 
-@flow(name="annotate-and-train")
+@flow(name="annotate-and-train", **LINEAGE_HOOKS)
 def annotate_and_train_flow(
-    images: str,
+    images: str | None = None,
     store: str = "./fmbseg-store",
     classes: str | list[str] | None = None,
     vocab: str | None = None,
@@ -78,21 +81,32 @@ def annotate_and_train_flow(
     """Pseudo-label ``images`` for ``classes``/``vocab``, train the segmenter on them, and
     (with ``eval_dataset`` + ``eval_data_root``) evaluate it before deciding promotion.
 
+    ``images``: an image source; None = the five sample photos bundled with scikit-image,
+    written into ``{store}/samples`` (then with no ``classes``/``vocab``, their class list).
+
     Returns ``{"fingerprints", "summary", "model", "evaluation"}``: where the labels, the
     gallery and the model are, and the promotion decision.
     """
+    if images is None and classes is None and vocab is None:
+        classes = list(SAMPLE_CLASSES)
     vocabulary = resolve_vocabulary(classes, vocab)  # bad names fail before any work
     if (eval_dataset is None) != (eval_data_root is None):
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)  # config errors fail before any work
+    locate_weights(cfg.models, ("clip", "sam", "dino"), storage_options)  # and missing weights
     common: dict[str, Any] = {
         "config": config, "overrides": overrides, "ray_address": ray_address,
         "storage_options": storage_options,
     }  # fmt: skip
+    if images is None:
+        images = write_sample_photos(open_store(store, storage_options).url("samples"),
+                                     storage_options)  # fmt: skip
     labels = annotate_flow(
         images=images, store=store, classes=list(vocabulary), image_root=image_root, **common
     )
-    model = train_flow(store=store, labels=labels["fingerprints"]["merge"], **common)
+    model = train_flow(
+        store=store, labels=labels["fingerprints"]["merge"], promote_first=False, **common
+    )
     st = open_store(store, storage_options)
     if eval_dataset is not None and eval_data_root is not None:
         evaluation = evaluate_and_promote(
@@ -102,11 +116,12 @@ def annotate_and_train_flow(
         verdict = decide_and_record(ModelRegistry(st), model["model"], model["version"], None, None)
         evaluation = {"metrics": None, "promoted": verdict.promote, "reason": verdict.reason}
     table_artifact("annotate-and-train-summary", [
-        {"what": "images", "value": str(labels["summary"]["images_indexed"])},
+        {"what": "images", "value": labels["summary"]["images_indexed"]},
         {"what": "labels (COCO)", "value": labels["summary"]["coco"]},
-        {"what": "gallery", "value": str(labels["summary"]["gallery"])},
+        {"what": "gallery", "value": labels["summary"]["gallery"]},
         {"what": "model", "value": f"{model['model']}:{model['version']}"},
-        {"what": "promoted", "value": f"{evaluation['promoted']} ({evaluation['reason']})"},
+        {"what": "champion", "value": ("promoted" if evaluation["promoted"] else "not promoted")
+                                      + f" ({evaluation['reason']})"},
     ], description="annotate-and-train: outputs and the promotion decision")  # fmt: skip
     record_lineage(st, current_flow_run_id(), {
         "flow": "annotate-and-train", "images": images, "vocabulary": list(vocabulary),

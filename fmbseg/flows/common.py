@@ -17,7 +17,9 @@ listeners registered with :func:`observe_progress` (the CLI's progress bars).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime as _dt
 import hashlib
 import logging
 import threading
@@ -221,13 +223,41 @@ class StageProgress:
             self._enabled = False
 
 
+def plain(value: Any) -> str | int | float | bool:
+    """A table cell as people read it, not a Python repr: ``{"cat": 3, "dog": 1}`` ->
+    ``"cat 3, dog 1"``, ``["a", "b"]`` -> ``"a, b"``, None -> ``"-"``; nested dicts as
+    ``"key: ..."`` groups separated by ``"; "``."""
+    if value is None:
+        return "-"
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        nested = any(isinstance(v, (Mapping, list, tuple)) for v in value.values())
+        if nested:
+            return "; ".join(f"{k}: {plain(v)}" for k, v in value.items()) or "-"
+        return ", ".join(f"{k} {plain(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple, set)):
+        return ", ".join(str(plain(v)) for v in value) or "-"
+    return str(value)
+
+
+def image_markdown(alt: str, data: bytes, mime: str) -> str:
+    """An image embedded in markdown as a ``data:`` URI: Prefect's UI renders those in
+    markdown artifacts (it allows ``data:image/`` sources), while links to store files
+    (``file://``, ``s3://``) do not load in a browser."""
+    return f"![{alt}](data:{mime};base64,{base64.b64encode(data).decode()})"
+
+
 def table_artifact(key: str, rows: Sequence[Mapping[str, Any]], description: str = "") -> None:
-    """A Prefect table artifact (no-op outside a run; API failures are only logged)."""
+    """A Prefect table artifact of plain cell values (see :func:`plain`); a no-op outside a
+    run, and API failures are only logged."""
     if not _in_prefect_run():
         return
     try:
         create_table_artifact(
-            [dict(r) for r in rows], key=_artifact_key(key), description=description
+            [{k: plain(v) for k, v in r.items()} for r in rows],
+            key=_artifact_key(key),
+            description=description,
         )
     except Exception as exc:
         log.warning("table artifact %s not created: %s", key, exc)
@@ -256,10 +286,65 @@ def manifest_artifact(store: ArtifactStore, stage: str, fp: str) -> None:
 # ---- lineage ----------------------------------------------------------------------------------
 
 
+def _run_times() -> dict[str, Any]:
+    """``started_at`` (when the flow run's context was entered), ``ended_at`` (now), and the
+    duration between them; ``started_at`` is None outside a flow run."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    end = _dt.datetime.now(_dt.UTC)
+    if ctx is None:
+        return {"started_at": None, "ended_at": end.isoformat(), "duration_s": None}
+    start = ctx.start_time
+    return {"started_at": start.isoformat(), "ended_at": end.isoformat(),
+            "duration_s": round((end - start).total_seconds(), 3)}  # fmt: skip
+
+
+def _parent_run() -> str | None:
+    """The flow run that called this one as a subflow (``annotate-and-train`` -> ``train``)."""
+    if not _in_prefect_run():
+        return None
+    try:
+        from prefect.runtime import flow_run
+
+        parent = flow_run.parent_flow_run_id
+    except Exception as exc:  # the API is unreachable: lineage without the parent
+        log.warning("parent flow run not found: %s", exc)
+        return None
+    return str(parent) if parent else None
+
+
 def record_lineage(store: ArtifactStore, flow_run_id: str | None, record: Mapping[str, Any]) -> str:
-    """Write ``runs/{flow_run_id}.json`` (which fingerprints and config a run used).
+    """Write ``runs/{flow_run_id}.json``: which fingerprints and config a run used, when it
+    started and ended, its outcome (``completed``) and its parent run (a subflow's caller).
 
     Outside a Prefect run (no id) a time-based id is used. Returns the file's URI.
     """
     run_id = flow_run_id or f"local-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}"
-    return store.write_run(run_id, dict(record))
+    full = {"outcome": "completed", **_run_times(), "parent_run": _parent_run(), **record}
+    return store.write_run(run_id, full)
+
+
+def record_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect ``on_failure``/``on_crashed`` hook: ``runs/{id}.json`` with outcome ``failed``
+    (or ``crashed``), start, end and the error, so a failed run is listed too. Never raises:
+    a store that cannot be written must not hide the run's own error."""
+    try:
+        params = dict(flow_run.parameters or {})
+        if not isinstance(params.get("store"), str):
+            return
+        store = open_store(params["store"], params.get("storage_options"))
+        times = _run_times()
+        if flow_run.start_time is not None and times["started_at"] is None:
+            times["started_at"] = flow_run.start_time.isoformat()
+        store.write_run(str(flow_run.id), {
+            **times, "outcome": str(state.type.value).lower(), "flow": flow.name,
+            "parent_run": _parent_run(), "error": str(state.message or "")[:2000],
+            "parameters": {k: v for k, v in params.items() if k != "storage_options"},
+        })  # fmt: skip
+    except Exception as exc:
+        log.warning("failed run not recorded in the store: %s", exc)
+
+
+# every flow: @flow(name=..., **LINEAGE_HOOKS)
+LINEAGE_HOOKS: dict[str, Any] = {"on_failure": [record_failure], "on_crashed": [record_failure]}

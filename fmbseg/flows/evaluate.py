@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fmbseg.config import Config
 from fmbseg.flows.common import (
+    LINEAGE_HOOKS,
     StageProgress,
     configure,
     current_flow_run_id,
@@ -125,7 +126,7 @@ def per_class_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", **LINEAGE_HOOKS)
 def evaluate_flow(
     dataset: str,
     data_root: str,
@@ -183,7 +184,7 @@ def evaluate_flow(
     return {**report, "report_uris": uris}
 
 
-@flow(name="label-quality")
+@flow(name="label-quality", **LINEAGE_HOOKS)
 def label_quality_flow(
     dataset: str,
     data_root: str,

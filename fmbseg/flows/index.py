@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fmbseg.config import Config
 from fmbseg.flows.common import (
+    LINEAGE_HOOKS,
     StageProgress,
     configure,
     current_flow_run_id,
@@ -51,7 +52,7 @@ def index_task(
     return fp
 
 
-@flow(name="index")
+@flow(name="index", **LINEAGE_HOOKS)
 def index_flow(
     images: str,
     store: str = "./fmbseg-store",

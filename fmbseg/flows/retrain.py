@@ -24,6 +24,7 @@ from fmbseg.data.vocab import resolve_vocabulary
 from fmbseg.flows.annotate import annotate_plan, label_index
 from fmbseg.flows.annotate_and_train import evaluate_and_promote
 from fmbseg.flows.common import (
+    LINEAGE_HOOKS,
     configure,
     current_flow_run_id,
     open_store,
@@ -33,6 +34,7 @@ from fmbseg.flows.common import (
     table_artifact,
 )
 from fmbseg.flows.train import TrainProgress, model_summary
+from fmbseg.models.locate import locate_weights
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks import ledger as ledger_
@@ -122,7 +124,7 @@ def up_to_date(
     return last["version"] if "promotion" in registry.card(name, last["version"]) else None
 
 
-@flow(name="retrain")
+@flow(name="retrain", **LINEAGE_HOOKS)
 def retrain_flow(
     images: str,
     store: str = "./fmbseg-store",
@@ -156,6 +158,7 @@ def retrain_flow(
     if (eval_dataset is None) != (eval_data_root is None):
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)
+    locate_weights(cfg.models, ("clip", "sam", "dino"), storage_options)
     common: dict[str, Any] = {"config": config, "overrides": overrides,
                               "ray_address": ray_address, "storage_options": storage_options}  # fmt: skip
     st = open_store(store, storage_options)

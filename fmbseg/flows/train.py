@@ -18,18 +18,23 @@ from prefect.cache_policies import NO_CACHE
 
 from fmbseg.config import Config
 from fmbseg.flows.common import (
+    LINEAGE_HOOKS,
     StageProgress,
     configure,
     current_flow_run_id,
+    image_markdown,
     markdown_artifact,
     open_store,
     record_lineage,
     stage_task,
     table_artifact,
 )
+from fmbseg.models.locate import locate_weights
+from fmbseg.storage.fingerprint import check_fingerprint
 from fmbseg.storage.models import CARD, WEIGHTS, ModelRegistry
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.features import STAGE as FEATURES_STAGE
+from fmbseg.tasks.promotion import promote_if_first
 from fmbseg.tasks.stage1 import VOCABULARY_KEY
 from fmbseg.tasks.train import LABELS_STAGE, STAGE, run_train, train_fingerprint
 from fmbseg.tasks.train_data import vocabulary_names
@@ -61,7 +66,7 @@ def resolve_labels(store: ArtifactStore, labels: str) -> TrainInputs:
                 f"{store.uri}; run `fmbseg annotate` first"
             )
     else:
-        fp = labels
+        fp = check_fingerprint(labels, "labels")
     manifest = store.manifest(LABELS_STAGE, fp)
     if manifest is None:
         known = store.committed_fingerprints(LABELS_STAGE)
@@ -139,7 +144,7 @@ def model_summary(store: ArtifactStore, fp: str) -> dict[str, Any]:
         "uri": store.url(rel),
         "card": store.url(f"{rel}/{CARD}"),
         "weights": store.url(f"{rel}/{WEIGHTS}"),
-        "loss_curve": store.url(f"{rel}/{card.get('loss_curve', LOSS_CURVE)}"),
+        "loss_curve": store.url(f"{rel}/{_plain_file(card.get('loss_curve', LOSS_CURVE))}"),
         "train_fp": fp,
         "labels": card["data"]["labels_fp"],
         "index": card["data"]["index_fp"],
@@ -151,11 +156,19 @@ def model_summary(store: ArtifactStore, fp: str) -> dict[str, Any]:
     }
 
 
-def loss_markdown(summary: dict[str, Any]) -> str:
-    """Per-epoch losses as a markdown table, with the loss curve's store URI."""
+def _plain_file(name: Any) -> str:
+    """A file name a card gives for its folder; anything else (a path) -> the default."""
+    ok = isinstance(name, str) and "/" not in name and "\\" not in name
+    return name if ok and name not in ("", ".", "..") else LOSS_CURVE
+
+
+def loss_markdown(summary: dict[str, Any], curve_png: bytes | None = None) -> str:
+    """The loss curve (``curve_png`` embedded as an image, when given), per-epoch losses as a
+    markdown table, and the curve's store URI."""
     lines = [
         f"### Stage-2 training loss: {summary['model']}:{summary['version']}",
         "",
+        *([image_markdown("loss curve", curve_png, "image/png"), ""] if curve_png else []),
         "| epoch | mean loss |",
         "|---:|---:|",
         *(f"| {i} | {loss:.4f} |" for i, loss in enumerate(summary["epoch_losses"], 1)),
@@ -165,7 +178,7 @@ def loss_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="train")
+@flow(name="train", **LINEAGE_HOOKS)
 def train_flow(
     store: str = "./fmbseg-store",
     labels: str = "latest",
@@ -173,23 +186,32 @@ def train_flow(
     overrides: list[str] | None = None,
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    promote_first: bool = True,
 ) -> dict[str, Any]:
     """Train the open-vocabulary segmenter on the pseudo-labels ``labels`` in ``store``.
 
-    ``labels``: a merge-stage fingerprint or ``"latest"``. Returns :func:`model_summary`
-    (``{"model", "version", "card", "weights", "loss_curve", ...}``) plus ``cached`` (True
-    when this config had already trained on these labels: nothing was retrained) and
-    ``flow_run`` (the Prefect flow run id, or None).
+    ``labels``: a merge-stage fingerprint or ``"latest"``. ``promote_first``: make the
+    version the champion when its name has none yet (the registry's one rule; flows that
+    decide promotion themselves pass False). Returns :func:`model_summary` (``{"model",
+    "version", "card", "weights", "loss_curve", ...}``) plus ``cached`` (True when this
+    config had already trained on these labels: nothing was retrained), ``champion`` (the
+    name's champion version after this run, or None), ``promoted`` (this run made the version
+    the champion) and ``flow_run`` (the Prefect flow run id, or None).
     """
     cfg = configure(config, overrides, ray_address)
+    locate_weights(cfg.models, ("dino", "clip"), storage_options)
     st = open_store(store, storage_options)
     inputs = resolve_labels_task(st, labels)
     fp = fingerprint_for(cfg, inputs)
     cached = st.is_committed(STAGE, fp)
     train_task(st, fp, cfg, inputs)
     summary = model_summary(st, fp)
+    registry = ModelRegistry(st)
+    promoted = promote_first and promote_if_first(registry, summary["model"], summary["version"])
     ref = f"{summary['model']}:{summary['version']}"
-    markdown_artifact("train-loss", loss_markdown(summary), description=f"loss of {ref}")
+    curve = ModelRegistry.rel(summary["model"], summary["version"], LOSS_CURVE)
+    curve_png = st.read_bytes(curve) if st.exists(curve) else None
+    markdown_artifact("train-loss", loss_markdown(summary, curve_png), description=f"loss of {ref}")
     table_artifact("train-model", [{
         "model": summary["model"], "version": summary["version"], "labels": inputs.labels_fp,
         "index": inputs.index_fp, "train_fp": fp, "images": summary["images"],
@@ -205,4 +227,6 @@ def train_flow(
         "model": {"name": summary["model"], "version": summary["version"],
                   "card": summary["card"]},
     })  # fmt: skip
-    return {**summary, "cached": cached, "flow_run": run_id}
+    champion = registry.champion(summary["model"])
+    return {**summary, "cached": cached, "champion": champion, "promoted": bool(promoted),
+            "flow_run": run_id}  # fmt: skip

@@ -321,7 +321,12 @@ def build_tiny_clip(
     )
 
 
+CLIP_ARCHS: dict[str, str] = {}  # registry name -> open_clip architecture
+
+
 def _register(name: str, arch: str, description: str) -> None:
+    CLIP_ARCHS[name] = arch
+
     def builder(weights: str | None, device: torch.device, **kwargs: Any) -> OpenClipDense:
         return build_open_clip(arch, name, weights, device, **kwargs)
 

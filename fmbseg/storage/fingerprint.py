@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,3 +58,23 @@ def fingerprint(
 def content_hash(data: bytes) -> str:
     """Identity of a blob (images are identified by this): sha256, first 16 hex chars."""
     return hashlib.sha256(data).hexdigest()[:FINGERPRINT_LENGTH]
+
+
+_TOKEN_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+
+
+def check_fingerprint(text: str, what: str) -> str:
+    """``text`` if it can be a fingerprint (letters, digits, ``_``, ``-``); a user's or a
+    store's string becomes part of a store path, so ``../index/x`` must not reach one.
+
+    Raises:
+        NotCommittedError: naming ``what`` (e.g. ``"labels"``) and the string.
+    """
+    from fmbseg.storage.retry import NotCommittedError
+
+    if not isinstance(text, str) or not _TOKEN_RE.match(text):
+        raise NotCommittedError(
+            f"{what} {text!r} is not a fingerprint (letters and digits, as `fmbseg status` "
+            "lists them) or 'latest'"
+        )
+    return text

@@ -45,6 +45,11 @@ class ModelNotFoundError(StoreError):
     """A model name, version or reference does not resolve to a complete saved version."""
 
 
+class CorruptModelError(ModelNotFoundError):
+    """A registry file (``champion.json``, ``card.json``, the weights) is missing, truncated
+    or names something that is not a valid model name or version; the message names the file."""
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
 
@@ -53,7 +58,14 @@ def _version_name(number: int) -> str:
     return f"v{number:04d}"
 
 
-def _check_name(name: str) -> None:
+def check_version(version: Any, where: str) -> str:
+    """``version`` if it is ``vNNNN``; else :class:`CorruptModelError` naming ``where``."""
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise CorruptModelError(f"{where}: version {version!r} is not of the form vNNNN")
+    return version
+
+
+def check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(
             f"model name {name!r} is not valid: use letters, digits, '.', '_' or '-', "
@@ -105,7 +117,7 @@ class ModelRegistry:
                 f"model {name!r}: extra file names must be plain and not "
                 f"{sorted({WEIGHTS, CARD, CLAIM})}, got {sorted(files or {})}"
             )
-        _check_name(name)
+        check_name(name)
         if not tensors:
             raise ValueError(f"model {name!r}: refusing to save an empty tensor dict")
         bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
@@ -154,6 +166,23 @@ class ModelRegistry:
         """
         return self._decide(name, version, reason, metrics, promoted=True)
 
+    def promote_first(
+        self, name: str, version: str, reason: str, metrics: dict[str, Any] | None = None
+    ) -> bool:
+        """Make ``version`` the champion only if ``name`` has none yet; True if it did.
+
+        ``champion.json`` is created exclusively, so of two first models saved at once
+        exactly one becomes the champion.
+        """
+        version = self.resolve_version(name, version)
+        at = _now()
+        decision = {"version": version, "promoted": True, "at": at, "reason": reason,
+                    "metrics": dict(metrics or {}), "previous": None}  # fmt: skip
+        record = {"version": version, "promoted_at": at, "reason": reason,
+                  "metrics": decision["metrics"], "history": [decision]}  # fmt: skip
+        data = json.dumps(record, indent=1, sort_keys=True, default=str).encode()
+        return self.store.create_exclusive(self.rel(name, file=CHAMPION), data)
+
     def reject(
         self, name: str, version: str, reason: str, metrics: dict[str, Any] | None = None
     ) -> dict[str, Any]:
@@ -189,6 +218,7 @@ class ModelRegistry:
 
     def versions(self, name: str) -> list[str]:
         """Complete versions of ``name`` (card written), oldest first."""
+        check_name(name)
         found = []
         for entry in self.store.ls(self.rel(name)):
             m = _VERSION_RE.match(entry)
@@ -205,10 +235,19 @@ class ModelRegistry:
         return vs[-1] if vs else None
 
     def champion_record(self, name: str) -> dict[str, Any] | None:
-        try:
-            return self.store.read_json(self.rel(name, file=CHAMPION))
-        except FileNotFoundError:
+        """``champion.json`` of ``name``, or None when nothing was promoted yet.
+
+        Raises:
+            CorruptModelError: the file is truncated, not a JSON object, or names a version
+                that is not ``vNNNN``.
+        """
+        rel = self.rel(name, file=CHAMPION)
+        if not self.store.exists(rel):
             return None
+        record = self._read_json(rel, "champion pointer")
+        if record.get("version") is not None:
+            check_version(record["version"], self.store.url(rel))
+        return record
 
     def champion(self, name: str) -> str | None:
         record = self.champion_record(name)
@@ -216,7 +255,7 @@ class ModelRegistry:
 
     def resolve_version(self, name: str, version: str = "latest") -> str:
         """``"latest"`` | ``"champion"`` | ``"vNNNN"`` -> a complete version of ``name``."""
-        _check_name(name)
+        check_name(name)
         if version == "latest":
             found = self.latest(name)
             if found is None:
@@ -244,17 +283,29 @@ class ModelRegistry:
         return version
 
     def card(self, name: str, version: str = "latest") -> dict[str, Any]:
+        """The card of one version (checked: a JSON object naming this version)."""
         version = self.resolve_version(name, version)
-        return self.store.read_json(self.rel(name, version, CARD))
+        rel = self.rel(name, version, CARD)
+        card = self._read_json(rel, "model card")
+        if card.get("version", version) != version:
+            raise CorruptModelError(
+                f"{self.store.url(rel)}: the card names version {card.get('version')!r}, "
+                f"but lies in the folder of {version}"
+            )
+        return card
 
     def load(
         self, name: str, version: str = "latest"
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors on CPU, card) of one version; ``version`` as in :meth:`resolve_version`."""
         version = self.resolve_version(name, version)
-        card = self.store.read_json(self.rel(name, version, CARD))
-        tensors = st_load(self.store.read_bytes(self.rel(name, version, WEIGHTS)))
-        return tensors, card
+        card = self.card(name, version)
+        rel = self.rel(name, version, WEIGHTS)
+        try:
+            blob = self.store.read_bytes(rel)
+        except FileNotFoundError:
+            raise CorruptModelError(f"{self.store.url(rel)}: weights file missing") from None
+        return _load_weights(blob, self.store.url(rel)), card
 
     # ---- references -----------------------------------------------------------------------
 
@@ -289,10 +340,13 @@ class ModelRegistry:
                 f"model reference {uri!r} is neither 'latest', 'champion', 'vNNNN', "
                 f"'name:version' nor a model version folder holding {CARD}"
             )
-        card = json.loads(fs.cat_file(f"{path}/{CARD}"))
+        where = fs.unstrip_protocol(f"{path}/{CARD}")
+        card = _parse_json(fs.cat_file(f"{path}/{CARD}"), where, "model card")
         parts = path.split("/")
         name = card.get("name") or (parts[-2] if len(parts) > 1 else "model")
-        version = card.get("version") or parts[-1]
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise CorruptModelError(f"{where}: model name {name!r} is not valid")
+        version = check_version(card.get("version") or parts[-1], where)
         return ModelRef(name, version, fs.unstrip_protocol(path))
 
     def _fs_for(self, uri: str) -> tuple[Any, str]:
@@ -311,11 +365,23 @@ class ModelRegistry:
         resolved = self.resolve(ref, name)
         fs, path = self._fs_for(resolved.uri)
         path = path.rstrip("/")
-        card = json.loads(fs.cat_file(f"{path}/{CARD}"))
-        tensors = st_load(fs.cat_file(f"{path}/{WEIGHTS}"))
-        return tensors, card, resolved
+        card_uri = fs.unstrip_protocol(f"{path}/{CARD}")
+        card = _parse_json(fs.cat_file(f"{path}/{CARD}"), card_uri, "model card")
+        weights_uri = fs.unstrip_protocol(f"{path}/{WEIGHTS}")
+        try:
+            blob = fs.cat_file(f"{path}/{WEIGHTS}")
+        except FileNotFoundError:
+            raise CorruptModelError(f"{weights_uri}: weights file missing") from None
+        return _load_weights(blob, weights_uri), card, resolved
 
     # ---- helpers --------------------------------------------------------------------------
+
+    def _read_json(self, rel: str, what: str) -> dict[str, Any]:
+        try:
+            data = self.store.read_bytes(rel)
+        except FileNotFoundError:
+            raise CorruptModelError(f"{self.store.url(rel)}: {what} missing") from None
+        return _parse_json(data, self.store.url(rel), what)
 
     def _max_number(self, name: str) -> int:
         """Highest version number with any entry (claimed, possibly incomplete)."""
@@ -323,3 +389,27 @@ class ModelRegistry:
             int(m.group(1)) for e in self.store.ls(self.rel(name)) if (m := _VERSION_RE.match(e))
         ]
         return max(numbers, default=0)
+
+
+def _parse_json(data: bytes, where: str, what: str) -> dict[str, Any]:
+    """A registry JSON file's object; :class:`CorruptModelError` naming ``where`` if it is
+    truncated or not an object."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptModelError(
+            f"{where}: {what} is truncated or not JSON ({len(data)} bytes: {exc})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CorruptModelError(f"{where}: {what} is not a JSON object")
+    return obj
+
+
+def _load_weights(blob: bytes, where: str) -> dict[str, torch.Tensor]:
+    """safetensors bytes -> tensors; :class:`CorruptModelError` naming ``where`` when truncated."""
+    try:
+        return st_load(blob)
+    except Exception as exc:  # safetensors raises its own SafetensorError for torn files
+        raise CorruptModelError(
+            f"{where}: weights file truncated or not safetensors ({len(blob)} bytes: {exc})"
+        ) from None

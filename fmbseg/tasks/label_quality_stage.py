@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from fmbseg.config import Config
 from fmbseg.data.datasets import DatasetError, SegDataset, open_dataset
-from fmbseg.storage.fingerprint import content_hash, fingerprint
+from fmbseg.storage.fingerprint import check_fingerprint, content_hash, fingerprint
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.label_quality import VARIANTS, pseudo_label_quality, quality_report
 from fmbseg.tasks.metrics import ConfusionMatrix
@@ -76,7 +76,7 @@ def resolve_labels(store: ArtifactStore, ref: str) -> str:
                 "run `fmbseg annotate` on the dataset's images first"
             )
         return fp
-    store.require_manifest(MERGE_STAGE, ref)
+    store.require_manifest(MERGE_STAGE, check_fingerprint(ref, "labels"))
     return ref
 
 

@@ -59,15 +59,20 @@ def decide_and_record(
     """Apply :func:`decide` and record it: champion history + ``promotion`` in the card.
 
     A version that already is the champion is left as it is (a rerun decides nothing new).
+    A first model becomes the champion through :meth:`ModelRegistry.promote_first`, so of
+    two first models trained at once exactly one does.
     """
     current = registry.champion(name)
     if current == version:
         return Verdict(True, "already the champion")
     verdict = decide(candidate, champion, current is not None)
     metrics = dict(candidate or {})
-    if verdict.promote:
+    if current is None and not registry.promote_first(name, version, verdict.reason, metrics):
+        # another first model won the race: decide against it as for any later model
+        return decide_and_record(registry, name, version, candidate, None, context)
+    if current is not None and verdict.promote:
         registry.promote(name, version, verdict.reason, metrics)
-    else:
+    elif not verdict.promote:
         registry.reject(name, version, verdict.reason, metrics)
     registry.update_card(name, version, {"promotion": {
         "promoted": verdict.promote, "reason": verdict.reason, "previous_champion": current,
@@ -75,3 +80,13 @@ def decide_and_record(
         **(context or {}),
     }})  # fmt: skip
     return verdict
+
+
+def promote_if_first(registry: ModelRegistry, name: str, version: str) -> Verdict | None:
+    """The one rule for a freshly trained version: the first model of ``name`` becomes its
+    champion; later ones only by an explicit decision (evaluation or ``fmbseg models
+    promote``). Returns the verdict when ``version`` was promoted, else None."""
+    if registry.champion(name) is not None:
+        return None
+    verdict = decide_and_record(registry, name, version, None, None)
+    return verdict if verdict.promote else None

@@ -11,6 +11,8 @@ sliding-window code (:mod:`fmbseg.tasks.evaluate`); objects keep their aspect ra
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,11 @@ import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from fmbseg.config import TrainConfig
+from fmbseg.data.images import decode_image, to_rgb
+from fmbseg.data.sources import read_bytes
 from fmbseg.models.align import AlignmentConfig, AlignmentModule
 from fmbseg.models.base import DenseClip, PatchEncoder
 from fmbseg.storage.models import ModelRef, ModelRegistry
@@ -35,11 +40,18 @@ class IncompatibleModelError(ValueError):
     """A checkpoint and an encoder / text model do not fit together; the message says why."""
 
 
+ImageLike = np.ndarray | Image.Image | str | os.PathLike[str]
+
+
 class OpenVocabSegmenter:
     """A loaded alignment module with its encoder and text model (load once, segment many).
 
-    Build with :meth:`load`. Images are ``HxWx3 uint8 RGB``; class lists are any non-empty
-    list of distinct names (not necessarily the training vocabulary).
+    Build with :meth:`load`. Images (:data:`ImageLike`): a numpy array (``HxWx3`` RGB,
+    ``HxW`` gray, ``HxWx4`` RGBA, uint8 or uint16), a PIL image in any mode, or a local path
+    / fsspec URI; each is converted to ``HxWx3 uint8 RGB`` exactly as the index stage
+    decodes files (:mod:`fmbseg.data.images`: alpha composited on white, gray replicated,
+    EXIF orientation applied). Class lists are any non-empty list of distinct names (not
+    necessarily the training vocabulary).
     """
 
     def __init__(
@@ -51,7 +63,9 @@ class OpenVocabSegmenter:
         device: torch.device,
         ref: ModelRef | None = None,
         templates: tuple[str, ...] | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
+        self.storage_options = dict(storage_options or {})  # for images given as URIs
         self.module = module.eval().to(device)
         self.encoder = encoder
         self.text_model = text_model
@@ -123,7 +137,16 @@ class OpenVocabSegmenter:
             raise IncompatibleModelError(
                 f"{where}: weights do not fit the module its card describes ({mcfg}): {exc}"
             ) from exc
-        return cls(module, encoder, text_model, card, dev, resolved, templates)
+        return cls(
+            module, encoder, text_model, card, dev, resolved, templates, store.storage_options
+        )
+
+    def as_rgb(self, image: ImageLike) -> np.ndarray:
+        """Any :data:`ImageLike` -> ``HxWx3 uint8 RGB`` (paths and URIs are read and decoded)."""
+        if isinstance(image, (str, os.PathLike)):
+            uri = os.fspath(image)
+            return decode_image(read_bytes(uri, self.storage_options), uri)
+        return to_rgb(image)
 
     # ---- embeddings ------------------------------------------------------------------------
 
@@ -137,7 +160,7 @@ class OpenVocabSegmenter:
         return self._text_cache[names]
 
     @torch.no_grad()
-    def similarities(self, image: np.ndarray, classes: list[str]) -> torch.Tensor:
+    def similarities(self, image: ImageLike, classes: list[str]) -> torch.Tensor:
         """``(K, H, W) float32`` cosine similarities, bilinearly upsampled to the image size.
 
         The image is resized (bilinear) so its short side is ``input_size``; square
@@ -148,6 +171,7 @@ class OpenVocabSegmenter:
         from fmbseg.tasks.evaluate import normalise_image, sliding_window_scores
         from fmbseg.tasks.predictors import AlignmentPredictor
 
+        image = self.as_rgb(image)
         text = self.text_embeddings(classes)
         predictor = AlignmentPredictor.from_segmenter(self)
         h, w = image.shape[:2]
@@ -157,9 +181,9 @@ class OpenVocabSegmenter:
         sims = sliding_window_scores(x, predictor, text, window, stride, WINDOW_BATCH)
         return F.interpolate(sims[None], size=(h, w), mode="bilinear", align_corners=False)[0]
 
-    def segment(self, image: np.ndarray, classes: list[str]) -> np.ndarray:
+    def segment(self, image: ImageLike, classes: list[str]) -> np.ndarray:
         """``HxW`` label map of indices into ``classes``: uint8 for up to 255 classes, else
-        int32. Argmax over the upsampled similarities."""
+        int32. Argmax over the upsampled similarities. ``image``: see the class docstring."""
         labels = self.similarities(image, classes).argmax(0).cpu().numpy()
         return labels.astype(np.uint8 if len(classes) <= 255 else np.int32)
 
@@ -215,20 +239,6 @@ def check_compatible(
 # ---- outputs -----------------------------------------------------------------------------------
 
 
-def palette(n: int) -> np.ndarray:
-    """``(n, 3) uint8`` distinct colours (PASCAL VOC's bit-interleaved colour map)."""
-    out = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i + 1, 0, 0, 0  # +1: class 0 is not black
-        for shift in range(7, -1, -1):
-            r |= (c & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        out[i] = (r, g, b)
-    return out
-
-
 def write_outputs(
     image: np.ndarray,
     label_map: np.ndarray,
@@ -241,9 +251,13 @@ def write_outputs(
 
     ``out_path``: local path or fsspec URI, with or without ``.png``. ``label_map``: ``HxW``
     indices into ``classes`` (at most 255 classes: a palette PNG holds 256 colours; index 255
-    is drawn black, as ignore). Returns the two paths written.
+    is drawn black, as ignore). Colours, label PNG and overlay are the export's
+    (:mod:`fmbseg.tasks.gallery`), so class ``k`` looks the same in both. Returns the two
+    paths written.
     """
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
+
+    from fmbseg.tasks.gallery import class_colours, label_png, overlay
 
     if label_map.shape != image.shape[:2]:
         raise ValueError(
@@ -259,31 +273,31 @@ def write_outputs(
             f"({len(classes)} classes)"
         )
     stem = out_path[:-4] if out_path.endswith(".png") else out_path
-    colours = np.zeros((256, 3), dtype=np.uint8)
-    colours[: len(classes)] = palette(len(classes))
-    indexed = Image.fromarray(label_map.astype(np.uint8), mode="P")
-    indexed.putpalette(colours.ravel().tolist())
-
-    blend = image.astype(np.float32) * (1 - alpha) + colours[label_map.astype(np.uint8)] * alpha
-    overlay = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
+    colours = class_colours(len(classes))
+    label = label_map.astype(np.uint8)
+    blended = Image.fromarray(overlay(image, label, colours, alpha))
     present = [int(v) for v in np.unique(label_map) if int(v) < len(classes)]
     if present:
         row = 12
-        legend = Image.new("RGB", (overlay.width, row * len(present) + 4), (255, 255, 255))
+        legend = Image.new("RGB", (blended.width, row * len(present) + 4), (255, 255, 255))
         draw = ImageDraw.Draw(legend)
         for j, k in enumerate(present):
             y = 2 + j * row
             draw.rectangle((2, y, 12, y + 9), fill=tuple(int(c) for c in colours[k]))
             draw.text((16, y - 1), classes[k], fill=(0, 0, 0))
-        canvas = Image.new("RGB", (overlay.width, overlay.height + legend.height))
-        canvas.paste(overlay, (0, 0))
-        canvas.paste(legend, (0, overlay.height))
-        overlay = canvas
+        canvas = Image.new("RGB", (blended.width, blended.height + legend.height))
+        canvas.paste(blended, (0, 0))
+        canvas.paste(legend, (0, blended.height))
+        blended = canvas
+    overlay_bytes = io.BytesIO()
+    blended.save(overlay_bytes, format="PNG")
 
     paths = (f"{stem}.png", f"{stem}_overlay.png")
-    for pil, path in zip((indexed, overlay), paths, strict=True):
+    for data, path in zip(
+        (label_png(label, colours), overlay_bytes.getvalue()), paths, strict=True
+    ):
         if "://" not in path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         with fsspec.open(path, "wb", **(storage_options or {})) as f:
-            pil.save(f, format="PNG")
+            f.write(data)
     return paths

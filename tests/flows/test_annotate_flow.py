@@ -67,7 +67,12 @@ def test_annotate_flow_runs_caches_and_reruns_only_what_changed(
     table = httpx.get(f"{api}/artifacts/annotate-summary/latest").json()
     assert table["flow_run_id"] == str(state.state_details.flow_run_id)
     rows = {r["what"]: r["value"] for r in json.loads(table["data"])}
-    assert rows["images_indexed"] == str(N_IMAGES)
+    assert rows["images_indexed"] == N_IMAGES  # plain values, not Python reprs
+    found = summary["classes_found"]
+    assert rows["classes_found"] == ", ".join(f"{k} {v}" for k, v in found.items())
+    assert rows["errors"] == "-"
+    gallery = httpx.get(f"{api}/artifacts/annotate-gallery/latest").json()
+    assert gallery["type"] == "markdown" and "](data:image/jpeg;base64," in gallery["data"]
     progress = httpx.get(f"{api}/artifacts/sam-auto-progress/latest").json()
     assert progress["data"] == 100.0
 

@@ -29,8 +29,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stack_env(home: Path, api_url: str) -> dict[str, str]:
-    """The environment of every Prefect subprocess: its own home, profile, DB and API URL."""
+def stack_env(home: Path, api_url: str, ui_api_url: str | None = None) -> dict[str, str]:
+    """The environment of every Prefect subprocess: its own home, profile, DB and API URL.
+
+    ``ui_api_url``: serve the UI, telling it where the API is (``PREFECT_UI_API_URL``, what
+    the README says to set when the browser reaches the server under another address)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(home),
@@ -38,10 +41,12 @@ def stack_env(home: Path, api_url: str) -> dict[str, str]:
         PREFECT_API_URL=api_url,
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
+        PREFECT_UI_ENABLED="false" if ui_api_url is None else "true",
         PREFECT_LOGGING_LEVEL="INFO",
         RAY_USAGE_STATS_ENABLED="0",
     )
+    if ui_api_url is not None:
+        env["PREFECT_UI_API_URL"] = ui_api_url
     return env
 
 
@@ -67,6 +72,7 @@ class PrefectStack:
     port: int
     server: subprocess.Popen[Any] | None = None
     logs: list[Path] = field(default_factory=list)
+    ui_api_url: str | None = None  # serve the UI with this API URL (None: no UI)
 
     @property
     def api_url(self) -> str:
@@ -74,7 +80,7 @@ class PrefectStack:
 
     @property
     def env(self) -> dict[str, str]:
-        return stack_env(self.home, self.api_url)
+        return stack_env(self.home, self.api_url, self.ui_api_url)
 
     def start(self, timeout_s: float = 90.0) -> None:
         self.home.mkdir(parents=True, exist_ok=True)

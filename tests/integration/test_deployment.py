@@ -12,10 +12,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
+import httpx
 import pytest
 import yaml
-from PIL import Image
 
 from fmbseg.storage import ArtifactStore
 from tests.integration.prefect_stack import (
@@ -28,27 +27,16 @@ from tests.integration.prefect_stack import (
 )
 
 POOL = "fmbseg-process"
-N_IMAGES = 4
+N_SAMPLES = 5  # fmbseg/data/samples.py
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _two_tone_images(folder: Path, n: int) -> list[Path]:
-    """``n`` 64x64 PNGs, each two flat colour blocks split at a different column."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        image = np.empty((64, 64, 3), np.uint8)
-        left, right = rng.integers(0, 256, (2, 3), dtype=np.uint8)
-        image[:, : 24 + 6 * i], image[:, 24 + 6 * i :] = left, right
-        paths.append(folder / f"two-tone-{i}.png")
-        Image.fromarray(image).save(paths[-1])
-    return paths
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[PrefectStack]:
-    s = PrefectStack(home=tmp_path / "prefect-home", port=free_port())
+    port = free_port()
+    # the UI's API URL given as the README says (another name than the server's own address)
+    s = PrefectStack(home=tmp_path / "prefect-home", port=port,
+                     ui_api_url=f"http://localhost:{port}/api")  # fmt: skip
     try:
         s.start()
         yield s
@@ -105,6 +93,18 @@ def test_smoke_deployment_runs_to_completed_on_a_worker(stack: PrefectStack, tmp
     assert nightly["entrypoint"] == "fmbseg/flows/retrain.py:retrain_flow"
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
     assert nightly["parameters"]["mode"] == "finetune"
+    # shipped paused (its parameters are placeholders); resumed as the README says
+    (schedule,) = nightly["schedules"]
+    assert schedule["active"] is False
+    listed = stack.cli("deployment", "schedule", "ls", "retrain/nightly")
+    assert listed.returncode == 0 and schedule["id"] in listed.stdout, listed.stdout[-2000:]
+    resumed = stack.cli("deployment", "schedule", "resume", "retrain/nightly", schedule["id"])
+    assert resumed.returncode == 0, resumed.stdout[-2000:]
+    nightly = stack.api("GET", "/deployments/name/retrain/nightly")
+    assert [s["active"] for s in nightly["schedules"]] == [True]
+    # the UI asks the server where the API is: PREFECT_UI_API_URL, not the default port
+    ui = httpx.get(f"http://127.0.0.1:{stack.port}/ui-settings", timeout=10).json()
+    assert ui["api_url"] == stack.ui_api_url
     for dep in (default, smoke):
         assert dep["entrypoint"] == "fmbseg/flows/annotate_and_train.py:annotate_and_train_flow"
         assert dep["work_pool_name"] == POOL
@@ -117,12 +117,11 @@ def test_smoke_deployment_runs_to_completed_on_a_worker(stack: PrefectStack, tmp
     # smoke's own overrides plus the in-process executor (no Ray start-up on 2 CI cores)
     overrides = [*smoke["parameters"]["overrides"], "runtime.executor=local"]
 
-    images = _two_tone_images(tmp_path / "images", N_IMAGES)
+    # no images parameter: the bundled sample photos, written into the store
     store_dir = tmp_path / "store"
     run = stack.cli(
         "deployment", "run", "annotate-and-train/smoke",
-        "-p", f"images={images[0].parent}", "-p", f"store={store_dir}",
-        "-p", f"overrides={json.dumps(overrides)}",
+        "-p", f"store={store_dir}", "-p", f"overrides={json.dumps(overrides)}",
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:]
     run_id = flow_run_id(run.stdout)
@@ -138,14 +137,28 @@ def test_smoke_deployment_runs_to_completed_on_a_worker(stack: PrefectStack, tmp
     lineage = json.loads((store_dir / "runs" / f"{run_id}.json").read_text())
     assert lineage["flow"] == "annotate-and-train"
     fps = lineage["stages"]
+    assert lineage["images"] == store.url("samples")
     index = store.require_manifest("index", fps["index"])
-    assert index.rows == N_IMAGES
+    assert index.rows == N_SAMPLES
     merge = store.require_manifest("merge", fps["merge"])
     assert merge.rows > 0
     coco = json.loads((store_dir / "exports" / fps["export"] / "annotations.json").read_text())
-    assert len(coco["images"]) == N_IMAGES and len(coco["annotations"]) == merge.rows
+    assert len(coco["images"]) >= index.rows - merge.error_rows
     name, version = lineage["model"]["name"], lineage["model"]["version"]
     model_dir = store_dir / "models" / name / version
     assert (model_dir / "weights.safetensors").stat().st_size > 0
     card = json.loads((model_dir / "card.json").read_text())
     assert json.dumps(card).count(fps["merge"]) >= 1  # the card names the labels it used
+
+    # the pictures the UI shows: overlays and the loss curve embedded in markdown artifacts,
+    # tables of plain values
+    artifacts = {a["key"]: a for a in stack.api("POST", "/artifacts/filter", json={
+        "artifacts": {"key": {"any_": ["annotate-gallery", "train-loss", "annotate-summary"]}},
+    })}  # fmt: skip
+    gallery, loss = artifacts["annotate-gallery"], artifacts["train-loss"]
+    assert gallery["type"] == "markdown" and gallery["data"].count("](data:image/jpeg;base64,") >= 1
+    assert loss["type"] == "markdown" and "](data:image/png;base64," in loss["data"]
+    summary = artifacts["annotate-summary"]
+    rows = json.loads(summary["data"]) if isinstance(summary["data"], str) else summary["data"]
+    cells = [str(v) for row in rows for v in row.values()]
+    assert cells and not any(c.startswith(("{", "[")) or c == "None" for c in cells), cells

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,11 +93,50 @@ def test_train_reaches_accuracy_and_reloads(world, encoder, text_model, tmp_path
     assert labels.shape == sc.truth.shape and labels.dtype == np.uint8
     mapped = np.array([classes.index(VOCAB[t]) for t in sc.truth.ravel()]).reshape(sc.truth.shape)
     assert (labels == mapped).mean() >= 0.8
+    # what Python users pass: a PIL image, a path, RGBA, grayscale, uint16 -> as the index
+    from PIL import Image as PILImage
+
+    from fmbseg.data.images import decode_image
+
+    path = world.uris[sc.image_id]
+    assert np.array_equal(seg.segment(PILImage.fromarray(sc.image), classes), labels)
+    assert np.array_equal(seg.segment(path, classes), labels)
+    assert np.array_equal(seg.segment(Path(path), classes), labels)
+    opaque = np.dstack([sc.image, np.full(sc.image.shape[:2], 255, np.uint8)])
+    assert np.array_equal(seg.segment(opaque, classes), labels)
+    assert np.array_equal(seg.segment(PILImage.fromarray(opaque, "RGBA"), classes), labels)
+    half = opaque.copy()
+    half[..., 3] = 0  # fully transparent: composited on white, as index decodes it
+    rgba_file = tmp_path / "clear.png"
+    PILImage.fromarray(half, "RGBA").save(rgba_file)
+    white = seg.segment(np.full_like(sc.image, 255), classes)
+    assert np.array_equal(seg.segment(half, classes), white)
+    assert np.array_equal(seg.segment(str(rgba_file), classes), white)
+    gray = np.asarray(PILImage.fromarray(sc.image).convert("L"))
+    gray_png = tmp_path / "gray.png"
+    PILImage.fromarray(gray).save(gray_png)
+    as_indexed = decode_image(gray_png.read_bytes(), str(gray_png))  # (H, W, 3), replicated
+    expected = seg.segment(as_indexed, classes)
+    for form in (gray, gray[..., None], PILImage.fromarray(gray), str(gray_png),
+                 gray.astype(np.uint16) * 257):  # fmt: skip
+        assert np.array_equal(seg.segment(form, classes), expected)
+    with pytest.raises(ValueError, match=r"array of shape \(2, 3, 4, 5\) is not an image"):
+        seg.segment(np.zeros((2, 3, 4, 5), np.uint8), classes)
+
     label_png, overlay_png = write_outputs(sc.image, labels, classes, str(tmp_path / "out/a"))
     from PIL import Image
 
     back = Image.open(label_png)
     assert back.mode == "P" and np.array_equal(np.asarray(back), labels)
+    # one palette: segment's label PNG and overlay use the export's colours (gallery module)
+    from fmbseg.tasks.gallery import class_colours, overlay
+    from fmbseg.tasks.gallery import label_png as export_label_png
+
+    colours = class_colours(len(classes))
+    assert back.getpalette()[: 3 * len(classes)] == colours.ravel().tolist()
+    assert Path(label_png).read_bytes() == export_label_png(labels, colours)
+    drawn = np.asarray(Image.open(overlay_png))[: labels.shape[0]]
+    assert np.array_equal(drawn, overlay(sc.image, labels, colours, 0.5))
     assert Image.open(overlay_png).size[0] == 80
 
     # a committed training fingerprint returns its model without training again
