@@ -22,11 +22,12 @@ VOCAB = Arg(
 
 
 def vocabulary_from_args(args: argparse.Namespace) -> tuple[str, ...]:
-    """--classes or --vocab, validated here so bad names fail before any work."""
-    from fmbseg.data.vocab import resolve_vocabulary
+    """--classes or --vocab, validated here so bad names, or more classes than a label map
+    holds, fail before any work."""
+    from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 
     try:
-        return resolve_vocabulary(args.classes, args.vocab, "--classes")
+        return resolve_vocabulary(args.classes, args.vocab, "--classes", MAX_LABEL_CLASSES)
     except (ValueError, OSError) as exc:
         message = str(exc).replace("classes (names) or vocab", "--classes or --vocab")
         raise UsageError(message) from exc

@@ -11,18 +11,6 @@ from typing import Any
 from fmbseg.cli.annotate import vocabulary_from_args
 from fmbseg.cli.core import Arg, Common, UsageError, command
 
-MAX_CLASSES = 255  # a palette PNG label map holds at most this many class indices
-
-
-def parse_classes(args: argparse.Namespace) -> tuple[str, ...]:
-    """``--classes``/``--vocab`` as ``fmbseg annotate`` reads them, at most 255 names."""
-    names = vocabulary_from_args(args)
-    if len(names) > MAX_CLASSES:
-        raise UsageError(
-            f"{len(names)} classes: label maps are palette PNGs and hold at most {MAX_CLASSES}"
-        )
-    return names
-
 
 def check_images(images: Sequence[str], storage_options: dict[str, Any]) -> None:
     """Raise UsageError naming every image path or URI that is not an existing file."""
@@ -77,7 +65,7 @@ def cmd_segment(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.storage.models import ModelNotFoundError
     from fmbseg.tasks.segment import IncompatibleModelError, OpenVocabSegmenter, write_outputs
 
-    classes = list(parse_classes(args))
+    classes = list(vocabulary_from_args(args))  # at most 255: label maps are palette PNGs
     check_images(args.images, common.storage_options)
     name = args.name or common.cfg.train.model_name
     try:

@@ -16,7 +16,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from fmbseg.config import Config
-from fmbseg.data.vocab import resolve_vocabulary
+from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 from fmbseg.flows.common import (
     StageProgress,
     configure,
@@ -197,7 +197,8 @@ def annotate_flow(
     Returns ``{"fingerprints": {stage: fp}, "summary": {...}}``; the summary says where the
     COCO JSON, label PNGs and gallery are.
     """
-    vocabulary = resolve_vocabulary(classes, vocab)  # bad names fail before any work
+    # bad names fail before any work, more classes than a label map holds included
+    vocabulary = resolve_vocabulary(classes, vocab, max_names=MAX_LABEL_CLASSES)
     cfg = configure(config, overrides, ray_address)
     st = open_store(store, storage_options)
     fps = annotate_stages(st, cfg, images, vocabulary, storage_options, image_root)

@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from fmbseg.data.vocab import resolve_vocabulary
+from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 from fmbseg.flows.annotate import annotate_flow
 from fmbseg.flows.common import (
     configure,
@@ -81,7 +81,8 @@ def annotate_and_train_flow(
     Returns ``{"fingerprints", "summary", "model", "evaluation"}``: where the labels, the
     gallery and the model are, and the promotion decision.
     """
-    vocabulary = resolve_vocabulary(classes, vocab)  # bad names fail before any work
+    # bad names fail before any work, more classes than a label map holds included
+    vocabulary = resolve_vocabulary(classes, vocab, max_names=MAX_LABEL_CLASSES)
     if (eval_dataset is None) != (eval_data_root is None):
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)  # config errors fail before any work
