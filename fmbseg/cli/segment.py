@@ -58,6 +58,7 @@ def output_stems(images: Sequence[str], out: str) -> list[str]:
         help="model name in the store's registry (default: the config's train.model_name)"),
     Arg("--out", default="./fmbseg-segment",
         help="output folder or fsspec URI (default %(default)s)"),
+    writes_store=False,
 )  # fmt: skip
 def cmd_segment(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.data.images import decode_image
