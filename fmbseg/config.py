@@ -134,6 +134,9 @@ class IndexConfig(_Section):
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
     max_pixels: PosInt = 178_956_970  # larger images are recorded as errors (PIL's bomb limit)
     verify_decode: bool = True  # decode every image fully (catches truncation); False = header only
+    # protocols a .txt/COCO list's absolute paths and URIs may use ("file" = local paths,
+    # "store" = the store's); relative entries always stay under the list's root
+    allowed_protocols: tuple[str, ...] = ("file", "store")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,12 @@ IMAGES = Arg(
     "--images", required=True,
     help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list of URIs or COCO .json",
 )  # fmt: skip
-IMAGE_ROOT = Arg("--image-root", default=None, help="for COCO JSON: folder of the file_names")
+IMAGE_ROOT = Arg(
+    "--image-root",
+    default=None,
+    help="for a COCO JSON or .txt list: the folder its relative entries are under (default: "
+    "the list's folder); they may not climb out of it",
+)
 CLASSES = Arg("--classes", default=None, help='class names, comma-separated: "cat,dog,grass"')
 VOCAB = Arg(
     "--vocab", default=None,

@@ -145,7 +145,7 @@ def annotate_stages(
     image_root: str | None = None,
 ) -> dict[str, str]:
     """Run (or reuse) every stage-1 stage inside the calling flow; returns {stage: fp}."""
-    plan = list_images_task(images, cfg, storage_options, image_root)
+    plan = list_images_task(images, cfg, storage_options, image_root, st.uri)
     return annotate_plan(st, cfg, plan, vocabulary, storage_options)
 
 
