@@ -50,14 +50,15 @@ def _out_of_range(value: Any, bounds: list[Gt | Ge | Lt | Le]) -> str | None:
     """``"must be >= 1"`` for the first bound ``value`` breaks, else None."""
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
+    v: Any = value  # annotated-types types its bounds as protocols, not numbers
     for b in bounds:
-        if isinstance(b, Gt) and not value > b.gt:
+        if isinstance(b, Gt) and not v > b.gt:
             return f"must be > {b.gt}"
-        if isinstance(b, Ge) and not value >= b.ge:
+        if isinstance(b, Ge) and not v >= b.ge:
             return f"must be >= {b.ge}"
-        if isinstance(b, Lt) and not value < b.lt:
+        if isinstance(b, Lt) and not v < b.lt:
             return f"must be < {b.lt}"
-        if isinstance(b, Le) and not value <= b.le:
+        if isinstance(b, Le) and not v <= b.le:
             return f"must be <= {b.le}"
     return None
 
