@@ -66,7 +66,7 @@ def _check_remote(uri: str, storage_options: dict[str, Any], timeout: float) -> 
     protocol = uri.split("://", 1)[0]
     if protocol in ("s3", "s3a"):
         config = options.setdefault("config_kwargs", {})
-        retries = {"max_attempts": 1, "mode": "standard"}
+        retries = {"total_max_attempts": 1, "mode": "standard"}  # no retry
         config.update(connect_timeout=timeout, read_timeout=timeout, retries=retries)
     options["skip_instance_cache"] = True  # the run's own instance keeps its retries
     try:
