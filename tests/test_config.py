@@ -189,8 +189,15 @@ def test_range_checks_also_guard_replace_and_direct_construction() -> None:
     with pytest.raises(ConfigError, match=r"^index\.max_pixels: must be >= 1, got -7$"):
         IndexConfig(max_pixels=-7)
     # edges are in range, None stays allowed for optional fields
-    cfg = load_config("default", ["runtime.num_workers=0", "sam_auto.pred_iou_thresh=1",
-                                  "merge.auto_fraction=0", "train.out_dim=null"])  # fmt: skip
+    cfg = load_config(
+        "default",
+        [
+            "runtime.num_workers=0",
+            "sam_auto.pred_iou_thresh=1",
+            "merge.auto_fraction=0",
+            "train.out_dim=null",
+        ],
+    )
     assert cfg.runtime.num_workers == 0 and cfg.train.out_dim is None
 
 
