@@ -14,13 +14,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
+from annotated_types import Ge, GroupedMetadata, Gt, Interval, Le, Lt
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -29,13 +31,75 @@ class ConfigError(ValueError):
     """A configuration file, key or value is wrong; the message names which and why."""
 
 
+def _bounds(tp: Any) -> list[Gt | Ge | Lt | Le]:
+    """The range constraints of a field annotated ``Annotated[int, Ge(1)]`` (also inside
+    ``... | None``); annotated-types' objects, which pydantic reads as they are."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return [b for arg in get_args(tp) for b in _bounds(arg)]
+    if get_origin(tp) is not Annotated:
+        return []
+    out: list[Gt | Ge | Lt | Le] = []
+    for meta in tp.__metadata__:
+        for m in meta if isinstance(meta, GroupedMetadata) else (meta,):
+            if isinstance(m, (Gt, Ge, Lt, Le)):
+                out.append(m)
+    return out
+
+
+def _out_of_range(value: Any, bounds: list[Gt | Ge | Lt | Le]) -> str | None:
+    """``"must be >= 1"`` for the first bound ``value`` breaks, else None."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    v: Any = value  # annotated-types types its bounds as protocols, not numbers
+    for b in bounds:
+        if isinstance(b, Gt) and not v > b.gt:
+            return f"must be > {b.gt}"
+        if isinstance(b, Ge) and not v >= b.ge:
+            return f"must be >= {b.ge}"
+        if isinstance(b, Lt) and not v < b.lt:
+            return f"must be < {b.lt}"
+        if isinstance(b, Le) and not v <= b.le:
+            return f"must be <= {b.le}"
+    return None
+
+
+class _Section:
+    """Base of the config sections: a value outside its field's range (``Annotated[int,
+    Ge(1)]``) raises ConfigError naming ``section.field`` when the section is made, so a
+    config loaded from YAML, built in Python or changed with :func:`replace` is checked
+    before any stage runs."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self), include_extras=True)
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            problem = _out_of_range(value, _bounds(hints[f.name]))
+            if problem:
+                raise ConfigError(f"{_section_name(type(self))}.{f.name}: {problem}, got {value!r}")
+
+
+def _section_name(cls: type) -> str:
+    names = {tp: name for name, tp in typing.get_type_hints(Config).items()}
+    return names.get(cls, cls.__name__)
+
+
+# Range-checked field types: annotated-types constraints, which pydantic reads as they are.
+PosInt = Annotated[int, Ge(1)]
+NonNegInt = Annotated[int, Ge(0)]
+PosFloat = Annotated[float, Gt(0)]
+NonNegFloat = Annotated[float, Ge(0)]
+Fraction = Annotated[float, Interval(ge=0, le=1)]
+PosFraction = Annotated[float, Interval(gt=0, le=1)]
+Cosine = Annotated[float, Interval(ge=-1, le=1)]
+
+
 # --------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ModelsConfig:
+class ModelsConfig(_Section):
     """Which foundation models to build; names are keys of ``fmbseg.models.registry``."""
 
     clip: str = "clip_vit_l14_336"  # open_clip ViT-L/14 @336 (paper: ViT-L/14)
@@ -51,77 +115,80 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True)
-class RuntimeConfig:
+class RuntimeConfig(_Section):
     """Where and how stages execute."""
 
     executor: Literal["ray", "local"] = "ray"  # local = in-process, for debugging and unit tests
     ray_address: str | None = None  # None = a local Ray; "auto" or "ray://host:10001" at scale
-    num_workers: int = 0  # model-holding actors per stage; 0 = one per GPU, else 1 on CPU
-    cpus_per_worker: float = 1.0  # Ray CPUs reserved by each actor
-    gpus_per_worker: float = 1.0  # Ray GPUs reserved by each actor when GPUs exist
+    num_workers: NonNegInt = 0  # model-holding actors per stage; 0 = one per GPU, else 1 on CPU
+    cpus_per_worker: NonNegFloat = 1.0  # Ray CPUs reserved by each actor
+    gpus_per_worker: NonNegFloat = 1.0  # Ray GPUs reserved by each actor when GPUs exist
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    shard_size: int = 256  # images per shard (unit of commit and of resume)
-    max_retries: int = 3  # per shard, when a worker dies or storage fails transiently
+    shard_size: PosInt = 256  # images per shard (unit of commit and of resume)
+    max_retries: NonNegInt = 3  # per shard, when a worker dies or storage fails transiently
 
 
 @dataclass(frozen=True)
-class IndexConfig:
+class IndexConfig(_Section):
     """Stage `index`: listing and decoding the image source."""
 
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-    max_pixels: int = 178_956_970  # larger images are recorded as errors (PIL's bomb limit)
+    max_pixels: PosInt = 178_956_970  # larger images are recorded as errors (PIL's bomb limit)
     verify_decode: bool = True  # decode every image fully (catches truncation); False = header only
+    # protocols a .txt/COCO list's absolute paths and URIs may use ("file" = local paths,
+    # "store" = the store's); relative entries always stay under the list's root
+    allowed_protocols: tuple[str, ...] = ("file", "store")
 
 
 @dataclass(frozen=True)
-class ClipDenseConfig:
+class ClipDenseConfig(_Section):
     """Stage `clip_dense` (METHOD 1.1.1-2): sliding-window dense CLIP features and presence."""
 
     mode: Literal["maskclip", "sclip"] = "maskclip"  # last-block path for dense features
-    short_side: int = 1008  # image upsampled so its short side is this (ours)
-    crop_size: int | None = None  # None = the CLIP model's input size (ours)
-    stride_ratio: float = 2 / 3  # stride = round(crop_size * stride_ratio) (ours)
+    short_side: PosInt = 1008  # image upsampled so its short side is this (ours)
+    crop_size: PosInt | None = None  # None = the CLIP model's input size (ours)
+    stride_ratio: PosFraction = 2 / 3  # stride = round(crop_size * stride_ratio) (ours)
     templates: tuple[str, ...] = ("a photo of a {}.",)  # paper: one template
-    min_crops: int = 2  # a class is present if it wins at least this many crops (paper: >1)
-    batch_size: int = 16  # crops per forward pass, across images
+    min_crops: PosInt = 2  # a class is present if it wins at least this many crops (paper: >1)
+    batch_size: PosInt = 16  # crops per forward pass, across images
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
 
 
 @dataclass(frozen=True)
-class SamPromptConfig:
+class SamPromptConfig(_Section):
     """Stage `sam_prompt` (METHOD 1.1.3): top-k CLIP patches as SAM point prompts."""
 
-    num_points: int = 5  # positive points per present class (paper: 5)
+    num_points: PosInt = 5  # positive points per present class (paper: 5)
     multimask: bool = True  # keep the highest predicted-IoU of SAM's 3 masks
 
 
 @dataclass(frozen=True)
-class SamAutoConfig:
+class SamAutoConfig(_Section):
     """Stage `sam_auto` (METHOD 1.2): automatic masks, filtered, labelled from CLIP maps."""
 
-    points_per_side: int = 32
+    points_per_side: PosInt = 32
     # prompts per decoder pass; None = 256 on a GPU (fills it better), SAM's own 64 on a CPU:
     # a pass holds points x 3 x 1024^2 float32 mask logits (3 GiB at 256), and on a CPU 256
     # had 0.72x the speed and 2.3x the peak memory of 64 (bench/sam_auto.py, sam_vit_b).
     # Not in the fingerprint: the masks are the same.
-    points_per_batch: int | None = None
-    pred_iou_thresh: float = 0.86
-    stability_score_thresh: float = 0.92
-    box_nms_thresh: float = 0.7
-    min_mask_region_area: int = 100  # pixels
-    max_area_fraction: float = 0.95  # drop masks covering more of the image than this
+    points_per_batch: PosInt | None = None
+    pred_iou_thresh: Fraction = 0.86
+    stability_score_thresh: Fraction = 0.92
+    box_nms_thresh: Fraction = 0.7
+    min_mask_region_area: NonNegInt = 100  # pixels
+    max_area_fraction: PosFraction = 0.95  # drop masks covering more of the image than this
 
 
 @dataclass(frozen=True)
-class MergeConfig:
+class MergeConfig(_Section):
     """Stage `merge`: sample automatic masks and compose label maps."""
 
-    auto_fraction: float = 0.5  # fraction of stage-1.2 masks kept (ours)
-    seed: int = 0
+    auto_fraction: Fraction = 0.5  # fraction of stage-1.2 masks kept (ours)
+    seed: NonNegInt = 0
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(_Section):
     """Stage `export`: COCO JSON, PNG label maps, overlays and an HTML gallery."""
 
     png: bool = True
@@ -129,53 +196,53 @@ class ExportConfig:
     # faster for files ~1.8x larger, 9 is ~10% smaller and ~10x slower (bench/io_paths.py)
     png_compress_level: Literal[0, 1, 2, 3, 4, 5, 6, 7, 8, 9] = 6
     overlays: bool = True
-    gallery_max_images: int = 200  # images shown in gallery.html
-    overlay_alpha: float = 0.5
+    gallery_max_images: NonNegInt = 200  # images shown in gallery.html
+    overlay_alpha: Fraction = 0.5
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """Stage 2 (METHOD stage 2): alignment module on frozen DINOv2 patch features."""
 
-    input_size: int = 448  # DINOv2 input side (patch 14 -> 32x32 patches)
+    input_size: PosInt = 448  # DINOv2 input side (patch 14 -> 32x32 patches)
     # training crops per image: short side resized to input_size, input_size squares cut at
     # seeded offsets along the long side (features cached per crop); epochs cycle through them
-    crops_per_image: int = 2
-    min_labelled_fraction: float = 0.5  # majority label's share of a patch, else ignored (ours)
-    heads: int = 16
-    mlp_ratio: float = 4.0
-    out_dim: int | None = None  # None = the CLIP text-embedding width
-    temperature: float = 0.1
+    crops_per_image: PosInt = 2
+    min_labelled_fraction: Fraction = 0.5  # majority label's share of a patch, else ignored (ours)
+    heads: PosInt = 16
+    mlp_ratio: PosFloat = 4.0
+    out_dim: PosInt | None = None  # None = the CLIP text-embedding width
+    temperature: PosFloat = 0.1
     # text prototypes in the loss's denominators: all = every vocabulary class (the paper's K),
     # batch = only the classes present in the batch (ablation)
     text_negatives: Literal["all", "batch"] = "all"
     templates: tuple[str, ...] = ("a photo of a {}.",)  # text prototypes (paper: one template)
-    epochs: int = 10
-    batch_size: int = 5  # images per batch (paper: 5)
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    seed: int = 0
+    epochs: PosInt = 10
+    batch_size: PosInt = 5  # images per batch (paper: 5)
+    lr: PosFloat = 0.01
+    momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
+    weight_decay: NonNegFloat = 1e-4
+    seed: NonNegInt = 0
     cache_features: bool = True  # store DINOv2 patch features so epochs/reruns reuse them
-    num_loader_workers: int = 2
+    num_loader_workers: NonNegInt = 2
     model_name: str = "fmbseg-align"  # name in the store's model registry
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     """Evaluation protocol (TCL's): sliding window over the short-side-resized image."""
 
-    short_side: int = 448
-    window: int = 448
-    stride: int = 224
+    short_side: PosInt = 448
+    window: PosInt = 448
+    stride: PosInt = 224
     templates: tuple[str, ...] = ("a photo of a {}.",)
     background: Literal["stuff_names", "constant"] = "stuff_names"  # paper's vs. TCL's
-    background_score: float = 0.5  # for background == "constant"
-    batch_size: int = 8
-    max_long_side: int = 2048  # TCL/mmseg Resize img_scale=(2048, short_side), keep_ratio
+    background_score: Fraction = 0.5  # for background == "constant"
+    batch_size: PosInt = 8
+    max_long_side: PosInt = 2048  # TCL/mmseg Resize img_scale=(2048, short_side), keep_ratio
     background_names: str = "coco-stuff-background"  # vocabulary of stuff names (paper's bg)
-    mask_center: float = 0.25  # constant bg: soft mask sigmoid((cos - center) * scale), TCL's
-    mask_scale: float = 10.0  # kp-branch values; makes cosines comparable to the 0.5 constant
+    mask_center: Cosine = 0.25  # constant bg: soft mask sigmoid((cos - center) * scale), TCL's
+    mask_scale: PosFloat = 10.0  # kp-branch values; makes cosines comparable to the 0.5 constant
 
 
 @dataclass(frozen=True)
@@ -218,12 +285,18 @@ def config_hash(obj: Any) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Annotated:
+        return _type_name(get_args(tp)[0])
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against annotation ``tp``; returns the (possibly converted) value."""
     origin = get_origin(tp)
+    if origin is Annotated:  # range checks run when the section is made (_Section)
+        return _coerce(value, get_args(tp)[0], where)
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
@@ -260,6 +333,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

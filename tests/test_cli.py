@@ -191,3 +191,33 @@ def test_make_clean_keeps_the_default_store() -> None:
     assert dry.returncode == 0, dry.stderr
     assert "rm -rf .venv .pytest_cache" in dry.stdout
     assert "fmbseg-store" not in dry.stdout  # the user's labels and models
+
+
+@pytest.mark.slow
+def test_a_crafted_coco_source_is_confined(
+    prefect_harness, image_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    coco = tmp_path / "users" / "crafted.json"
+    coco.parent.mkdir()
+    images = [{"id": 1, "file_name": "coffee.jpg"}, {"id": 2, "file_name": "../../etc/passwd"}]
+    coco.write_text(json.dumps({"images": images}))
+    base = ["index", "--images", str(coco), "--image-root", str(image_dir)]
+    base += ["--store", str(tmp_path / "s"), "--set", "runtime.executor=local"]
+    assert main(base) == 2
+    err = capfd.readouterr().err
+    assert (
+        f"fmbseg: error: COCO file {str(coco)!r}: images[1] file_name '../../etc/passwd' climbs "
+        f"out of the image root {str(image_dir)!r}\n"
+    ) in err
+    assert "Traceback" not in err and not (tmp_path / "s" / "stages").exists()
+
+    images[1] = {"id": 2, "coco_url": "http://127.0.0.1:9/x.jpg"}
+    coco.write_text(json.dumps({"images": images}))
+    assert main(base) == 2
+    assert "protocol 'http' is not allowed" in capfd.readouterr().err
+    # a deployment that wants URLs says so in its config
+    assert main([*base, "--set", "index.allowed_protocols=[file, store, http]"]) == 0
+    out = capfd.readouterr().out
+    assert "index: 1 images, 1 errors" in out  # the URL is listed, and fails to read

@@ -170,3 +170,52 @@ def test_run_offline_fails_fast_naming_every_missing_checkpoint(
     assert "http://127.0.0.1:9/timm/vit_base_patch16_clip_224.openai" in text
     assert "fmbseg run --config tiny" in text and "Traceback" not in text
     assert not (store / "stages").exists()  # nothing was indexed
+
+
+MANY = ",".join(f"class{i}" for i in range(256))  # one more than a label map holds
+
+
+@pytest.mark.parametrize("command", ["annotate", "run", "retrain", "segment"])
+def test_more_classes_than_a_label_map_holds_exit_2_before_any_work(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    store = tmp_path / "store"
+    source = str(tmp_path / "images")
+    where = [f"{source}/a.png"] if command == "segment" else ["--images", source]
+    assert main([command, *where, "--classes", MANY, "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "fmbseg: error: 256 classes: a label map holds at most 255 (values 0-254, 255 = "
+        "ignore); split the vocabulary into runs\n"
+    )
+    assert not store.exists()
+
+
+def test_a_vocabulary_file_of_too_many_names_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "images").mkdir()
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"thing {i}" for i in range(2000)))
+    argv = ["annotate", "--images", str(tmp_path / "images"), "--vocab", str(names)]
+    argv += ["--store", str(tmp_path / "store")]
+    assert main(argv) == 2
+    assert "2000 classes: a label map holds at most 255" in capsys.readouterr().err
+
+
+def test_flows_called_from_python_refuse_too_many_classes_before_any_work(tmp_path: Path) -> None:
+    from fmbseg.flows import annotate_and_train_flow, annotate_flow
+    from fmbseg.flows.retrain import retrain_flow
+
+    store = tmp_path / "store"
+    for flow in (annotate_flow, annotate_and_train_flow, retrain_flow):
+        with pytest.raises(ValueError, match="^256 classes: a label map holds at most 255"):
+            flow.fn(images=str(tmp_path), store=str(store), classes=MANY.split(","))
+    assert not store.exists()
+    # 255 is fine for the check (the flow then fails on the empty source, not on the count)
+    with pytest.raises(Exception, match="holds no images|does not exist") as info:
+        names = MANY.split(",")[:255]
+        annotate_flow.fn(images=str(tmp_path), store=str(store), classes=names, config="tiny")
+    assert "classes" not in str(info.value)

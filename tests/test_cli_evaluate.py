@@ -100,3 +100,37 @@ def test_bad_limit_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     argv = ["evaluate", "--dataset", "voc21", "--data-root", str(tmp_path), "--limit", "0"]
     assert main(argv) == 2
     assert "--limit must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_listed_sample_without_its_label_file_is_an_error_naming_it(
+    prefect_harness, voc_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (Path(voc_root) / "VOCdevkit/VOC2012/SegmentationClass/2007_000042.png").unlink()
+    store = tmp_path / "store"
+    assert main(_argv(voc_root, store, "--model", "maskclip")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fmbseg: error: voc21 root ") and err.count("\n") == 1
+    assert "SegmentationClass/2007_000042.png not found (the label of a sample " in err
+    assert "1 of 3 samples lack theirs" in err
+    assert not (store / "stages").exists()  # before any work
+
+
+@pytest.mark.slow
+def test_pseudo_labels_of_other_images_say_annotate_these_first(
+    prefect_harness, voc_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.flows.test_evaluate_flow import _commit_labels
+
+    store = tmp_path / "store"
+    _commit_labels(ArtifactStore(str(store)), voc_root)  # labels of these images ...
+    for i, jpg in enumerate(sorted((Path(voc_root) / "VOCdevkit/VOC2012/JPEGImages").iterdir())):
+        jpg.write_bytes(trees._jpg(trees.image(100 + i)))  # ... which are now other images
+    assert main(_argv(voc_root, store, "--model", "labels:latest")) == 2
+    captured = capsys.readouterr()
+    assert captured.err.endswith(  # after the stage's progress bar
+        f"\nfmbseg: error: none of the 3 images of voc21 in {voc_root} has pseudo-labels in "
+        "merge output labels0000000000: annotate them first (fmbseg annotate --images <the "
+        "split's image folder> --vocab ...), then evaluate labels:latest\n"
+    )
+    assert "mIoU" not in captured.out  # no table of zeros

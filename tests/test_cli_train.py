@@ -161,3 +161,51 @@ def test_segment_input_errors_exit_2(
     assert message.format(**fill) in err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_segment_never_replaces_an_input_and_asks_before_replacing_outputs(
+    trained_store: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, source = trained_store
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo = photos / "photo.png"
+    photo.write_bytes(Path(source).read_bytes())
+    original = photo.read_bytes()
+    base = ["segment", str(photo), *CLASSES, "--model", "latest", "--store", store]
+    base += ["--config", "tiny"]
+    for extra in ([], ["--overwrite"]):  # an input is never replaced, --overwrite or not
+        status, _, err = _run([*base, "--out", str(photos), *extra], capsys)
+        assert status == 2
+        assert err == (
+            f"fmbseg: error: --out {str(photos)!r} would replace input image {str(photo)!r} "
+            "with its label map or overlay; choose another --out\n"
+        )
+        assert photo.read_bytes() == original and sorted(photos.iterdir()) == [photo]
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "photo_overlay.png").write_bytes(b"mine")
+    status, _, err = _run([*base, "--out", str(out)], capsys)
+    assert status == 2
+    assert err == (
+        f"fmbseg: error: --out {str(out)!r}: {str(out / 'photo_overlay.png')!r} exists; "
+        "pass --overwrite to replace existing outputs\n"
+    )
+    assert (out / "photo_overlay.png").read_bytes() == b"mine"
+    assert not (out / "photo.png").exists()  # nothing written before the refusal
+
+    status, stdout, err = _run([*base, "--out", str(out), "--overwrite"], capsys)
+    assert status == 0, err
+    assert (out / "photo_overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(out / "photo.png").size == Image.open(photo).size
+
+
+def test_segment_output_names_never_collide(tmp_path: Path) -> None:
+    from fmbseg.cli.segment import output_stems
+
+    images = ["a/x.jpg", "b/x.png", "c/x_overlay.jpg", "x-2.jpg", "d/x.jpg"]
+    stems = [Path(s).name for s in output_stems(images, str(tmp_path))]
+    assert stems == ["x", "x-2", "x_overlay-2", "x-2-2", "x-3"]
+    names = [n for s in stems for n in (f"{s}.png", f"{s}_overlay.png")]
+    assert len(set(names)) == len(names)

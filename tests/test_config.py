@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
+from typing import Annotated
 
 import pytest
+from annotated_types import Ge, Gt, Le, Lt
 
 from fmbseg.config import (
     Config,
     ConfigError,
+    IndexConfig,
     RuntimeConfig,
+    _bounds,
     builtin_configs,
     config_hash,
     load_config,
@@ -152,3 +158,93 @@ def test_config_hash() -> None:
     assert config_hash(Config().sam_auto) != config_hash(load_config("tiny").sam_auto)
     assert len(config_hash(Config())) == 64
     assert Config().to_dict()["clip_dense"]["templates"] == ["a photo of a {}."]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("runtime.shard_size=0", "runtime.shard_size: must be >= 1, got 0"),
+        ("runtime.shard_size=-5", "runtime.shard_size: must be >= 1, got -5"),
+        ("index.max_pixels=-1", "index.max_pixels: must be >= 1, got -1"),
+        ("runtime.num_workers=-1", "runtime.num_workers: must be >= 0, got -1"),
+        ("sam_auto.pred_iou_thresh=1.5", "sam_auto.pred_iou_thresh: must be <= 1, got 1.5"),
+        ("sam_auto.points_per_batch=0", "sam_auto.points_per_batch: must be >= 1, got 0"),
+        ("clip_dense.stride_ratio=0", "clip_dense.stride_ratio: must be > 0, got 0.0"),
+        ("merge.auto_fraction=-0.1", "merge.auto_fraction: must be >= 0, got -0.1"),
+        ("train.temperature=0", "train.temperature: must be > 0, got 0.0"),
+        ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
+        ("train.out_dim=0", "train.out_dim: must be >= 1, got 0"),
+        ("evaluate.mask_center=2", "evaluate.mask_center: must be <= 1, got 2.0"),
+    ],
+)
+def test_out_of_range_values_fail_at_load_naming_the_field(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("default", [override])
+    assert str(info.value) == message
+
+
+def test_range_checks_also_guard_replace_and_direct_construction() -> None:
+    with pytest.raises(ConfigError, match=r"^runtime\.shard_size: must be >= 1, got 0$"):
+        replace(Config(), runtime={"shard_size": 0})
+    with pytest.raises(ConfigError, match=r"^index\.max_pixels: must be >= 1, got -7$"):
+        IndexConfig(max_pixels=-7)
+    # edges are in range, None stays allowed for optional fields
+    cfg = load_config(
+        "default",
+        [
+            "runtime.num_workers=0",
+            "sam_auto.pred_iou_thresh=1",
+            "merge.auto_fraction=0",
+            "train.out_dim=null",
+        ],
+    )
+    assert cfg.runtime.num_workers == 0 and cfg.train.out_dim is None
+
+
+def _base(tp: typing.Any) -> typing.Any:
+    """``int`` for ``Annotated[int, Ge(1)] | None``, ``str | None`` stays a union."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Annotated:
+        return args[0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _base(args[0])
+    return tp
+
+
+def _numeric_fields() -> list[tuple[str, str, typing.Any]]:
+    """(section, field, annotation) of every int/float field of every section."""
+    out = []
+    for section, cls in typing.get_type_hints(Config).items():
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            if _base(hints[f.name]) in (int, float):
+                out.append((section, f.name, hints[f.name]))
+    return out
+
+
+def _outside(bound: typing.Any, is_int: bool) -> typing.Any:
+    """A value just outside ``bound``."""
+    step = 1 if is_int else 0.5
+    if isinstance(bound, Ge):
+        return bound.ge - step
+    if isinstance(bound, Gt):
+        return bound.gt
+    if isinstance(bound, Le):
+        return bound.le + step
+    assert isinstance(bound, Lt)
+    return bound.lt
+
+
+def test_every_numeric_field_has_a_range_and_rejects_a_value_outside_it() -> None:
+    fields = _numeric_fields()
+    assert len(fields) >= 40  # the sweep sees the fields (not vacuous)
+    for section, name, tp in fields:
+        bounds = _bounds(tp)
+        assert bounds, f"{section}.{name} has no range: annotate it, e.g. Annotated[int, Ge(1)]"
+        for bound in bounds:  # every bound is enforced, not only the first
+            bad = _outside(bound, _base(tp) is int)
+            with pytest.raises(ConfigError) as info:
+                load_config("default", [f"{section}.{name}={bad}"])
+            assert str(info.value).startswith(f"{section}.{name}: must be "), str(info.value)
+    for name in builtin_configs():  # the shipped configs are in range
+        load_config(name)

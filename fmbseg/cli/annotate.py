@@ -13,7 +13,12 @@ IMAGES = Arg(
     "--images", required=True,
     help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list of URIs or COCO .json",
 )  # fmt: skip
-IMAGE_ROOT = Arg("--image-root", default=None, help="for COCO JSON: folder of the file_names")
+IMAGE_ROOT = Arg(
+    "--image-root",
+    default=None,
+    help="for a COCO JSON or .txt list: the folder its relative entries are under (default: "
+    "the list's folder); they may not climb out of it",
+)
 CLASSES = Arg("--classes", default=None, help='class names, comma-separated: "cat,dog,grass"')
 
 
@@ -30,11 +35,12 @@ VOCAB = Arg("--vocab", default=None, help=vocab_help())
 
 
 def vocabulary_from_args(args: argparse.Namespace) -> tuple[str, ...]:
-    """--classes or --vocab, validated here so bad names fail before any work."""
-    from fmbseg.data.vocab import resolve_vocabulary
+    """--classes or --vocab, validated here so bad names, or more classes than a label map
+    holds, fail before any work."""
+    from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 
     try:
-        return resolve_vocabulary(args.classes, args.vocab, "--classes")
+        return resolve_vocabulary(args.classes, args.vocab, "--classes", MAX_LABEL_CLASSES)
     except (ValueError, OSError) as exc:
         message = str(exc).replace("classes (names) or vocab", "--classes or --vocab")
         raise UsageError(message) from exc

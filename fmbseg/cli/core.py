@@ -4,7 +4,8 @@ Every subcommand shares a parent parser (``--store``, ``--config``, ``--set``,
 ``--ray-address``, ``--storage-option``, ``--verbose``) and is one function registered with
 :func:`command`; it receives the parsed arguments and the validated :class:`Common`
 settings, runs a Prefect flow and prints where the outputs are. Errors in the user's input
-(config, source) print ``fmbseg: error: <message>`` and exit with status 2.
+(config, store, source) print ``fmbseg: error: <message>`` and exit with status 2; the
+store is checked (:func:`~fmbseg.storage.preflight.check_store`) before any command runs.
 
 Each subcommand lives in its own module of this package and registers itself::
 
@@ -29,6 +30,7 @@ import yaml
 from fmbseg import __version__
 from fmbseg.config import Config, ConfigError, load_config, replace
 from fmbseg.data.sources import SourceError
+from fmbseg.storage.preflight import check_store
 from fmbseg.storage.store import ArtifactStore
 
 DEFAULT_STORE = "./fmbseg-store"
@@ -68,19 +70,27 @@ class Arg:
 Handler = Callable[[argparse.Namespace, Common], int]
 _COMMANDS: dict[str, tuple[str, tuple[Arg, ...], Handler]] = {}
 _DEFAULTS: dict[str, dict[str, Any]] = {}
+_WRITES_STORE: dict[str, bool] = {}
 
 
 def command(
-    name: str, help: str, *args: Arg, defaults: dict[str, Any] | None = None
+    name: str,
+    help: str,
+    *args: Arg,
+    defaults: dict[str, Any] | None = None,
+    writes_store: bool = True,
 ) -> Callable[[Handler], Handler]:
     """Register ``fn(args, common) -> exit status`` as subcommand ``name``.
 
     ``defaults`` replace common options' defaults for this command (e.g. its ``config``).
+    ``writes_store``: the store must be writable (checked before the command runs); False
+    for commands that only read it.
     """
 
     def register(fn: Handler) -> Handler:
         _COMMANDS[name] = (help, args, fn)
         _DEFAULTS[name] = dict(defaults or {})
+        _WRITES_STORE[name] = writes_store
         return fn
 
     return register
@@ -294,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         common = _common(args)
+        check_store(common.store, common.storage_options, write=_WRITES_STORE[args.command])
         _, _, handler = _COMMANDS[args.command]
         with _quiet_user_errors():
             return handler(args, common)

@@ -14,7 +14,8 @@ from fmbseg.data.sources import check_source
     "list an image source and index its images (content ids, sizes, errors)",
     Arg("--images", required=True,
         help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list or COCO .json"),
-    Arg("--image-root", default=None, help="for COCO JSON: folder that file_name is relative to"),
+    Arg("--image-root", default=None,
+        help="for a COCO JSON or .txt list: the folder its relative entries are under"),
 )  # fmt: skip
 def cmd_index(args: argparse.Namespace, common: Common) -> int:
     check_source(args.images, common.storage_options)

@@ -11,18 +11,6 @@ from typing import Any
 from fmbseg.cli.annotate import vocab_help, vocabulary_from_args
 from fmbseg.cli.core import Arg, Common, UsageError, command
 
-MAX_CLASSES = 255  # a palette PNG label map holds at most this many class indices
-
-
-def parse_classes(args: argparse.Namespace) -> tuple[str, ...]:
-    """``--classes``/``--vocab`` as ``fmbseg annotate`` reads them, at most 255 names."""
-    names = vocabulary_from_args(args)
-    if len(names) > MAX_CLASSES:
-        raise UsageError(
-            f"{len(names)} classes: label maps are palette PNGs and hold at most {MAX_CLASSES}"
-        )
-    return names
-
 
 def check_images(images: Sequence[str], storage_options: dict[str, Any]) -> None:
     """Raise UsageError naming every image path or URI that is not an existing file."""
@@ -44,16 +32,78 @@ def check_images(images: Sequence[str], storage_options: dict[str, Any]) -> None
         raise UsageError(f"image not found (or not a file): {', '.join(map(repr, bad))}")
 
 
+def output_names(stem: str) -> tuple[str, str]:
+    """The label map and the overlay written for ``stem``."""
+    return f"{stem}.png", f"{stem}_overlay.png"
+
+
 def output_stems(images: Sequence[str], out: str) -> list[str]:
-    """``{out}/{image file stem}`` per image; repeated stems get ``-2``, ``-3``, ... suffixes."""
+    """``{out}/{image file stem}`` per image, no two images writing the same file: a stem
+    already taken (a repeated one, or ``x_overlay`` beside ``x``) gets ``-2``, ``-3``, ..."""
     join = posixpath.join if "://" in out else os.path.join
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     stems = []
     for image in images:
-        stem = os.path.splitext(posixpath.basename(image.rstrip("/")))[0] or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(join(out, stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"))
+        base = os.path.splitext(posixpath.basename(image.rstrip("/")))[0] or "image"
+        n = 1
+        while taken.intersection(output_names(base if n == 1 else f"{base}-{n}")):
+            n += 1
+        stem = base if n == 1 else f"{base}-{n}"
+        taken.update(output_names(stem))
+        stems.append(join(out, stem))
     return stems
+
+
+def _local(path: str) -> str | None:
+    """The resolved local path (symlinks followed), or None for a remote URI."""
+    if "://" in path and not path.startswith("file://"):
+        return None
+    return os.path.realpath(path.removeprefix("file://"))
+
+
+def check_outputs(
+    images: Sequence[str],
+    stems: Sequence[str],
+    out: str,
+    overwrite: bool,
+    storage_options: dict[str, Any],
+) -> None:
+    """Raise UsageError naming the first output file that would replace an input image
+    (never allowed) or an existing file (allowed with ``overwrite``), before any work."""
+    import fsspec
+
+    outputs = [p for stem in stems for p in output_names(stem)]
+    inputs = {(_local(i) or i): i for i in images}
+    for path in outputs:
+        image = inputs.get(_local(path) or path)
+        if image is not None:
+            raise UsageError(
+                f"--out {out!r} would replace input image {image!r} with its label map "
+                "or overlay; choose another --out"
+            )
+    if _local(out) is not None:
+        folder = out.removeprefix("file://")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UsageError(f"--out {out!r} is a file, not a folder")
+        existing = [p for p in outputs if os.path.lexists(p.removeprefix("file://"))]
+        folders = [p for p in existing if os.path.isdir(p.removeprefix("file://"))]
+    else:
+        try:
+            fs = fsspec.core.url_to_fs(out, **storage_options)[0]
+            existing = [p for p in outputs if fs.exists(p)]
+            folders = [p for p in existing if fs.isdir(p)]
+        except Exception as exc:
+            raise UsageError(f"--out {out!r} cannot be reached: {exc}") from None
+    if folders:
+        raise UsageError(f"--out {out!r}: output {folders[0]!r} is a folder")
+    if existing and not overwrite:
+        more = (
+            f" ({len(existing)} of the {len(outputs)} output files do)" if len(existing) > 1 else ""
+        )
+        raise UsageError(
+            f"--out {out!r}: {existing[0]!r} exists{more}; pass --overwrite to replace "
+            "existing outputs"
+        )
 
 
 @command(
@@ -68,6 +118,9 @@ def output_stems(images: Sequence[str], out: str) -> list[str]:
         help="model name in the store's registry (default: the config's train.model_name)"),
     Arg("--out", default="./fmbseg-segment",
         help="output folder or fsspec URI (default %(default)s)"),
+    Arg("--overwrite", action="store_true",
+        help="replace output files that exist already (an input image is never replaced)"),
+    writes_store=False,
 )  # fmt: skip
 def cmd_segment(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.data.images import decode_image
@@ -75,8 +128,10 @@ def cmd_segment(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.storage.models import CorruptModelError, ModelNotFoundError
     from fmbseg.tasks.segment import IncompatibleModelError, OpenVocabSegmenter, write_outputs
 
-    classes = list(parse_classes(args))
+    classes = list(vocabulary_from_args(args))  # at most 255: label maps are palette PNGs
     check_images(args.images, common.storage_options)
+    stems = output_stems(args.images, args.out)
+    check_outputs(args.images, stems, args.out, args.overwrite, common.storage_options)
     name = args.name or common.cfg.train.model_name
     try:
         segmenter = OpenVocabSegmenter.load(
@@ -97,7 +152,7 @@ def cmd_segment(args: argparse.Namespace, common: Common) -> int:
     assert ref is not None  # load() always resolves one
     print(f"segment: {len(args.images)} image(s), model {ref.name}:{ref.version} ({ref.uri}), "
           f"{len(classes)} classes")  # fmt: skip
-    for image_uri, stem in zip(args.images, output_stems(args.images, args.out), strict=True):
+    for image_uri, stem in zip(args.images, stems, strict=True):
         try:
             image = decode_image(read_bytes(image_uri, common.storage_options), image_uri)
         except (FileNotFoundError, ValueError) as exc:  # ImageDecodeError is a ValueError

@@ -73,10 +73,22 @@ def _voc_like(
     layout: Layout, split: str, dirs: tuple[str, str], lut: str | None = None
 ) -> list[Sample]:
     sets, labels = dirs
-    ids = _split_ids(layout, f"ImageSets/{sets}/{split}.txt")
+    listed = f"ImageSets/{sets}/{split}.txt"
+    ids = _split_ids(layout, listed)
     layout.require_dir("JPEGImages")
     layout.require_dir(labels)
-    return [Sample(i, f"JPEGImages/{i}.jpg", f"{labels}/{i}.png", lut) for i in ids]
+    samples = [Sample(i, f"JPEGImages/{i}.jpg", f"{labels}/{i}.png", lut) for i in ids]
+    # Every listed file must exist: one listing per folder, so a missing one is named here
+    # rather than becoming a skipped sample of an evaluation that exits 0.
+    present = set(layout.glob("JPEGImages/*.jpg")) | set(layout.glob(f"{labels}/*.png"))
+    for kind in ("image", "label"):
+        missing = [getattr(s, kind) for s in samples if getattr(s, kind) not in present]
+        if missing:
+            raise DatasetError(
+                f"{layout.name} root {layout.root}: {missing[0]} not found (the {kind} of a "
+                f"sample {listed} lists; {len(missing)} of {len(ids)} samples lack theirs)"
+            )
+    return samples
 
 
 def _coco(layout: Layout, split: str, objects: bool) -> list[Sample]:

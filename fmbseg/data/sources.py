@@ -5,10 +5,17 @@ A *source* string is one of:
 - any fsspec URI prefix (``s3://bucket/photos/``, ``gs://...``, ``memory://...``),
   searched recursively;
 - a ``.txt`` file (local or URI) of image paths/URIs, one per line; blank lines and lines
-  starting with ``#`` are skipped; relative paths are relative to the file's folder;
+  starting with ``#`` are skipped; relative paths are relative to ``image_root`` (default:
+  the file's folder);
 - a COCO JSON file (local or URI) whose ``images`` list names the images: an entry's
   ``uri`` field if present, else its ``file_name`` under ``image_root`` (default: the JSON's
   folder), else its ``coco_url``.
+
+Lists are confined, as the people who write them may not be the ones who run the workers:
+a relative entry resolves under the root and may not climb out of it (``../``), and an
+absolute path or URI is accepted only when its protocol is allowed (``file`` = local paths;
+``index.allowed_protocols``, see :func:`allowed_protocols`). A breach is a SourceError naming
+the entry.
 
 Folders and prefixes are filtered by extension (case-insensitive); explicit lists (.txt,
 COCO) are taken as given, so a wrong entry becomes an error row downstream rather than
@@ -20,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -62,12 +70,54 @@ def _normalise_exts(extensions: Iterable[str]) -> tuple[str, ...]:
     return tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
 
 
-def _join(base: str, name: str) -> str:
-    if "://" in name or os.path.isabs(name):
+def allowed_protocols(configured: Iterable[str], store_uri: str | None = None) -> frozenset[str]:
+    """``index.allowed_protocols`` as a set: ``store`` becomes the store's protocol (with its
+    fsspec aliases: ``s3`` and ``s3a``), ``file`` also covers fsspec's ``local``."""
+    out: set[str] = set()
+    for name in configured:
+        name = name.lower()
+        if name == "store":
+            if store_uri is None:
+                continue
+            name = store_uri.split("://", 1)[0].lower() if _is_uri(store_uri) else "file"
+            try:
+                aliases = fsspec.get_filesystem_class(name).protocol
+            except (ValueError, ImportError):  # unknown to fsspec: opening it fails anyway
+                aliases = (name,)
+            out.update((aliases,) if isinstance(aliases, str) else aliases)
+        out.add(name)
+    if "file" in out:
+        out.add("local")
+    return frozenset(out)
+
+
+def _resolve_entry(root: str, name: str, allowed: frozenset[str] | None, what: str) -> str:
+    """A list entry as a URI or absolute path: relative ``name`` under ``root`` (never above
+    it); an absolute path or URI only if ``allowed`` (None: any) has its protocol."""
+    rule = f"index.allowed_protocols allows {sorted(allowed or ())}"
+    if "://" in name:
+        protocol = name.split("://", 1)[0].lower()
+        if allowed is not None and protocol not in allowed:
+            raise SourceError(f"{what} {name!r}: protocol {protocol!r} is not allowed ({rule})")
         return name
-    if "://" in base:
-        return f"{base.rstrip('/')}/{name.lstrip('/')}"
-    return os.path.normpath(os.path.join(base, name))
+    if os.path.isabs(name):
+        if allowed is not None and "file" not in allowed:
+            raise SourceError(f"{what} {name!r}: absolute local paths are not allowed ({rule})")
+        return os.path.normpath(name)
+    if "://" in root:
+        protocol, base = root.split("://", 1)
+        base = base.rstrip("/")
+        joined = posixpath.normpath(posixpath.join(base, name))
+        inside = joined.startswith(f"{base}/")
+        resolved = f"{protocol}://{joined}"
+    else:
+        base = os.path.abspath(root.removeprefix("file://"))
+        joined = os.path.normpath(os.path.join(base, name))
+        inside = joined.startswith(base.rstrip(os.sep) + os.sep)
+        resolved = joined
+    if not inside:
+        raise SourceError(f"{what} {name!r} climbs out of the image root {root!r}")
+    return resolved
 
 
 def _parent(uri: str) -> str:
@@ -92,18 +142,27 @@ def _read_text(uri: str, storage_options: dict[str, Any] | None) -> str:
         raise SourceError(f"image list {uri!r} is not UTF-8 text: {exc}") from None
 
 
-def _list_txt(source: str, storage_options: dict[str, Any] | None) -> list[ImageRef]:
-    base = _parent(source)
+def _list_txt(
+    source: str,
+    storage_options: dict[str, Any] | None,
+    image_root: str | None,
+    allowed: frozenset[str] | None,
+) -> list[ImageRef]:
+    root = image_root if image_root is not None else _parent(source)
     refs = []
-    for line in _read_text(source, storage_options).splitlines():
+    for n, line in enumerate(_read_text(source, storage_options).splitlines(), 1):
         entry = line.strip()
         if entry and not entry.startswith("#"):
-            refs.append(ImageRef(_join(base, entry)))
+            what = f"image list {source!r} line {n}:"
+            refs.append(ImageRef(_resolve_entry(root, entry, allowed, what)))
     return refs
 
 
 def _list_coco(
-    source: str, storage_options: dict[str, Any] | None, image_root: str | None
+    source: str,
+    storage_options: dict[str, Any] | None,
+    image_root: str | None,
+    allowed: frozenset[str] | None,
 ) -> list[ImageRef]:
     try:
         data = json.loads(_read_text(source, storage_options))
@@ -117,16 +176,13 @@ def _list_coco(
     for i, entry in enumerate(images):
         if not isinstance(entry, dict):
             raise SourceError(f"COCO file {source!r}: images[{i}] is not an object")
-        if entry.get("uri"):
-            refs.append(ImageRef(_join(root, str(entry["uri"]))))
-        elif entry.get("file_name"):
-            refs.append(ImageRef(_join(root, str(entry["file_name"]))))
-        elif entry.get("coco_url"):
-            refs.append(ImageRef(str(entry["coco_url"])))
-        else:
+        field = next((k for k in ("uri", "file_name", "coco_url") if entry.get(k)), None)
+        if field is None:
             raise SourceError(
                 f"COCO file {source!r}: images[{i}] has none of 'uri', 'file_name', 'coco_url'"
             )
+        what = f"COCO file {source!r}: images[{i}] {field}"
+        refs.append(ImageRef(_resolve_entry(root, str(entry[field]), allowed, what)))
     return refs
 
 
@@ -167,6 +223,7 @@ def list_images(
     extensions: Iterable[str] = (".jpg", ".jpeg", ".png"),
     storage_options: dict[str, Any] | None = None,
     image_root: str | None = None,
+    allowed: Iterable[str] | None = None,
 ) -> list[ImageRef]:
     """List a source's images, sorted by URI, each URI once.
 
@@ -174,18 +231,22 @@ def list_images(
         source: folder, file, URI prefix, ``.txt`` list or COCO ``.json`` (see module doc).
         extensions: suffixes kept when walking folders/prefixes (case-insensitive).
         storage_options: fsspec options for remote URIs (ignored for local paths).
-        image_root: for COCO files, the folder ``file_name`` is relative to.
+        image_root: for COCO files and .txt lists, the folder relative entries are under.
+        allowed: protocols a list's absolute paths (``file``) and URIs may use
+            (:func:`allowed_protocols`); None = any. Relative entries are always confined.
 
     Raises:
-        SourceError: the source does not exist, is malformed or holds no images.
+        SourceError: the source does not exist, is malformed or holds no images, or a
+            list's entry climbs out of its root or uses a protocol not allowed.
     """
     source = str(source)
     exts = _normalise_exts(extensions)
     lower = source.lower()
+    protocols = None if allowed is None else frozenset(allowed)
     if lower.endswith(".txt"):
-        refs = _list_txt(source, storage_options)
+        refs = _list_txt(source, storage_options, image_root, protocols)
     elif lower.endswith(".json"):
-        refs = _list_coco(source, storage_options, image_root)
+        refs = _list_coco(source, storage_options, image_root, protocols)
     elif _is_uri(source):
         refs = _list_fsspec_tree(source, exts, storage_options)
     else:

@@ -36,6 +36,8 @@ from pathlib import Path
 VOCAB_DIR = Path(__file__).parent / "vocabularies"
 BACKGROUND = "background"  # the name of the background class in 21/60/81-class vocabularies
 STUFF_BACKGROUND = "coco-stuff-background"  # built-in list of stuff names used as background
+# Classes a label map can hold: PNG label maps are uint8 with 255 = ignore, so ids 0..254.
+MAX_LABEL_CLASSES = 255
 
 _ALIASES = {  # short spellings users type -> built-in name
     "coco-stuff": "coco-stuff-171",
@@ -140,13 +142,28 @@ def load_vocabulary(name_or_csv: str) -> tuple[str, ...]:
 
 
 def resolve_vocabulary(
-    classes: str | Sequence[str] | None, vocab: str | None, where: str = "classes"
+    classes: str | Sequence[str] | None,
+    vocab: str | None,
+    where: str = "classes",
+    max_names: int | None = None,
 ) -> tuple[str, ...]:
     """Class names from exactly one of ``classes`` (comma-separated, or a list) and ``vocab``
     (a built-in name, a ``.txt`` file or a comma list), validated; errors name ``where``.
 
     One trailing comma is allowed (``"cat,"`` is one class, as ``--vocab`` needs it).
+    ``max_names``: more names than this is an error (:data:`MAX_LABEL_CLASSES` for anything
+    that writes label maps), raised here so it comes before any work.
     """
+    names = _resolve(classes, vocab, where)
+    if max_names is not None and len(names) > max_names:
+        raise ValueError(
+            f"{len(names)} classes: a label map holds at most {max_names} "
+            f"(values 0-{max_names - 1}, {max_names} = ignore); split the vocabulary into runs"
+        )
+    return names
+
+
+def _resolve(classes: str | Sequence[str] | None, vocab: str | None, where: str) -> tuple[str, ...]:
     if (classes is None) == (vocab is None):
         raise ValueError("give exactly one of classes (names) or vocab (a built-in or .txt)")
     if classes is not None:

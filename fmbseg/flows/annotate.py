@@ -18,7 +18,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from fmbseg.config import Config
-from fmbseg.data.vocab import resolve_vocabulary
+from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
     StageProgress,
@@ -151,7 +151,7 @@ def annotate_stages(
     image_root: str | None = None,
 ) -> dict[str, str]:
     """Run (or reuse) every stage-1 stage inside the calling flow; returns {stage: fp}."""
-    plan = list_images_task(images, cfg, storage_options, image_root)
+    plan = list_images_task(images, cfg, storage_options, image_root, st.uri)
     return annotate_plan(st, cfg, plan, vocabulary, storage_options)
 
 
@@ -233,7 +233,8 @@ def annotate_flow(
     Returns ``{"fingerprints": {stage: fp}, "summary": {...}}``; the summary says where the
     COCO JSON, label PNGs and gallery are.
     """
-    vocabulary = resolve_vocabulary(classes, vocab)  # bad names fail before any work
+    # bad names fail before any work, more classes than a label map holds included
+    vocabulary = resolve_vocabulary(classes, vocab, max_names=MAX_LABEL_CLASSES)
     cfg = configure(config, overrides, ray_address)
     locate_weights(cfg.models, ("clip", "sam"), storage_options)  # seconds, not after index
     st = open_store(store, storage_options)

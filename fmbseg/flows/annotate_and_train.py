@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow
 
 from fmbseg.data.samples import SAMPLE_CLASSES, write_sample_photos
-from fmbseg.data.vocab import resolve_vocabulary
+from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 from fmbseg.flows.annotate import annotate_flow
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
@@ -89,7 +89,8 @@ def annotate_and_train_flow(
     """
     if images is None and classes is None and vocab is None:
         classes = list(SAMPLE_CLASSES)
-    vocabulary = resolve_vocabulary(classes, vocab)  # bad names fail before any work
+    # bad names fail before any work, more classes than a label map holds included
+    vocabulary = resolve_vocabulary(classes, vocab, max_names=MAX_LABEL_CLASSES)
     if (eval_dataset is None) != (eval_data_root is None):
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)  # config errors fail before any work

@@ -41,6 +41,7 @@ from fmbseg.data.datasets import DatasetError
 from fmbseg.data.sources import SourceError
 from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
 from fmbseg.storage.models import ModelNotFoundError
+from fmbseg.storage.preflight import StoreUnusableError, check_store
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.segment import IncompatibleModelError
 from fmbseg.tasks.train_data import NoLabelledPatchesError
@@ -54,6 +55,7 @@ R = TypeVar("R")
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, SourceError, NotCommittedError, DatasetError, ModelNotFoundError,
     WeightsNotFoundError, CheckpointMismatchError, NoLabelledPatchesError, IncompatibleModelError,
+    StoreUnusableError,
 )  # fmt: skip
 
 Listener = Callable[[str, int, int], None]
@@ -85,6 +87,8 @@ def configure(
 
 
 def open_store(uri: str, storage_options: Mapping[str, Any] | None = None) -> ArtifactStore:
+    """The flow's store, checked first (a file, read-only, no bucket, no answer: one line)."""
+    check_store(uri, dict(storage_options or {}))
     return ArtifactStore(uri, dict(storage_options or {}))
 
 

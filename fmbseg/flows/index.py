@@ -33,10 +33,15 @@ from fmbseg.tasks.index import STAGE, IndexPlan, execute_index, plan_index
     retry_condition_fn=retry_unless_user_error,
 )
 def list_images_task(
-    images: str, cfg: Config, storage_options: dict[str, Any] | None, image_root: str | None
+    images: str,
+    cfg: Config,
+    storage_options: dict[str, Any] | None,
+    image_root: str | None,
+    store_uri: str | None = None,
 ) -> IndexPlan:
-    """List the source and compute the index fingerprint (reads no image)."""
-    return plan_index(images, cfg, storage_options, image_root)
+    """List the source and compute the index fingerprint (reads no image); ``store_uri``:
+    the store whose protocol ``index.allowed_protocols: [store]`` means."""
+    return plan_index(images, cfg, storage_options, image_root, store_uri)
 
 
 @stage_task(STAGE)
@@ -70,7 +75,7 @@ def index_flow(
     """
     cfg = configure(config, overrides, ray_address)
     st = open_store(store, storage_options)
-    plan = list_images_task(images, cfg, storage_options, image_root)
+    plan = list_images_task(images, cfg, storage_options, image_root, st.uri)
     fp = index_task(st, plan.fingerprint, plan, cfg, storage_options)
     manifest_artifact(st, STAGE, fp)
     errors = st.require_manifest(STAGE, fp).meta.get("errors_by_type", {})

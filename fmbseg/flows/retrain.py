@@ -20,7 +20,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from fmbseg.config import Config, ConfigError
-from fmbseg.data.vocab import resolve_vocabulary
+from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 from fmbseg.flows.annotate import annotate_plan, label_index
 from fmbseg.flows.annotate_and_train import evaluate_and_promote
 from fmbseg.flows.common import (
@@ -152,7 +152,8 @@ def retrain_flow(
     "trained", "model", "evaluation", "promoted", "reason"}``; ``model`` is None when
     nothing was trained (``reason`` says why).
     """
-    vocabulary = resolve_vocabulary(classes, vocab)  # bad input fails before any work
+    # bad input fails before any work, more classes than a label map holds included
+    vocabulary = resolve_vocabulary(classes, vocab, max_names=MAX_LABEL_CLASSES)
     if mode not in MODES:
         raise ConfigError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     if (eval_dataset is None) != (eval_data_root is None):

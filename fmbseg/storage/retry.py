@@ -36,8 +36,18 @@ _PERMANENT = (
     FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
     NotADirectoryError, ValueError, TypeError, KeyError,
 )  # fmt: skip
-# s3fs maps client-side S3 errors (bad argument, name too long, ...) to OSError with these.
-_PERMANENT_ERRNOS = {errno.EINVAL, errno.EMSGSIZE, errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.EPERM}
+# s3fs maps client-side S3 errors (bad argument, name too long, ...) to OSError with these;
+# a read-only file system, a full disk or quota stay so however often a write is retried.
+_PERMANENT_ERRNOS = {
+    errno.EINVAL,
+    errno.EMSGSIZE,
+    errno.ENAMETOOLONG,
+    errno.ENOTEMPTY,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+}
 _TRANSIENT_NAMES = (
     "Connection", "Timeout", "Throttl", "ServiceUnavailable", "SlowDown", "ClientPayload",
     "ServerDisconnected", "EndpointConnection", "ReadTimeout",

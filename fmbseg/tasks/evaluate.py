@@ -60,9 +60,7 @@ def evaluate_config(cfg: Config | EvaluateConfig) -> EvaluateConfig:
     ev = cfg.evaluate if isinstance(cfg, Config) else cfg
     if not isinstance(ev, EvaluateConfig):
         raise TypeError(f"expected a Config or EvaluateConfig, got {type(cfg).__name__}")
-    for key in ("short_side", "window", "stride", "batch_size", "max_long_side"):
-        if getattr(ev, key) < 1:
-            raise ValueError(f"evaluate.{key} must be >= 1, got {getattr(ev, key)}")
+    # value ranges are checked where the fields are defined (fmbseg.config)
     if ev.stride > ev.window:
         raise ValueError(
             f"evaluate.stride ({ev.stride}) must not exceed evaluate.window "

@@ -31,7 +31,13 @@ import pyarrow.compute as pc
 
 from fmbseg.config import Config, IndexConfig
 from fmbseg.data.images import ImageDecodeError, decode_image, image_size
-from fmbseg.data.sources import ImageRef, list_images, listing_hash, read_bytes
+from fmbseg.data.sources import (
+    ImageRef,
+    allowed_protocols,
+    list_images,
+    listing_hash,
+    read_bytes,
+)
 from fmbseg.storage.files import in_order_ahead
 from fmbseg.storage.fingerprint import content_hash, fingerprint
 from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
@@ -175,9 +181,15 @@ def plan_index(
     cfg: Config,
     storage_options: dict[str, Any] | None = None,
     image_root: str | None = None,
+    store_uri: str | None = None,
 ) -> IndexPlan:
-    """List ``source`` and compute the stage fingerprint (no image is read)."""
-    refs = list_images(source, cfg.index.extensions, storage_options, image_root)
+    """List ``source`` and compute the stage fingerprint (no image is read).
+
+    A list's entries may use the protocols ``cfg.index.allowed_protocols`` names, ``store``
+    standing for ``store_uri``'s.
+    """
+    allowed = allowed_protocols(cfg.index.allowed_protocols, store_uri)
+    refs = list_images(source, cfg.index.extensions, storage_options, image_root, allowed)
     return IndexPlan(str(source), index_fingerprint(cfg, refs), tuple(refs), cfg.runtime.shard_size)
 
 
@@ -247,7 +259,7 @@ def run_index(
     progress: Progress | None = None,
 ) -> str:
     """List, index and commit ``source``; returns the index fingerprint."""
-    plan = plan_index(source, cfg, storage_options, image_root)
+    plan = plan_index(source, cfg, storage_options, image_root, store.uri)
     execute_index(store, plan, cfg, storage_options, progress)
     return plan.fingerprint
 

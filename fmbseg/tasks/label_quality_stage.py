@@ -168,7 +168,12 @@ def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]
     """Summed matrices -> ``{"dataset", "data_root", "limit", "model" ("labels:{fp}"),
     "labels" (merge fp), "fingerprint", "num_images", "images_without_records",
     "unmatched_categories", "prompt", "auto", "merged"}``; each variant as
-    :func:`~fmbseg.tasks.label_quality.quality_report` (mIoU, coverage, precision, ...)."""
+    :func:`~fmbseg.tasks.label_quality.quality_report` (mIoU, coverage, precision, ...).
+
+    Raises:
+        NotCommittedError: none of the split's images has pseudo-labels in the merge output
+            (they were never annotated): a table of zeros would say nothing.
+    """
     ds = plan.dataset
     cms = {v: ConfusionMatrix(len(ds.classes), ds.ignore_index) for v in VARIANTS}
     images = without = 0
@@ -180,6 +185,12 @@ def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]
             unmatched.update(json.loads(row["unmatched"]))
             for v in VARIANTS:
                 cms[v].merge(ConfusionMatrix.from_dict(json.loads(row[v])))
+    if images and without == images:
+        raise NotCommittedError(
+            f"none of the {images} images of {ds.name} in {plan.data_root} has pseudo-labels "
+            f"in merge output {plan.merge_fp}: annotate them first (fmbseg annotate --images "
+            f"<the split's image folder> --vocab ...), then evaluate labels:latest"
+        )
     return {
         "dataset": ds.name, "data_root": plan.data_root, "limit": plan.limit,
         "model": f"labels:{plan.merge_fp}", "labels": plan.merge_fp,

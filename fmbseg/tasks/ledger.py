@@ -119,7 +119,7 @@ def new_images_plan(
     The plan's fingerprint is :func:`index_fingerprint` of the new refs alone, so the same
     new images always give the same index (a rerun after a crash is a cache hit).
     """
-    full = plan_index(source, cfg, storage_options, image_root)
+    full = plan_index(source, cfg, storage_options, image_root, store.uri)
     covered = covered_uris(store, batches)
     refs: list[ImageRef] = [r for r in full.refs if r.uri not in covered]
     plan = (

@@ -50,10 +50,34 @@ def test_voc20_reduces_zero_label(tmp_path):
 
 def test_voc_train_split(tmp_path):
     trees.write_voc(str(tmp_path))
-    ds = open_dataset("voc", str(tmp_path), split="train")
-    assert ds.sample_ids == ["2009_999999"]
-    with pytest.raises(DatasetError, match="2009_999999.png not found"):
-        next(iter(ds))  # listed, but no label file in SegmentationClass/
+    # listed, but no label file in SegmentationClass/: an error when the split is opened
+    with pytest.raises(DatasetError) as info:
+        open_dataset("voc", str(tmp_path), split="train")
+    assert str(info.value) == (
+        f"voc21 root {tmp_path}: SegmentationClass/2009_999999.png not found (the label of a "
+        "sample ImageSets/Segmentation/train.txt lists; 1 of 1 samples lack theirs)"
+    )
+    voc = tmp_path / "VOCdevkit/VOC2012"
+    (voc / "SegmentationClass/2009_999999.png").write_bytes(b"")
+    assert open_dataset("voc", str(tmp_path), split="train").sample_ids == ["2009_999999"]
+
+
+@pytest.mark.parametrize(
+    ("name", "missing", "kind"),
+    [
+        ("voc21", "VOCdevkit/VOC2012/SegmentationClass/2007_000042.png", "label"),
+        ("voc20", "VOCdevkit/VOC2012/JPEGImages/2008_000002.jpg", "image"),
+        ("context59", "VOCdevkit/VOC2010/SegmentationClassContext/2008_000002.png", "label"),
+    ],
+)
+def test_a_listed_sample_missing_a_file_is_named_when_opened(tmp_path, name, missing, kind):
+    trees.write_voc(str(tmp_path))
+    trees.write_context(str(tmp_path))
+    (tmp_path / missing).unlink()
+    with pytest.raises(DatasetError) as info:
+        open_dataset(name, str(tmp_path))
+    rel = missing.split("/", 2)[2]
+    assert f": {rel} not found (the {kind} of a sample ImageSets/" in str(info.value)
 
 
 def test_context60_and_59(tmp_path):

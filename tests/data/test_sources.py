@@ -11,9 +11,11 @@ from typing import Any
 import fsspec
 import pytest
 
+from fmbseg.config import IndexConfig
 from fmbseg.data.sources import (
     ImageRef,
     SourceError,
+    allowed_protocols,
     check_source,
     list_images,
     listing_hash,
@@ -166,3 +168,111 @@ def test_read_bytes_local(image_dir: Path) -> None:
     assert read_bytes(f"file://{path}") == path.read_bytes()
     with pytest.raises(FileNotFoundError):
         read_bytes(str(image_dir / "nope.jpg"))
+
+
+def _crafted(tmp_path: Path, images: list[dict[str, Any]]) -> str:
+    folder = tmp_path / "coco"
+    folder.mkdir(exist_ok=True)
+    return _coco(folder / "crafted.json", images)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            {"file_name": "../secret.jpg"},
+            "images[1] file_name '../secret.jpg' climbs out of the image root",
+        ),
+        (
+            {"file_name": "a/../../x.jpg"},
+            "images[1] file_name 'a/../../x.jpg' climbs out of the image root",
+        ),
+        (
+            {"uri": "../../etc/x.png"},
+            "images[1] uri '../../etc/x.png' climbs out of the image root",
+        ),
+        (
+            {"coco_url": "http://evil.example/x.jpg"},
+            "images[1] coco_url 'http://evil.example/x.jpg': protocol 'http' is not allowed "
+            "(index.allowed_protocols allows ['file', 'local'])",
+        ),
+        ({"uri": "https://evil.example/x.jpg"}, "protocol 'https' is not allowed"),
+        ({"uri": "s3://other-bucket/x.jpg"}, "protocol 's3' is not allowed"),
+    ],
+)
+def test_a_crafted_coco_json_cannot_leave_its_root(
+    tmp_path: Path, entry: dict[str, Any], message: str
+) -> None:
+    src = _crafted(tmp_path, [{"id": 1, "file_name": "ok.jpg"}, {"id": 2, **entry}])
+    allowed = allowed_protocols(IndexConfig().allowed_protocols, str(tmp_path / "store"))
+    with pytest.raises(SourceError) as info:
+        list_images(src, EXTS, allowed=allowed)
+    assert str(info.value).startswith(f"COCO file {src!r}: ")
+    assert message in str(info.value)
+
+
+def test_confined_entries_that_stay_inside_are_listed(tmp_path: Path) -> None:
+    src = _crafted(
+        tmp_path,
+        [
+            {"id": 1, "file_name": "a/./b/../c.jpg"},  # stays under the root
+            {"id": 2, "file_name": "/data/photos/x.jpg"},  # absolute local: "file" is allowed
+        ],
+    )
+    root = tmp_path / "images"
+    local = allowed_protocols(("file", "store"), str(tmp_path / "store"))
+    uris = [r.uri for r in list_images(src, EXTS, image_root=str(root), allowed=local)]
+    assert uris == ["/data/photos/x.jpg", str(root / "a" / "c.jpg")]
+    with pytest.raises(
+        SourceError,
+        match=r"images\[0\] file_name '\.\./x\.jpg' climbs out of "
+        r"the image root '.*/images'",
+    ):
+        list_images(
+            _crafted(tmp_path, [{"id": 1, "file_name": "../x.jpg"}]),
+            EXTS,
+            image_root=str(root),
+            allowed=local,
+        )
+
+
+def test_allowed_protocols_follow_the_config_and_the_store(tmp_path: Path) -> None:
+    assert allowed_protocols(("file", "store"), "./fmbseg-store") == {"file", "local"}
+    assert allowed_protocols(("file", "store"), "s3://bucket/x") == {"file", "local", "s3", "s3a"}
+    assert allowed_protocols(("store",), "s3://bucket/x") == {"s3", "s3a"}
+    src = _crafted(
+        tmp_path,
+        [
+            {"id": 1, "uri": "s3://bucket/a.jpg"},
+            {"id": 2, "coco_url": "https://images.example/b.jpg"},
+        ],
+    )
+    on_s3 = allowed_protocols(("store", "https"), "s3://bucket/store")
+    assert [r.uri for r in list_images(src, EXTS, allowed=on_s3)] == [
+        "https://images.example/b.jpg",
+        "s3://bucket/a.jpg",
+    ]
+    no_local = allowed_protocols(("store",), "s3://bucket/store")
+    absolute = _crafted(tmp_path, [{"id": 1, "file_name": "/etc/passwd"}])
+    with pytest.raises(
+        SourceError,
+        match=r"images\[0\] file_name '/etc/passwd': absolute local "
+        r"paths are not allowed",
+    ):
+        list_images(absolute, EXTS, allowed=no_local)
+
+
+def test_a_txt_list_is_confined_and_names_the_line(tmp_path: Path) -> None:
+    listing = tmp_path / "list" / "images.txt"
+    listing.parent.mkdir()
+    listing.write_text("# mine\nok.jpg\n\n../../root/.ssh/id_rsa.png\n")
+    allowed = allowed_protocols(("file", "store"), str(tmp_path / "store"))
+    with pytest.raises(SourceError) as info:
+        list_images(str(listing), EXTS, allowed=allowed)
+    assert str(info.value) == (
+        f"image list {str(listing)!r} line 4: '../../root/.ssh/id_rsa.png' climbs out of the "
+        f"image root {str(listing.parent)!r}"
+    )
+    listing.write_text("ok.jpg\nhttp://example.com/a.jpg\n")
+    with pytest.raises(SourceError, match="line 2: 'http://example.com/a.jpg': protocol 'http'"):
+        list_images(str(listing), EXTS, allowed=allowed)
