@@ -219,7 +219,7 @@ class TrainConfig(_Section):
     templates: tuple[str, ...] = ("a photo of a {}.",)  # text prototypes (paper: one template)
     epochs: PosInt = 10
     batch_size: PosInt = 5  # images per batch (paper: 5)
-    lr: PosFloat = 0.01
+    lr: NonNegFloat = 0.01  # 0 keeps the weights (a finetune that only re-evaluates)
     momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
     weight_decay: NonNegFloat = 1e-4
     seed: NonNegInt = 0
