@@ -26,6 +26,7 @@ _LAZY = {
     "OpenClipDense": "fmbseg.models.clip",
     "UnsupportedModelError": "fmbseg.models.clip_layers",
     "SamSegmenter": "fmbseg.models.sam",
+    "Sam2Segmenter": "fmbseg.models.sam21",
     "DinoPatchEncoder": "fmbseg.models.dino",
 }
 
@@ -37,6 +38,7 @@ __all__ = [
     "OpenClipDense",
     "PatchEncoder",
     "Preprocess",
+    "Sam2Segmenter",
     "SamSegmenter",
     "Segmenter",
     "UnknownModelError",
