@@ -143,7 +143,10 @@ def _predictor(model: Any, source: Any | None = None, **kwargs: Any) -> Any:
                 self._is_image_set = True
                 return
             self.embedded = None
-            super().set_image(image)
+            with warnings.catch_warnings():  # the stages' decoded images are read-only; the
+                # transforms only read them (ToTensor, then a resized copy)
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                super().set_image(image)
             self.embedded = image if isinstance(image, np.ndarray) else None
 
         def reset_predictor(self) -> None:
