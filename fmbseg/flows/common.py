@@ -37,6 +37,7 @@ from prefect.context import get_run_context
 from fmbseg.config import Config, ConfigError, load_config, replace
 from fmbseg.data.datasets import DatasetError
 from fmbseg.data.sources import SourceError
+from fmbseg.models.registry import MissingExtraError
 from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
 from fmbseg.storage.models import ModelNotFoundError
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
@@ -52,6 +53,7 @@ R = TypeVar("R")
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, SourceError, NotCommittedError, DatasetError, ModelNotFoundError,
     WeightsNotFoundError, CheckpointMismatchError, NoLabelledPatchesError, IncompatibleModelError,
+    MissingExtraError,
 )  # fmt: skip
 
 Listener = Callable[[str, int, int], None]

@@ -12,6 +12,7 @@ from typing import Any
 
 from fmbseg.models.base import DenseClip, PatchEncoder, Preprocess, Segmenter
 from fmbseg.models.registry import (
+    MissingExtraError,
     ModelSpec,
     UnknownModelError,
     build_from_config,
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointMismatchError",
     "DenseClip",
     "DinoPatchEncoder",
+    "MissingExtraError",
     "ModelSpec",
     "OpenClipDense",
     "PatchEncoder",

@@ -51,6 +51,11 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
+class MissingExtraError(ModuleNotFoundError):
+    """A registered model whose optional package is not installed; the message says how to
+    install it (an input error for the CLI: exit 2, one line)."""
+
+
 class UnknownModelError(KeyError):
     """A model name that is not registered; the message lists the known names."""
 

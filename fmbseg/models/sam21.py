@@ -32,7 +32,7 @@ import torch
 
 from fmbseg.config import SamAutoConfig
 from fmbseg.models.base import Precision, compute_dtype
-from fmbseg.models.registry import register_model
+from fmbseg.models.registry import MissingExtraError, register_model
 from fmbseg.models.sam import _check_image, points_per_batch
 from fmbseg.models.weights import load_into, load_state_dict_file, resolve_weights, seeded
 
@@ -88,7 +88,7 @@ TINY_LOGIT_GAIN = 100.0
 def _sam2() -> Any:
     """The ``sam2`` package's builder and classes, or an install hint."""
     if importlib.util.find_spec("sam2") is None:
-        raise ModuleNotFoundError(INSTALL_HINT)
+        raise MissingExtraError(INSTALL_HINT)
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor

@@ -11,11 +11,14 @@ import pytest
 import torch
 
 from fmbseg.config import SamAutoConfig
+from fmbseg.flows.common import is_user_error
 from fmbseg.models import build_model, get_model_spec, list_models
 from fmbseg.models import sam21 as sam21_module
 from fmbseg.models.base import Segmenter
+from fmbseg.models.registry import MissingExtraError
 from fmbseg.models.sam21 import Sam2Segmenter
 from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
+from fmbseg.tasks.runner import StageError
 
 torch.set_num_threads(1)
 
@@ -220,5 +223,8 @@ def test_without_the_sam2_package_the_error_says_how_to_install(
         "find_spec",
         lambda name, *a: None if name == "sam2" else real(name, *a),
     )
-    with pytest.raises(ModuleNotFoundError, match=r"SAM 2.1 models need the sam2 package"):
+    with pytest.raises(MissingExtraError, match=r"SAM 2.1 models need the sam2 package") as info:
         build_model("sam2.1_hiera_t", None)
+    assert "SAM2_BUILD_CUDA=0 pip install --no-build-isolation -e '.[sam2]'" in str(info.value)
+    # raised while a stage builds its worker: the CLI's one-line input error, not a traceback
+    assert is_user_error(StageError("stage 'sam_auto': worker could not be built", info.value))
