@@ -306,15 +306,18 @@ def _float(x: Any) -> Any:
 
 def _set_encoder_dtype(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
     """Run SAM 2's image encoder under ``dtype`` autocast and hand on float32 features (its
-    output is a dict of tensors and lists of tensors); float32 keeps the plain forward."""
+    output is a dict of tensors and lists of tensors); float32 restores the plain forward (a
+    model shared by two segmenters follows the last one built, as SAM's does)."""
+    plain = vars(encoder).get("_plain_forward", encoder.forward)
     if dtype == torch.float32:
+        vars(encoder).pop("forward", None)
         return
-    plain = encoder.forward
 
     def forward(x: torch.Tensor) -> Any:
         with torch.autocast(x.device.type, dtype=dtype):
             return _float(plain(x))
 
+    encoder._plain_forward = plain  # type: ignore[assignment]
     encoder.forward = forward  # type: ignore[method-assign]
 
 

@@ -228,3 +228,28 @@ def test_without_the_sam2_package_the_error_says_how_to_install(
     assert "SAM2_BUILD_CUDA=0 pip install --no-build-isolation -e '.[sam2]'" in str(info.value)
     # raised while a stage builds its worker: the CLI's one-line input error, not a traceback
     assert is_user_error(StageError("stage 'sam_auto': worker could not be built", info.value))
+
+
+def test_precision_is_checked_and_autocast_wraps_only_the_image_encoder(
+    sam: Sam2Segmenter, image: np.ndarray
+) -> None:
+    with pytest.raises(ValueError, match=r"sam2.1_tiny: precision 'fp8' is not one of"):
+        Sam2Segmenter(sam.model, "sam2.1_tiny", NO_FILTERS, precision="fp8")
+    assert sam.dtype == torch.float32  # a CPU: always float32
+    encoder = sam.model.image_encoder
+    assert "forward" not in vars(encoder)
+    sam.set_image(image)
+    before = sam.predict(np.array([[70.5, 20.5]]), np.array([1]))
+    # what a GPU's bf16 does to the wiring, exercised on the CPU's autocast
+    sam21_module._set_encoder_dtype(encoder, torch.bfloat16)
+    try:
+        out = encoder(torch.zeros(1, 3, 128, 128))
+        assert out["vision_features"].dtype == torch.float32  # handed on as float32
+        assert all(t.dtype == torch.float32 for t in out["backbone_fpn"] + out["vision_pos_enc"])
+    finally:
+        sam21_module._set_encoder_dtype(encoder, torch.float32)
+    assert "forward" not in vars(encoder)  # the plain forward again: the same numbers
+    sam.set_image(image)
+    after = sam.predict(np.array([[70.5, 20.5]]), np.array([1]))
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1], after[1])
