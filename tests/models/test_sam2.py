@@ -253,3 +253,22 @@ def test_precision_is_checked_and_autocast_wraps_only_the_image_encoder(
     after = sam.predict(np.array([[70.5, 20.5]]), np.array([1]))
     np.testing.assert_array_equal(before[0], after[0])
     np.testing.assert_array_equal(before[1], after[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_bf16_encoder_gives_masks_and_automatic_records(image: np.ndarray) -> None:
+    seg = build_model("sam2.1_tiny", None, "cuda", auto_config=NO_FILTERS)
+    assert seg.dtype == torch.bfloat16 and seg.device.type == "cuda"
+    fp32 = build_model("sam2.1_tiny", None, "cuda", auto_config=NO_FILTERS, precision="fp32")
+    for s in (seg, fp32):
+        s.set_image(image)
+    points = np.array([[[70.5, 20.5]], [[30.5, 50.5]]], dtype=np.float32)
+    (m16, s16), (m32, s32) = (
+        s.predict_batch(points, np.ones((2, 1), dtype=np.int64)) for s in (seg, fp32)
+    )
+    assert m16.shape == (2, 3, 64, 96) and s16.dtype == np.float32
+    np.testing.assert_allclose(s16, s32, atol=0.05)
+    assert (m16 != m32).mean() < 0.05
+    records = seg.generate(image)
+    assert records and all(r["segmentation"].shape == (64, 96) for r in records)
