@@ -281,7 +281,7 @@ class Sam2Segmenter:
         ``predicted_iou``, ``stability_score``, ``point_coords``, ``crop_box``), filtered by
         the configured IoU / stability / NMS settings and by ``max_area_fraction``.
 
-        Given the very array last passed to :meth:`set_image`, the image is not embedded
+        Given the very array last passed to :meth:`set_image` (unchanged since), the image is not embedded
         again. Afterwards no image is set."""
         _check_image(image, f"{self.name}.generate")
         try:
