@@ -10,10 +10,13 @@ export PREFECT_LOGGING_LEVEL ?= WARNING
 
 setup: $(VENV)/.installed
 
+# Then the sam2 extra (SAM 2.1): a source distribution built against the torch just installed.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -q 'setuptools>=68' wheel
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --no-build-isolation -e '.[dev,sam2]'
 	touch $@
 
 test: setup

@@ -17,9 +17,10 @@
 #    (throughput ratio, peak GPU memory of each path), with --keep-all (random weights keep
 #    few masks at METHOD's thresholds), at METHOD's thresholds, and with SAM's image
 #    encoder in fp32 instead of bf16 (what the autocast buys).
-# 2. bench/sam_post.py: the SAM stages' records built in the post thread vs after SAM.
-# 3. bench/sam_auto.py, bench/sam_pair.py: SAM ViT-H automatic masks and both SAM stages.
-# 4. bench/models.py: dense CLIP ViT-L/14@336, one trunk pass vs. two.
+# 2. bench/sam2_vs_sam.py: both SAM stages with SAM ViT-H vs SAM 2.1 Hiera-L as the teacher.
+# 3. bench/sam_post.py: the SAM stages' records built in the post thread vs after SAM.
+# 4. bench/sam_auto.py, bench/sam_pair.py: SAM ViT-H automatic masks and both SAM stages.
+# 5. bench/models.py: dense CLIP ViT-L/14@336, one trunk pass vs. two.
 #
 # DRY_RUN=1 prints each step's command line (one per line) and runs nothing.
 set -uo pipefail
@@ -33,8 +34,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # fmbseg from this tree, installed or not
 
 DRY_RUN=${DRY_RUN:-}
-if [ -z "$DRY_RUN" ] && ! "$PY" -c "import open_clip, segment_anything, pycocotools" 2>/dev/null; then
-    [ -d .whl ] || { echo "open_clip/segment_anything/pycocotools missing and no .whl/" \
+if [ -z "$DRY_RUN" ] && ! "$PY" -c "import open_clip, segment_anything, pycocotools, sam2" 2>/dev/null; then
+    [ -d .whl ] || { echo "open_clip/segment_anything/pycocotools/sam2 missing and no .whl/" \
         "(bash bench/gpu_wheels.sh)" | tee -a "$LOG"; exit 1; }
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"
@@ -65,6 +66,8 @@ print(torch.cuda.get_device_name(0), torch.__version__)" 2>&1 | tee -a "$LOG" ||
 STAGE1=(bench/stage1.py --config default --device cuda --images "$IMAGES" --size 480x640)
 step "${STAGE1[@]}" --keep-all
 step "${STAGE1[@]}"
+step bench/sam2_vs_sam.py --config default --device cuda --images "$IMAGES" --size 480x640 \
+    --sam sam_vit_h sam2.1_hiera_l --keep-all
 step bench/sam_post.py --model sam_vit_h --device cuda --points-per-side 32 --size 480x640 \
     --keep-all
 step "${STAGE1[@]}" --keep-all --set models.sam_precision=fp32

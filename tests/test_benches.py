@@ -47,6 +47,24 @@ def test_stage1_bench_runs_both_paths_to_the_same_masks():
     assert 0.8 * rows["reference"][0] <= sum(parts["reference"]) <= rows["reference"][0] + 0.002
 
 
+@pytest.mark.slow
+def test_sam2_vs_sam_bench_reports_both_teachers():
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    out = subprocess.run(
+        [sys.executable, "bench/sam2_vs_sam.py", "--images", "2", "--warmup", "0",
+         "--threads", "1", "--keep-all"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {ln.split()[0]: ln.split()[1:] for ln in out.stdout.splitlines()
+            if ln.startswith(("sam_tiny ", "sam2.1_tiny "))}  # fmt: skip
+    assert set(rows) == {"sam_tiny", "sam2.1_tiny"}, out.stdout
+    for seconds, per_second, prompt, auto, peak in rows.values():
+        assert float(seconds) > 0 and abs(float(seconds) * float(per_second) - 1) < 0.02
+        assert float(prompt) > 0 and float(auto) > 0 and float(peak) > 0, out.stdout
+    assert re.search(r"throughput sam2.1_tiny / sam_tiny: [\d.]+x", out.stdout), out.stdout
+
+
 def test_io_paths_bench_checks_each_pair_of_paths_agree():
     out = subprocess.run(
         [sys.executable, "bench/io_paths.py", "--masks", "8", "--size", "48x64", "--repeat", "2",
@@ -79,18 +97,18 @@ def test_gpu_script_passes_only_options_its_benches_accept():
     run = functools.partial(subprocess.run, ["bash", "bench/gpu.sh"], cwd=ROOT, text=True,
                             capture_output=True, timeout=60, check=True)  # fmt: skip
     steps = [line.split() for line in run(env=env).stdout.splitlines()]
-    assert len(steps) == 8 and steps[0][:2] == ["bench/stage1.py", "--config"], steps
+    assert len(steps) == 9 and steps[0][:2] == ["bench/stage1.py", "--config"], steps
     assert "--keep-all" in steps[0]  # the headline figure first
     for script, *args in steps:
         out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,
                              text=True, timeout=120, check=True).stdout  # fmt: skip
         for flag in (a for a in args if a.startswith("--")):
             assert re.search(rf"(^|[\s\[]){re.escape(flag)}\b", out), (script, flag, out)
-        names = [a for a in args if a.startswith(("sam_", "clip_"))]
+        names = [a for a in args if a.startswith(("sam_", "sam2", "clip_"))]
         assert set(names) <= set(list_models()), names  # full-size models it builds
     # past the deadline no step starts: the run ends within the time it was given
     late = run(env={**env, "DEADLINE_S": "10"}).stdout.splitlines()
-    assert len(late) == 8 and all(line.startswith("### skipped") for line in late), late
+    assert len(late) == 9 and all(line.startswith("### skipped") for line in late), late
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ from prefect.context import get_run_context
 from fmbseg.config import Config, ConfigError, load_config, replace
 from fmbseg.data.datasets import DatasetError
 from fmbseg.data.sources import SourceError
+from fmbseg.models.registry import MissingExtraError
 from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
 from fmbseg.storage.models import ModelNotFoundError
 from fmbseg.storage.preflight import StoreUnusableError, check_store
@@ -56,6 +57,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, SourceError, NotCommittedError, DatasetError, ModelNotFoundError,
     WeightsNotFoundError, CheckpointMismatchError, NoLabelledPatchesError, IncompatibleModelError,
     StoreUnusableError,
+    MissingExtraError,
 )  # fmt: skip
 
 Listener = Callable[[str, int, int], None]

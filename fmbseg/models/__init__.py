@@ -12,6 +12,7 @@ from typing import Any
 
 from fmbseg.models.base import DenseClip, PatchEncoder, Preprocess, Segmenter
 from fmbseg.models.registry import (
+    MissingExtraError,
     ModelSpec,
     UnknownModelError,
     build_from_config,
@@ -26,6 +27,7 @@ _LAZY = {
     "OpenClipDense": "fmbseg.models.clip",
     "UnsupportedModelError": "fmbseg.models.clip_layers",
     "SamSegmenter": "fmbseg.models.sam",
+    "Sam2Segmenter": "fmbseg.models.sam21",
     "DinoPatchEncoder": "fmbseg.models.dino",
 }
 
@@ -33,10 +35,12 @@ __all__ = [
     "CheckpointMismatchError",
     "DenseClip",
     "DinoPatchEncoder",
+    "MissingExtraError",
     "ModelSpec",
     "OpenClipDense",
     "PatchEncoder",
     "Preprocess",
+    "Sam2Segmenter",
     "SamSegmenter",
     "Segmenter",
     "UnknownModelError",

@@ -3,7 +3,7 @@
 Builders register themselves with :func:`register_model` (as timm's ``@register_model``
 does); :func:`build_model` looks a name up and calls its builder as
 ``builder(weights, device, store_options=..., **kwargs)``. The built-in names live in
-``fmbseg.models.clip`` / ``sam`` / ``dino`` and are imported on first use, so importing
+``fmbseg.models.clip`` / ``sam`` / ``sam21`` / ``dino`` and are imported on first use, so importing
 this module stays cheap::
 
     clip = build_model("clip_vit_l14_336", "openai", "cuda", mode="sclip")
@@ -28,7 +28,12 @@ if TYPE_CHECKING:
 ModelKind = Literal["clip", "sam", "dino"]
 KINDS: tuple[ModelKind, ...] = get_args(ModelKind)
 PROTOCOLS: dict[str, type] = {"clip": DenseClip, "sam": Segmenter, "dino": PatchEncoder}
-_BUILTIN_MODULES = ("fmbseg.models.clip", "fmbseg.models.sam", "fmbseg.models.dino")
+_BUILTIN_MODULES = (
+    "fmbseg.models.clip",
+    "fmbseg.models.sam",
+    "fmbseg.models.sam21",
+    "fmbseg.models.dino",
+)
 
 Builder = Callable[..., Any]
 
@@ -44,6 +49,11 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+
+
+class MissingExtraError(ModuleNotFoundError):
+    """A registered model whose optional package is not installed; the message says how to
+    install it (an input error for the CLI: exit 2, one line)."""
 
 
 class UnknownModelError(KeyError):

@@ -41,7 +41,17 @@ def test_builtin_names_by_kind() -> None:
         ]
 
     assert builtin("clip") == ["clip_tiny", "clip_vit_b16", "clip_vit_l14", "clip_vit_l14_336"]
-    assert builtin("sam") == ["sam_tiny", "sam_vit_b", "sam_vit_h", "sam_vit_l"]
+    assert builtin("sam") == [
+        "sam2.1_hiera_b+",
+        "sam2.1_hiera_l",
+        "sam2.1_hiera_s",
+        "sam2.1_hiera_t",
+        "sam2.1_tiny",
+        "sam_tiny",
+        "sam_vit_b",
+        "sam_vit_h",
+        "sam_vit_l",
+    ]
     assert builtin("dino") == [
         "dinov2_tiny",
         "dinov2_vitb14",
@@ -59,7 +69,9 @@ def test_unknown_name_lists_known_names_of_its_kind() -> None:
     msg = str(info.value)
     assert msg.startswith("unknown model name 'clip_vit_h14'; known clip models: clip_tiny,")
     assert "sam_vit_h" not in msg
-    with pytest.raises(UnknownModelError, match="known sam models: sam_tiny, sam_vit_b"):
+    with pytest.raises(
+        UnknownModelError, match="known sam models: sam2.1_hiera_b\\+, .*sam_tiny, sam_vit_b"
+    ):
         build_model("vit_h", None, kind="sam")
     with pytest.raises(UnknownModelError, match="clip: clip_tiny.*dino: dinov2_tiny"):
         build_model("mystery", None)

@@ -1,0 +1,140 @@
+"""Ours with SAM 2.1 vs ours with SAM: both SAM stages on the same images and CLIP output.
+
+For each teacher (``--sam``, registry names), the real stages ``sam_prompt`` + ``sam_auto``
+(:func:`fmbseg.tasks.sam_pair.run_sam_stages`: one image embedding for prompts and
+automatic masks, records built in the post thread, Parquet and commits included) with the
+local executor on one temporary store, over the one ``clip_dense`` output both read (index
+and CLIP run first, untimed): only ``models.sam`` differs, so the stages' fingerprints
+differ and each teacher's outputs are made anew. Model builds are not timed; each teacher
+first runs on ``--warmup`` other images. Prints per teacher: seconds per image, images/s,
+prompt and automatic masks per image (what the stages committed), and the peak memory of
+its run (GPU memory allocated on CUDA, else the process's peak resident set).
+
+Weights are random unless ``--set models.sam_weights=...`` names a checkpoint (then give
+one teacher): speed does not depend on them, mask counts do. ``--keep-all`` sets the IoU
+and stability thresholds to 0, as random weights keep few masks at METHOD's.
+
+    python bench/sam2_vs_sam.py                                       # sam_tiny vs sam2.1_tiny, CPU
+    python bench/sam2_vs_sam.py --config default --device cuda --images 16 --size 480x640 \\
+        --sam sam_vit_h sam2.1_hiera_l --keep-all
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from sam_auto import peak_mib, reset_peak  # bench/ is on sys.path when run as a script
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--sam", nargs="+", default=["sam_tiny", "sam2.1_tiny"],
+                    help="the teachers (models.sam registry names)")  # fmt: skip
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="images each teacher runs first, untimed (0: none)")  # fmt: skip
+    ap.add_argument("--size", default="96x128", help="HxW of the generated images")
+    ap.add_argument("--device", default=None, help="runtime.device (default: the config's)")
+    ap.add_argument("--vocab", default="voc-20")
+    ap.add_argument("--keep-all", action="store_true",
+                    help="SAM's IoU and stability thresholds 0 (random weights keep few masks)")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--set", action="append", default=[], help="section.key=value override")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from annotate import make_images  # bench/ is on sys.path when run as a script
+
+    from fmbseg.config import load_config, replace
+    from fmbseg.data.vocab import load_vocabulary
+    from fmbseg.models import registry
+    from fmbseg.storage import ArtifactStore
+    from fmbseg.tasks.clip_dense import run_clip_dense
+    from fmbseg.tasks.index import run_index
+    from fmbseg.tasks.sam_pair import run_sam_stages
+
+    sets = ["models.clip_weights=null", "models.sam_weights=null", *args.set]
+    if args.keep_all:
+        sets += ["sam_auto.pred_iou_thresh=0", "sam_auto.stability_score_thresh=0"]
+    if args.device:
+        sets.append(f"runtime.device={args.device}")
+    base = replace(load_config(args.config, sets), runtime={"executor": "local"})
+    vocab = load_vocabulary(args.vocab)
+    device = registry.resolve_device(base.runtime.device)
+    cuda = device.type == "cuda"
+    build_time = [0.0]
+    build = registry.build_from_config
+
+    def timed_build(*a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return build(*a, **k)
+        finally:
+            build_time[0] += time.perf_counter() - start
+
+    registry.build_from_config = timed_build  # type: ignore[assignment]
+    h, w = (int(v) for v in args.size.split("x"))
+    n = args.images
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        warm, timed = f"{tmp}/warm", f"{tmp}/images"
+        make_images(Path(warm), args.warmup, (h, w))
+        make_images(Path(timed), n + args.warmup, (h, w))
+        for p in sorted(Path(timed).iterdir())[: args.warmup]:  # other pictures than warm's
+            p.unlink()
+        store = ArtifactStore(f"{tmp}/store")
+        clips = {
+            folder: run_clip_dense(store, base, run_index(store, folder, base), vocab)
+            for folder in ([warm] if args.warmup else []) + [timed]
+        }
+        for name in args.sam:
+            cfg = replace(base, models={"sam": name})
+            if args.warmup:
+                run_sam_stages(store, cfg, clips[warm])
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            reset_peak(cuda)
+            build_time[0] = 0.0
+            _sync()
+            start = time.perf_counter()
+            fps = run_sam_stages(store, cfg, clips[timed])
+            _sync()
+            seconds = time.perf_counter() - start - build_time[0]
+            peak = peak_mib(cuda)
+            rows = {s: store.require_manifest(s, fp).rows for s, fp in fps.items()}
+            results.append((name, seconds, rows["sam_prompt"], rows["sam_auto"], peak))
+
+    print(f"config {args.config}, {n} images {h}x{w}, {len(vocab)} classes, device {device}, "
+          f"torch threads {torch.get_num_threads()}, random weights"
+          f"{', SAM thresholds 0' if args.keep_all else ''}; both SAM stages (one pass)")  # fmt: skip
+    what = "peak GPU MiB" if cuda else "peak RSS MiB"
+    print(f"{'teacher':<18} {'s/image':>8} {'images/s':>9} {'prompt/img':>10} {'auto/img':>9} "
+          f"{what:>13}")  # fmt: skip
+    for name, seconds, prompt, auto, peak in results:
+        print(f"{name:<18} {seconds / n:8.3f} {n / seconds:9.2f} {prompt / n:10.2f} "
+              f"{auto / n:9.2f} {peak:13.0f}")  # fmt: skip
+    if len(results) > 1:
+        first = results[0]
+        for name, seconds, *_ in results[1:]:
+            print(f"throughput {name} / {first[0]}: {first[1] / seconds:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

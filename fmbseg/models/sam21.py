@@ -1,0 +1,386 @@
+"""SAM 2.1 (the official ``sam2`` package) behind the :class:`~fmbseg.models.base.Segmenter`
+interface, so ``models.sam: sam2.1_hiera_l`` runs both SAM stages unchanged.
+
+``sam2`` is an optional extra (``pip install --no-build-isolation '.[sam2]'`` with
+``SAM2_BUILD_CUDA=0``; see the README's Install section): this module registers its names
+without importing it, and a builder says how to install it when it is missing.
+
+Models are built by ``sam2.build_sam.build_sam2`` from the package's own hydra configs
+(``configs/sam2.1/sam2.1_hiera_{t,s,b+,l}.yaml``) without a checkpoint, under
+:func:`~fmbseg.models.weights.seeded`; a checkpoint is then resolved and loaded here with the
+same rules as SAM (local path or store URI, ``torch.load(weights_only=True)``, its
+``"model"`` entry, strict keys). ``sam2.1_tiny`` is the Hiera-T config with hydra overrides
+that shrink it (128 px input, a 5-block Hiera of width 8, width-32 prompt encoder and mask
+decoder): a random model of the real classes, fast enough for CPU tests.
+
+Prompt masks come from ``SAM2ImagePredictor`` (one ``set_image``, then all prompts in one
+decoder pass), automatic masks from ``SAM2AutomaticMaskGenerator`` with the ``sam_auto``
+thresholds. Coordinates: as in :mod:`fmbseg.models.sam`, our points have the origin at the
+top-left pixel's corner and SAM 2's prompt encoder adds 0.5 itself, so 0.5 is subtracted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmbseg.config import SamAutoConfig
+from fmbseg.models.base import Precision, compute_dtype
+from fmbseg.models.registry import MissingExtraError, register_model
+from fmbseg.models.sam import _check_image, points_per_batch
+from fmbseg.models.weights import load_into, load_state_dict_file, resolve_weights, seeded
+
+INSTALL_HINT = (
+    "SAM 2.1 models need the sam2 package: install it with "
+    "SAM2_BUILD_CUDA=0 pip install --no-build-isolation -e '.[sam2]' (after torch; "
+    "`make setup` does this)"
+)
+
+# registry name -> (hydra config in the sam2 package, official checkpoint file name)
+VARIANTS = {
+    "sam2.1_hiera_t": ("configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_tiny.pt"),
+    "sam2.1_hiera_s": ("configs/sam2.1/sam2.1_hiera_s.yaml", "sam2.1_hiera_small.pt"),
+    "sam2.1_hiera_b+": ("configs/sam2.1/sam2.1_hiera_b+.yaml", "sam2.1_hiera_base_plus.pt"),
+    "sam2.1_hiera_l": ("configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt"),
+    "sam2.1_tiny": ("configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_tiny.pt"),
+}
+
+TINY_IMAGE_SIZE = 128
+TINY_DIM = 32  # prompt encoder / mask decoder / neck width (SAM 2.1: 256)
+# Hiera-T shrunk: 4 stages of 1, 1, 2, 1 blocks (width 8, 16, 32, 64), the one global-
+# attention block not the first of its stage (those pool queries, which needs a window).
+TINY_OVERRIDES = (
+    f"++model.image_size={TINY_IMAGE_SIZE}",
+    "++model.image_encoder.trunk.embed_dim=8",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_spec=[4,4,4,2]",
+    "++model.image_encoder.neck.backbone_channel_list=[64,32,16,8]",
+    f"++model.image_encoder.neck.d_model={TINY_DIM}",
+    f"++model.image_encoder.neck.position_encoding.num_pos_feats={TINY_DIM}",
+    # the video memory modules are built (SAM2Base wants them) but never run on images
+    f"++model.memory_attention.d_model={TINY_DIM}",
+    "++model.memory_attention.num_layers=1",
+    f"++model.memory_attention.layer.d_model={TINY_DIM}",
+    "++model.memory_attention.layer.dim_feedforward=64",
+    f"++model.memory_attention.layer.self_attention.embedding_dim={TINY_DIM}",
+    "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]",
+    f"++model.memory_attention.layer.cross_attention.embedding_dim={TINY_DIM}",
+    "++model.memory_attention.layer.cross_attention.feat_sizes=[8,8]",
+    "++model.memory_attention.layer.cross_attention.kv_in_dim=16",
+    "++model.memory_encoder.out_dim=16",
+    "++model.memory_encoder.position_encoding.num_pos_feats=16",
+    f"++model.memory_encoder.in_dim={TINY_DIM}",
+    f"++model.memory_encoder.mask_downsampler.embed_dim={TINY_DIM}",
+    f"++model.memory_encoder.fuser.layer.dim={TINY_DIM}",
+)
+# as sam_tiny (fmbseg.models.sam): random mask heads give logits near 0, where every
+# stability score is 0; scaled up they are large like a trained model's
+TINY_LOGIT_GAIN = 100.0
+
+
+def _sam2() -> Any:
+    """The ``sam2`` package's builder and classes, or an install hint."""
+    if importlib.util.find_spec("sam2") is None:
+        raise MissingExtraError(INSTALL_HINT)
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    return build_sam2, SAM2ImagePredictor, SAM2AutomaticMaskGenerator
+
+
+def _has_connected_components() -> bool:
+    """Whether sam2's CUDA extension (``sam2._C``, skipped by ``SAM2_BUILD_CUDA=0``) is built;
+    without it SAM 2's low-res hole / sprinkle filling warns and does nothing."""
+    return importlib.util.find_spec("sam2._C") is not None
+
+
+def _same_pixels(a: np.ndarray, b: np.ndarray | None) -> bool:
+    """``a`` is ``b`` or a full view of it (what the generator's whole-image crop
+    ``image[0:h, 0:w, :]`` is): same memory, shape and strides."""
+    return (
+        b is not None
+        and a.shape == b.shape
+        and a.strides == b.strides
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    )
+
+
+@contextlib.contextmanager
+def _no_jit_warning() -> Iterator[None]:
+    """Silence torch's deprecation warning for ``SAM2Transforms``' own ``torch.jit.script``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        yield
+
+
+def _predictor(model: Any, source: Any | None = None, **kwargs: Any) -> Any:
+    """A ``SAM2ImagePredictor`` for ``model`` at its input size (the package assumes 1024 px
+    in ``_bb_feat_sizes``) that, given ``source`` (another predictor), takes over its
+    embedding in ``set_image`` of the very pixels ``source`` embedded last."""
+    _, SAM2ImagePredictor, _ = _sam2()
+
+    class SharedEmbeddingPredictor(SAM2ImagePredictor):  # type: ignore[misc,valid-type]
+        embedded: np.ndarray | None = None  # the array last given to set_image
+
+        def set_image(self, image: Any) -> None:
+            src = source
+            if (
+                src is not None
+                and src._is_image_set
+                and isinstance(image, np.ndarray)
+                and _same_pixels(image, src.embedded)
+            ):
+                self.reset_predictor()
+                self._features, self._orig_hw = src._features, list(src._orig_hw)
+                self._is_image_set = True
+                return
+            self.embedded = None
+            with warnings.catch_warnings():  # the stages' decoded images are read-only; the
+                # transforms only read them (ToTensor, then a resized copy)
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                super().set_image(image)
+            self.embedded = image if isinstance(image, np.ndarray) else None
+
+        def reset_predictor(self) -> None:
+            super().reset_predictor()
+            self.embedded = None
+
+    with _no_jit_warning():
+        predictor = SharedEmbeddingPredictor(model, **kwargs)
+    side = int(model.image_size)
+    predictor._bb_feat_sizes = [(side // 4, side // 4), (side // 8, side // 8), (side // 16,) * 2]
+    return predictor
+
+
+class Sam2Segmenter:
+    """Point-prompted and automatic SAM 2.1 masks for one image at a time.
+
+    Args:
+        model: a ``sam2`` ``SAM2Base`` (on its device).
+        name: registry name, for messages.
+        auto_config: thresholds of :meth:`generate` (``SamAutoConfig()`` if None).
+        precision: of the image encoder (Hiera + FPN neck), as :class:`SamSegmenter`'s:
+            ``auto`` = bf16 autocast on CUDA, float32 on a CPU; the prompt encoder and
+            mask decoder run in float32 on float32 features either way.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        name: str,
+        auto_config: SamAutoConfig | None = None,
+        precision: Precision = "auto",
+    ) -> None:
+        _, _, SAM2AutomaticMaskGenerator = _sam2()
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+        self.device = model.device
+        self.dtype = compute_dtype(precision, self.device, name)
+        _set_encoder_dtype(model.image_encoder, self.dtype)
+        self.image_size = int(model.image_size)
+        self.auto_config = cfg = auto_config or SamAutoConfig()
+        self.predictor = _predictor(model)
+        # SAM 2 spends min_mask_region_area on filling holes and removing sprinkles in its
+        # low-res masks (its CUDA extension; a no-op without it); our stage's filter still
+        # drops masks smaller than it afterwards
+        fill = cfg.min_mask_region_area if _has_connected_components() else 0
+        with _no_jit_warning():
+            self._generator = SAM2AutomaticMaskGenerator(
+                model,
+                points_per_side=cfg.points_per_side,
+                points_per_batch=points_per_batch(cfg.points_per_batch, self.device),
+                pred_iou_thresh=cfg.pred_iou_thresh,
+                stability_score_thresh=cfg.stability_score_thresh,
+                box_nms_thresh=cfg.box_nms_thresh,
+                min_mask_region_area=fill,
+                output_mode="binary_mask",
+            )
+        # generate() takes set_image's embedding of the same image array (one encoder pass)
+        self._generator.predictor = _predictor(
+            model, self.predictor, max_hole_area=fill, max_sprinkle_area=fill
+        )
+        self._image_hw: tuple[int, int] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Sam2Segmenter({self.name!r}, device={self.device}, input={self.image_size}, "
+            f"encoder dtype={self.dtype})"
+        )
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Embed ``HxWx3 uint8 RGB``; :meth:`predict` then refers to this image."""
+        _check_image(image, f"{self.name}.set_image")
+        self._image_hw = None
+        with torch.inference_mode():
+            self.predictor.set_image(image)
+        self._image_hw = (int(image.shape[0]), int(image.shape[1]))
+
+    def predict(
+        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Points ``(P, 2)`` float ``(x, y)`` in original pixels (corner origin), labels
+        ``(P,)`` (1 = positive, 0 = negative) -> masks ``(M, H, W) bool`` at the original
+        size and predicted IoU ``(M,) float32``; ``M`` = 3 with ``multimask`` else 1."""
+        if self._image_hw is None:
+            raise RuntimeError(f"{self.name}.predict: call set_image(image) first")
+        pts = np.asarray(points, dtype=np.float32)
+        lab = np.asarray(labels)
+        if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
+            raise ValueError(
+                f"{self.name}.predict: points must be (P, 2) with P >= 1, got {pts.shape}"
+            )
+        if lab.shape != (len(pts),):
+            raise ValueError(f"{self.name}.predict: labels must be ({len(pts)},), got {lab.shape}")
+        masks, scores = self.predict_batch(pts[None], lab[None], multimask)
+        return masks[0], scores[0]
+
+    def predict_batch(
+        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``B`` prompts in one pass of the prompt encoder and mask decoder: points
+        ``(B, P, 2)``, labels ``(B, P)`` -> masks ``(B, M, H, W) bool`` and predicted IoU
+        ``(B, M) float32``."""
+        if self._image_hw is None:
+            raise RuntimeError(f"{self.name}.predict_batch: call set_image(image) first")
+        pts = np.asarray(points, dtype=np.float32)
+        lab = np.asarray(labels)
+        if pts.ndim != 3 or pts.shape[2] != 2 or 0 in pts.shape[:2]:
+            raise ValueError(
+                f"{self.name}.predict_batch: points must be (B, P, 2) with B, P >= 1, "
+                f"got {pts.shape}"
+            )
+        if lab.shape != pts.shape[:2]:
+            raise ValueError(
+                f"{self.name}.predict_batch: labels must be {pts.shape[:2]}, got {lab.shape}"
+            )
+        p = self.predictor
+        with torch.inference_mode():
+            coords = p._transforms.transform_coords(
+                torch.as_tensor(pts - 0.5, device=self.device),
+                normalize=True,
+                orig_hw=self._image_hw,
+            )
+            masks, scores, _ = p._predict(
+                coords,
+                torch.as_tensor(lab, dtype=torch.int, device=self.device),
+                multimask_output=multimask,
+            )
+        return masks.cpu().numpy(), scores.float().cpu().numpy()
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """Automatic masks of ``HxWx3 uint8 RGB`` from ``SAM2AutomaticMaskGenerator``, in its
+        record format (``segmentation`` HxW bool, ``area``, ``bbox`` XYWH,
+        ``predicted_iou``, ``stability_score``, ``point_coords``, ``crop_box``), filtered by
+        the configured IoU / stability / NMS settings and by ``max_area_fraction``.
+
+        Given the very array last passed to :meth:`set_image` (unchanged since), the image is not embedded
+        again. Afterwards no image is set."""
+        _check_image(image, f"{self.name}.generate")
+        try:
+            with torch.inference_mode():
+                records = self._generator.generate(image)
+        finally:
+            self.predictor.reset_predictor()
+            self._image_hw = None
+        limit = self.auto_config.max_area_fraction * image.shape[0] * image.shape[1]
+        return [r for r in records if r["area"] <= limit]
+
+
+def _float(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.float()
+    if isinstance(x, list | tuple):
+        return type(x)(_float(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _float(v) for k, v in x.items()}
+    return x
+
+
+def _set_encoder_dtype(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Run SAM 2's image encoder under ``dtype`` autocast and hand on float32 features (its
+    output is a dict of tensors and lists of tensors); float32 restores the plain forward (a
+    model shared by two segmenters follows the last one built, as SAM's does)."""
+    plain = vars(encoder).get("_plain_forward", encoder.forward)
+    if dtype == torch.float32:
+        vars(encoder).pop("forward", None)
+        return
+
+    def forward(x: torch.Tensor) -> Any:
+        with torch.autocast(x.device.type, dtype=dtype):
+            return _float(plain(x))
+
+    encoder._plain_forward = plain  # type: ignore[assignment]
+    encoder.forward = forward  # type: ignore[method-assign]
+
+
+# ---- builders ---------------------------------------------------------------------------------
+
+
+def build_sam2_model(name: str) -> Any:
+    """A random-weight ``SAM2Base`` of registry ``name`` on the CPU (the caller seeds)."""
+    build_sam2, _, _ = _sam2()
+    config, _ = VARIANTS[name]
+    tiny = name == "sam2.1_tiny"
+    model = build_sam2(
+        config, None, device="cpu", hydra_overrides_extra=list(TINY_OVERRIDES if tiny else ())
+    )
+    if tiny:
+        with torch.no_grad():
+            for mlp in model.sam_mask_decoder.output_hypernetworks_mlps:
+                mlp.layers[-1].weight.mul_(TINY_LOGIT_GAIN)
+                mlp.layers[-1].bias.mul_(TINY_LOGIT_GAIN)
+    return model
+
+
+def build_sam21(
+    name: str,
+    weights: str | None,
+    device: torch.device,
+    *,
+    store_options: dict[str, Any] | None = None,
+    auto_config: SamAutoConfig | None = None,
+    precision: Precision = "auto",
+    cache_dir: str | None = None,
+    seed: int = 0,
+) -> Sam2Segmenter:
+    """SAM 2.1 ``name`` with weights from a local path or URI (``None`` = deterministic
+    random init): the official checkpoints (``sam2.1_hiera_large.pt``, ...) hold the state
+    dict under ``"model"``."""
+    _sam2()  # an install hint before anything else
+    path = None
+    if weights is not None:  # resolve first: a missing file fails before the model's init
+        path = resolve_weights(
+            weights,
+            field="sam_weights",
+            example=VARIANTS[name][1],
+            cache_dir=cache_dir,
+            storage_options=store_options,
+        )
+    with seeded(seed):
+        model = build_sam2_model(name)
+    if path is not None:
+        load_into(model, load_state_dict_file(path), f"SAM 2.1 checkpoint {path} for {name}")
+    return Sam2Segmenter(model.to(device), name, auto_config, precision)
+
+
+def _register(name: str, description: str) -> None:
+    def builder(weights: str | None, device: torch.device, **kwargs: Any) -> Sam2Segmenter:
+        return build_sam21(name, weights, device, **kwargs)
+
+    builder.__qualname__ = f"build_{name.replace('.', '_').replace('+', 'p')}"
+    register_model(name, "sam", builder, description)
+
+
+_register("sam2.1_hiera_t", "SAM 2.1 Hiera-T (sam2.1_hiera_tiny.pt)")
+_register("sam2.1_hiera_s", "SAM 2.1 Hiera-S (sam2.1_hiera_small.pt)")
+_register("sam2.1_hiera_b+", "SAM 2.1 Hiera-B+ (sam2.1_hiera_base_plus.pt)")
+_register("sam2.1_hiera_l", "SAM 2.1 Hiera-L (sam2.1_hiera_large.pt)")
+_register("sam2.1_tiny", "random tiny SAM 2.1 (128 px input, Hiera width 8) for tests")
