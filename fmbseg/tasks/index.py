@@ -8,7 +8,9 @@ Records (one row per distinct image, Parquet): ``image_id`` [string] = content h
 file's bytes, ``uri`` [string], ``width``/``height`` [int32] in pixels as displayed (EXIF
 orientation applied). Every other listed file is a row of the errors table
 (:data:`fmbseg.tasks.runner.ERRORS_SCHEMA`) with ``error_type`` one of ``read_error``,
-``empty``, ``not_an_image``, ``truncated``, ``corrupt``, ``too_large``, ``duplicate``.
+``empty``, ``not_an_image``, ``truncated``, ``corrupt``, ``too_large``, ``duplicate``, or
+one the listing found without reading (:attr:`ImageRef.problem`: ``broken_link``,
+``link_loop``, ``bad_name``, ``read_error``).
 
 Duplicates: of several files with identical bytes, the one with the smallest URI is
 indexed; each other copy is a ``duplicate`` error whose message names the kept URI. Shards
@@ -31,7 +33,7 @@ import pyarrow.compute as pc
 
 from fmbseg.config import Config, IndexConfig
 from fmbseg.data.images import ImageDecodeError, decode_image, image_size
-from fmbseg.data.sources import ImageRef, list_images, listing_hash, read_bytes
+from fmbseg.data.sources import ImageRef, list_images, listing_hash, read_bytes, source_root
 from fmbseg.storage.files import in_order_ahead
 from fmbseg.storage.fingerprint import content_hash, fingerprint
 from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
@@ -62,11 +64,14 @@ def index_images(
     cfg: IndexConfig,
     read: Callable[[str], bytes] = read_bytes,
     pool: Executor | None = None,
+    problems: dict[str, tuple[str, str]] | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Read, identify and measure images; the pure core of the stage.
 
     Args:
         uris: image URIs (or :class:`ImageRef`), in listing order.
+        problems: ``uri -> (error_type, message)`` of listed entries that are not read
+            (and those of ImageRefs given with a ``problem``): error rows as they are.
         cfg: ``max_pixels`` and ``verify_decode`` (full decode vs. header only).
         read: ``read(uri) -> bytes``; raises for unreadable inputs.
         pool: threads that read and check the images side by side (object-store reads
@@ -77,8 +82,11 @@ def index_images(
         (records of RECORD_SCHEMA, errors of ERRORS_SCHEMA). Of identical contents only the
         first occurrence is a record; later ones are ``duplicate`` errors.
     """
-    listed = [item.uri if isinstance(item, ImageRef) else str(item) for item in uris]
-    inspect = functools.partial(_inspect, cfg=cfg, read=read)
+    items = list(uris)
+    listed = [item.uri if isinstance(item, ImageRef) else str(item) for item in items]
+    known = dict(problems or {})
+    known.update({r.uri: r.problem for r in items if isinstance(r, ImageRef) and r.problem})
+    inspect = functools.partial(_inspect, cfg=cfg, read=read, problems=known)
     records: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     kept: dict[str, str] = {}
@@ -101,10 +109,15 @@ def index_images(
 
 
 def _inspect(
-    uri: str, cfg: IndexConfig, read: Callable[[str], bytes]
+    uri: str,
+    cfg: IndexConfig,
+    read: Callable[[str], bytes],
+    problems: dict[str, tuple[str, str]],
 ) -> tuple[str | None, tuple[int, int] | None, tuple[str, str] | None]:
     """``(image_id, (width, height), None)`` for a good image, else ``(image_id or None if
     unreadable, None, (error_type, message))``; only these, not the bytes, are kept."""
+    if uri in problems:
+        return None, None, problems[uri]
     try:
         data = read(uri)
     except FileNotFoundError:
@@ -128,9 +141,11 @@ def _inspect(
 
 @dataclass(frozen=True)
 class IndexShardSpec:
-    """Shard input: the URIs of a contiguous run of the sorted listing."""
+    """Shard input: the URIs of a contiguous run of the sorted listing, and the listing's
+    ``problems`` among them (uri -> (error_type, message)), which are not read."""
 
     uris: tuple[str, ...]
+    problems: tuple[tuple[str, str, str], ...] = ()
 
 
 class IndexWorker:
@@ -142,22 +157,28 @@ class IndexWorker:
         self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="fmbseg-index")
 
     def process(self, shard: int, spec: IndexShardSpec) -> tuple[pa.Table, pa.Table]:
-        return index_images(spec.uris, self.cfg, self.read, self.pool)
+        problems = {uri: (kind, message) for uri, kind, message in spec.problems}
+        return index_images(spec.uris, self.cfg, self.read, self.pool, problems)
 
 
 @dataclass(frozen=True)
 class IndexPlan:
-    """A listed source and the fingerprint its index will have."""
+    """A listed source and the fingerprint its index will have; ``root`` is the folder or
+    URI prefix its URIs are relative to (:func:`fmbseg.data.sources.source_root`)."""
 
     source: str
     fingerprint: str
     refs: tuple[ImageRef, ...]
     shard_size: int
+    root: str | None = None
 
     def specs(self) -> list[IndexShardSpec]:
-        uris = [r.uri for r in self.refs]
-        return [IndexShardSpec(tuple(uris[r.start : r.stop])) for r in
-                plan_shards(len(uris), self.shard_size)]  # fmt: skip
+        specs = []
+        for r in plan_shards(len(self.refs), self.shard_size):
+            refs = self.refs[r.start : r.stop]
+            problems = tuple((x.uri, *x.problem) for x in refs if x.problem)
+            specs.append(IndexShardSpec(tuple(x.uri for x in refs), problems))
+        return specs
 
 
 def index_fingerprint(cfg: Config, refs: Sequence[ImageRef]) -> str:
@@ -178,7 +199,10 @@ def plan_index(
 ) -> IndexPlan:
     """List ``source`` and compute the stage fingerprint (no image is read)."""
     refs = list_images(source, cfg.index.extensions, storage_options, image_root)
-    return IndexPlan(str(source), index_fingerprint(cfg, refs), tuple(refs), cfg.runtime.shard_size)
+    root = source_root(source, image_root, storage_options)
+    return IndexPlan(
+        str(source), index_fingerprint(cfg, refs), tuple(refs), cfg.runtime.shard_size, root
+    )
 
 
 def dedup_across_shards(
@@ -232,7 +256,8 @@ def execute_index(
     factory = functools.partial(IndexWorker, cfg.index, storage_options)
     return run_stage(
         store, STAGE, plan.fingerprint, plan.specs(), factory, cfg.runtime,
-        progress=progress, meta={"source": plan.source, "listed": len(plan.refs)},
+        progress=progress,
+        meta={"source": plan.source, "root": plan.root, "listed": len(plan.refs)},
         finalize=dedup_across_shards,
     )  # fmt: skip
 
