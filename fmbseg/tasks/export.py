@@ -88,7 +88,7 @@ WRITERS = 2  # threads composing, encoding and writing a worker's per-image file
 # Longest path part (UTF-8 bytes) of a derived name: with ".png"/".jpg" and the store's
 # ".tmp-" + 12 hex temp suffix it stays under the usual 255-byte NAME_MAX.
 NAME_BYTES = 200
-INDEX_COLUMNS = ["image_id", "uri", "width", "height"]
+INDEX_COLUMNS = ("image_id", "uri", "width", "height")
 
 EXPORT_SCHEMA = pa.schema(
     [

@@ -190,4 +190,10 @@ def test_images_with_no_present_class_yield_reasons_not_crashes(tmp_path):
         assert set(_errors(store, stage, fps[stage]).values()) == {"no_class_present"}
         assert store.require_manifest(stage, fps[stage]).rows == 0
     summary = store.read_json(f"exports/{fps['export']}/export.json")
-    assert summary["masks"] == 0 and summary["images_without_masks"] == 3
+    assert summary["masks"] == 0 and summary["no_confident_label"] == 3
+    assert summary["images"] == 3 and summary["errors"] == 0  # a result, not a failure
+    for name in ("scene-0000", "scene-0001", "scene-0002"):  # exported as all-ignore maps
+        label = Image.open(
+            io.BytesIO(store.read_bytes(f"exports/{fps['export']}/labels/{name}.png"))
+        )
+        assert set(np.unique(np.asarray(label)).tolist()) == {255}
