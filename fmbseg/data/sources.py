@@ -37,6 +37,7 @@ from typing import Any
 
 import fsspec
 
+from fmbseg.config import IMAGE_EXTENSIONS
 from fmbseg.storage.store import RetryPolicy, retry_call
 
 _LOCAL_PROTOCOLS = ("file", "local")
@@ -227,7 +228,7 @@ def _list_fsspec_tree(
 
 def list_images(
     source: str,
-    extensions: Iterable[str] = (".jpg", ".jpeg", ".png"),
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
     storage_options: dict[str, Any] | None = None,
     image_root: str | None = None,
 ) -> list[ImageRef]:

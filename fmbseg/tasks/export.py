@@ -12,7 +12,8 @@ Written under ``{store}/exports/{fingerprint}/`` through the store (any fsspec U
     labels/{name}.png     palette PNG label maps, image-sized; value = vocabulary index
                           (0..K-1), 255 = ignore (all 255: no confident label)
     overlays/{name}.jpg   image + label colours + outlines (first ``gallery_max_images``
-                          labelled images)
+                          labelled images; a photo over 2 x OVERLAY_SIDE px is drawn
+                          at a reduced size)
     thumbs/{name}.jpg     overlays shrunk to 320 px for the gallery's cards (an overlay
                           that already fits is its own card image: no thumb is written)
     gallery.html          one static page: summary, class legend, image cards, failures
@@ -54,9 +55,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from fmbseg.config import Config
-from fmbseg.data.sources import relative_path, source_root
+from fmbseg.data.images import decode_image
+from fmbseg.data.sources import read_bytes, relative_path, source_root
 from fmbseg.storage import ArtifactStore, Manifest
 from fmbseg.storage.records import (
     BBOX_TYPE,
@@ -89,6 +92,9 @@ WRITERS = 2  # threads composing, encoding and writing a worker's per-image file
 # ".tmp-" + 12 hex temp suffix it stays under the usual 255-byte NAME_MAX.
 NAME_BYTES = 200
 INDEX_COLUMNS = ("image_id", "uri", "width", "height")
+# long side an overlay is drawn at, at most (larger images are decoded at a reduced size:
+# a 13000 px photo's overlay needs no more, and its full decode would need ~0.5 GB)
+OVERLAY_SIDE = 2048
 
 EXPORT_SCHEMA = pa.schema(
     [
@@ -203,6 +209,10 @@ class ExportWorker(ImageShardWorker):
         # label maps, PNG/JPEG encoding and the file writes (object-store PUTs) run here
         self.writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="fmbseg-export")
 
+    def _load(self, uri: str) -> np.ndarray:
+        data = read_bytes(uri, self.storage_options)
+        return decode_image(data, uri, self.cfg.index.max_pixels, max_side=OVERLAY_SIDE)
+
     def prefetch(self, shard: int, spec: dict[str, Any]) -> None:
         k = spec["gallery"]
         up = self.upstream
@@ -305,6 +315,9 @@ class ExportWorker(ImageShardWorker):
         )
 
     def _write_overlay(self, name: str, image: np.ndarray, label: np.ndarray, alpha: float) -> None:
+        if image.shape[:2] != label.shape:  # decoded at a reduced size (OVERLAY_SIDE)
+            small = Image.fromarray(label).resize(image.shape[1::-1], Image.Resampling.NEAREST)
+            label = np.asarray(small)
         over = overlay(image, label, self.colours, alpha)
         full = jpeg(over)
         self.store.write_bytes(f"{self.base}/overlays/{name}.jpg", full)

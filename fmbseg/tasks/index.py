@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fmbseg.config import Config, IndexConfig
-from fmbseg.data.images import ImageDecodeError, decode_image, image_size
+from fmbseg.data.images import ImageDecodeError, MemoryBudget, check_image, image_size
 from fmbseg.data.sources import ImageRef, list_images, listing_hash, read_bytes, source_root
 from fmbseg.storage.files import in_order_ahead
 from fmbseg.storage.fingerprint import content_hash, fingerprint
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 STAGE = "index"
 CODE_VERSION = "1"
 READERS = 4  # images a worker reads and checks at once
+# decoded bytes a worker's readers hold at once (a larger image is decoded alone)
+DECODE_BUDGET = 1 << 30
 RECORD_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string()),
@@ -65,6 +67,7 @@ def index_images(
     read: Callable[[str], bytes] = read_bytes,
     pool: Executor | None = None,
     problems: dict[str, tuple[str, str]] | None = None,
+    budget: MemoryBudget | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Read, identify and measure images; the pure core of the stage.
 
@@ -72,6 +75,7 @@ def index_images(
         uris: image URIs (or :class:`ImageRef`), in listing order.
         problems: ``uri -> (error_type, message)`` of listed entries that are not read
             (and those of ImageRefs given with a ``problem``): error rows as they are.
+        budget: bounds the pixels the pool's threads decode at once.
         cfg: ``max_pixels`` and ``verify_decode`` (full decode vs. header only).
         read: ``read(uri) -> bytes``; raises for unreadable inputs.
         pool: threads that read and check the images side by side (object-store reads
@@ -86,7 +90,7 @@ def index_images(
     listed = [item.uri if isinstance(item, ImageRef) else str(item) for item in items]
     known = dict(problems or {})
     known.update({r.uri: r.problem for r in items if isinstance(r, ImageRef) and r.problem})
-    inspect = functools.partial(_inspect, cfg=cfg, read=read, problems=known)
+    inspect = functools.partial(_inspect, cfg=cfg, read=read, problems=known, budget=budget)
     records: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     kept: dict[str, str] = {}
@@ -113,6 +117,7 @@ def _inspect(
     cfg: IndexConfig,
     read: Callable[[str], bytes],
     problems: dict[str, tuple[str, str]],
+    budget: MemoryBudget | None = None,
 ) -> tuple[str | None, tuple[int, int] | None, tuple[str, str] | None]:
     """``(image_id, (width, height), None)`` for a good image, else ``(image_id or None if
     unreadable, None, (error_type, message))``; only these, not the bytes, are kept."""
@@ -127,7 +132,7 @@ def _inspect(
     image_id = content_hash(data)
     try:
         if cfg.verify_decode:
-            height, width = decode_image(data, uri, cfg.max_pixels).shape[:2]
+            width, height = check_image(data, uri, cfg.max_pixels, budget)
         else:
             width, height = image_size(data, uri)
             if width * height > cfg.max_pixels:
@@ -155,10 +160,11 @@ class IndexWorker:
         self.cfg = cfg
         self.read = functools.partial(read_bytes, storage_options=storage_options)
         self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="fmbseg-index")
+        self.budget = MemoryBudget(DECODE_BUDGET)
 
     def process(self, shard: int, spec: IndexShardSpec) -> tuple[pa.Table, pa.Table]:
         problems = {uri: (kind, message) for uri, kind, message in spec.problems}
-        return index_images(spec.uris, self.cfg, self.read, self.pool, problems)
+        return index_images(spec.uris, self.cfg, self.read, self.pool, problems, self.budget)
 
 
 @dataclass(frozen=True)
