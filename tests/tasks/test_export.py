@@ -391,3 +391,25 @@ def test_a_rerun_after_an_interrupted_write_leaves_no_temp_files(tmp_path, monke
     assert run_export(store, cfg, merge_fp) == fp
     assert sorted(p.name for p in base.rglob("*.tmp-*")) == []
     assert store.read_json(f"exports/{fp}/export.json")["images"] == 3
+
+
+def test_the_readme_outputs_section_names_exactly_the_files_written(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Outputs and the artifact store", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for line in section.splitlines():
+        if line.startswith("{store}/exports/{fp}/"):
+            paths = re.split(r"\s{2,}", line.removeprefix("{store}/exports/{fp}/"))[0]
+            named |= {p.strip().split("/")[0] for p in paths.split(",")}
+    store = ArtifactStore(str(tmp_path / "store"))
+    merge_fp, _ = _committed_merge(store, tmp_path)
+    fp = run_export(store, synthetic_config(), merge_fp)
+    written = set(store.ls(f"exports/{fp}"))
+    # thumbs/ holds only overlays larger than a card (none here: the images are 24x40)
+    assert written == named - {"thumbs"}, (written, named)
+    assert set(store.read_json(f"exports/{fp}/export.json")["files"].values()) - {None} <= {
+        n if "." in n else f"{n}/" for n in named
+    }
