@@ -74,8 +74,10 @@ def jpeg_rgb(side: int) -> bytes:
 def peak_kib(path: Path, what: str) -> tuple[int, str]:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(path), what],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     kib, shape = out.stdout.split(" ", 1)
     return int(kib), shape.strip()
 
@@ -92,8 +94,11 @@ def main() -> None:
             path = Path(tmp) / f"big.{fmt.lower()}"
             path.write_bytes(make(side))
             base, _ = peak_kib(path, "read")
-            rows = [("index check, before", "decode"), ("index check, now", "check"),
-                    ("overlay decode, reduced", "2048")]  # fmt: skip
+            rows = [
+                ("index check, before", "decode"),
+                ("index check, now", "check"),
+                ("overlay decode, reduced", "2048"),
+            ]
             for label, what in rows:
                 kib, shape = peak_kib(path, what)
                 print(f"{fmt:6} {label:26} {(kib - base) / 1024:9.0f} {shape:>22}")

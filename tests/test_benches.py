@@ -133,8 +133,12 @@ def test_driver_memory_bench_measures_each_count_in_its_own_driver():
 def test_decode_memory_bench_prints_each_path_and_the_check_needs_less():
     out = subprocess.run(
         [sys.executable, "bench/decode_memory.py", "--side", "2000"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     peaks = {}
     for line in out.stdout.splitlines():

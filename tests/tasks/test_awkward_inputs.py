@@ -40,8 +40,12 @@ def png_claiming(width: int, height: int, idat: bytes = b"") -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat or
-            zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))  # fmt: skip
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", idat or zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _awkward_folder(tmp_path: Path) -> Path:
@@ -82,9 +86,20 @@ def test_listing_reports_what_it_cannot_index_and_walks_links_once(tmp_path):
         "caf\\xe9.png": "bad_name",  # the bytes shown, valid UTF-8 text
     }
     good = sorted(relative_path(r.uri, str(folder)) for r in refs if not r.problem)
-    assert good == sorted(["scene-0000.png", "scene-0001.png", "a/x.png", "b/x.png", LONG,
-                           "anim.gif", "photo.webp", "pages.tiff", "bomb.png",
-                           "linked/far.png"])  # fmt: skip
+    assert good == sorted(
+        [
+            "scene-0000.png",
+            "scene-0001.png",
+            "a/x.png",
+            "b/x.png",
+            LONG,
+            "anim.gif",
+            "photo.webp",
+            "pages.tiff",
+            "bomb.png",
+            "linked/far.png",
+        ]
+    )
     for r in refs:
         r.uri.encode("utf-8")  # every URI is storable text
 
@@ -154,8 +169,10 @@ def test_awkward_inputs_become_error_rows_and_the_run_completes(tmp_path):
     sizes = {relative_path(r["uri"], str(folder)): (r["width"], r["height"]) for r in index}
     # formats the decoder reads are indexed: GIF's first frame, WebP, TIFF's first page
     assert (sizes["anim.gif"], sizes["photo.webp"], sizes["pages.tiff"]) == (
-        (48, 32), (44, 36), (28, 20)
-    )  # fmt: skip
+        (48, 32),
+        (44, 36),
+        (28, 20),
+    )
     base = f"exports/{fps['export']}"
     errors = pq.read_table(io.BytesIO(store.read_bytes(f"{base}/errors.parquet"))).to_pylist()
     by_name = {relative_path(e["uri"], str(folder)): e for e in errors}

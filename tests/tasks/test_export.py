@@ -135,8 +135,10 @@ def test_candidates_coco_loads_with_pycocotools_and_round_trips_masks(tmp_path):
     coco = COCO(str(path))
     cats = coco.loadCats(coco.getCatIds())
     assert [(c["id"], c["name"], c["label_value"]) for c in cats] == [
-        (1, "x", 0), (2, "y", 1), (3, "z", 2)
-    ]  # fmt: skip
+        (1, "x", 0),
+        (2, "y", 1),
+        (3, "z", 2),
+    ]
     assert "label-map value + 1" in coco.dataset["info"]["category_ids"]
     assert [coco.imgs[i]["file_name"] for i in sorted(coco.imgs)] == ["a.jpg", "b.jpg"]
     assert coco.imgs[1]["label_file"] == "labels/a.png"
@@ -161,8 +163,15 @@ def test_image_names_keep_folders_and_tell_apart_only_what_collides():
     )
     # x/cat.jpg and x/cat.png would share labels/x/cat.png; d/dog and D/Dog would share it
     # on a case-insensitive file system; y/cat is alone in its folder
-    assert names == ["x/cat-11111111", "x/cat-22222222", "y/cat", "d/dog-4", "d/a b",
-                     "D/Dog-66666666", "__/up"]  # fmt: skip
+    assert names == [
+        "x/cat-11111111",
+        "x/cat-22222222",
+        "y/cat",
+        "d/dog-4",
+        "d/a b",
+        "D/Dog-66666666",
+        "__/up",
+    ]
 
 
 def test_names_at_the_file_system_limit_are_shortened_with_a_hash(tmp_path):
@@ -286,9 +295,21 @@ def _committed_merge(store: ArtifactStore, tmp_path) -> tuple[str, dict]:
                 )
             )
         # an overlapping candidate: a second, larger mask of class 0 over the whole image
-        rows.append({**rows[-1], "category_id": 0, "category": "class0", "score": 0.1,
-                     **dict(zip(("rle_counts", "bbox", "area"),
-                                encode_mask(np.ones((24, 40), bool)), strict=True))})  # fmt: skip
+        rows.append(
+            {
+                **rows[-1],
+                "category_id": 0,
+                "category": "class0",
+                "score": 0.1,
+                **dict(
+                    zip(
+                        ("rle_counts", "bbox", "area"),
+                        encode_mask(np.ones((24, 40), bool)),
+                        strict=True,
+                    )
+                ),
+            }
+        )
     Image.fromarray(images["first"].image).save(tmp_path / "plain.png")
     index.append(("id-plain", str(tmp_path / "plain.png"), 40, 24))
     bad = error_row(None, str(tmp_path / "cut.jpg"), "index", "truncated", "cannot decode")
@@ -323,8 +344,10 @@ def test_run_export_writes_every_format_and_is_skipped_once_complete(tmp_path):
 
     coco = check_semantic_coco(store, base, tmp_path)
     assert [(i["file_name"], i["status"]) for i in coco.dataset["images"]] == [
-        ("first.png", "labelled"), ("second.png", "labelled"), ("plain.png", "no_label")
-    ]  # fmt: skip
+        ("first.png", "labelled"),
+        ("second.png", "labelled"),
+        ("plain.png", "no_label"),
+    ]
     assert coco.imgs[3]["image_uri"] == str(tmp_path / "plain.png")
     assert len(coco.dataset["categories"]) == 6 and coco.getAnnIds(imgIds=[3]) == []
     semantic = len(coco.dataset["annotations"])
@@ -348,8 +371,10 @@ def test_run_export_writes_every_format_and_is_skipped_once_complete(tmp_path):
     assert "class0" in page and "Failed inputs (1)" in page and "cut.jpg" in page
     summary = store.read_json(f"{base}/export.json")
     assert (summary["images"], summary["labelled_images"], summary["no_confident_label"]) == (
-        3, 2, 1
-    )  # fmt: skip
+        3,
+        2,
+        1,
+    )
     assert summary["failed_images"] == 0 and summary["errors"] == 1
     assert summary["first_errors"][0]["error_type"] == "truncated"
     before = store.read_bytes(f"{base}/export.json")

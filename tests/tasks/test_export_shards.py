@@ -124,9 +124,11 @@ def test_export_runs_per_merge_shard_with_global_names_ids_and_gallery(
     merged = MaskRecords(no_whole_merge_reads(store, "merge", "m1"))
     coco_ids = {image_id: n for n, image_id in enumerate(ids, start=1)}
     whole = coco_dataset(
-        "candidates", coco.dataset["images"], candidate_annotations(merged.table, coco_ids, 1),
+        "candidates",
+        coco.dataset["images"],
+        candidate_annotations(merged.table, coco_ids, 1),
         VOCAB,
-    )  # fmt: skip
+    )
     assert store.read_bytes(f"{base}/candidates.json") == json.dumps(whole).encode()
     uris = table.column("uri").to_pylist()
     assert image_names([u[len(str(tmp_path)) + 1 :] for u in uris], ids) == names
