@@ -37,6 +37,14 @@ def cmd_index(args: argparse.Namespace, common: Common) -> int:
           f"duplicates{cached}")  # fmt: skip
     if details:
         print(f"  errors by type: {details}")
+    shown = 0  # name the first failing files, not only counts
+    columns = ["uri", "error_type", "message"]
+    for t in store.shards(STAGE, fp, "errors", manifest=m, columns=columns) if m.error_rows else ():
+        for row in t.slice(0, 5 - shown).to_pylist() if t.num_columns else ():
+            print(f"    {row['uri']}: {row['error_type']}: {row['message']}")
+            shown += 1
+        if shown >= 5:
+            break
     print(f"  fingerprint: {fp}")
     print(f"  output:      {store.stage_url(STAGE, fp)}")
     return 0
