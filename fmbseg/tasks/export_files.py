@@ -3,8 +3,8 @@
 After :mod:`fmbseg.tasks.export`'s shard workers have committed one row per indexed image
 (the internal stage ``export``), these stream the whole-export files: ``annotations.json``
 (images and semantic segments from those rows), ``candidates.json`` (the same images, the
-raw masks from merge's records), ``records.parquet``, ``errors.parquet`` (index's errors
-and merge's, which carry the model stages'), ``gallery.html`` and, last, ``export.json``.
+raw masks from merge's records), ``records.parquet``, ``errors.parquet`` (the errors of
+index and of every model stage), ``gallery.html`` and, last, ``export.json``.
 Shards are read in order, a few ahead (:meth:`ArtifactStore.shards`), so at most that many
 shards' records, and one Parquet row group being gathered
 (:data:`fmbseg.storage.parquet.ROW_GROUP_BYTES`), are in memory; what is kept across
@@ -204,18 +204,27 @@ def _entry(row: dict[str, Any], png: bool) -> GalleryEntry:
     )
 
 
+MODEL_STAGES = ("clip_dense", "sam_prompt", "sam_auto")
+
+
 def _failures(store: ArtifactStore, index: Manifest, merge: Manifest) -> Iterator[pa.Table]:
-    """Every failed input, shard by shard: index's errors, then merge's (which carry the
-    first error the model stages recorded for an image), without merge's no-label rows."""
-    for m in (index, merge):
+    """Every failed input, shard by shard, stage by stage: index's errors, then each model
+    stage's (an image whose automatic masks failed but whose prompt masks did not is
+    labelled, and still listed), without the no-label rows, which are results. A merge
+    made without its upstream fingerprints in its manifest gives its own (carried) rows."""
+    stages = [index]
+    if all(s in merge.meta for s in MODEL_STAGES):
+        stages += [store.require_manifest(s, merge.meta[s]) for s in MODEL_STAGES]
+    else:
+        stages.append(merge)
+    for m in stages:
         if not m.error_rows:
             continue
         for t in store.shards(m.stage, m.fingerprint, "errors", manifest=m):
             if not t.num_columns or not t.num_rows:
                 continue
             t = t.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
-            if m is merge:
-                t = t.filter(pc.invert(pc.is_in(t.column("error_type"), pa.array(NO_LABEL))))
+            t = t.filter(pc.invert(pc.is_in(t.column("error_type"), pa.array(NO_LABEL))))
             if t.num_rows:
                 yield t
 
