@@ -46,6 +46,10 @@ def print_annotation_summary(summary: dict[str, Any]) -> None:
         f"prompt masks, {summary['masks_auto']} automatic masks"
     )
     print(f"  classes found: {len(classes)}{': ' + top + more if classes else ''}")
+    if summary.get("skipped_extensions"):
+        from fmbseg.cli.index import skipped_files
+
+        print(f"  {skipped_files(summary['skipped_extensions'])}")
     for stage, counts in summary["errors"].items():
         details = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
         print(f"  {stage} errors: {details}")

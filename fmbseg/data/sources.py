@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import stat
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -157,7 +158,9 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def _list_local_tree(root: str, exts: tuple[str, ...]) -> list[ImageRef]:
+def _list_local_tree(
+    root: str, exts: tuple[str, ...], skipped: Counter[str] | None = None
+) -> list[ImageRef]:
     refs = []
     root = os.path.abspath(root)
     st = os.stat(root)
@@ -196,6 +199,8 @@ def _list_local_tree(root: str, exts: tuple[str, ...]) -> list[ImageRef]:
                     stack.append(e.path)
                 continue
             if not (image_ext and stat.S_ISREG(st.st_mode)):
+                if skipped is not None and stat.S_ISREG(st.st_mode):
+                    skipped[_ext(e.name)] += 1
                 continue
             if not _is_utf8(e.path):
                 problem(
@@ -209,8 +214,15 @@ def _list_local_tree(root: str, exts: tuple[str, ...]) -> list[ImageRef]:
     return refs
 
 
+def _ext(name: str) -> str:
+    return os.path.splitext(name)[1].lower() or "(none)"
+
+
 def _list_fsspec_tree(
-    source: str, exts: tuple[str, ...], storage_options: dict[str, Any] | None
+    source: str,
+    exts: tuple[str, ...],
+    storage_options: dict[str, Any] | None,
+    skipped: Counter[str] | None = None,
 ) -> list[ImageRef]:
     fs, root = fsspec.core.url_to_fs(source, **_options_for(source, storage_options))
     if not fs.exists(root):
@@ -219,6 +231,8 @@ def _list_fsspec_tree(
         info = fs.info(root)
         return [ImageRef(fs.unstrip_protocol(root), info.get("size"), _version(info))]
     found = fs.find(root, detail=True, withdirs=False)
+    if skipped is not None:
+        skipped.update(_ext(p) for p in found if os.path.splitext(p)[1].lower() not in exts)
     return [
         ImageRef(fs.unstrip_protocol(path), info.get("size"), _version(info))
         for path, info in found.items()
@@ -231,6 +245,7 @@ def list_images(
     extensions: Iterable[str] = IMAGE_EXTENSIONS,
     storage_options: dict[str, Any] | None = None,
     image_root: str | None = None,
+    skipped: Counter[str] | None = None,
 ) -> list[ImageRef]:
     """List a source's images, sorted by URI, each URI once.
 
@@ -239,6 +254,8 @@ def list_images(
         extensions: suffixes kept when walking folders/prefixes (case-insensitive).
         storage_options: fsspec options for remote URIs (ignored for local paths).
         image_root: for COCO files, the folder ``file_name`` is relative to.
+        skipped: counts, by extension, the files a folder or prefix walk left out because
+            their extension is not in ``extensions`` (say which, not only how many).
 
     Raises:
         SourceError: the source does not exist, is malformed or holds no images.
@@ -251,11 +268,11 @@ def list_images(
     elif lower.endswith(".json"):
         refs = _list_coco(source, storage_options, image_root)
     elif _is_uri(source):
-        refs = _list_fsspec_tree(source, exts, storage_options)
+        refs = _list_fsspec_tree(source, exts, storage_options, skipped)
     else:
         path = source[len("file://") :] if source.startswith("file://") else source
         if os.path.isdir(path):
-            refs = _list_local_tree(path, exts)
+            refs = _list_local_tree(path, exts, skipped)
         elif os.path.isfile(path):
             st = os.stat(path)
             refs = [ImageRef(os.path.abspath(path), st.st_size, str(st.st_mtime_ns))]

@@ -126,6 +126,7 @@ def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> dict[str, A
     export = store.read_json(f"exports/{fps['export']}/export.json")
     return {
         "images_indexed": index.rows,
+        "skipped_extensions": index.meta.get("skipped_extensions", {}),
         "images_with_masks": export["labelled_images"],
         "images_no_label": export["no_confident_label"],
         "images_failed": export["failed_images"],

@@ -177,6 +177,7 @@ class IndexPlan:
     refs: tuple[ImageRef, ...]
     shard_size: int
     root: str | None = None
+    skipped: tuple[tuple[str, int], ...] = ()  # (extension, files) the walk left out
 
     def specs(self) -> list[IndexShardSpec]:
         specs = []
@@ -204,10 +205,12 @@ def plan_index(
     image_root: str | None = None,
 ) -> IndexPlan:
     """List ``source`` and compute the stage fingerprint (no image is read)."""
-    refs = list_images(source, cfg.index.extensions, storage_options, image_root)
+    skipped: Counter[str] = Counter()
+    refs = list_images(source, cfg.index.extensions, storage_options, image_root, skipped)
     root = source_root(source, image_root, storage_options)
+    fp = index_fingerprint(cfg, refs)
     return IndexPlan(
-        str(source), index_fingerprint(cfg, refs), tuple(refs), cfg.runtime.shard_size, root
+        str(source), fp, tuple(refs), cfg.runtime.shard_size, root, tuple(sorted(skipped.items()))
     )
 
 
@@ -260,11 +263,15 @@ def execute_index(
 ) -> Manifest:
     """Index the planned listing into ``stages/index/{plan.fingerprint}`` (or reuse it)."""
     factory = functools.partial(IndexWorker, cfg.index, storage_options)
+    meta = {
+        "source": plan.source,
+        "root": plan.root,
+        "listed": len(plan.refs),
+        "skipped_extensions": dict(plan.skipped),
+    }
     return run_stage(
         store, STAGE, plan.fingerprint, plan.specs(), factory, cfg.runtime,
-        progress=progress,
-        meta={"source": plan.source, "root": plan.root, "listed": len(plan.refs)},
-        finalize=dedup_across_shards,
+        progress=progress, meta=meta, finalize=dedup_across_shards,
     )  # fmt: skip
 
 

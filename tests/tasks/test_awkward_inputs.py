@@ -11,6 +11,7 @@ import io
 import os
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from fmbseg.cli.index import skipped_files
 from fmbseg.data.images import ImageDecodeError, MemoryBudget, check_image, decode_image
 from fmbseg.data.sources import list_images, relative_path, source_root
 from fmbseg.storage import ArtifactStore
@@ -78,7 +80,9 @@ def _awkward_folder(tmp_path: Path) -> Path:
 
 def test_listing_reports_what_it_cannot_index_and_walks_links_once(tmp_path):
     folder = _awkward_folder(tmp_path)
-    refs = list_images(str(folder))
+    skipped: Counter[str] = Counter()
+    refs = list_images(str(folder), skipped=skipped)
+    assert skipped == {".txt": 1}  # said, not silently dropped
     problems = {relative_path(r.uri, str(folder)): r.problem[0] for r in refs if r.problem}
     assert problems == {
         "dangling.png": "broken_link",
@@ -197,3 +201,5 @@ def test_awkward_inputs_become_error_rows_and_the_run_completes(tmp_path):
         assert len(path.name.encode()) <= 255
     summary = store.read_json(f"{base}/export.json")
     assert summary["images"] == len(sizes) and summary["errors"] == 4
+    skipped = store.require_manifest("index", fps["index"]).meta["skipped_extensions"]
+    assert skipped_files(skipped) == "not listed (extension not in index.extensions): 1 .txt"
