@@ -117,12 +117,13 @@ def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> dict[str, A
         sources.update(str(s) for s in part["source"])
         classes.update(part["category"])
     index = store.require_manifest("index", fps["index"])
+    # "no class found" / "no usable mask" rows (SAM stages, merge) are results, not failures
     errors = {
-        stage: count_errors(store, stage, fps[stage])
+        stage: {
+            k: n for k, n in count_errors(store, stage, fps[stage]).items() if k not in NO_LABEL
+        }
         for stage in ("index", "clip_dense", *SAM_STAGES, "merge")
     }
-    # merge's "no class found" / "no usable mask" rows are results, not failures
-    errors["merge"] = {k: n for k, n in errors["merge"].items() if k not in NO_LABEL}
     export = store.read_json(f"exports/{fps['export']}/export.json")
     return {
         "images_indexed": index.rows,
