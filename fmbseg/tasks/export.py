@@ -355,7 +355,8 @@ def plan_export(
     specs, shown = [], 0
     root = index_root(index)
     for t in store.shards(INDEX_STAGE, index.fingerprint, manifest=index, columns=["uri"]):
-        counts.update(_stem_key(relative_path(u, root)) for u in t.column("uri").to_pylist())
+        uris = t.column("uri").to_pylist() if t.num_rows else []
+        counts.update(_stem_key(relative_path(u, root)) for u in uris)
     columns = ["image_id"]
     for t in store.shards("merge", merge.fingerprint, manifest=merge, columns=columns):
         labelled = len(first_rows(t)) if t.num_rows else 0

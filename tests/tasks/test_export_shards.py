@@ -263,3 +263,19 @@ def test_an_export_killed_while_writing_files_redoes_only_the_files(tmp_path, mo
     monkeypatch.setattr(export_mod.ExportWorker, "__init__", never)
     assert run_export(store, cfg, "m1") == fp
     assert store.read_json(f"exports/{fp}/export.json")["images"] == 7
+
+
+def test_an_index_shard_of_only_failed_files_exports_its_errors(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    bad = error_row(None, str(tmp_path / "b.jpg"), "index", "not_an_image", "text")
+    rows = [[("a", str(tmp_path / "a.png"), 5, 3)], []]
+    commit_index(store, "i2", rows, str(tmp_path), [[], [bad]])
+    no_mask = error_row("a", str(tmp_path / "a.png"), "merge", "no_class_present", "-")
+    store.write_shard("merge", "m2", 0, MaskRecords.empty().table, errors_table([no_mask]))
+    store.write_shard("merge", "m2", 1, MaskRecords.empty().table, errors_table([]))
+    store.commit("merge", "m2", 2, meta={"vocabulary": ["a"], "index": "i2"})
+    fp = run_export(store, synthetic_config(), "m2")
+    coco = check_semantic_coco(store, f"exports/{fp}", tmp_path)
+    assert [i["status"] for i in coco.dataset["images"]] == ["no_label"]
+    errors = pq.read_table(io.BytesIO(store.read_bytes(f"exports/{fp}/errors.parquet")))
+    assert errors.column("error_type").to_pylist() == ["not_an_image"]
