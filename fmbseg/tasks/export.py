@@ -67,6 +67,8 @@ from fmbseg.storage.records import (
     LABEL_COLUMNS,
     compose_rows,
     encode_mask,
+    error_row,
+    errors_table,
     rows_by_image,
 )
 from fmbseg.tasks.export_coco import NO_LABEL, first_rows
@@ -228,7 +230,7 @@ class ExportWorker(ImageShardWorker):
             uris = merged.column("image_uri").to_pylist()
             self.images.start(_gallery_uris(uris, first_rows(merged), k))
 
-    def process(self, shard: int, spec: dict[str, Any]) -> tuple[pa.Table, None]:
+    def process(self, shard: int, spec: dict[str, Any]) -> tuple[pa.Table, pa.Table | None]:
         up = self.upstream
         index = up.read(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)
         if not index.num_rows:
@@ -251,6 +253,7 @@ class ExportWorker(ImageShardWorker):
             cols["image_uri"], {i: r[0] for i, r in by_image.items()}, spec["gallery"]
         )
         rows: list[dict[str, Any]] = []
+        lost: list[dict[str, Any]] = []  # gallery images that could not be read again
 
         def finish(row: dict[str, Any], job: Future[tuple]) -> None:
             keys = ("classes", "segment_rle", "segment_area", "segment_bbox")
@@ -272,8 +275,10 @@ class ExportWorker(ImageShardWorker):
                 pixels = None
                 if r and n < len(shown):
                     _, pixels, exc = next(images)
-                    if exc is not None:
-                        raise exc
+                    if exc is not None:  # changed or gone since the model stages read it
+                        pixels = None
+                        reason = f"no overlay: {type(exc).__name__}: {exc}"
+                        lost.append(error_row(image_id, uri, STAGE, "overlay", reason))
                     n += 1
                 if r:
                     h, w = cols["height"][r[0]], cols["width"][r[0]]
@@ -288,7 +293,7 @@ class ExportWorker(ImageShardWorker):
                 job = functools.partial(self._export_image, name, cols, r, h, w, pixels)
                 jobs.submit(row, job)
         jobs.drain()  # every file of the shard is written before its receipt
-        return pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), None
+        return pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), errors_table(lost)
 
     def _export_image(
         self,

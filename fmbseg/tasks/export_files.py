@@ -145,7 +145,7 @@ def write_export_files(
         coco.close()
         if cands is not None:
             cands.close()
-    listed, num_errors = _write_errors(store, f"{base}/errors.parquet", index, merge)
+    listed, num_errors = _write_errors(store, f"{base}/errors.parquet", index, merge, rows_manifest)
     summary = {
         "images": counts["images"],
         "labelled images": counts["labelled"],
@@ -207,16 +207,20 @@ def _entry(row: dict[str, Any], png: bool) -> GalleryEntry:
 MODEL_STAGES = ("clip_dense", "sam_prompt", "sam_auto")
 
 
-def _failures(store: ArtifactStore, index: Manifest, merge: Manifest) -> Iterator[pa.Table]:
+def _failures(
+    store: ArtifactStore, index: Manifest, merge: Manifest, rows: Manifest
+) -> Iterator[pa.Table]:
     """Every failed input, shard by shard, stage by stage: index's errors, then each model
     stage's (an image whose automatic masks failed but whose prompt masks did not is
-    labelled, and still listed), without the no-label rows, which are results. A merge
-    made without its upstream fingerprints in its manifest gives its own (carried) rows."""
+    labelled, and still listed), then export's own (a gallery image that could not be read
+    again: no overlay), without the no-label rows, which are results. A merge made
+    without its upstream fingerprints in its manifest gives its own (carried) rows."""
     stages = [index]
     if all(s in merge.meta for s in MODEL_STAGES):
         stages += [store.require_manifest(s, merge.meta[s]) for s in MODEL_STAGES]
     else:
         stages.append(merge)
+    stages.append(rows)  # export's own: a gallery image that could not be read again
     for m in stages:
         if not m.error_rows:
             continue
@@ -230,14 +234,14 @@ def _failures(store: ArtifactStore, index: Manifest, merge: Manifest) -> Iterato
 
 
 def _write_errors(
-    store: ArtifactStore, rel: str, index: Manifest, merge: Manifest
+    store: ArtifactStore, rel: str, index: Manifest, merge: Manifest, rows: Manifest
 ) -> tuple[list[tuple[str, str, str]], int]:
     """Stream every failure into ``rel`` (written even when there are none); returns the
     first :data:`ERRORS_LISTED` as ``(uri, error_type, message)`` and how many there are."""
     listed: list[tuple[str, str, str]] = []
     total = 0
     with store.open_write(rel) as f, RowGroupWriter(f, ERROR_SCHEMA) as writer:
-        for t in _failures(store, index, merge):
+        for t in _failures(store, index, merge, rows):
             writer.write_table(t)
             total += t.num_rows
             need = ERRORS_LISTED - len(listed)

@@ -438,3 +438,24 @@ def test_the_readme_outputs_section_names_exactly_the_files_written(tmp_path):
     assert set(store.read_json(f"exports/{fp}/export.json")["files"].values()) - {None} <= {
         n if "." in n else f"{n}/" for n in named
     }
+
+
+def test_a_gallery_image_gone_since_the_model_stages_costs_only_its_overlay(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    merge_fp, scenes = _committed_merge(store, tmp_path)
+    (tmp_path / "second.png").unlink()
+    fp = run_export(store, synthetic_config(), merge_fp)  # the export completes
+    base = f"exports/{fp}"
+    np.testing.assert_array_equal(
+        read_png(store, f"{base}/labels/second.png"), scenes["second"].truth
+    )
+    assert store.exists(f"{base}/overlays/first.jpg")
+    assert not store.exists(f"{base}/overlays/second.jpg")
+    errors = pq.read_table(io.BytesIO(store.read_bytes(f"{base}/errors.parquet"))).to_pylist()
+    gone = [e for e in errors if e["stage"] == "export"]
+    assert [(e["uri"], e["error_type"]) for e in gone] == [
+        (str(tmp_path / "second.png"), "overlay")
+    ]
+    assert "FileNotFoundError" in gone[0]["message"]
+    page = store.read_bytes(f"{base}/gallery.html").decode()
+    assert "overlays/second.jpg" not in page and "overlays/first.jpg" in page
