@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,7 +56,9 @@ def check_semantic_coco(store: ArtifactStore, base: str, tmp_path) -> COCO:
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
         cover = np.zeros(label.shape, dtype=np.int32)
         for ann in anns:
-            mask = coco.annToMask(ann).astype(bool)
+            with warnings.catch_warnings():  # pycocotools' numpy-2 deprecation, not ours
+                warnings.simplefilter("ignore", DeprecationWarning)
+                mask = coco.annToMask(ann).astype(bool)
             cover += mask
             np.testing.assert_array_equal(mask, label == label_of[ann["category_id"]])
             rle = ann["segmentation"]
