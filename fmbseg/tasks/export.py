@@ -65,6 +65,7 @@ from fmbseg.storage.records import (
     BBOX_TYPE,
     IGNORE,
     LABEL_COLUMNS,
+    RECORD_SCHEMA,
     compose_rows,
     encode_mask,
     error_row,
@@ -236,6 +237,8 @@ class ExportWorker(ImageShardWorker):
         if not index.num_rows:
             return EXPORT_SCHEMA.empty_table(), None
         table = up.read("merge", spec["merge"], shard)
+        if not table.num_columns:  # a shard without a part file: no masks at all
+            table = RECORD_SCHEMA.empty_table()
         errors = up.part("merge", spec["merge"], shard, kind="errors")
         failed: dict[str, str] = {}
         if errors is not None and errors.num_rows:
