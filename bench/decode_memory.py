@@ -7,11 +7,12 @@ process that only read the bytes, i.e. what the decode itself needs:
 
     index check, before      decode_image: the RGB array (PIL's buffer + numpy's copy);
                              also what a full-size overlay decode needs
-    index check, now         check_image: PIL's buffer in the file's mode, nothing kept
+    index check, now         check_image: PIL's buffer in the file's mode (a JPEG's at
+                             1/8 scale, its whole stream still decoded), nothing kept
     overlay decode, reduced  decode_image(max_side=2048): JPEG DCT scaling, else reduce
 
 One run on the 2-core dev box (MiB over a process that only read the file): PNG 1614 ->
-645 (check), 663 (reduced overlay); JPEG 1493 -> 524 (check), ~0 (reduced: decoded at 1/4).
+645 (check), 663 (reduced overlay); JPEG 1493 -> ~0 (check), ~0 (reduced: decoded at 1/4).
 
 Run: ``python bench/decode_memory.py [--side 13000]``. The index also bounds how much its
 reader threads decode at once (``fmbseg.tasks.index.DECODE_BUDGET``): a worker's peak is

@@ -165,17 +165,22 @@ def check_image(
     max_pixels: int | None = None,
     budget: MemoryBudget | None = None,
 ) -> tuple[int, int]:
-    """Decode every pixel (catching truncation and corruption) and return ``(width,
+    """Decode the whole file (catching truncation and corruption) and return ``(width,
     height)`` as displayed, keeping no pixels: no RGB conversion or array copy, so the
-    peak is the file mode's own buffer (:func:`decoded_bytes`), held under ``budget``.
+    peak is the file mode's own buffer (:func:`decoded_bytes`; a JPEG's at 1/8 scale),
+    held under ``budget``.
 
     Raises:
         ImageDecodeError: as :func:`decode_image`.
     """
     im = _open(data, uri, max_pixels)
+    size = _displayed(im)
+    if im.format == "JPEG":
+        # libjpeg's DCT scaling: every byte of the entropy-coded data is still decoded (a
+        # truncated or corrupt stream still fails), the pixels kept are 1/64 as many
+        im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
     with budget.hold(decoded_bytes(im)) if budget else contextlib.nullcontext():
         _load(im, uri)
-        size = _displayed(im)
         im.close()
     return size
 

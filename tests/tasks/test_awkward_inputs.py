@@ -203,3 +203,15 @@ def test_awkward_inputs_become_error_rows_and_the_run_completes(tmp_path):
     assert summary["images"] == len(sizes) and summary["errors"] == 4
     skipped = store.require_manifest("index", fps["index"]).meta["skipped_extensions"]
     assert skipped_files(skipped) == "not listed (extension not in index.extensions): 1 .txt"
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.99])
+def test_check_image_at_jpeg_scale_still_catches_a_truncated_file(keep):
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = buf.getvalue()
+    assert check_image(data, "whole.jpg") == (800, 600)
+    with pytest.raises(ImageDecodeError) as exc:
+        check_image(data[: int(len(data) * keep)], "cut.jpg")
+    assert exc.value.kind == "truncated"
