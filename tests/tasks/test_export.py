@@ -459,3 +459,29 @@ def test_a_gallery_image_gone_since_the_model_stages_costs_only_its_overlay(tmp_
     assert "FileNotFoundError" in gone[0]["message"]
     page = store.read_bytes(f"{base}/gallery.html").decode()
     assert "overlays/second.jpg" not in page and "overlays/first.jpg" in page
+
+
+def test_an_export_killed_in_its_last_write_leaves_no_temp_file_after_the_rerun(
+    tmp_path, monkeypatch
+):
+    import fmbseg.storage.files as files
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    merge_fp, _ = _committed_merge(store, tmp_path)
+    cfg = synthetic_config()
+    replace = files.os.replace
+
+    def killed(src, dst):
+        if str(dst).endswith("export.json"):
+            raise KeyboardInterrupt  # the process stops between writing and renaming
+        replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_export(store, cfg, merge_fp)
+    base = tmp_path / "store" / "exports"
+    assert [p.name.split(".tmp-")[0] for p in base.rglob("*.tmp-*")] == ["export.json"]
+    monkeypatch.setattr(files.os, "replace", replace)
+    fp = run_export(store, cfg, merge_fp)
+    assert list(base.rglob("*.tmp-*")) == []
+    assert store.read_json(f"exports/{fp}/export.json")["images"] == 3
