@@ -200,7 +200,7 @@ def _list_local_tree(
                 continue
             if not (image_ext and stat.S_ISREG(st.st_mode)):
                 if skipped is not None and stat.S_ISREG(st.st_mode):
-                    skipped[_ext(e.name)] += 1
+                    skipped[_display(_ext(e.name))] += 1
                 continue
             if not _is_utf8(e.path):
                 problem(
