@@ -116,6 +116,15 @@ def test_source_root_and_relative_paths(tmp_path):
     assert source_root(str(tmp_path / "c.json"), image_root="s3://b/imgs/") == "s3://b/imgs"
     assert relative_path("s3://b/imgs/a/x.jpg", "s3://b/imgs") == "a/x.jpg"
     assert relative_path("/elsewhere/y.jpg", "/photos") == "elsewhere/y.jpg"  # outside
+    # a URI prefix, however it is spelled, against the URIs its listing gives
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket16/photos/a/x.jpg", b"1")
+    fs.pipe("/bucket16/photos/b/x.jpg", b"2")
+    for prefix in ("memory://bucket16/photos", "memory:///bucket16/photos/"):
+        root = source_root(prefix)
+        assert [relative_path(r.uri, root) for r in list_images(prefix)] == ["a/x.jpg", "b/x.jpg"]
 
 
 def test_check_image_rejects_a_bomb_from_its_header_and_keeps_no_pixels():
