@@ -128,11 +128,15 @@ class RuntimeConfig(_Section):
     max_retries: NonNegInt = 3  # per shard, when a worker dies or storage fails transiently
 
 
+# every format the decoder reads that photos come in (GIF, TIFF: first frame/page)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
 @dataclass(frozen=True)
 class IndexConfig(_Section):
     """Stage `index`: listing and decoding the image source."""
 
-    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # walked in folders and URI prefixes
     max_pixels: PosInt = 178_956_970  # larger images are recorded as errors (PIL's bomb limit)
     verify_decode: bool = True  # decode every image fully (catches truncation); False = header only
     # protocols a .txt/COCO list's absolute paths and URIs may use ("file" = local paths,
@@ -195,6 +199,7 @@ class ExportConfig(_Section):
     # zlib level of the label PNGs (lossless at any): 6 = PIL's default; 1 encodes ~3x
     # faster for files ~1.8x larger, 9 is ~10% smaller and ~10x slower (bench/io_paths.py)
     png_compress_level: Literal[0, 1, 2, 3, 4, 5, 6, 7, 8, 9] = 6
+    candidates: bool = True  # also write candidates.json: the raw overlapping masks as COCO
     overlays: bool = True
     gallery_max_images: NonNegInt = 200  # images shown in gallery.html
     overlay_alpha: Fraction = 0.5

@@ -146,3 +146,23 @@ def test_driver_memory_bench_measures_each_count_in_its_own_driver():
     assert int(rows[1][-1]) > 1, out.stdout  # row groups of 1 KiB: one per merge shard
     growth = re.search(r"growth per extra image: heap peak (-?\d+) bytes", out.stdout)
     assert growth, out.stdout
+
+
+def test_decode_memory_bench_prints_each_path_and_the_check_needs_less():
+    out = subprocess.run(
+        [sys.executable, "bench/decode_memory.py", "--side", "2000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    peaks = {}
+    for line in out.stdout.splitlines():
+        m = re.match(r"^(PNG|JPEG)\s+(.+?)\s+(-?\d+)\s+\(", line)
+        if m:
+            peaks[(m.group(1), m.group(2))] = int(m.group(3))
+    assert len(peaks) == 6, out.stdout
+    for fmt in ("PNG", "JPEG"):
+        assert peaks[(fmt, "index check, now")] < peaks[(fmt, "index check, before")], out.stdout

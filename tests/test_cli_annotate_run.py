@@ -21,6 +21,8 @@ def test_annotate_command_writes_labels_and_prints_where(
     prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_scenes(tmp_path / "images", 4)
+    broken = tmp_path / "images" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not the rest of a PNG")
     config = tmp_path / "synthetic.yaml"
     config.write_text(yaml.safe_dump(synthetic_config().to_dict()))
     store = tmp_path / "store"
@@ -28,7 +30,9 @@ def test_annotate_command_writes_labels_and_prints_where(
             "--store", str(store), "--config", str(config)]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "annotate: 4 images indexed, 4 with masks" in out
+    assert "annotate: 4 images indexed, 4 labelled, 0 with no confident label, 0 failed" in out
+    assert f"    {broken}: " in out  # the summary names the failing file, not only a count
+    assert "errors.parquet" in out
     coco_line = next(ln for ln in out.splitlines() if "COCO JSON:" in ln)
     coco_path = coco_line.split("COCO JSON:", 1)[1].strip().removeprefix("file://")
     assert len(COCO(coco_path).imgs) == 4

@@ -46,17 +46,32 @@ def vocabulary_from_args(args: argparse.Namespace) -> tuple[str, ...]:
         raise UsageError(message) from exc
 
 
+FAILURES_SHOWN = 5  # failing files the summary names
+
+
 def print_annotation_summary(summary: dict[str, Any]) -> None:
     classes = summary["classes_found"]
     top = ", ".join(f"{name} {n}" for name, n in list(classes.items())[:8])
     more = f" (+{len(classes) - 8} more)" if len(classes) > 8 else ""
-    print(f"annotate: {summary['images_indexed']} images indexed, "
-          f"{summary['images_with_masks']} with masks; {summary['masks_prompt']} prompt masks, "
-          f"{summary['masks_auto']} automatic masks")  # fmt: skip
+    print(
+        f"annotate: {summary['images_indexed']} images indexed, "
+        f"{summary['images_with_masks']} labelled, {summary['images_no_label']} with no "
+        f"confident label, {summary['images_failed']} failed; {summary['masks_prompt']} "
+        f"prompt masks, {summary['masks_auto']} automatic masks"
+    )
     print(f"  classes found: {len(classes)}{': ' + top + more if classes else ''}")
+    if summary.get("skipped_extensions"):
+        from fmbseg.cli.index import skipped_files
+
+        print(f"  {skipped_files(summary['skipped_extensions'])}")
     for stage, counts in summary["errors"].items():
         details = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
         print(f"  {stage} errors: {details}")
+    first = summary.get("first_errors") or []
+    for e in first[:FAILURES_SHOWN]:
+        print(f"    {e['uri']}: {e['error_type']}: {e['message']}")
+    if first:
+        print(f"  every failure:  {summary['errors_table']}")
     print(f"  COCO JSON:   {summary['coco']}")
     print(f"  label maps:  {summary['export']}/labels/")
     if summary.get("gallery"):

@@ -9,6 +9,12 @@ from fmbseg.cli.core import Arg, Common, command, progress_bars
 from fmbseg.data.sources import check_source
 
 
+def skipped_files(skipped: dict[str, int]) -> str:
+    """One line naming the files a folder walk left out, by extension, and why."""
+    kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items(), key=lambda x: -x[1]))
+    return f"not listed (extension not in index.extensions): {kinds}"
+
+
 @command(
     "index",
     "list an image source and index its images (content ids, sizes, errors)",
@@ -38,6 +44,16 @@ def cmd_index(args: argparse.Namespace, common: Common) -> int:
           f"duplicates{cached}")  # fmt: skip
     if details:
         print(f"  errors by type: {details}")
+    if skipped := m.meta.get("skipped_extensions"):
+        print(f"  {skipped_files(skipped)}")
+    shown = 0  # name the first failing files, not only counts
+    columns = ["uri", "error_type", "message"]
+    for t in store.shards(STAGE, fp, "errors", manifest=m, columns=columns) if m.error_rows else ():
+        for row in t.slice(0, 5 - shown).to_pylist() if t.num_columns else ():
+            print(f"    {row['uri']}: {row['error_type']}: {row['message']}")
+            shown += 1
+        if shown >= 5:
+            break
     print(f"  fingerprint: {fp}")
     print(f"  output:      {store.stage_url(STAGE, fp)}")
     return 0

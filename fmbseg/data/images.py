@@ -12,12 +12,22 @@ Conventions (applied by every stage, so all of them see the same pixels):
   are min-max scaled to [0, 255].
 - CMYK, YCbCr, LAB and HSV are converted with Pillow's ``convert("RGB")``.
 - Multi-frame files (GIF, TIFF) use their first frame.
+
+Memory: a decoded image costs ``width x height x bytes per pixel`` of its file's mode
+(:func:`decoded_bytes`; PIL keeps RGB in 4 bytes: 645 MiB for a 13000x13000 RGB PNG). :func:`check_image` (what the
+index runs) decodes in the file's own mode and keeps nothing; :class:`MemoryBudget` bounds
+what several threads decode at once; ``decode_image(..., max_side=)`` decodes a JPEG at a
+reduced scale (libjpeg's DCT scaling) and shrinks other formats before the RGB conversion,
+for callers that shrink the image anyway. ``bench/decode_memory.py`` prints the peaks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -118,19 +128,103 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))  # CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(data: bytes, uri: str = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
+def decoded_bytes(im: Image.Image) -> int:
+    """Bytes PIL holds for ``im``'s pixels once loaded (its mode's bytes per pixel; PIL
+    stores 3-band modes in 4 bytes)."""
+    per_pixel = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "LA": 4, "PA": 4}
+    return im.width * im.height * per_pixel.get(im.mode, 4)
+
+
+class MemoryBudget:
+    """Bounds the decoded bytes that threads hold at once: :meth:`hold` waits until its
+    bytes fit beside the others'. An image larger than the whole budget waits for every
+    other one and then decodes alone, so the peak is ``max(limit, the largest image)``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        n = min(nbytes, self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+def check_image(
+    data: bytes,
+    uri: str = "<bytes>",
+    max_pixels: int | None = None,
+    budget: MemoryBudget | None = None,
+) -> tuple[int, int]:
+    """Decode the whole file (catching truncation and corruption) and return ``(width,
+    height)`` as displayed, keeping no pixels: no RGB conversion or array copy, so the
+    peak is the file mode's own buffer (:func:`decoded_bytes`; a JPEG's at 1/8 scale),
+    held under ``budget``.
+
+    Raises:
+        ImageDecodeError: as :func:`decode_image`.
+    """
+    im = _open(data, uri, max_pixels)
+    size = _displayed(im)
+    if im.format == "JPEG":
+        # libjpeg's DCT scaling: every byte of the entropy-coded data is still decoded (a
+        # truncated or corrupt stream still fails), the pixels kept are 1/64 as many
+        im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+    with budget.hold(decoded_bytes(im)) if budget else contextlib.nullcontext():
+        _load(im, uri)
+        im.close()
+    return size
+
+
+def _reduce(im: Image.Image, max_side: int) -> Image.Image:
+    """``im`` shrunk by a whole factor so its long side is at least ``max_side`` (box
+    filter, PIL's ``reduce``); as is when that is not possible for its mode."""
+    factor = max(im.size) // max_side
+    if factor < 2:
+        return im
+    try:
+        return im.reduce(factor)
+    except (ValueError, NotImplementedError):  # modes reduce does not take (P, 1, I;16)
+        return im
+
+
+def decode_image(
+    data: bytes,
+    uri: str = "<bytes>",
+    max_pixels: int | None = None,
+    max_side: int | None = None,
+) -> np.ndarray:
     """Decode an encoded image to ``HxWx3 uint8 RGB`` (C-contiguous), EXIF-oriented.
 
     Args:
         data: the file's bytes.
         uri: name used in error messages.
         max_pixels: images with more pixels (width x height) raise ``too_large``.
+        max_side: for a caller that shrinks the image anyway: a larger image may come back
+            smaller, its long side still at least ``max_side`` (aspect ratio kept, up to
+            rounding). JPEGs are decoded at that scale (``Image.draft``), others shrunk
+            before the RGB conversion; None = full size.
 
     Raises:
         ImageDecodeError: empty, not an image, truncated, corrupt or too large.
     """
     im = _open(data, uri, max_pixels)
+    if max_side is not None and max(im.size) > max_side:
+        scale = max_side / max(im.size)
+        with contextlib.suppress(Exception):  # a format without draft mode: decoded whole
+            im.draft(im.mode, (max(1, int(im.width * scale)), max(1, int(im.height * scale))))
     _load(im, uri)
+    if max_side is not None:
+        im = _reduce(im, max_side)
     try:
         ImageOps.exif_transpose(im, in_place=True)  # not a copy of an upright image
     except Exception as exc:  # a malformed EXIF block should not lose the pixels
@@ -152,7 +246,10 @@ def image_size(data: bytes, uri: str = "<bytes>") -> tuple[int, int]:
     Raises:
         ImageDecodeError: empty or not an image.
     """
-    im = _open(data, uri, None)
+    return _displayed(_open(data, uri, None))
+
+
+def _displayed(im: Image.Image) -> tuple[int, int]:
     w, h = im.size
     try:
         orientation = im.getexif().get(_EXIF_ORIENTATION, 1)

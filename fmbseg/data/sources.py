@@ -20,20 +20,33 @@ the entry.
 Folders and prefixes are filtered by extension (case-insensitive); explicit lists (.txt,
 COCO) are taken as given, so a wrong entry becomes an error row downstream rather than
 silently disappearing. Listings are sorted by URI and de-duplicated.
+
+Local folders follow symbolic links to files and folders (a folder reached twice, as in a
+link loop, is walked once). What a walk finds but cannot index is listed anyway, as an
+:class:`ImageRef` whose ``problem`` says why, and becomes a row of the index's errors
+table: a dangling link or a link loop with an image extension, a folder that cannot be
+read, a file name that is not valid UTF-8 (its URI shows the bad bytes as ``\\xNN``).
+
+:func:`source_root` is the folder (or URI prefix) a listing's paths are relative to, and
+:func:`relative_path` an image's path under it: the export's COCO ``file_name``.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import posixpath
+import stat
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
+from fmbseg.config import IMAGE_EXTENSIONS
 from fmbseg.storage.store import RetryPolicy, retry_call
 
 _LOCAL_PROTOCOLS = ("file", "local")
@@ -55,6 +68,7 @@ class ImageRef:
     uri: str
     size: int | None = None
     version: str | None = None
+    problem: tuple[str, str] | None = None  # (error_type, message): listed, not indexable
 
 
 def _is_uri(text: str) -> bool:
@@ -186,23 +200,85 @@ def _list_coco(
     return refs
 
 
-def _list_local_tree(root: str, exts: tuple[str, ...]) -> list[ImageRef]:
+def _display(path: str) -> str:
+    """``path`` as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogate
+    escapes) become ``\\xNN``. Arrow, JSON and the store need valid UTF-8 strings."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _list_local_tree(
+    root: str, exts: tuple[str, ...], skipped: Counter[str] | None = None
+) -> list[ImageRef]:
     refs = []
+    root = os.path.abspath(root)
+    st = os.stat(root)
+    seen = {(st.st_dev, st.st_ino)}  # folders walked: a link back to one is not walked again
     stack = [root]
+
+    def problem(path: str, kind: str, message: str) -> None:
+        refs.append(ImageRef(_display(path), problem=(kind, message)))
+
     while stack:
         folder = stack.pop()
-        with os.scandir(folder) as entries:
-            for e in entries:
-                if e.is_dir(follow_symlinks=False):
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            problem(folder, "read_error", f"cannot list folder: {exc.strerror or exc}")
+            continue
+        for e in entries:
+            image_ext = os.path.splitext(e.name)[1].lower() in exts
+            try:
+                st = os.stat(e.path)  # follows links
+            except FileNotFoundError:
+                # a dangling link (a file that vanished since it was listed is just gone)
+                if image_ext and e.is_symlink():
+                    target = _display(os.readlink(e.path))
+                    problem(e.path, "broken_link", f"symbolic link to missing {target}")
+                continue
+            except OSError as exc:
+                if image_ext:
+                    kind = "link_loop" if exc.errno == errno.ELOOP else "read_error"
+                    problem(e.path, kind, f"cannot stat: {exc.strerror or exc}")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
                     stack.append(e.path)
-                elif e.is_file() and os.path.splitext(e.name)[1].lower() in exts:
-                    st = e.stat()
-                    refs.append(ImageRef(os.path.abspath(e.path), st.st_size, str(st.st_mtime_ns)))
+                continue
+            if not (image_ext and stat.S_ISREG(st.st_mode)):
+                if skipped is not None and stat.S_ISREG(st.st_mode):
+                    skipped[_display(_ext(e.name))] += 1
+                continue
+            if not _is_utf8(e.path):
+                problem(
+                    e.path,
+                    "bad_name",
+                    "file name is not valid UTF-8 (bytes shown as \\xNN); rename the file "
+                    "to index it",
+                )
+                continue
+            refs.append(ImageRef(os.path.abspath(e.path), st.st_size, str(st.st_mtime_ns)))
     return refs
 
 
+def _ext(name: str) -> str:
+    return os.path.splitext(name)[1].lower() or "(none)"
+
+
 def _list_fsspec_tree(
-    source: str, exts: tuple[str, ...], storage_options: dict[str, Any] | None
+    source: str,
+    exts: tuple[str, ...],
+    storage_options: dict[str, Any] | None,
+    skipped: Counter[str] | None = None,
 ) -> list[ImageRef]:
     fs, root = fsspec.core.url_to_fs(source, **_options_for(source, storage_options))
     if not fs.exists(root):
@@ -211,6 +287,8 @@ def _list_fsspec_tree(
         info = fs.info(root)
         return [ImageRef(fs.unstrip_protocol(root), info.get("size"), _version(info))]
     found = fs.find(root, detail=True, withdirs=False)
+    if skipped is not None:
+        skipped.update(_ext(p) for p in found if os.path.splitext(p)[1].lower() not in exts)
     return [
         ImageRef(fs.unstrip_protocol(path), info.get("size"), _version(info))
         for path, info in found.items()
@@ -220,10 +298,11 @@ def _list_fsspec_tree(
 
 def list_images(
     source: str,
-    extensions: Iterable[str] = (".jpg", ".jpeg", ".png"),
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
     storage_options: dict[str, Any] | None = None,
     image_root: str | None = None,
     allowed: Iterable[str] | None = None,
+    skipped: Counter[str] | None = None,
 ) -> list[ImageRef]:
     """List a source's images, sorted by URI, each URI once.
 
@@ -234,6 +313,8 @@ def list_images(
         image_root: for COCO files and .txt lists, the folder relative entries are under.
         allowed: protocols a list's absolute paths (``file``) and URIs may use
             (:func:`allowed_protocols`); None = any. Relative entries are always confined.
+        skipped: counts, by extension, the files a folder or prefix walk left out because
+            their extension is not in ``extensions`` (say which, not only how many).
 
     Raises:
         SourceError: the source does not exist, is malformed or holds no images, or a
@@ -248,11 +329,11 @@ def list_images(
     elif lower.endswith(".json"):
         refs = _list_coco(source, storage_options, image_root, protocols)
     elif _is_uri(source):
-        refs = _list_fsspec_tree(source, exts, storage_options)
+        refs = _list_fsspec_tree(source, exts, storage_options, skipped)
     else:
         path = source[len("file://") :] if source.startswith("file://") else source
         if os.path.isdir(path):
-            refs = _list_local_tree(path, exts)
+            refs = _list_local_tree(path, exts, skipped)
         elif os.path.isfile(path):
             st = os.stat(path)
             refs = [ImageRef(os.path.abspath(path), st.st_size, str(st.st_mtime_ns))]
@@ -262,6 +343,39 @@ def list_images(
     if not unique:
         raise SourceError(f"image source {source!r} holds no images (extensions {list(exts)})")
     return [unique[u] for u in sorted(unique)]
+
+
+def source_root(
+    source: str, image_root: str | None = None, storage_options: dict[str, Any] | None = None
+) -> str:
+    """The folder or URI prefix that :func:`list_images`'s URIs for ``source`` are relative
+    to, spelled the way those URIs are: a local folder's absolute path (a single file's
+    folder), a URI prefix without its trailing ``/``, a ``.txt`` list's folder, a COCO
+    file's ``image_root`` (default: its folder). Nothing is read."""
+    source = str(source)
+    lower = source.lower()
+    if lower.endswith(".json") and image_root is not None:
+        source = str(image_root)
+    elif lower.endswith((".txt", ".json")):
+        return _parent(source)
+    if _is_uri(source):
+        fs, path = fsspec.core.url_to_fs(source, **_options_for(source, storage_options))
+        return fs.unstrip_protocol(path.rstrip("/"))
+    path = source[len("file://") :] if source.startswith("file://") else source
+    path = os.path.abspath(path)
+    return os.path.dirname(path) if os.path.isfile(path) else path
+
+
+def relative_path(uri: str, root: str) -> str:
+    """``uri``'s path under ``root`` (:func:`source_root`), ``/``-separated: what a tool
+    joins to the image folder. A URI outside the root (an absolute path in a ``.txt``
+    list) keeps its whole path, without the protocol and the leading ``/``."""
+    prefix = root.rstrip("/") + "/"
+    if uri.startswith(prefix):
+        return uri[len(prefix) :]
+    if uri == root:
+        return uri.rsplit("/", 1)[-1]
+    return uri.split("://", 1)[-1].replace(os.sep, "/").lstrip("/")
 
 
 def check_source(source: str, storage_options: dict[str, Any] | None = None) -> None:

@@ -37,6 +37,7 @@ from fmbseg.models.locate import locate_weights
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.clip_dense import run_clip_dense
 from fmbseg.tasks.export import run_export
+from fmbseg.tasks.export_coco import NO_LABEL
 from fmbseg.tasks.index import IndexPlan, count_errors
 from fmbseg.tasks.merge import run_merge
 from fmbseg.tasks.sam_pair import run_sam_stages
@@ -109,36 +110,43 @@ def export_task(
 
 
 def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> dict[str, Any]:
-    """Counts for people: images, masks per source, classes found, errors per stage.
+    """Counts for people: images (labelled, no confident label, failed), masks per source,
+    classes found, errors per stage and the first failing files.
 
     Streams the merge output one shard at a time, so the driver's memory does not grow with
     the number of images.
     """
     sources: Counter[str] = Counter()
     classes: Counter[str] = Counter()
-    images: set[str] = set()
     for table in store.iter_shards("merge", fps["merge"]):
-        part = table.select(["image_id", "source", "category"]).to_pydict()
+        part = table.select(["source", "category"]).to_pydict()
         sources.update(str(s) for s in part["source"])
         classes.update(part["category"])
-        images.update(part["image_id"])
     index = store.require_manifest("index", fps["index"])
+    # "no class found" / "no usable mask" rows (SAM stages, merge) are results, not failures
     errors = {
-        stage: count_errors(store, stage, fps[stage])
+        stage: {
+            k: n for k, n in count_errors(store, stage, fps[stage]).items() if k not in NO_LABEL
+        }
         for stage in ("index", "clip_dense", *SAM_STAGES, "merge")
     }
     export = store.read_json(f"exports/{fps['export']}/export.json")
     return {
         "images_indexed": index.rows,
-        "images_with_masks": len(images),
+        "skipped_extensions": index.meta.get("skipped_extensions", {}),
+        "images_with_masks": export["labelled_images"],
+        "images_no_label": export["no_confident_label"],
+        "images_failed": export["failed_images"],
         "masks_prompt": sources["prompt"],
         "masks_auto": sources["auto"],
         "classes_found": dict(classes.most_common()),
         "errors": {stage: counts for stage, counts in errors.items() if counts},
+        "first_errors": export["first_errors"],
         "export": store.url(f"exports/{fps['export']}"),
         "gallery": store.url(f"exports/{fps['export']}/gallery.html")
         if export["files"].get("gallery") else None,
         "coco": store.url(f"exports/{fps['export']}/annotations.json"),
+        "errors_table": store.url(f"exports/{fps['export']}/errors.parquet"),
     }  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import fsspec
 from fmbseg.storage.retry import RetryPolicy, is_transient, retry_call
 
 T = TypeVar("T")
+TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{12}$")  # what _open_temp adds to a target's name
 
 
 class FileStore:
@@ -112,6 +114,23 @@ class FileStore:
             self._made.discard(parent)
             os.makedirs(parent, exist_ok=True)
             return tmp, open(tmp, "wb")  # noqa: SIM115
+
+    def sweep_temp(self, rel: str) -> list[str]:
+        """Delete the temp files (``*.tmp-{12 hex}``) under folder ``rel`` that interrupted
+        writes left (a killed process cannot remove them itself); returns their paths
+        relative to ``rel``. Object stores have none: their writes are single PUTs or
+        aborted uploads. Call it only while no other writer works under ``rel``."""
+        if not self._local:
+            return []
+        top = self.path(rel)
+        gone = []
+        for folder, _, names in os.walk(top):
+            for name in names:
+                if TEMP_NAME.search(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder, name))
+                    gone.append(os.path.relpath(os.path.join(folder, name), top))
+        return sorted(gone)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a whole file. Local writes go to a temp name and are renamed into place."""

@@ -1,36 +1,52 @@
-"""Stage `export`: the merged pseudo-labels in the formats people and tools read.
+"""Stage `export`: the pseudo-labels in the formats people and tools read.
 
 Written under ``{store}/exports/{fingerprint}/`` through the store (any fsspec URI)::
 
-    annotations.json      COCO: images, categories, annotations (compressed RLE, bbox XYWH,
-                          area, iscrowd 0, score, source); loads with pycocotools.coco.COCO
-    records.parquet       the merged records (fmbseg.storage.records.RECORD_SCHEMA)
-    errors.parquet        images without masks and why (merge's errors table)
-    labels/{name}.png     palette PNG label maps, image-sized; value = category id, 255 = ignore
-    overlays/{name}.jpg   image + label colours + outlines (first ``gallery_max_images``)
+    annotations.json      COCO, semantic: every indexed image; per image one non-overlapping
+                          RLE segment per class of its label map (iscrowd 0, area and bbox
+                          from pycocotools); loads with pycocotools.coco.COCO
+    candidates.json       COCO, the raw overlapping masks behind them (prompt and automatic,
+                          with source and score); same images and categories
+    records.parquet       those raw masks as records (fmbseg.storage.records.RECORD_SCHEMA)
+    errors.parquet        every input that failed, at any stage from index on, and why
+    labels/{name}.png     palette PNG label maps, image-sized; value = vocabulary index
+                          (0..K-1), 255 = ignore (all 255: no confident label)
+    overlays/{name}.jpg   image + label colours + outlines (first ``gallery_max_images``
+                          labelled images; a photo over 2 x OVERLAY_SIDE px is drawn
+                          at a reduced size)
     thumbs/{name}.jpg     overlays shrunk to 320 px for the gallery's cards (an overlay
                           that already fits is its own card image: no thumb is written)
-    gallery.html          one static page: summary, class legend, image cards
+    gallery.html          one static page: summary, class legend, image cards, failures
     export.json           what was written; written last, so its presence = complete
 
-Category ids are the vocabulary indices everywhere (records, COCO, PNG values), so COCO ids
-start at 0. ``{name}`` is the image file's stem, or ``stem-{image_id[:8]}`` when two images
-share a stem.
+Ids: label-map values and the records' ``category_id`` are vocabulary indices (0..K-1, the
+vocabulary recorded in merge's manifest, so a re-export never renumbers); COCO category
+ids are those plus one (0 is background to torchvision and detectron2), and each COCO
+category says its ``label_value``.
 
-The work fans out over merge's shards with :func:`fmbseg.tasks.runner.run_stage`: a worker
-per slot composes one shard's label maps and writes its PNGs, overlays and thumbnails, and
-commits one small row per image (:data:`EXPORT_SCHEMA`, no masks) as the internal stage
-``stages/export/{fp}``, so a killed export resumes without redoing committed shards. The
-driver then streams the files that span every image (annotations.json, records.parquet,
-errors.parquet, gallery.html) shard by shard, a few read ahead. Images keep merge's order
-(shard by shard, first appearance within a shard): COCO ids and the gallery's first images
-follow it.
+Names: COCO ``file_name`` is the image's path relative to the source root (the indexed
+folder or URI prefix; the folder of a ``.txt`` list or a COCO file's image root), so
+``a/x.jpg`` and ``b/x.jpg`` stay apart; ``image_uri`` holds the full URI. ``{name}`` is that
+path without its extension (folders kept), ``-{image_id[:8]}`` added when two images would
+share it (``x.jpg`` and ``x.png``), and each path part longer than
+:data:`NAME_BYTES` bytes shortened with a hash suffix, so every derived file (and the
+store's temp file beside it) stays within the file system's 255-byte name limit.
+
+The work fans out over index/merge's shards with :func:`fmbseg.tasks.runner.run_stage`: a
+worker per slot composes one shard's label maps, writes its PNGs, overlays and thumbnails,
+RLE-encodes the semantic segments, and commits one small row per image
+(:data:`EXPORT_SCHEMA`) as the internal stage ``stages/export/{fp}``, so a killed export
+resumes without redoing committed shards. The driver then streams the files that span
+every image (the COCO files, records.parquet, errors.parquet, gallery.html) shard by
+shard, a few read ahead. Images keep the index's order (shard by shard, listing order
+within a shard): COCO ids and the gallery's first images follow it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Collection, Sequence
@@ -39,16 +55,30 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from fmbseg.config import Config
+from fmbseg.data.images import decode_image
+from fmbseg.data.sources import read_bytes, relative_path, source_root
 from fmbseg.storage import ArtifactStore, Manifest
-from fmbseg.storage.records import IGNORE, LABEL_COLUMNS, compose_rows, rows_by_image
-from fmbseg.tasks.export_coco import coco_dataset, first_rows
+from fmbseg.storage.records import (
+    BBOX_TYPE,
+    IGNORE,
+    LABEL_COLUMNS,
+    RECORD_SCHEMA,
+    compose_rows,
+    encode_mask,
+    error_row,
+    errors_table,
+    rows_by_image,
+)
+from fmbseg.tasks.export_coco import NO_LABEL, first_rows
 from fmbseg.tasks.export_files import write_export_files
 from fmbseg.tasks.gallery import THUMB_SIDE, class_colours, has_thumb, jpeg, label_png, overlay
 from fmbseg.tasks.runner import Progress, run_stage
 from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
+    INDEX_STAGE,
     VOCABULARY_KEY,
     ImageShardWorker,
     InOrder,
@@ -56,57 +86,114 @@ from fmbseg.tasks.stage1 import (
     stage_fingerprint,
 )
 
-__all__ = ["EXPORT_SCHEMA", "ExportWorker", "coco_dataset", "image_names", "run_export"]
+__all__ = ["EXPORT_SCHEMA", "ExportWorker", "export_name", "image_names", "run_export"]
 
 STAGE = "export"
 CODE_VERSION = CODE_VERSIONS[STAGE]
 WRITERS = 2  # threads composing, encoding and writing a worker's per-image files
+# Longest path part (UTF-8 bytes) of a derived name: with ".png"/".jpg" and the store's
+# ".tmp-" + 12 hex temp suffix it stays under the usual 255-byte NAME_MAX.
+NAME_BYTES = 200
+INDEX_COLUMNS = ("image_id", "uri", "width", "height")
+# long side an overlay is drawn at, at most (larger images are decoded at a reduced size:
+# a 13000 px photo's overlay needs no more, and its full decode would need ~0.5 GB)
+OVERLAY_SIDE = 2048
 
 EXPORT_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
-        ("name", pa.string()),  # file name of labels/{name}.png (and overlays, thumbs)
+        ("name", pa.string()),  # labels/{name}.png (and overlays, thumbs); may hold "/"
+        ("file_name", pa.string()),  # path relative to the source root (COCO file_name)
         ("uri", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        # "labelled"; "no_label" (no class found or no usable mask: an all-255 label map);
+        # "failed" (a stage recorded an error for it: see errors.parquet)
+        ("status", pa.string()),
         ("prompt_masks", pa.int32()),  # merged masks per source
         ("auto_masks", pa.int32()),
-        ("classes", pa.list_(pa.int32())),  # category ids present in the label map, ascending
+        ("classes", pa.list_(pa.int32())),  # vocabulary indices in the label map, ascending
+        # the label map's segment of each of those classes: COCO compressed RLE, area, bbox
+        ("segment_rle", pa.list_(pa.binary())),
+        ("segment_area", pa.list_(pa.int64())),
+        ("segment_bbox", pa.list_(BBOX_TYPE)),
         ("gallery", pa.bool_()),  # has an overlay and thumbnail, and a card in gallery.html
     ]
 )
-"""One row per exported image, in merge's order; what the driver needs of a shard."""
+"""One row per indexed image, in the index's order; what the driver needs of a shard."""
 
 
-def image_stem(uri: str) -> str:
-    """The file stem of ``uri``, made file-system-safe (``"image"`` when nothing is left)."""
-    stem = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "image"
+def _short(part: str, limit: int = NAME_BYTES) -> str:
+    """``part`` if its UTF-8 form fits ``limit`` bytes, else its head and a hash of it all."""
+    raw = part.encode()
+    if len(raw) <= limit:
+        return part
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    head = raw[: limit - len(digest) - 1].decode("utf-8", "ignore")  # whole characters
+    return f"{head}-{digest}"
 
 
-def image_name(uri: str, image_id: str, repeated: Collection[str]) -> str:
-    """The image's export name: its stem, or ``stem-{image_id[:8]}`` if the stem is in
-    ``repeated`` (the stems two or more images of the whole export share)."""
-    stem = image_stem(uri)
-    return f"{stem}-{image_id[:8]}" if stem in repeated else stem
+def _stem_path(file_name: str) -> str:
+    """``file_name`` without its extension, each part file-system-safe (no empty, ``.`` or
+    ``..`` parts, no control characters or backslashes)."""
+    parts = [p for p in file_name.split("/") if p not in ("", ".")]
+    parts = [re.sub(r"[\x00-\x1f\x7f\\]", "_", "__" if p == ".." else p) for p in parts]
+    if not parts:
+        return "image"
+    last = parts[-1]
+    stem = last.rsplit(".", 1)[0] if "." in last[1:] else last
+    parts[-1] = stem or "image"
+    return "/".join(parts)
 
 
-def image_names(uris: Sequence[str], image_ids: Sequence[str]) -> list[str]:
-    """File-system-safe, unique names for images: the file stem, disambiguated by image id."""
-    counts = Counter(image_stem(u) for u in uris)
+def _stem_key(file_name: str) -> str:
+    """What two images must not share: their stem paths, compared case-insensitively (a
+    case-insensitive file system would merge ``X.png`` and ``x.png``)."""
+    return _stem_path(file_name).casefold()
+
+
+def export_name(file_name: str, image_id: str, repeated: Collection[str]) -> str:
+    """The image's export name: its stem path, ``-{image_id[:8]}`` added if its key is in
+    ``repeated`` (the keys two or more images of the whole export share), each part at
+    most :data:`NAME_BYTES` bytes."""
+    stem = _stem_path(file_name)
+    if _stem_key(file_name) in repeated:
+        stem = f"{stem}-{image_id[:8]}"
+    return "/".join(_short(p) for p in stem.split("/"))
+
+
+def image_names(file_names: Sequence[str], image_ids: Sequence[str]) -> list[str]:
+    """Unique, file-system-safe export names for images (:func:`export_name` with the
+    repeated keys of these images)."""
+    counts = Counter(_stem_key(f) for f in file_names)
     repeated = {s for s, n in counts.items() if n > 1}
-    return [image_name(u, i, repeated) for u, i in zip(uris, image_ids, strict=True)]
+    return [export_name(f, i, repeated) for f, i in zip(file_names, image_ids, strict=True)]
+
+
+def semantic_segments(label: np.ndarray) -> tuple[list[int], list[bytes], list[int], list]:
+    """``HxW uint8`` label map -> (classes present ascending, RLE counts, areas, bboxes XYWH)
+    of each class's pixels (one segment per class; they cannot overlap)."""
+    present = np.flatnonzero(np.bincount(label.ravel(), minlength=IGNORE + 1)[:IGNORE])
+    rles, areas, bboxes = [], [], []
+    for k in present:
+        counts, bbox, area = encode_mask(label == k)
+        rles.append(counts)
+        areas.append(area)
+        bboxes.append(list(bbox))
+    return [int(k) for k in present], rles, areas, bboxes
 
 
 # ---- shard worker ----------------------------------------------------------------------------
 
 
 class ExportWorker(ImageShardWorker):
-    """Shard worker of export: no model. A spec is ``{"merge": fp, "gallery": k}``: shard
-    ``i`` of ``merge/fp`` is exported, and its first ``k`` images get an overlay and thumb.
+    """Shard worker of export: no model. A spec is ``{"index": fp, "merge": fp, "gallery":
+    k}``: shard ``i`` of ``index/fp`` is exported with the masks of shard ``i`` of
+    ``merge/fp``, and its first ``k`` labelled images get an overlay and thumb.
 
-    ``repeated`` holds the stems shared by several images of the whole export (usually
-    few), so names agree across shards without a global view in the worker.
+    ``repeated`` holds the name keys shared by several images of the whole export (usually
+    few), so names agree across shards without a global view in the worker; ``root`` is
+    the source root ``file_name`` is relative to.
     """
 
     def __init__(
@@ -116,18 +203,27 @@ class ExportWorker(ImageShardWorker):
         base: str,
         num_classes: int,
         repeated: frozenset[str],
+        root: str,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         ImageShardWorker.__init__(self, store, cfg, storage_options)
-        self.base, self.repeated = base, repeated
+        self.base, self.repeated, self.root = base, repeated, root
         self.colours = class_colours(num_classes)
         # label maps, PNG/JPEG encoding and the file writes (object-store PUTs) run here
         self.writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="fmbseg-export")
 
+    def _load(self, uri: str) -> np.ndarray:
+        data = read_bytes(uri, self.storage_options)
+        return decode_image(data, uri, self.cfg.index.max_pixels, max_side=OVERLAY_SIDE)
+
     def prefetch(self, shard: int, spec: dict[str, Any]) -> None:
         k = spec["gallery"]
-        self.upstream.prefetch("merge", spec["merge"], shard,
-                               then=lambda merged: self._start_gallery(merged, k))  # fmt: skip
+        up = self.upstream
+        up.prefetch(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)
+        up.prefetch("merge", spec["merge"], shard, kind="errors")
+        up.prefetch(
+            "merge", spec["merge"], shard, then=lambda merged: self._start_gallery(merged, k)
+        )
 
     def _start_gallery(self, merged: pa.Table, k: int) -> None:
         """Start reading the gallery images of a merge shard (read ahead of its turn)."""
@@ -135,43 +231,72 @@ class ExportWorker(ImageShardWorker):
             uris = merged.column("image_uri").to_pylist()
             self.images.start(_gallery_uris(uris, first_rows(merged), k))
 
-    def process(self, shard: int, spec: dict[str, Any]) -> tuple[pa.Table, None]:
-        table = self.upstream.read("merge", spec["merge"], shard)
-        if not table.num_rows:
+    def process(self, shard: int, spec: dict[str, Any]) -> tuple[pa.Table, pa.Table | None]:
+        up = self.upstream
+        index = up.read(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)
+        if not index.num_rows:
             return EXPORT_SCHEMA.empty_table(), None
+        table = up.read("merge", spec["merge"], shard)
+        if not table.num_columns:  # a shard without a part file: no masks at all
+            table = RECORD_SCHEMA.empty_table()
+        errors = up.part("merge", spec["merge"], shard, kind="errors")
+        failed: dict[str, str] = {}
+        if errors is not None and errors.num_rows:
+            for image_id, kind in zip(
+                errors.column("image_id").to_pylist(),
+                errors.column("error_type").to_pylist(),
+                strict=True,
+            ):
+                if kind not in NO_LABEL:
+                    failed.setdefault(image_id, kind)
         # the shard's columns as Python lists once, not a slice and conversions per image
         cols = {n: table.column(n).to_pylist() for n in (*LABEL_COLUMNS, "image_uri")}
         by_image = rows_by_image(table)
-        uris = cols["image_uri"]
-        shown = _gallery_uris(uris, {i: r[0] for i, r in by_image.items()}, spec["gallery"])
+        shown = _gallery_uris(
+            cols["image_uri"], {i: r[0] for i, r in by_image.items()}, spec["gallery"]
+        )
         rows: list[dict[str, Any]] = []
+        lost: list[dict[str, Any]] = []  # gallery images that could not be read again
 
-        def finish(row: dict[str, Any], job: Future[list[int]]) -> None:
-            row["classes"] = job.result()
+        def finish(row: dict[str, Any], job: Future[tuple]) -> None:
+            keys = ("classes", "segment_rle", "segment_area", "segment_bbox")
+            row.update(zip(keys, job.result(), strict=True))
             rows.append(row)
 
         # rows come back in image order; at most 2 * WRITERS images are held for writing
-        jobs: InOrder[dict[str, Any], list[int]] = InOrder(self.writer, finish, 2 * WRITERS)
+        jobs: InOrder[dict[str, Any], tuple] = InOrder(self.writer, finish, 2 * WRITERS)
         # the gallery's images are read and decoded in threads, ahead of the loop below
         images = self.images.each(shown, str)
+        n = 0
         with contextlib.closing(images):
-            for n, (image_id, r) in enumerate(by_image.items()):
-                uri, h, w = uris[r[0]], cols["height"][r[0]], cols["width"][r[0]]
-                name = image_name(uri, image_id, self.repeated)
-                image = None
-                if n < len(shown):
-                    _, image, exc = next(images)
-                    if exc is not None:
-                        raise exc
+            for image in index.to_pylist():
+                image_id, uri = image["image_id"], image["uri"]
+                h, w = image["height"], image["width"]
+                r = by_image.get(image_id, [])
+                file_name = relative_path(uri, self.root)
+                name = export_name(file_name, image_id, self.repeated)
+                pixels = None
+                if r and n < len(shown):
+                    _, pixels, exc = next(images)
+                    if exc is not None:  # changed or gone since the model stages read it
+                        pixels = None
+                        reason = f"no overlay: {type(exc).__name__}: {exc}"
+                        lost.append(error_row(image_id, uri, STAGE, "overlay", reason))
+                    n += 1
+                if r:
+                    h, w = cols["height"][r[0]], cols["width"][r[0]]
                 sources = Counter(cols["source"][i] for i in r)
+                status = "labelled" if r else "failed" if image_id in failed else "no_label"
                 row = {
-                    "image_id": image_id, "name": name, "uri": uri, "width": w, "height": h,
+                    "image_id": image_id, "name": name, "file_name": file_name, "uri": uri,
+                    "width": w, "height": h, "status": status,
                     "prompt_masks": sources["prompt"], "auto_masks": sources["auto"],
-                    "gallery": n < len(shown),
+                    "gallery": pixels is not None,
                 }  # fmt: skip
-                jobs.submit(row, functools.partial(self._export_image, name, cols, r, h, w, image))
+                job = functools.partial(self._export_image, name, cols, r, h, w, pixels)
+                jobs.submit(row, job)
         jobs.drain()  # every file of the shard is written before its receipt
-        return pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), None
+        return pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), errors_table(lost)
 
     def _export_image(
         self,
@@ -181,15 +306,15 @@ class ExportWorker(ImageShardWorker):
         h: int,
         w: int,
         image: np.ndarray | None,
-    ) -> list[int]:
-        """Compose one image's label map, write its files; its class ids, ascending."""
+    ) -> tuple[list[int], list[bytes], list[int], list]:
+        """Compose one image's label map (all IGNORE without masks), write its files;
+        its :func:`semantic_segments`."""
         label = compose_rows(cols, r, h, w)
         if self.cfg.export.png:
             self._write_label(name, label)
         if image is not None:
             self._write_overlay(name, image, label, self.cfg.export.overlay_alpha)
-        present = np.flatnonzero(np.bincount(label.ravel(), minlength=IGNORE + 1))
-        return [int(k) for k in present if k != IGNORE]
+        return semantic_segments(label)
 
     def _write_label(self, name: str, label: np.ndarray) -> None:
         self.store.write_bytes(
@@ -198,6 +323,9 @@ class ExportWorker(ImageShardWorker):
         )
 
     def _write_overlay(self, name: str, image: np.ndarray, label: np.ndarray, alpha: float) -> None:
+        if image.shape[:2] != label.shape:  # decoded at a reduced size (OVERLAY_SIDE)
+            small = Image.fromarray(label).resize(image.shape[1::-1], Image.Resampling.NEAREST)
+            label = np.asarray(small)
         over = overlay(image, label, self.colours, alpha)
         full = jpeg(over)
         self.store.write_bytes(f"{self.base}/overlays/{name}.jpg", full)
@@ -214,26 +342,35 @@ def _gallery_uris(uris: list[str], first: dict[str, int], k: int) -> list[str]:
 # ---- driver ----------------------------------------------------------------------------------
 
 
-def plan_export(
-    store: ArtifactStore, merge: Manifest, gallery_images: int
-) -> tuple[list[dict[str, Any]], frozenset[str]]:
-    """(one spec per merge shard, the stems several images share), streaming merge's shards.
+def index_root(index: Manifest) -> str:
+    """The source root of a committed index (older indexes: from their source string)."""
+    root = index.meta.get("root")
+    return str(root) if root else source_root(str(index.meta.get("source", "")))
 
-    Names need a global view (is this stem unique in the whole export?). Trade-off: while
-    this pass runs the driver counts one short stem per image (the only per-image state it
-    keeps, less than the index's own rows; never masks) and it reads every merge shard
-    once more (two columns, a few shards ahead); workers then get only the stems that repeat.
+
+def plan_export(
+    store: ArtifactStore, index: Manifest, merge: Manifest, gallery_images: int
+) -> tuple[list[dict[str, Any]], frozenset[str]]:
+    """(one spec per shard, the name keys several images share), streaming the shards.
+
+    Names need a global view (is this name unique in the whole export?). Trade-off: while
+    this pass runs the driver counts one short key per image (the only per-image state it
+    keeps, less than the index's own rows; never masks) and it reads every index and merge
+    shard once more (one or two columns, a few shards ahead); workers then get only the
+    keys that repeat.
     """
     counts: Counter[str] = Counter()
     specs, shown = [], 0
-    columns = ["image_id", "image_uri"]
+    root = index_root(index)
+    for t in store.shards(INDEX_STAGE, index.fingerprint, manifest=index, columns=["uri"]):
+        uris = t.column("uri").to_pylist() if t.num_rows else []
+        counts.update(_stem_key(relative_path(u, root)) for u in uris)
+    columns = ["image_id"]
     for t in store.shards("merge", merge.fingerprint, manifest=merge, columns=columns):
-        first = first_rows(t) if t.num_rows else {}
-        uris = t.column("image_uri").to_pylist() if first else []
-        counts.update(image_stem(uris[r]) for r in first.values())
-        k = min(len(first), max(0, gallery_images - shown))
+        labelled = len(first_rows(t)) if t.num_rows else 0
+        k = min(labelled, max(0, gallery_images - shown))
         shown += k
-        specs.append({"merge": merge.fingerprint, "gallery": k})
+        specs.append({"index": index.fingerprint, "merge": merge.fingerprint, "gallery": k})
     return specs, frozenset(s for s, n in counts.items() if n > 1)
 
 
@@ -247,13 +384,17 @@ def run_export(
 ) -> str:
     """Export a committed merge output (or reuse a complete export); returns its fingerprint.
 
-    ``progress(done, total)`` counts merge shards exported.
+    Every image of the index merge was made from is exported. ``progress(done, total)``
+    counts shards exported.
     """
     fp = stage_fingerprint(STAGE, cfg, {"merge": merge_fp})
     base = f"exports/{fp}"
     if store.exists(f"{base}/export.json"):
         return fp
+    # an earlier run killed mid-write left temp files; this run rewrites what they were for
+    store.sweep_temp(base)
     merge = store.require_manifest("merge", merge_fp)
+    index = store.require_manifest(INDEX_STAGE, merge.meta["index"])
     vocabulary = read_vocabulary(store, "merge", merge_fp)
     ecfg = cfg.export
     specs: list[dict[str, Any]]
@@ -261,11 +402,18 @@ def run_export(
         specs, repeated = [{}] * merge.num_shards, frozenset[str]()
     else:
         gallery = max(0, ecfg.gallery_max_images) if ecfg.overlays else 0
-        specs, repeated = plan_export(store, merge, gallery)
+        specs, repeated = plan_export(store, index, merge, gallery)
     factory = functools.partial(
-        ExportWorker, store, cfg, base, len(vocabulary), repeated, storage_options
+        ExportWorker,
+        store,
+        cfg,
+        base,
+        len(vocabulary),
+        repeated,
+        index_root(index),
+        storage_options,
     )
-    meta = {VOCABULARY_KEY: list(vocabulary), "merge": merge_fp}
+    meta = {VOCABULARY_KEY: list(vocabulary), "merge": merge_fp, "index": index.fingerprint}
     run_stage(store, STAGE, fp, specs, factory, cfg.runtime, progress=progress, meta=meta)
-    write_export_files(store, cfg.export, STAGE, fp, merge, vocabulary)
+    write_export_files(store, cfg.export, STAGE, fp, index, merge, vocabulary)
     return fp

@@ -1,6 +1,12 @@
-"""COCO JSON for the export stage, whole (:func:`coco_dataset`) or streamed shard by shard.
+"""COCO JSON for the export stage, streamed shard by shard.
 
-The streamed file is byte-for-byte ``json.dumps(coco_dataset(...))``: the same keys in the
+Two files share images and categories: ``annotations.json`` holds the merged semantic
+labels (one non-overlapping segment per class per image, COCO-Stuff style) and
+``candidates.json`` the raw overlapping masks behind them. COCO category id = vocabulary
+index + 1 (the label maps' value + 1); each category states its ``label_value`` and
+``info`` says so in words.
+
+:class:`CocoWriter` writes ``json.dumps(coco_dataset(...))``'s bytes: the same keys in the
 same order, with ``json.dumps``'s default separators (``", "`` and ``": "``), so readers
 cannot tell the two apart and the driver never holds more than one shard's annotations.
 """
@@ -13,27 +19,57 @@ from typing import IO, Any
 
 import pyarrow as pa
 
-from fmbseg.storage.records import MaskRecords
+from fmbseg.storage.records import IGNORE
 
-INFO = {"description": "fmbseg pseudo-labels"}
+NO_LABEL = frozenset({"no_class_present", "no_masks"})
+"""Merge's reasons for an image without masks that are a result, not a failure: it is
+exported with an all-IGNORE label map and no annotations ("no confident label")."""
+
+
+def coco_info(kind: str) -> dict[str, Any]:
+    """The ``info`` block: what the file holds and how its ids map to the label maps."""
+    what = {
+        "semantic": "merged semantic pseudo-labels: per image one non-overlapping segment "
+        "per class of its label map",
+        "candidates": "raw pseudo-label masks (SAM prompt and automatic), overlapping, with "
+        "source and score; annotations.json holds the merged semantic labels",
+    }[kind]
+    return {
+        "description": f"fmbseg {what}",
+        "category_ids": "COCO category id = label-map value + 1 (= vocabulary index + 1); "
+        f"label maps (labels/*.png) hold 0..K-1, {IGNORE} = ignore / no confident label",
+        "file_name": "path relative to the source root; image_uri is the full URI",
+    }
 
 
 def coco_categories(vocabulary: Sequence[str]) -> list[dict[str, Any]]:
-    """One COCO category per vocabulary entry; ids are the vocabulary indices (from 0)."""
-    return [{"id": k, "name": name, "supercategory": ""} for k, name in enumerate(vocabulary)]
+    """One COCO category per vocabulary entry: id = index + 1, ``label_value`` = index."""
+    return [
+        {"id": k + 1, "name": name, "supercategory": "", "label_value": k}
+        for k, name in enumerate(vocabulary)
+    ]
 
 
 def coco_image(
-    coco_id: int, image_id: str, uri: str, width: int, height: int, label_file: str | None
+    coco_id: int,
+    image_id: str,
+    file_name: str,
+    uri: str,
+    width: int,
+    height: int,
+    label_file: str | None,
+    status: str,
 ) -> dict[str, Any]:
-    """A COCO ``images`` entry; ``label_file`` (relative to the export) is left out when None."""
+    """A COCO ``images`` entry; ``label_file`` (relative to the export) is left out when
+    None; ``status`` is ``labelled``, ``no_label`` or ``failed``."""
     entry: dict[str, Any] = {
         "id": coco_id,
-        "file_name": uri.rsplit("/", 1)[-1],
+        "file_name": file_name,
         "width": width,
         "height": height,
-        "uri": uri,
+        "image_uri": uri,
         "fmbseg_image_id": image_id,
+        "status": status,
     }
     if label_file is not None:
         entry["label_file"] = label_file
@@ -49,11 +85,46 @@ def first_rows(table: pa.Table) -> dict[str, int]:
     return first
 
 
-def coco_annotations(
+def semantic_annotations(
+    rows: pa.Table, coco_ids: Sequence[int], first_id: int
+) -> list[dict[str, Any]]:
+    """One COCO annotation per (image, class) segment of export rows (``segment_*`` and
+    ``classes`` columns, row ``i`` being COCO image ``coco_ids[i]``), numbered from
+    ``first_id``."""
+    cols = {
+        n: rows.column(n).to_pylist()
+        for n in ("classes", "segment_rle", "segment_area", "segment_bbox", "height", "width")
+    }
+    anns: list[dict[str, Any]] = []
+    for i, coco_id in enumerate(coco_ids):
+        size = [cols["height"][i], cols["width"][i]]
+        for k, rle, area, bbox in zip(
+            cols["classes"][i],
+            cols["segment_rle"][i],
+            cols["segment_area"][i],
+            cols["segment_bbox"][i],
+            strict=True,
+        ):
+            anns.append(
+                {
+                    "id": first_id + len(anns),
+                    "image_id": coco_id,
+                    "category_id": k + 1,
+                    "segmentation": {"size": size, "counts": rle.decode("ascii")},
+                    "area": area,
+                    "bbox": [round(v, 2) for v in bbox],
+                    "iscrowd": 0,
+                }
+            )
+    return anns
+
+
+def candidate_annotations(
     table: pa.Table, coco_ids: Mapping[str, int], first_id: int
 ) -> list[dict[str, Any]]:
-    """One COCO annotation per record row (compressed RLE, bbox XYWH in pixels), numbered
-    from ``first_id`` in row order; ``coco_ids`` maps image ids to COCO image ids."""
+    """One COCO annotation per record row (compressed RLE, bbox XYWH in pixels, source,
+    score), numbered from ``first_id`` in row order; ``coco_ids`` maps image ids to COCO
+    image ids."""
     cols = {
         n: table.column(n).to_pylist()
         for n in ("image_id", "category_id", "height", "width", "rle_counts", "area", "bbox")
@@ -64,7 +135,7 @@ def coco_annotations(
         {
             "id": first_id + j,
             "image_id": coco_ids[cols["image_id"][j]],
-            "category_id": cols["category_id"][j],
+            "category_id": cols["category_id"][j] + 1,
             "segmentation": {
                 "size": [cols["height"][j], cols["width"][j]],
                 "counts": cols["rle_counts"][j].decode("ascii"),
@@ -80,48 +151,33 @@ def coco_annotations(
 
 
 def coco_dataset(
-    records: MaskRecords, vocabulary: Sequence[str], names: dict[str, str] | None = None
+    kind: str,
+    images: Sequence[dict[str, Any]],
+    annotations: Sequence[dict[str, Any]],
+    vocabulary: Sequence[str],
 ) -> dict[str, Any]:
-    """Merged records -> a COCO instance-segmentation dict (one annotation per mask).
-
-    Images are numbered from 1 in order of first appearance and keep ``uri``,
-    ``fmbseg_image_id`` and (when ``names`` maps image ids to names) ``label_file``.
-    """
-    t = records.table
-    first = first_rows(t)
-    uris, widths, heights = (t.column(n).to_pylist() for n in ("image_uri", "width", "height"))
-    coco_id = {image_id: i + 1 for i, image_id in enumerate(first)}
-    images = [
-        coco_image(
-            coco_id[image_id],
-            image_id,
-            uris[r],
-            widths[r],
-            heights[r],
-            None if names is None else f"labels/{names[image_id]}.png",
-        )
-        for image_id, r in first.items()
-    ]
+    """The whole COCO dict that :class:`CocoWriter` streams (``kind``: ``semantic`` or
+    ``candidates``)."""
     return {
-        "info": dict(INFO),
-        "images": images,
+        "info": coco_info(kind),
+        "images": list(images),
         "categories": coco_categories(vocabulary),
-        "annotations": coco_annotations(t, coco_id, 1),
+        "annotations": list(annotations),
     }
 
 
 class CocoWriter:
-    """Writes ``json.dumps(coco_dataset(...))``'s bytes to ``f`` in pieces.
+    """Writes ``json.dumps(coco_dataset(kind, ...))``'s bytes to ``f`` in pieces.
 
     Call :meth:`images` with every image entry (in COCO id order, possibly over several
     calls), then :meth:`annotations` likewise, then :meth:`close`.
     """
 
-    def __init__(self, f: IO[bytes], vocabulary: Sequence[str]) -> None:
+    def __init__(self, f: IO[bytes], vocabulary: Sequence[str], kind: str) -> None:
         self.f, self.vocabulary = f, vocabulary
         self.section = "images"
         self.count = 0
-        f.write(f'{{"info": {json.dumps(INFO)}, "images": ['.encode())
+        f.write(f'{{"info": {json.dumps(coco_info(kind))}, "images": ['.encode())
 
     def _items(self, items: Iterable[dict[str, Any]]) -> None:
         parts = [json.dumps(item) for item in items]

@@ -11,6 +11,7 @@ import html
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
@@ -178,6 +179,12 @@ def _chip(name: str, colour: Sequence[int]) -> str:
     )
 
 
+def _href(path: str) -> str:
+    """A relative path as an attribute value: ``#``, ``?``, ``%`` and spaces in file names
+    would otherwise change what the browser fetches."""
+    return html.escape(quote(path))
+
+
 def gallery_html(
     title: str,
     entries: Sequence[GalleryEntry],
@@ -191,7 +198,7 @@ def gallery_html(
     """A self-contained static page: summary, class legend, image cards, unlabelled images.
 
     ``mask_counts[k]``: masks of class ``k`` over the whole export; ``errors``: ``(uri,
-    error_type, message)`` of images without masks (the first 200 are listed);
+    error_type, message)`` of failed inputs (the first 200 are listed);
     ``num_errors``: how many there are in all (default ``len(errors)``), for a caller that
     passes only the first ones.
     """
@@ -203,12 +210,10 @@ def gallery_html(
     cards = []
     for e in entries:
         chips = "".join(_chip(vocabulary[k], colours[k]) for k in e.classes)
-        label_link = (
-            f' · <a href="{html.escape(e.label_file)}">label PNG</a>' if e.label_file else ""
-        )
+        label_link = f' · <a href="{_href(e.label_file)}">label PNG</a>' if e.label_file else ""
         cards.append(
-            f'<div class="card"><a href="{html.escape(e.full)}"><img loading="lazy" '
-            f'src="{html.escape(e.thumb)}" alt="{html.escape(e.name)}"></a>'
+            f'<div class="card"><a href="{_href(e.full)}"><img loading="lazy" '
+            f'src="{_href(e.thumb)}" alt="{html.escape(e.name)}"></a>'
             f'<div class="name" title="{html.escape(e.uri)}">{html.escape(e.name)}</div>'
             f'<div class="meta">{e.prompt_masks + e.auto_masks} masks: {e.prompt_masks} '
             f"prompt, {e.auto_masks} auto{label_link}</div>"
@@ -221,13 +226,14 @@ def gallery_html(
     )
     total = len(errors) if num_errors is None else num_errors
     err_html = (
-        f"<h2>Images without masks ({total})</h2><table><tr><th>image</th>"
+        f"<h2>Failed inputs ({total})</h2><table><tr><th>image</th>"
         f"<th>reason</th><th>detail</th></tr>{err_rows}</table>"
         if errors
         else ""
     )
     shown = (
-        f"<p class='meta'>showing {len(entries)} of {summary.get('images', len(entries))}"
+        f"<p class='meta'>showing {len(entries)} of "
+        f"{summary.get('labelled images', len(entries))}"
         " labelled images</p>"
     )
     return (

@@ -8,7 +8,9 @@ Records (one row per distinct image, Parquet): ``image_id`` [string] = content h
 file's bytes, ``uri`` [string], ``width``/``height`` [int32] in pixels as displayed (EXIF
 orientation applied). Every other listed file is a row of the errors table
 (:data:`fmbseg.tasks.runner.ERRORS_SCHEMA`) with ``error_type`` one of ``read_error``,
-``empty``, ``not_an_image``, ``truncated``, ``corrupt``, ``too_large``, ``duplicate``.
+``empty``, ``not_an_image``, ``truncated``, ``corrupt``, ``too_large``, ``duplicate``, or
+one the listing found without reading (:attr:`ImageRef.problem`: ``broken_link``,
+``link_loop``, ``bad_name``, ``read_error``).
 
 Duplicates: of several files with identical bytes, the one with the smallest URI is
 indexed; each other copy is a ``duplicate`` error whose message names the kept URI. Shards
@@ -30,13 +32,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fmbseg.config import Config, IndexConfig
-from fmbseg.data.images import ImageDecodeError, decode_image, image_size
+from fmbseg.data.images import ImageDecodeError, MemoryBudget, check_image, image_size
 from fmbseg.data.sources import (
     ImageRef,
     allowed_protocols,
     list_images,
     listing_hash,
     read_bytes,
+    source_root,
 )
 from fmbseg.storage.files import in_order_ahead
 from fmbseg.storage.fingerprint import content_hash, fingerprint
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 STAGE = "index"
 CODE_VERSION = "1"
 READERS = 4  # images a worker reads and checks at once
+# decoded bytes a worker's readers hold at once (a larger image is decoded alone)
+DECODE_BUDGET = 1 << 30
 RECORD_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string()),
@@ -68,11 +73,16 @@ def index_images(
     cfg: IndexConfig,
     read: Callable[[str], bytes] = read_bytes,
     pool: Executor | None = None,
+    problems: dict[str, tuple[str, str]] | None = None,
+    budget: MemoryBudget | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Read, identify and measure images; the pure core of the stage.
 
     Args:
         uris: image URIs (or :class:`ImageRef`), in listing order.
+        problems: ``uri -> (error_type, message)`` of listed entries that are not read
+            (and those of ImageRefs given with a ``problem``): error rows as they are.
+        budget: bounds the pixels the pool's threads decode at once.
         cfg: ``max_pixels`` and ``verify_decode`` (full decode vs. header only).
         read: ``read(uri) -> bytes``; raises for unreadable inputs.
         pool: threads that read and check the images side by side (object-store reads
@@ -83,8 +93,11 @@ def index_images(
         (records of RECORD_SCHEMA, errors of ERRORS_SCHEMA). Of identical contents only the
         first occurrence is a record; later ones are ``duplicate`` errors.
     """
-    listed = [item.uri if isinstance(item, ImageRef) else str(item) for item in uris]
-    inspect = functools.partial(_inspect, cfg=cfg, read=read)
+    items = list(uris)
+    listed = [item.uri if isinstance(item, ImageRef) else str(item) for item in items]
+    known = dict(problems or {})
+    known.update({r.uri: r.problem for r in items if isinstance(r, ImageRef) and r.problem})
+    inspect = functools.partial(_inspect, cfg=cfg, read=read, problems=known, budget=budget)
     records: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     kept: dict[str, str] = {}
@@ -107,10 +120,16 @@ def index_images(
 
 
 def _inspect(
-    uri: str, cfg: IndexConfig, read: Callable[[str], bytes]
+    uri: str,
+    cfg: IndexConfig,
+    read: Callable[[str], bytes],
+    problems: dict[str, tuple[str, str]],
+    budget: MemoryBudget | None = None,
 ) -> tuple[str | None, tuple[int, int] | None, tuple[str, str] | None]:
     """``(image_id, (width, height), None)`` for a good image, else ``(image_id or None if
     unreadable, None, (error_type, message))``; only these, not the bytes, are kept."""
+    if uri in problems:
+        return None, None, problems[uri]
     try:
         data = read(uri)
     except FileNotFoundError:
@@ -120,7 +139,7 @@ def _inspect(
     image_id = content_hash(data)
     try:
         if cfg.verify_decode:
-            height, width = decode_image(data, uri, cfg.max_pixels).shape[:2]
+            width, height = check_image(data, uri, cfg.max_pixels, budget)
         else:
             width, height = image_size(data, uri)
             if width * height > cfg.max_pixels:
@@ -134,9 +153,11 @@ def _inspect(
 
 @dataclass(frozen=True)
 class IndexShardSpec:
-    """Shard input: the URIs of a contiguous run of the sorted listing."""
+    """Shard input: the URIs of a contiguous run of the sorted listing, and the listing's
+    ``problems`` among them (uri -> (error_type, message)), which are not read."""
 
     uris: tuple[str, ...]
+    problems: tuple[tuple[str, str, str], ...] = ()
 
 
 class IndexWorker:
@@ -146,24 +167,32 @@ class IndexWorker:
         self.cfg = cfg
         self.read = functools.partial(read_bytes, storage_options=storage_options)
         self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="fmbseg-index")
+        self.budget = MemoryBudget(DECODE_BUDGET)
 
     def process(self, shard: int, spec: IndexShardSpec) -> tuple[pa.Table, pa.Table]:
-        return index_images(spec.uris, self.cfg, self.read, self.pool)
+        problems = {uri: (kind, message) for uri, kind, message in spec.problems}
+        return index_images(spec.uris, self.cfg, self.read, self.pool, problems, self.budget)
 
 
 @dataclass(frozen=True)
 class IndexPlan:
-    """A listed source and the fingerprint its index will have."""
+    """A listed source and the fingerprint its index will have; ``root`` is the folder or
+    URI prefix its URIs are relative to (:func:`fmbseg.data.sources.source_root`)."""
 
     source: str
     fingerprint: str
     refs: tuple[ImageRef, ...]
     shard_size: int
+    root: str | None = None
+    skipped: tuple[tuple[str, int], ...] = ()  # (extension, files) the walk left out
 
     def specs(self) -> list[IndexShardSpec]:
-        uris = [r.uri for r in self.refs]
-        return [IndexShardSpec(tuple(uris[r.start : r.stop])) for r in
-                plan_shards(len(uris), self.shard_size)]  # fmt: skip
+        specs = []
+        for r in plan_shards(len(self.refs), self.shard_size):
+            refs = self.refs[r.start : r.stop]
+            problems = tuple((x.uri, *x.problem) for x in refs if x.problem)
+            specs.append(IndexShardSpec(tuple(x.uri for x in refs), problems))
+        return specs
 
 
 def index_fingerprint(cfg: Config, refs: Sequence[ImageRef]) -> str:
@@ -189,8 +218,15 @@ def plan_index(
     standing for ``store_uri``'s.
     """
     allowed = allowed_protocols(cfg.index.allowed_protocols, store_uri)
-    refs = list_images(source, cfg.index.extensions, storage_options, image_root, allowed)
-    return IndexPlan(str(source), index_fingerprint(cfg, refs), tuple(refs), cfg.runtime.shard_size)
+    skipped: Counter[str] = Counter()
+    refs = list_images(
+        source, cfg.index.extensions, storage_options, image_root, allowed=allowed, skipped=skipped
+    )
+    root = source_root(source, image_root, storage_options)
+    fp = index_fingerprint(cfg, refs)
+    return IndexPlan(
+        str(source), fp, tuple(refs), cfg.runtime.shard_size, root, tuple(sorted(skipped.items()))
+    )
 
 
 def dedup_across_shards(
@@ -242,10 +278,15 @@ def execute_index(
 ) -> Manifest:
     """Index the planned listing into ``stages/index/{plan.fingerprint}`` (or reuse it)."""
     factory = functools.partial(IndexWorker, cfg.index, storage_options)
+    meta = {
+        "source": plan.source,
+        "root": plan.root,
+        "listed": len(plan.refs),
+        "skipped_extensions": dict(plan.skipped),
+    }
     return run_stage(
         store, STAGE, plan.fingerprint, plan.specs(), factory, cfg.runtime,
-        progress=progress, meta={"source": plan.source, "listed": len(plan.refs)},
-        finalize=dedup_across_shards,
+        progress=progress, meta=meta, finalize=dedup_across_shards,
     )  # fmt: skip
 
 

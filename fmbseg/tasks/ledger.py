@@ -123,7 +123,9 @@ def new_images_plan(
     covered = covered_uris(store, batches)
     refs: list[ImageRef] = [r for r in full.refs if r.uri not in covered]
     plan = (
-        IndexPlan(full.source, index_fingerprint(cfg, refs), tuple(refs), full.shard_size)
+        IndexPlan(
+            full.source, index_fingerprint(cfg, refs), tuple(refs), full.shard_size, full.root
+        )
         if refs
         else None
     )

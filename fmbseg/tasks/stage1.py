@@ -46,7 +46,7 @@ CODE_VERSIONS = {  # bump when a stage's output format or meaning changes
     "sam_prompt": "1",
     "sam_auto": "1",
     "merge": "1",
-    "export": "1",
+    "export": "2",
 }
 
 

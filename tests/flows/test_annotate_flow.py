@@ -16,6 +16,7 @@ from fmbseg.data.vocab import resolve_vocabulary
 from fmbseg.flows.annotate import annotate_flow
 from fmbseg.storage import ArtifactStore
 from tests.synthetic import BUILDS, VOCAB, synthetic_config, write_scenes
+from tests.tasks.export_helpers import check_semantic_coco
 
 N_IMAGES = 6
 
@@ -54,10 +55,16 @@ def test_annotate_flow_runs_caches_and_reruns_only_what_changed(
     coco = COCO(str(coco_path))
     assert len(coco.imgs) == N_IMAGES
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(VOCAB)
-    n_masks = summary["masks_prompt"] + summary["masks_auto"]
-    assert len(coco.anns) == n_masks
+    # merged semantic labels: per image one segment per class of its label map, which
+    # tile exactly its labelled pixels (the raw masks are in candidates.json)
+    check_semantic_coco(store, f"exports/{fps['export']}", tmp_path)
+    candidates = COCO(str(coco_path.parent / "candidates.json"))
+    assert len(candidates.anns) == summary["masks_prompt"] + summary["masks_auto"]
     ann = coco.anns[coco.getAnnIds()[0]]
     assert int(mask_utils.area(ann["segmentation"])) == ann["area"] > 0
+    assert sorted(i["file_name"] for i in coco.dataset["images"]) == sorted(
+        p.name for p in (tmp_path / "images").iterdir()
+    )
     assert summary["gallery"] and Path(summary["gallery"].removeprefix("file://")).is_file()
 
     lineage = store.read_run(str(state.state_details.flow_run_id))

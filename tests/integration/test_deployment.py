@@ -143,7 +143,9 @@ def test_smoke_deployment_runs_to_completed_on_a_worker(stack: PrefectStack, tmp
     merge = store.require_manifest("merge", fps["merge"])
     assert merge.rows > 0
     coco = json.loads((store_dir / "exports" / fps["export"] / "annotations.json").read_text())
-    assert len(coco["images"]) >= index.rows - merge.error_rows
+    assert len(coco["images"]) == index.rows and coco["annotations"]  # one segment per class
+    candidates = json.loads((store_dir / "exports" / fps["export"] / "candidates.json").read_text())
+    assert len(candidates["annotations"]) == merge.rows
     name, version = lineage["model"]["name"], lineage["model"]["version"]
     model_dir = store_dir / "models" / name / version
     assert (model_dir / "weights.safetensors").stat().st_size > 0

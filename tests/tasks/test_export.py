@@ -23,9 +23,11 @@ from fmbseg.storage.records import (
     errors_table,
     mask_row,
 )
-from fmbseg.tasks.export import ExportWorker, coco_dataset, image_names, run_export
+from fmbseg.tasks.export import ExportWorker, image_names, run_export
+from fmbseg.tasks.export_coco import candidate_annotations, coco_dataset, coco_image
 from fmbseg.tasks.gallery import class_colours, has_thumb, inner_boundaries, label_png, overlay
 from tests.synthetic import make_scene, synthetic_config
+from tests.tasks.export_helpers import check_semantic_coco, commit_index, read_png
 
 # pycocotools' own decode trips a numpy-2 deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -121,33 +123,72 @@ def _records():
     return MaskRecords.from_rows(rows), masks
 
 
-def test_coco_json_loads_with_pycocotools_and_round_trips_masks(tmp_path):
+def test_candidates_coco_loads_with_pycocotools_and_round_trips_masks(tmp_path):
     records, masks = _records()
-    data = coco_dataset(records, ["x", "y", "z"], {"a": "a", "b": "b"})
-    path = tmp_path / "annotations.json"
-    path.write_text(json.dumps(data))
+    images = [
+        coco_image(n, i, f"{i}.jpg", f"file:///data/{i}.jpg", w, h, f"labels/{i}.png", "labelled")
+        for n, (i, (h, w)) in enumerate([("a", (12, 20)), ("b", (9, 7))], start=1)
+    ]
+    anns = candidate_annotations(records.table, {"a": 1, "b": 2}, 1)
+    path = tmp_path / "candidates.json"
+    path.write_text(json.dumps(coco_dataset("candidates", images, anns, ["x", "y", "z"])))
     coco = COCO(str(path))
-    assert sorted(c["name"] for c in coco.loadCats(coco.getCatIds())) == ["x", "y", "z"]
+    cats = coco.loadCats(coco.getCatIds())
+    assert [(c["id"], c["name"], c["label_value"]) for c in cats] == [
+        (1, "x", 0),
+        (2, "y", 1),
+        (3, "z", 2),
+    ]
+    assert "label-map value + 1" in coco.dataset["info"]["category_ids"]
     assert [coco.imgs[i]["file_name"] for i in sorted(coco.imgs)] == ["a.jpg", "b.jpg"]
     assert coco.imgs[1]["label_file"] == "labels/a.png"
+    assert coco.imgs[1]["image_uri"] == "file:///data/a.jpg"
     anns = coco.loadAnns(coco.getAnnIds())
     assert len(anns) == 3
     for ann in anns:
         img = coco.imgs[ann["image_id"]]
-        mask = masks[(img["fmbseg_image_id"], ann["category_id"])]
+        k = ann["category_id"] - 1  # the vocabulary index
+        mask = masks[(img["fmbseg_image_id"], k)]
         np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), mask)
         assert ann["iscrowd"] == 0 and ann["area"] == mask.sum()
-        assert ann["source"] == ("prompt" if ann["category_id"] == 0 else "auto")
-        assert ann["score"] == pytest.approx(0.5 + ann["category_id"] / 10, abs=1e-6)
+        assert ann["source"] == ("prompt" if k == 0 else "auto")
+        assert ann["score"] == pytest.approx(0.5 + k / 10, abs=1e-6)
         assert (img["height"], img["width"]) == mask.shape
 
 
-def test_image_names_are_stems_unless_they_collide():
+def test_image_names_keep_folders_and_tell_apart_only_what_collides():
     names = image_names(
-        ["s3://b/x/cat.jpg", "s3://b/y/cat.png", "/d/dog.PNG", "/d/a b.jpg"],
-        ["1111111111", "2222222222", "3", "4"],
+        ["x/cat.jpg", "x/cat.png", "y/cat.jpg", "d/dog.PNG", "d/a b.jpg", "D/Dog.jpg", "../up.jpg"],
+        ["1111111111", "2222222222", "3", "4", "5", "6666666666", "7"],
     )
-    assert names == ["cat-11111111", "cat-22222222", "dog", "a_b"]
+    # x/cat.jpg and x/cat.png would share labels/x/cat.png; d/dog and D/Dog would share it
+    # on a case-insensitive file system; y/cat is alone in its folder
+    assert names == [
+        "x/cat-11111111",
+        "x/cat-22222222",
+        "y/cat",
+        "d/dog-4",
+        "d/a b",
+        "D/Dog-66666666",
+        "__/up",
+    ]
+
+
+def test_names_at_the_file_system_limit_are_shortened_with_a_hash(tmp_path):
+    long = "é" * 120 + ".jpg"  # 244 bytes: a legal file name, too long for "-{id}.png.tmp-..."
+    assert len(long.encode()) <= 255
+    names = image_names([long, "sub/" + long, "b" * 251 + ".png"], ["a" * 10, "b" * 10, "c"])
+    assert len(set(names)) == 3
+    for name in names:
+        for part in name.split("/"):
+            assert len(part.encode()) <= 200
+            (tmp_path / f"{part}.png.tmp-0123456789ab").write_bytes(b"")  # fits NAME_MAX
+    assert names[0].startswith("é" * 93 + "-")  # whole characters, then the hash
+    # different long names stay different: the hash is of the whole name
+    assert (
+        image_names(["a" * 240 + "x.jpg", "a" * 240 + "y.jpg"], ["1", "2"])[0]
+        != (image_names(["a" * 240 + "y.jpg"], ["2"])[0])
+    )
 
 
 # ---- pictures ------------------------------------------------------------------------------
@@ -181,7 +222,7 @@ def test_label_png_is_lossless_at_every_compression_level():
 
 def test_only_an_overlay_larger_than_a_card_gets_a_thumbnail(tmp_path):
     store = ArtifactStore(str(tmp_path / "store"))
-    worker = ExportWorker(store, synthetic_config(), "exports/e", 3, frozenset())
+    worker = ExportWorker(store, synthetic_config(), "exports/e", 3, frozenset(), "/")
     for name, (h, w) in {"big": (400, 640), "small": (240, 320)}.items():
         image = np.full((h, w, 3), 90, np.uint8)
         worker._write_overlay(name, image, np.zeros((h, w), np.uint8), 0.5)
@@ -231,13 +272,15 @@ def test_overlay_colours_labelled_pixels_and_darkens_the_rest():
 
 
 def _committed_merge(store: ArtifactStore, tmp_path) -> tuple[str, dict]:
-    """A merge output written by hand: two images on disk with their masks, one failure."""
-    rows, images = [], {}
+    """An index and a merge output written by hand: two images on disk with their masks,
+    one with no confident label, one truncated file the index rejected."""
+    rows, images, index = [], {}, []
     for seed, name in enumerate(["first", "second"]):
         scene = make_scene(seed, 24, 40)
         path = tmp_path / f"{name}.png"
         Image.fromarray(scene.image).save(path)
         images[name] = scene
+        index.append((f"id-{name}", str(path), 40, 24))
         for k in np.unique(scene.truth):
             rows.append(
                 mask_row(
@@ -251,9 +294,33 @@ def _committed_merge(store: ArtifactStore, tmp_path) -> tuple[str, dict]:
                     fingerprint="fp",
                 )
             )
-    errors = errors_table([error_row("id-x", "/nowhere.png", "merge", "no_class_present", "-")])
+        # an overlapping candidate: a second, larger mask of class 0 over the whole image
+        rows.append(
+            {
+                **rows[-1],
+                "category_id": 0,
+                "category": "class0",
+                "score": 0.1,
+                **dict(
+                    zip(
+                        ("rle_counts", "bbox", "area"),
+                        encode_mask(np.ones((24, 40), bool)),
+                        strict=True,
+                    )
+                ),
+            }
+        )
+    Image.fromarray(images["first"].image).save(tmp_path / "plain.png")
+    index.append(("id-plain", str(tmp_path / "plain.png"), 40, 24))
+    bad = error_row(None, str(tmp_path / "cut.jpg"), "index", "truncated", "cannot decode")
+    commit_index(store, "i1", [index], str(tmp_path), [[bad]])
+    errors = errors_table(
+        [error_row("id-plain", str(tmp_path / "plain.png"), "merge", "no_class_present", "-")]
+    )
     store.write_shard("merge", "m1", 0, MaskRecords.from_rows(rows).table, errors)
-    store.commit("merge", "m1", 1, meta={"vocabulary": [f"class{k}" for k in range(6)]})
+    store.commit(
+        "merge", "m1", 1, meta={"vocabulary": [f"class{k}" for k in range(6)], "index": "i1"}
+    )
     return "m1", images
 
 
@@ -264,22 +331,157 @@ def test_run_export_writes_every_format_and_is_skipped_once_complete(tmp_path):
     fp = run_export(store, cfg, merge_fp)
     base = f"exports/{fp}"
     for name, scene in scenes.items():
-        label = np.asarray(Image.open(io.BytesIO(store.read_bytes(f"{base}/labels/{name}.png"))))
-        np.testing.assert_array_equal(label, scene.truth)  # one exact mask per class
+        label = read_png(store, f"{base}/labels/{name}.png")
+        # the large low-score candidate is painted first, so the true masks win everywhere
+        np.testing.assert_array_equal(label, scene.truth)
         over = Image.open(io.BytesIO(store.read_bytes(f"{base}/overlays/{name}.jpg")))
         assert over.size == (40, 24)
         assert not store.exists(f"{base}/thumbs/{name}.jpg")  # it fits: no second copy
-    coco = json.loads(store.read_bytes(f"{base}/annotations.json"))
-    assert len(coco["categories"]) == 6 and len(coco["images"]) == 2
+    # an image without a confident label is exported: an all-ignore map, no annotations
+    np.testing.assert_array_equal(read_png(store, f"{base}/labels/plain.png"), 255)
+    assert read_png(store, f"{base}/labels/plain.png").shape == (24, 40)
+    assert not store.exists(f"{base}/overlays/plain.jpg")
+
+    coco = check_semantic_coco(store, base, tmp_path)
+    assert [(i["file_name"], i["status"]) for i in coco.dataset["images"]] == [
+        ("first.png", "labelled"),
+        ("second.png", "labelled"),
+        ("plain.png", "no_label"),
+    ]
+    assert coco.imgs[3]["image_uri"] == str(tmp_path / "plain.png")
+    assert len(coco.dataset["categories"]) == 6 and coco.getAnnIds(imgIds=[3]) == []
+    semantic = len(coco.dataset["annotations"])
+    assert semantic == sum(len(np.unique(s.truth)) for s in scenes.values())
+
     table = pq.read_table(io.BytesIO(store.read_bytes(f"{base}/records.parquet")))
-    assert table.num_rows == len(coco["annotations"])
+    candidates = json.loads(store.read_bytes(f"{base}/candidates.json"))
+    assert table.num_rows == len(candidates["annotations"]) == semantic + 2  # + the overlaps
+    assert candidates["images"] == coco.dataset["images"]
+    assert sorted({a["category_id"] for a in candidates["annotations"]}) == sorted(
+        {k + 1 for k in table.column("category_id").to_pylist()}
+    )
     first_rows = MaskRecords(table).for_image("id-first")
     np.testing.assert_array_equal(compose_label_map(first_rows, 24, 40), scenes["first"].truth)
+    errors = pq.read_table(io.BytesIO(store.read_bytes(f"{base}/errors.parquet"))).to_pylist()
+    assert [(e["uri"], e["stage"], e["error_type"]) for e in errors] == [
+        (str(tmp_path / "cut.jpg"), "index", "truncated")
+    ]  # no confident label is a result, not an error
     page = store.read_bytes(f"{base}/gallery.html").decode()
     assert '<img loading="lazy" src="overlays/first.jpg"' in page
-    assert "class0" in page and "no_class_present" in page
+    assert "class0" in page and "Failed inputs (1)" in page and "cut.jpg" in page
     summary = store.read_json(f"{base}/export.json")
-    assert summary["images"] == 2 and summary["images_without_masks"] == 1
+    assert (summary["images"], summary["labelled_images"], summary["no_confident_label"]) == (
+        3,
+        2,
+        1,
+    )
+    assert summary["failed_images"] == 0 and summary["errors"] == 1
+    assert summary["first_errors"][0]["error_type"] == "truncated"
     before = store.read_bytes(f"{base}/export.json")
     assert run_export(store, cfg, merge_fp) == fp
     assert store.read_bytes(f"{base}/export.json") == before  # complete: not redone
+
+
+def test_ids_come_from_the_vocabulary_recorded_in_the_manifest(tmp_path):
+    """A re-export reads merge's recorded vocabulary, whatever order a caller has now; a
+    store moved elsewhere exports the same ids and names."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    merge_fp, _ = _committed_merge(store, tmp_path)
+    fp = run_export(store, synthetic_config(), merge_fp)
+    coco = json.loads(store.read_bytes(f"exports/{fp}/annotations.json"))
+    assert [(c["id"], c["name"]) for c in coco["categories"]] == [
+        (k + 1, f"class{k}") for k in range(6)
+    ]
+    import shutil
+
+    shutil.copytree(tmp_path / "store", tmp_path / "moved")
+    moved = ArtifactStore(str(tmp_path / "moved"))
+    for rel in ("annotations.json", "export.json"):
+        moved.delete(f"exports/{fp}/{rel}")
+    assert run_export(moved, synthetic_config(), merge_fp) == fp
+    again = moved.read_bytes(f"exports/{fp}/annotations.json")
+    assert again == store.read_bytes(f"exports/{fp}/annotations.json")
+
+
+def test_a_rerun_after_an_interrupted_write_leaves_no_temp_files(tmp_path, monkeypatch):
+    store = ArtifactStore(str(tmp_path / "store"))
+    merge_fp, _ = _committed_merge(store, tmp_path)
+    cfg = synthetic_config()
+    fp = run_export(store, cfg, merge_fp)
+    base = tmp_path / "store" / "exports" / fp
+    # what a process killed in its last write leaves: temp files beside their targets
+    (base / "export.json").unlink()
+    (base / "export.json.tmp-0123456789ab").write_bytes(b'{"half')
+    (base / "labels" / "first.png.tmp-abcdef012345").write_bytes(b"\x89PNG")
+    assert run_export(store, cfg, merge_fp) == fp
+    assert sorted(p.name for p in base.rglob("*.tmp-*")) == []
+    assert store.read_json(f"exports/{fp}/export.json")["images"] == 3
+
+
+def test_the_readme_outputs_section_names_exactly_the_files_written(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Outputs and the artifact store", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for line in section.splitlines():
+        if line.startswith("{store}/exports/{fp}/"):
+            paths = re.split(r"\s{2,}", line.removeprefix("{store}/exports/{fp}/"))[0]
+            named |= {p.strip().split("/")[0] for p in paths.split(",")}
+    store = ArtifactStore(str(tmp_path / "store"))
+    merge_fp, _ = _committed_merge(store, tmp_path)
+    fp = run_export(store, synthetic_config(), merge_fp)
+    written = set(store.ls(f"exports/{fp}"))
+    # thumbs/ holds only overlays larger than a card (none here: the images are 24x40)
+    assert written == named - {"thumbs"}, (written, named)
+    assert set(store.read_json(f"exports/{fp}/export.json")["files"].values()) - {None} <= {
+        n if "." in n else f"{n}/" for n in named
+    }
+
+
+def test_a_gallery_image_gone_since_the_model_stages_costs_only_its_overlay(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    merge_fp, scenes = _committed_merge(store, tmp_path)
+    (tmp_path / "second.png").unlink()
+    fp = run_export(store, synthetic_config(), merge_fp)  # the export completes
+    base = f"exports/{fp}"
+    np.testing.assert_array_equal(
+        read_png(store, f"{base}/labels/second.png"), scenes["second"].truth
+    )
+    assert store.exists(f"{base}/overlays/first.jpg")
+    assert not store.exists(f"{base}/overlays/second.jpg")
+    errors = pq.read_table(io.BytesIO(store.read_bytes(f"{base}/errors.parquet"))).to_pylist()
+    gone = [e for e in errors if e["stage"] == "export"]
+    assert [(e["uri"], e["error_type"]) for e in gone] == [
+        (str(tmp_path / "second.png"), "overlay")
+    ]
+    assert "FileNotFoundError" in gone[0]["message"]
+    page = store.read_bytes(f"{base}/gallery.html").decode()
+    assert "overlays/second.jpg" not in page and "overlays/first.jpg" in page
+
+
+def test_an_export_killed_in_its_last_write_leaves_no_temp_file_after_the_rerun(
+    tmp_path, monkeypatch
+):
+    import fmbseg.storage.files as files
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    merge_fp, _ = _committed_merge(store, tmp_path)
+    cfg = synthetic_config()
+    replace = files.os.replace
+
+    def killed(src, dst):
+        if str(dst).endswith("export.json"):
+            raise KeyboardInterrupt  # the process stops between writing and renaming
+        replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_export(store, cfg, merge_fp)
+    base = tmp_path / "store" / "exports"
+    assert [p.name.split(".tmp-")[0] for p in base.rglob("*.tmp-*")] == ["export.json"]
+    monkeypatch.setattr(files.os, "replace", replace)
+    fp = run_export(store, cfg, merge_fp)
+    assert list(base.rglob("*.tmp-*")) == []
+    assert store.read_json(f"exports/{fp}/export.json")["images"] == 3

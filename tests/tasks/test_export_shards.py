@@ -1,5 +1,5 @@
-"""Export fans out over merge's shards: names, COCO ids and the gallery stay global, the
-driver never loads the whole merge output, and a failed shard resumes alone."""
+"""Export fans out over the index's and merge's shards: names, COCO ids and the gallery stay
+global, the driver never loads the whole merge output, and a failed shard resumes alone."""
 
 from __future__ import annotations
 
@@ -19,19 +19,27 @@ from fmbseg.storage.records import (
     mask_row,
 )
 from fmbseg.tasks import export as export_mod
-from fmbseg.tasks.export import EXPORT_SCHEMA, coco_dataset, image_names, run_export
+from fmbseg.tasks.export import EXPORT_SCHEMA, image_names, run_export
+from fmbseg.tasks.export_coco import candidate_annotations, coco_dataset
 from fmbseg.tasks.runner import StageError
 from tests.synthetic import VOCAB, make_scene, synthetic_config
+from tests.tasks.export_helpers import check_semantic_coco, commit_index, read_png
 
-# shard -> images (folder, stem); shard 1 has no masks at all, only an error row
+# pycocotools' own decode trips a numpy-2 deprecation; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+# shard -> images (folder, stem); shard 1 has no masks at all, only an image without them
 SHARDS = {0: [("x", "cat"), ("x", "dog")], 1: [], 2: [("y", "cat"), ("y", "emu")]}
 
 
 def _merge(store: ArtifactStore, tmp_path) -> dict[str, np.ndarray]:
-    """A committed 3-shard merge output; returns image id -> its true label map."""
+    """A committed 3-shard index and merge output; each shard also holds an image without
+    masks (``gone/{shard}.png``, 8x6); returns image id -> its true label map."""
     truths = {}
+    index = []
     for shard, images in SHARDS.items():
         rows = []
+        index.append([])
         for folder, stem in images:
             seed = len(truths)
             scene = make_scene(seed, 24, 40)
@@ -40,6 +48,7 @@ def _merge(store: ArtifactStore, tmp_path) -> dict[str, np.ndarray]:
             Image.fromarray(scene.image).save(path)
             image_id = f"{seed}{folder}{stem}-0123456789"
             truths[image_id] = scene.truth
+            index[-1].append((image_id, str(path), 40, 24))
             rows += [
                 mask_row(
                     scene.truth == k,
@@ -54,11 +63,12 @@ def _merge(store: ArtifactStore, tmp_path) -> dict[str, np.ndarray]:
                 for k in np.unique(scene.truth)
             ]
         records = MaskRecords.from_rows(rows) if rows else MaskRecords.empty()
-        errors = errors_table(
-            [error_row(f"gone-{shard}", f"/gone/{shard}.png", "merge", "no_masks", "none")]
-        )
+        gone = str(tmp_path / "gone" / f"{shard}.png")
+        index[-1].append((f"gone-{shard}", gone, 8, 6))
+        errors = errors_table([error_row(f"gone-{shard}", gone, "merge", "no_masks", "none")])
         store.write_shard("merge", "m1", shard, records.table, errors)
-    store.commit("merge", "m1", len(SHARDS), meta={"vocabulary": list(VOCAB)})
+    commit_index(store, "i1", index, str(tmp_path))
+    store.commit("merge", "m1", len(SHARDS), meta={"vocabulary": list(VOCAB), "index": "i1"})
     return truths
 
 
@@ -88,41 +98,54 @@ def test_export_runs_per_merge_shard_with_global_names_ids_and_gallery(
     assert seen[-1] == (3, 3)  # progress counts merge shards
 
     rows = store.manifest("export", fp)  # the per-shard rows, committed like any stage
-    assert rows is not None and rows.num_shards == 3 and rows.rows == 4
-    assert [r.rows for r in rows.shards] == [2, 0, 2]
+    assert rows is not None and rows.num_shards == 3 and rows.rows == 7
+    assert [r.rows for r in rows.shards] == [3, 1, 3]
     table = no_whole_merge_reads(store, "export", fp)
     assert table.schema.equals(EXPORT_SCHEMA)
-    # stems collide across shards 0 and 2: both cats are disambiguated, globally
+    # stems collide across shards 0 and 2 only with their folders: x/cat and y/cat differ
     names = table.column("name").to_pylist()
     ids = table.column("image_id").to_pylist()
-    assert names == ["cat-0xcat-01", "dog", "cat-2ycat-01", "emu"]
-    assert table.column("gallery").to_pylist() == [True, True, True, False]
+    assert names == ["x/cat", "x/dog", "gone/0", "gone/1", "y/cat", "y/emu", "gone/2"]
+    assert table.column("file_name").to_pylist() == [f"{n}.png" for n in names]
+    assert table.column("status").to_pylist() == ["labelled"] * 2 + ["no_label"] * 2 + [
+        "labelled"
+    ] * 2 + ["no_label"]
+    assert table.column("gallery").to_pylist() == [True, True, False, False, True, False, False]
     for image_id, name in zip(ids, names, strict=True):
-        png = Image.open(io.BytesIO(store.read_bytes(f"{base}/labels/{name}.png")))
-        np.testing.assert_array_equal(np.asarray(png), truths[image_id])
+        png = read_png(store, f"{base}/labels/{name}.png")
+        np.testing.assert_array_equal(png, truths.get(image_id, np.full((6, 8), 255)))
         assert not store.exists(f"{base}/thumbs/{name}.jpg")  # small: its overlay is its card
-        assert store.exists(f"{base}/overlays/{name}.jpg") == (name != "emu")
+        assert store.exists(f"{base}/overlays/{name}.jpg") == (name in names[:2] + names[4:5])
 
-    # the streamed COCO file is byte-for-byte the one built from all records at once
+    coco = check_semantic_coco(store, base, tmp_path)
+    assert [i["id"] for i in coco.dataset["images"]] == list(range(1, 8))
+    assert [i["fmbseg_image_id"] for i in coco.dataset["images"]] == ids
+    # the streamed candidates file is byte-for-byte the one built from all records at once
     merged = MaskRecords(no_whole_merge_reads(store, "merge", "m1"))
-    uris = [merged.for_image(i).table.column("image_uri")[0].as_py() for i in ids]
-    assert image_names(uris, ids) == names
-    whole = coco_dataset(merged, VOCAB, dict(zip(ids, names, strict=True)))
-    assert store.read_bytes(f"{base}/annotations.json") == json.dumps(whole).encode()
+    coco_ids = {image_id: n for n, image_id in enumerate(ids, start=1)}
+    whole = coco_dataset(
+        "candidates",
+        coco.dataset["images"],
+        candidate_annotations(merged.table, coco_ids, 1),
+        VOCAB,
+    )
+    assert store.read_bytes(f"{base}/candidates.json") == json.dumps(whole).encode()
+    uris = table.column("uri").to_pylist()
+    assert image_names([u[len(str(tmp_path)) + 1 :] for u in uris], ids) == names
 
     records_file = pq.ParquetFile(io.BytesIO(store.read_bytes(f"{base}/records.parquet")))
     assert records_file.read().equals(merged.table)
     assert records_file.metadata.num_row_groups == 1  # not one per merge shard
     errors = pq.read_table(io.BytesIO(store.read_bytes(f"{base}/errors.parquet")))
-    assert errors.column("image_id").to_pylist() == ["gone-0", "gone-1", "gone-2"]
+    assert errors.num_rows == 0  # images without masks are results, not failures
     page = store.read_bytes(f"{base}/gallery.html").decode()
-    cards = [page.index(f'src="overlays/{n}.jpg"') for n in names[:3]]
-    assert cards == sorted(cards) and "overlays/emu.jpg" not in page
+    cards = [page.index(f'src="overlays/{n}.jpg"') for n in ("x/cat", "x/dog", "y/cat")]
+    assert cards == sorted(cards) and "overlays/y/emu.jpg" not in page
     assert "showing 3 of 4 labelled images" in page
-    assert "Images without masks (3)" in page
+    assert "Failed inputs" not in page
     summary = store.read_json(f"{base}/export.json")
-    assert (summary["images"], summary["masks"], summary["images_without_masks"]) == (
-        4,
+    assert (summary["images"], summary["masks"], summary["no_confident_label"]) == (
+        7,
         len(merged),
         3,
     )
@@ -162,7 +185,7 @@ def test_a_failed_export_shard_resumes_without_redoing_committed_ones(
     _merge(fresh, tmp_path)
     monkeypatch.setattr(export_mod.ExportWorker, "process", process)
     assert run_export(fresh, cfg, "m1") == fp
-    for rel in ("annotations.json", "gallery.html", "labels/cat-2ycat-01.png"):
+    for rel in ("annotations.json", "gallery.html", "labels/y/cat.png"):
         assert store.read_bytes(f"exports/{fp}/{rel}") == fresh.read_bytes(f"exports/{fp}/{rel}")
 
 
@@ -175,31 +198,33 @@ def test_a_failed_file_write_fails_its_shard_before_the_receipt(tmp_path, monkey
     write_bytes = ArtifactStore.write_bytes
 
     def failing(self, rel, data):
-        if rel.endswith("/overlays/cat-2ycat-01.jpg"):
+        if rel.endswith("/overlays/y/cat.jpg"):
             raise OSError(f"no space left writing {rel}")
         write_bytes(self, rel, data)
 
     monkeypatch.setattr(ArtifactStore, "write_bytes", failing)
-    with pytest.raises(StageError, match=r"shard 2 failed: OSError: no space left .*cat-2ycat-01"):
+    with pytest.raises(StageError, match=r"shard 2 failed: OSError: no space left .*y/cat.jpg"):
         run_export(store, cfg, "m1")
     fp = export_mod.stage_fingerprint("export", cfg, {"merge": "m1"})
     assert sorted(store.shard_receipts("export", fp)) == [0, 1]  # shard 2 is redone on rerun
     monkeypatch.setattr(ArtifactStore, "write_bytes", write_bytes)
     assert run_export(store, cfg, "m1") == fp
-    assert store.exists(f"exports/{fp}/overlays/cat-2ycat-01.jpg")
+    assert store.exists(f"exports/{fp}/overlays/y/cat.jpg")
 
 
-def test_an_empty_merge_exports_valid_empty_files(tmp_path):
+def test_an_empty_merge_exports_every_image_with_an_all_ignore_map(tmp_path):
     store = ArtifactStore(str(tmp_path / "store"))
-    errors = errors_table([error_row("a", "/a.png", "merge", "no_masks", "-")])
+    commit_index(store, "i0", [[("a", str(tmp_path / "a.png"), 5, 3)]], str(tmp_path))
+    errors = errors_table([error_row("a", str(tmp_path / "a.png"), "merge", "no_masks", "-")])
     store.write_shard("merge", "m0", 0, MaskRecords.empty().table, errors)
-    store.commit("merge", "m0", 1, meta={"vocabulary": ["a", "b"]})
+    store.commit("merge", "m0", 1, meta={"vocabulary": ["a", "b"], "index": "i0"})
     fp = run_export(store, synthetic_config(), "m0")
-    coco = store.read_bytes(f"exports/{fp}/annotations.json")
-    assert coco == json.dumps(coco_dataset(MaskRecords.empty(), ["a", "b"], {})).encode()
+    coco = check_semantic_coco(store, f"exports/{fp}", tmp_path)
+    assert [i["file_name"] for i in coco.dataset["images"]] == ["a.png"]
+    assert coco.dataset["annotations"] == []
     records = pq.read_table(io.BytesIO(store.read_bytes(f"exports/{fp}/records.parquet")))
     assert records.num_rows == 0 and records.schema.names == MaskRecords.empty().table.column_names
-    assert store.read_json(f"exports/{fp}/export.json")["images_without_masks"] == 1
+    assert store.read_json(f"exports/{fp}/export.json")["no_confident_label"] == 1
 
 
 def test_open_write_publishes_the_file_only_when_the_block_succeeds(any_store):
@@ -237,4 +262,20 @@ def test_an_export_killed_while_writing_files_redoes_only_the_files(tmp_path, mo
     monkeypatch.setattr(export_mod, "plan_export", never)
     monkeypatch.setattr(export_mod.ExportWorker, "__init__", never)
     assert run_export(store, cfg, "m1") == fp
-    assert store.read_json(f"exports/{fp}/export.json")["images"] == 4
+    assert store.read_json(f"exports/{fp}/export.json")["images"] == 7
+
+
+def test_an_index_shard_of_only_failed_files_exports_its_errors(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    bad = error_row(None, str(tmp_path / "b.jpg"), "index", "not_an_image", "text")
+    rows = [[("a", str(tmp_path / "a.png"), 5, 3)], []]
+    commit_index(store, "i2", rows, str(tmp_path), [[], [bad]])
+    no_mask = error_row("a", str(tmp_path / "a.png"), "merge", "no_class_present", "-")
+    store.write_shard("merge", "m2", 0, MaskRecords.empty().table, errors_table([no_mask]))
+    store.write_shard("merge", "m2", 1, MaskRecords.empty().table, errors_table([]))
+    store.commit("merge", "m2", 2, meta={"vocabulary": ["a"], "index": "i2"})
+    fp = run_export(store, synthetic_config(), "m2")
+    coco = check_semantic_coco(store, f"exports/{fp}", tmp_path)
+    assert [i["status"] for i in coco.dataset["images"]] == ["no_label"]
+    errors = pq.read_table(io.BytesIO(store.read_bytes(f"exports/{fp}/errors.parquet")))
+    assert errors.column("error_type").to_pylist() == ["not_an_image"]

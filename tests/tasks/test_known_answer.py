@@ -9,10 +9,12 @@ between them: windows, stitching, grid -> pixel mapping, point order, labels, me
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -178,6 +180,21 @@ def test_failing_images_become_error_rows_and_the_rest_commits(tmp_path, monkeyp
     }
     sources = merged.filter(pc.equal(merged["image_id"], ids["scene-0003.png"]))["source"]
     assert set(sources.to_pylist()) == {"prompt"}  # its prompt masks survive the SAM failure
+    # the export: every indexed image, and one errors table naming each stage's failures
+    base = f"exports/{fps['export']}"
+    errors = pq.read_table(io.BytesIO(store.read_bytes(f"{base}/errors.parquet"))).to_pylist()
+    assert sorted((e["image_id"], e["stage"], e["error_type"]) for e in errors) == sorted(
+        [
+            (ids["scene-0001.png"], "clip_dense", "FileNotFoundError"),
+            (ids["blank.png"], "clip_dense", "ValueError"),
+            (ids["scene-0003.png"], "sam_auto", "RuntimeError"),
+        ]
+    )
+    coco = json.loads(store.read_bytes(f"{base}/annotations.json"))
+    status = {i["fmbseg_image_id"]: i["status"] for i in coco["images"]}
+    assert len(status) == len(ids)
+    assert status[ids["scene-0001.png"]] == status[ids["blank.png"]] == "failed"
+    assert status[ids["scene-0003.png"]] == "labelled"
 
 
 def test_images_with_no_present_class_yield_reasons_not_crashes(tmp_path):
@@ -190,4 +207,10 @@ def test_images_with_no_present_class_yield_reasons_not_crashes(tmp_path):
         assert set(_errors(store, stage, fps[stage]).values()) == {"no_class_present"}
         assert store.require_manifest(stage, fps[stage]).rows == 0
     summary = store.read_json(f"exports/{fps['export']}/export.json")
-    assert summary["masks"] == 0 and summary["images_without_masks"] == 3
+    assert summary["masks"] == 0 and summary["no_confident_label"] == 3
+    assert summary["images"] == 3 and summary["errors"] == 0  # a result, not a failure
+    for name in ("scene-0000", "scene-0001", "scene-0002"):  # exported as all-ignore maps
+        label = Image.open(
+            io.BytesIO(store.read_bytes(f"exports/{fps['export']}/labels/{name}.png"))
+        )
+        assert set(np.unique(np.asarray(label)).tolist()) == {255}

@@ -1,0 +1,110 @@
+"""Peak memory of decoding one very large image: the index's check and an overlay's decode.
+
+A 13000 x 13000 PNG (highly compressible, so the file is small; the decoder still makes
+every pixel) and the same size as a JPEG. Each path runs in a fresh Python process that
+first reads the file's bytes; the figure is the growth of that process's peak RSS over a
+process that only read the bytes, i.e. what the decode itself needs:
+
+    index check, before      decode_image: the RGB array (PIL's buffer + numpy's copy);
+                             also what a full-size overlay decode needs
+    index check, now         check_image: PIL's buffer in the file's mode (a JPEG's at
+                             1/8 scale, its whole stream still decoded), nothing kept
+    overlay decode, reduced  decode_image(max_side=2048): JPEG DCT scaling, else reduce
+
+One run on the 2-core dev box (MiB over a process that only read the file): PNG 1614 ->
+645 (check), 663 (reduced overlay); JPEG 1493 -> ~0 (check), ~0 (reduced: decoded at 1/4).
+
+Run: ``python bench/decode_memory.py [--side 13000]``. The index also bounds how much its
+reader threads decode at once (``fmbseg.tasks.index.DECODE_BUDGET``): a worker's peak is
+about ``max(budget, the largest image)``, not ``READERS`` times the largest image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+CHILD = """
+import resource, sys
+from fmbseg.data.images import check_image, decode_image
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+what = sys.argv[2]
+if what == "read":
+    shape = None
+elif what == "check":
+    shape = check_image(data, max_pixels=None)
+elif what == "decode":
+    shape = decode_image(data).shape
+else:
+    shape = decode_image(data, max_side=int(what)).shape
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(after, shape)
+"""
+
+
+def png_rgb(side: int) -> bytes:
+    """A valid ``side x side`` RGB PNG of one colour, compressed as it is written."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    row = b"\0" + bytes([90, 140, 200]) * side
+    z = zlib.compressobj(9)
+    body = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def jpeg_rgb(side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 140, 200)).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def peak_kib(path: Path, what: str) -> tuple[int, str]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), what],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    kib, shape = out.stdout.split(" ", 1)
+    return int(kib), shape.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", type=int, default=13000)
+    args = parser.parse_args()
+    side = args.side
+    print(f"decoding one {side}x{side} image ({side * side * 3 / 2**20:.0f} MiB as RGB)")
+    print(f"{'file':6} {'path':26} {'peak MiB':>9} {'shape':>22}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt, make in (("PNG", png_rgb), ("JPEG", jpeg_rgb)):
+            path = Path(tmp) / f"big.{fmt.lower()}"
+            path.write_bytes(make(side))
+            base, _ = peak_kib(path, "read")
+            rows = [
+                ("index check, before", "decode"),
+                ("index check, now", "check"),
+                ("overlay decode, reduced", "2048"),
+            ]
+            for label, what in rows:
+                kib, shape = peak_kib(path, what)
+                print(f"{fmt:6} {label:26} {(kib - base) / 1024:9.0f} {shape:>22}")
+            print(f"{'':6} (file: {path.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
