@@ -42,7 +42,7 @@ T = TypeVar("T")
 VOCABULARY_KEY = "vocabulary"  # manifest meta key holding the run's class names
 
 CODE_VERSIONS = {  # bump when a stage's output format or meaning changes
-    "clip_dense": "1",
+    "clip_dense": "2",  # 2: plain bicubic positional-embedding resize (issue 17)
     "sam_prompt": "1",
     "sam_auto": "1",
     "merge": "1",
