@@ -7,8 +7,9 @@ Per image (``HxWx3 uint8``, truth ``HxW``):
    including its rounding ``int(side * scale + 0.5)``;
 2. normalise with the predictor's own mean/std and slide a ``window`` square with ``stride``
    over it exactly as mmseg's ``slide_inference`` does (the last window in each direction is
-   shifted back to end at the border; a window larger than the image is zero-padded, in
-   normalised space, and its scores cropped);
+   shifted back to end at the border; where the image is smaller than the window along a
+   side, the crop is the whole side, fed to the predictor unpadded at its own size, as
+   mmseg's ``crop_img = img[:, :, y1:y2, x1:x2]`` is);
 3. average the window scores where windows overlap;
 4. resize the scores bilinearly to the label size, then argmax.
 
@@ -175,22 +176,23 @@ def sliding_window_scores(
     """
     _, h, w = image.shape
     boxes = window_boxes(h, w, window, stride)
+    # Every box is min(h, window) x min(w, window) (window_boxes' y1 = max(y2 - window, 0)),
+    # so the crops of a batch stack without padding.
     total: torch.Tensor | None = None
     count = torch.zeros((1, h, w), device=image.device)
     for start in range(0, len(boxes), batch_size):
         batch = boxes[start : start + batch_size]
-        crops = image.new_zeros((len(batch), 3, window, window))
-        for j, (y1, y2, x1, x2) in enumerate(batch):
-            crops[j, :, : y2 - y1, : x2 - x1] = image[:, y1:y2, x1:x2]
+        crops = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in batch])
         scores = predictor.scores(crops, text)
         if (
             scores.ndim != 4
             or scores.shape[0] != len(batch)
-            or scores.shape[-2:] != (window, window)
+            or scores.shape[-2:] != crops.shape[-2:]
         ):
+            ch, cw = crops.shape[-2:]
             raise ValueError(
                 f"{type(predictor).__name__}.scores returned shape {tuple(scores.shape)} for "
-                f"windows {tuple(crops.shape)}; expected ({len(batch)}, K, {window}, {window})"
+                f"windows {tuple(crops.shape)}; expected ({len(batch)}, K, {ch}, {cw})"
             )
         scores = scores.to(image.device, torch.float32)
         if transform is not None:
@@ -198,7 +200,7 @@ def sliding_window_scores(
         if total is None:
             total = image.new_zeros((scores.shape[1], h, w))
         for j, (y1, y2, x1, x2) in enumerate(batch):
-            total[:, y1:y2, x1:x2] += scores[j, :, : y2 - y1, : x2 - x1]
+            total[:, y1:y2, x1:x2] += scores[j]
             count[:, y1:y2, x1:x2] += 1
     assert total is not None  # window_boxes never returns an empty list
     return total.div_(count)  # in place: a second (C, H, W) buffer costs more than the math

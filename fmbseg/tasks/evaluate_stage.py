@@ -48,7 +48,7 @@ from fmbseg.tasks.predictors import Predictor
 from fmbseg.tasks.runner import Progress, errors_table, plan_shards, run_stage
 
 STAGE = "evaluate"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: unpadded windows on images smaller than a window (mmseg)
 BASELINES = ("maskclip", "sclip")
 RECORD_SCHEMA = pa.schema(
     [
