@@ -110,6 +110,19 @@ class SamAutoConfig:
     box_nms_thresh: float = 0.7
     min_mask_region_area: int = 100  # pixels
     max_area_fraction: float = 0.95  # drop masks covering more of the image than this
+    # SAM's labelling setting: 1 layer of 2x2 zoomed crops (each embedded again, so ~5x
+    # the encoder passes), which finds small objects; 0 = the whole image only
+    crop_n_layers: int = 1
+    crop_n_points_downscale_factor: int = 2  # layer i's points per side: /factor**i
+
+    def __post_init__(self) -> None:
+        if self.crop_n_layers < 0:
+            raise ConfigError(f"sam_auto.crop_n_layers must be >= 0, got {self.crop_n_layers}")
+        if self.crop_n_points_downscale_factor < 1:
+            raise ConfigError(
+                "sam_auto.crop_n_points_downscale_factor must be >= 1, got "
+                f"{self.crop_n_points_downscale_factor}"
+            )
 
 
 @dataclass(frozen=True)
