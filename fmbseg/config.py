@@ -131,6 +131,10 @@ class MergeConfig:
 
     auto_fraction: float = 0.5  # fraction of stage-1.2 masks kept (ours)
     seed: int = 0
+    # which mask wins a pixel several cover (fmbseg.storage.records.paint_order): area =
+    # smaller over larger (ours); prompt_first = stage-1.1 masks over stage-1.2 ones;
+    # fill_unlabelled = stage-1.2 masks only fill pixels no mask labelled, by SAM's IoU
+    order: Literal["area", "prompt_first", "fill_unlabelled"] = "area"
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from fmbseg.storage.records import IGNORE, LABEL_COLUMNS, compose_rows, rows_by_
 from fmbseg.tasks.export_coco import coco_dataset, first_rows
 from fmbseg.tasks.export_files import write_export_files
 from fmbseg.tasks.gallery import THUMB_SIDE, class_colours, has_thumb, jpeg, label_png, overlay
+from fmbseg.tasks.merge import ORDER_KEY
 from fmbseg.tasks.runner import Progress, run_stage
 from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
@@ -142,6 +143,7 @@ class ExportWorker(ImageShardWorker):
         # the shard's columns as Python lists once, not a slice and conversions per image
         cols = {n: table.column(n).to_pylist() for n in (*LABEL_COLUMNS, "image_uri")}
         by_image = rows_by_image(table)
+        order = self.upstream.manifest("merge", spec["merge"]).meta.get(ORDER_KEY, "area")
         uris = cols["image_uri"]
         shown = _gallery_uris(uris, {i: r[0] for i, r in by_image.items()}, spec["gallery"])
         rows: list[dict[str, Any]] = []
@@ -169,7 +171,8 @@ class ExportWorker(ImageShardWorker):
                     "prompt_masks": sources["prompt"], "auto_masks": sources["auto"],
                     "gallery": n < len(shown),
                 }  # fmt: skip
-                jobs.submit(row, functools.partial(self._export_image, name, cols, r, h, w, image))
+                job = functools.partial(self._export_image, name, cols, r, h, w, image, order)
+                jobs.submit(row, job)
         jobs.drain()  # every file of the shard is written before its receipt
         return pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), None
 
@@ -181,9 +184,11 @@ class ExportWorker(ImageShardWorker):
         h: int,
         w: int,
         image: np.ndarray | None,
+        order: str = "area",
     ) -> list[int]:
-        """Compose one image's label map, write its files; its class ids, ascending."""
-        label = compose_rows(cols, r, h, w)
+        """Compose one image's label map (painted in the merge's ``order``), write its
+        files; its class ids, ascending."""
+        label = compose_rows(cols, r, h, w, order)
         if self.cfg.export.png:
             self._write_label(name, label)
         if image is not None:

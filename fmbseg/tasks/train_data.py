@@ -91,8 +91,9 @@ class _ComposeJob(Dataset):
         input_size: int,
         patch_size: int,
         min_fraction: float,
+        order: str = "area",
     ) -> None:
-        self.records, self.bounds = records, bounds
+        self.records, self.bounds, self.order = records, bounds, order
         self.args = (input_size, patch_size, min_fraction)
 
     def __len__(self) -> int:
@@ -102,7 +103,8 @@ class _ComposeJob(Dataset):
         start, stop = int(self.bounds[i]), int(self.bounds[i + 1])
         part = self.records.slice(start, stop - start)
         h, w = part.column("height")[0].as_py(), part.column("width")[0].as_py()
-        return patch_labels(compose_label_map(part, h, w), *self.args).astype(np.int16)
+        label = compose_label_map(part, h, w, self.order)
+        return patch_labels(label, *self.args).astype(np.int16)
 
 
 def labelled_images(
@@ -113,19 +115,21 @@ def labelled_images(
     min_fraction: float,
     num_workers: int = 0,
     all_image_ids: Sequence[str] | None = None,
+    order: str = "area",
 ) -> LabelledImages:
     """Patch labels of every image in ``records`` (merge-stage rows, several per image).
 
     ``all_image_ids``: the images the label set covers (the index), to count those that got
     no mask at all among the images without labels. Label maps are composed in
-    ``num_workers`` DataLoader processes (0 = in this process).
+    ``num_workers`` DataLoader processes (0 = in this process), painted in ``order`` (the
+    merge output's ``merge.order``).
     """
     check_categories(records, names, "pseudo-labels")
     records = records.sort_by([("image_id", "ascending")])
     ids = records.column("image_id").to_numpy(zero_copy_only=False)
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, int)
     bounds = np.r_[starts, len(ids)].astype(np.int64)
-    job = _ComposeJob(records, bounds, input_size, patch_size, min_fraction)
+    job = _ComposeJob(records, bounds, input_size, patch_size, min_fraction, order)
     loader = DataLoader(job, batch_size=None, num_workers=num_workers)
     per_image = [np.asarray(x) for x in loader]
     grid = (input_size // patch_size) ** 2
