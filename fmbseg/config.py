@@ -184,7 +184,9 @@ class EvaluateConfig:
     background_score: float = 0.5  # for background == "constant"
     batch_size: int = 8
     max_long_side: int = 2048  # TCL/mmseg Resize img_scale=(2048, short_side), keep_ratio
-    background_names: str = "coco-stuff-background"  # vocabulary of stuff names (paper's bg)
+    # stuff names prompted as background (stuff_names): clean = ours, promptable
+    # ("brick wall"); raw = COCO-Stuff's own ("wall-brick"), as the module was trained on
+    background_names: Literal["clean", "raw"] = "clean"
     mask_center: float = 0.25  # constant bg: soft mask sigmoid((cos - center) * scale), TCL's
     mask_scale: float = 10.0  # kp-branch values; makes cosines comparable to the 0.5 constant
 

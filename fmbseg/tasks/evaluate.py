@@ -17,7 +17,9 @@ Background, for datasets that have a background class (VOC21, Context60, COCO-Ob
 
 - ``"stuff_names"`` (the paper's): COCO-Stuff's stuff names are prompted as extra classes
   and pixels won by any of them are background. Stuff names equal to one of the dataset's
-  classes are left out (ours).
+  classes are left out (ours). ``background_names`` picks the names: ``clean`` (ours,
+  promptable: ``brick wall``) or ``raw`` (COCO-Stuff's own, ``wall-brick``, as the
+  alignment module was trained on them).
 - ``"constant"`` (TCL's, ``TCLSegInference.encode_decode`` in kakaobrain/tcl): a constant
   ``background_score`` (0.5) channel is concatenated *before* the class channels of each
   window. TCL's class channels are soft masks in [0, 1] -- sigmoid outputs of its masker,
@@ -48,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from fmbseg.config import Config, EvaluateConfig
+from fmbseg.data.datasets import dataset_description
 from fmbseg.data.vocab import stuff_background_names
 from fmbseg.tasks.metrics import ConfusionMatrix
 from fmbseg.tasks.predictors import Predictor
@@ -89,6 +92,7 @@ class PromptPlan:
     channel_class: tuple[int, ...]
     constant: float | None = None
     background_mode: str | None = None
+    background_names: str | None = None  # "clean" | "raw" with stuff-name backgrounds
 
     def lut(self) -> np.ndarray:
         return np.asarray(self.channel_class, dtype=np.uint8)
@@ -108,8 +112,9 @@ def plan_prompts(
     fg_names = tuple(classes[i] for i in fg)
     if ev.background == "constant":
         return PromptPlan(fg_names, (background, *fg), ev.background_score, "constant")
-    stuff = stuff_background_names(exclude=classes, name=ev.background_names)
-    return PromptPlan(fg_names + stuff, (*fg, *([background] * len(stuff))), None, "stuff_names")
+    stuff = stuff_background_names(exclude=classes, names=ev.background_names)
+    channels = (*fg, *([background] * len(stuff)))
+    return PromptPlan(fg_names + stuff, channels, None, "stuff_names", ev.background_names)
 
 
 # ---- geometry ---------------------------------------------------------------------------------
@@ -328,9 +333,11 @@ def evaluate_dataset(
 ) -> dict[str, Any]:
     """Evaluate ``predictor`` on ``dataset`` -> report dict.
 
-    Keys: ``dataset``, ``num_images``, ``mIoU``/``mAcc``/``aAcc`` (fractions), ``per_class``
-    (class, IoU, Acc, pixels), ``confusion`` (``ConfusionMatrix.to_dict``), the protocol
-    (``background``, ``prompt_names``, ``templates``, sizes) and timing.
+    Keys: ``dataset``, ``dataset_description`` (which variant: "COCO-Object val, 80 things
+    only, background pixels ignored"), ``num_images``, ``mIoU``/``mAcc``/``aAcc``
+    (fractions), ``per_class`` (class, IoU, Acc, pixels), ``confusion``
+    (``ConfusionMatrix.to_dict``), the protocol (``background``, ``background_names``,
+    ``prompt_names``, ``templates``, sizes) and timing.
     """
     ev = evaluate_config(cfg)
     plan = plan_prompts(dataset.classes, dataset.background, ev)
@@ -338,11 +345,14 @@ def evaluate_dataset(
     cm = accumulate(predictor, dataset, ev, limit, progress)
     seconds = time.perf_counter() - start
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    name = getattr(dataset, "name", type(dataset).__name__)
     return {
-        "dataset": getattr(dataset, "name", type(dataset).__name__),
+        "dataset": name,
+        "dataset_description": dataset_description(name),
         "num_images": n,
         **metrics_report(cm, dataset.classes),
         "background": plan.background_mode,
+        "background_names": plan.background_names,
         "prompt_names": list(plan.names),
         "templates": list(ev.templates),
         "protocol": {
@@ -365,8 +375,14 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"{report.get('dataset', '?')}: {report.get('num_images', '?')} images, "
         f"mIoU {pct(report['mIoU'])}  mAcc {pct(report['mAcc'])}  aAcc {pct(report['aAcc'])}",
-        f"{'class':<24}{'IoU':>8}{'Acc':>8}",
     ]
+    if report.get("dataset_description"):  # which variant (COCO-Object 80 vs 81, ...)
+        lines.append(f"  {report['dataset_description']}")
+    if report.get("background"):
+        names = report.get("background_names")
+        names = f", {names} COCO-Stuff names" if names else ""
+        lines.append(f"  background: {report['background']}{names}")
+    lines.append(f"{'class':<24}{'IoU':>8}{'Acc':>8}")
     for row in report["per_class"]:
         lines.append(f"{row['class'][:23]:<24}{pct(row['IoU']):>8}{pct(row['Acc']):>8}")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fmbseg.config import Config
-from fmbseg.data.datasets import DatasetError, SegDataset, open_dataset
+from fmbseg.data.datasets import DatasetError, SegDataset, dataset_description, open_dataset
 from fmbseg.storage.fingerprint import content_hash, fingerprint
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.label_quality import VARIANTS, pseudo_label_quality, quality_report
@@ -183,7 +183,8 @@ def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]
             for v in VARIANTS:
                 cms[v].merge(ConfusionMatrix.from_dict(json.loads(row[v])))
     return {
-        "dataset": ds.name, "data_root": plan.data_root, "limit": plan.limit,
+        "dataset": ds.name, "dataset_description": dataset_description(ds.name),
+        "data_root": plan.data_root, "limit": plan.limit,
         "model": f"labels:{plan.merge_fp}", "labels": plan.merge_fp,
         "merge_order": merge_order(store, plan.merge_fp),
         "fingerprint": plan.fingerprint, "num_images": images,

@@ -101,6 +101,40 @@ def test_image_smaller_than_a_window_is_cut_unpadded_as_mmseg_does():
     assert [tuple(w.shape) for w in pred.windows] == [(3, 10, 12)]
 
 
+def test_background_names_clean_or_raw_and_the_report_says_which():
+    classes = ("background", "cat", "dog")
+    clean = plan_prompts(classes, 0, CFG)
+    raw_cfg = EvaluateConfig(short_side=30, window=16, stride=8, background_names="raw")
+    raw = plan_prompts(classes, 0, raw_cfg)
+    assert clean.names[:2] == raw.names[:2] == ("cat", "dog")
+    assert "building" in clean.names and "building-other" not in clean.names
+    assert "building-other" in raw.names and "building" not in raw.names
+    assert len(raw.names) == len(clean.names) == 2 + 91
+    assert (clean.background_names, raw.background_names) == ("clean", "raw")
+    with pytest.raises(Exception, match="'tidy' is not one of"):
+        load_config("tiny", ["evaluate.background_names=tidy"])
+
+
+def _scene_item() -> tuple[str, np.ndarray, np.ndarray]:
+    img, who, _ = colour_scene(0)
+    return "s0", img, np.vectorize({"sky": 255, "cat": 0, "dog": 1}.get)(who).astype(np.uint8)
+
+
+def test_report_names_the_coco_object_variant():
+    ds = ListDataset("coco-object-80", ("cat", "dog"), [_scene_item()])
+    report = evaluate_dataset(ColourPredictor(), ds, CFG)
+    assert report["dataset_description"] == (
+        "COCO-Object val, 80 things only, background pixels ignored"
+    )
+    assert report["background"] is None and report["background_names"] is None
+    text = format_report(report)
+    assert text.splitlines()[1] == "  COCO-Object val, 80 things only, background pixels ignored"
+    ds81 = ListDataset("coco-object-81", ("background", "cat", "dog"), [_scene_item()], 0)
+    text = format_report(evaluate_dataset(ColourPredictor(), ds81, CFG))
+    assert "  COCO-Object val, 80 things + background (81 classes)" in text
+    assert "  background: stuff_names, clean COCO-Stuff names" in text
+
+
 def test_windows_are_batched_and_square():
     pred = ColourPredictor()
     img, _, _ = colour_scene(0)

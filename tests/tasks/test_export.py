@@ -293,10 +293,18 @@ def test_export_paints_in_the_order_the_merge_was_made_with(tmp_path, order):
     big, small = np.zeros((10, 12), bool), np.zeros((10, 12), bool)
     big[0:8, 0:8], small[2:4, 2:4] = True, True
     rows = [
-        mask_row(m, image_id="id", image_uri=str(path), category_id=c, category=f"class{c}",
-                 source=s, score=0.9, fingerprint="fp")
+        mask_row(
+            m,
+            image_id="id",
+            image_uri=str(path),
+            category_id=c,
+            category=f"class{c}",
+            source=s,
+            score=0.9,
+            fingerprint="fp",
+        )
         for m, c, s in ((big, 1, "prompt"), (small, 2, "auto"))
-    ]  # fmt: skip
+    ]
     store = ArtifactStore(str(tmp_path / "store"))
     store.write_shard("merge", "m", 0, MaskRecords.from_rows(rows).table, None)
     meta = {"vocabulary": ["class0", "class1", "class2"]}
