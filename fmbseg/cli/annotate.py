@@ -13,6 +13,12 @@ IMAGES = Arg(
     help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list of URIs or COCO .json",
 )  # fmt: skip
 IMAGE_ROOT = Arg("--image-root", default=None, help="for COCO JSON: folder of the file_names")
+IMAGE_LABELS_HELP = (
+    "image-level tags that replace CLIP's presence vote: a COCO JSON (each image's "
+    "annotation categories), or a .parquet/.csv with an image column (file name relative to "
+    "the source root, or URI) and a names column; names must be in the vocabulary"
+)
+IMAGE_LABELS = Arg("--image-labels", default=None, metavar="FILE", help=IMAGE_LABELS_HELP)
 CLASSES = Arg("--classes", default=None, help='class names, comma-separated: "cat,dog,grass"')
 VOCAB = Arg(
     "--vocab", default=None,
@@ -52,11 +58,18 @@ def print_annotation_summary(summary: dict[str, Any]) -> None:
 @command(
     "annotate",
     "pseudo-label images for a list of classes with CLIP + SAM (COCO RLE, PNG, Parquet, gallery)",
-    IMAGES, CLASSES, VOCAB, IMAGE_ROOT,
+    IMAGES, CLASSES, VOCAB, IMAGE_ROOT, IMAGE_LABELS,
 )  # fmt: skip
 def cmd_annotate(args: argparse.Namespace, common: Common) -> int:
     vocabulary = vocabulary_from_args(args)
     check_source(args.images, common.storage_options)
+    if args.image_labels is not None:  # unknown names fail before any work
+        from fmbseg.data.image_labels import ImageLabelsError, load_image_labels
+
+        try:
+            load_image_labels(args.image_labels, vocabulary, common.storage_options)
+        except ImageLabelsError as exc:
+            raise UsageError(f"--image-labels: {exc}") from exc
     from fmbseg.flows.annotate import annotate_flow
 
     with progress_bars():
@@ -64,7 +77,7 @@ def cmd_annotate(args: argparse.Namespace, common: Common) -> int:
             images=args.images, store=common.store, classes=list(vocabulary),
             config=common.config, overrides=list(common.overrides),
             ray_address=common.ray_address, storage_options=common.storage_options or None,
-            image_root=args.image_root,
+            image_root=args.image_root, image_labels=args.image_labels,
         )  # fmt: skip
     print_annotation_summary(out["summary"])
     print(f"  merge fingerprint (for `fmbseg train --labels`): {out['fingerprints']['merge']}")

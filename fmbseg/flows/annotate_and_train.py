@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow
 
+from fmbseg.data.image_labels import load_image_labels
 from fmbseg.data.vocab import resolve_vocabulary
 from fmbseg.flows.annotate import annotate_flow
 from fmbseg.flows.common import (
@@ -71,17 +72,21 @@ def annotate_and_train_flow(
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
     image_root: str | None = None,
+    image_labels: str | None = None,
     eval_dataset: str | None = None,
     eval_data_root: str | None = None,
     eval_limit: int | None = None,
 ) -> dict[str, Any]:
     """Pseudo-label ``images`` for ``classes``/``vocab``, train the segmenter on them, and
     (with ``eval_dataset`` + ``eval_data_root``) evaluate it before deciding promotion.
+    ``image_labels``: image-level tags replacing CLIP's presence vote (``annotate_flow``).
 
     Returns ``{"fingerprints", "summary", "model", "evaluation"}``: where the labels, the
     gallery and the model are, and the promotion decision.
     """
     vocabulary = resolve_vocabulary(classes, vocab)  # bad names fail before any work
+    if image_labels is not None:  # unknown tag names too
+        load_image_labels(image_labels, vocabulary, storage_options)
     if (eval_dataset is None) != (eval_data_root is None):
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)  # config errors fail before any work
@@ -90,7 +95,12 @@ def annotate_and_train_flow(
         "storage_options": storage_options,
     }  # fmt: skip
     labels = annotate_flow(
-        images=images, store=store, classes=list(vocabulary), image_root=image_root, **common
+        images=images,
+        store=store,
+        classes=list(vocabulary),
+        image_root=image_root,
+        image_labels=image_labels,
+        **common,
     )
     model = train_flow(store=store, labels=labels["fingerprints"]["merge"], **common)
     st = open_store(store, storage_options)
