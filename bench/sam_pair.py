@@ -53,6 +53,7 @@ def main() -> None:
         points_per_side=args.points_per_side,
         pred_iou_thresh=0.0 if tiny else 0.86,
         stability_score_thresh=0.0 if tiny else 0.92,
+        crop_n_layers=0,  # the whole image: what the pair shares
     )
     seg = build_model(args.model, None, args.device, auto_config=auto)
     images = photos(args.images, (h, w))

@@ -117,6 +117,7 @@ def main() -> None:
         points_per_side=args.points_per_side,
         pred_iou_thresh=0.0 if keep_all else 0.86,
         stability_score_thresh=0.0 if keep_all else 0.92,
+        crop_n_layers=0,  # one whole-image pass: the post-processing per mask is the point
     )
     if args.stand_in is None:
         seg: Any = build_model(args.model, None, args.device, auto_config=auto_cfg)

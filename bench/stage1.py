@@ -119,6 +119,8 @@ class Reference:
             stability_score_thresh=a.stability_score_thresh,
             box_nms_thresh=a.box_nms_thresh,
             min_mask_region_area=a.min_mask_region_area,
+            crop_n_layers=a.crop_n_layers,
+            crop_n_points_downscale_factor=a.crop_n_points_downscale_factor,
             output_mode="binary_mask",
         )  # points_per_batch: the stock default (64)
 

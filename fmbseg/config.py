@@ -181,6 +181,10 @@ class SamAutoConfig(_Section):
     box_nms_thresh: Fraction = 0.7
     min_mask_region_area: NonNegInt = 100  # pixels
     max_area_fraction: PosFraction = 0.95  # drop masks covering more of the image than this
+    # SAM's labelling setting: 1 layer of 2x2 zoomed crops (each embedded again, so ~5x
+    # the encoder passes), which finds small objects; 0 = the whole image only
+    crop_n_layers: NonNegInt = 1
+    crop_n_points_downscale_factor: PosInt = 2  # layer i's points per side: /factor**i
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,10 @@ class MergeConfig(_Section):
 
     auto_fraction: Fraction = 0.5  # fraction of stage-1.2 masks kept (ours)
     seed: NonNegInt = 0
+    # which mask wins a pixel several cover (fmbseg.storage.records.paint_order): area =
+    # smaller over larger (ours); prompt_first = stage-1.1 masks over stage-1.2 ones;
+    # fill_unlabelled = stage-1.2 masks only fill pixels no mask labelled, by SAM's IoU
+    order: Literal["area", "prompt_first", "fill_unlabelled"] = "area"
 
 
 @dataclass(frozen=True)
@@ -245,7 +253,9 @@ class EvaluateConfig(_Section):
     background_score: Fraction = 0.5  # for background == "constant"
     batch_size: PosInt = 8
     max_long_side: PosInt = 2048  # TCL/mmseg Resize img_scale=(2048, short_side), keep_ratio
-    background_names: str = "coco-stuff-background"  # vocabulary of stuff names (paper's bg)
+    # stuff names prompted as background (stuff_names): clean = ours, promptable
+    # ("brick wall"); raw = COCO-Stuff's own ("wall-brick"), as the module was trained on
+    background_names: Literal["clean", "raw"] = "clean"
     mask_center: Cosine = 0.25  # constant bg: soft mask sigmoid((cos - center) * scale), TCL's
     mask_scale: PosFloat = 10.0  # kp-branch values; makes cosines comparable to the 0.5 constant
 

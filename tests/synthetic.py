@@ -293,9 +293,14 @@ def write_scenes(
 
 
 def run_pipeline(
-    store: Any, cfg: Config, folder: Path, index_fp: str | None = None
+    store: Any,
+    cfg: Config,
+    folder: Path,
+    index_fp: str | None = None,
+    image_labels: Any = None,
 ) -> dict[str, str]:
-    """Every stage-1 stage on the images in ``folder`` (or on a committed index);
+    """Every stage-1 stage on the images in ``folder`` (or on a committed index), with
+    ``image_labels`` (an ``ImageLabels``) in place of CLIP's presence vote if given;
     returns stage -> fingerprint."""
     from fmbseg.tasks.clip_dense import run_clip_dense
     from fmbseg.tasks.export import run_export
@@ -305,7 +310,7 @@ def run_pipeline(
     from fmbseg.tasks.sam_prompt import run_sam_prompt
 
     fps = {"index": index_fp or run_index(store, str(folder), cfg)}
-    fps["clip_dense"] = run_clip_dense(store, cfg, fps["index"], VOCAB)
+    fps["clip_dense"] = run_clip_dense(store, cfg, fps["index"], VOCAB, image_labels=image_labels)
     fps["sam_prompt"] = run_sam_prompt(store, cfg, fps["clip_dense"])
     fps["sam_auto"] = run_sam_auto(store, cfg, fps["clip_dense"])
     fps["merge"] = run_merge(

@@ -64,6 +64,60 @@ def test_annotate_bad_classes_exit_2_before_any_work(
     assert not store.exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("image,labels\none.png,cat|zebra\n", "names are not in the vocabulary: 'zebra' (one.png)"),
+        ("picture,labels\none.png,cat\n", "needs an image column"),
+    ],
+)
+def test_annotate_bad_image_labels_exit_2_before_any_work(
+    text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "tags.csv").write_text(text)
+    store = tmp_path / "store"
+    argv = ["annotate", "--images", str(tmp_path / "images"), "--store", str(store)]
+    argv += ["--classes", "cat,dog", "--image-labels", str(tmp_path / "tags.csv")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fmbseg: error: --image-labels: image labels ") and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not store.exists()
+
+
+@pytest.mark.slow
+def test_annotate_with_image_labels_through_the_flow(
+    prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenes = write_scenes(tmp_path / "images", 3)
+    config = tmp_path / "synthetic.yaml"
+    config.write_text(yaml.safe_dump(synthetic_config().to_dict()))
+    names = sorted(scenes)
+    # the first image tagged with its true classes, the second with none, the third absent
+    first = sorted({VOCAB[int(k)] for k in set(scenes[names[0]].truth.ravel().tolist())})
+    (tmp_path / "tags.csv").write_text(
+        f"image,labels\n{names[0]}.png,{'|'.join(first)}\n{names[1]}.png,\n"
+    )
+    store = tmp_path / "store"
+    argv = ["annotate", "--images", str(tmp_path / "images"), "--classes", ",".join(VOCAB)]
+    argv += ["--store", str(store), "--config", str(config)]
+    argv += ["--image-labels", str(tmp_path / "tags.csv")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "annotate: 3 images indexed, 1 with masks" in out
+    assert "clip_dense errors: 1 no_image_labels" in out
+    st = ArtifactStore(str(store))
+    (clip_fp,) = st.committed_fingerprints("clip_dense")
+    rows = st.read_table("clip_dense", clip_fp).to_pylist()
+    present = {r["image_uri"].rsplit("/", 1)[-1]: r["present"] for r in rows}
+    expected = {f"{names[0]}.png": sorted(VOCAB.index(n) for n in first), f"{names[1]}.png": []}
+    assert present == expected
+    assert st.require_manifest("clip_dense", clip_fp).meta["image_labels"]["root"] == str(
+        tmp_path / "images"
+    )
+
+
 def test_sample_photos_are_written_once(tmp_path: Path) -> None:
     uri = write_sample_photos(str(tmp_path / "samples") + "/")
     files = sorted(Path(uri).iterdir())

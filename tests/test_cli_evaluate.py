@@ -70,6 +70,27 @@ def test_pseudo_label_quality_summary(
 
 
 @pytest.mark.slow
+def test_both_coco_object_variants_are_accepted_and_named(
+    prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "data"
+    trees.write_coco(str(root))
+    for name, k, description in [
+        ("coco-object-80", 80, "COCO-Object val, 80 things only, background pixels ignored"),
+        ("coco-object-81", 81, "COCO-Object val, 80 things + background (81 classes)"),
+    ]:
+        store = str(tmp_path / "store")
+        argv = ["evaluate", "--dataset", name, "--data-root", str(root), "--store", store]
+        argv += ["--config", "tiny", "--set", "runtime.executor=local"]
+        argv += ["--model", "maskclip", "--limit", "1"]
+        assert main(argv) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith(f"{name}: 1 images, mIoU ") and lines[1] == f"  {description}"
+        rows = lines[lines.index(f"{'class':<24}{'IoU':>8}{'Acc':>8}") + 1 :]
+        assert rows[k].startswith("model:") and rows[k - 1].startswith("toothbrush")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

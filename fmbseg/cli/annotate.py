@@ -19,6 +19,12 @@ IMAGE_ROOT = Arg(
     help="for a COCO JSON or .txt list: the folder its relative entries are under (default: "
     "the list's folder); they may not climb out of it",
 )
+IMAGE_LABELS_HELP = (
+    "image-level tags that replace CLIP's presence vote: a COCO JSON (each image's "
+    "annotation categories), or a .parquet/.csv with an image column (file name relative to "
+    "the source root, or URI) and a names column; names must be in the vocabulary"
+)
+IMAGE_LABELS = Arg("--image-labels", default=None, metavar="FILE", help=IMAGE_LABELS_HELP)
 CLASSES = Arg("--classes", default=None, help='class names, comma-separated: "cat,dog,grass"')
 
 
@@ -81,11 +87,18 @@ def print_annotation_summary(summary: dict[str, Any]) -> None:
 @command(
     "annotate",
     "pseudo-label images for a list of classes with CLIP + SAM (COCO RLE, PNG, Parquet, gallery)",
-    IMAGES, CLASSES, VOCAB, IMAGE_ROOT,
+    IMAGES, CLASSES, VOCAB, IMAGE_ROOT, IMAGE_LABELS,
 )  # fmt: skip
 def cmd_annotate(args: argparse.Namespace, common: Common) -> int:
     vocabulary = vocabulary_from_args(args)
     check_source(args.images, common.storage_options)
+    if args.image_labels is not None:  # unknown names fail before any work
+        from fmbseg.data.image_labels import ImageLabelsError, load_image_labels
+
+        try:
+            load_image_labels(args.image_labels, vocabulary, common.storage_options)
+        except ImageLabelsError as exc:
+            raise UsageError(f"--image-labels: {exc}") from exc
     from fmbseg.flows.annotate import annotate_flow
 
     with progress_bars():
@@ -93,7 +106,7 @@ def cmd_annotate(args: argparse.Namespace, common: Common) -> int:
             images=args.images, store=common.store, classes=list(vocabulary),
             config=common.config, overrides=list(common.overrides),
             ray_address=common.ray_address, storage_options=common.storage_options or None,
-            image_root=args.image_root,
+            image_root=args.image_root, image_labels=args.image_labels,
         )  # fmt: skip
     print_annotation_summary(out["summary"])
     print(f"  merge fingerprint (for `fmbseg train --labels`): {out['fingerprints']['merge']}")

@@ -24,7 +24,8 @@ def labels_summary(report: dict[str, Any]) -> str:
         lines.append(f"{v:<10}{pct(r['mIoU']):>8}{pct(r['aAcc']):>8}{pct(r['coverage']):>10}"
                      f"{pct(r['precision']):>11}")  # fmt: skip
     merged = {**report["merged"], "dataset": f"{report['dataset']} (merged)",
-              "num_images": report["num_images"]}  # fmt: skip
+              "num_images": report["num_images"],
+              "dataset_description": report.get("dataset_description")}  # fmt: skip
     return "\n".join([*lines, "", format_report(merged)])
 
 

@@ -22,9 +22,11 @@ context59          same                                         reduce zero labe
 coco-stuff-171     coco_stuff164k: images/{split}2017/*.jpg,    train ids 0..170, 255 ignore
                    annotations/{split}2017/*_labelTrainIds.png
                    (or the raw stuffthingmaps *.png)
-coco-object        same images; annotations/{split}2017/        0 = background, 1..80 things
+coco-object-81     same images; annotations/{split}2017/        0 = background, 1..80 things
                    *_instanceTrainIds.png, else derived from
                    *_labelTrainIds.png / raw *.png
+coco-object-80     same                                         things only: background ->
+                                                                ignore, 1..80 -> 0..79
 cityscapes         cityscapes: leftImg8bit/{split}/*/           train ids 0..18, 255 ignore
                    *_leftImg8bit.png, gtFine/{split}/*/
                    *_gtFine_labelTrainIds.png (or labelIds)
@@ -36,6 +38,10 @@ COCO-Object follows TCL / SCLIP, which take GroupViT's ``convert_coco_object.py`
 COCO-Stuff, thing classes keep their order as 1..80, stuff classes become background 0, and
 -- a quirk of that script kept here so numbers compare -- COCO-Stuff's *unlabelled* 255
 becomes background too (its mapping sends every raw id > 90, 255 included, to 0).
+"CO-80" means either in the literature (METHOD "Evaluation"): ``coco-object-81`` is the
+peers' (TCL, SCLIP) 81 classes with background; ``coco-object-80`` the 80 things with
+background pixels ignored (the paper's 57.63 suggests this one). ``coco-object`` is
+``coco-object-81``; ``co-80`` is ``coco-object-80``. Reports name the variant.
 
 Images are decoded with PIL without EXIF rotation: labels are drawn on the stored pixels.
 An image whose size differs from its label's is an error naming both files.
@@ -54,8 +60,8 @@ from fmbseg.data.segdata import IGNORE_INDEX, DatasetError, Layout, Sample, SegD
 from fmbseg.data.vocab import load_vocabulary
 
 __all__ = [
-    "DATASETS", "IGNORE_INDEX", "DatasetError", "Sample", "SegDataset", "dataset_names",
-    "open_dataset",
+    "DATASETS", "IGNORE_INDEX", "DatasetError", "Sample", "SegDataset", "dataset_description",
+    "dataset_names", "open_dataset",
 ]  # fmt: skip
 
 
@@ -91,7 +97,7 @@ def _voc_like(
     return samples
 
 
-def _coco(layout: Layout, split: str, objects: bool) -> list[Sample]:
+def _coco(layout: Layout, split: str, objects: bool, things_only: bool = False) -> list[Sample]:
     img_dir, ann_dir = f"images/{split}2017", f"annotations/{split}2017"
     layout.require_dir(img_dir)
     layout.require_dir(ann_dir)
@@ -104,6 +110,12 @@ def _coco(layout: Layout, split: str, objects: bool) -> list[Sample]:
         sid = rel.rsplit("/", 1)[-1][: -len(".jpg")]
         choices = (
             [
+                (f"{ann_dir}/{sid}_instanceTrainIds.png", "coco_object80"),
+                (f"{ann_dir}/{sid}_labelTrainIds.png", "coco_object80_from_train"),
+                (f"{ann_dir}/{sid}.png", "coco_object80_from_raw"),
+            ]
+            if things_only
+            else [
                 (f"{ann_dir}/{sid}_instanceTrainIds.png", None),
                 (f"{ann_dir}/{sid}_labelTrainIds.png", "coco_object_from_train"),
                 (f"{ann_dir}/{sid}.png", "coco_object_from_raw"),
@@ -175,6 +187,7 @@ class _Spec:
     subdirs: tuple[str, ...]  # where the data_root may sit below a parent directory
     marker: str  # a path that exists in a valid root, to find it
     lister: Any
+    description: str = ""  # what a report says the dataset is
 
 
 _VOC, _CTX = ("VOCdevkit/VOC2012", "VOC2012"), ("VOCdevkit/VOC2010", "VOC2010")
@@ -184,26 +197,37 @@ _SEG, _CTXSETS = (
 )
 # fmt: off
 DATASETS: dict[str, _Spec] = {
-    "voc21": _Spec("voc-21", 0, _VOC, "ImageSets/Segmentation", partial(_voc_like, dirs=_SEG)),
+    "voc21": _Spec("voc-21", 0, _VOC, "ImageSets/Segmentation", partial(_voc_like, dirs=_SEG),
+                   "PASCAL VOC 2012 val, 20 classes + background"),
     "voc20": _Spec("voc-20", None, _VOC, "ImageSets/Segmentation",
-                   partial(_voc_like, dirs=_SEG, lut="reduce_zero")),
+                   partial(_voc_like, dirs=_SEG, lut="reduce_zero"),
+                   "PASCAL VOC 2012 val, 20 classes, background ignored"),
     "context60": _Spec("context-60", 0, _CTX, "ImageSets/SegmentationContext",
-                       partial(_voc_like, dirs=_CTXSETS)),
+                       partial(_voc_like, dirs=_CTXSETS),
+                       "PASCAL Context val, 59 classes + background"),
     "context59": _Spec("context-59", None, _CTX, "ImageSets/SegmentationContext",
-                       partial(_voc_like, dirs=_CTXSETS, lut="reduce_zero")),
+                       partial(_voc_like, dirs=_CTXSETS, lut="reduce_zero"),
+                       "PASCAL Context val, 59 classes, background ignored"),
     "coco-stuff-171": _Spec("coco-stuff-171", None, ("coco_stuff164k",), "annotations",
-                            partial(_coco, objects=False)),
-    "coco-object": _Spec("coco-object-81", 0, ("coco_stuff164k",), "annotations",
-                         partial(_coco, objects=True)),
-    "cityscapes": _Spec("cityscapes-19", None, ("cityscapes",), "gtFine", _cityscapes),
-    "ade20k": _Spec("ade-150", None, ("ADEChallengeData2016",), "annotations", _ade),
+                            partial(_coco, objects=False),
+                            "COCO-Stuff 164k val, 171 classes"),
+    "coco-object-81": _Spec("coco-object-81", 0, ("coco_stuff164k",), "annotations",
+                            partial(_coco, objects=True),
+                            "COCO-Object val, 80 things + background (81 classes)"),
+    "coco-object-80": _Spec("coco-object-80", None, ("coco_stuff164k",), "annotations",
+                            partial(_coco, objects=True, things_only=True),
+                            "COCO-Object val, 80 things only, background pixels ignored"),
+    "cityscapes": _Spec("cityscapes-19", None, ("cityscapes",), "gtFine", _cityscapes,
+                        "Cityscapes val, 19 classes"),
+    "ade20k": _Spec("ade-150", None, ("ADEChallengeData2016",), "annotations", _ade,
+                    "ADE20K val, 150 classes"),
 }
 _NAME_ALIASES = {
     "voc": "voc21", "voc-21": "voc21", "voc-20": "voc20", "pascal-voc": "voc21",
     "context": "context59", "context-59": "context59", "context-60": "context60",
     "pascal-context": "context59", "coco-stuff": "coco-stuff-171", "cocostuff": "coco-stuff-171",
-    "cs-171": "coco-stuff-171", "coco-object-81": "coco-object", "coco-object-80": "coco-object",
-    "co-80": "coco-object", "ade": "ade20k", "ade-150": "ade20k", "cityscapes-19": "cityscapes",
+    "cs-171": "coco-stuff-171", "coco-object": "coco-object-81", "co-81": "coco-object-81",
+    "co-80": "coco-object-80", "ade": "ade20k", "ade-150": "ade20k", "cityscapes-19": "cityscapes",
 }
 # fmt: on
 
@@ -213,6 +237,12 @@ def dataset_names() -> list[str]:
     return sorted([*DATASETS, "folder"])
 
 
+def dataset_description(name: str) -> str:
+    """What a report says dataset ``name`` is (``""`` for unknown names and ``folder``)."""
+    spec = DATASETS.get(_NAME_ALIASES.get(name.lower(), name.lower()))
+    return spec.description if spec is not None else ""
+
+
 def open_dataset(
     name: str, root: str, storage_options: dict[str, Any] | None = None, split: str = "val"
 ) -> SegDataset:
@@ -220,7 +250,8 @@ def open_dataset(
 
     Args:
         name: ``voc21``, ``voc20``, ``context59``, ``context60``, ``coco-stuff-171``,
-            ``coco-object``, ``cityscapes`` or ``ade20k`` (aliases like ``voc``, ``ade``).
+            ``coco-object-81``, ``coco-object-80``, ``cityscapes`` or ``ade20k`` (aliases
+            like ``voc``, ``ade``, ``coco-object`` = ``coco-object-81``).
         root: mmseg's ``data_root`` for it (or its parent), a local path or fsspec URI.
         storage_options: passed to fsspec (credentials, ``endpoint_url``...).
         split: ``val`` (default) or ``train``.

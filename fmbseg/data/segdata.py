@@ -56,6 +56,8 @@ REDUCE_ZERO_LUT[[0, 255]] = IGNORE_INDEX
 # COCO-Stuff train ids -> COCO-Object: things t < 80 -> t + 1, stuff and 255 -> 0.
 COCO_OBJECT_LUT = np.zeros(256, dtype=np.uint8)
 COCO_OBJECT_LUT[:80] = np.arange(1, 81)
+# COCO-Object things only (coco-object-80): the 81-class map with background 0 ignored.
+COCO_OBJECT80_LUT = REDUCE_ZERO_LUT[COCO_OBJECT_LUT]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ LUTS = {
     "coco_raw": COCO_RAW_LUT,
     "coco_object_from_train": COCO_OBJECT_LUT,
     "coco_object_from_raw": COCO_OBJECT_LUT[COCO_RAW_LUT],
+    "coco_object80": REDUCE_ZERO_LUT,  # from *_instanceTrainIds.png (0 = background)
+    "coco_object80_from_train": COCO_OBJECT80_LUT,
+    "coco_object80_from_raw": COCO_OBJECT80_LUT[COCO_RAW_LUT],
 }
 
 

@@ -350,11 +350,11 @@ def source_root(
 ) -> str:
     """The folder or URI prefix that :func:`list_images`'s URIs for ``source`` are relative
     to, spelled the way those URIs are: a local folder's absolute path (a single file's
-    folder), a URI prefix without its trailing ``/``, a ``.txt`` list's folder, a COCO
-    file's ``image_root`` (default: its folder). Nothing is read."""
+    folder), a URI prefix without its trailing ``/``, a ``.txt`` or COCO list's
+    ``image_root`` (default: its folder). Nothing is read."""
     source = str(source)
     lower = source.lower()
-    if lower.endswith(".json") and image_root is not None:
+    if lower.endswith((".txt", ".json")) and image_root is not None:
         source = str(image_root)
     elif lower.endswith((".txt", ".json")):
         return _parent(source)

@@ -195,17 +195,35 @@ def _read_text(path: str) -> str:
         raise ValueError(f"vocabulary file {path} not found") from exc
 
 
-def stuff_background_names(
-    exclude: Sequence[str] = (), name: str = STUFF_BACKGROUND
-) -> tuple[str, ...]:
+BACKGROUND_NAME_SETS = ("clean", "raw")  # evaluate.background_names
+
+
+def stuff_background_names(exclude: Sequence[str] = (), names: str = "clean") -> tuple[str, ...]:
     """Stuff names used as extra "background" prompts (the paper's VOC21 handling).
 
-    Names equal (ignoring case and spaces) to one of ``exclude`` are dropped, so that a
-    dataset's own class (Pascal Context's ``sky``, ``wall``...) is never swallowed by the
-    background; this filter is **ours**.
+    ``names``: ``"clean"`` = ``coco-stuff-background`` (ours, promptable: ``building``,
+    ``brick wall``); ``"raw"`` = COCO-Stuff's own 91 stuff names as the module was trained
+    on them (``building-other``, ``wall-brick``; the last 91 of ``coco-stuff-171``). The two
+    lists are parallel, entry for entry.
+
+    A stuff class is dropped when its clean or its raw name equals (ignoring case and
+    spaces) one of ``exclude``, so that a dataset's own class (Pascal Context's ``sky``,
+    ``wall``...) is never swallowed by the background, and both sets drop the same stuff
+    classes; this filter is **ours**.
     """
+    if names not in BACKGROUND_NAME_SETS:
+        raise ValueError(
+            f"stuff background names must be one of {list(BACKGROUND_NAME_SETS)}, got {names!r}"
+        )
+    clean = load_vocabulary(STUFF_BACKGROUND)
+    raw = load_vocabulary("coco-stuff-171")[80:]
     taken = {_key(n) for n in exclude}
-    return tuple(n for n in load_vocabulary(name) if _key(n) not in taken)
+    chosen = clean if names == "clean" else raw
+    return tuple(
+        n
+        for n, c, r in zip(chosen, clean, raw, strict=True)
+        if _key(c) not in taken and _key(r) not in taken
+    )
 
 
 def name_key(name: str) -> str:

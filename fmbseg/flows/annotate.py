@@ -18,6 +18,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from fmbseg.config import Config
+from fmbseg.data.image_labels import ImageLabels, load_image_labels
+from fmbseg.data.sources import source_root
 from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
@@ -60,11 +62,19 @@ def clip_dense_task(
     index_fp: str,
     vocabulary: tuple[str, ...],
     storage_options: dict[str, Any] | None = None,
+    image_labels: ImageLabels | None = None,
 ) -> str:
-    """Sliding-window dense CLIP, presence, and similarity maps of the present classes."""
+    """Sliding-window dense CLIP, presence (or the given image labels), and similarity maps
+    of the present classes."""
     progress = StageProgress("clip_dense", fp)
     got = run_clip_dense(
-        store, cfg, index_fp, vocabulary, storage_options=storage_options, progress=progress
+        store,
+        cfg,
+        index_fp,
+        vocabulary,
+        storage_options=storage_options,
+        progress=progress,
+        image_labels=image_labels,
     )
     return _same("clip_dense", fp, got)
 
@@ -157,10 +167,11 @@ def annotate_stages(
     vocabulary: tuple[str, ...],
     storage_options: dict[str, Any] | None = None,
     image_root: str | None = None,
+    image_labels: ImageLabels | None = None,
 ) -> dict[str, str]:
     """Run (or reuse) every stage-1 stage inside the calling flow; returns {stage: fp}."""
     plan = list_images_task(images, cfg, storage_options, image_root, st.uri)
-    return annotate_plan(st, cfg, plan, vocabulary, storage_options)
+    return annotate_plan(st, cfg, plan, vocabulary, storage_options, image_labels)
 
 
 def annotate_plan(
@@ -169,10 +180,11 @@ def annotate_plan(
     plan: IndexPlan,
     vocabulary: tuple[str, ...],
     storage_options: dict[str, Any] | None = None,
+    image_labels: ImageLabels | None = None,
 ) -> dict[str, str]:
     """Index a prebuilt ``plan`` (e.g. only the images new since the last run), then label it."""
     index_fp = index_task(st, plan.fingerprint, plan, cfg, storage_options)
-    return label_index(st, cfg, index_fp, vocabulary, storage_options)
+    return label_index(st, cfg, index_fp, vocabulary, storage_options, image_labels)
 
 
 def label_index(
@@ -181,10 +193,13 @@ def label_index(
     index_fp: str,
     vocabulary: tuple[str, ...],
     storage_options: dict[str, Any] | None = None,
+    image_labels: ImageLabels | None = None,
 ) -> dict[str, str]:
-    """Every stage after ``index`` on the committed index ``index_fp``; returns {stage: fp}."""
-    fps = {"index": index_fp, **stage1_fingerprints(cfg, index_fp, vocabulary)}
-    clip_dense_task(st, fps["clip_dense"], cfg, index_fp, vocabulary, storage_options)
+    """Every stage after ``index`` on the committed index ``index_fp``; returns {stage: fp}.
+
+    ``image_labels``: image-level tags that replace CLIP's presence vote."""
+    fps = {"index": index_fp, **stage1_fingerprints(cfg, index_fp, vocabulary, image_labels)}
+    clip_dense_task(st, fps["clip_dense"], cfg, index_fp, vocabulary, storage_options, image_labels)
     sam_task(st, {s: fps[s] for s in SAM_STAGES}, cfg, fps["clip_dense"], storage_options)
     merge_task(st, fps["merge"], cfg, index_fp, fps["clip_dense"], fps["sam_prompt"],
                fps["sam_auto"])  # fmt: skip
@@ -235,18 +250,27 @@ def annotate_flow(
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
     image_root: str | None = None,
+    image_labels: str | None = None,
 ) -> dict[str, Any]:
     """Pseudo-label ``images`` for ``classes`` (or a built-in ``vocab``) into ``store``.
+
+    ``image_labels``: a file of image-level tags (COCO JSON, Parquet or CSV; see
+    :mod:`fmbseg.data.image_labels`) whose classes replace CLIP's presence vote; its names
+    must be vocabulary classes (checked before any work).
 
     Returns ``{"fingerprints": {stage: fp}, "summary": {...}}``; the summary says where the
     COCO JSON, label PNGs and gallery are.
     """
     # bad names fail before any work, more classes than a label map holds included
     vocabulary = resolve_vocabulary(classes, vocab, max_names=MAX_LABEL_CLASSES)
+    tags = None
+    if image_labels is not None:  # so do unknown tag names
+        tags = load_image_labels(image_labels, vocabulary, storage_options)
+        tags = tags.bound_to(source_root(images, image_root))
     cfg = configure(config, overrides, ray_address)
     locate_weights(cfg.models, ("clip", "sam"), storage_options)  # seconds, not after index
     st = open_store(store, storage_options)
-    fps = annotate_stages(st, cfg, images, vocabulary, storage_options, image_root)
+    fps = annotate_stages(st, cfg, images, vocabulary, storage_options, image_root, tags)
     summary = annotation_summary(st, fps)
     table_artifact(
         "annotate-summary",
@@ -260,6 +284,7 @@ def annotate_flow(
     )
     record_lineage(st, current_flow_run_id(), {
         "flow": "annotate", "images": images, "vocabulary": list(vocabulary),
+        "image_labels": image_labels,
         "config": cfg.to_dict(), "stages": fps,
     })  # fmt: skip
     return {"fingerprints": fps, "summary": summary}

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow
 
+from fmbseg.data.image_labels import load_image_labels
 from fmbseg.data.samples import SAMPLE_CLASSES, write_sample_photos
 from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 from fmbseg.flows.annotate import annotate_flow
@@ -74,12 +75,14 @@ def annotate_and_train_flow(
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
     image_root: str | None = None,
+    image_labels: str | None = None,
     eval_dataset: str | None = None,
     eval_data_root: str | None = None,
     eval_limit: int | None = None,
 ) -> dict[str, Any]:
     """Pseudo-label ``images`` for ``classes``/``vocab``, train the segmenter on them, and
     (with ``eval_dataset`` + ``eval_data_root``) evaluate it before deciding promotion.
+    ``image_labels``: image-level tags replacing CLIP's presence vote (``annotate_flow``).
 
     ``images``: an image source; None = the five sample photos bundled with scikit-image,
     written into ``{store}/samples`` (then with no ``classes``/``vocab``, their class list).
@@ -91,6 +94,8 @@ def annotate_and_train_flow(
         classes = list(SAMPLE_CLASSES)
     # bad names fail before any work, more classes than a label map holds included
     vocabulary = resolve_vocabulary(classes, vocab, max_names=MAX_LABEL_CLASSES)
+    if image_labels is not None:  # unknown tag names too
+        load_image_labels(image_labels, vocabulary, storage_options)
     if (eval_dataset is None) != (eval_data_root is None):
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)  # config errors fail before any work
@@ -103,7 +108,12 @@ def annotate_and_train_flow(
         images = write_sample_photos(open_store(store, storage_options).url("samples"),
                                      storage_options)  # fmt: skip
     labels = annotate_flow(
-        images=images, store=store, classes=list(vocabulary), image_root=image_root, **common
+        images=images,
+        store=store,
+        classes=list(vocabulary),
+        image_root=image_root,
+        image_labels=image_labels,
+        **common,
     )
     model = train_flow(
         store=store, labels=labels["fingerprints"]["merge"], promote_first=False, **common

@@ -143,8 +143,8 @@ def evaluate_flow(
 
     Args:
         dataset: ``voc21``, ``voc20``, ``context59``, ``context60``, ``coco-stuff-171``,
-            ``coco-object``, ``cityscapes`` or ``ade20k`` (mmseg layout, see
-            :mod:`fmbseg.data.datasets`).
+            ``coco-object-81`` (``coco-object``), ``coco-object-80``, ``cityscapes`` or
+            ``ade20k`` (mmseg layout, see :mod:`fmbseg.data.datasets`).
         model: ``maskclip`` / ``sclip`` (training-free baselines built from
             ``cfg.models``), or a registry reference: ``champion``, ``latest``, ``vNNNN``,
             ``name:version`` or a model version folder URI. ``labels:<merge fp>`` or

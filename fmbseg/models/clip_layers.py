@@ -8,7 +8,8 @@ The pre-last-block tokens feed a modified last block on every token, then ``ln_p
   (``s = head_dim^-0.5``, per head) applied to ``v`` with the pretrained in/out projections;
 
 both followed by the block's usual ``x + ls_2(mlp(ln_2(x)))``. Positional embeddings are
-interpolated bicubically (CLS kept) when the crop grid differs from the native one.
+interpolated with plain bicubic (CLS kept) when the crop grid differs from the native one,
+as MaskCLIP, SCLIP and CLIP-DINOiser do (:func:`interpolate_pos_embed`).
 Supported: open_clip ``VisionTransformer`` towers with the default residual blocks
 (``nn.MultiheadAttention``, optional layer scale), CLS pooling, no attentional pooler
 (:func:`check_supported` says what else it found).
@@ -72,14 +73,19 @@ def interpolate_pos_embed(
 ) -> torch.Tensor:
     """``(1 + gh*gw, C)`` positional embedding of the ``native`` grid -> the ``grid`` one.
 
-    The CLS row is kept; the patch rows are resampled bicubically (``align_corners=False``,
-    antialiased when shrinking), exactly as open_clip's ``resize_pos_embed`` does when it
-    loads a checkpoint at another resolution; the identity when ``grid == native``.
+    The CLS row is kept; the patch rows, reshaped to ``(1, C, gh, gw)``, are resampled with
+    ``F.interpolate(mode="bicubic", align_corners=False)`` and no antialiasing, in both
+    directions: the call the dense-CLIP references publish (the mmseg-style
+    ``resize_pos_embed`` of MaskCLIP and SCLIP, which CLIP-DINOiser's MaskCLIP reuses), so
+    features on windows larger than the CLIP input match theirs. open_clip's
+    checkpoint-loading ``resize_pos_embed`` antialiases, which when enlarging is a different
+    kernel (PIL's cubic, a=-0.5, instead of a=-0.75); it is not used here. The identity when
+    ``grid == native``.
     """
     cls, patches = pos[:1], pos[1:]
     c = patches.shape[-1]
     img = patches.reshape(1, native[0], native[1], c).permute(0, 3, 1, 2)
-    img = F.interpolate(img.float(), size=grid, mode="bicubic", align_corners=False, antialias=True)
+    img = F.interpolate(img.float(), size=grid, mode="bicubic", align_corners=False)
     patches = img.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], c).to(pos.dtype)
     return torch.cat([cls, patches], dim=0)
 

@@ -107,6 +107,8 @@ class SamSegmenter:
             stability_score_thresh=cfg.stability_score_thresh,
             box_nms_thresh=cfg.box_nms_thresh,
             min_mask_region_area=cfg.min_mask_region_area,
+            crop_n_layers=cfg.crop_n_layers,
+            crop_n_points_downscale_factor=cfg.crop_n_points_downscale_factor,
         )
         # one predictor: generate() reuses set_image's embedding of the same image array
         self._generator.predictor = self.predictor

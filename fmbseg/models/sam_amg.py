@@ -11,6 +11,15 @@ stability filters, boxes, the crop-edge filter, box NMS and small-region removal
 library's own functions, so its records equal the stock generator's
 (``tests/models/test_sam.py``). It costs memory the RLEs saved: the masks that pass the
 filters of one image are held as ``(N, H, W) bool`` until NMS.
+
+Crop layers (``crop_n_layers > 0``, SAM's labelling setting) are the stock ones: the stock
+``_generate_masks`` loop over ``generate_crop_boxes``, each crop embedded on its own with
+its layer's point grid (``points_per_side / crop_n_points_downscale_factor**layer`` per
+side), masks uncropped to the image, then NMS across crops preferring smaller crops. One
+departure: a crop that keeps no mask records its crop boxes as an empty ``(0, 4)`` tensor,
+where the stock generator's ``torch.tensor([])`` is 1-D, so with crop layers and no mask
+surviving in any crop the stock cross-crop NMS raises ``IndexError``; here it returns no
+masks.
 """
 
 from __future__ import annotations
@@ -105,7 +114,10 @@ class BinaryMaskGenerator(SamAutomaticMaskGenerator):
         data.filter(keep)
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
-        data["crop_boxes"] = torch.tensor([crop_box] * len(data["boxes"]))
+        # (N, 4) also for N = 0 (the stock 1-D empty tensor breaks the cross-crop NMS)
+        data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.int64).repeat(
+            len(data["boxes"]), 1
+        )
         return data
 
     def _process_batch(

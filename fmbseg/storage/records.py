@@ -275,37 +275,67 @@ def errors_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
 # ---- label maps ------------------------------------------------------------------------------
 
 
+PAINT_ORDERS = ("area", "prompt_first", "fill_unlabelled")
+"""How merged masks are painted into a label map (``merge.order``; see :func:`paint_order`)."""
+
+
 def paint_order(
-    areas: np.ndarray, sources: Sequence[str], scores: np.ndarray, category_ids: np.ndarray
+    areas: np.ndarray,
+    sources: Sequence[str],
+    scores: np.ndarray,
+    category_ids: np.ndarray,
+    order: str = "area",
 ) -> np.ndarray:
     """Indices of masks in painting order: the mask painted last wins a contested pixel.
 
-    Larger masks are painted first so small masks stay visible. Among equal areas: "auto"
-    before "prompt" (stage 1.1 wins, METHOD "Merge"), then lower score first (higher score
-    wins), then higher category id first (lower id wins), then later rows first (the
-    earlier row wins). The order is a total order, so the result never depends on row order
-    except for exact duplicates.
+    ``order`` (``merge.order``) says which mask a pixel covered by several gets:
+
+    - ``"area"`` (ours, METHOD "Merge"): larger masks are painted first so small masks stay
+      visible, whatever their stage. Among equal areas: "auto" before "prompt" (stage 1.1
+      wins), then lower score first (higher score wins), then higher category id first
+      (lower id wins), then later rows first (the earlier row wins).
+    - ``"prompt_first"``: stage-1.1 (prompt) masks are painted over every stage-1.2 (auto)
+      mask, so an auto mask, labelled only by mean CLIP similarity, never overwrites a
+      prompt mask's pixel; within each stage the ``"area"`` order.
+    - ``"fill_unlabelled"``: the prompt masks are composed first (``"area"`` order among
+      them); auto masks then only fill pixels still unlabelled, overwriting no label at all,
+      prompt or auto: they claim pixels in descending SAM predicted IoU (score), so where
+      auto masks overlap the most confident one wins, not the smallest. It labels the same
+      pixels as ``"prompt_first"`` and differs only where auto masks overlap each other.
+
+    Every order is a total order, so the result never depends on row order except for
+    exact duplicates.
     """
     n = len(areas)
-    source_rank = np.array([1 if s == "prompt" else 0 for s in sources], dtype=np.int64)
+    rows = np.arange(n)
+    areas = np.asarray(areas, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    cats = np.asarray(category_ids, dtype=np.int64)
+    prompt = np.array([s == "prompt" for s in sources], dtype=bool)
     # np.lexsort sorts by the last key first.
-    return np.lexsort(
-        (
-            -np.arange(n),
-            -np.asarray(category_ids, dtype=np.int64),
-            np.asarray(scores, dtype=np.float64),
-            source_rank,
-            -np.asarray(areas, dtype=np.int64),
-        )
-    )
+    if order == "area":
+        return np.lexsort((-rows, -cats, scores, prompt.astype(np.int64), -areas))
+    if order not in PAINT_ORDERS:
+        raise ValueError(f"paint_order: order must be one of {list(PAINT_ORDERS)}, got {order!r}")
+    by_area = rows[np.lexsort((-rows, -cats, scores, -areas))]
+    if order == "prompt_first":
+        return np.concatenate([by_area[~prompt[by_area]], by_area[prompt[by_area]]])
+    # fill_unlabelled: claiming in descending score without overwriting = painting in
+    # ascending score with overwriting (ties: the larger mask claims first)
+    by_score = rows[np.lexsort((-rows, -cats, areas, scores))]
+    return np.concatenate([by_score[~prompt[by_score]], by_area[prompt[by_area]]])
 
 
 def compose_label_map(
-    records: pa.Table | MaskRecords | Sequence[Mapping[str, Any]], height: int, width: int
+    records: pa.Table | MaskRecords | Sequence[Mapping[str, Any]],
+    height: int,
+    width: int,
+    order: str = "area",
 ) -> np.ndarray:
     """Masks of ONE image -> ``HxW uint8`` label map of category ids, ``IGNORE`` (255) elsewhere.
 
-    Painting follows :func:`paint_order`. Raises :class:`RecordError` for a category id
+    Painting follows :func:`paint_order` with ``order`` (the merge output's ``merge.order``,
+    :func:`fmbseg.tasks.merge.merge_order`). Raises :class:`RecordError` for a category id
     outside ``[0, 254]`` or a mask whose size is not ``height x width``.
     """
     if isinstance(records, MaskRecords):
@@ -317,7 +347,7 @@ def compose_label_map(
     else:
         recs = list(records)
         cols = {n: [r[n] for r in recs] for n in LABEL_COLUMNS}
-    return compose_rows(cols, range(len(cols["rle_counts"])), height, width)
+    return compose_rows(cols, range(len(cols["rle_counts"])), height, width, order)
 
 
 LABEL_COLUMNS = ("rle_counts", "category_id", "area", "source", "score", "height", "width")
@@ -325,7 +355,11 @@ LABEL_COLUMNS = ("rle_counts", "category_id", "area", "source", "score", "height
 
 
 def compose_rows(
-    cols: Mapping[str, Sequence[Any]], rows: Sequence[int], height: int, width: int
+    cols: Mapping[str, Sequence[Any]],
+    rows: Sequence[int],
+    height: int,
+    width: int,
+    order: str = "area",
 ) -> np.ndarray:
     """:func:`compose_label_map` of rows ``rows`` (all of ONE image) of a records table
     given as Python lists, ``cols[name]`` for each of :data:`LABEL_COLUMNS`.
@@ -346,19 +380,20 @@ def compose_rows(
             raise RecordError(
                 f"compose_label_map: a mask is {heights[i]}x{widths[i]}, the image {height}x{width}"
             )
-    order = paint_order(
+    sequence = paint_order(
         np.asarray([cols["area"][i] for i in rows]),
         [cols["source"][i] for i in rows],
         np.asarray([cols["score"][i] for i in rows]),
         ids,
+        order,
     )
-    if not len(order):
+    if not len(sequence):
         return label
     counts = cols["rle_counts"]
-    rles = [{"size": [height, width], "counts": counts[rows[j]]} for j in order]
+    rles = [{"size": [height, width], "counts": counts[rows[j]]} for j in sequence]
     masks = _coco_decode(rles)  # H x W x n uint8 in Fortran order, one call
     # paint the transposed view: each mask's transpose is C-contiguous, no copy per mask
     painted = label.T
-    for k, j in enumerate(order):
+    for k, j in enumerate(sequence):
         painted[masks[:, :, k].T.view(bool)] = ids[j]
     return label

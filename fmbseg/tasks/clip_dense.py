@@ -10,6 +10,11 @@ Geometry (resizing, windows on the patch grid, grid -> pixel mapping): :mod:`fmb
 The stage output has one row per image (``CLIP_DENSE_SCHEMA``) holding the votes, the present
 class ids and their similarity maps as float16 bytes, so stages 1.1.3 and 1.2 rerun without
 CLIP (METHOD 1.2 note).
+
+With image-level tags (:mod:`fmbseg.data.image_labels`, the paper's semi-supervised variant)
+the present classes are an image's tags instead of the crop vote (the votes are still
+recorded); everything else is unchanged. An indexed image no tag entry names is an errors
+row (``no_image_labels``), not run through CLIP.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from fmbseg.config import ClipDenseConfig, Config
+from fmbseg.data.image_labels import ImageLabels
 from fmbseg.models.base import DenseClip
 from fmbseg.storage import ArtifactStore
-from fmbseg.storage.records import errors_table
+from fmbseg.storage.records import error_row, errors_table
 from fmbseg.tasks.runner import Progress, run_stage
 from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
@@ -209,12 +215,24 @@ def similarity_maps(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 def summarise(
-    dense: DenseImage, text: torch.Tensor, min_crops: int, image_id: str, image_uri: str
+    dense: DenseImage,
+    text: torch.Tensor,
+    min_crops: int,
+    image_id: str,
+    image_uri: str,
+    tags: Sequence[int] | None = None,
 ) -> ClipDenseResult:
-    """Presence (METHOD 1.1.2) and the present classes' similarity maps of one image."""
+    """Presence (METHOD 1.1.2) and the present classes' similarity maps of one image.
+
+    ``tags``: the image's class ids given by the user; when not None they are the present
+    classes, in place of the classes winning at least ``min_crops`` crops.
+    """
     text = text.to(dense.features.device)
     votes = presence_votes(dense.crop_cls, text)
-    present = np.flatnonzero(votes >= min_crops).astype(np.int32)
+    if tags is None:
+        present = np.flatnonzero(votes >= min_crops).astype(np.int32)
+    else:
+        present = np.asarray(sorted(set(tags)), dtype=np.int32)
     sims = similarity_maps(dense.features, text[torch.from_numpy(present).long()])
     return ClipDenseResult(
         image_id,
@@ -279,7 +297,8 @@ class ClipDenseWorker(ImageShardWorker):
 
     The CLIP model is built once (``cfg.models.clip``, ``cfg.clip_dense.mode``/``precision``)
     and the vocabulary's text embeddings are computed once, here. A spec is
-    ``{"index": index_fp}``; the output shard has the index shard's number.
+    ``{"index": index_fp}``; the output shard has the index shard's number. With
+    ``image_labels``, an image's tags are its present classes.
     """
 
     def __init__(
@@ -289,11 +308,13 @@ class ClipDenseWorker(ImageShardWorker):
         vocabulary: Sequence[str],
         fp: str,
         storage_options: dict[str, Any] | None = None,
+        image_labels: ImageLabels | None = None,
     ) -> None:
         from fmbseg.models.registry import build_from_config
 
         ImageShardWorker.__init__(self, store, cfg, storage_options)
         self.fp = fp
+        self.image_labels = image_labels
         self.model: DenseClip = build_from_config(
             cfg.models,
             "clip",
@@ -326,9 +347,34 @@ class ClipDenseWorker(ImageShardWorker):
         """The row of one image (in the post thread, while CLIP runs on the next crops)."""
         row = dense.key
         res = summarise(
-            dense, self.text, self.cfg.clip_dense.min_crops, row["image_id"], row["uri"]
+            dense,
+            self.text,
+            self.cfg.clip_dense.min_crops,
+            row["image_id"],
+            row["uri"],
+            row.get("tags"),
         )
         return result_row(res, self.fp)
+
+    def _tagged(self, rows: list[dict], errors: list[dict]) -> list[dict]:
+        """With image labels: the rows with their ``tags``; an error row for the others."""
+        labels = self.image_labels
+        if labels is None:
+            return rows
+        out = []
+        for row in rows:
+            tags = labels.for_uri(row["uri"])
+            if tags is None:
+                message = (
+                    f"no entry in image labels {labels.source} (by URI, or by path relative "
+                    f"to {labels.root})"
+                )
+                errors.append(
+                    error_row(row["image_id"], row["uri"], STAGE, "no_image_labels", message)
+                )
+            else:
+                out.append({**row, "tags": tags})
+        return out
 
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
         self.upstream.prefetch(
@@ -339,10 +385,12 @@ class ClipDenseWorker(ImageShardWorker):
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         rows = self.upstream.read(INDEX_STAGE, spec["index"], shard).to_pylist()
         errors: list[dict] = []
+        rows = self._tagged(rows, errors)
+        tag_errors = list(errors)
         try:
             out = self._run(rows, errors)
         except Exception:  # noqa: BLE001 - find the image(s) that broke the batch
-            out, errors = [], []
+            out, errors = [], tag_errors
             for row in rows:
                 try:
                     out += self._run([row], errors)
@@ -359,16 +407,23 @@ def run_clip_dense(
     *,
     storage_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    image_labels: ImageLabels | None = None,
 ) -> str:
     """Run (or reuse) clip_dense over a committed index; returns its fingerprint.
 
     ``vocabulary`` must already be validated (``fmbseg.data.vocab.validate_vocabulary``); it
-    is stored in the manifest meta, where the later stages read it.
+    is stored in the manifest meta, where the later stages read it. ``image_labels``
+    (checked against ``vocabulary`` and bound to the source root) replace the presence vote.
     """
     vocabulary = tuple(vocabulary)
-    fp = stage_fingerprint(STAGE, cfg, {"index": index_fp}, vocabulary)
+    fp = stage_fingerprint(STAGE, cfg, {"index": index_fp}, vocabulary, image_labels)
     specs = [{"index": index_fp}] * num_shards(store, INDEX_STAGE, index_fp)
-    factory = functools.partial(ClipDenseWorker, store, cfg, vocabulary, fp, storage_options)
+    factory = functools.partial(
+        ClipDenseWorker, store, cfg, vocabulary, fp, storage_options, image_labels
+    )
+    meta: dict[str, Any] = {VOCABULARY_KEY: list(vocabulary), "index": index_fp}
+    if image_labels is not None:
+        meta["image_labels"] = {"file": image_labels.source, **image_labels.fingerprint_part()}
     run_stage(
         store,
         STAGE,
@@ -378,6 +433,6 @@ def run_clip_dense(
         cfg.runtime,
         use_gpu=True,
         progress=progress,
-        meta={VOCABULARY_KEY: list(vocabulary), "index": index_fp},
+        meta=meta,
     )
     return fp

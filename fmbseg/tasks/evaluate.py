@@ -7,8 +7,9 @@ Per image (``HxWx3 uint8``, truth ``HxW``):
    including its rounding ``int(side * scale + 0.5)``;
 2. normalise with the predictor's own mean/std and slide a ``window`` square with ``stride``
    over it exactly as mmseg's ``slide_inference`` does (the last window in each direction is
-   shifted back to end at the border; a window larger than the image is zero-padded, in
-   normalised space, and its scores cropped);
+   shifted back to end at the border; where the image is smaller than the window along a
+   side, the crop is the whole side, fed to the predictor unpadded at its own size, as
+   mmseg's ``crop_img = img[:, :, y1:y2, x1:x2]`` is);
 3. average the window scores where windows overlap;
 4. resize the scores bilinearly to the label size, then argmax.
 
@@ -16,7 +17,9 @@ Background, for datasets that have a background class (VOC21, Context60, COCO-Ob
 
 - ``"stuff_names"`` (the paper's): COCO-Stuff's stuff names are prompted as extra classes
   and pixels won by any of them are background. Stuff names equal to one of the dataset's
-  classes are left out (ours).
+  classes are left out (ours). ``background_names`` picks the names: ``clean`` (ours,
+  promptable: ``brick wall``) or ``raw`` (COCO-Stuff's own, ``wall-brick``, as the
+  alignment module was trained on them).
 - ``"constant"`` (TCL's, ``TCLSegInference.encode_decode`` in kakaobrain/tcl): a constant
   ``background_score`` (0.5) channel is concatenated *before* the class channels of each
   window. TCL's class channels are soft masks in [0, 1] -- sigmoid outputs of its masker,
@@ -47,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from fmbseg.config import Config, EvaluateConfig
+from fmbseg.data.datasets import dataset_description
 from fmbseg.data.vocab import stuff_background_names
 from fmbseg.tasks.metrics import ConfusionMatrix
 from fmbseg.tasks.predictors import Predictor
@@ -86,6 +90,7 @@ class PromptPlan:
     channel_class: tuple[int, ...]
     constant: float | None = None
     background_mode: str | None = None
+    background_names: str | None = None  # "clean" | "raw" with stuff-name backgrounds
 
     def lut(self) -> np.ndarray:
         return np.asarray(self.channel_class, dtype=np.uint8)
@@ -105,8 +110,9 @@ def plan_prompts(
     fg_names = tuple(classes[i] for i in fg)
     if ev.background == "constant":
         return PromptPlan(fg_names, (background, *fg), ev.background_score, "constant")
-    stuff = stuff_background_names(exclude=classes, name=ev.background_names)
-    return PromptPlan(fg_names + stuff, (*fg, *([background] * len(stuff))), None, "stuff_names")
+    stuff = stuff_background_names(exclude=classes, names=ev.background_names)
+    channels = (*fg, *([background] * len(stuff)))
+    return PromptPlan(fg_names + stuff, channels, None, "stuff_names", ev.background_names)
 
 
 # ---- geometry ---------------------------------------------------------------------------------
@@ -173,22 +179,23 @@ def sliding_window_scores(
     """
     _, h, w = image.shape
     boxes = window_boxes(h, w, window, stride)
+    # Every box is min(h, window) x min(w, window) (window_boxes' y1 = max(y2 - window, 0)),
+    # so the crops of a batch stack without padding.
     total: torch.Tensor | None = None
     count = torch.zeros((1, h, w), device=image.device)
     for start in range(0, len(boxes), batch_size):
         batch = boxes[start : start + batch_size]
-        crops = image.new_zeros((len(batch), 3, window, window))
-        for j, (y1, y2, x1, x2) in enumerate(batch):
-            crops[j, :, : y2 - y1, : x2 - x1] = image[:, y1:y2, x1:x2]
+        crops = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in batch])
         scores = predictor.scores(crops, text)
         if (
             scores.ndim != 4
             or scores.shape[0] != len(batch)
-            or scores.shape[-2:] != (window, window)
+            or scores.shape[-2:] != crops.shape[-2:]
         ):
+            ch, cw = crops.shape[-2:]
             raise ValueError(
                 f"{type(predictor).__name__}.scores returned shape {tuple(scores.shape)} for "
-                f"windows {tuple(crops.shape)}; expected ({len(batch)}, K, {window}, {window})"
+                f"windows {tuple(crops.shape)}; expected ({len(batch)}, K, {ch}, {cw})"
             )
         scores = scores.to(image.device, torch.float32)
         if transform is not None:
@@ -196,7 +203,7 @@ def sliding_window_scores(
         if total is None:
             total = image.new_zeros((scores.shape[1], h, w))
         for j, (y1, y2, x1, x2) in enumerate(batch):
-            total[:, y1:y2, x1:x2] += scores[j, :, : y2 - y1, : x2 - x1]
+            total[:, y1:y2, x1:x2] += scores[j]
             count[:, y1:y2, x1:x2] += 1
     assert total is not None  # window_boxes never returns an empty list
     return total.div_(count)  # in place: a second (C, H, W) buffer costs more than the math
@@ -324,9 +331,11 @@ def evaluate_dataset(
 ) -> dict[str, Any]:
     """Evaluate ``predictor`` on ``dataset`` -> report dict.
 
-    Keys: ``dataset``, ``num_images``, ``mIoU``/``mAcc``/``aAcc`` (fractions), ``per_class``
-    (class, IoU, Acc, pixels), ``confusion`` (``ConfusionMatrix.to_dict``), the protocol
-    (``background``, ``prompt_names``, ``templates``, sizes) and timing.
+    Keys: ``dataset``, ``dataset_description`` (which variant: "COCO-Object val, 80 things
+    only, background pixels ignored"), ``num_images``, ``mIoU``/``mAcc``/``aAcc``
+    (fractions), ``per_class`` (class, IoU, Acc, pixels), ``confusion``
+    (``ConfusionMatrix.to_dict``), the protocol (``background``, ``background_names``,
+    ``prompt_names``, ``templates``, sizes) and timing.
     """
     ev = evaluate_config(cfg)
     plan = plan_prompts(dataset.classes, dataset.background, ev)
@@ -334,11 +343,14 @@ def evaluate_dataset(
     cm = accumulate(predictor, dataset, ev, limit, progress)
     seconds = time.perf_counter() - start
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    name = getattr(dataset, "name", type(dataset).__name__)
     return {
-        "dataset": getattr(dataset, "name", type(dataset).__name__),
+        "dataset": name,
+        "dataset_description": dataset_description(name),
         "num_images": n,
         **metrics_report(cm, dataset.classes),
         "background": plan.background_mode,
+        "background_names": plan.background_names,
         "prompt_names": list(plan.names),
         "templates": list(ev.templates),
         "protocol": {
@@ -361,8 +373,14 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"{report.get('dataset', '?')}: {report.get('num_images', '?')} images, "
         f"mIoU {pct(report['mIoU'])}  mAcc {pct(report['mAcc'])}  aAcc {pct(report['aAcc'])}",
-        f"{'class':<24}{'IoU':>8}{'Acc':>8}",
     ]
+    if report.get("dataset_description"):  # which variant (COCO-Object 80 vs 81, ...)
+        lines.append(f"  {report['dataset_description']}")
+    if report.get("background"):
+        names = report.get("background_names")
+        names = f", {names} COCO-Stuff names" if names else ""
+        lines.append(f"  background: {report['background']}{names}")
+    lines.append(f"{'class':<24}{'IoU':>8}{'Acc':>8}")
     for row in report["per_class"]:
         lines.append(f"{row['class'][:23]:<24}{pct(row['IoU']):>8}{pct(row['Acc']):>8}")
     return "\n".join(lines)

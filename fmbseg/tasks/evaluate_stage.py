@@ -33,7 +33,7 @@ import pyarrow as pa
 import torch
 
 from fmbseg.config import Config
-from fmbseg.data.datasets import DatasetError, SegDataset, open_dataset
+from fmbseg.data.datasets import DatasetError, SegDataset, dataset_description, open_dataset
 from fmbseg.storage.fingerprint import fingerprint
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
@@ -48,7 +48,7 @@ from fmbseg.tasks.predictors import Predictor
 from fmbseg.tasks.runner import Progress, errors_table, plan_shards, run_stage
 
 STAGE = "evaluate"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: unpadded windows on images smaller than a window (mmseg)
 BASELINES = ("maskclip", "sclip")
 RECORD_SCHEMA = pa.schema(
     [
@@ -307,7 +307,9 @@ def build_report(store: ArtifactStore, plan: EvalPlan, cfg: Config) -> dict[str,
         "model": plan.model.label, "model_ref": ref, "fingerprint": fp,
         "num_images": images, "images_failed": plan.num_images - images,
         **metrics, "pixel_accuracy": metrics["aAcc"],
-        "background": prompts.background_mode, "prompt_names": list(prompts.names),
+        "dataset_description": dataset_description(ds.name),
+        "background": prompts.background_mode, "background_names": prompts.background_names,
+        "prompt_names": list(prompts.names),
         "templates": list(ev.templates),
         "protocol": {"short_side": ev.short_side, "window": ev.window, "stride": ev.stride,
                      "max_long_side": ev.max_long_side},

@@ -75,6 +75,7 @@ from fmbseg.storage.records import (
 from fmbseg.tasks.export_coco import NO_LABEL, first_rows
 from fmbseg.tasks.export_files import write_export_files
 from fmbseg.tasks.gallery import THUMB_SIDE, class_colours, has_thumb, jpeg, label_png, overlay
+from fmbseg.tasks.merge import ORDER_KEY
 from fmbseg.tasks.runner import Progress, run_stage
 from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
@@ -252,6 +253,7 @@ class ExportWorker(ImageShardWorker):
         # the shard's columns as Python lists once, not a slice and conversions per image
         cols = {n: table.column(n).to_pylist() for n in (*LABEL_COLUMNS, "image_uri")}
         by_image = rows_by_image(table)
+        order = self.upstream.manifest("merge", spec["merge"]).meta.get(ORDER_KEY, "area")
         shown = _gallery_uris(
             cols["image_uri"], {i: r[0] for i, r in by_image.items()}, spec["gallery"]
         )
@@ -293,7 +295,7 @@ class ExportWorker(ImageShardWorker):
                     "prompt_masks": sources["prompt"], "auto_masks": sources["auto"],
                     "gallery": pixels is not None,
                 }  # fmt: skip
-                job = functools.partial(self._export_image, name, cols, r, h, w, pixels)
+                job = functools.partial(self._export_image, name, cols, r, h, w, pixels, order)
                 jobs.submit(row, job)
         jobs.drain()  # every file of the shard is written before its receipt
         return pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), errors_table(lost)
@@ -306,10 +308,11 @@ class ExportWorker(ImageShardWorker):
         h: int,
         w: int,
         image: np.ndarray | None,
+        order: str = "area",
     ) -> tuple[list[int], list[bytes], list[int], list]:
-        """Compose one image's label map (all IGNORE without masks), write its files;
-        its :func:`semantic_segments`."""
-        label = compose_rows(cols, r, h, w)
+        """Compose one image's label map (all IGNORE without masks; painted in the merge's
+        ``order``), write its files; its :func:`semantic_segments`."""
+        label = compose_rows(cols, r, h, w, order)
         if self.cfg.export.png:
             self._write_label(name, label)
         if image is not None:

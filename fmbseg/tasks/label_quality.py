@@ -62,9 +62,10 @@ def label_maps(
     classes: Sequence[str],
     background: int | None = None,
     unmatched: set[str] | None = None,
+    order: str = "area",
 ) -> dict[str, np.ndarray]:
     """One image's records -> ``{"prompt", "auto", "merged"}`` ``HxW uint8`` maps of dataset
-    class ids (``IGNORE`` = unlabelled)."""
+    class ids (``IGNORE`` = unlabelled), painted in ``order`` (``merge.order``)."""
     rows = _rows(records)
     lut = _class_lut(rows, classes, background, unmatched if unmatched is not None else set())
     subsets = {
@@ -72,13 +73,14 @@ def label_maps(
         "auto": [r for r in rows if r["source"] == "auto"],
         "merged": rows,
     }
-    return {k: lut[compose_label_map(v, height, width)] for k, v in subsets.items()}
+    return {k: lut[compose_label_map(v, height, width, order)] for k, v in subsets.items()}
 
 
 def pseudo_label_quality(
     dataset: Any,
     records: Mapping[str, RecordsLike] | Callable[[str], RecordsLike | None],
     limit: int | None = None,
+    order: str = "area",
 ) -> dict[str, Any]:
     """Score stage-1 pseudo-labels of ``dataset``'s images against its ground truth.
 
@@ -89,6 +91,7 @@ def pseudo_label_quality(
             returning ``None`` for an image without records). An image without records
             counts as entirely unlabelled.
         limit: score only the first ``limit`` images.
+        order: how masks are painted (``merge.order`` of the merge output scored).
 
     Returns:
         ``{"dataset", "num_images", "images_without_records", "unmatched_categories",
@@ -110,7 +113,13 @@ def pseudo_label_quality(
             missing += 1
             recs = []
         maps = label_maps(
-            recs, label.shape[0], label.shape[1], dataset.classes, dataset.background, unmatched
+            recs,
+            label.shape[0],
+            label.shape[1],
+            dataset.classes,
+            dataset.background,
+            unmatched,
+            order,
         )
         for v in VARIANTS:
             cms[v].update(maps[v], label)

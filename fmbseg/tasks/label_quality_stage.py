@@ -28,10 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fmbseg.config import Config
-from fmbseg.data.datasets import DatasetError, SegDataset, open_dataset
+from fmbseg.data.datasets import DatasetError, SegDataset, dataset_description, open_dataset
 from fmbseg.storage.fingerprint import check_fingerprint, content_hash, fingerprint
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.label_quality import VARIANTS, pseudo_label_quality, quality_report
+from fmbseg.tasks.merge import merge_order
 from fmbseg.tasks.metrics import ConfusionMatrix
 from fmbseg.tasks.runner import Progress, plan_shards, run_stage
 
@@ -119,6 +120,7 @@ class LabelQualityWorker:
 
     def __init__(self, store: ArtifactStore, plan: LabelsPlan) -> None:
         self.store, self.plan = store, plan
+        self.order = merge_order(store, plan.merge_fp)
 
     def records(self, part: SegDataset) -> dict[str, pa.Table]:
         """Sample id -> that image's merge records (images without records are absent)."""
@@ -143,7 +145,7 @@ class LabelQualityWorker:
 
     def process(self, shard: int, spec: dict[str, int]) -> tuple[pa.Table, None]:
         part = self.plan.dataset.subset(range(spec["start"], spec["stop"]))
-        q = pseudo_label_quality(part, self.records(part))
+        q = pseudo_label_quality(part, self.records(part), order=self.order)
         row = {"shard": shard, "images": q["num_images"],
                "without_records": q["images_without_records"],
                "unmatched": json.dumps(q["unmatched_categories"]),
@@ -166,7 +168,7 @@ def run_label_quality(
 
 def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]:
     """Summed matrices -> ``{"dataset", "data_root", "limit", "model" ("labels:{fp}"),
-    "labels" (merge fp), "fingerprint", "num_images", "images_without_records",
+    "labels" (merge fp), "merge_order" (its ``merge.order``), "fingerprint", "num_images", "images_without_records",
     "unmatched_categories", "prompt", "auto", "merged"}``; each variant as
     :func:`~fmbseg.tasks.label_quality.quality_report` (mIoU, coverage, precision, ...).
 
@@ -192,8 +194,10 @@ def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]
             f"<the split's image folder> --vocab ...), then evaluate labels:latest"
         )
     return {
-        "dataset": ds.name, "data_root": plan.data_root, "limit": plan.limit,
+        "dataset": ds.name, "dataset_description": dataset_description(ds.name),
+        "data_root": plan.data_root, "limit": plan.limit,
         "model": f"labels:{plan.merge_fp}", "labels": plan.merge_fp,
+        "merge_order": merge_order(store, plan.merge_fp),
         "fingerprint": plan.fingerprint, "num_images": images,
         "images_without_records": without, "unmatched_categories": sorted(unmatched),
         **{v: quality_report(cms[v], ds.classes) for v in VARIANTS},

@@ -8,7 +8,18 @@ of its ``n`` automatic masks (halves round up).
 
 Records keep the ``fingerprint`` of the stage that made them (sam_prompt or sam_auto), so a
 merged mask points to its origin. Label maps are composed from merged records with
-:func:`fmbseg.storage.records.compose_label_map` (by export and by training).
+:func:`fmbseg.storage.records.compose_label_map` (by export, training and the label-quality
+stage), painting masks in ``merge.order``, which the merge manifest records
+(:func:`merge_order`) so that every consumer of a merge output paints it the same way:
+
+- ``area`` (default, ours): masks are painted in descending area, so a small mask wins a
+  pixel over a larger one whatever its stage; a small stage-1.2 mask (sampled, labelled only
+  by the mean CLIP similarity under it) can overwrite part of a stage-1.1 mask.
+- ``prompt_first``: stage-1.1 masks (CLIP points -> SAM) are painted over all stage-1.2
+  masks; the area order holds within each stage.
+- ``fill_unlabelled``: stage-1.1 masks first (area order among them), then stage-1.2 masks
+  only fill pixels no mask has labelled, the highest predicted IoU first; a stage-1.2 mask
+  never overwrites any label.
 """
 
 from __future__ import annotations
@@ -44,6 +55,13 @@ from fmbseg.tasks.stage1 import (
 
 STAGE = "merge"
 CODE_VERSION = CODE_VERSIONS[STAGE]
+ORDER_KEY = "order"  # manifest meta key holding merge.order
+
+
+def merge_order(store: ArtifactStore, merge_fp: str) -> str:
+    """The ``merge.order`` a committed merge output was made with: its label maps are
+    painted that way (``"area"`` for outputs made before the option existed)."""
+    return str(store.require_manifest(STAGE, merge_fp).meta.get(ORDER_KEY, "area"))
 
 
 def image_seed(seed: int, image_id: str) -> np.random.Generator:
@@ -291,6 +309,6 @@ def run_merge(
         factory,
         cfg.runtime,
         progress=progress,
-        meta={VOCABULARY_KEY: list(vocabulary), **inputs},
+        meta={VOCABULARY_KEY: list(vocabulary), ORDER_KEY: cfg.merge.order, **inputs},
     )
     return fp

@@ -1,7 +1,8 @@
 """Predictors: what the evaluation protocol runs on each sliding window.
 
-A :class:`Predictor` turns a batch of normalised square windows into per-class score maps
-of the same size, given the text side it built once per vocabulary with ``encode_text``.
+A :class:`Predictor` turns a batch of normalised windows into per-class score maps of the
+same size (windows are ``window`` squares, or smaller and not square where the image is
+smaller than a window: mmseg feeds those crops unpadded), given the text side it built once per vocabulary with ``encode_text``.
 The protocol (``fmbseg.tasks.evaluate``) owns resizing, windowing, averaging and argmax;
 predictors only score windows. Three are provided:
 
@@ -47,20 +48,25 @@ class Predictor(Protocol):
         ...
 
     def scores(self, windows: torch.Tensor, text: Any) -> torch.Tensor:
-        """``(B, 3, S, S) float32`` normalised windows -> ``(B, K, S, S) float32`` scores."""
+        """``(B, 3, h, w) float32`` normalised windows -> ``(B, K, h, w) float32`` scores.
+
+        ``h == w == window`` except where the image is smaller than the window.
+        """
         ...
 
 
 def _fit_to_patches(windows: torch.Tensor, patch: int) -> torch.Tensor:
-    """Resize windows whose side is not a multiple of ``patch`` to the nearest multiple.
+    """Resize windows whose sides are not multiples of ``patch`` to the nearest multiples.
 
-    The paper's windows (448) are multiples of 14 and 16; tiny test configs may not be.
+    The paper's windows (448) are multiples of 14 and 16; tiny test configs, and the
+    unpadded crops of images smaller than a window, may not be. (SCLIP's patch convolution
+    drops the remainder instead; resizing keeps every pixel.)
     """
-    s = windows.shape[-1]
-    fitted = max(patch, int(s / patch + 0.5) * patch)
-    if fitted == s and windows.shape[-2] == s:
+    h, w = windows.shape[-2:]
+    fitted = tuple(max(patch, int(s / patch + 0.5) * patch) for s in (h, w))
+    if fitted == (h, w):
         return windows
-    return F.interpolate(windows, size=(fitted, fitted), mode="bilinear", align_corners=False)
+    return F.interpolate(windows, size=fitted, mode="bilinear", align_corners=False)
 
 
 def cosine_maps(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -106,9 +112,11 @@ class AlignmentPredictor:
         module: maps ``(B, N, C)`` patch features to ``(B, N, D)`` embeddings (the trained
             ``AlignmentModule``, in eval mode).
         text_encoder: the CLIP whose text embeddings the module was aligned to.
-        input_size: if given, each window is resized to this square (the encoder input
-            the module was trained at, as ``OpenVocabSegmenter`` does); else a window is
-            used at its own size, rounded to a multiple of the patch size.
+        input_size: if given, each window is resized so its long side is this size (a full
+            window becomes the square encoder input the module was trained at, as
+            ``OpenVocabSegmenter`` does; a crop cut short by a small image keeps its aspect
+            ratio), sides rounded to multiples of the patch size; else a window is used at
+            its own size, rounded to multiples of the patch size.
     """
 
     def __init__(
@@ -148,15 +156,12 @@ class AlignmentPredictor:
     def scores(self, windows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         size = windows.shape[-2:]
         p = self.preprocess.patch_size
-        if self.input_size is not None and tuple(size) != (self.input_size, self.input_size):
-            x = F.interpolate(
-                windows,
-                size=(self.input_size, self.input_size),
-                mode="bilinear",
-                align_corners=False,
-            )
-        else:
-            x = _fit_to_patches(windows, p)
+        x = windows
+        if self.input_size is not None and max(size) != self.input_size:
+            scale = self.input_size / max(size)
+            target = [max(1, int(s * scale + 0.5)) for s in size]
+            x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
+        x = _fit_to_patches(x, p)
         gh, gw = x.shape[-2] // p, x.shape[-1] // p
         feats = self.encoder.patch_features(x)  # (B, N, C), row-major patches
         z = self.module(feats.to(self.device))  # (B, N, D)

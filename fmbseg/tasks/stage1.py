@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from fmbseg.config import Config
+from fmbseg.data.image_labels import ImageLabels
 from fmbseg.storage import ArtifactStore, Manifest, fingerprint
 from fmbseg.storage.records import error_row
 
@@ -42,7 +43,7 @@ T = TypeVar("T")
 VOCABULARY_KEY = "vocabulary"  # manifest meta key holding the run's class names
 
 CODE_VERSIONS = {  # bump when a stage's output format or meaning changes
-    "clip_dense": "1",
+    "clip_dense": "2",  # 2: plain bicubic positional-embedding resize (issue 17)
     "sam_prompt": "1",
     "sam_auto": "1",
     "merge": "1",
@@ -58,9 +59,14 @@ def _without(section: Any, *fields: str) -> dict[str, Any]:
 
 
 def stage_fingerprint(
-    stage: str, cfg: Config, inputs: dict[str, str], vocabulary: Sequence[str] | None = None
+    stage: str,
+    cfg: Config,
+    inputs: dict[str, str],
+    vocabulary: Sequence[str] | None = None,
+    image_labels: ImageLabels | None = None,
 ) -> str:
-    """The fingerprint of one stage-1 stage from the config sections it reads and its inputs."""
+    """The fingerprint of one stage-1 stage from the config sections it reads and its inputs
+    (``image_labels``: the user's image-level tags, clip_dense only)."""
     m = cfg.models
     sam_models = {"sam": m.sam, "sam_weights": m.sam_weights, "sam_precision": m.sam_precision}
     parts: dict[str, Any]
@@ -74,6 +80,8 @@ def stage_fingerprint(
             },
             "vocabulary": list(vocabulary or ()),
         }
+        if image_labels is not None:  # tags replace CLIP's presence vote
+            parts["image_labels"] = image_labels.fingerprint_part()
     elif stage == "sam_prompt":
         parts = {"sam_prompt": cfg.sam_prompt, "models": sam_models}
     elif stage == "sam_auto":
@@ -87,11 +95,18 @@ def stage_fingerprint(
     return fingerprint(stage, CODE_VERSIONS[stage], parts, inputs)
 
 
-def stage1_fingerprints(cfg: Config, index_fp: str, vocabulary: Sequence[str]) -> dict[str, str]:
+def stage1_fingerprints(
+    cfg: Config,
+    index_fp: str,
+    vocabulary: Sequence[str],
+    image_labels: ImageLabels | None = None,
+) -> dict[str, str]:
     """Every stage-1 fingerprint, before running anything (what the ``run_*`` functions
     return): ``clip_dense``, ``sam_prompt``, ``sam_auto``, ``merge``, ``export``."""
     fps = {"index": index_fp}
-    fps["clip_dense"] = stage_fingerprint("clip_dense", cfg, {"index": index_fp}, vocabulary)
+    fps["clip_dense"] = stage_fingerprint(
+        "clip_dense", cfg, {"index": index_fp}, vocabulary, image_labels
+    )
     for stage in ("sam_prompt", "sam_auto"):
         fps[stage] = stage_fingerprint(stage, cfg, {"clip_dense": fps["clip_dense"]})
     fps["merge"] = stage_fingerprint("merge", cfg, dict(fps))

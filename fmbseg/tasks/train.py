@@ -32,6 +32,7 @@ from fmbseg.tasks.features import (
     build_feature_cache,
     check_input_size,
 )
+from fmbseg.tasks.merge import merge_order
 from fmbseg.tasks.train_data import (
     EpochOrder,
     PatchDataset,
@@ -198,6 +199,7 @@ def run_train(
             records, names, tcfg.input_size, encoder.preprocess.patch_size,
             tcfg.min_labelled_fraction, tcfg.crops_per_image, tcfg.num_loader_workers,
             all_image_ids=indexes[-1].column("image_id").to_pylist(),
+            order=merge_order(store, lfp),
         ))  # fmt: skip
     data = unite(parts)
     require_labelled(data, what)

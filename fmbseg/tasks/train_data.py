@@ -108,8 +108,9 @@ class _ComposeJob(Dataset):
         patch_size: int,
         min_fraction: float,
         crops: int,
+        order: str = "area",
     ) -> None:
-        self.records, self.bounds = records, bounds
+        self.records, self.bounds, self.order = records, bounds, order
         self.size, self.patch = input_size, patch_size
         self.min_fraction, self.crops = min_fraction, crops
 
@@ -121,7 +122,7 @@ class _ComposeJob(Dataset):
         part = self.records.slice(start, stop - start)
         h, w = part.column("height")[0].as_py(), part.column("width")[0].as_py()
         image_id = part.column("image_id")[0].as_py()
-        label_map = compose_label_map(part, h, w)
+        label_map = compose_label_map(part, h, w, self.order)
         grid = (self.size // self.patch) ** 2
         labels = np.full((self.crops, grid), -1, np.int16)
         boxes = np.full((self.crops, 4), -1, np.int32)
@@ -140,20 +141,22 @@ def labelled_images(
     crops_per_image: int = 1,
     num_workers: int = 0,
     all_image_ids: Sequence[str] | None = None,
+    order: str = "area",
 ) -> LabelledImages:
     """Patch labels of the training crops of every image in ``records`` (merge-stage rows,
     several per image); up to ``crops_per_image`` crops each.
 
     ``all_image_ids``: the images the label set covers (the index), to count those that got
     no mask at all among the images without labels. Label maps are composed in
-    ``num_workers`` DataLoader processes (0 = in this process).
+    ``num_workers`` DataLoader processes (0 = in this process), painted in ``order`` (the
+    merge output's ``merge.order``).
     """
     check_categories(records, names, "pseudo-labels")
     records = records.sort_by([("image_id", "ascending")])
     ids = records.column("image_id").to_numpy(zero_copy_only=False)
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, int)
     bounds = np.r_[starts, len(ids)].astype(np.int64)
-    job = _ComposeJob(records, bounds, input_size, patch_size, min_fraction, crops_per_image)
+    job = _ComposeJob(records, bounds, input_size, patch_size, min_fraction, crops_per_image, order)
     loader = DataLoader(job, batch_size=None, num_workers=num_workers)
     per_image = [(np.asarray(y), np.asarray(b)) for y, b in loader]
     grid = (input_size // patch_size) ** 2

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmbseg.data.datasets import DatasetError, open_dataset
+from fmbseg.data.datasets import DatasetError, dataset_description, dataset_names, open_dataset
 from fmbseg.data.vocab import load_vocabulary
 from tests.evaluate import dataset_trees as trees
 
@@ -121,6 +121,44 @@ def test_coco_object_matches_groupvit_conversion(tmp_path, variant):
         expected[sid] = e
     _check_samples(ds, expected)
     assert all(255 not in lab for _, _, lab in ds)
+
+
+@pytest.mark.parametrize("variant", ["train_ids", "raw", "instance_ids"])
+def test_coco_object_80_is_things_only_with_background_ignored(tmp_path, variant):
+    train = trees.write_coco(
+        str(tmp_path),
+        train_ids=variant != "raw",
+        raw=variant == "raw",
+        instance_ids=variant == "instance_ids",
+    )
+    ds = open_dataset("coco-object-80", str(tmp_path))
+    assert ds.name == "coco-object-80" and len(ds.classes) == 80 and ds.background is None
+    assert ds.classes[0] == "person" and ds.classes[79] == "toothbrush"
+    # things keep their train id; stuff (banner, wood) and unlabelled are not evaluated
+    expected = {sid: np.where(t < 80, t, 255).astype(np.uint8) for sid, t in train.items()}
+    _check_samples(ds, expected)
+    assert all({0, 11, 79} <= set(np.unique(lab)) for _, _, lab in ds)
+
+
+def test_coco_object_names_say_which_variant(tmp_path):
+    trees.write_coco(str(tmp_path))
+    for name, key, k in [
+        ("coco-object", "coco-object-81", 81),
+        ("coco-object-81", "coco-object-81", 81),
+        ("co-81", "coco-object-81", 81),
+        ("coco-object-80", "coco-object-80", 80),
+        ("co-80", "coco-object-80", 80),
+    ]:
+        ds = open_dataset(name, str(tmp_path))
+        assert (ds.name, len(ds.classes)) == (key, k), name
+    assert {"coco-object-80", "coco-object-81"} <= set(dataset_names())
+    assert dataset_description("coco-object-80") == (
+        "COCO-Object val, 80 things only, background pixels ignored"
+    )
+    assert dataset_description("coco-object") == (
+        "COCO-Object val, 80 things + background (81 classes)"
+    )
+    assert dataset_description("folder") == ""
 
 
 def test_cityscapes_train_ids_and_label_ids_fallback(tmp_path):

@@ -93,3 +93,16 @@ def test_stuff_background_excludes_dataset_classes():
     assert "sky" not in ctx and "wall" not in ctx and "banner" in ctx
     # VOC's classes are things: every stuff name stays a background name.
     assert stuff_background_names(exclude=load_vocabulary("voc-21")) == all_stuff
+
+
+def test_raw_stuff_background_names_are_coco_stuffs_own():
+    raw = stuff_background_names(names="raw")
+    assert raw == load_vocabulary("coco-stuff-171")[80:]
+    assert "sky-other" in raw and "wall-brick" in raw and "brick wall" not in raw
+    # the same stuff classes are dropped in both sets: Context's "sky" drops "sky-other" too
+    clean_ctx = stuff_background_names(exclude=load_vocabulary("context-60"))
+    raw_ctx = stuff_background_names(exclude=load_vocabulary("context-60"), names="raw")
+    assert len(raw_ctx) == len(clean_ctx) < 91
+    assert "sky-other" not in raw_ctx and "wall-other" not in raw_ctx and "banner" in raw_ctx
+    with pytest.raises(ValueError, match="must be one of \\['clean', 'raw'\\], got 'stuff'"):
+        stuff_background_names(names="stuff")

@@ -78,6 +78,19 @@ def test_windows_not_a_multiple_of_the_patch_are_resized():
     assert clip.sizes == [(24, 24)] and s.shape == (1, 1, 20, 20)
 
 
+def test_unpadded_non_square_windows_keep_their_shape():
+    # An image smaller than the window is cut unpadded (mmseg): 12x16 crops, sides fitted
+    # to the patch (8) one by one, scores back at the crop's own size.
+    clip = PatchColourClip()
+    s = DenseClipPredictor(clip).scores(
+        torch.zeros(2, 3, 12, 16), clip.encode_text(["cat"], ("{}",))
+    )
+    assert clip.sizes == [(16, 16)] and s.shape == (2, 1, 12, 16)
+    clip.sizes.clear()
+    DenseClipPredictor(clip).scores(torch.zeros(1, 3, 10, 24), clip.encode_text(["cat"], ("{}",)))
+    assert clip.sizes == [(8, 24)]
+
+
 def test_cosine_maps_normalises_both_sides():
     f = torch.tensor([[3.0, 0.0], [0.0, 2.0]]).T.reshape(1, 2, 1, 2)  # two patches
     t = torch.tensor([[10.0, 0.0], [1.0, 1.0]])
@@ -116,6 +129,23 @@ def test_alignment_predictor_keeps_patch_layout():
     assert s.shape == (1, 3, 16, 16)
     best = s[0].argmax(0)
     assert (best[:, :6] == 0).all() and (best[10:, 10:] == 1).all() and (best[:6, 10:] == 2).all()
+
+
+def test_alignment_predictor_scales_a_short_crop_like_a_full_window():
+    # input_size 8 for 16-px windows: a full window is halved; a 16x8 crop of a narrow
+    # image is halved too (8x4, aspect kept), not squashed to 8x8.
+    seen = []
+
+    class Recording(MeanColourEncoder):
+        def patch_features(self, images):
+            seen.append(tuple(images.shape[-2:]))
+            return super().patch_features(images)
+
+    pred = AlignmentPredictor(Recording(), torch.nn.Identity(), ColourText(), input_size=8)
+    text = pred.encode_text(["cat", "dog"], ("{}",))
+    assert pred.scores(torch.rand(1, 3, 16, 16), text).shape == (1, 2, 16, 16)
+    assert pred.scores(torch.rand(2, 3, 16, 8), text).shape == (2, 2, 16, 8)
+    assert seen == [(8, 8), (8, 4)]
 
 
 def test_similarities_adapter_matches_the_direct_predictor():

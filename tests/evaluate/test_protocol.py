@@ -64,6 +64,77 @@ def test_sliding_window_equals_whole_image_for_an_equivariant_predictor(h, w, wi
     torch.testing.assert_close(slid, whole, rtol=1e-5, atol=1e-5)
 
 
+class RecordingPredictor:
+    """Scores each pixel by its window's mean first channel, recording the windows fed."""
+
+    preprocess = ColourPredictor.preprocess
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.windows: list[torch.Tensor] = []
+
+    def scores(self, windows: torch.Tensor, text: None) -> torch.Tensor:
+        self.windows.extend(windows.clone())
+        return windows[:, :1].mean((2, 3), keepdim=True).expand(-1, 1, *windows.shape[-2:])
+
+
+def test_image_smaller_than_a_window_is_cut_unpadded_as_mmseg_does():
+    # mmseg slide_inference, h=10, w=40, crop 16, stride 8, by hand:
+    # h_grids = max(10 - 16 + 8 - 1, 0) // 8 + 1 = 1; w_grids = (40 - 16 + 7) // 8 + 1 = 4;
+    # y2 = min(0 + 16, 10) = 10, y1 = max(10 - 16, 0) = 0; x2 = 16, 24, 32, 40 -> x1 = x2 - 16.
+    mmseg = [(0, 10, 0, 16), (0, 10, 8, 24), (0, 10, 16, 32), (0, 10, 24, 40)]
+    assert window_boxes(10, 40, 16, 8) == mmseg
+    x = torch.randn(3, 10, 40, generator=torch.Generator().manual_seed(0))
+    pred = RecordingPredictor()
+    out = sliding_window_scores(x, pred, None, 16, 8, batch_size=3)
+    assert [tuple(w.shape) for w in pred.windows] == [(3, 10, 16)] * 4  # no zero rows
+    for w, (y1, y2, x1, x2) in zip(pred.windows, mmseg, strict=True):
+        torch.testing.assert_close(w, x[:, y1:y2, x1:x2], atol=0, rtol=0)
+    # each pixel: the mean of its windows' means (a padded window would dilute them)
+    means = [x[0, :, x1:x2].mean() for _, _, x1, x2 in mmseg]
+    torch.testing.assert_close(out[0, 3, 0], means[0])
+    torch.testing.assert_close(out[0, 3, 20], (means[1] + means[2]) / 2)
+    torch.testing.assert_close(out[0, 3, 30], (means[2] + means[3]) / 2)
+    # smaller than the window on both sides: the whole image, once
+    pred = RecordingPredictor()
+    sliding_window_scores(x[:, :, :12], pred, None, 16, 8, batch_size=3)
+    assert [tuple(w.shape) for w in pred.windows] == [(3, 10, 12)]
+
+
+def test_background_names_clean_or_raw_and_the_report_says_which():
+    classes = ("background", "cat", "dog")
+    clean = plan_prompts(classes, 0, CFG)
+    raw_cfg = EvaluateConfig(short_side=30, window=16, stride=8, background_names="raw")
+    raw = plan_prompts(classes, 0, raw_cfg)
+    assert clean.names[:2] == raw.names[:2] == ("cat", "dog")
+    assert "building" in clean.names and "building-other" not in clean.names
+    assert "building-other" in raw.names and "building" not in raw.names
+    assert len(raw.names) == len(clean.names) == 2 + 91
+    assert (clean.background_names, raw.background_names) == ("clean", "raw")
+    with pytest.raises(Exception, match="'tidy' is not one of"):
+        load_config("tiny", ["evaluate.background_names=tidy"])
+
+
+def _scene_item() -> tuple[str, np.ndarray, np.ndarray]:
+    img, who, _ = colour_scene(0)
+    return "s0", img, np.vectorize({"sky": 255, "cat": 0, "dog": 1}.get)(who).astype(np.uint8)
+
+
+def test_report_names_the_coco_object_variant():
+    ds = ListDataset("coco-object-80", ("cat", "dog"), [_scene_item()])
+    report = evaluate_dataset(ColourPredictor(), ds, CFG)
+    assert report["dataset_description"] == (
+        "COCO-Object val, 80 things only, background pixels ignored"
+    )
+    assert report["background"] is None and report["background_names"] is None
+    text = format_report(report)
+    assert text.splitlines()[1] == "  COCO-Object val, 80 things only, background pixels ignored"
+    ds81 = ListDataset("coco-object-81", ("background", "cat", "dog"), [_scene_item()], 0)
+    text = format_report(evaluate_dataset(ColourPredictor(), ds81, CFG))
+    assert "  COCO-Object val, 80 things + background (81 classes)" in text
+    assert "  background: stuff_names, clean COCO-Stuff names" in text
+
+
 def test_windows_are_batched_and_square():
     pred = ColourPredictor()
     img, _, _ = colour_scene(0)

@@ -125,6 +125,18 @@ def test_bad_vocabulary_fails_before_any_work(classes, vocab, message, tmp_path:
     assert not (tmp_path / "store").exists()
 
 
+def test_unknown_image_label_names_fail_both_flows_before_any_work(tmp_path: Path) -> None:
+    from fmbseg.data.image_labels import ImageLabelsError
+    from fmbseg.flows.annotate_and_train import annotate_and_train_flow
+
+    (tmp_path / "tags.csv").write_text("image,labels\na.png,dog|zebra\n")
+    store, tags = str(tmp_path / "store"), str(tmp_path / "tags.csv")
+    for flow in (annotate_flow, annotate_and_train_flow):
+        with pytest.raises(ImageLabelsError, match="not in the vocabulary: 'zebra' \\(a.png\\)"):
+            flow.fn(str(tmp_path / "nothing"), store, "cat,dog", image_labels=tags)
+    assert not (tmp_path / "store").exists()
+
+
 def test_builtin_vocabulary_and_single_class() -> None:
     assert resolve_vocabulary(None, "voc-20")[:3] == ("aeroplane", "bicycle", "bird")
     assert resolve_vocabulary("cat", None) == ("cat",)

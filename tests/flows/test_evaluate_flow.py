@@ -26,7 +26,7 @@ REPORT_KEYS = {
     "dataset", "data_root", "limit", "model", "model_ref", "fingerprint", "num_images",
     "images_failed", "mIoU", "mAcc", "aAcc", "pixel_accuracy", "per_class", "confusion",
     "pixels", "coverage", "background", "prompt_names", "templates", "protocol", "seconds",
-    "images_per_second", "report_uris",
+    "images_per_second", "report_uris", "dataset_description", "background_names",
 }  # fmt: skip
 
 
@@ -77,6 +77,8 @@ def test_sharded_ray_evaluation_equals_single_process_and_is_cached(
     assert report["num_images"] == 3 and report["images_failed"] == 0
     assert report["dataset"] == "voc21" and report["model"] == "maskclip"
     assert report["model_ref"]["clip"] == "clip_tiny"
+    assert report["dataset_description"] == "PASCAL VOC 2012 val, 20 classes + background"
+    assert report["background"] == "stuff_names" and report["background_names"] == "clean"
 
     store = ArtifactStore(store_dir)
     fp = report["fingerprint"]

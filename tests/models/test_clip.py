@@ -168,16 +168,40 @@ def test_pos_embed_interpolation_identity_and_shapes(maskclip: OpenClipDense) ->
     )
 
 
+def _reference_resize(pos: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]):
+    # The call MaskCLIP / SCLIP / CLIP-DINOiser publish: plain bicubic on the reshaped grid.
+    c = pos.shape[-1]
+    img = pos[1:].reshape(1, *native, c).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], img.permute(0, 2, 3, 1).reshape(-1, c)])
+
+
+@pytest.mark.parametrize("grid", [(6, 8), (28, 28), (2, 3)])
+def test_pos_embed_resize_is_the_references_plain_bicubic(
+    grid: tuple[int, int], maskclip: OpenClipDense
+) -> None:
+    pos = maskclip.visual.positional_embedding.detach()
+    ours = interpolate_pos_embed(pos, (4, 4), grid)
+    torch.testing.assert_close(ours, _reference_resize(pos, (4, 4), grid), atol=0, rtol=0)
+    # open_clip's antialiased resize is another kernel, enlarging and shrinking alike
+    c = pos.shape[-1]
+    img = pos[1:].reshape(1, 4, 4, c).permute(0, 3, 1, 2)
+    aa = F.interpolate(img, size=grid, mode="bicubic", align_corners=False, antialias=True)
+    assert (ours[1:] - aa.permute(0, 2, 3, 1).reshape(-1, c)).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("size", [(96, 128), (32, 48)])
-def test_other_crop_sizes_match_open_clip_resized_model(
+def test_other_crop_sizes_match_a_model_with_the_resized_embedding(
     size: tuple[int, int], maskclip: OpenClipDense
 ) -> None:
-    # open_clip itself resizes the positional embedding when a checkpoint is loaded into a
-    # model of another image size: our on-the-fly interpolation must agree with it.
+    # A model built natively at the other size, holding the reference-resized positional
+    # embedding, must give the same embeddings as our on-the-fly interpolation.
     cfg = {**TINY_CLIP_CFG, "vision_cfg": {**TINY_CLIP_CFG["vision_cfg"], "image_size": size}}
     resized = open_clip.CLIP(**cfg, quick_gelu=True)
     sd = maskclip.model.state_dict()
-    open_clip.model.resize_pos_embed(sd, resized)
+    grid = (size[0] // 16, size[1] // 16)
+    key = "visual.positional_embedding"
+    sd[key] = _reference_resize(sd[key], (4, 4), grid)
     resized.load_state_dict(sd)
     crops = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(

@@ -29,6 +29,7 @@ NO_FILTERS = SamAutoConfig(
     box_nms_thresh=1.0,
     min_mask_region_area=0,
     max_area_fraction=1.0,
+    crop_n_layers=0,
 )
 
 
@@ -250,6 +251,8 @@ def test_missing_real_checkpoint_says_how_to_fix(
         # image's last point batch keeps no mask
         {"points_per_batch": 5, "pred_iou_thresh": 0.34, "stability_score_thresh": 0.1,
          "box_nms_thresh": 0.99, "min_mask_region_area": 30},
+        # SAM's labelling crop layers: 1 + 4 crops, a 3x3 grid in each crop, cross-crop NMS
+        {"points_per_batch": 16, "crop_n_layers": 1, "crop_n_points_downscale_factor": 2},
     ],
 )  # fmt: skip
 def test_binary_mask_generator_equals_the_stock_generator(
@@ -267,6 +270,8 @@ def test_binary_mask_generator_equals_the_stock_generator(
         stability_score_thresh=cfg.stability_score_thresh,
         box_nms_thresh=cfg.box_nms_thresh,
         min_mask_region_area=cfg.min_mask_region_area,
+        crop_n_layers=cfg.crop_n_layers,
+        crop_n_points_downscale_factor=cfg.crop_n_points_downscale_factor,
         output_mode="binary_mask",
     )
     counts = []

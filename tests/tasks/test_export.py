@@ -485,3 +485,33 @@ def test_an_export_killed_in_its_last_write_leaves_no_temp_file_after_the_rerun(
     fp = run_export(store, cfg, merge_fp)
     assert list(base.rglob("*.tmp-*")) == []
     assert store.read_json(f"exports/{fp}/export.json")["images"] == 3
+
+
+@pytest.mark.parametrize("order", [None, "area", "prompt_first", "fill_unlabelled"])
+def test_export_paints_in_the_order_the_merge_was_made_with(tmp_path, order):
+    # A prompt mask with a small automatic mask inside it: only "area" lets the auto win.
+    path = tmp_path / "one.png"
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(path)
+    big, small = np.zeros((10, 12), bool), np.zeros((10, 12), bool)
+    big[0:8, 0:8], small[2:4, 2:4] = True, True
+    rows = [
+        mask_row(
+            m,
+            image_id="id",
+            image_uri=str(path),
+            category_id=c,
+            category=f"class{c}",
+            source=s,
+            score=0.9,
+            fingerprint="fp",
+        )
+        for m, c, s in ((big, 1, "prompt"), (small, 2, "auto"))
+    ]
+    store = ArtifactStore(str(tmp_path / "store"))
+    store.write_shard("merge", "m", 0, MaskRecords.from_rows(rows).table, None)
+    meta = {"vocabulary": ["class0", "class1", "class2"]}
+    store.commit("merge", "m", 1, meta=meta if order is None else {**meta, "order": order})
+    fp = run_export(store, synthetic_config(), "m")
+    label = np.asarray(Image.open(io.BytesIO(store.read_bytes(f"exports/{fp}/labels/one.png"))))
+    assert (label[2:4, 2:4] == (2 if order in (None, "area") else 1)).all()
+    assert (label[big & ~small] == 1).all() and (label[~big] == 255).all()

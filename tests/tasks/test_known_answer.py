@@ -214,3 +214,62 @@ def test_images_with_no_present_class_yield_reasons_not_crashes(tmp_path):
             io.BytesIO(store.read_bytes(f"exports/{fps['export']}/labels/{name}.png"))
         )
         assert set(np.unique(np.asarray(label)).tolist()) == {255}
+
+
+# ---- image-level tags (the paper's semi-supervised variant) ---------------------------------
+
+
+def _small_dog_world(folder: Path) -> np.ndarray:
+    """Grass with a 16x16 dog: at most 43% of any 32-px crop (short side 64), so grass wins
+    every crop and CLIP's vote misses the dog. Also an image the tags do not name."""
+    from tests.synthetic import PALETTE
+
+    folder.mkdir()
+    truth = np.full((48, 96), VOCAB.index("grass"), np.uint8)
+    truth[16:32, 40:56] = VOCAB.index("dog")
+    colours = np.array(list(PALETTE.values()), np.uint8)
+    Image.fromarray(colours[truth]).save(folder / "tagged.png")
+    Image.fromarray(colours[np.full_like(truth, VOCAB.index("sky"))]).save(folder / "other.png")
+    return truth
+
+
+def test_a_tag_clip_misses_gets_its_mask(tmp_path):
+    from fmbseg.data.image_labels import load_image_labels
+    from fmbseg.data.sources import source_root
+
+    truth = _small_dog_world(tmp_path / "imgs")
+    dog = truth == VOCAB.index("dog")
+    cfg = synthetic_config()
+
+    def dog_label(store, fps) -> np.ndarray:
+        rel = f"exports/{fps['export']}/labels/tagged.png"
+        return np.asarray(Image.open(io.BytesIO(store.read_bytes(rel))))[dog]
+
+    plain = ArtifactStore(str(tmp_path / "plain"))
+    fps = run_pipeline(plain, cfg, tmp_path / "imgs")
+    clip = plain.read_table("clip_dense", fps["clip_dense"]).to_pylist()
+    tagged_row = next(r for r in clip if r["image_uri"].endswith("tagged.png"))
+    assert tagged_row["present"] == [VOCAB.index("grass")]  # the vote misses the dog
+    assert tagged_row["votes"][VOCAB.index("dog")] == 0
+    assert (dog_label(plain, fps) == VOCAB.index("grass")).all()
+
+    csv = tmp_path / "tags.csv"
+    csv.write_text("image,labels\ntagged.png,Grass|dog\n")
+    tags = load_image_labels(str(csv), VOCAB).bound_to(source_root(str(tmp_path / "imgs")))
+    store = ArtifactStore(str(tmp_path / "tagged"))
+    fps2 = run_pipeline(store, cfg, tmp_path / "imgs", image_labels=tags)
+    assert fps2["clip_dense"] != fps["clip_dense"] and fps2["index"] == fps["index"]
+    (row,) = store.read_table("clip_dense", fps2["clip_dense"]).to_pylist()
+    assert row["present"] == [VOCAB.index("grass"), VOCAB.index("dog")]
+    assert row["votes"] == tagged_row["votes"]  # the vote is recorded, not used
+    prompts = store.read_table("sam_prompt", fps2["sam_prompt"]).to_pylist()
+    assert {r["category"] for r in prompts} == {"grass", "dog"}
+    assert (dog_label(store, fps2) == VOCAB.index("dog")).mean() > 0.95
+    # the image no tag names: a recorded skip, not run through CLIP
+    errors = store.read_table("clip_dense", fps2["clip_dense"], kind="errors").to_pylist()
+    assert [(e["uri"].rsplit("/", 1)[-1], e["error_type"]) for e in errors] == [
+        ("other.png", "no_image_labels")
+    ]
+    assert "no entry in image labels" in errors[0]["message"]
+    meta = store.require_manifest("clip_dense", fps2["clip_dense"]).meta
+    assert meta["image_labels"]["file"] == str(csv)

@@ -116,6 +116,69 @@ def test_label_map_tie_prompt_wins_then_score_then_lower_id():
     assert (compose_label_map([y, x], 6, 6)[a] == 5).all()
 
 
+def _overlap_scene():
+    """A prompt mask P (class 1) with a small auto mask inside it (2), an auto mask (3)
+    overlapping P's right edge, and a smaller, less confident auto mask (4) overlapping 3."""
+    p = _row(_box(10, 12, 0, 8, 0, 8), cat=1, source="prompt", score=0.9)  # 64 px
+    small = _row(_box(10, 12, 2, 4, 2, 4), cat=2, score=0.8)  # 4 px, inside P
+    right = _row(_box(10, 12, 0, 6, 6, 12), cat=3, score=0.95)  # 36 px, 12 over P
+    low = _row(_box(10, 12, 4, 10, 9, 12), cat=4, score=0.7)  # 18 px, 6 over `right`
+    return [p, small, right, low]
+
+
+def _expected(p_over_auto: bool, auto_overlap: int) -> np.ndarray:
+    lab = np.full((10, 12), 255, np.uint8)
+    lab[0:6, 6:12] = 3
+    lab[4:10, 9:12] = 4
+    lab[4:6, 9:12] = auto_overlap
+    if p_over_auto:
+        lab[0:8, 0:8] = 1
+    else:
+        lab[0:8, 0:6] = 1
+        lab[6:8, 6:8] = 1
+        lab[2:4, 2:4] = 2
+    return lab
+
+
+@pytest.mark.parametrize(
+    ("order", "expected"),
+    [
+        # smaller wins: the small auto mask (2) and the auto mask 3 overwrite P's pixels
+        ("area", _expected(p_over_auto=False, auto_overlap=4)),
+        # P over every auto mask; among auto masks the smaller (4) still wins
+        ("prompt_first", _expected(p_over_auto=True, auto_overlap=4)),
+        # P first; auto masks fill only unlabelled pixels, the most confident (3) first
+        ("fill_unlabelled", _expected(p_over_auto=True, auto_overlap=3)),
+    ],
+)
+def test_merge_orders_on_a_constructed_overlap(order, expected):
+    rows = _overlap_scene()
+    for perm in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):  # row order must not matter
+        lab = compose_label_map([rows[i] for i in perm], 10, 12, order)
+        np.testing.assert_array_equal(lab, expected)
+    # every order labels the same pixels with only prompt or only auto masks
+    if order != "area":
+        only_auto = compose_label_map(rows[1:], 10, 12, order)
+        assert (only_auto != 255).sum() == (compose_label_map(rows[1:], 10, 12) != 255).sum()
+
+
+def test_merge_order_is_checked_and_in_the_merge_fingerprint():
+    from fmbseg.config import ConfigError, load_config
+    from fmbseg.tasks.stage1 import stage1_fingerprints
+
+    with pytest.raises(ValueError, match="order must be one of"):
+        compose_label_map(_overlap_scene(), 10, 12, "smallest")
+    with pytest.raises(ConfigError, match="'smallest' is not one of"):
+        load_config("tiny", ["merge.order=smallest"])
+    assert load_config("default").merge.order == "area"
+    fps = {
+        o: stage1_fingerprints(load_config("tiny", [f"merge.order={o}"]), "idx", ("a",))
+        for o in ("area", "prompt_first", "fill_unlabelled")
+    }
+    assert len({f["merge"] for f in fps.values()}) == 3
+    assert len({f["sam_auto"] for f in fps.values()}) == 1  # nothing upstream reruns
+
+
 def test_label_map_unlabelled_is_255_and_accepts_tables():
     recs = MaskRecords.from_rows([_row(_box(5, 8, 1, 2, 1, 3), cat=0)])
     lab = compose_label_map(recs.table, 5, 8)

@@ -6,8 +6,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
+from scipy import ndimage
 
 from fmbseg.config import SamAutoConfig
+from fmbseg.models import build_model
+from fmbseg.models.sam import SamSegmenter
 from fmbseg.storage.records import decode_mask
 from fmbseg.tasks.clip_dense import ClipDenseResult
 from fmbseg.tasks.sam_auto import auto_masks, cell_index_map, filter_masks, mask_class_scores
@@ -133,3 +137,132 @@ def test_no_present_class_means_sam_is_not_run():
         fingerprint="f",
     )
     assert rows == [] and sam.generated == 0
+
+
+# ---- crop layers (SAM's labelling setting) ---------------------------------------------------
+
+
+class ZoomLimitedPredictor:
+    """A stand-in for segment-anything's ``SamPredictor`` whose answers are known: a point
+    on a bright pixel gets the bright connected blob under it as its mask (logits +-10),
+    with predicted IoU 1.0 if the blob covers at least 1% of the embedded image and 0.2
+    otherwise; any other point gets an empty mask with IoU 0. A small object is thus found
+    only in a zoomed crop, as SAM misses objects too small at its input resolution."""
+
+    device = torch.device("cpu")
+    model = type("Model", (), {"mask_threshold": 0.0})()
+    transform = type("Identity", (), {"apply_coords": staticmethod(lambda c, size: c)})()
+
+    def __init__(self) -> None:
+        self.embedded: list[tuple[int, int]] = []
+        self.image: np.ndarray | None = None
+
+    @property
+    def is_image_set(self) -> bool:
+        return self.image is not None
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        self.image = image
+        self.embedded.append(image.shape[:2])
+
+    def reset_image(self) -> None:
+        self.image = None
+
+    def predict_torch(self, points, labels, multimask_output=True, return_logits=True):
+        assert self.image is not None
+        bright = self.image[..., 0] > 128
+        blobs, _ = ndimage.label(bright)
+        masks, ious = [], []
+        for x, y in points[:, 0].tolist():
+            blob = blobs[int(y), int(x)]
+            mask = (blobs == blob) if blob else np.zeros_like(bright)
+            ious.append(0.0 if not blob else 1.0 if mask.mean() >= 0.01 else 0.2)
+            masks.append(np.where(mask, 10.0, -10.0))
+        m = torch.as_tensor(np.stack(masks), dtype=torch.float32)[:, None].repeat(1, 3, 1, 1)
+        iou = torch.tensor(ious)[:, None].repeat(1, 3)
+        return m, iou, None
+
+
+CROPS = SamAutoConfig(
+    points_per_side=8,
+    points_per_batch=64,
+    pred_iou_thresh=0.5,
+    stability_score_thresh=0.9,
+    min_mask_region_area=0,
+    crop_n_layers=1,
+    crop_n_points_downscale_factor=2,
+)
+
+
+def _standin_sam(cfg: SamAutoConfig) -> tuple[SamSegmenter, ZoomLimitedPredictor]:
+    tiny = build_model("sam_tiny", None, "cpu", auto_config=cfg)
+    standin = ZoomLimitedPredictor()
+    tiny._generator.predictor = standin
+    return tiny, standin
+
+
+def _small_object_image() -> tuple[np.ndarray, np.ndarray]:
+    # 12x12 square in 128x192 (0.59% of the image): under the full image's 1% but 1.4% of
+    # the first layer-1 crop, [0, 0, 118, 86] (generate_crop_boxes, overlap 512/1500).
+    # It holds the full grid's point (36, 24) and that crop's 4x4 grid point (44.25, 32.25).
+    img = np.full((128, 192, 3), 30, np.uint8)
+    square = np.zeros((128, 192), bool)
+    square[22:34, 34:46] = True
+    img[square] = 220
+    return img, square
+
+
+def test_a_crop_layer_finds_a_small_mask_the_full_image_does_not():
+    img, square = _small_object_image()
+    clip = _clip(np.ones((1, 4, 6)), [2], 128, 192)
+    vocab = ["a", "b", "c"]
+    whole, _ = _standin_sam(dataclasses.replace(CROPS, crop_n_layers=0))
+    assert auto_masks(whole, img, clip, vocab, CROPS, fingerprint="f") == []
+    cropped, standin = _standin_sam(CROPS)
+    assert standin.embedded == []
+    rows = auto_masks(cropped, img, clip, vocab, CROPS, fingerprint="f")
+    # the whole image and its four 2x2-layer crops, each embedded once
+    assert standin.embedded == [(128, 192), (86, 118), (85, 118), (86, 117), (85, 117)]
+    assert len(rows) == 1 and rows[0]["category"] == "c"
+    assert (decode_mask(rows[0]["rle_counts"], 128, 192) == square).all()
+    records = cropped.generate(img)
+    assert [r["crop_box"] for r in records] == [[0, 0, 118, 86]]  # XYWH of the crop
+    # layer i has points_per_side / factor**i points per side
+    grids = cropped._generator.point_grids
+    assert [len(g) for g in grids] == [64, 16]
+
+
+def test_crop_layers_with_no_surviving_mask_return_none():
+    # Every mask of every crop fails pred_iou_thresh: the stock generator's cross-crop NMS
+    # raises IndexError on the empty 1-D crop boxes; ours returns no masks.
+    from segment_anything import SamAutomaticMaskGenerator
+
+    img, _ = _small_object_image()
+    strict = dataclasses.replace(CROPS, pred_iou_thresh=0.99, stability_score_thresh=0.0)
+    tiny = build_model("sam_tiny", None, "cpu", auto_config=strict)
+    stock = SamAutomaticMaskGenerator(
+        tiny.sam,
+        points_per_side=8,
+        pred_iou_thresh=0.99,
+        crop_n_layers=1,
+        output_mode="binary_mask",
+    )
+    with pytest.raises(IndexError):
+        stock.generate(img)
+    assert tiny.generate(img) == []
+    clip = _clip(np.ones((1, 4, 6)), [0], 128, 192)
+    assert auto_masks(tiny, img, clip, ["a"], strict, fingerprint="f") == []
+
+
+def test_crop_settings_are_checked_and_in_the_configs():
+    from fmbseg.config import ConfigError, load_config
+
+    assert load_config("default").sam_auto.crop_n_layers == 1
+    assert load_config("default").sam_auto.crop_n_points_downscale_factor == 2
+    for name in ("quickstart", "tiny"):
+        auto = load_config(name).sam_auto
+        assert (auto.crop_n_layers, auto.crop_n_points_downscale_factor) == (0, 1)
+    with pytest.raises(ConfigError, match="sam_auto.crop_n_layers must be >= 0, got -1"):
+        load_config("tiny", ["sam_auto.crop_n_layers=-1"])
+    with pytest.raises(ConfigError, match="crop_n_points_downscale_factor must be >= 1, got 0"):
+        load_config("tiny", ["sam_auto.crop_n_points_downscale_factor=0"])

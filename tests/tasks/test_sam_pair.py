@@ -97,6 +97,23 @@ def test_with_one_stage_committed_only_the_other_runs(tmp_path, counted) -> None
     assert counted == {"encode": present, "read": present}  # sam_auto alone
 
 
+def test_crop_layers_in_the_pair_share_only_the_whole_image_embedding(tmp_path, counted) -> None:
+    # crop_n_layers=1: the paired pass embeds each image once for both stages plus its four
+    # crops for sam_auto, and its sam_auto fingerprint is a new one (the crops are in it).
+    store, clip = _clip(tmp_path, "s")
+    present = sum(
+        bool(p) for p in store.read_table("clip_dense", clip).column("present").to_pylist()
+    )
+    crops = replace(CFG, sam_auto={"crop_n_layers": 1, "crop_n_points_downscale_factor": 2})
+    counted.clear()
+    fps = run_sam_stages(store, crops, clip)
+    assert fps["sam_auto"] != stage1.stage_fingerprint("sam_auto", CFG, {"clip_dense": clip})
+    assert fps["sam_prompt"] == stage1.stage_fingerprint("sam_prompt", CFG, {"clip_dense": clip})
+    assert counted == {"encode": 5 * present, "read": present}
+    auto = store.read_table("sam_auto", fps["sam_auto"])
+    assert auto.num_rows > 0 and set(auto.column("fingerprint").to_pylist()) == {fps["sam_auto"]}
+
+
 def test_records_built_in_the_post_thread_keep_image_order_and_failures(
     tmp_path, monkeypatch
 ) -> None:

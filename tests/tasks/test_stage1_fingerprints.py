@@ -15,6 +15,8 @@ def test_each_change_reruns_its_stage_and_what_follows_only() -> None:
     cases = {
         "models.sam_precision=fp32": {"sam_prompt", "sam_auto", "merge", "export"},
         "sam_auto.pred_iou_thresh=0.5": {"sam_auto", "merge", "export"},
+        "sam_auto.crop_n_layers=1": {"sam_auto", "merge", "export"},
+        "sam_auto.crop_n_points_downscale_factor=2": {"sam_auto", "merge", "export"},
         "sam_prompt.num_points=3": {"sam_prompt", "merge", "export"},
         "clip_dense.min_crops=2": {"clip_dense", "sam_prompt", "sam_auto", "merge", "export"},
         "export.png_compress_level=1": {"export"},
