@@ -508,8 +508,9 @@ def test_export_paints_in_the_order_the_merge_was_made_with(tmp_path, order):
         for m, c, s in ((big, 1, "prompt"), (small, 2, "auto"))
     ]
     store = ArtifactStore(str(tmp_path / "store"))
+    commit_index(store, "i", [[("id", str(path), 12, 10)]], str(tmp_path), [[]])
     store.write_shard("merge", "m", 0, MaskRecords.from_rows(rows).table, None)
-    meta = {"vocabulary": ["class0", "class1", "class2"]}
+    meta = {"vocabulary": ["class0", "class1", "class2"], "index": "i"}
     store.commit("merge", "m", 1, meta=meta if order is None else {**meta, "order": order})
     fp = run_export(store, synthetic_config(), "m")
     label = np.asarray(Image.open(io.BytesIO(store.read_bytes(f"exports/{fp}/labels/one.png"))))
