@@ -29,7 +29,9 @@ def test_fingerprint_changes_with_every_ingredient() -> None:
 
 def test_canonical_json_flattens_dataclasses_and_tuples() -> None:
     text = canonical_json({"b": IndexConfig(extensions=(".png",)), "a": (1, 2)})
-    assert text.startswith('{"a":[1,2],"b":{"extensions":[".png"]')
+    assert text.startswith(
+        '{"a":[1,2],"b":{"allowed_protocols":["file","store"],"extensions":[".png"]'
+    )
 
 
 def test_content_hash() -> None:

@@ -262,7 +262,7 @@ def test_crop_settings_are_checked_and_in_the_configs():
     for name in ("quickstart", "tiny"):
         auto = load_config(name).sam_auto
         assert (auto.crop_n_layers, auto.crop_n_points_downscale_factor) == (0, 1)
-    with pytest.raises(ConfigError, match="sam_auto.crop_n_layers must be >= 0, got -1"):
+    with pytest.raises(ConfigError, match="sam_auto.crop_n_layers: must be >= 0, got -1"):
         load_config("tiny", ["sam_auto.crop_n_layers=-1"])
-    with pytest.raises(ConfigError, match="crop_n_points_downscale_factor must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="crop_n_points_downscale_factor: must be >= 1, got 0"):
         load_config("tiny", ["sam_auto.crop_n_points_downscale_factor=0"])

@@ -229,8 +229,16 @@ def test_a_prefetch_hint_starts_the_next_shards_images_and_each_is_read_once(
         worker = sam_auto.SamAutoWorker(store, cfg, VOCAB, "fp")
         spec = {"clip_dense": fps["clip_dense"]}
     else:
-        worker = export.ExportWorker(store, cfg, f"{tmp_path}/again", len(VOCAB), frozenset())
-        spec = {"merge": fps["merge"], "gallery": 3}
+        root = str(tmp_path / "images")
+        worker = export.ExportWorker(store, cfg, f"{tmp_path}/again", len(VOCAB), frozenset(), root)
+        spec = {"index": fps["index"], "merge": fps["merge"], "gallery": 3}
+        decode = export.decode_image  # export decodes its overlays' images at a bounded size
+
+        def counting_decode(data, uri, *a, **k):
+            loads.append(uri)
+            return decode(data, uri, *a, **k)
+
+        monkeypatch.setattr(export, "decode_image", counting_decode)
     worker.prefetch(1, spec)
     for _ in range(500):  # the hint's reads run in the loader threads
         started = list(worker.images._started)
