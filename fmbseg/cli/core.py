@@ -136,6 +136,10 @@ def _common(args: argparse.Namespace) -> Common:
     cfg = load_config(args.config, list(args.set))
     if args.ray_address:
         cfg = replace(cfg, runtime={"ray_address": args.ray_address})
+    if cfg.runtime.executor == "ray":  # seconds, not Ray's minutes of retries
+        from fmbseg.tasks.ray_cluster import check_ray_address
+
+        check_ray_address(cfg.runtime.ray_address)
     return Common(
         store=args.store, config=args.config, overrides=tuple(args.set),
         ray_address=args.ray_address, storage_options=parse_storage_options(args.storage_option),

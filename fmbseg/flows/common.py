@@ -40,6 +40,7 @@ from fmbseg.data.sources import SourceError
 from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
 from fmbseg.storage.models import ModelNotFoundError
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
+from fmbseg.tasks.ray_cluster import RayAddressError
 from fmbseg.tasks.segment import IncompatibleModelError
 from fmbseg.tasks.train_data import NoLabelledPatchesError
 
@@ -52,6 +53,7 @@ R = TypeVar("R")
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, SourceError, NotCommittedError, DatasetError, ModelNotFoundError,
     WeightsNotFoundError, CheckpointMismatchError, NoLabelledPatchesError, IncompatibleModelError,
+    RayAddressError,
 )  # fmt: skip
 
 Listener = Callable[[str, int, int], None]

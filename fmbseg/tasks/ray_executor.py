@@ -15,6 +15,7 @@ from typing import Any
 
 from fmbseg.config import RuntimeConfig
 from fmbseg.storage.store import ArtifactStore, ShardReceipt
+from fmbseg.tasks.ray_cluster import connect
 from fmbseg.tasks.runner import SLOT_DEPTH, ShardSlot, ShardWorker, StageError, Target, target_label
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,7 @@ def run_ray(
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    if not ray.is_initialized():
-        ray.init(address=runtime.ray_address)
+    connect(runtime.ray_address)
     n_actors, gpus = pool_shape(runtime, use_gpu, len(todo))
     actor_cls = ray.remote(RemoteSlot).options(  # type: ignore[attr-defined]
         num_cpus=runtime.cpus_per_worker,
