@@ -271,6 +271,8 @@ def _quiet_environment(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        # ray.init's notices (token authentication, a dashboard URL that ends with the run)
+        os.environ.setdefault("RAY_LOGGER_LEVEL", "error")
 
 
 # ---- entry point ------------------------------------------------------------------------------
