@@ -62,6 +62,15 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     shard_size: int = 256  # images per shard (unit of commit and of resume)
     max_retries: int = 3  # per shard, when a worker dies or storage fails transiently
+    # A Ray worker that cannot be placed this long (its node lost, no spare capacity) is
+    # dropped; with none placed at all, the stage fails. Covers an autoscaler's node start.
+    placement_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.placement_timeout_s > 0:
+            raise ConfigError(
+                f"runtime.placement_timeout_s must be > 0, got {self.placement_timeout_s}"
+            )
 
 
 @dataclass(frozen=True)
