@@ -173,7 +173,8 @@ def _common_options(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     group.add_argument(
         "--ray-address",
         default=None,
-        help="Ray cluster to use: 'auto', 'ray://host:10001' (default: local)",
+        help="Ray cluster to use: 'auto', 'HOST:6379' (its GCS) or 'ray://HOST:10001', "
+        "checked within seconds (default: a local Ray, none for a one-shard stage)",
     )
     group.add_argument(
         "--storage-option",

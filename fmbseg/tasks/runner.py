@@ -21,7 +21,9 @@ Executors (``RuntimeConfig.executor``):
   stages on a cluster with GPUs, ``gpus_per_worker`` GPUs. Shards are streamed to whichever
   actor has room; an actor holds up to ``SLOT_DEPTH`` shards (a threaded actor: one
   processed, the other read ahead or written). An actor that dies (OOM, node loss,
-  segfault) is replaced and its shards resubmitted, up to ``max_retries`` times per shard.
+  segfault) is replaced and its shards resubmitted, up to ``max_retries`` times per shard;
+  one the cluster cannot place within ``placement_timeout_s`` is dropped (none placed:
+  the stage fails).
 
 Several stages may share one pass (:func:`run_stages`): the worker returns one output per
 stage for each shard, and each stage keeps its own shards, receipts and manifest, exactly as
