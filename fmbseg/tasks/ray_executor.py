@@ -282,11 +282,16 @@ def _has_worker(actor: Any) -> bool:
     if its ``__init__`` (model loading) is still running.
 
     From the GCS's actor table: ``ray.util.state`` would say the same but needs the
-    dashboard, and the readiness ref only resolves once ``__init__`` has returned.
+    dashboard, and the readiness ref only resolves once ``__init__`` has returned. A Ray
+    Client driver (``ray://``) has no GCS connection of its own: there an actor counts as
+    placed once its readiness ref resolves.
     """
     import ray._private.state
 
-    info = ray._private.state.actors(actor._actor_id.hex())
+    try:
+        info = ray._private.state.actors(actor._actor_id.hex())
+    except Exception:  # not connected to the GCS (Ray Client)
+        return False
     return bool(info and (info.get("Pid") or info.get("Address", {}).get("Port")))
 
 
