@@ -90,7 +90,8 @@ TICK_S = 1.0  # how often placement deadlines are looked at while no result arri
 
 @dataclass(eq=False)
 class _Member:
-    """One actor of the pool: placed once its ``ready`` ref resolves; ``free`` places.
+    """One actor of the pool: ``placed`` once the cluster gave it a worker process (or its
+    ``ready`` ref resolved); ``free``: places for more shards.
 
     ``kind``: ``"first"`` (the pool as planned), ``"replacement"`` (for one that died) or
     ``"probe"`` (tried while the pool is short, to grow it back).
@@ -139,8 +140,8 @@ def run_ray(
     factory_ref = ray.put(worker_factory)
     label = target_label(targets)
     timeout = runtime.placement_timeout_s
-    members: dict[Any, _Member] = {}  # by readiness ref while unplaced, then by actor
-    starting: dict[Any, _Member] = {}  # readiness ref -> member not yet placed
+    members: dict[Any, _Member] = {}  # actor handle -> member: the pool
+    starting: dict[Any, _Member] = {}  # readiness ref -> member whose __init__ is running
 
     def add(kind: str) -> None:
         actor = actor_cls.remote(store, targets, factory_ref)
@@ -165,7 +166,7 @@ def run_ray(
     attempts = dict.fromkeys(todo, 0)
     pending: dict[Any, tuple[_Member, int]] = {}
     next_try = float("inf")  # when to try one more actor while the pool is short
-    died_starting = 0  # actors lost before they were placed, since the last placement
+    died_starting = 0  # actors in a row that died before their __init__ returned
     for _ in range(n_actors):
         add("first")
     try:
