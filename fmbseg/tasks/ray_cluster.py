@@ -90,14 +90,15 @@ def _ask(channel: Any, client: bool, timeout_s: float) -> None:
         import ray.core.generated.ray_client_pb2 as client_pb
         import ray.core.generated.ray_client_pb2_grpc as client_grpc
 
-        ping = client_pb.ClusterInfoRequest(type=client_pb.ClusterInfoType.PING)
+        # generated protobuf modules: no type stubs
+        ping = client_pb.ClusterInfoRequest(type=client_pb.ClusterInfoType.PING)  # type: ignore[attr-defined]
         client_grpc.RayletDriverStub(channel).ClusterInfo(ping, timeout=timeout_s)
     else:
         import ray.core.generated.gcs_service_pb2 as gcs_pb
         import ray.core.generated.gcs_service_pb2_grpc as gcs_grpc
 
         stub = gcs_grpc.NodeInfoGcsServiceStub(channel)
-        stub.GetClusterId(gcs_pb.GetClusterIdRequest(), timeout=timeout_s)
+        stub.GetClusterId(gcs_pb.GetClusterIdRequest(), timeout=timeout_s)  # type: ignore[attr-defined]
 
 
 def _explain(exc: Any, client: bool) -> str:
@@ -121,7 +122,11 @@ def _explain(exc: Any, client: bool) -> str:
 
 def _has_token() -> bool:
     """Whether this client sends a token (token mode on and a token found)."""
-    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+    from ray._raylet import (  # type: ignore[attr-defined]  # not in ray's stub
+        AuthenticationMode,
+        AuthenticationTokenLoader,
+        get_authentication_mode,
+    )
 
     return (
         get_authentication_mode() == AuthenticationMode.TOKEN

@@ -145,7 +145,8 @@ def run_ray(
 
     def add(kind: str) -> None:
         actor = actor_cls.remote(store, targets, factory_ref)
-        member = _Member(actor, actor.__ray_ready__.remote(), time.monotonic(), kind)
+        ready = actor.__ray_ready__.remote()  # type: ignore[union-attr]  # Ray's built-in
+        member = _Member(actor, ready, time.monotonic(), kind)
         members[actor] = starting[member.ready] = member
 
     def placed_now(member: _Member) -> None:

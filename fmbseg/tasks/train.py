@@ -349,8 +349,8 @@ def _gpus_on_ray(runtime: RuntimeConfig) -> bool:
     runs here, as a local Ray would only run it on this machine's GPUs anyway."""
     if runtime.executor != "ray":
         return False
-    ray = sys.modules.get("ray")
-    if runtime.ray_address is None and not (ray is not None and ray.is_initialized()):
+    loaded = sys.modules.get("ray")
+    if runtime.ray_address is None and not (loaded is not None and loaded.is_initialized()):
         return False
     import ray
 
@@ -427,7 +427,8 @@ def _run_on_ray(
                     progress(report)
             if finished:
                 try:
-                    return tuple(ray.get(ref))  # type: ignore[return-value]
+                    name, version = ray.get(ref)
+                    return name, version
                 except RayTaskError as exc:  # the original error, for callers to classify
                     raise (exc.cause if exc.cause is not None else exc) from None
     finally:
