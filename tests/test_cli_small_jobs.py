@@ -32,10 +32,19 @@ def _index(tmp_path: Path, store: str, *extra: str) -> tuple[dict[str, str], str
     home = tmp_path / "home"  # Ray writes its generated token under ~/.ray
     home.mkdir(exist_ok=True)
     env = ray_env(home, PREFECT_API_URL=str(PREFECT_API_URL.value()))
-    argv = ["index", "--images", str(tmp_path / "images"), "--store", str(tmp_path / store),
-            "--config", "tiny", *extra]  # fmt: skip
-    run = subprocess.run([sys.executable, "-c", DRIVER, *argv], env=env, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
+    argv = [
+        "index",
+        "--images",
+        str(tmp_path / "images"),
+        "--store",
+        str(tmp_path / store),
+        "--config",
+        "tiny",
+        *extra,
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", DRIVER, *argv], env=env, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     last = run.stdout.strip().splitlines()[-1]
     assert "index: 3 images, 0 errors" in run.stdout

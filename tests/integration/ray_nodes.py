@@ -1,10 +1,12 @@
-"""Real Ray nodes for tests: ``ray start --block`` processes bound to loopback only.
+"""A real Ray head for tests: a ``ray start --head --block`` process bound to loopback only.
 
-Each node runs in its own process group with its own temp dir and ``HOME`` (so no token
+The head runs in its own process group with its own temp dir and ``HOME`` (so no token
 file or session leaks into the user's ``~/.ray`` or ``/tmp/ray``); ``RAY_ENABLE_WINDOWS_OR_
 OSX_CLUSTER=0`` makes Ray pin every address it binds to 127.0.0.1 instead of the machine's
 outward address. :func:`ray_env` is the environment a driver subprocess of that cluster
-needs. Stopping a node SIGKILLs its whole process group (raylet, workers, GCS).
+needs. Stopping the head SIGKILLs its whole process group (GCS, raylet, workers).
+(``ray start`` refuses to add a second node under that pin; test_node_loss.py builds its
+nodes with ``ray.cluster_utils.Cluster`` instead.)
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def ray_env(home: Path, **extra: str) -> dict[str, str]:
 
 @dataclass
 class RayNode:
-    """One ``ray start --block`` process group."""
+    """One ``ray start --head --block`` process group."""
 
     proc: subprocess.Popen[Any]
     temp_dir: Path
@@ -66,8 +68,9 @@ class RayNode:
 
     def pids(self, name: str) -> list[int]:
         """Pids of this node's processes whose command line contains ``name``."""
-        out = subprocess.run(["pgrep", "-g", str(self.pgid), "-f", name],
-                             capture_output=True, text=True).stdout  # fmt: skip
+        out = subprocess.run(
+            ["pgrep", "-g", str(self.pgid), "-f", name], capture_output=True, text=True
+        ).stdout
         return [int(p) for p in out.split()]
 
     def kill(self) -> None:
@@ -81,28 +84,46 @@ class RayNode:
 def start_node(
     home: Path,
     *,
-    head_address: str | None = None,
     num_cpus: int = 1,
     env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
 ) -> RayNode:
-    """A head node (``head_address=None``, with a Ray Client server) or a worker node."""
+    """A head node with a Ray Client server, ready (``ray start`` has said so)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="fr", dir="/tmp"))  # socket paths must be short
     log = temp_dir.with_suffix(".log")
-    args = [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus",
-            str(num_cpus), "--num-gpus", "0", "--temp-dir", str(temp_dir),
-            "--disable-usage-stats"]  # fmt: skip
-    address, client_port = head_address or "", 0
-    if head_address is None:
-        port, client_port = free_port(), free_port()
-        address = f"127.0.0.1:{port}"
-        args += ["--head", "--port", str(port), "--ray-client-server-port", str(client_port),
-                 "--include-dashboard", "false"]  # fmt: skip
-    else:
-        args += ["--address", head_address]
+    args = [
+        RAY,
+        "start",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        str(num_cpus),
+        "--num-gpus",
+        "0",
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+    ]
+    port, client_port = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    args += [
+        "--head",
+        "--port",
+        str(port),
+        "--ray-client-server-port",
+        str(client_port),
+        "--include-dashboard",
+        "false",
+    ]
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, env=env or ray_env(home), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            args,
+            env=env or ray_env(home),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     node = RayNode(proc, temp_dir, log, address, client_port)
     deadline = time.monotonic() + timeout_s
     while b"Ray runtime started" not in log.read_bytes():

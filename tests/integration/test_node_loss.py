@@ -120,18 +120,25 @@ def test_node_killed_mid_stage_run_completes_on_the_other(tmp_path: Path) -> Non
     home = tmp_path / "home"
     home.mkdir()
     # the GCS notices a dead node within ~2 s instead of ~30 s
-    env = ray_env(home, RAY_health_check_period_ms="500", RAY_health_check_timeout_ms="500",
-                  RAY_health_check_failure_threshold="3")  # fmt: skip
+    env = ray_env(
+        home,
+        RAY_health_check_period_ms="500",
+        RAY_health_check_timeout_ms="500",
+        RAY_health_check_failure_threshold="3",
+    )
     marks, gate, keep = tmp_path / "marks", tmp_path / "gate", tmp_path / "keeper"
     marks.mkdir(), keep.mkdir()
     gate.touch()
     keeper_log, log = tmp_path / "keeper.log", tmp_path / "driver.log"
     ray_tmp = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # sessions; socket paths must be short
     with keeper_log.open("wb") as out:
-        keeper = subprocess.Popen([sys.executable, "-c", KEEPER, str(keep)],
-                                  env={**env, "RAY_TMPDIR": ray_tmp},
-                                  stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # fmt: skip
+        keeper = subprocess.Popen(
+            [sys.executable, "-c", KEEPER, str(keep)],
+            env={**env, "RAY_TMPDIR": ray_tmp},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     driver: subprocess.Popen | None = None
     try:
         _wait("the cluster", lambda: (keep / "nodes.json").exists(), keeper_log, keeper)
@@ -139,21 +146,42 @@ def test_node_killed_mid_stage_run_completes_on_the_other(tmp_path: Path) -> Non
         (head, head_raylet), (lost, lost_raylet) = info["nodes"]
         with log.open("wb") as out:
             driver = subprocess.Popen(
-                [sys.executable, "-c", DRIVER, str(tmp_path / "images"), str(tmp_path / "store"),
-                 info["address"], str(marks), str(gate), str(HOLD_FROM)],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-c",
+                    DRIVER,
+                    str(tmp_path / "images"),
+                    str(tmp_path / "store"),
+                    info["address"],
+                    str(marks),
+                    str(gate),
+                    str(HOLD_FROM),
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         # both actors have finished a shard: SIGKILL the worker node's raylet
-        _wait("shards on both nodes", lambda: set(_nodes_with_marks(marks)) == {head, lost},
-              log, driver)  # fmt: skip
+        _wait(
+            "shards on both nodes",
+            lambda: set(_nodes_with_marks(marks)) == {head, lost},
+            log,
+            driver,
+        )
         # the node is gone: its raylet and the worker processes it started (the actor's)
-        children = subprocess.run(["pgrep", "-P", str(lost_raylet)], capture_output=True,
-                                  text=True).stdout.split()  # fmt: skip
+        children = subprocess.run(
+            ["pgrep", "-P", str(lost_raylet)], capture_output=True, text=True
+        ).stdout.split()
         for pid in [lost_raylet, *map(int, children)]:
             os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        _wait("a dropped replacement", lambda: "was not placed within 5 s" in log.read_text(),
-              log, driver)  # fmt: skip
+        _wait(
+            "a dropped replacement",
+            lambda: "was not placed within 5 s" in log.read_text(),
+            log,
+            driver,
+        )
         text = log.read_text()
         assert "worker died on shard" in text and "replacing it" in text
         assert "(waits for 1 CPU); dropped, continuing with 1" in text
@@ -161,8 +189,12 @@ def test_node_killed_mid_stage_run_completes_on_the_other(tmp_path: Path) -> Non
         assert len(_nodes_with_marks(marks)[head]) >= 2
         # a node comes back: the pool grows onto it, then the held shards run
         (keep / "add").touch()
-        _wait("the pool growing", lambda: "a worker was placed; 2 in the pool"
-              in log.read_text(), log, driver)  # fmt: skip
+        _wait(
+            "the pool growing",
+            lambda: "a worker was placed; 2 in the pool" in log.read_text(),
+            log,
+            driver,
+        )
         gate.unlink()
         driver.wait(timeout=180)
         text = log.read_text()

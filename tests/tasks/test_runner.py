@@ -515,8 +515,9 @@ class GatedSquare(SquareWorker):
 
 @pytest.mark.slow
 def test_ray_stage_fails_in_one_line_when_no_worker_can_be_placed(ray_session, local_store) -> None:
-    runtime = RuntimeConfig(executor="ray", num_workers=1, cpus_per_worker=64,
-                            placement_timeout_s=2)  # fmt: skip
+    runtime = RuntimeConfig(
+        executor="ray", num_workers=1, cpus_per_worker=64, placement_timeout_s=2
+    )
     started = time.monotonic()
     with pytest.raises(StageError) as failure:
         run_stage(local_store, "sq", "fp", _specs(4, 2), SquareWorker, runtime)
@@ -535,8 +536,9 @@ def test_ray_drops_a_worker_it_cannot_place_and_finishes_on_the_others(
     ray_session, local_store, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # three actors of one CPU on the session's 2 CPUs: one never finds room
-    runtime = RuntimeConfig(executor="ray", num_workers=3, cpus_per_worker=1.0,
-                            placement_timeout_s=5)  # fmt: skip
+    runtime = RuntimeConfig(
+        executor="ray", num_workers=3, cpus_per_worker=1.0, placement_timeout_s=5
+    )
     gate = tmp_path / "gate"
 
     def open_gate_once_dropped() -> None:  # the shards wait until the third actor is dropped

@@ -56,9 +56,13 @@ print(json.dumps({
 def test_training_runs_in_a_ray_worker_when_the_cluster_has_gpus(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    run = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "world")],
-                         env=ray_env(home), capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(tmp_path / "world")],
+        env=ray_env(home),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     where = out["trained_in"]
@@ -72,7 +76,14 @@ def test_training_runs_in_a_ray_worker_when_the_cluster_has_gpus(tmp_path: Path)
 
 
 def test_training_runs_here_without_ray(world, encoder, text_model) -> None:
-    name, version = run_train(world.store, tiny_config("train.epochs=1"), LABELS_FP, INDEX_FP,
-                              list(VOCAB), encoder=encoder, text_model=text_model)  # fmt: skip
+    name, version = run_train(
+        world.store,
+        tiny_config("train.epochs=1"),
+        LABELS_FP,
+        INDEX_FP,
+        list(VOCAB),
+        encoder=encoder,
+        text_model=text_model,
+    )
     where = ModelRegistry(world.store).card(name, version)["trained_in"]
     assert where["pid"] == os.getpid() and where["device"] == "cpu"
