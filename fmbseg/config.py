@@ -126,6 +126,9 @@ class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     shard_size: PosInt = 256  # images per shard (unit of commit and of resume)
     max_retries: NonNegInt = 3  # per shard, when a worker dies or storage fails transiently
+    # A Ray worker that cannot be placed this long (its node lost, no spare capacity) is
+    # dropped; with none placed at all, the stage fails. Covers an autoscaler's node start.
+    placement_timeout_s: PosFloat = 600.0
 
 
 # every format the decoder reads that photos come in (GIF, TIFF: first frame/page)

@@ -146,6 +146,10 @@ def _common(args: argparse.Namespace) -> Common:
     cfg = load_config(args.config, list(args.set))
     if args.ray_address:
         cfg = replace(cfg, runtime={"ray_address": args.ray_address})
+    if cfg.runtime.executor == "ray":  # seconds, not Ray's minutes of retries
+        from fmbseg.tasks.ray_cluster import check_ray_address
+
+        check_ray_address(cfg.runtime.ray_address)
     return Common(
         store=args.store, config=args.config, overrides=tuple(args.set),
         ray_address=args.ray_address, storage_options=parse_storage_options(args.storage_option),
@@ -179,7 +183,8 @@ def _common_options(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     group.add_argument(
         "--ray-address",
         default=None,
-        help="Ray cluster to use: 'auto', 'ray://host:10001' (default: local)",
+        help="Ray cluster to use: 'auto', 'HOST:6379' (its GCS) or 'ray://HOST:10001', "
+        "checked within seconds (default: a local Ray, none for a one-shard stage)",
     )
     group.add_argument(
         "--storage-option",
@@ -277,6 +282,8 @@ def _quiet_environment(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        # ray.init's notices (token authentication, a dashboard URL that ends with the run)
+        os.environ.setdefault("RAY_LOGGER_LEVEL", "error")
 
 
 # ---- entry point ------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
 from fmbseg.storage.models import ModelNotFoundError
 from fmbseg.storage.preflight import StoreUnusableError, check_store
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
+from fmbseg.tasks.ray_cluster import RayAddressError
 from fmbseg.tasks.segment import IncompatibleModelError
 from fmbseg.tasks.train_data import NoLabelledPatchesError
 
@@ -58,6 +59,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     WeightsNotFoundError, CheckpointMismatchError, NoLabelledPatchesError, IncompatibleModelError,
     StoreUnusableError,
     MissingExtraError,
+    RayAddressError,
 )  # fmt: skip
 
 Listener = Callable[[str, int, int], None]

@@ -1,20 +1,31 @@
 """The Ray executor of :mod:`fmbseg.tasks.runner` (``runtime.executor: ray``).
 
 A pool of threaded Ray actors, each a :class:`RemoteSlot` (a worker built once, models
-loaded once) holding up to ``SLOT_DEPTH`` shards; shards stream to whichever actor has room.
-An actor that dies is replaced and its shards resubmitted, up to ``runtime.max_retries``
-times per shard; a worker that cannot be built fails the stage with its original error.
+loaded once) holding up to ``SLOT_DEPTH`` shards; shards stream to whichever *placed* actor
+has room. An actor that dies (OOM, segfault, its node lost) is replaced and its shards
+resubmitted, up to ``runtime.max_retries`` times per shard; a worker that cannot be built
+fails the stage with its original error.
+
+Node loss: a replacement (or any actor) waits for a place on the cluster without holding
+shards, so the remaining shards flow to the live actors meanwhile. One still unplaced after
+``runtime.placement_timeout_s`` is dropped with a warning, and one more is tried every
+``placement_timeout_s`` while the pool is short (the pending request is also what an
+autoscaler reacts to), so the pool grows again when nodes come back. When no actor at all
+has been placed for that long, the stage fails naming the resources it waits for.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fmbseg.config import RuntimeConfig
 from fmbseg.storage.store import ArtifactStore, ShardReceipt
+from fmbseg.tasks.ray_cluster import connect
 from fmbseg.tasks.runner import SLOT_DEPTH, ShardSlot, ShardWorker, StageError, Target, target_label
 
 log = logging.getLogger(__name__)
@@ -74,6 +85,26 @@ def pool_shape(runtime: RuntimeConfig, use_gpu: bool, n_todo: int) -> tuple[int,
     return max(1, min(n, n_todo)), gpus
 
 
+TICK_S = 1.0  # how often placement deadlines are looked at while no result arrives
+
+
+@dataclass(eq=False)
+class _Member:
+    """One actor of the pool: ``placed`` once the cluster gave it a worker process (or its
+    ``ready`` ref resolved); ``free``: places for more shards.
+
+    ``kind``: ``"first"`` (the pool as planned), ``"replacement"`` (for one that died) or
+    ``"probe"`` (tried while the pool is short, to grow it back).
+    """
+
+    actor: Any
+    ready: Any
+    since: float
+    kind: str
+    placed: bool = False
+    free: int = SLOT_DEPTH
+
+
 def run_ray(
     store: ArtifactStore,
     targets: Sequence[Target],
@@ -84,12 +115,21 @@ def run_ray(
     use_gpu: bool,
     on_done: Callable[[list[ShardReceipt]], None],
 ) -> None:
+    """Run shards ``todo`` on a pool of Ray actors (see the module docstring).
+
+    Our own loop rather than Ray's: ``max_restarts``/``max_task_retries`` wait, without a
+    bound, for a node that can take the restarted actor (the hang on a lost node), and
+    ``ray.util.ActorPool`` neither resubmits a dead actor's tasks nor knows whether an
+    actor was placed. The loop waits with ``ray.wait(..., timeout)`` on the shards' refs
+    and on each actor's readiness ref (``__ray_ready__``), so it never blocks on an actor
+    that cannot be placed.
+    """
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    if not ray.is_initialized():
-        ray.init(address=runtime.ray_address)
+    connect(runtime.ray_address)
     n_actors, gpus = pool_shape(runtime, use_gpu, len(todo))
+    needs = {"CPU": runtime.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     actor_cls = ray.remote(RemoteSlot).options(  # type: ignore[attr-defined]
         num_cpus=runtime.cpus_per_worker,
         num_gpus=gpus,
@@ -98,27 +138,74 @@ def run_ray(
         max_concurrency=SLOT_DEPTH,
     )
     factory_ref = ray.put(worker_factory)
-
-    def new_actor() -> Any:
-        return actor_cls.remote(store, targets, factory_ref)
-
     label = target_label(targets)
-    log.info("%s: %d shards on %d Ray actors (%.2g GPU each)", label, len(todo), n_actors,
-             gpus)  # fmt: skip
+    timeout = runtime.placement_timeout_s
+    members: dict[Any, _Member] = {}  # actor handle -> member: the pool
+    starting: dict[Any, _Member] = {}  # readiness ref -> member whose __init__ is running
+
+    def add(kind: str) -> None:
+        actor = actor_cls.remote(store, targets, factory_ref)
+        ready = actor.__ray_ready__.remote()  # type: ignore[union-attr]  # Ray's built-in
+        member = _Member(actor, ready, time.monotonic(), kind)
+        members[actor] = starting[member.ready] = member
+
+    def placed_now(member: _Member) -> None:
+        if member.placed:
+            return
+        member.placed = True
+        if member.kind != "first":
+            n_placed = sum(m.placed for m in members.values())
+            log.info("%s: a worker was placed; %d in the pool", label, n_placed)
+
+    def drop(member: _Member) -> None:
+        members.pop(member.actor, None)
+        starting.pop(member.ready, None)
+        ray.kill(member.actor)
+
+    log.info("%s: %d shards on %d Ray actors (%.2g GPU each)", label, len(todo), n_actors, gpus)
     queue = deque(todo)
     attempts = dict.fromkeys(todo, 0)
-    live = [new_actor() for _ in range(n_actors)]
-    idle = [a for _ in range(SLOT_DEPTH) for a in live]  # one entry per free place
-    pending: dict[Any, tuple[Any, int]] = {}
+    pending: dict[Any, tuple[_Member, int]] = {}
+    next_try = float("inf")  # when to try one more actor while the pool is short
+    died_starting = 0  # actors in a row that died before their __init__ returned
+    for _ in range(n_actors):
+        add("first")
     try:
         while queue or pending:
-            while idle and queue:
-                actor, shard = idle.pop(), queue.popleft()
-                attempts[shard] += 1
-                pending[actor.run.remote(shard, specs[shard])] = (actor, shard)
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            for member in list(members.values()):
+                while member.placed and member.free and queue:
+                    shard = queue.popleft()
+                    attempts[shard] += 1
+                    member.free -= 1
+                    pending[member.actor.run.remote(shard, specs[shard])] = (member, shard)
+            refs = [*pending, *starting]
+            ready, _ = ray.wait(refs, num_returns=1, timeout=TICK_S) if refs else ([], [])
             for ref in ready:
-                actor, shard = pending.pop(ref)
+                if ref in starting:
+                    member = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except RayActorError as exc:
+                        if member.actor not in members:  # its shards reported it first
+                            continue
+                        if getattr(exc, "actor_init_failed", False):
+                            raise StageError(
+                                f"{label}: the worker could not be built: {last_line(exc)}"
+                            ) from exc
+                        died_starting += 1
+                        if died_starting > runtime.max_retries:
+                            raise StageError(
+                                f"{label}: {died_starting} workers in a row died before "
+                                f"taking a shard; last cause: {last_line(exc)}"
+                            ) from exc
+                        log.warning("%s: a worker died while starting; replacing it", label)
+                        drop(member)
+                        add(member.kind)
+                        continue
+                    died_starting = 0
+                    placed_now(member)
+                    continue
+                member, shard = pending.pop(ref)
                 try:
                     written = ray.get(ref)
                 except RayActorError as exc:
@@ -133,16 +220,16 @@ def run_ray(
                             f"on each of {attempts[shard]} attempts; last cause: {exc}"
                         ) from exc
                     queue.appendleft(shard)
-                    if actor not in live:  # its other shard already reported the death
+                    if member.actor not in members:  # its other shard already reported it
                         continue
-                    log.warning("%s: worker died on shard %d (attempt %d); replacing it",
-                                label, shard, attempts[shard])  # fmt: skip
-                    ray.kill(actor)
-                    live.remove(actor)
-                    idle = [a for a in idle if a is not actor]
-                    replacement = new_actor()
-                    live.append(replacement)
-                    idle += [replacement] * SLOT_DEPTH
+                    log.warning(
+                        "%s: worker died on shard %d (attempt %d); replacing it",
+                        label,
+                        shard,
+                        attempts[shard],
+                    )
+                    drop(member)
+                    add("replacement")
                     continue
                 except RayTaskError as exc:
                     cause = exc.cause if exc.cause is not None else exc
@@ -156,8 +243,66 @@ def run_ray(
                         f"{label}: shard {shard} failed: {type(cause).__name__}: {cause}",
                         cause,
                     ) from exc
-                idle.append(actor)
+                member.free += 1
                 on_done(written)
+            now = time.monotonic()
+            for member in list(members.values()):
+                if not member.placed and _has_worker(member.actor):
+                    placed_now(member)
+            placed = sum(m.placed for m in members.values())
+            for member in list(members.values()):
+                if member.placed or now - member.since < timeout:
+                    continue
+                if not placed:
+                    raise StageError(
+                        f"{label}: no worker could be placed on the Ray cluster within "
+                        f"{timeout:g} s (runtime.placement_timeout_s); each waits for "
+                        f"{_resources(needs)}, the cluster has {_available()} free"
+                    )
+                drop(member)
+                next_try = now + timeout
+                if member.kind != "probe":  # a probe that finds no room is the normal case
+                    log.warning(
+                        "%s: a worker was not placed within %g s (waits for %s); dropped, "
+                        "continuing with %d (one more is tried every %g s)",
+                        label,
+                        timeout,
+                        _resources(needs),
+                        placed,
+                        timeout,
+                    )
+            if (len(members) < n_actors and queue and now >= next_try) or not members:
+                add("probe")  # the pool grows again once the cluster can place it
+                next_try = float("inf")
     finally:
-        for actor in live:
-            ray.kill(actor)
+        for member in members.values():
+            ray.kill(member.actor)
+
+
+def _has_worker(actor: Any) -> bool:
+    """Whether the cluster has given ``actor`` a worker process (placed it on a node), even
+    if its ``__init__`` (model loading) is still running.
+
+    From the GCS's actor table: ``ray.util.state`` would say the same but needs the
+    dashboard, and the readiness ref only resolves once ``__init__`` has returned. A Ray
+    Client driver (``ray://``) has no GCS connection of its own: there an actor counts as
+    placed once its readiness ref resolves.
+    """
+    import ray._private.state
+
+    try:
+        info = ray._private.state.actors(actor._actor_id.hex())
+    except Exception:  # not connected to the GCS (Ray Client)
+        return False
+    return bool(info and (info.get("Pid") or info.get("Address", {}).get("Port")))
+
+
+def _resources(needs: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in needs.items())
+
+
+def _available() -> str:
+    import ray
+
+    free = ray.available_resources()
+    return ", ".join(f"{free.get(k, 0.0):g} {k}" for k in ("CPU", "GPU")) or "nothing"

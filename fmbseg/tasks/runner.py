@@ -16,11 +16,14 @@ The worker still processes one shard at a time (its models are not shared betwee
 Executors (``RuntimeConfig.executor``):
 - ``"local"``: one worker in this process, shards processed in order; writes of shard
   ``i`` overlap shard ``i + 1``. For unit tests, debugging and single-process runs.
-- ``"ray"`` (:mod:`fmbseg.tasks.ray_executor`): a pool of Ray actors, each reserving ``cpus_per_worker`` CPUs and, for GPU
+- ``"ray"`` (:mod:`fmbseg.tasks.ray_executor`), except for a single shard to run with no
+  ``ray_address`` while this process has no Ray yet (that runs locally): a pool of Ray actors, each reserving ``cpus_per_worker`` CPUs and, for GPU
   stages on a cluster with GPUs, ``gpus_per_worker`` GPUs. Shards are streamed to whichever
   actor has room; an actor holds up to ``SLOT_DEPTH`` shards (a threaded actor: one
   processed, the other read ahead or written). An actor that dies (OOM, node loss,
-  segfault) is replaced and its shards resubmitted, up to ``max_retries`` times per shard.
+  segfault) is replaced and its shards resubmitted, up to ``max_retries`` times per shard;
+  one the cluster cannot place within ``placement_timeout_s`` is dropped (none placed:
+  the stage fails).
 
 Several stages may share one pass (:func:`run_stages`): the worker returns one output per
 stage for each shard, and each stage keeps its own shards, receipts and manifest, exactly as
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -294,14 +298,12 @@ def run_stages(
         progress(len(done), total)
     if todo:
         on_done = _counter(receipts, len(done), total, progress)
-        if runtime.executor == "local":
+        if _runs_locally(runtime, len(todo)):
             _run_local(store, targets, specs, todo, worker_factory, on_done)
-        elif runtime.executor == "ray":
+        else:
             from fmbseg.tasks.ray_executor import run_ray
 
             run_ray(store, targets, specs, todo, worker_factory, runtime, use_gpu, on_done)
-        else:
-            raise ValueError(f"runtime.executor must be 'local' or 'ray', got {runtime.executor!r}")
     manifests = []
     for (stage, fp), known in zip(targets, receipts, strict=True):
         all_meta = dict(meta or {})
@@ -315,6 +317,21 @@ def run_stages(
             log.info("%s/%s was committed by another writer first; using theirs", stage, fp)
         manifests.append(manifest)
     return manifests
+
+
+def _runs_locally(runtime: RuntimeConfig, n_todo: int) -> bool:
+    """The local executor: asked for, or one shard to run on a Ray nobody asked for yet.
+
+    Starting a local Ray and an actor costs more than a small job's whole work, so a single
+    shard with no ``ray_address`` runs here unless this process has started Ray already.
+    """
+    if runtime.executor == "local":
+        return True
+    if runtime.executor != "ray":
+        raise ValueError(f"runtime.executor must be 'local' or 'ray', got {runtime.executor!r}")
+    ray = sys.modules.get("ray")  # not imported: certainly not initialised (and stays so)
+    started = ray is not None and ray.is_initialized()
+    return n_todo == 1 and runtime.ray_address is None and not started
 
 
 def _counter(

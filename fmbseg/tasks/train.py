@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, Literal
@@ -21,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
-from fmbseg.config import Config, TrainConfig, to_dict
+from fmbseg.config import Config, RuntimeConfig, TrainConfig, replace, to_dict
 from fmbseg.models.align import AlignmentConfig, AlignmentModule
 from fmbseg.models.base import DenseClip, PatchEncoder
 from fmbseg.storage.fingerprint import canonical_json, content_hash, fingerprint
@@ -33,6 +36,7 @@ from fmbseg.tasks.features import (
     check_input_size,
 )
 from fmbseg.tasks.merge import merge_order
+from fmbseg.tasks.ray_cluster import connect
 from fmbseg.tasks.train_data import (
     EpochOrder,
     PatchDataset,
@@ -180,6 +184,8 @@ def run_train(
     if done is not None:  # before building any model: a committed run costs nothing
         log.info("train %s already committed: %s:%s", fp, done.meta["model"], done.meta["version"])
         return done.meta["model"], done.meta["version"]
+    if encoder is None and text_model is None and _gpus_on_ray(cfg.runtime):
+        return _run_on_ray(store, cfg, labels_fp, index_fp, names, progress, init_from)
 
     if encoder is None:
         factory = functools.partial(_build, cfg, "dino", options)
@@ -313,6 +319,7 @@ def run_train(
             "labelled_patches": int((data.labels >= 0).sum()),
         },
         "train": to_dict(tcfg),
+        "trained_in": _this_process(device),
         "epoch_losses": epoch_losses,
         "metrics": {"final_loss": epoch_losses[-1]},
         "loss_curve": "loss_curve.png",
@@ -326,3 +333,98 @@ def run_train(
     )
     manifest, _ = store.commit(STAGE, fp, 0, meta={"model": tcfg.model_name, "version": version})
     return manifest.meta["model"], manifest.meta["version"]
+
+
+# ---- where the loop runs ---------------------------------------------------------------------
+
+
+def _gpus_on_ray(runtime: RuntimeConfig) -> bool:
+    """Whether training goes to a Ray worker: the Ray executor, a Ray cluster this process
+    is asked to use (``ray_address``) or already uses, and GPUs on it. Otherwise the loop
+    runs here, as a local Ray would only run it on this machine's GPUs anyway."""
+    if runtime.executor != "ray":
+        return False
+    loaded = sys.modules.get("ray")
+    if runtime.ray_address is None and not (loaded is not None and loaded.is_initialized()):
+        return False
+    import ray
+
+    connect(runtime.ray_address)
+    return float(ray.cluster_resources().get("GPU", 0.0)) > 0
+
+
+def _this_process(device: torch.device) -> dict[str, Any]:
+    """Where the epochs ran: host, pid, Ray node (None outside Ray), device."""
+    ray = sys.modules.get("ray")
+    node = ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else None
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "ray_node": node,
+        "device": str(device),
+    }
+
+
+def _train_task(
+    store: ArtifactStore,
+    cfg: Config,
+    labels_fp: Any,
+    index_fp: str | None,
+    names: list[str],
+    init_from: str | None,
+    reports: Any,
+) -> tuple[str, str]:
+    """The body of the Ray task: :func:`run_train` in a GPU worker; progress reports go to
+    the driver through the Ray queue ``reports``."""
+    return run_train(
+        store, cfg, labels_fp, index_fp, names, progress=reports.put, init_from=init_from
+    )
+
+
+def _run_on_ray(
+    store: ArtifactStore,
+    cfg: Config,
+    labels_fp: Any,
+    index_fp: str | None,
+    names: list[str],
+    progress: Progress | None,
+    init_from: str | None,
+) -> tuple[str, str]:
+    """:func:`run_train` as a Ray task holding ``runtime.gpus_per_worker`` GPUs.
+
+    The task reads the mask records and writes the checkpoints, the model version and the
+    commit to the store, exactly as a local run does (so resume and promotion are the
+    same); this process relays its progress reports. Inside the task every stage runs
+    locally (the feature cache on the task's own GPU): a pool of GPU actors started from a
+    task that holds a GPU could wait for that GPU forever. Ray retries the task when its
+    worker or node dies (``max_retries``), and the retry resumes from the last checkpoint.
+    """
+    import ray
+    from ray.exceptions import RayTaskError
+    from ray.util.queue import Queue
+
+    runtime = cfg.runtime
+    here = replace(cfg, runtime={"executor": "local"})
+    reports = Queue(actor_options={"num_cpus": 0})
+    task = ray.remote(_train_task).options(
+        num_cpus=runtime.cpus_per_worker,
+        num_gpus=runtime.gpus_per_worker,
+        max_retries=runtime.max_retries,
+    )
+    log.info("train: on a Ray worker with %g GPU", runtime.gpus_per_worker)
+    ref = task.remote(store, here, labels_fp, index_fp, names, init_from, reports)
+    try:
+        while True:
+            finished, _ = ray.wait([ref], timeout=0.5)
+            while not reports.empty():
+                report = reports.get_nowait()
+                if progress is not None:
+                    progress(report)
+            if finished:
+                try:
+                    name, version = ray.get(ref)
+                    return name, version
+                except RayTaskError as exc:  # the original error, for callers to classify
+                    raise (exc.cause if exc.cause is not None else exc) from None
+    finally:
+        reports.shutdown()

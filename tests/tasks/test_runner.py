@@ -497,3 +497,70 @@ def test_ray_streams_shards_to_idle_actors(ray_session, local_store, tmp_path) -
     # before it, one queued behind it), so the other actor took >= 8, more than the 6 a
     # fixed split of 12 over 2 would give it: shards go to whichever actor has room
     assert len(other) >= 8 and len(pids) == 12
+
+
+class GatedSquare(SquareWorker):
+    """Shards wait (up to a minute) for the file ``gate`` to exist."""
+
+    def __init__(self, gate: str) -> None:
+        super().__init__()
+        self.gate = Path(gate)
+
+    def process(self, shard: int, spec: list[int]) -> tuple[pa.Table, pa.Table]:
+        deadline = time.monotonic() + 60
+        while not self.gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return super().process(shard, spec)
+
+
+@pytest.mark.slow
+def test_ray_stage_fails_in_one_line_when_no_worker_can_be_placed(ray_session, local_store) -> None:
+    runtime = RuntimeConfig(
+        executor="ray", num_workers=1, cpus_per_worker=64, placement_timeout_s=2
+    )
+    started = time.monotonic()
+    with pytest.raises(StageError) as failure:
+        run_stage(local_store, "sq", "fp", _specs(4, 2), SquareWorker, runtime)
+    message = str(failure.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "stage 'sq' (fp): no worker could be placed on the Ray cluster within 2 s "
+        "(runtime.placement_timeout_s); each waits for 64 CPU, the cluster has "
+    ) and message.endswith(" CPU, 0 GPU free")
+    assert time.monotonic() - started < 30
+    assert local_store.manifest("sq", "fp") is None
+
+
+@pytest.mark.slow
+def test_ray_drops_a_worker_it_cannot_place_and_finishes_on_the_others(
+    ray_session, local_store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # three actors of one CPU on the session's 2 CPUs: one never finds room
+    runtime = RuntimeConfig(
+        executor="ray", num_workers=3, cpus_per_worker=1.0, placement_timeout_s=5
+    )
+    gate = tmp_path / "gate"
+
+    def open_gate_once_dropped() -> None:  # the shards wait until the third actor is dropped
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any("was not placed" in r.getMessage() for r in list(caplog.records)):
+                break
+            time.sleep(0.05)
+        gate.touch()
+
+    opener = threading.Thread(target=open_gate_once_dropped)
+    with caplog.at_level("WARNING", logger="fmbseg.tasks.ray_executor"):
+        opener.start()
+        factory = functools.partial(GatedSquare, str(gate))
+        manifest = run_stage(local_store, "sq", "fp", _specs(24, 2), factory, runtime)
+        opener.join()
+    table = local_store.read_table("sq", "fp")
+    assert sorted(table.column("item").to_pylist()) == list(range(24))  # each exactly once
+    assert manifest.num_shards == 12
+    dropped = [r.getMessage() for r in caplog.records if "was not placed" in r.getMessage()]
+    assert dropped == [
+        "stage 'sq' (fp): a worker was not placed within 5 s (waits for 1 CPU); dropped, "
+        "continuing with 2 (one more is tried every 5 s)"
+    ]
+    assert len(set(table.column("pid").to_pylist())) == 2
