@@ -105,7 +105,7 @@ def test_annotate_with_image_labels_through_the_flow(
     argv += ["--image-labels", str(tmp_path / "tags.csv")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "annotate: 3 images indexed, 1 with masks" in out
+    assert "annotate: 3 images indexed, 1 labelled, 1 with no confident label, 1 failed" in out
     assert "clip_dense errors: 1 no_image_labels" in out
     st = ArtifactStore(str(store))
     (clip_fp,) = st.committed_fingerprints("clip_dense")
