@@ -40,16 +40,20 @@ def teachers_summary(report: dict[str, Any]) -> str:
         return "n/a" if v is None else f"{v:.2f}"
 
     cols = report["teachers"]
-    rows = [("teacher", [c["teacher"] or "n/a" for c in cols]),
-            ("labels", [c["labels"] for c in cols]),
-            ("mIoU", [pct(c["mIoU"]) for c in cols]),
-            ("coverage", [pct(c["coverage"]) for c in cols]),
-            ("precision", [pct(c["precision"]) for c in cols]),
-            ("masks/image", [num(c["masks_per_image"]) for c in cols]),
-            ("images/s", [num(c["images_per_second"]) for c in cols])]  # fmt: skip
+    rows = [
+        ("teacher", [c["teacher"] or "n/a" for c in cols]),
+        ("labels", [c["labels"] for c in cols]),
+        ("mIoU", [pct(c["mIoU"]) for c in cols]),
+        ("coverage", [pct(c["coverage"]) for c in cols]),
+        ("precision", [pct(c["precision"]) for c in cols]),
+        ("masks/image", [num(c["masks_per_image"]) for c in cols]),
+        ("images/s", [num(c["images_per_second"]) for c in cols]),
+    ]
     width = max(10, *(len(v) + 2 for _, vals in rows for v in vals))
-    lines = [f"teachers on {report['dataset']}: {report['num_images']} images "
-             "(merged pseudo-labels vs. ground truth, %; images/s of the SAM pass)"]  # fmt: skip
+    lines = [
+        f"teachers on {report['dataset']}: {report['num_images']} images "
+        "(merged pseudo-labels vs. ground truth, %; images/s of the SAM pass)"
+    ]
     lines += [f"{name:<13}" + "".join(f"{v:>{width}}" for v in vals) for name, vals in rows]
     for i, c in enumerate(cols, 1):
         if c["unavailable"]:

@@ -180,8 +180,17 @@ def evaluate_flow(
     if model.startswith(LABELS_PREFIX):
         refs = label_refs(model)
         if len(refs) > 1:
-            return compare_teachers_flow(dataset, data_root, refs, store, config, overrides,
-                                         ray_address, storage_options, limit)  # fmt: skip
+            return compare_teachers_flow(
+                dataset,
+                data_root,
+                refs,
+                store,
+                config,
+                overrides,
+                ray_address,
+                storage_options,
+                limit,
+            )
         return label_quality_flow(dataset, data_root, refs[0], store, config,
                                   overrides, ray_address, storage_options, limit)  # fmt: skip
     cfg = configure(config, overrides, ray_address)
@@ -262,13 +271,18 @@ def teachers_markdown(report: dict[str, Any]) -> str:
     def num(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    lines = [f"# Teachers on {report['dataset']} ({report['num_images']} images)", "",
-             "| labels | teacher | mIoU | coverage | masks/image | images/s | unavailable |",
-             "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
-    lines += [f"| {r['labels']} | {r['teacher'] or '-'} | {pct(r['mIoU'])} | "
-              f"{pct(r['coverage'])} | {num(r['masks_per_image'])} | "
-              f"{num(r['images_per_second'])} | {r['unavailable'] or ''} |"
-              for r in report["teachers"]]  # fmt: skip
+    lines = [
+        f"# Teachers on {report['dataset']} ({report['num_images']} images)",
+        "",
+        "| labels | teacher | mIoU | coverage | masks/image | images/s | unavailable |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r['labels']} | {r['teacher'] or '-'} | {pct(r['mIoU'])} | "
+        f"{pct(r['coverage'])} | {num(r['masks_per_image'])} | "
+        f"{num(r['images_per_second'])} | {r['unavailable'] or ''} |"
+        for r in report["teachers"]
+    ]
     return "\n".join(lines)
 
 
@@ -292,24 +306,51 @@ def compare_teachers_flow(
     ``evaluations/{fp}/report.json`` and published as the ``teacher-comparison`` table and
     markdown artifacts. Returns it plus ``report_uris``.
     """
-    reports = [label_quality_flow(dataset, data_root, ref, store, config, overrides,
-                                  ray_address, storage_options, limit) for ref in labels]  # fmt: skip
+    reports = [
+        label_quality_flow(
+            dataset, data_root, ref, store, config, overrides, ray_address, storage_options, limit
+        )
+        for ref in labels
+    ]
     st = open_store(store, storage_options)
     report = compare_teachers(reports)
     rel = f"evaluations/{report['fingerprint']}/report.json"
     st.write_json(rel, report)
     uris = [st.url(rel)]
-    table_artifact("teacher-comparison",
-                   [{k: r[k] for k in ("labels", "teacher", "mIoU", "coverage", "masks_per_image",
-                                       "images_per_second", "unavailable")}
-                    for r in report["teachers"]],
-                   description="teachers side by side: merged pseudo-labels vs. ground truth "
-                               "(fractions); images/s of the SAM pass")  # fmt: skip
-    markdown_artifact("teacher-comparison-table", teachers_markdown(report),
-                      description="teachers side by side")  # fmt: skip
-    record_lineage(st, current_flow_run_id(), {
-        "flow": "compare-teachers", "dataset": report["dataset"], "data_root": data_root,
-        "labels": [r["labels"] for r in reports], "limit": limit,
-        "label_quality": [r["fingerprint"] for r in reports], "report": uris[0],
-    })  # fmt: skip
+    table_artifact(
+        "teacher-comparison",
+        [
+            {
+                k: r[k]
+                for k in (
+                    "labels",
+                    "teacher",
+                    "mIoU",
+                    "coverage",
+                    "masks_per_image",
+                    "images_per_second",
+                    "unavailable",
+                )
+            }
+            for r in report["teachers"]
+        ],
+        description="teachers side by side: merged pseudo-labels vs. ground truth "
+        "(fractions); images/s of the SAM pass",
+    )
+    markdown_artifact(
+        "teacher-comparison-table", teachers_markdown(report), description="teachers side by side"
+    )
+    record_lineage(
+        st,
+        current_flow_run_id(),
+        {
+            "flow": "compare-teachers",
+            "dataset": report["dataset"],
+            "data_root": data_root,
+            "labels": [r["labels"] for r in reports],
+            "limit": limit,
+            "label_quality": [r["fingerprint"] for r in reports],
+            "report": uris[0],
+        },
+    )
     return {**report, "report_uris": uris}

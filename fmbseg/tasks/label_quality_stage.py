@@ -234,9 +234,15 @@ def teacher_of(store: ArtifactStore, merge_fp: str) -> dict[str, Any]:
     why a figure is ``None`` (``None`` when all are there). A figure is never guessed: a
     resumed run's wall time covers only part of the images, so it gives none.
     """
-    out: dict[str, Any] = {"sam": None, "sam_weights": None, "sam_precision": None,
-                           "images": None, "sam_seconds": None, "images_per_second": None,
-                           "unavailable": None}  # fmt: skip
+    out: dict[str, Any] = {
+        "sam": None,
+        "sam_weights": None,
+        "sam_precision": None,
+        "images": None,
+        "sam_seconds": None,
+        "images_per_second": None,
+        "unavailable": None,
+    }
     meta = store.require_manifest(MERGE_STAGE, merge_fp).meta
     if not all(meta.get(s) for s in SAM_STAGES):
         return {**out, "unavailable": "the merge output names no SAM stages"}
@@ -292,13 +298,27 @@ def compare_teachers(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
             first["num_images"],
         ):
             raise ValueError("compare_teachers: the reports score different splits")
-    rows = [{"labels": r["labels"], "teacher": r["teacher"]["sam"],
-             "mIoU": r["merged"]["mIoU"], "coverage": r["merged"]["coverage"],
-             "precision": r["merged"]["precision"], "masks_per_image": r["masks_per_image"],
-             "images_per_second": r["teacher"]["images_per_second"],
-             "unavailable": r["teacher"]["unavailable"]} for r in reports]  # fmt: skip
-    return {"dataset": first["dataset"], "dataset_description": first.get("dataset_description"),
-            "data_root": first["data_root"], "limit": first["limit"],
-            "num_images": first["num_images"], "fingerprint": comparison_fingerprint(reports),
-            "model": ",".join(r["model"] for r in reports), "teachers": rows,
-            "reports": list(reports)}  # fmt: skip
+    rows = [
+        {
+            "labels": r["labels"],
+            "teacher": r["teacher"]["sam"],
+            "mIoU": r["merged"]["mIoU"],
+            "coverage": r["merged"]["coverage"],
+            "precision": r["merged"]["precision"],
+            "masks_per_image": r["masks_per_image"],
+            "images_per_second": r["teacher"]["images_per_second"],
+            "unavailable": r["teacher"]["unavailable"],
+        }
+        for r in reports
+    ]
+    return {
+        "dataset": first["dataset"],
+        "dataset_description": first.get("dataset_description"),
+        "data_root": first["data_root"],
+        "limit": first["limit"],
+        "num_images": first["num_images"],
+        "fingerprint": comparison_fingerprint(reports),
+        "model": ",".join(r["model"] for r in reports),
+        "teachers": rows,
+        "reports": list(reports),
+    }

@@ -313,8 +313,12 @@ def run_stages(
 
             run_ray(store, targets, specs, todo, worker_factory, runtime, use_gpu, on_done)
     manifests = []
-    timing = {"wall_s": round(time.perf_counter() - started, 3), "shards_run": len(todo),
-              "shards": total, "stages": [stage for stage, _ in targets]}  # fmt: skip
+    timing = {
+        "wall_s": round(time.perf_counter() - started, 3),
+        "shards_run": len(todo),
+        "shards": total,
+        "stages": [stage for stage, _ in targets],
+    }
     for (stage, fp), known in zip(targets, receipts, strict=True):
         all_meta = dict(meta or {})
         if timed:
