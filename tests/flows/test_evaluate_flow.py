@@ -205,7 +205,9 @@ def test_bad_dataset_inputs_fail_before_any_work(
     assert not (tmp_path / "store" / "stages").exists()
 
 
-def _commit_labels(store: ArtifactStore, root: str, fp: str = "labels0000000000") -> dict:
+def _commit_labels(
+    store: ArtifactStore, root: str, fp: str = "labels0000000000", **meta: Any
+) -> dict:
     """Pseudo-labels of the first two VOC images as the merge stage commits them (2 shards,
     annotated from another folder: matched by content): person exact (prompt), aeroplane
     exact (auto), tvmonitor called "sky" (auto; no VOC class -> background)."""
@@ -225,7 +227,7 @@ def _commit_labels(store: ArtifactStore, root: str, fp: str = "labels0000000000"
                                                  (20, 2, "sky", "auto"))]  # fmt: skip
         store.write_shard("merge", fp, shard, MaskRecords.from_rows(rows).table)
         by_sid[sample.sample_id] = rows
-    store.commit("merge", fp, 2, meta={"vocabulary": ["person", "aeroplane", "sky"]})
+    store.commit("merge", fp, 2, meta={"vocabulary": ["person", "aeroplane", "sky"], **meta})
     return by_sid
 
 
