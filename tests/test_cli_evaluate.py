@@ -168,7 +168,7 @@ def _commit_teacher(store: ArtifactStore, sam: str, wall_s: float, images: int) 
     )
     store.commit("clip_dense", clip, 1, meta={})
     fps = {"sam_prompt": f"p{clip[1:]}", "sam_auto": f"a{clip[1:]}"}
-    timing = {"wall_s": wall_s, "shards_run": 1, "shards": 1, "stages": list(fps)}
+    timing = {"wall_s": wall_s, "shards_run": 1, "shards": 1, "outputs": fps}
     models = {"sam": sam, "sam_weights": None, "sam_precision": "fp32"}
     for stage, fp in fps.items():
         store.commit(stage, fp, 0, meta={"clip_dense": clip, "models": models, "timing": timing})

@@ -266,8 +266,13 @@ def teacher_of(store: ArtifactStore, merge_fp: str) -> dict[str, Any]:
             "unavailable": "SAM stages resumed: their wall time covers part of the images",
         }
     prompt, auto = timings
-    # one pass made both (sam_pair), or each stage ran alone: count each pass once
-    seconds = prompt["wall_s"] + (0 if "sam_auto" in prompt["stages"] else auto["wall_s"])
+    both = {s: meta[s] for s in SAM_STAGES}
+    if prompt["outputs"] == auto["outputs"] == both:  # one pass made both (sam_pair)
+        seconds = prompt["wall_s"]
+    elif all(t["outputs"] == {s: meta[s]} for t, s in zip(timings, SAM_STAGES, strict=True)):
+        seconds = prompt["wall_s"] + auto["wall_s"]  # each stage ran alone
+    else:  # e.g. sam_prompt made in one pass with another sam_auto output: its time is shared
+        return {**out, "unavailable": "a SAM pass also made another output: its time is shared"}
     out["sam_seconds"] = seconds
     if out["images"] is None or seconds <= 0:
         return {**out, "unavailable": "images of the SAM pass unknown"}

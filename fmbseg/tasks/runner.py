@@ -245,8 +245,8 @@ def run_stage(
             cross-shard dedup that rewrites shards, replacing their receipts in the dict it
             is given); its returned dict extends ``meta``.
         timed: record the run's wall time in ``meta`` (:data:`TIMING_KEY`; not in any
-            fingerprint): ``{"wall_s", "shards_run", "shards", "stages"}``, ``stages``
-            being the targets that shared that time (one pass).
+            fingerprint): ``{"wall_s", "shards_run", "shards", "outputs"}``, ``outputs``
+            (stage -> fingerprint) being the targets that shared that time (one pass).
 
     Returns:
         The committed manifest. If ``stage/fp`` was already committed, that manifest,
@@ -317,7 +317,7 @@ def run_stages(
         "wall_s": round(time.perf_counter() - started, 3),
         "shards_run": len(todo),
         "shards": total,
-        "stages": [stage for stage, _ in targets],
+        "outputs": dict(targets),
     }
     for (stage, fp), known in zip(targets, receipts, strict=True):
         all_meta = dict(meta or {})

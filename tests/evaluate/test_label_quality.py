@@ -260,7 +260,7 @@ def test_teachers_side_by_side_from_their_sam_stages(tmp_path):
         times = [
             store.require_manifest(s, fps[s]).meta["timing"] for s in ("sam_prompt", "sam_auto")
         ]
-        assert [t["stages"] for t in times] == [["sam_prompt"], ["sam_auto"]]
+        assert [t["outputs"] for t in times] == [{s: fps[s]} for s in ("sam_prompt", "sam_auto")]
         assert all(t["shards_run"] == t["shards"] == 2 for t in times)
         seconds = times[0]["wall_s"] + times[1]["wall_s"]
         assert row["images_per_second"] == 6 / seconds  # clip_dense: 6 images
@@ -278,6 +278,14 @@ def test_teachers_side_by_side_from_their_sam_stages(tmp_path):
         path.write_text(json.dumps({**manifest, "meta": meta}))
 
     first = {s: store.require_manifest(s, runs[0][s]).meta for s in ("sam_prompt", "sam_auto")}
+    shared = {
+        **first["sam_prompt"]["timing"],
+        "outputs": {"sam_prompt": runs[0]["sam_prompt"], "sam_auto": "x"},
+    }
+    set_meta("sam_prompt", runs[0]["sam_prompt"], **{**first["sam_prompt"], "timing": shared})
+    got = teacher_of(store, runs[0]["merge"])
+    assert got["sam"] == SAM_NAME and got["images_per_second"] is None
+    assert got["unavailable"] == "a SAM pass also made another output: its time is shared"
     resumed = {**first["sam_prompt"]["timing"], "shards_run": 1}
     set_meta("sam_prompt", runs[0]["sam_prompt"], **{**first["sam_prompt"], "timing": resumed})
     got = teacher_of(store, runs[0]["merge"])

@@ -187,7 +187,7 @@ def test_a_timed_run_records_its_wall_time_and_the_shards_it_ran(local_store, mo
     )
     assert manifest.meta == {
         "k": "v",
-        "timing": {"wall_s": 2.5, "shards_run": 3, "shards": 4, "stages": ["sq"]},
+        "timing": {"wall_s": 2.5, "shards_run": 3, "shards": 4, "outputs": {"sq": "fp"}},
     }
 
 

@@ -79,8 +79,8 @@ def test_one_pass_writes_what_the_two_stages_write_alone(tmp_path, counted) -> N
         assert _summary(together, stage, fp) == _summary(store, stage, fp)  # byte for byte
         meta, alone = (s.require_manifest(stage, fp).meta for s in (together, store))
         # the same but for the recorded timing: one pass made both stages here
-        assert meta["timing"]["stages"] == ["sam_prompt", "sam_auto"]
-        assert alone["timing"]["stages"] == [stage]
+        assert meta["timing"]["outputs"] == fps
+        assert alone["timing"]["outputs"] == {stage: fp}
         assert (
             meta["models"]
             == alone["models"]
