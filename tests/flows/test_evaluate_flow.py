@@ -310,4 +310,17 @@ def test_sam_and_sam21_side_by_side_through_the_evaluate_flow(
         assert row["images_per_second"] == 4 / timing["wall_s"] and row["unavailable"] is None
     stored = store.read_json(f"evaluations/{report['fingerprint']}/report.json")
     assert stored["teachers"] == report["teachers"]
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    latest = {
+        k: httpx.get(f"{api}/artifacts/{k}/latest").json()
+        for k in ("teacher-comparison", "teacher-comparison-table")
+    }
+    table = json.loads(latest["teacher-comparison"]["data"])
+    assert [r["teacher"] for r in table] == ["sam_tiny", "sam2.1_tiny"]
+    assert [r["masks_per_image"] for r in table] == [
+        r["masks_per_image"] for r in report["teachers"]
+    ]
+    assert "| sam2.1_tiny |" in latest["teacher-comparison-table"]["data"]
     assert report["report_uris"] == [store.url(f"evaluations/{report['fingerprint']}/report.json")]
