@@ -155,3 +155,77 @@ def test_pseudo_labels_of_other_images_say_annotate_these_first(
         "split's image folder> --vocab ...), then evaluate labels:latest\n"
     )
     assert "mIoU" not in captured.out  # no table of zeros
+
+
+def _commit_teacher(store: ArtifactStore, sam: str, wall_s: float, images: int) -> dict:
+    """SAM stage manifests as annotate commits them (one pass made both), and the clip_dense
+    output they read (``images`` rows); returns the merge meta naming them."""
+    import pyarrow as pa
+
+    clip = f"clip{sam.replace('.', '').replace('_', '')}"[:16].ljust(16, "0")
+    store.write_shard(
+        "clip_dense", clip, 0, pa.table({"image_id": [str(i) for i in range(images)]})
+    )
+    store.commit("clip_dense", clip, 1, meta={})
+    fps = {"sam_prompt": f"p{clip[1:]}", "sam_auto": f"a{clip[1:]}"}
+    timing = {"wall_s": wall_s, "shards_run": 1, "shards": 1, "outputs": fps}
+    models = {"sam": sam, "sam_weights": None, "sam_precision": "fp32"}
+    for stage, fp in fps.items():
+        store.commit(stage, fp, 0, meta={"clip_dense": clip, "models": models, "timing": timing})
+    return fps
+
+
+@pytest.mark.slow
+def test_teachers_side_by_side_summary(
+    prefect_harness, voc_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.flows.test_evaluate_flow import _commit_labels
+
+    store_dir = tmp_path / "store"
+    store = ArtifactStore(str(store_dir))
+    _commit_labels(
+        store, voc_root, "labels000000000a", **_commit_teacher(store, "sam2.1_hiera_t", 2.0, 5)
+    )
+    _commit_labels(store, voc_root, "labels000000000b")  # made before teachers were recorded
+    model = "labels:labels000000000a,labels:labels000000000b"
+    assert main(_argv(voc_root, store_dir, "--model", model)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("teachers on voc21: 3 images (merged pseudo-labels vs. ground truth, %; "
+                        "images/s of the SAM pass)")  # fmt: skip
+    rows = {ln.split()[0]: ln.split()[1:] for ln in lines[1:8]}
+    assert rows["teacher"] == ["sam2.1_hiera_t", "n/a"]
+    assert rows["labels"] == ["labels000000000a", "labels000000000b"]
+    assert rows["masks/image"] == ["2.00", "2.00"]  # 3 records on each of 2 of the 3 images
+    assert rows["images/s"] == ["2.50", "n/a"]  # 5 images through SAM in 2 s
+    single = store.read_json(f"evaluations/{_lq_fp(store, 'labels000000000a')}/report.json")
+    assert rows["mIoU"] == [f"{100 * single['merged']['mIoU']:.2f}"] * 2  # the same records
+    assert lines[8] == ("  n/a in column 2 (labels000000000b): the merge output names no SAM "
+                        "stages")  # fmt: skip
+    (uri,) = [ln.split()[-1] for ln in lines if ln.startswith("report:")]
+    fp = uri.rstrip("/").split("/")[-2]
+    assert store.read_json(f"evaluations/{fp}/report.json")["teachers"][0]["teacher"] == (
+        "sam2.1_hiera_t"
+    )
+
+
+def _lq_fp(store: ArtifactStore, merge_fp: str) -> str:
+    """The label_quality fingerprint that scored ``merge_fp``."""
+    (fp,) = [
+        fp
+        for fp in store.committed_fingerprints("label_quality")
+        if store.require_manifest("label_quality", fp).meta["merge"] == merge_fp
+    ]
+    return fp
+
+
+def test_teachers_compare_only_pseudo_labels(
+    voc_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _argv(voc_root, tmp_path / "store", "--model", "labels:latest,maskclip")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "fmbseg: error: --model: model 'labels:latest,maskclip': 'maskclip' is not "
+        "labels:<merge fingerprint> or labels:latest (only pseudo-labels are compared side by "
+        "side: labels:A,labels:B)\n"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fmbseg.cli.core import Arg, Common, command, positive_int, progress_bars
+from fmbseg.cli.core import Arg, Common, UsageError, command, positive_int, progress_bars
 from fmbseg.data.datasets import dataset_names
 
 
@@ -29,6 +29,38 @@ def labels_summary(report: dict[str, Any]) -> str:
     return "\n".join([*lines, "", format_report(merged)])
 
 
+def teachers_summary(report: dict[str, Any]) -> str:
+    """Teachers side by side: one column per merge output (its teacher = ``models.sam`` of
+    its SAM stages); ``n/a`` where a figure is unavailable, with the reason below."""
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}"
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    cols = report["teachers"]
+    rows = [
+        ("teacher", [c["teacher"] or "n/a" for c in cols]),
+        ("labels", [c["labels"] for c in cols]),
+        ("mIoU", [pct(c["mIoU"]) for c in cols]),
+        ("coverage", [pct(c["coverage"]) for c in cols]),
+        ("precision", [pct(c["precision"]) for c in cols]),
+        ("masks/image", [num(c["masks_per_image"]) for c in cols]),
+        ("images/s", [num(c["images_per_second"]) for c in cols]),
+    ]
+    width = max(10, *(len(v) + 2 for _, vals in rows for v in vals))
+    lines = [
+        f"teachers on {report['dataset']}: {report['num_images']} images "
+        "(merged pseudo-labels vs. ground truth, %; images/s of the SAM pass)"
+    ]
+    lines += [f"{name:<13}" + "".join(f"{v:>{width}}" for v in vals) for name, vals in rows]
+    for i, c in enumerate(cols, 1):
+        if c["unavailable"]:
+            lines.append(f"  n/a in column {i} ({c['labels']}): {c['unavailable']}")
+    return "\n".join(lines)
+
+
 @command(
     "evaluate",
     "evaluate a model or a baseline on a benchmark split (mIoU, per-class IoU)",
@@ -38,14 +70,21 @@ def labels_summary(report: dict[str, Any]) -> str:
     Arg("--model", default="champion",
         help="maskclip | sclip (baselines from the config's CLIP), or a registry reference: "
              "champion, latest, vNNNN, name:version, a model folder URI; or labels:latest | "
-             "labels:<merge fingerprint> to score pseudo-labels (default %(default)s)"),
+             "labels:<merge fingerprint> to score pseudo-labels; several, labels:A,labels:B, to "
+             "compare their teachers side by side (default %(default)s)"),
     Arg("--name", default=None, dest="model_name",
         help="registry model name for champion/latest/vNNNN (default: train.model_name)"),
     Arg("--limit", type=positive_int("--limit"), default=None, help="evaluate only the first N images"),
 )  # fmt: skip
 def cmd_evaluate(args: argparse.Namespace, common: Common) -> int:
-    from fmbseg.flows.evaluate import evaluate_flow
+    from fmbseg.flows.evaluate import evaluate_flow, label_refs
     from fmbseg.tasks.evaluate import format_report
+
+    if "," in args.model:
+        try:
+            label_refs(args.model)
+        except ValueError as exc:
+            raise UsageError(f"--model: {exc}") from None
 
     with progress_bars():
         report = evaluate_flow(
@@ -55,7 +94,9 @@ def cmd_evaluate(args: argparse.Namespace, common: Common) -> int:
             storage_options=common.storage_options or None, limit=args.limit,
             model_name=args.model_name,
         )  # fmt: skip
-    if "merged" in report:  # model=labels:...: pseudo-label quality, three label maps
+    if "teachers" in report:  # model=labels:A,labels:B: the teachers side by side
+        print(teachers_summary(report))
+    elif "merged" in report:  # model=labels:...: pseudo-label quality, three label maps
         print(labels_summary(report))
     else:
         print(format_report(report))

@@ -40,12 +40,30 @@ from fmbseg.tasks.label_quality_stage import STAGE as LQ_STAGE
 from fmbseg.tasks.label_quality_stage import (
     LabelsPlan,
     build_label_report,
+    compare_teachers,
     plan_label_quality,
     run_label_quality,
     write_label_report,
 )
 
 LABELS_PREFIX = "labels:"
+
+
+def label_refs(model: str) -> list[str]:
+    """``labels:A`` -> ``["A"]``; ``labels:A,labels:B`` -> ``["A", "B"]``: the merge outputs
+    (one per teacher) whose pseudo-labels are scored, side by side when several.
+
+    Raises:
+        ValueError: a part of the list is not ``labels:<merge fingerprint>`` or ``labels:latest``.
+    """
+    parts = [p.strip() for p in model.split(",")]
+    for part in parts:
+        if not part.startswith(LABELS_PREFIX) or part == LABELS_PREFIX:
+            raise ValueError(
+                f"model {model!r}: {part!r} is not labels:<merge fingerprint> or labels:latest "
+                "(only pseudo-labels are compared side by side: labels:A,labels:B)"
+            )
+    return [p[len(LABELS_PREFIX) :] for p in parts]
 
 
 @task(
@@ -148,7 +166,9 @@ def evaluate_flow(
         model: ``maskclip`` / ``sclip`` (training-free baselines built from
             ``cfg.models``), or a registry reference: ``champion``, ``latest``, ``vNNNN``,
             ``name:version`` or a model version folder URI. ``labels:<merge fp>`` or
-            ``labels:latest`` scores stage-1 pseudo-labels instead (:func:`label_quality_flow`).
+            ``labels:latest`` scores stage-1 pseudo-labels instead (:func:`label_quality_flow`);
+            several, ``labels:A,labels:B``, compare their teachers side by side
+            (:func:`compare_teachers_flow`).
         model_name: registry model name for references without one (default
             ``cfg.train.model_name``).
         limit: evaluate only the first ``limit`` images of the split.
@@ -158,7 +178,20 @@ def evaluate_flow(
     ``models/{name}/{version}/eval/{dataset}.json``; always ``evaluations/{fp}/report.json``).
     """
     if model.startswith(LABELS_PREFIX):
-        return label_quality_flow(dataset, data_root, model[len(LABELS_PREFIX) :], store, config,
+        refs = label_refs(model)
+        if len(refs) > 1:
+            return compare_teachers_flow(
+                dataset,
+                data_root,
+                refs,
+                store,
+                config,
+                overrides,
+                ray_address,
+                storage_options,
+                limit,
+            )
+        return label_quality_flow(dataset, data_root, refs[0], store, config,
                                   overrides, ray_address, storage_options, limit)  # fmt: skip
     cfg = configure(config, overrides, ray_address)
     st = open_store(store, storage_options)
@@ -226,4 +259,98 @@ def label_quality_flow(
         "labels": plan.merge_fp, "limit": limit, "config": cfg.to_dict(),
         "stages": {LQ_STAGE: fp, "merge": plan.merge_fp}, "report": uris[0],
     })  # fmt: skip
+    return {**report, "report_uris": uris}
+
+
+def teachers_markdown(report: dict[str, Any]) -> str:
+    """A teacher comparison as a markdown table (percentages; ``-``: figure unavailable)."""
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = [
+        f"# Teachers on {report['dataset']} ({report['num_images']} images)",
+        "",
+        "| labels | teacher | mIoU | coverage | masks/image | images/s | unavailable |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r['labels']} | {r['teacher'] or '-'} | {pct(r['mIoU'])} | "
+        f"{pct(r['coverage'])} | {num(r['masks_per_image'])} | "
+        f"{num(r['images_per_second'])} | {r['unavailable'] or ''} |"
+        for r in report["teachers"]
+    ]
+    return "\n".join(lines)
+
+
+@flow(name="compare-teachers", **LINEAGE_HOOKS)
+def compare_teachers_flow(
+    dataset: str,
+    data_root: str,
+    labels: list[str],
+    store: str = "./fmbseg-store",
+    config: str = "default",
+    overrides: list[str] | None = None,
+    ray_address: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Score several merge outputs of the split's images (one per teacher: annotate run with
+    different ``models.sam``) and put them side by side.
+
+    Each is a :func:`label_quality_flow` (its own cached stage and report); the comparison
+    (:func:`~fmbseg.tasks.label_quality_stage.compare_teachers`) is written to
+    ``evaluations/{fp}/report.json`` and published as the ``teacher-comparison`` table and
+    markdown artifacts. Returns it plus ``report_uris``.
+    """
+    reports = [
+        label_quality_flow(
+            dataset, data_root, ref, store, config, overrides, ray_address, storage_options, limit
+        )
+        for ref in labels
+    ]
+    st = open_store(store, storage_options)
+    report = compare_teachers(reports)
+    rel = f"evaluations/{report['fingerprint']}/report.json"
+    st.write_json(rel, report)
+    uris = [st.url(rel)]
+    table_artifact(
+        "teacher-comparison",
+        [
+            {
+                k: r[k]
+                for k in (
+                    "labels",
+                    "teacher",
+                    "mIoU",
+                    "coverage",
+                    "masks_per_image",
+                    "images_per_second",
+                    "unavailable",
+                )
+            }
+            for r in report["teachers"]
+        ],
+        description="teachers side by side: merged pseudo-labels vs. ground truth "
+        "(fractions); images/s of the SAM pass",
+    )
+    markdown_artifact(
+        "teacher-comparison-table", teachers_markdown(report), description="teachers side by side"
+    )
+    record_lineage(
+        st,
+        current_flow_run_id(),
+        {
+            "flow": "compare-teachers",
+            "dataset": report["dataset"],
+            "data_root": data_root,
+            "labels": [r["labels"] for r in reports],
+            "limit": limit,
+            "label_quality": [r["fingerprint"] for r in reports],
+            "report": uris[0],
+        },
+    )
     return {**report, "report_uris": uris}

@@ -9,8 +9,12 @@ them exactly.
 
 Output shard records (one row per shard, :data:`RECORD_SCHEMA`): ``shard``, ``images``,
 ``without_records`` [int32], ``unmatched`` [string, JSON list of record categories that are
-no dataset class], and ``prompt`` / ``auto`` / ``merged`` [string, JSON of
-``ConfusionMatrix.to_dict()``].
+no dataset class], ``prompt`` / ``auto`` / ``merged`` [string, JSON of
+``ConfusionMatrix.to_dict()``] and ``masks`` [int64, the merge records of the shard's images].
+
+Several merge outputs of the same images (one per teacher, ``models.sam``) are compared with
+:func:`compare_teachers`: each one's report with its teacher (:func:`teacher_of`, from its
+SAM stages' manifests) side by side.
 
 Fingerprint = hash("label_quality", CODE_VERSION, dataset name, data root, evaluated sample
 ids and each label file's size and ETag or mtime, ``limit``, the ``merge`` fingerprint).
@@ -21,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,15 +39,17 @@ from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.label_quality import VARIANTS, pseudo_label_quality, quality_report
 from fmbseg.tasks.merge import merge_order
 from fmbseg.tasks.metrics import ConfusionMatrix
-from fmbseg.tasks.runner import Progress, plan_shards, run_stage
+from fmbseg.tasks.runner import TIMING_KEY, Progress, plan_shards, run_stage
+from fmbseg.tasks.stage1 import TEACHER_KEY
 
 STAGE = "label_quality"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: masks per shard
 MERGE_STAGE = "merge"
+SAM_STAGES = ("sam_prompt", "sam_auto")
 RECORD_SCHEMA = pa.schema(
     [pa.field("shard", pa.int32()), pa.field("images", pa.int32()),
      pa.field("without_records", pa.int32()), pa.field("unmatched", pa.string())]
-    + [pa.field(v, pa.string()) for v in VARIANTS]
+    + [pa.field(v, pa.string()) for v in VARIANTS] + [pa.field("masks", pa.int64())]
 )  # fmt: skip
 
 
@@ -145,8 +152,10 @@ class LabelQualityWorker:
 
     def process(self, shard: int, spec: dict[str, int]) -> tuple[pa.Table, None]:
         part = self.plan.dataset.subset(range(spec["start"], spec["stop"]))
-        q = pseudo_label_quality(part, self.records(part), order=self.order)
+        records = self.records(part)
+        q = pseudo_label_quality(part, records, order=self.order)
         row = {"shard": shard, "images": q["num_images"],
+               "masks": sum(t.num_rows for t in records.values()),
                "without_records": q["images_without_records"],
                "unmatched": json.dumps(q["unmatched_categories"]),
                **{v: json.dumps(q[v]["confusion"]) for v in VARIANTS}}  # fmt: skip
@@ -169,7 +178,8 @@ def run_label_quality(
 def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]:
     """Summed matrices -> ``{"dataset", "data_root", "limit", "model" ("labels:{fp}"),
     "labels" (merge fp), "merge_order" (its ``merge.order``), "fingerprint", "num_images", "images_without_records",
-    "unmatched_categories", "prompt", "auto", "merged"}``; each variant as
+    "unmatched_categories", "masks" (merge records of the scored images), "masks_per_image",
+    "teacher" (:func:`teacher_of`), "prompt", "auto", "merged"}``; each variant as
     :func:`~fmbseg.tasks.label_quality.quality_report` (mIoU, coverage, precision, ...).
 
     Raises:
@@ -178,11 +188,12 @@ def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]
     """
     ds = plan.dataset
     cms = {v: ConfusionMatrix(len(ds.classes), ds.ignore_index) for v in VARIANTS}
-    images = without = 0
+    images = without = masks = 0
     unmatched: set[str] = set()
     for table in store.iter_shards(STAGE, plan.fingerprint):
         for row in table.to_pylist():
             images += row["images"]
+            masks += row["masks"]
             without += row["without_records"]
             unmatched.update(json.loads(row["unmatched"]))
             for v in VARIANTS:
@@ -200,6 +211,8 @@ def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]
         "merge_order": merge_order(store, plan.merge_fp),
         "fingerprint": plan.fingerprint, "num_images": images,
         "images_without_records": without, "unmatched_categories": sorted(unmatched),
+        "masks": masks, "masks_per_image": masks / images if images else None,
+        "teacher": teacher_of(store, plan.merge_fp),
         **{v: quality_report(cms[v], ds.classes) for v in VARIANTS},
     }  # fmt: skip
 
@@ -209,3 +222,108 @@ def write_label_report(store: ArtifactStore, plan: LabelsPlan, report: dict[str,
     rel = f"evaluations/{plan.fingerprint}/report.json"
     store.write_json(rel, report)
     return [store.url(rel)]
+
+
+def teacher_of(store: ArtifactStore, merge_fp: str) -> dict[str, Any]:
+    """The teacher of a merge output, from its SAM stages' manifests (what annotate recorded).
+
+    Returns ``{"sam", "sam_weights", "sam_precision"}`` (``models.*`` of the SAM stages;
+    ``None`` when not recorded), ``"images"`` (images through the SAM pass: the clip_dense
+    rows), ``"sam_seconds"`` (wall time of the SAM pass(es) making ``sam_prompt`` and
+    ``sam_auto``, model loading included), ``"images_per_second"`` and ``"unavailable"``:
+    why a figure is ``None`` (``None`` when all are there). A figure is never guessed: a
+    resumed run's wall time covers only part of the images, so it gives none.
+    """
+    out: dict[str, Any] = {
+        "sam": None,
+        "sam_weights": None,
+        "sam_precision": None,
+        "images": None,
+        "sam_seconds": None,
+        "images_per_second": None,
+        "unavailable": None,
+    }
+    meta = store.require_manifest(MERGE_STAGE, merge_fp).meta
+    if not all(meta.get(s) for s in SAM_STAGES):
+        return {**out, "unavailable": "the merge output names no SAM stages"}
+    manifests = {s: store.manifest(s, meta[s]) for s in SAM_STAGES}
+    missing = [f"{s}/{meta[s]}" for s, m in manifests.items() if m is None]
+    if missing:
+        return {**out, "unavailable": f"{', '.join(missing)} not in this store"}
+    metas = {s: m.meta for s, m in manifests.items() if m is not None}
+    models = metas["sam_prompt"].get(TEACHER_KEY) or metas["sam_auto"].get(TEACHER_KEY)
+    if models is None:
+        return {**out, "unavailable": "teacher not recorded (SAM stages made before it was)"}
+    out.update({k: models.get(k) for k in ("sam", "sam_weights", "sam_precision")})
+    clip = store.manifest("clip_dense", str(metas["sam_prompt"].get("clip_dense")))
+    out["images"] = None if clip is None else clip.rows
+    timings = [metas[s].get(TIMING_KEY) for s in SAM_STAGES]
+    if any(t is None for t in timings):
+        return {**out, "unavailable": "SAM wall time not recorded"}
+    if any(t["shards_run"] < t["shards"] for t in timings):
+        return {
+            **out,
+            "unavailable": "SAM stages resumed: their wall time covers part of the images",
+        }
+    prompt, auto = timings
+    both = {s: meta[s] for s in SAM_STAGES}
+    if prompt["outputs"] == auto["outputs"] == both:  # one pass made both (sam_pair)
+        seconds = prompt["wall_s"]
+    elif all(t["outputs"] == {s: meta[s]} for t, s in zip(timings, SAM_STAGES, strict=True)):
+        seconds = prompt["wall_s"] + auto["wall_s"]  # each stage ran alone
+    else:  # e.g. sam_prompt made in one pass with another sam_auto output: its time is shared
+        return {**out, "unavailable": "a SAM pass also made another output: its time is shared"}
+    out["sam_seconds"] = seconds
+    if out["images"] is None or seconds <= 0:
+        return {**out, "unavailable": "images of the SAM pass unknown"}
+    return {**out, "images_per_second": out["images"] / seconds}
+
+
+def comparison_fingerprint(reports: Sequence[dict[str, Any]]) -> str:
+    """Of a teacher comparison: its label-quality fingerprints, in order."""
+    return fingerprint(
+        "compare_teachers", CODE_VERSION, {"label_quality": [r["fingerprint"] for r in reports]}
+    )
+
+
+def compare_teachers(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Label-quality reports of merge outputs of the same split -> one report with a row per
+    teacher: ``{"dataset", "num_images", "fingerprint", "teachers": [{"labels", "teacher"
+    (``models.sam`` or ``None``), "mIoU", "coverage", "precision" (merged labels),
+    "masks_per_image", "images_per_second", "unavailable"}], "reports": [each report]}``.
+
+    Raises:
+        ValueError: the reports are of different datasets or splits (``limit``).
+    """
+    first = reports[0]
+    for r in reports[1:]:
+        if (r["dataset"], r["data_root"], r["num_images"]) != (
+            first["dataset"],
+            first["data_root"],
+            first["num_images"],
+        ):
+            raise ValueError("compare_teachers: the reports score different splits")
+    rows = [
+        {
+            "labels": r["labels"],
+            "teacher": r["teacher"]["sam"],
+            "mIoU": r["merged"]["mIoU"],
+            "coverage": r["merged"]["coverage"],
+            "precision": r["merged"]["precision"],
+            "masks_per_image": r["masks_per_image"],
+            "images_per_second": r["teacher"]["images_per_second"],
+            "unavailable": r["teacher"]["unavailable"],
+        }
+        for r in reports
+    ]
+    return {
+        "dataset": first["dataset"],
+        "dataset_description": first.get("dataset_description"),
+        "data_root": first["data_root"],
+        "limit": first["limit"],
+        "num_images": first["num_images"],
+        "fingerprint": comparison_fingerprint(reports),
+        "model": ",".join(r["model"] for r in reports),
+        "teachers": rows,
+        "reports": list(reports),
+    }

@@ -40,6 +40,7 @@ import contextlib
 import logging
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,6 +54,7 @@ from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
 
 log = logging.getLogger(__name__)
 
+TIMING_KEY = "timing"  # manifest meta key of a timed run (run_stages(timed=True))
 SLOT_DEPTH = 2  # shards in one slot at once: one being processed, one read ahead or written
 
 Target = tuple[str, str]
@@ -229,6 +231,7 @@ def run_stage(
     progress: Progress | None = None,
     meta: dict[str, Any] | None = None,
     finalize: Finalize | None = None,
+    timed: bool = False,
 ) -> Manifest:
     """Run every shard of ``stage/fp`` that has no receipt yet, then commit the manifest.
 
@@ -241,6 +244,9 @@ def run_stage(
         finalize: run after all shards are written and before the commit (e.g. a
             cross-shard dedup that rewrites shards, replacing their receipts in the dict it
             is given); its returned dict extends ``meta``.
+        timed: record the run's wall time in ``meta`` (:data:`TIMING_KEY`; not in any
+            fingerprint): ``{"wall_s", "shards_run", "shards", "outputs"}``, ``outputs``
+            (stage -> fingerprint) being the targets that shared that time (one pass).
 
     Returns:
         The committed manifest. If ``stage/fp`` was already committed, that manifest,
@@ -248,7 +254,7 @@ def run_stage(
     """
     (manifest,) = run_stages(store, [(stage, fp)], specs, worker_factory, runtime,
                              use_gpu=use_gpu, progress=progress, meta=meta,
-                             finalize=finalize)  # fmt: skip
+                             finalize=finalize, timed=timed)  # fmt: skip
     return manifest
 
 
@@ -263,6 +269,7 @@ def run_stages(
     progress: Progress | None = None,
     meta: dict[str, Any] | None = None,
     finalize: Finalize | None = None,
+    timed: bool = False,
 ) -> list[Manifest]:
     """:func:`run_stage` for stages that share one pass over the same shards.
 
@@ -296,6 +303,7 @@ def run_stages(
         log.info("%s: resuming, %d of %d shards already written", label, len(done), total)
     if progress:
         progress(len(done), total)
+    started = time.perf_counter()
     if todo:
         on_done = _counter(receipts, len(done), total, progress)
         if _runs_locally(runtime, len(todo)):
@@ -305,8 +313,16 @@ def run_stages(
 
             run_ray(store, targets, specs, todo, worker_factory, runtime, use_gpu, on_done)
     manifests = []
+    timing = {
+        "wall_s": round(time.perf_counter() - started, 3),
+        "shards_run": len(todo),
+        "shards": total,
+        "outputs": dict(targets),
+    }
     for (stage, fp), known in zip(targets, receipts, strict=True):
         all_meta = dict(meta or {})
+        if timed:
+            all_meta[TIMING_KEY] = timing
         shards = {i: known[i] for i in range(total) if i in known}  # commit names any missing
         if finalize is not None:  # it may rewrite shards, and replaces their receipts
             all_meta.update(finalize(store, stage, fp, shards) or {})

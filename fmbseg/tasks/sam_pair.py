@@ -29,7 +29,14 @@ from fmbseg.tasks.sam_auto import auto_job, run_sam_auto
 from fmbseg.tasks.sam_prompt import STAGE as PROMPT
 from fmbseg.tasks.sam_prompt import prompt_job, run_sam_prompt
 from fmbseg.tasks.sam_stage import Rows, SamStageWorker
-from fmbseg.tasks.stage1 import VOCABULARY_KEY, num_shards, read_vocabulary, stage_fingerprint
+from fmbseg.tasks.stage1 import (
+    TEACHER_KEY,
+    VOCABULARY_KEY,
+    num_shards,
+    read_vocabulary,
+    stage_fingerprint,
+    teacher,
+)
 
 __all__ = ["SamPairWorker", "run_sam_stages"]
 
@@ -109,6 +116,7 @@ def run_sam_stages(
         cfg.runtime,
         use_gpu=True,
         progress=both,
-        meta={VOCABULARY_KEY: list(vocabulary), "clip_dense": clip_fp},
+        meta={VOCABULARY_KEY: list(vocabulary), "clip_dense": clip_fp, TEACHER_KEY: teacher(cfg)},
+        timed=True,
     )
     return fps

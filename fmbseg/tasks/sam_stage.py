@@ -20,6 +20,7 @@ from fmbseg.tasks.clip_dense import result_from_row
 from fmbseg.tasks.runner import run_stage
 from fmbseg.tasks.stage1 import (
     POST_AHEAD,
+    TEACHER_KEY,
     VOCABULARY_KEY,
     ImageShardWorker,
     InOrder,
@@ -28,6 +29,7 @@ from fmbseg.tasks.stage1 import (
     post_pool,
     read_vocabulary,
     stage_fingerprint,
+    teacher,
 )
 
 Rows = Callable[[], list[dict[str, Any]]]
@@ -165,6 +167,7 @@ def run_sam_stage(
         cfg.runtime,
         use_gpu=True,
         progress=progress,
-        meta={VOCABULARY_KEY: list(vocabulary), "clip_dense": clip_fp},
+        meta={VOCABULARY_KEY: list(vocabulary), "clip_dense": clip_fp, TEACHER_KEY: teacher(cfg)},
+        timed=True,
     )
     return fp

@@ -58,6 +58,16 @@ def _without(section: Any, *fields: str) -> dict[str, Any]:
     return d
 
 
+TEACHER_KEY = "models"  # SAM stages' manifest meta: the teacher (models.sam*) that made them
+
+
+def teacher(cfg: Config) -> dict[str, Any]:
+    """The SAM stages' teacher: ``models.sam``, ``sam_weights``, ``sam_precision`` (in
+    their fingerprints, and in their manifests' meta under :data:`TEACHER_KEY`)."""
+    m = cfg.models
+    return {"sam": m.sam, "sam_weights": m.sam_weights, "sam_precision": m.sam_precision}
+
+
 def stage_fingerprint(
     stage: str,
     cfg: Config,
@@ -68,7 +78,7 @@ def stage_fingerprint(
     """The fingerprint of one stage-1 stage from the config sections it reads and its inputs
     (``image_labels``: the user's image-level tags, clip_dense only)."""
     m = cfg.models
-    sam_models = {"sam": m.sam, "sam_weights": m.sam_weights, "sam_precision": m.sam_precision}
+    sam_models = teacher(cfg)
     parts: dict[str, Any]
     if stage == "clip_dense":
         parts = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -184,3 +186,113 @@ def test_label_quality_stage_compares_the_merge_orders(tmp_path, monkeypatch):
     assert merged["prompt_first"]["precision"] > merged["area"]["precision"]
     prompt = {r["prompt"]["mIoU"] for r in reports.values()}
     assert len(prompt) == 1  # prompt masks never overlap here: every order agrees
+
+
+def _build_bleeding_sam(weights, device, **kwargs):
+    """A second teacher: the oracle, plus a 3-px-dilated copy of every region (masks that
+    bleed into their neighbours), so the two teachers score differently."""
+    from scipy import ndimage
+
+    from tests.synthetic import OracleSam, _sam_record
+
+    class BleedingSam(OracleSam):
+        def generate(self, image):
+            out = super().generate(image)
+            background = np.bincount(self.regions.ravel()).argmax()
+            for r in range(1, int(self.regions.max()) + 1):
+                if r != background:
+                    grown = ndimage.binary_dilation(self.regions == r, iterations=3)
+                    out.append(_sam_record(grown, 0.96, 0.97))
+            return out
+
+    return BleedingSam()
+
+
+def test_teachers_side_by_side_from_their_sam_stages(tmp_path):
+    """Two teachers (models.sam) annotate the same benchmark images: each column holds its
+    single-teacher report's figures, its teacher from the SAM stages' manifests, masks per
+    image as the merge records of the scored images, and images/s from the recorded time."""
+    from PIL import Image
+
+    from fmbseg.config import replace
+    from fmbseg.models.registry import register_model
+    from fmbseg.storage import ArtifactStore
+    from fmbseg.storage.fingerprint import content_hash
+    from fmbseg.tasks.label_quality_stage import (
+        build_label_report,
+        compare_teachers,
+        plan_label_quality,
+        run_label_quality,
+        teacher_of,
+    )
+    from tests.synthetic import SAM_NAME, run_pipeline, synthetic_config, write_scenes
+    from tests.synthetic import VOCAB as WORLD
+
+    register_model("synthetic_bleeding_sam", "sam", _build_bleeding_sam, "test: bleeding SAM")
+    ds = tmp_path / "ds"
+    scenes = write_scenes(ds / "images", 6)
+    (ds / "labels").mkdir()
+    for sid, scene in scenes.items():
+        Image.fromarray(scene.truth).save(ds / "labels" / f"{sid}.png")
+    (ds / "classes.txt").write_text("\n".join(WORLD) + "\n")
+    store = ArtifactStore(str(tmp_path / "store"))
+    reports, runs = [], []
+    for sam in (SAM_NAME, "synthetic_bleeding_sam"):
+        cfg = replace(synthetic_config(), models={"sam": sam})
+        fps = run_pipeline(store, cfg, ds / "images")
+        plan = plan_label_quality(store, "folder", str(ds), fps["merge"], cfg, limit=4)
+        run_label_quality(store, plan, cfg)
+        reports.append(build_label_report(store, plan))
+        runs.append(fps)
+    table = compare_teachers(reports)
+    assert [r["teacher"] for r in table["teachers"]] == [SAM_NAME, "synthetic_bleeding_sam"]
+    assert table["num_images"] == 4 and table["reports"] == reports
+    scored = {
+        content_hash((ds / "images" / f"{sid}.png").read_bytes()) for sid in sorted(scenes)[:4]
+    }
+    for row, report, fps in zip(table["teachers"], reports, runs, strict=True):
+        assert row["labels"] == fps["merge"] and row["unavailable"] is None
+        assert row["mIoU"] == report["merged"]["mIoU"]
+        assert row["coverage"] == report["merged"]["coverage"] > 0
+        merged = store.read_table("merge", fps["merge"]).to_pylist()
+        assert row["masks_per_image"] == sum(r["image_id"] in scored for r in merged) / 4
+        # run_pipeline runs the SAM stages one after the other: the two passes add up
+        times = [
+            store.require_manifest(s, fps[s]).meta["timing"] for s in ("sam_prompt", "sam_auto")
+        ]
+        assert [t["outputs"] for t in times] == [{s: fps[s]} for s in ("sam_prompt", "sam_auto")]
+        assert all(t["shards_run"] == t["shards"] == 2 for t in times)
+        seconds = times[0]["wall_s"] + times[1]["wall_s"]
+        assert row["images_per_second"] == 6 / seconds  # clip_dense: 6 images
+        assert report["teacher"]["sam_seconds"] == seconds
+    oracle, bleeding = table["teachers"]
+    assert (
+        oracle["mIoU"] > bleeding["mIoU"]
+        and bleeding["masks_per_image"] > oracle["masks_per_image"]
+    )
+
+    # a figure that cannot be known is None, with the reason; never a guess
+    def set_meta(stage: str, fp: str, **meta) -> None:  # as an older version committed it
+        path = tmp_path / "store" / "stages" / stage / fp / "_manifest.json"
+        manifest = json.loads(path.read_text())
+        path.write_text(json.dumps({**manifest, "meta": meta}))
+
+    first = {s: store.require_manifest(s, runs[0][s]).meta for s in ("sam_prompt", "sam_auto")}
+    shared = {
+        **first["sam_prompt"]["timing"],
+        "outputs": {"sam_prompt": runs[0]["sam_prompt"], "sam_auto": "x"},
+    }
+    set_meta("sam_prompt", runs[0]["sam_prompt"], **{**first["sam_prompt"], "timing": shared})
+    got = teacher_of(store, runs[0]["merge"])
+    assert got["sam"] == SAM_NAME and got["images_per_second"] is None
+    assert got["unavailable"] == "a SAM pass also made another output: its time is shared"
+    resumed = {**first["sam_prompt"]["timing"], "shards_run": 1}
+    set_meta("sam_prompt", runs[0]["sam_prompt"], **{**first["sam_prompt"], "timing": resumed})
+    got = teacher_of(store, runs[0]["merge"])
+    assert got["sam"] == SAM_NAME and got["images_per_second"] is None
+    assert got["unavailable"] == "SAM stages resumed: their wall time covers part of the images"
+    for stage in ("sam_prompt", "sam_auto"):
+        set_meta(stage, runs[0][stage], vocabulary=list(WORLD))
+    got = teacher_of(store, runs[0]["merge"])
+    assert got["sam"] is None and got["images_per_second"] is None
+    assert got["unavailable"] == "teacher not recorded (SAM stages made before it was)"

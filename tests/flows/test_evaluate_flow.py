@@ -205,7 +205,9 @@ def test_bad_dataset_inputs_fail_before_any_work(
     assert not (tmp_path / "store" / "stages").exists()
 
 
-def _commit_labels(store: ArtifactStore, root: str, fp: str = "labels0000000000") -> dict:
+def _commit_labels(
+    store: ArtifactStore, root: str, fp: str = "labels0000000000", **meta: Any
+) -> dict:
     """Pseudo-labels of the first two VOC images as the merge stage commits them (2 shards,
     annotated from another folder: matched by content): person exact (prompt), aeroplane
     exact (auto), tvmonitor called "sky" (auto; no VOC class -> background)."""
@@ -225,7 +227,7 @@ def _commit_labels(store: ArtifactStore, root: str, fp: str = "labels0000000000"
                                                  (20, 2, "sky", "auto"))]  # fmt: skip
         store.write_shard("merge", fp, shard, MaskRecords.from_rows(rows).table)
         by_sid[sample.sample_id] = rows
-    store.commit("merge", fp, 2, meta={"vocabulary": ["person", "aeroplane", "sky"]})
+    store.commit("merge", fp, 2, meta={"vocabulary": ["person", "aeroplane", "sky"], **meta})
     return by_sid
 
 
@@ -262,3 +264,63 @@ def test_pseudo_label_quality_through_the_evaluate_flow(
     again = evaluate_flow("voc21", voc_root, "labels:labels0000000000", store_dir, "tiny", LOCAL)
     assert again["fingerprint"] == report["fingerprint"]  # same merge output: a cache hit
     assert _stage_files(store_dir) == before
+
+
+@pytest.mark.slow
+def test_sam_and_sam21_side_by_side_through_the_evaluate_flow(
+    prefect_harness, voc_root: str, tmp_path: Path
+) -> None:
+    """The split's images annotated by both tiny teachers (same store, same index and CLIP
+    output; only models.sam differs), then `labels:A,labels:B`: one column per teacher."""
+    from fmbseg.config import replace
+    from fmbseg.storage.fingerprint import content_hash
+    from fmbseg.tasks.clip_dense import run_clip_dense
+    from fmbseg.tasks.index import run_index
+    from fmbseg.tasks.merge import run_merge
+    from fmbseg.tasks.sam_pair import run_sam_stages
+
+    store_dir = str(tmp_path / "store")
+    store = ArtifactStore(store_dir)
+    images = Path(voc_root) / "VOCdevkit/VOC2012/JPEGImages"  # 3 val images + 1 train image
+    val_ids = ("2007_000033", "2007_000042", "2008_000002")
+    tiny = replace(load_config("tiny"), runtime={"executor": "local", "shard_size": 2})
+    index = run_index(store, str(images), tiny)
+    clip = run_clip_dense(store, tiny, index, ("person", "aeroplane", "tvmonitor", "sky"))
+    merges, sam_fps = {}, {}
+    for sam in ("sam_tiny", "sam2.1_tiny"):
+        cfg = replace(tiny, models={"sam": sam})
+        sam_fps[sam] = run_sam_stages(store, cfg, clip)
+        merges[sam] = run_merge(store, cfg, index, clip, *sam_fps[sam].values())
+    model = f"labels:{merges['sam_tiny']},labels:{merges['sam2.1_tiny']}"
+    report = evaluate_flow("voc21", voc_root, model, store_dir, "tiny", LOCAL)
+
+    assert [r["teacher"] for r in report["teachers"]] == ["sam_tiny", "sam2.1_tiny"]
+    assert [r["labels"] for r in report["teachers"]] == list(merges.values())
+    assert report["num_images"] == 3
+    val = {content_hash((images / f"{sid}.jpg").read_bytes()) for sid in val_ids}
+    for row, sam in zip(report["teachers"], merges, strict=True):
+        single = evaluate_flow("voc21", voc_root, f"labels:{merges[sam]}", store_dir, "tiny", LOCAL)
+        assert row["mIoU"] == single["merged"]["mIoU"]
+        assert row["coverage"] == single["merged"]["coverage"]
+        assert row["precision"] == single["merged"]["precision"]
+        records = store.read_table("merge", merges[sam], columns=["image_id"]).to_pylist()
+        assert row["masks_per_image"] == sum(r["image_id"] in val for r in records) / 3
+        timing = store.require_manifest("sam_prompt", sam_fps[sam]["sam_prompt"]).meta["timing"]
+        assert timing["outputs"] == sam_fps[sam]  # one pass made both stages
+        assert row["images_per_second"] == 4 / timing["wall_s"] and row["unavailable"] is None
+    stored = store.read_json(f"evaluations/{report['fingerprint']}/report.json")
+    assert stored["teachers"] == report["teachers"]
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    latest = {
+        k: httpx.get(f"{api}/artifacts/{k}/latest").json()
+        for k in ("teacher-comparison", "teacher-comparison-table")
+    }
+    table = json.loads(latest["teacher-comparison"]["data"])
+    assert [r["teacher"] for r in table] == ["sam_tiny", "sam2.1_tiny"]
+    assert [r["masks_per_image"] for r in table] == [
+        r["masks_per_image"] for r in report["teachers"]
+    ]
+    assert "| sam2.1_tiny |" in latest["teacher-comparison-table"]["data"]
+    assert report["report_uris"] == [store.url(f"evaluations/{report['fingerprint']}/report.json")]

@@ -175,6 +175,22 @@ def test_resume_skips_shards_with_receipts(local_store: ArtifactStore) -> None:
     assert manifest.rows == 10
 
 
+def test_a_timed_run_records_its_wall_time_and_the_shards_it_ran(local_store, monkeypatch) -> None:
+    import fmbseg.tasks.runner as runner
+
+    clock = iter([100.0, 102.5])  # the start, then the end of running the shards
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: next(clock))
+    specs = _specs(10, 3)  # 4 shards; one written by an interrupted run
+    local_store.write_shard("sq", "fp", 1, *SquareWorker().process(1, specs[1]))
+    manifest = run_stage(
+        local_store, "sq", "fp", specs, SquareWorker, LOCAL, meta={"k": "v"}, timed=True
+    )
+    assert manifest.meta == {
+        "k": "v",
+        "timing": {"wall_s": 2.5, "shards_run": 3, "shards": 4, "outputs": {"sq": "fp"}},
+    }
+
+
 def test_the_commit_uses_the_receipts_the_run_listed_and_wrote(local_store, monkeypatch) -> None:
     specs = _specs(10, 3)  # 4 shards
     earlier = local_store.write_shard("sq", "fp", 1, *SquareWorker().process(1, specs[1]))

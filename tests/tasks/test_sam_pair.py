@@ -77,7 +77,20 @@ def test_one_pass_writes_what_the_two_stages_write_alone(tmp_path, counted) -> N
     assert counted == {"encode": present, "read": present}  # each image read and embedded once
     for stage, fp in fps.items():
         assert _summary(together, stage, fp) == _summary(store, stage, fp)  # byte for byte
-        assert together.require_manifest(stage, fp).meta == store.require_manifest(stage, fp).meta
+        meta, alone = (s.require_manifest(stage, fp).meta for s in (together, store))
+        # the same but for the recorded timing: one pass made both stages here
+        assert meta["timing"]["outputs"] == fps
+        assert alone["timing"]["outputs"] == {stage: fp}
+        assert (
+            meta["models"]
+            == alone["models"]
+            == {
+                "sam": "sam_tiny",
+                "sam_weights": None,
+                "sam_precision": CFG.models.sam_precision,
+            }
+        )
+        assert {**meta, "timing": None} == {**alone, "timing": None}
         assert seen[stage][0] == (0, 3) and seen[stage][-1] == (3, 3)
 
     counted.clear()
