@@ -18,14 +18,13 @@ import ray.cloudpickle
 from fmbseg.config import RuntimeConfig
 from fmbseg.storage import ArtifactStore
 from fmbseg.tasks.runner import (
-    SLOT_DEPTH,
-    ShardSlot,
     StageError,
     errors_table,
     plan_shards,
     run_stage,
     run_stages,
 )
+from fmbseg.tasks.shard_slot import SLOT_DEPTH, ShardSlot
 
 # Workers defined here must reach Ray worker processes, which cannot import this module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -302,7 +301,7 @@ def test_a_failed_write_names_its_shard_and_keeps_the_written_ones(
 
 
 def test_the_slot_lock_is_granted_in_the_order_it_was_asked_for() -> None:
-    from fmbseg.tasks.runner import _InTurn
+    from fmbseg.tasks.shard_slot import _InTurn
 
     turn, order = _InTurn(), []
 
