@@ -248,7 +248,8 @@ def _quiet_user_errors() -> Iterator[None]:
 
 @contextmanager
 def progress_bars(units: dict[str, str] | None = None) -> Iterator[None]:
-    """tqdm bars (on stderr), one per stage, fed by the flows' progress reports.
+    """tqdm bars (on stderr), one per stage, fed by the flows' progress reports; each
+    stage's report (cached / resumed / done, with its counts and fingerprint) on stdout.
 
     ``units``: a stage's unit when it does not count shards (``{"train": "epoch"}``).
     """
@@ -268,10 +269,17 @@ def progress_bars(units: dict[str, str] | None = None) -> Iterator[None]:
         if done >= total:
             bar.close()
 
+    def on_report(message: str) -> None:  # what a stage reused, resumed or committed
+        tqdm.write(message, file=sys.stdout)
+
+    from fmbseg.tasks.runner import add_reporter
+
+    remove = add_reporter(on_report)
     with observe_progress(on_progress):
         try:
             yield
         finally:
+            remove()
             for bar in bars.values():
                 bar.close()
 

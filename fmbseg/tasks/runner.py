@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -164,13 +165,14 @@ def run_stages(
     if finalize is not None and len(targets) > 1:
         raise ValueError("run_stages: finalize is for a single target stage")
     total = len(specs)
-    label = target_label(targets)
     existing = [store.manifest(stage, fp) for stage, fp in targets]
     if all(m is not None for m in existing):
-        log.info("%s already committed; skipping", label)
+        committed = [m for m in existing if m is not None]
+        for m in committed:
+            report(cached_message(store, m))
         if progress:
             progress(total, total)
-        return [m for m in existing if m is not None]
+        return committed
     if any(m is not None for m in existing):
         committed = [t for t, m in zip(targets, existing, strict=True) if m is not None]
         raise ValueError(f"run_stages: {target_label(committed)} already committed, the others not;"
@@ -180,7 +182,8 @@ def run_stages(
     done = set.intersection(*(set(r) for r in receipts)) & set(range(total))
     todo = [i for i in range(total) if i not in done]
     if done:
-        log.info("%s: resuming, %d of %d shards already written", label, len(done), total)
+        for stage, _ in targets:
+            report(f"{stage}: resumed, {len(done)} of {total} shards already committed")
     if progress:
         progress(len(done), total)
     if todo:
@@ -200,10 +203,78 @@ def run_stages(
         manifest, won = store.commit(stage, fp, total, meta=all_meta, receipts=shards)
         if won:
             store.sweep(stage, fp)
+            report(f"{stage}: done (fingerprint {fp}), {counts(store, manifest)}")
         else:
-            log.info("%s/%s was committed by another writer first; using theirs", stage, fp)
+            report(cached_message(store, manifest) + " (another writer committed it first)")
         manifests.append(manifest)
     return manifests
+
+
+# ---- what a run reports: reused, resumed, done --------------------------------------------------
+
+
+Reporter = Callable[[str], None]
+_reporters: list[Reporter] = []
+_reporters_lock = threading.Lock()
+
+
+def add_reporter(reporter: Reporter) -> Callable[[], None]:
+    """Call ``reporter(message)`` for every stage report in this process ("clip_dense:
+    cached (fingerprint ...)", "sam_auto: resumed, 5 of 20 shards already committed", "merge:
+    done (fingerprint ...), 4 shards, ..."); returns the function that removes it."""
+    with _reporters_lock:
+        _reporters.append(reporter)
+
+    def remove() -> None:
+        with _reporters_lock:
+            _reporters.remove(reporter)
+
+    return remove
+
+
+def report(message: str) -> None:
+    """Log ``message`` and hand it to every reporter (a failing reporter never fails a stage)."""
+    log.info("%s", message)
+    with _reporters_lock:
+        reporters = list(_reporters)
+    for reporter in reporters:
+        try:
+            reporter(message)
+        except Exception as exc:
+            log.warning("stage report not delivered: %s", exc)
+
+
+# manifest meta keys naming an upstream stage's fingerprint, nearest the index first
+_UPSTREAM = ("index", "clip_dense", "merge")
+
+
+def stage_images(store: ArtifactStore, manifest: Manifest, depth: int = 4) -> int | None:
+    """Images a stage's output covers: the index's rows, found through the manifest meta's
+    upstream fingerprints (``index``, ``clip_dense``, ``merge``); None for a stage that
+    names none (training features, evaluation)."""
+    if manifest.stage == "index":
+        return manifest.rows
+    for key in _UPSTREAM:
+        up = manifest.meta.get(key)
+        if depth and isinstance(up, str) and (m := store.manifest(key, up)) is not None:
+            return stage_images(store, m, depth - 1)
+    return None
+
+
+def counts(store: ArtifactStore, manifest: Manifest) -> str:
+    """``4 shards, 20 images, 37 records, 0 errors`` (images when the stage names its index)."""
+    images = stage_images(store, manifest)
+    parts = [f"{manifest.num_shards} shards"]
+    parts += [f"{images} images"] if images is not None else []
+    parts += [f"{manifest.rows} records", f"{manifest.error_rows} errors"]
+    return ", ".join(parts)
+
+
+def cached_message(store: ArtifactStore, manifest: Manifest) -> str:
+    """``stage: cached (fingerprint fp), <counts>``: a committed stage that is reused."""
+    return (
+        f"{manifest.stage}: cached (fingerprint {manifest.fingerprint}), {counts(store, manifest)}"
+    )
 
 
 def _runs_locally(runtime: RuntimeConfig, n_todo: int) -> bool:
