@@ -67,6 +67,13 @@ class Arg:
         object.__setattr__(self, "kwargs", kwargs)
 
 
+DRY_RUN = Arg(
+    "--dry-run",
+    action="store_true",
+    help="print each stage it would run, its fingerprint, whether it is committed and how "
+    "many shards remain; runs nothing, loads no model, writes nothing",
+)
+
 Handler = Callable[[argparse.Namespace, Common], int]
 _COMMANDS: dict[str, tuple[str, tuple[Arg, ...], Handler]] = {}
 _DEFAULTS: dict[str, dict[str, Any]] = {}
