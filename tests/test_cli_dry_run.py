@@ -103,6 +103,17 @@ def test_dry_runs_plan_what_the_real_runs_commit_and_write_nothing(
     assert store.is_committed("train", whole["train"][0])
     assert _dry(["train", "--labels", "latest", *common], capsys)["train"][1] is True
 
+    # retrain: the first batch is every image (its stages committed); trained from scratch
+    # on it is the model train just made; fine-tuned from the champion, a new one
+    planned = _dry(["retrain", *source, *common], capsys)
+    assert all(planned[s][1] for s in STAGE1)
+    assert planned["train"] == (whole["train"][0], True, 0, None)
+    planned = _dry(["retrain", *source, "--mode", "finetune", *common], capsys)
+    assert planned["train"][1] is False and planned["train"][0] != whole["train"][0]
+    assert main(["retrain", *source, "--mode", "finetune", *common]) == 0
+    capsys.readouterr()
+    assert store.is_committed("train", planned["train"][0])
+
 
 def test_dry_run_of_train_without_labels_is_an_input_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
