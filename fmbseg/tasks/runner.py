@@ -167,12 +167,12 @@ def run_stages(
     total = len(specs)
     existing = [store.manifest(stage, fp) for stage, fp in targets]
     if all(m is not None for m in existing):
-        committed = [m for m in existing if m is not None]
-        for m in committed:
+        reused = [m for m in existing if m is not None]
+        for m in reused:
             report(cached_message(store, m))
         if progress:
             progress(total, total)
-        return committed
+        return reused
     if any(m is not None for m in existing):
         committed = [t for t, m in zip(targets, existing, strict=True) if m is not None]
         raise ValueError(f"run_stages: {target_label(committed)} already committed, the others not;"
@@ -267,6 +267,8 @@ def counts(store: ArtifactStore, manifest: Manifest) -> str:
     parts = [f"{manifest.num_shards} shards"]
     parts += [f"{images} images"] if images is not None else []
     parts += [f"{manifest.rows} records", f"{manifest.error_rows} errors"]
+    if "model" in manifest.meta and "version" in manifest.meta:  # train: the model it made
+        parts.append(f"model {manifest.meta['model']}:{manifest.meta['version']}")
     return ", ".join(parts)
 
 
