@@ -39,8 +39,17 @@ def test_annotate_rerun_says_cached_resumed_and_done(
     cfg = synthetic_config(runtime={"executor": "local", "shard_size": 2, "device": "cpu"})
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     store_dir = tmp_path / "store"
-    argv = ["annotate", "--images", str(tmp_path / "images"), "--classes", ",".join(VOCAB),
-            "--store", str(store_dir), "--config", str(config)]  # fmt: skip
+    argv = [
+        "annotate",
+        "--images",
+        str(tmp_path / "images"),
+        "--classes",
+        ",".join(VOCAB),
+        "--store",
+        str(store_dir),
+        "--config",
+        str(config),
+    ]
     assert main(argv) == 0
     first = _reports(capsys.readouterr().out)
     store = ArtifactStore(str(store_dir))
@@ -84,8 +93,13 @@ def test_annotate_rerun_says_cached_resumed_and_done(
     level = task_log.level
     task_log.setLevel(logging.INFO)
     try:
-        state = annotate_flow(str(tmp_path / "images"), str(store_dir), classes=list(VOCAB),
-                              config=str(config), return_state=True)  # fmt: skip
+        state = annotate_flow(
+            str(tmp_path / "images"),
+            str(store_dir),
+            classes=list(VOCAB),
+            config=str(config),
+            return_state=True,
+        )
     finally:
         task_log.setLevel(level)
     assert state.is_completed()
