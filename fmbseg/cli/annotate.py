@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fmbseg.cli.core import Arg, Common, UsageError, command, progress_bars
+from fmbseg.cli.core import DRY_RUN, Arg, Common, UsageError, command, progress_bars
 from fmbseg.data.sources import check_source
 from fmbseg.data.vocab import builtin_vocabularies, vocabulary_aliases
 
@@ -87,18 +87,36 @@ def print_annotation_summary(summary: dict[str, Any]) -> None:
 @command(
     "annotate",
     "pseudo-label images for a list of classes with CLIP + SAM (COCO RLE, PNG, Parquet, gallery)",
-    IMAGES, CLASSES, VOCAB, IMAGE_ROOT, IMAGE_LABELS,
+    IMAGES, CLASSES, VOCAB, IMAGE_ROOT, IMAGE_LABELS, DRY_RUN,
 )  # fmt: skip
 def cmd_annotate(args: argparse.Namespace, common: Common) -> int:
     vocabulary = vocabulary_from_args(args)
     check_source(args.images, common.storage_options)
+    tags = None
     if args.image_labels is not None:  # unknown names fail before any work
         from fmbseg.data.image_labels import ImageLabelsError, load_image_labels
 
         try:
-            load_image_labels(args.image_labels, vocabulary, common.storage_options)
+            tags = load_image_labels(args.image_labels, vocabulary, common.storage_options)
         except ImageLabelsError as exc:
             raise UsageError(f"--image-labels: {exc}") from exc
+    if args.dry_run:
+        from fmbseg.data.sources import source_root
+        from fmbseg.flows.dry_run import annotate_dry_run, print_plans
+
+        if tags is not None:  # as the flow binds them
+            tags = tags.bound_to(source_root(args.images, args.image_root))
+        plans = annotate_dry_run(
+            common.open_store(),
+            common.cfg,
+            args.images,
+            vocabulary,
+            common.storage_options or None,
+            args.image_root,
+            tags,
+        )
+        print_plans("annotate", plans)
+        return 0
     from fmbseg.flows.annotate import annotate_flow
 
     with progress_bars():

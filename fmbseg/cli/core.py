@@ -67,6 +67,13 @@ class Arg:
         object.__setattr__(self, "kwargs", kwargs)
 
 
+DRY_RUN = Arg(
+    "--dry-run",
+    action="store_true",
+    help="print each stage it would run, its fingerprint, whether it is committed and how "
+    "many shards remain; runs nothing, loads no model, writes nothing",
+)
+
 Handler = Callable[[argparse.Namespace, Common], int]
 _COMMANDS: dict[str, tuple[str, tuple[Arg, ...], Handler]] = {}
 _DEFAULTS: dict[str, dict[str, Any]] = {}
@@ -248,7 +255,8 @@ def _quiet_user_errors() -> Iterator[None]:
 
 @contextmanager
 def progress_bars(units: dict[str, str] | None = None) -> Iterator[None]:
-    """tqdm bars (on stderr), one per stage, fed by the flows' progress reports.
+    """tqdm bars (on stderr), one per stage, fed by the flows' progress reports; each
+    stage's report (cached / resumed / done, with its counts and fingerprint) on stdout.
 
     ``units``: a stage's unit when it does not count shards (``{"train": "epoch"}``).
     """
@@ -268,10 +276,17 @@ def progress_bars(units: dict[str, str] | None = None) -> Iterator[None]:
         if done >= total:
             bar.close()
 
+    def on_report(message: str) -> None:  # what a stage reused, resumed or committed
+        tqdm.write(message, file=sys.stdout)
+
+    from fmbseg.tasks.runner import add_reporter
+
+    remove = add_reporter(on_report)
     with observe_progress(on_progress):
         try:
             yield
         finally:
+            remove()
             for bar in bars.values():
                 bar.close()
 

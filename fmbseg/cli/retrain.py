@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from fmbseg.cli.annotate import CLASSES, IMAGE_ROOT, IMAGES, VOCAB, vocabulary_from_args
-from fmbseg.cli.core import Arg, Common, UsageError, command, positive_int, progress_bars
+from fmbseg.cli.core import DRY_RUN, Arg, Common, UsageError, command, positive_int, progress_bars
 from fmbseg.data.sources import check_source
 
 
@@ -41,12 +41,27 @@ def print_retrain(out: dict[str, Any]) -> None:
              "images/, labels/ and classes.txt) or a benchmark name"),
     Arg("--eval-data-root", default=None, help="the held-out set's folder or URI"),
     Arg("--eval-limit", type=positive_int("--eval-limit"), default=None, help="evaluate only the first N images"),
+    DRY_RUN,
 )  # fmt: skip
 def cmd_retrain(args: argparse.Namespace, common: Common) -> int:
     vocabulary = vocabulary_from_args(args)
     if (args.eval_dataset is None) != (args.eval_data_root is None):
         raise UsageError("give both --eval-dataset and --eval-data-root, or neither")
     check_source(args.images, common.storage_options)
+    if args.dry_run:
+        from fmbseg.flows.dry_run import print_plans, retrain_dry_run
+
+        plans = retrain_dry_run(
+            common.open_store(),
+            common.cfg,
+            args.images,
+            vocabulary,
+            args.mode,
+            common.storage_options or None,
+            args.image_root,
+        )
+        print_plans("retrain", plans)
+        return 0
     from fmbseg.flows.retrain import retrain_flow
 
     with progress_bars(units={"train": "epoch"}):

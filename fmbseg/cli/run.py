@@ -17,7 +17,7 @@ from fmbseg.cli.annotate import (
     print_annotation_summary,
     vocabulary_from_args,
 )
-from fmbseg.cli.core import Arg, Common, command, progress_bars
+from fmbseg.cli.core import DRY_RUN, Arg, Common, command, progress_bars
 from fmbseg.data.sources import check_source
 from fmbseg.models.weights import WeightsNotFoundError
 from fmbseg.tasks.runner import StageError
@@ -32,6 +32,31 @@ OFFLINE_HINT = (
 )
 
 
+def dry_run(args: argparse.Namespace, common: Common, vocabulary: tuple[str, ...]) -> int:
+    """``run --dry-run``: the annotate stages and train; the bundled photos are planned only
+    once a run has written them into the store (their fingerprints depend on where they are)."""
+    from fmbseg.flows.dry_run import print_plans, run_dry_run
+
+    store = common.open_store()
+    images = args.images
+    if images is None:
+        if not store.ls("samples"):
+            print(
+                f"run --dry-run: nothing is run or written; the sample photos are not in "
+                f"{store.url('samples')} yet (a run writes them first), so their stages "
+                "cannot be planned: pass --images to plan your own"
+            )
+            return 0
+        images = store.url("samples")
+    else:
+        check_source(images, common.storage_options)
+    plans = run_dry_run(
+        store, common.cfg, images, vocabulary, common.storage_options or None, args.image_root
+    )
+    print_plans("run", plans)
+    return 0
+
+
 @command(
     "run",
     "annotate-and-train on the bundled sample photos (or --images): labels, gallery, model",
@@ -40,6 +65,7 @@ OFFLINE_HINT = (
     CLASSES, VOCAB, IMAGE_ROOT,
     Arg("--eval-dataset", default=None, help="evaluate on this dataset (voc21, folder, ...)"),
     Arg("--eval-data-root", default=None, help="root of the evaluation dataset"),
+    DRY_RUN,
     defaults={"config": "quickstart"},
 )  # fmt: skip
 def cmd_run(args: argparse.Namespace, common: Common) -> int:
@@ -49,6 +75,8 @@ def cmd_run(args: argparse.Namespace, common: Common) -> int:
         args.classes = ",".join(SAMPLE_CLASSES)
     vocabulary = vocabulary_from_args(args)
     store = common.open_store()
+    if args.dry_run:
+        return dry_run(args, common, vocabulary)
     if args.images is None:
         images = write_sample_photos(store.url("samples"), common.storage_options)
         print(f"run: {len(SAMPLE_CLASSES)} classes on the bundled sample photos in {images}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fmbseg.cli.core import DEFAULT_STORE, Arg, Common, command, progress_bars
+from fmbseg.cli.core import DEFAULT_STORE, DRY_RUN, Arg, Common, command, progress_bars
 
 
 @command(
@@ -13,8 +13,14 @@ from fmbseg.cli.core import DEFAULT_STORE, Arg, Common, command, progress_bars
     Arg("--labels", default="latest", metavar="FINGERPRINT|latest",
         help="merge-stage fingerprint of the pseudo-labels to train on, or 'latest' "
              "(the most recently committed; default)"),
+    DRY_RUN,
 )  # fmt: skip
 def cmd_train(args: argparse.Namespace, common: Common) -> int:
+    if args.dry_run:
+        from fmbseg.flows.dry_run import print_plans, train_dry_run
+
+        print_plans("train", train_dry_run(common.open_store(), common.cfg, args.labels))
+        return 0
     from fmbseg.flows.train import train_flow
 
     with progress_bars(units={"train": "epoch"}):

@@ -45,6 +45,7 @@ from fmbseg.storage.models import ModelNotFoundError
 from fmbseg.storage.preflight import StoreUnusableError, check_store
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.ray_cluster import RayAddressError
+from fmbseg.tasks.runner import add_reporter, cached_message, report
 from fmbseg.tasks.segment import IncompatibleModelError
 from fmbseg.tasks.train_data import NoLabelledPatchesError
 
@@ -130,11 +131,32 @@ def stage_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str | None]:
     def key(context: Any, parameters: dict[str, Any]) -> str | None:
         store, fp = parameters["store"], parameters["fp"]
         fps = dict(fp) if isinstance(fp, Mapping) else {stage: fp}
-        if not all(store.is_committed(s, f) for s, f in fps.items()):
+        committed = [m for s, f in fps.items() if (m := store.manifest(s, f)) is not None]
+        if len(committed) < len(fps):
             return None
+        task_run = getattr(context, "task_run", None)
+        if task_run is not None:  # said by _report_cached if Prefect serves the cached result
+            with _pending_lock:
+                _pending[str(task_run.id)] = [cached_message(store, m) for m in committed]
         return f"fmbseg-{stage}-{_store_tag(store)}-{'-'.join(fps.values())}"
 
     return key
+
+
+# cached reports per task run, from its cache key until it ends (see _report_cached)
+_pending: dict[str, list[str]] = {}
+_pending_lock = threading.Lock()
+
+
+def _report_cached(task_: Any, task_run: Any, state: Any) -> None:
+    """Prefect ``on_completion``/``on_failure`` hook: a task Prefect served from its cache
+    (the runner never ran, so it said nothing) reports "stage: cached (fingerprint ...)";
+    one whose body ran has had the runner's own report."""
+    with _pending_lock:
+        messages = _pending.pop(str(task_run.id), [])
+    if state.name == "Cached":
+        for message in messages:
+            report(message)
 
 
 def retry_unless_user_error(task_: Any, task_run: Any, state: Any) -> bool:
@@ -166,7 +188,20 @@ def stage_task(
         retries=retries,
         retry_delay_seconds=retry_delay_seconds,
         retry_condition_fn=retry_unless_user_error,
+        on_completion=[_report_cached],
+        on_failure=[_report_cached],
     )
+
+
+def _to_run_log(message: str) -> None:
+    """A stage report (cached / resumed / done with its counts) into the Prefect run's log."""
+    if _in_prefect_run():
+        from prefect import get_run_logger
+
+        get_run_logger().info(message)
+
+
+add_reporter(_to_run_log)  # every stage report of this process reaches the run's log
 
 
 # ---- progress ---------------------------------------------------------------------------------

@@ -16,6 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+CARD_KIND = "fmbseg-alignment"  # the model card's "kind" of a trained alignment module
+
+
+class IncompatibleModelError(ValueError):
+    """A checkpoint and an encoder / text model do not fit together; the message says why."""
+
+
 TextNegatives = Literal["all", "batch"]  # train.text_negatives
 
 

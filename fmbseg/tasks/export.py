@@ -76,7 +76,7 @@ from fmbseg.tasks.export_coco import NO_LABEL, first_rows
 from fmbseg.tasks.export_files import write_export_files
 from fmbseg.tasks.gallery import THUMB_SIDE, class_colours, has_thumb, jpeg, label_png, overlay
 from fmbseg.tasks.merge import ORDER_KEY
-from fmbseg.tasks.runner import Progress, run_stage
+from fmbseg.tasks.runner import Progress, cached_message, report, run_stage
 from fmbseg.tasks.stage1 import (
     CODE_VERSIONS,
     INDEX_STAGE,
@@ -393,6 +393,8 @@ def run_export(
     fp = stage_fingerprint(STAGE, cfg, {"merge": merge_fp})
     base = f"exports/{fp}"
     if store.exists(f"{base}/export.json"):
+        if (done := store.manifest(STAGE, fp)) is not None:
+            report(cached_message(store, done))
         return fp
     # an earlier run killed mid-write left temp files; this run rewrites what they were for
     store.sweep_temp(base)

@@ -26,7 +26,14 @@ from typing import Any
 from fmbseg.config import RuntimeConfig
 from fmbseg.storage.store import ArtifactStore, ShardReceipt
 from fmbseg.tasks.ray_cluster import connect
-from fmbseg.tasks.runner import SLOT_DEPTH, ShardSlot, ShardWorker, StageError, Target, target_label
+from fmbseg.tasks.shard_slot import (
+    SLOT_DEPTH,
+    ShardSlot,
+    ShardWorker,
+    StageError,
+    Target,
+    target_label,
+)
 
 log = logging.getLogger(__name__)
 

@@ -36,29 +36,31 @@ and fails the stage with a :class:`StageError` naming the shard.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any
 
 import pyarrow as pa
 
 from fmbseg.config import RuntimeConfig
 from fmbseg.storage.records import ERROR_SCHEMA
 from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
+from fmbseg.tasks.shard_slot import (  # re-exported: callers import them from here
+    ShardSlot,
+    ShardWorker,
+    StageError,
+    Target,
+    _hint_prefetch,
+    target_label,
+)
 
 log = logging.getLogger(__name__)
 
 TIMING_KEY = "timing"  # manifest meta key of a timed run (run_stages(timed=True))
-SLOT_DEPTH = 2  # shards in one slot at once: one being processed, one read ahead or written
-
-Target = tuple[str, str]
-"""``(stage, fingerprint)``: where one stage's shards are written and committed."""
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: shards done (including ones done by an earlier run) of total."""
@@ -85,37 +87,6 @@ def errors_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{n: r[n] for n in names} for r in rows], schema=ERRORS_SCHEMA)
 
 
-class ShardWorker(Protocol):
-    """Processes shards of one stage; one instance per executor slot (Ray actor).
-
-    Build models once in ``__init__``; read the shard's inputs from the store in ``process``.
-    """
-
-    def process(self, shard: int, spec: Any) -> Any:
-        """Shard ``shard`` described by ``spec`` -> (records, errors or None); for
-        :func:`run_stages` of several stages, a list of those pairs, one per stage."""
-        ...
-
-
-def _hint_prefetch(worker: ShardWorker, shard: int, spec: Any) -> None:
-    """Ask ``worker`` to start reading a shard it will process next (if it can)."""
-    hint = getattr(worker, "prefetch", None)
-    if hint is not None:
-        hint(shard, spec)
-
-
-class StageError(RuntimeError):
-    """A stage could not complete; the message names the stage, the shard and the cause.
-
-    ``cause`` is the worker's original exception when there is one (also across Ray), so
-    callers can tell an input error (missing weights, ...) from a crash.
-    """
-
-    def __init__(self, message: str, cause: BaseException | None = None) -> None:
-        super().__init__(message)
-        self.cause = cause
-
-
 def plan_shards(n_items: int, shard_size: int) -> list[range]:
     """Split ``range(n_items)`` into ``ceil(n_items / shard_size)`` contiguous ranges.
 
@@ -135,88 +106,6 @@ def plan_shards(n_items: int, shard_size: int) -> list[range]:
         out.append(range(start, stop))
         start = stop
     return out
-
-
-class _InTurn:
-    """A lock granted in the order it was asked for (``threading.Lock`` may let a newer
-    waiter in first, again and again, and starve an older shard)."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._waiting: deque[object] = deque()
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        me = object()
-        with self._cv:
-            self._waiting.append(me)
-            self._cv.wait_for(lambda: self._waiting[0] is me)
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._waiting.popleft()
-                self._cv.notify_all()
-
-
-def target_label(targets: Sequence[Target]) -> str:
-    """``stage 'x' (fp)`` for one target, ``stages 'x' (fp), 'y' (fp)`` for several."""
-    names = ", ".join(f"{stage!r} ({fp})" for stage, fp in targets)
-    return f"stage{'s' if len(targets) > 1 else ''} {names}"
-
-
-def _is_pair(out: Any) -> bool:
-    return isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], pa.Table)
-
-
-class ShardSlot:
-    """One executor slot: a worker plus the store it writes to (one target per stage).
-
-    :meth:`run` may be called from ``SLOT_DEPTH`` threads at once (a threaded Ray actor):
-    each call hints the worker to prefetch, processes under the slot's lock (one shard at a
-    time, in the order the calls came), then writes outside it, so one shard's reading or
-    writing overlaps another's processing. The local executor drives :meth:`process` and
-    :meth:`write` itself, in order.
-    """
-
-    def __init__(
-        self,
-        store: ArtifactStore,
-        targets: Sequence[Target],
-        worker_factory: Callable[[], ShardWorker],
-    ) -> None:
-        self.store, self.targets = store, list(targets)
-        self._busy = _InTurn()
-        self.worker = worker_factory()
-
-    def process(self, shard: int, spec: Any) -> list[tuple[pa.Table, pa.Table | None]]:
-        """The worker's output for ``shard``, one ``(records, errors)`` pair per target."""
-        out = self.worker.process(shard, spec)
-        name = type(self.worker).__name__
-        if len(self.targets) == 1:
-            if not _is_pair(out):
-                raise TypeError(f"{name}.process must return (pa.Table, pa.Table | None),"
-                                f" got {type(out).__name__}")  # fmt: skip
-            return [out]
-        if not (isinstance(out, list | tuple) and len(out) == len(self.targets)
-                and all(_is_pair(o) for o in out)):  # fmt: skip
-            raise TypeError(
-                f"{name}.process must return a list of {len(self.targets)} (pa.Table, "
-                f"pa.Table | None) pairs, one per stage {[s for s, _ in self.targets]}"
-            )
-        return list(out)
-
-    def write(self, shard: int, outs: list[tuple[pa.Table, pa.Table | None]]) -> list[ShardReceipt]:
-        return [
-            self.store.write_shard(stage, fp, shard, *out)
-            for (stage, fp), out in zip(self.targets, outs, strict=True)
-        ]
-
-    def run(self, shard: int, spec: Any) -> list[ShardReceipt]:
-        _hint_prefetch(self.worker, shard, spec)
-        with self._busy():
-            out = self.process(shard, spec)
-        return self.write(shard, out)
 
 
 def run_stage(
@@ -284,13 +173,14 @@ def run_stages(
     if finalize is not None and len(targets) > 1:
         raise ValueError("run_stages: finalize is for a single target stage")
     total = len(specs)
-    label = target_label(targets)
     existing = [store.manifest(stage, fp) for stage, fp in targets]
     if all(m is not None for m in existing):
-        log.info("%s already committed; skipping", label)
+        reused = [m for m in existing if m is not None]
+        for m in reused:
+            report(cached_message(store, m))
         if progress:
             progress(total, total)
-        return [m for m in existing if m is not None]
+        return reused
     if any(m is not None for m in existing):
         committed = [t for t, m in zip(targets, existing, strict=True) if m is not None]
         raise ValueError(f"run_stages: {target_label(committed)} already committed, the others not;"
@@ -300,7 +190,8 @@ def run_stages(
     done = set.intersection(*(set(r) for r in receipts)) & set(range(total))
     todo = [i for i in range(total) if i not in done]
     if done:
-        log.info("%s: resuming, %d of %d shards already written", label, len(done), total)
+        for stage, _ in targets:
+            report(f"{stage}: resumed, {len(done)} of {total} shards already committed")
     if progress:
         progress(len(done), total)
     started = time.perf_counter()
@@ -329,10 +220,80 @@ def run_stages(
         manifest, won = store.commit(stage, fp, total, meta=all_meta, receipts=shards)
         if won:
             store.sweep(stage, fp)
+            report(f"{stage}: done (fingerprint {fp}), {counts(store, manifest)}")
         else:
-            log.info("%s/%s was committed by another writer first; using theirs", stage, fp)
+            report(cached_message(store, manifest) + " (another writer committed it first)")
         manifests.append(manifest)
     return manifests
+
+
+# ---- what a run reports: reused, resumed, done --------------------------------------------------
+
+
+Reporter = Callable[[str], None]
+_reporters: list[Reporter] = []
+_reporters_lock = threading.Lock()
+
+
+def add_reporter(reporter: Reporter) -> Callable[[], None]:
+    """Call ``reporter(message)`` for every stage report in this process ("clip_dense:
+    cached (fingerprint ...)", "sam_auto: resumed, 5 of 20 shards already committed", "merge:
+    done (fingerprint ...), 4 shards, ..."); returns the function that removes it."""
+    with _reporters_lock:
+        _reporters.append(reporter)
+
+    def remove() -> None:
+        with _reporters_lock:
+            _reporters.remove(reporter)
+
+    return remove
+
+
+def report(message: str) -> None:
+    """Log ``message`` and hand it to every reporter (a failing reporter never fails a stage)."""
+    log.info("%s", message)
+    with _reporters_lock:
+        reporters = list(_reporters)
+    for reporter in reporters:
+        try:
+            reporter(message)
+        except Exception as exc:
+            log.warning("stage report not delivered: %s", exc)
+
+
+# manifest meta keys naming an upstream stage's fingerprint, nearest the index first
+_UPSTREAM = ("index", "clip_dense", "merge")
+
+
+def stage_images(store: ArtifactStore, manifest: Manifest, depth: int = 4) -> int | None:
+    """Images a stage's output covers: the index's rows, found through the manifest meta's
+    upstream fingerprints (``index``, ``clip_dense``, ``merge``); None for a stage that
+    names none (training features, evaluation)."""
+    if manifest.stage == "index":
+        return manifest.rows
+    for key in _UPSTREAM:
+        up = manifest.meta.get(key)
+        if depth and isinstance(up, str) and (m := store.manifest(key, up)) is not None:
+            return stage_images(store, m, depth - 1)
+    return None
+
+
+def counts(store: ArtifactStore, manifest: Manifest) -> str:
+    """``4 shards, 20 images, 37 records, 0 errors`` (images when the stage names its index)."""
+    images = stage_images(store, manifest)
+    parts = [f"{manifest.num_shards} shards"]
+    parts += [f"{images} images"] if images is not None else []
+    parts += [f"{manifest.rows} records", f"{manifest.error_rows} errors"]
+    if "model" in manifest.meta and "version" in manifest.meta:  # train: the model it made
+        parts.append(f"model {manifest.meta['model']}:{manifest.meta['version']}")
+    return ", ".join(parts)
+
+
+def cached_message(store: ArtifactStore, manifest: Manifest) -> str:
+    """``stage: cached (fingerprint fp), <counts>``: a committed stage that is reused."""
+    return (
+        f"{manifest.stage}: cached (fingerprint {manifest.fingerprint}), {counts(store, manifest)}"
+    )
 
 
 def _runs_locally(runtime: RuntimeConfig, n_todo: int) -> bool:

@@ -25,19 +25,15 @@ from PIL import Image
 from fmbseg.config import TrainConfig
 from fmbseg.data.images import decode_image, to_rgb
 from fmbseg.data.sources import read_bytes
-from fmbseg.models.align import AlignmentConfig, AlignmentModule
+from fmbseg.models.align import CARD_KIND, AlignmentConfig, AlignmentModule, IncompatibleModelError
 from fmbseg.models.base import DenseClip, PatchEncoder
 from fmbseg.storage.models import ModelRef, ModelRegistry
 from fmbseg.storage.store import ArtifactStore
-from fmbseg.tasks.train import CARD_KIND, resolve_device
+from fmbseg.tasks.train import resolve_device
 from fmbseg.tasks.train_crops import resized_short_side
 from fmbseg.tasks.train_data import vocabulary_names
 
 WINDOW_BATCH = 8  # windows per encoder call (bounds memory; does not change the result)
-
-
-class IncompatibleModelError(ValueError):
-    """A checkpoint and an encoder / text model do not fit together; the message says why."""
 
 
 ImageLike = np.ndarray | Image.Image | str | os.PathLike[str]

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fmbseg.config import Config, RuntimeConfig, TrainConfig, replace, to_dict
-from fmbseg.models.align import AlignmentConfig, AlignmentModule
+from fmbseg.models.align import CARD_KIND, AlignmentConfig, AlignmentModule
 from fmbseg.models.base import DenseClip, PatchEncoder
 from fmbseg.storage.fingerprint import canonical_json, content_hash, fingerprint
 from fmbseg.storage.models import ModelRegistry
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 STAGE = "train"
 CODE_VERSION = "2"  # 2: short-side resize + crops (train_crops); 1: whole image squashed
 LABELS_STAGE = "merge"
-CARD_KIND = "fmbseg-alignment"
 # What label maps are composed from (bbox and fingerprint are not needed).
 LABEL_COLUMNS = (
     "image_id",

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fmbseg.models.align import AlignmentConfig
+from fmbseg.models.align import CARD_KIND, AlignmentConfig, IncompatibleModelError
 from fmbseg.storage.fingerprint import canonical_json
 from fmbseg.storage.models import ModelRef, ModelRegistry
 from fmbseg.tasks.features import FeatureCache
@@ -137,9 +137,6 @@ def init_state(
         IncompatibleModelError: another module shape or another encoder; the message says
             which fields differ and that ``mode=scratch`` trains anew.
     """
-    from fmbseg.tasks.segment import IncompatibleModelError
-    from fmbseg.tasks.train import CARD_KIND
-
     tensors, card, _ = registry.load_ref(f"{ref.name}:{ref.version}")
     where = f"init_from {ref.name}:{ref.version}"
     if card.get("kind") != CARD_KIND:

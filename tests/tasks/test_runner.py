@@ -18,14 +18,16 @@ import ray.cloudpickle
 from fmbseg.config import RuntimeConfig
 from fmbseg.storage import ArtifactStore
 from fmbseg.tasks.runner import (
-    SLOT_DEPTH,
-    ShardSlot,
     StageError,
+    add_reporter,
+    counts,
     errors_table,
     plan_shards,
     run_stage,
     run_stages,
+    stage_images,
 )
+from fmbseg.tasks.shard_slot import SLOT_DEPTH, ShardSlot
 
 # Workers defined here must reach Ray worker processes, which cannot import this module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -191,6 +193,40 @@ def test_a_timed_run_records_its_wall_time_and_the_shards_it_ran(local_store, mo
     }
 
 
+def test_a_rerun_says_what_it_reused_resumed_and_committed(local_store: ArtifactStore) -> None:
+    specs = _specs(10, 3) + [[-1, -2]]  # 5 shards, the last one two bad inputs
+    for shard in (0, 2):  # an earlier, interrupted run wrote these
+        local_store.write_shard("sq", "fp1", shard, *SquareWorker().process(shard, specs[shard]))
+    said: list[str] = []
+    remove = add_reporter(said.append)
+    try:
+        run_stage(local_store, "sq", "fp1", specs, SquareWorker, LOCAL)
+        assert said == [
+            "sq: resumed, 2 of 5 shards already committed",
+            "sq: done (fingerprint fp1), 5 shards, 10 records, 2 errors",
+        ]
+        said.clear()
+        run_stage(local_store, "sq", "fp1", specs, SquareWorker, LOCAL)
+        assert said == ["sq: cached (fingerprint fp1), 5 shards, 10 records, 2 errors"]
+    finally:
+        remove()
+    said.clear()
+    run_stage(local_store, "sq", "fp2", specs, SquareWorker, LOCAL)
+    assert said == []  # a removed reporter hears nothing
+
+
+def test_reports_count_the_images_of_the_index_a_stage_names(local_store: ArtifactStore) -> None:
+    index = run_stage(local_store, "index", "i1", _specs(7, 3), SquareWorker, LOCAL)
+    later = run_stage(
+        local_store, "sq", "s1", _specs(4, 2), SquareWorker, LOCAL, meta={"index": "i1"}
+    )
+    assert stage_images(local_store, index) == 7 and stage_images(local_store, later) == 7
+    assert counts(local_store, later) == "2 shards, 7 images, 4 records, 0 errors"
+    meta = {"model": "fmbseg-align", "version": "v0001"}
+    train = run_stage(local_store, "train", "t1", [], SquareWorker, LOCAL, meta=meta)
+    assert counts(local_store, train) == "0 shards, 0 records, 0 errors, model fmbseg-align:v0001"
+
+
 def test_the_commit_uses_the_receipts_the_run_listed_and_wrote(local_store, monkeypatch) -> None:
     specs = _specs(10, 3)  # 4 shards
     earlier = local_store.write_shard("sq", "fp", 1, *SquareWorker().process(1, specs[1]))
@@ -318,7 +354,7 @@ def test_a_failed_write_names_its_shard_and_keeps_the_written_ones(
 
 
 def test_the_slot_lock_is_granted_in_the_order_it_was_asked_for() -> None:
-    from fmbseg.tasks.runner import _InTurn
+    from fmbseg.tasks.shard_slot import _InTurn
 
     turn, order = _InTurn(), []
 

@@ -1,0 +1,164 @@
+"""``--dry-run``: the stages a flow would run, planned the way the flow plans them, run never.
+
+Each stage's fingerprint comes from its config and its inputs' fingerprints, so the whole
+chain is known before anything runs: the index's from the source listing (names and sizes;
+no image is decoded), every later one from the index's (``stage1_fingerprints``,
+``train_fingerprint``). The store is only read (manifests, receipts, the retrain ledger):
+no model is loaded, no Prefect run is made, nothing is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fmbseg.config import Config
+from fmbseg.data.image_labels import ImageLabels
+from fmbseg.flows.train import TrainInputs, fingerprint_for, resolve_labels
+from fmbseg.storage.models import ModelRegistry
+from fmbseg.storage.store import ArtifactStore
+from fmbseg.tasks import ledger as ledger_
+from fmbseg.tasks.index import IndexPlan, plan_index
+from fmbseg.tasks.ledger import new_images_plan
+from fmbseg.tasks.runner import plan_shards
+from fmbseg.tasks.stage1 import stage1_fingerprints
+from fmbseg.tasks.train import STAGE as TRAIN_STAGE
+from fmbseg.tasks.train import train_fingerprint
+
+LABEL_STAGES = ("clip_dense", "sam_prompt", "sam_auto", "merge", "export")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage a run would reach: its fingerprint, whether it is committed, what is left.
+
+    ``shards``/``remaining``: shards in all and shards without a receipt (None for
+    ``train``, which counts epochs: ``epochs``)."""
+
+    stage: str
+    fingerprint: str
+    committed: bool
+    shards: int | None = None
+    remaining: int | None = None
+    epochs: int | None = None
+
+    def line(self) -> str:
+        state = "committed" if self.committed else "not committed"
+        if self.shards is not None:
+            todo = f"{self.remaining} of {self.shards} shards to run"
+        else:
+            todo = f"{0 if self.committed else self.epochs} epochs to run"
+        return f"{self.stage}: fingerprint {self.fingerprint}, {state}, {todo}"
+
+
+def sharded(store: ArtifactStore, stage: str, fp: str, shards: int) -> StagePlan:
+    """A sharded stage: committed (nothing left), or the shards with no receipt yet."""
+    if store.is_committed(stage, fp):
+        return StagePlan(stage, fp, True, shards, 0)
+    done = set(store.shard_receipts(stage, fp)) & set(range(shards))
+    return StagePlan(stage, fp, False, shards, shards - len(done))
+
+
+def index_plans(
+    store: ArtifactStore,
+    cfg: Config,
+    plan: IndexPlan,
+    vocabulary: tuple[str, ...],
+    image_labels: ImageLabels | None = None,
+) -> list[StagePlan]:
+    """index and every stage-1 stage after it on the listed ``plan`` (shard ``i`` of each
+    stage holds the images of the index's shard ``i``, so all count the same shards)."""
+    shards = len(plan_shards(len(plan.refs), plan.shard_size))
+    fps = {
+        "index": plan.fingerprint,
+        **stage1_fingerprints(cfg, plan.fingerprint, vocabulary, image_labels),
+    }
+    return [sharded(store, stage, fps[stage], shards) for stage in ("index", *LABEL_STAGES)]
+
+
+def train_plan(store: ArtifactStore, cfg: Config, inputs: TrainInputs) -> StagePlan:
+    fp = fingerprint_for(cfg, inputs)
+    return StagePlan(TRAIN_STAGE, fp, store.is_committed(TRAIN_STAGE, fp), epochs=cfg.train.epochs)
+
+
+def annotate_dry_run(
+    store: ArtifactStore,
+    cfg: Config,
+    images: str,
+    vocabulary: tuple[str, ...],
+    storage_options: dict[str, Any] | None = None,
+    image_root: str | None = None,
+    image_labels: ImageLabels | None = None,
+) -> list[StagePlan]:
+    """``annotate``'s stages (``run`` adds :func:`train_plan` on its labels)."""
+    plan = plan_index(images, cfg, storage_options, image_root, store.uri)
+    return index_plans(store, cfg, plan, vocabulary, image_labels)
+
+
+def run_dry_run(
+    store: ArtifactStore,
+    cfg: Config,
+    images: str,
+    vocabulary: tuple[str, ...],
+    storage_options: dict[str, Any] | None = None,
+    image_root: str | None = None,
+) -> list[StagePlan]:
+    """``run`` (annotate-and-train): the annotate stages, then train on their labels."""
+    plans = annotate_dry_run(store, cfg, images, vocabulary, storage_options, image_root)
+    fps = {p.stage: p.fingerprint for p in plans}
+    return [*plans, train_plan(store, cfg, TrainInputs(fps["merge"], fps["index"], vocabulary))]
+
+
+def train_dry_run(store: ArtifactStore, cfg: Config, labels: str) -> list[StagePlan]:
+    """``train``: the committed labels ``labels`` (a merge fingerprint or ``latest``)."""
+    return [train_plan(store, cfg, resolve_labels(store, labels))]
+
+
+def retrain_dry_run(
+    store: ArtifactStore,
+    cfg: Config,
+    images: str,
+    vocabulary: tuple[str, ...],
+    mode: str,
+    storage_options: dict[str, Any] | None = None,
+    image_root: str | None = None,
+) -> list[StagePlan]:
+    """``retrain``: the new images' batch (when there are new images) through stage 1, the
+    labels of earlier batches not committed for this vocabulary and config, then train on
+    every batch (``finetune``: from the champion)."""
+    name = cfg.train.model_name
+    batches = ledger_.read_ledger(store, name)["batches"]
+    found = new_images_plan(store, images, cfg, batches, storage_options, image_root)
+    plans: list[StagePlan] = []
+    sets = []
+    for batch in batches:
+        fps = stage1_fingerprints(cfg, batch["index"], vocabulary)
+        if not store.is_committed("merge", fps["merge"]):  # relabelled on the committed index
+            shards = store.require_manifest("index", batch["index"]).num_shards
+            plans += [sharded(store, s, fps[s], shards) for s in LABEL_STAGES]
+        sets.append((fps["merge"], batch["index"]))
+    if found.plan is not None:
+        new = index_plans(store, cfg, found.plan, vocabulary)
+        plans += new
+        fps = {p.stage: p.fingerprint for p in new}
+        sets.append((fps["merge"], fps["index"]))
+    if not sets:
+        return plans
+    champion = ModelRegistry(store).champion(name)
+    init = f"{name}:{champion}" if mode == "finetune" and champion else None
+    fp = train_fingerprint(
+        cfg, cfg.models.dino, cfg.models.clip, sets, None, list(vocabulary), init
+    )
+    plans.append(
+        StagePlan(TRAIN_STAGE, fp, store.is_committed(TRAIN_STAGE, fp), epochs=cfg.train.epochs)
+    )
+    return plans
+
+
+def print_plans(command: str, plans: list[StagePlan]) -> None:
+    """The CLI's dry-run report: one line per stage, then the totals."""
+    print(f"{command} --dry-run: nothing is run or written")
+    for p in plans:
+        print(f"  {p.line()}")
+    left = [p.stage for p in plans if not p.committed]
+    print(f"  {len(left)} of {len(plans)} stages to run{': ' + ', '.join(left) if left else ''}")
