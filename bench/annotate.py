@@ -157,8 +157,10 @@ def make_images(folder: Path, n: int, size: tuple[int, int] = (96, 128)) -> None
     import skimage.data
     from PIL import Image
 
-    photos = [np.asarray(getattr(skimage.data, p)())[..., :3]
-              for p in ("astronaut", "chelsea", "coffee", "rocket")]  # fmt: skip
+    photos = [
+        np.asarray(getattr(skimage.data, p)())[..., :3]
+        for p in ("astronaut", "chelsea", "coffee", "rocket")
+    ]
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -218,17 +220,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="runs on fresh stores; the median one is reported")  # fmt: skip
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="runs on fresh stores; the median one is reported"
+    )
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--forward-time", action="store_true",
-                    help="also time nn.Module forwards inside the model calls")  # fmt: skip
+    ap.add_argument(
+        "--forward-time",
+        action="store_true",
+        help="also time nn.Module forwards inside the model calls",
+    )
     ap.add_argument("--set", action="append", default=[], help="section.key=value override")
-    ap.add_argument("--profile", metavar="FILE",
-                    help="write cProfile stats of the stage calls (not imports) to FILE")  # fmt: skip
+    ap.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="write cProfile stats of the stage calls (not imports) to FILE",
+    )
     ap.add_argument("--store", metavar="URI", help="artifact store root (default: a temp dir)")
-    ap.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                    help="fsspec option of --store, dotted keys nest")  # fmt: skip
+    ap.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option of --store, dotted keys nest",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -268,29 +282,42 @@ def main() -> None:
     if profiler is not None:
         profiler.dump_stats(args.profile)
 
-    print(f"config {args.config}: {args.images} images, {len(vocab)} classes, {masks} merged "
-          f"masks, torch threads {args.threads}, store {args.store or 'local temp dir'}")  # fmt: skip
+    print(
+        f"config {args.config}: {args.images} images, {len(vocab)} classes, {masks} merged "
+        f"masks, torch threads {args.threads}, store {args.store or 'local temp dir'}"
+    )
     print("outside = wall - model calls - model builds (decode, resize, stitch, RLE, I/O, ...)")
-    print(f"{'stage':<11} {'wall s':>8} {'build s':>8} {'model s':>8} {'outside':>8} "
-          f"{'images/s':>9}")  # fmt: skip
+    print(
+        f"{'stage':<11} {'wall s':>8} {'build s':>8} {'model s':>8} {'outside':>8} {'images/s':>9}"
+    )
     for name, wall, m, b in [*rows, ("total", *np.sum([r[1:] for r in rows], axis=0))]:
-        print(f"{name:<11} {wall:8.2f} {b:8.2f} {m:8.2f} {_share(wall, m, b):8.0%} "
-              f"{args.images / (wall - b):9.1f}")  # fmt: skip
+        print(
+            f"{name:<11} {wall:8.2f} {b:8.2f} {m:8.2f} {_share(wall, m, b):8.0%} "
+            f"{args.images / (wall - b):9.1f}"
+        )
     print("images/s and the outside share exclude model builds (paid once per worker).")
     no_model = [r for r in rows if r[2] == 0.0]  # stages that call no model
     if no_model:
         names = ", ".join(r[0] for r in no_model)
         floor = sum(r[1] - r[3] for r in no_model) / sum(r[1] - r[3] for r in rows)
-        print(f"stages without model calls ({names}) alone: {floor:.0%} of the time, a floor "
-              "under the outside share that hiding work behind model calls cannot lower")  # fmt: skip
+        print(
+            f"stages without model calls ({names}) alone: {floor:.0%} of the time, a floor "
+            "under the outside share that hiding work behind model calls cannot lower"
+        )
     if args.repeat > 1:
-        print(f"the median of {args.repeat} runs by outside share; all runs: "
-              + ", ".join(f"{x:.0%}" for x in sorted(shares)))  # fmt: skip
+        print(
+            f"the median of {args.repeat} runs by outside share; all runs: "
+            + ", ".join(f"{x:.0%}" for x in sorted(shares))
+        )
     print()
     print("time outside model calls by phase, s (main thread; 'other' = the rest)")
     cols = [*phases, "other"]
-    print(f"{'stage':<11} " + " ".join(f"{c:>9}" for c in cols) + f" {'threads':>8}"
-          + (f" {'nn fwd':>8}" if args.forward_time else ""))  # fmt: skip
+    print(
+        f"{'stage':<11} "
+        + " ".join(f"{c:>9}" for c in cols)
+        + f" {'threads':>8}"
+        + (f" {'nn fwd':>8}" if args.forward_time else "")
+    )
     totals = np.zeros(len(cols) + 2)
     for name, wall, m, b in rows:
         main, threads, fwd = by_phase[name]

@@ -84,7 +84,7 @@ def child(config: str, n: int, shard_size: int, row_group_mib: float | None) -> 
             "sam_auto": lambda: run_sam_auto(store, cfg, fps["clip_dense"]),
             "merge": lambda: run_merge(
                 store, cfg, fps["index"], fps["clip_dense"], fps["sam_prompt"], fps["sam_auto"]
-            ),  # fmt: skip
+            ),
             "export": lambda: run_export(store, cfg, fps["merge"]),
         }
         tracemalloc.start()
@@ -137,24 +137,45 @@ def main() -> None:
         if args.arrow_pool:
             env["ARROW_DEFAULT_MEMORY_POOL"] = args.arrow_pool
         proc = subprocess.run(
-            [sys.executable, __file__, "--config", args.config, "--child", str(n),
-             "--shard-size", str(args.shard_size),
-             *(["--row-group-mib", str(args.row_group_mib)] if args.row_group_mib else [])],
-            capture_output=True, text=True, check=True, env=env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                __file__,
+                "--config",
+                args.config,
+                "--child",
+                str(n),
+                "--shard-size",
+                str(args.shard_size),
+                *(["--row-group-mib", str(args.row_group_mib)] if args.row_group_mib else []),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"config {args.config}, Ray executor, shard size {args.shard_size}, Arrow memory pool "
-          f"{results[0]['arrow_pool']}; driver process only")  # fmt: skip
-    print(f"{'images':>7} {'masks':>6} " + " ".join(f"{s:>10}" for s in STAGES)
-          + f" {'maxrss':>8} {'records':>8} {'groups':>6}")  # fmt: skip
+    print(
+        f"config {args.config}, Ray executor, shard size {args.shard_size}, Arrow memory pool "
+        f"{results[0]['arrow_pool']}; driver process only"
+    )
+    print(
+        f"{'images':>7} {'masks':>6} "
+        + " ".join(f"{s:>10}" for s in STAGES)
+        + f" {'maxrss':>8} {'records':>8} {'groups':>6}"
+    )
     for r in results:
         peaks = [r["stages"][s]["heap_peak_mib"] for s in STAGES]
         rss = r["stages"]["export"]["maxrss_mib"]
-        print(f"{r['images']:>7} {r['masks']:>6} " + " ".join(f"{p:10.2f}" for p in peaks)
-              + f" {rss:8.0f} {r['records_kib']:8.0f} {r['row_groups']:6}")  # fmt: skip
-    print("(MiB: Python heap peak above the start, per stage, and the driver's peak RSS from "
-          "the first stage to the end; records: KiB of Arrow data in records.parquet, in row "
-          "groups that export gathers in the driver, up to --row-group-mib each, 64 by default)")  # fmt: skip
+        print(
+            f"{r['images']:>7} {r['masks']:>6} "
+            + " ".join(f"{p:10.2f}" for p in peaks)
+            + f" {rss:8.0f} {r['records_kib']:8.0f} {r['row_groups']:6}"
+        )
+    print(
+        "(MiB: Python heap peak above the start, per stage, and the driver's peak RSS from "
+        "the first stage to the end; records: KiB of Arrow data in records.parquet, in row "
+        "groups that export gathers in the driver, up to --row-group-mib each, 64 by default)"
+    )
     lo, hi = results[0], results[-1]
     if hi["images"] > lo["images"]:
         extra = hi["images"] - lo["images"]
@@ -163,9 +184,11 @@ def main() -> None:
             for s in STAGES
         )
         rss = (hi["stages"]["export"]["maxrss_mib"] - lo["stages"]["export"]["maxrss_mib"]) * 2**20
-        print(f"growth per extra image: heap peak {worst:.0f} bytes (worst stage), "
-              f"RSS {rss / extra:.0f} bytes; one decoded image is "
-              f"{96 * 128 * 3} bytes")  # fmt: skip
+        print(
+            f"growth per extra image: heap peak {worst:.0f} bytes (worst stage), "
+            f"RSS {rss / extra:.0f} bytes; one decoded image is "
+            f"{96 * 128 * 3} bytes"
+        )
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def main() -> None:
             source="auto",
             score=0.9,
             fingerprint="f",
-        )  # fmt: skip
+        )
         for i, m in enumerate(masks)
     ]
     table = MaskRecords.from_rows(rows).table
@@ -137,12 +137,21 @@ def main() -> None:
     print(f"{'np.asfortranarray':<34} {ref / len(masks):9.0f} {ref / ours:7.2f}x")
 
     more = blobs(args.pieces * args.piece_rows, h, w, rng)  # distinct masks: no repeats
-    whole = MaskRecords.from_rows([
-        mask_row(m, image_id=f"img-{i // 3}", image_uri=f"s3://b/img-{i // 3}.jpg",
-                 category_id=int(rng.integers(0, 20)), category="c", source="auto",
-                 score=float(rng.random()), fingerprint="f")
-        for i, m in enumerate(more)
-    ]).table  # fmt: skip
+    whole = MaskRecords.from_rows(
+        [
+            mask_row(
+                m,
+                image_id=f"img-{i // 3}",
+                image_uri=f"s3://b/img-{i // 3}.jpg",
+                category_id=int(rng.integers(0, 20)),
+                category="c",
+                source="auto",
+                score=float(rng.random()),
+                fingerprint="f",
+            )
+            for i, m in enumerate(more)
+        ]
+    ).table
     pieces = [whole.slice(k * args.piece_rows, args.piece_rows) for k in range(args.pieces)]
 
     def streamed(writer_type: Any) -> bytes:
@@ -157,8 +166,9 @@ def main() -> None:
 
     files = {"RowGroupWriter (ours)": RowGroupWriter, "a row group per piece": per_piece}
     blobs_out = {name: streamed(w) for name, w in files.items()}
-    assert all(pq.read_table(io.BytesIO(b)).equals(pa.concat_tables(pieces))
-               for b in blobs_out.values())  # fmt: skip
+    assert all(
+        pq.read_table(io.BytesIO(b)).equals(pa.concat_tables(pieces)) for b in blobs_out.values()
+    )
     n = max(1, args.repeat // 20)
     stream_times = {name: per_call(lambda w=w: streamed(w), n) for name, w in files.items()}
     ours, ours_size = stream_times["RowGroupWriter (ours)"], len(blobs_out["RowGroupWriter (ours)"])
@@ -170,13 +180,13 @@ def main() -> None:
         print(f"{name:<34} {t:9.0f} {t / ours:7.2f}x {size:10d} {size / ours_size:7.2f}x")
 
     colours = class_colours(20)
-    labels = [
-        compose_label_map(rows[k : k + 8], h, w) for k in range(0, len(rows), 8)
-    ]  # fmt: skip
+    labels = [compose_label_map(rows[k : k + 8], h, w) for k in range(0, len(rows), 8)]
     pixels = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in labels]
     pairs = list(zip(pixels, labels, strict=True))
-    assert all((overlay(p, lab, colours, 0.5) == float_overlay(p, lab, colours, 0.5)).all()
-               for p, lab in pairs)  # fmt: skip
+    assert all(
+        (overlay(p, lab, colours, 0.5) == float_overlay(p, lab, colours, 0.5)).all()
+        for p, lab in pairs
+    )
     n = max(1, args.repeat // 20)
     ours = per_call(lambda: [overlay(p, lab, colours, 0.5) for p, lab in pairs], n)
     ref = per_call(lambda: [float_overlay(p, lab, colours, 0.5) for p, lab in pairs], n)
@@ -191,8 +201,10 @@ def main() -> None:
     print(f"{'zlib level':<34} {'us/map':>9} {'vs 6':>8} {'bytes/map':>10} {'vs 6':>8}")
     results = {}
     for level in (1, 6, 9):
-        t = per_call(lambda lv=level: [label_png(lab, colours, lv) for lab in labels],
-                     max(1, args.repeat // 20)) / len(labels)  # fmt: skip
+        t = per_call(
+            lambda lv=level: [label_png(lab, colours, lv) for lab in labels],
+            max(1, args.repeat // 20),
+        ) / len(labels)
         size = float(np.mean([len(label_png(lab, colours, level)) for lab in labels]))
         results[level] = (t, size)
     t6, s6 = results[6]

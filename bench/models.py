@@ -37,8 +37,11 @@ def main() -> None:
     ap.add_argument("device", nargs="?", default="cpu")
     ap.add_argument("batch", nargs="?", type=int, default=16, help="crops per forward pass")
     ap.add_argument("mode", nargs="?", default="maskclip", choices=["maskclip", "sclip"])
-    ap.add_argument("--precision", default="auto",
-                    help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp16 or fp32")  # fmt: skip
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp16 or fp32",
+    )
     args = ap.parse_args()
     clip = build_model(args.name, None, args.device, mode=args.mode, precision=args.precision)
     size = clip.preprocess.input_size

@@ -63,8 +63,10 @@ def main() -> None:
         ray.init(address=args.ray_address)
     else:
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-    specs = [list(range(i * args.items_per_shard, (i + 1) * args.items_per_shard))
-             for i in range(args.shards)]  # fmt: skip
+    specs = [
+        list(range(i * args.items_per_shard, (i + 1) * args.items_per_shard))
+        for i in range(args.shards)
+    ]
     with tempfile.TemporaryDirectory() as root:
         store = ArtifactStore(root)
         iters = _iterations_for(args.work_ms)

@@ -43,16 +43,24 @@ def _sync() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="tiny")
-    ap.add_argument("--sam", nargs="+", default=["sam_tiny", "sam2.1_tiny"],
-                    help="the teachers (models.sam registry names)")  # fmt: skip
+    ap.add_argument(
+        "--sam",
+        nargs="+",
+        default=["sam_tiny", "sam2.1_tiny"],
+        help="the teachers (models.sam registry names)",
+    )
     ap.add_argument("--images", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=1,
-                    help="images each teacher runs first, untimed (0: none)")  # fmt: skip
+    ap.add_argument(
+        "--warmup", type=int, default=1, help="images each teacher runs first, untimed (0: none)"
+    )
     ap.add_argument("--size", default="96x128", help="HxW of the generated images")
     ap.add_argument("--device", default=None, help="runtime.device (default: the config's)")
     ap.add_argument("--vocab", default="voc-20")
-    ap.add_argument("--keep-all", action="store_true",
-                    help="SAM's IoU and stability thresholds 0 (random weights keep few masks)")  # fmt: skip
+    ap.add_argument(
+        "--keep-all",
+        action="store_true",
+        help="SAM's IoU and stability thresholds 0 (random weights keep few masks)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--set", action="append", default=[], help="section.key=value override")
     args = ap.parse_args()
@@ -121,15 +129,21 @@ def main() -> None:
             rows = {s: store.require_manifest(s, fp).rows for s, fp in fps.items()}
             results.append((name, seconds, rows["sam_prompt"], rows["sam_auto"], peak))
 
-    print(f"config {args.config}, {n} images {h}x{w}, {len(vocab)} classes, device {device}, "
-          f"torch threads {torch.get_num_threads()}, random weights"
-          f"{', SAM thresholds 0' if args.keep_all else ''}; both SAM stages (one pass)")  # fmt: skip
+    print(
+        f"config {args.config}, {n} images {h}x{w}, {len(vocab)} classes, device {device}, "
+        f"torch threads {torch.get_num_threads()}, random weights"
+        f"{', SAM thresholds 0' if args.keep_all else ''}; both SAM stages (one pass)"
+    )
     what = "peak GPU MiB" if cuda else "peak RSS MiB"
-    print(f"{'teacher':<18} {'s/image':>8} {'images/s':>9} {'prompt/img':>10} {'auto/img':>9} "
-          f"{what:>13}")  # fmt: skip
+    print(
+        f"{'teacher':<18} {'s/image':>8} {'images/s':>9} {'prompt/img':>10} {'auto/img':>9} "
+        f"{what:>13}"
+    )
     for name, seconds, prompt, auto, peak in results:
-        print(f"{name:<18} {seconds / n:8.3f} {n / seconds:9.2f} {prompt / n:10.2f} "
-              f"{auto / n:9.2f} {peak:13.0f}")  # fmt: skip
+        print(
+            f"{name:<18} {seconds / n:8.3f} {n / seconds:9.2f} {prompt / n:10.2f} "
+            f"{auto / n:9.2f} {peak:13.0f}"
+        )
     if len(results) > 1:
         first = results[0]
         for name, seconds, *_ in results[1:]:

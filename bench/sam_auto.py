@@ -127,8 +127,10 @@ def main() -> None:
         )
         for a, b in zip(r_ours, r_stock, strict=True)
     )
-    print(f"{args.model} on {args.device}, {args.images} images {h}x{w}, "
-          f"{args.points_per_side}^2 points, {masks} masks kept, torch threads {args.threads}")  # fmt: skip
+    print(
+        f"{args.model} on {args.device}, {args.images} images {h}x{w}, "
+        f"{args.points_per_side}^2 points, {masks} masks kept, torch threads {args.threads}"
+    )
     peak = "peak GPU MiB" if cuda else "peak RSS MiB"
     print(f"{'generator':<34} {'s/image':>9} {'images/s':>9} {peak:>13}")
     b = args.points_per_batch
@@ -139,10 +141,14 @@ def main() -> None:
         ("ours (points_per_batch 64)", t_ours_64, peak_ours_64),
     ):
         print(f"{name:<34} {t:9.4f} {1 / t:9.1f} {mib:13.0f}")
-    print(f"speed-up vs stock: {t_stock / t_ours:.2f}x; at the same batch size: "
-          f"{t_stock_b / t_ours:.2f}x; same masks: {same}")  # fmt: skip
-    print(f"ours at points_per_batch {b} vs 64: {t_ours_64 / t_ours:.2f}x the throughput, "
-          f"{peak_ours / peak_ours_64:.2f}x the peak memory")  # fmt: skip
+    print(
+        f"speed-up vs stock: {t_stock / t_ours:.2f}x; at the same batch size: "
+        f"{t_stock_b / t_ours:.2f}x; same masks: {same}"
+    )
+    print(
+        f"ours at points_per_batch {b} vs 64: {t_ours_64 / t_ours:.2f}x the throughput, "
+        f"{peak_ours / peak_ours_64:.2f}x the peak memory"
+    )
 
 
 if __name__ == "__main__":

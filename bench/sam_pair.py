@@ -69,8 +69,10 @@ def main() -> None:
         assert np.array_equal(m1, m2) and np.allclose(s1, s2), "prompt masks differ"
         assert len(a1) == len(a2) and all(np.array_equal(x, y) for x, y in zip(a1, a2, strict=True))
     n_auto = sum(len(a) for _, _, a in ours)
-    print(f"{args.model} on {args.device}, {len(images)} images {h}x{w}, {args.classes} prompted "
-          f"classes, {args.points_per_side}^2 grid points, {n_auto} automatic masks (same masks)")  # fmt: skip
+    print(
+        f"{args.model} on {args.device}, {len(images)} images {h}x{w}, {args.classes} prompted "
+        f"classes, {args.points_per_side}^2 grid points, {n_auto} automatic masks (same masks)"
+    )
     print(f"two stages (embedding per stage): {t_ref:8.3f} s/image")
     print(f"one pass (shared embedding):      {t_ours:8.3f} s/image   {t_ref / t_ours:.2f}x")
     if peak is not None:

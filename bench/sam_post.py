@@ -105,9 +105,12 @@ def main() -> None:
         help="instead of SAM: a stand-in taking MS ms of device time per image",
     )
     ap.add_argument("--masks", type=int, default=100, help="automatic masks of --stand-in")
-    ap.add_argument("--keep-all", action="store_true",
-                    help="SAM's IoU and stability thresholds 0 (random weights keep few masks; "
-                    "always so for sam_tiny)")  # fmt: skip
+    ap.add_argument(
+        "--keep-all",
+        action="store_true",
+        help="SAM's IoU and stability thresholds 0 (random weights keep few masks; "
+        "always so for sam_tiny)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     h, w = (int(v) for v in args.size.split("x"))
@@ -129,11 +132,18 @@ def main() -> None:
     gh, gw = max(1, h // 14), max(1, w // 14)
     images = photos(args.images + 1, (h, w))  # the first warms up each path
     clips = [
-        ClipDenseResult(f"img-{i}", f"mem://{i}", h, w, 12, np.zeros(args.classes, np.int32),
-                        np.arange(args.classes, dtype=np.int32),
-                        rng.random((args.classes, gh, gw), dtype=np.float32))
+        ClipDenseResult(
+            f"img-{i}",
+            f"mem://{i}",
+            h,
+            w,
+            12,
+            np.zeros(args.classes, np.int32),
+            np.arange(args.classes, dtype=np.int32),
+            rng.random((args.classes, gh, gw), dtype=np.float32),
+        )
         for i in range(len(images))
-    ]  # fmt: skip
+    ]
 
     if isinstance(seg, StandIn):
         for image in images:
@@ -187,8 +197,10 @@ def main() -> None:
         a["rle_counts"] == b["rle_counts"] and a["category_id"] == b["category_id"]
         for a, b in zip(ref, ours, strict=True)
     )
-    print(f"{args.model} on {args.device}, {args.images} images {h}x{w}, {args.classes} classes, "
-          f"{args.points_per_side}^2 points, {len(ref)} rows, torch threads {args.threads}")  # fmt: skip
+    print(
+        f"{args.model} on {args.device}, {args.images} images {h}x{w}, {args.classes} classes, "
+        f"{args.points_per_side}^2 points, {len(ref)} rows, torch threads {args.threads}"
+    )
     print(f"{'path':<44} {'s/image':>9} {'images/s':>9}")
     for name, t in (
         ("reference (records built after SAM, inline)", t_ref),

@@ -90,8 +90,9 @@ def ours(
 
     clip = part("clip", lambda: run_clip_dense(store, cfg, index, vocab))
     sam = part("sam", lambda: run_sam_stages(store, cfg, clip))
-    merge = part("rest", lambda: run_merge(store, cfg, index, clip, sam["sam_prompt"],
-                                           sam["sam_auto"]))  # fmt: skip
+    merge = part(
+        "rest", lambda: run_merge(store, cfg, index, clip, sam["sam_prompt"], sam["sam_auto"])
+    )
     return sum(parts.values()), store.require_manifest("merge", merge).rows, parts
 
 
@@ -106,11 +107,13 @@ class Reference:
         self.cfg, self.vocab = cfg, vocab
         self.parts: Counter[str] = Counter()  # seconds: clip, sam, rest (reading, merging)
         device = cfg.runtime.device
-        self.clip = build_from_config(cfg.models, "clip", device, mode=cfg.clip_dense.mode,
-                                      precision="fp32")  # fmt: skip
+        self.clip = build_from_config(
+            cfg.models, "clip", device, mode=cfg.clip_dense.mode, precision="fp32"
+        )
         self.text = self.clip.encode_text(list(vocab), cfg.clip_dense.templates)
-        self.sam = build_from_config(cfg.models, "sam", device, auto_config=cfg.sam_auto,
-                                     precision="fp32")  # fmt: skip
+        self.sam = build_from_config(
+            cfg.models, "sam", device, auto_config=cfg.sam_auto, precision="fp32"
+        )
         a = cfg.sam_auto
         self.stock = SamAutomaticMaskGenerator(
             self.sam.sam,
@@ -132,8 +135,7 @@ class Reference:
         model, ccfg = self.clip, self.cfg.clip_dense
         geo = geometry(image.shape[0], image.shape[1], ccfg, model.preprocess)
         canvas = prepare_image(image, geo, model.preprocess, model.device)
-        crops = torch.stack([canvas[:, y : y + geo.crop, x : x + geo.crop]
-                             for y, x in geo.windows])  # fmt: skip
+        crops = torch.stack([canvas[:, y : y + geo.crop, x : x + geo.crop] for y, x in geo.windows])
         with torch.inference_mode():
             cls = model.crop_embeddings(crops)
             dense = model.dense_features(crops)
@@ -180,18 +182,33 @@ class Reference:
                 )
                 best = int(np.argmax(scores))
                 if masks[best].any():
-                    prompt.append(mask_row(masks[best], category_id=int(k),
-                                           category=self.vocab[k], source="prompt",
-                                           score=float(scores[best]), **common))  # fmt: skip
+                    prompt.append(
+                        mask_row(
+                            masks[best],
+                            category_id=int(k),
+                            category=self.vocab[k],
+                            source="prompt",
+                            score=float(scores[best]),
+                            **common,
+                        )
+                    )
             limit = cfg.sam_auto.max_area_fraction * image.shape[0] * image.shape[1]
             records = [r for r in self.stock.generate(image) if r["area"] <= limit]
             kept = filter_masks(records, clip.height, clip.width, cfg.sam_auto)
             if kept:
                 segs = [np.asarray(m["segmentation"], dtype=bool) for m in kept]
                 labels = clip.present[mask_class_scores(segs, clip).argmax(axis=1)]
-                auto = [mask_row(seg, category_id=int(k), category=self.vocab[k], source="auto",
-                                 score=float(m.get("predicted_iou", 1.0)), **common)
-                        for m, seg, k in zip(kept, segs, labels, strict=True)]  # fmt: skip
+                auto = [
+                    mask_row(
+                        seg,
+                        category_id=int(k),
+                        category=self.vocab[k],
+                        source="auto",
+                        score=float(m.get("predicted_iou", 1.0)),
+                        **common,
+                    )
+                    for m, seg, k in zip(kept, segs, labels, strict=True)
+                ]
         lap("sam")
         row = {"image_id": image_id, "image_uri": uri, "present": clip.present.tolist()}
         merged, _ = merge_shard(
@@ -215,15 +232,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2,
-                    help="images each path runs first, untimed (0: none)")  # fmt: skip
+    ap.add_argument(
+        "--warmup", type=int, default=2, help="images each path runs first, untimed (0: none)"
+    )
     ap.add_argument("--size", default="96x128", help="HxW of the generated images")
     ap.add_argument("--device", default=None, help="runtime.device (default: the config's)")
     ap.add_argument("--vocab", default="voc-20")
-    ap.add_argument("--keep-all", action="store_true",
-                    help="SAM's IoU and stability thresholds 0 (random weights keep few masks)")  # fmt: skip
-    ap.add_argument("--random-weights", action=argparse.BooleanOptionalAction, default=True,
-                    help="the config's architectures with random weights (default)")  # fmt: skip
+    ap.add_argument(
+        "--keep-all",
+        action="store_true",
+        help="SAM's IoU and stability thresholds 0 (random weights keep few masks)",
+    )
+    ap.add_argument(
+        "--random-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the config's architectures with random weights (default)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--set", action="append", default=[], help="section.key=value override")
     args = ap.parse_args()
@@ -287,10 +312,12 @@ def main() -> None:
         peak_ref = peak_mib(cuda)
 
     n = args.images
-    print(f"config {args.config} ({cfg.models.clip}, {cfg.models.sam}), {n} images {h}x{w}, "
-          f"{len(vocab)} classes, device {device}, torch threads {torch.get_num_threads()}, "
-          f"{'random' if args.random_weights else 'configured'} weights"
-          f"{', SAM thresholds 0' if args.keep_all else ''}")  # fmt: skip
+    print(
+        f"config {args.config} ({cfg.models.clip}, {cfg.models.sam}), {n} images {h}x{w}, "
+        f"{len(vocab)} classes, device {device}, torch threads {torch.get_num_threads()}, "
+        f"{'random' if args.random_weights else 'configured'} weights"
+        f"{', SAM thresholds 0' if args.keep_all else ''}"
+    )
     print(
         f"{'path':<44} {'s/image':>8} {'images/s':>9} {'masks':>6}" + ("  peak MiB" if cuda else "")
     )
@@ -300,8 +327,10 @@ def main() -> None:
     ):
         print(f"{name:<44} {t / n:8.3f} {n / t:9.2f} {m:6d}" + (f" {peak:9.0f}" if cuda else ""))
     print(f"throughput ours / reference: {t_ref / t_ours:.2f}x")
-    print(f"where the time goes, s/image {'clip':>8} {'sam':>8} {'rest':>8}  (rest: reading "
-          "images, merging; ours also commits each stage)")  # fmt: skip
+    print(
+        f"where the time goes, s/image {'clip':>8} {'sam':>8} {'rest':>8}  (rest: reading "
+        "images, merging; ours also commits each stage)"
+    )
     for name, parts in (("reference", ref.parts), ("ours", parts_ours)):
         print(f"  {name:<26} " + " ".join(f"{parts[k] / n:8.3f}" for k in ("clip", "sam", "rest")))
 

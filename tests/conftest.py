@@ -223,9 +223,17 @@ def sample_images(_sample_photo_dir: Path) -> list[Any]:
 
 # What the index stage must make of ``messy_image_dir`` (file name -> outcome).
 MESSY_GOOD = {
-    "astronaut.jpg", "chelsea.png", "coffee.jpg", "hubble_deep_field.jpg",
-    "immunohistochemistry.png", "rocket.png", "cmyk.jpg", "deep16.png", "rgba.png", "rotated.jpg",
-}  # fmt: skip
+    "astronaut.jpg",
+    "chelsea.png",
+    "coffee.jpg",
+    "hubble_deep_field.jpg",
+    "immunohistochemistry.png",
+    "rocket.png",
+    "cmyk.jpg",
+    "deep16.png",
+    "rgba.png",
+    "rotated.jpg",
+}
 MESSY_ERRORS = {
     "corrupt.jpg": "corrupt",
     "empty.jpg": "empty",

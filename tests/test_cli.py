@@ -37,10 +37,15 @@ def test_vocab_help_lists_every_builtin_vocabulary_and_alias(
     text = text.replace("- ", "-")  # and breaks names at their dashes
     for path in sorted(VOCAB_DIR.glob("*.txt")):
         assert path.stem in text
-    for alias, name in [("voc", "voc-21"), ("coco-stuff", "coco-stuff-171"),
-                        ("ade20k", "ade-150"), ("cityscapes", "cityscapes-19"),
-                        ("context", "context-59"), ("coco-object", "coco-object-80"),
-                        ("ade", "ade-150")]:  # fmt: skip
+    for alias, name in [
+        ("voc", "voc-21"),
+        ("coco-stuff", "coco-stuff-171"),
+        ("ade20k", "ade-150"),
+        ("cityscapes", "cityscapes-19"),
+        ("context", "context-59"),
+        ("coco-object", "coco-object-80"),
+        ("ade", "ade-150"),
+    ]:
         assert f"{alias}={name}" in text
         assert resolve_vocabulary(None, alias) == resolve_vocabulary(None, name)
 
@@ -78,8 +83,12 @@ def test_parse_storage_options() -> None:
     opts = parse_storage_options(
         ["key=abc", "client_kwargs.endpoint_url=http://127.0.0.1:9000", "anon=false", "n=3"]
     )
-    assert opts == {"key": "abc", "anon": False, "n": 3,
-                    "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}  # fmt: skip
+    assert opts == {
+        "key": "abc",
+        "anon": False,
+        "n": 3,
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"},
+    }
     with pytest.raises(UsageError, match="'key' is already a value"):
         parse_storage_options(["key=1", "key.sub=2"])
 
@@ -100,20 +109,36 @@ def _check_messy_index(store: ArtifactStore, expected: dict[str, Any], root: str
     names = {u[len(root) :].lstrip("/") for u in index["uri"].to_pylist()}
     assert names == expected["good"]
     errors = store.read_table(STAGE, fp, kind="errors")
-    got = dict(zip([u[len(root) :].lstrip("/") for u in errors["uri"].to_pylist()],
-                   errors["error_type"].to_pylist(), strict=True))  # fmt: skip
+    got = dict(
+        zip(
+            [u[len(root) :].lstrip("/") for u in errors["uri"].to_pylist()],
+            errors["error_type"].to_pylist(),
+            strict=True,
+        )
+    )
     assert got == expected["errors"]
     return fp
 
 
 @pytest.mark.slow
 def test_index_end_to_end_local_store(
-    prefect_harness, ray_session, messy_image_dir: Path, messy_expected: dict[str, Any],
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    prefect_harness,
+    ray_session,
+    messy_image_dir: Path,
+    messy_expected: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     store_dir = tmp_path / "store"
-    argv = ["index", "--images", str(messy_image_dir), "--store", str(store_dir),
-            "--config", "tiny"]  # fmt: skip
+    argv = [
+        "index",
+        "--images",
+        str(messy_image_dir),
+        "--store",
+        str(store_dir),
+        "--config",
+        "tiny",
+    ]
     assert main(argv) == 0  # tiny: Ray executor, 4 images per shard
     out, err = capsys.readouterr()
     assert "index: 10 images, 6 errors, 2 duplicates\n" in out
@@ -139,9 +164,12 @@ def test_index_end_to_end_local_store(
 @pytest.mark.slow
 @pytest.mark.s3
 def test_index_end_to_end_s3(
-    prefect_harness, s3_server: dict[str, Any], messy_image_dir: Path,
-    messy_expected: dict[str, Any], capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    prefect_harness,
+    s3_server: dict[str, Any],
+    messy_image_dir: Path,
+    messy_expected: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     options = s3_server["storage_options"]
     bucket = s3_server["bucket"]
     run = uuid.uuid4().hex[:8]
@@ -152,11 +180,22 @@ def test_index_end_to_end_s3(
             fs.put_file(str(path), f"{images}/{path.relative_to(messy_image_dir).as_posix()}")
     store_uri = f"s3://{bucket}/{run}/store"
     argv = [
-        "index", "--images", images, "--store", store_uri, "--config", "tiny",
-        "--set", "runtime.executor=local",
-        "--storage-option", "key=testing", "--storage-option", "secret=testing",
-        "--storage-option", f"client_kwargs.endpoint_url={s3_server['endpoint_url']}",
-    ]  # fmt: skip
+        "index",
+        "--images",
+        images,
+        "--store",
+        store_uri,
+        "--config",
+        "tiny",
+        "--set",
+        "runtime.executor=local",
+        "--storage-option",
+        "key=testing",
+        "--storage-option",
+        "secret=testing",
+        "--storage-option",
+        f"client_kwargs.endpoint_url={s3_server['endpoint_url']}",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "index: 10 images, 6 errors, 2 duplicates\n" in out
@@ -172,8 +211,15 @@ def test_empty_source_is_an_input_error_inside_the_flow(
     prefect_harness, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "empty").mkdir()
-    argv = ["index", "--images", str(tmp_path / "empty"), "--store", str(tmp_path / "s"),
-            "--set", "runtime.executor=local"]  # fmt: skip
+    argv = [
+        "index",
+        "--images",
+        str(tmp_path / "empty"),
+        "--store",
+        str(tmp_path / "s"),
+        "--set",
+        "runtime.executor=local",
+    ]
     assert main(argv) == 2
     err = capfd.readouterr().err
     assert "fmbseg: error: image source" in err and "holds no images" in err

@@ -26,8 +26,17 @@ def test_annotate_command_writes_labels_and_prints_where(
     config = tmp_path / "synthetic.yaml"
     config.write_text(yaml.safe_dump(synthetic_config().to_dict()))
     store = tmp_path / "store"
-    argv = ["annotate", "--images", str(tmp_path / "images"), "--classes", ",".join(VOCAB),
-            "--store", str(store), "--config", str(config)]  # fmt: skip
+    argv = [
+        "annotate",
+        "--images",
+        str(tmp_path / "images"),
+        "--classes",
+        ",".join(VOCAB),
+        "--store",
+        str(store),
+        "--config",
+        str(config),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "annotate: 4 images indexed, 4 labelled, 0 with no confident label, 0 failed" in out
@@ -140,9 +149,19 @@ def test_run_tiny_on_the_bundled_photos(
     prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = tmp_path / "store"
-    argv = ["run", "--config", "tiny", "--store", str(store),
-            "--set", "runtime.executor=local", "--set", "clip_dense.short_side=64",
-            "--set", "train.epochs=1"]  # fmt: skip
+    argv = [
+        "run",
+        "--config",
+        "tiny",
+        "--store",
+        str(store),
+        "--set",
+        "runtime.executor=local",
+        "--set",
+        "clip_dense.short_side=64",
+        "--set",
+        "train.epochs=1",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "on the bundled sample photos" in out
@@ -189,8 +208,17 @@ def test_run_offline_says_so_and_suggests_tiny(
     prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = tmp_path / "no-such-checkpoint.pth"
-    argv = ["run", "--config", "tiny", "--store", str(tmp_path / "store"),
-            "--set", "runtime.executor=local", "--set", f"models.sam_weights={missing}"]  # fmt: skip
+    argv = [
+        "run",
+        "--config",
+        "tiny",
+        "--store",
+        str(tmp_path / "store"),
+        "--set",
+        "runtime.executor=local",
+        "--set",
+        f"models.sam_weights={missing}",
+    ]
     assert main(argv) == 2
     out = capsys.readouterr()
     text = out.out + out.err
@@ -220,9 +248,11 @@ def test_run_offline_fails_fast_naming_every_missing_checkpoint(
     assert status == 2, out.err
     assert elapsed < 30, f"took {elapsed:.1f} s to report missing weights"
     text = out.out + out.err
-    for key, value in [("clip_weights", "'openai'"), ("dino_weights", "'hub'"),
-                       ("sam_weights", "'https://dl.fbaipublicfiles.com/segment_anything/"
-                                       "sam_vit_b_01ec64.pth'")]:  # fmt: skip
+    for key, value in [
+        ("clip_weights", "'openai'"),
+        ("dino_weights", "'hub'"),
+        ("sam_weights", "'https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth'"),
+    ]:
         assert f"models.{key}={value}" in text
         assert f"set models.{key} to a local path or a store URI of the checkpoint" in text
     assert "http://127.0.0.1:9/timm/vit_base_patch16_clip_224.openai" in text

@@ -21,8 +21,20 @@ def voc_root(tmp_path: Path) -> str:
 
 
 def _argv(root: str, store: Path, *extra: str) -> list[str]:
-    return ["evaluate", "--dataset", "voc21", "--data-root", root, "--store", str(store),
-            "--config", "tiny", "--set", "runtime.executor=local", *extra]  # fmt: skip
+    return [
+        "evaluate",
+        "--dataset",
+        "voc21",
+        "--data-root",
+        root,
+        "--store",
+        str(store),
+        "--config",
+        "tiny",
+        "--set",
+        "runtime.executor=local",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -62,8 +74,7 @@ def test_pseudo_label_quality_summary(
     assert main(_argv(voc_root, store_dir, "--model", "labels:latest")) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0] == ("pseudo-labels labels0000000000 on voc21: 3 images "
-                        "(1 without records)")  # fmt: skip
+    assert lines[0] == ("pseudo-labels labels0000000000 on voc21: 3 images (1 without records)")
     assert [ln.split()[0] for ln in lines[2:5]] == ["prompt", "auto", "merged"]
     assert "voc21 (merged): 3 images, mIoU" in out and "person" in out
     assert "report:      " in out and "model:       labels:labels0000000000" in out
@@ -107,9 +118,13 @@ def test_both_coco_object_variants_are_accepted_and_named(
     ],
 )
 def test_input_errors_exit_2_naming_what_is_missing(
-    prefect_harness, voc_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    extra: list[str], message: str,
-) -> None:  # fmt: skip
+    prefect_harness,
+    voc_root: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
     extra = [e.format(tmp=tmp_path) for e in extra]
     assert main([*_argv(voc_root, tmp_path / "store", "--model", "maskclip"), *extra]) == 2
     err = capsys.readouterr().err
@@ -190,8 +205,10 @@ def test_teachers_side_by_side_summary(
     model = "labels:labels000000000a,labels:labels000000000b"
     assert main(_argv(voc_root, store_dir, "--model", model)) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("teachers on voc21: 3 images (merged pseudo-labels vs. ground truth, %; "
-                        "images/s of the SAM pass)")  # fmt: skip
+    assert lines[0] == (
+        "teachers on voc21: 3 images (merged pseudo-labels vs. ground truth, %; "
+        "images/s of the SAM pass)"
+    )
     rows = {ln.split()[0]: ln.split()[1:] for ln in lines[1:8]}
     assert rows["teacher"] == ["sam2.1_hiera_t", "n/a"]
     assert rows["labels"] == ["labels000000000a", "labels000000000b"]
@@ -199,8 +216,9 @@ def test_teachers_side_by_side_summary(
     assert rows["images/s"] == ["2.50", "n/a"]  # 5 images through SAM in 2 s
     single = store.read_json(f"evaluations/{_lq_fp(store, 'labels000000000a')}/report.json")
     assert rows["mIoU"] == [f"{100 * single['merged']['mIoU']:.2f}"] * 2  # the same records
-    assert lines[8] == ("  n/a in column 2 (labels000000000b): the merge output names no SAM "
-                        "stages")  # fmt: skip
+    assert lines[8] == (
+        "  n/a in column 2 (labels000000000b): the merge output names no SAM stages"
+    )
     (uri,) = [ln.split()[-1] for ln in lines if ln.startswith("report:")]
     fp = uri.rstrip("/").split("/")[-2]
     assert store.read_json(f"evaluations/{fp}/report.json")["teachers"][0]["teacher"] == (

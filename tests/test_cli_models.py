@@ -31,11 +31,17 @@ def _save(reg: ModelRegistry, seed: int, **card: object) -> str:
     mcfg = AlignmentConfig(in_dim=8, out_dim=4, heads=2, mlp_ratio=1.0)
     tensors = AlignmentModule(mcfg).state_dict()
     full = {
-        "kind": CARD_KIND, "module": mcfg.to_dict(), "vocabulary": ["cat", "dog", "grass"],
-        "data": {"labels_fp": f"labels{seed:010d}", "index_fp": f"index{seed:011d}",
-                 "images": 8 + seed},
-        "metrics": {"final_loss": 1.0 / (seed + 1)}, **card,
-    }  # fmt: skip
+        "kind": CARD_KIND,
+        "module": mcfg.to_dict(),
+        "vocabulary": ["cat", "dog", "grass"],
+        "data": {
+            "labels_fp": f"labels{seed:010d}",
+            "index_fp": f"index{seed:011d}",
+            "images": 8 + seed,
+        },
+        "metrics": {"final_loss": 1.0 / (seed + 1)},
+        **card,
+    }
     return reg.save(NAME, tensors, full)
 
 
@@ -93,13 +99,18 @@ def test_list_show_and_promote(registry: ModelRegistry, capsys) -> None:
         (None, NAME, f"models promote needs an explicit version: {NAME}:vNNNN"),
         (None, f"{NAME}:latest", "needs an explicit version"),
         (None, "../evil:v0001", "model name '../evil' is not valid"),
-        ({"kind": "something-else"}, f"{NAME}:v0003",
-         f"model {NAME}:v0003 cannot be promoted: not an alignment module"),
-        ({"module": {"in_dim": 16, "out_dim": 4, "heads": 2, "mlp_ratio": 1.0}},
-         f"{NAME}:v0003",
-         f"model {NAME}:v0003 cannot be promoted: its weights do not fit the module"),
+        (
+            {"kind": "something-else"},
+            f"{NAME}:v0003",
+            f"model {NAME}:v0003 cannot be promoted: not an alignment module",
+        ),
+        (
+            {"module": {"in_dim": 16, "out_dim": 4, "heads": 2, "mlp_ratio": 1.0}},
+            f"{NAME}:v0003",
+            f"model {NAME}:v0003 cannot be promoted: its weights do not fit the module",
+        ),
     ],
-)  # fmt: skip
+)
 def test_promote_refuses_missing_or_incompatible_versions(
     registry: ModelRegistry, make, ref: str, message: str, capsys
 ) -> None:
@@ -119,33 +130,65 @@ def _truncate(path: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "argv", "file", "message"),
     [
-        (lambda d: _truncate(d / "v0002" / "card.json"), ["models", "show", f"{NAME}:v0002"],
-         "v0002/card.json", "model card is truncated or not JSON"),
-        (lambda d: _truncate(d / "v0002" / "card.json"), ["models", "list"],
-         "v0002/card.json", "model card is truncated or not JSON"),
-        (lambda d: (d / "v0001" / "weights.safetensors").unlink(),
-         ["models", "promote", f"{NAME}:v0001"], "v0001/weights.safetensors",
-         "weights file missing"),
-        (lambda d: _truncate(d / "v0002" / "weights.safetensors"),
-         ["models", "promote", f"{NAME}:v0002"], "v0002/weights.safetensors",
-         "weights file truncated or not safetensors"),
-        (lambda d: _truncate(d / "champion.json"), ["models", "list"], "champion.json",
-         "champion pointer is truncated or not JSON"),
-        (lambda d: (d / "champion.json").write_text('{"version": "../../stages/x"}'),
-         ["models", "show", f"{NAME}:champion"], "champion.json",
-         "version '../../stages/x' is not of the form vNNNN"),
-        (lambda d: (d / "champion.json").write_text('{"version": "v1"}'),
-         ["segment", "IMAGE", "--classes", "cat,dog", "--model", "champion"], "champion.json",
-         "version 'v1' is not of the form vNNNN"),
-        (lambda d: (d / "v0001" / "weights.safetensors").write_bytes(b"\x08\x00"),
-         ["segment", "IMAGE", "--classes", "cat,dog", "--model", "v0001"],
-         "v0001/weights.safetensors", "weights file truncated or not safetensors"),
+        (
+            lambda d: _truncate(d / "v0002" / "card.json"),
+            ["models", "show", f"{NAME}:v0002"],
+            "v0002/card.json",
+            "model card is truncated or not JSON",
+        ),
+        (
+            lambda d: _truncate(d / "v0002" / "card.json"),
+            ["models", "list"],
+            "v0002/card.json",
+            "model card is truncated or not JSON",
+        ),
+        (
+            lambda d: (d / "v0001" / "weights.safetensors").unlink(),
+            ["models", "promote", f"{NAME}:v0001"],
+            "v0001/weights.safetensors",
+            "weights file missing",
+        ),
+        (
+            lambda d: _truncate(d / "v0002" / "weights.safetensors"),
+            ["models", "promote", f"{NAME}:v0002"],
+            "v0002/weights.safetensors",
+            "weights file truncated or not safetensors",
+        ),
+        (
+            lambda d: _truncate(d / "champion.json"),
+            ["models", "list"],
+            "champion.json",
+            "champion pointer is truncated or not JSON",
+        ),
+        (
+            lambda d: (d / "champion.json").write_text('{"version": "../../stages/x"}'),
+            ["models", "show", f"{NAME}:champion"],
+            "champion.json",
+            "version '../../stages/x' is not of the form vNNNN",
+        ),
+        (
+            lambda d: (d / "champion.json").write_text('{"version": "v1"}'),
+            ["segment", "IMAGE", "--classes", "cat,dog", "--model", "champion"],
+            "champion.json",
+            "version 'v1' is not of the form vNNNN",
+        ),
+        (
+            lambda d: (d / "v0001" / "weights.safetensors").write_bytes(b"\x08\x00"),
+            ["segment", "IMAGE", "--classes", "cat,dog", "--model", "v0001"],
+            "v0001/weights.safetensors",
+            "weights file truncated or not safetensors",
+        ),
     ],
-)  # fmt: skip
+)
 def test_corrupt_registry_exits_2_naming_the_file(
-    registry: ModelRegistry, damage, argv: list[str], file: str, message: str, tmp_path: Path,
+    registry: ModelRegistry,
+    damage,
+    argv: list[str],
+    file: str,
+    message: str,
+    tmp_path: Path,
     capsys,
-) -> None:  # fmt: skip
+) -> None:
     from PIL import Image
 
     image = tmp_path / "photo.png"

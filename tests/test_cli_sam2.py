@@ -26,8 +26,15 @@ def test_annotate_train_evaluate_with_sam21(
     write_scenes(tmp_path / "images", 4)
     store_dir = tmp_path / "store"
     store_args = ["--store", str(store_dir)]
-    argv = ["annotate", "--images", str(tmp_path / "images"), "--classes", ",".join(VOCAB),
-            *store_args, *SETS]  # fmt: skip
+    argv = [
+        "annotate",
+        "--images",
+        str(tmp_path / "images"),
+        "--classes",
+        ",".join(VOCAB),
+        *store_args,
+        *SETS,
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "annotate: 4 images indexed" in out
@@ -47,8 +54,17 @@ def test_annotate_train_evaluate_with_sam21(
 
     voc = tmp_path / "voc"
     trees.write_voc(str(voc))
-    argv = ["evaluate", "--dataset", "voc21", "--data-root", str(voc),
-            "--model", "fmbseg-align:v0001", *store_args, *SETS]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--dataset",
+        "voc21",
+        "--data-root",
+        str(voc),
+        "--model",
+        "fmbseg-align:v0001",
+        *store_args,
+        *SETS,
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("voc21: 3 images, mIoU ")

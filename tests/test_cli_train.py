@@ -50,8 +50,18 @@ def test_train_then_segment(
 
     images = [world.uris[sc.image_id] for sc in world.held_out]
     out_dir = tmp_path / "seg"
-    argv = ["segment", *images, "--classes", "cat,dog,grass", "--model", "champion",
-            "--out", str(out_dir), *store, *TINY]  # fmt: skip
+    argv = [
+        "segment",
+        *images,
+        "--classes",
+        "cat,dog,grass",
+        "--model",
+        "champion",
+        "--out",
+        str(out_dir),
+        *store,
+        *TINY,
+    ]
     status, out, err = _run(argv, capsys)
     assert status == 0, err
     assert "model fmbseg-align:v0001" in out and "0=cat, 1=dog, 2=grass" in out
@@ -72,8 +82,9 @@ def test_train_rejects_labels_that_are_not_committed(
     prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     world = labelled_world(tmp_path)
-    status, _, err = _run(["train", "--labels", "cafe0000", "--store", world.store.uri, *TINY],
-                          capsys)  # fmt: skip
+    status, _, err = _run(
+        ["train", "--labels", "cafe0000", "--store", world.store.uri, *TINY], capsys
+    )
     assert status == 2
     assert err.startswith("fmbseg: error: labels 'cafe0000': no committed pseudo-labels")
     assert LABELS_A in err and "Traceback" not in err
@@ -113,8 +124,9 @@ def trained_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
     torch.set_num_threads(1)
     world = labelled_world(tmp_path_factory.mktemp("trained"))
-    run_train(world.store, load_config("tiny", [*OVERRIDES, "train.epochs=1"]), LABELS_A,
-              INDEX_FP, VOCAB)  # fmt: skip
+    run_train(
+        world.store, load_config("tiny", [*OVERRIDES, "train.epochs=1"]), LABELS_A, INDEX_FP, VOCAB
+    )
     return world.store.uri, world.uris[world.held_out[0].image_id]
 
 
@@ -124,26 +136,42 @@ CLASSES = ["--classes", "cat,dog"]
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["{image}", *CLASSES, "--model", "champion"],
-         "model 'fmbseg-align' has no champion in {store} (nothing promoted yet; versions: "
-         "['v0001']); use --model latest"),
-        (["{image}", *CLASSES, "--name", "other", "--model", "latest"],
-         "model 'other' has no saved versions"),
-        (["{image}", *CLASSES, "--model", "v0007"],
-         "model 'fmbseg-align' has no complete version 'v0007'"),
-        (["{image}", *CLASSES, "--model", "{tmp}"],
-         "is neither 'latest', 'champion', 'vNNNN', 'name:version' nor"),
-        (["{image}", "--classes", "cat,Cat", "--model", "latest"],
-         "--classes: duplicate name 'Cat' (#2) repeats 'cat' (#1)"),
-        (["{image}", "--vocab", "nonsense", "--model", "latest"],
-         "vocabulary 'nonsense' is not a built-in name"),
-        (["{image}", *CLASSES, "--vocab", "voc-21", "--model", "latest"],
-         "exactly one of --classes or --vocab"),
+        (
+            ["{image}", *CLASSES, "--model", "champion"],
+            "model 'fmbseg-align' has no champion in {store} (nothing promoted yet; versions: "
+            "['v0001']); use --model latest",
+        ),
+        (
+            ["{image}", *CLASSES, "--name", "other", "--model", "latest"],
+            "model 'other' has no saved versions",
+        ),
+        (
+            ["{image}", *CLASSES, "--model", "v0007"],
+            "model 'fmbseg-align' has no complete version 'v0007'",
+        ),
+        (
+            ["{image}", *CLASSES, "--model", "{tmp}"],
+            "is neither 'latest', 'champion', 'vNNNN', 'name:version' nor",
+        ),
+        (
+            ["{image}", "--classes", "cat,Cat", "--model", "latest"],
+            "--classes: duplicate name 'Cat' (#2) repeats 'cat' (#1)",
+        ),
+        (
+            ["{image}", "--vocab", "nonsense", "--model", "latest"],
+            "vocabulary 'nonsense' is not a built-in name",
+        ),
+        (
+            ["{image}", *CLASSES, "--vocab", "voc-21", "--model", "latest"],
+            "exactly one of --classes or --vocab",
+        ),
         (["{image}", "--model", "latest"], "exactly one of --classes or --vocab"),
-        (["{image}", "{tmp}/missing.png", *CLASSES, "--model", "latest"],
-         "image not found (or not a file): '{tmp}/missing.png'"),
+        (
+            ["{image}", "{tmp}/missing.png", *CLASSES, "--model", "latest"],
+            "image not found (or not a file): '{tmp}/missing.png'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_segment_input_errors_exit_2(
     trained_store: tuple[str, str],
     args: list[str],
@@ -153,8 +181,16 @@ def test_segment_input_errors_exit_2(
 ) -> None:
     store, image = trained_store
     fill = {"image": image, "store": store, "tmp": tmp_path}
-    argv = ["segment", *(a.format(**fill) for a in args), "--out", str(tmp_path / "out"),
-            "--store", store, "--config", "tiny"]  # fmt: skip
+    argv = [
+        "segment",
+        *(a.format(**fill) for a in args),
+        "--out",
+        str(tmp_path / "out"),
+        "--store",
+        store,
+        "--config",
+        "tiny",
+    ]
     status, _, err = _run(argv, capsys)
     assert status == 2
     assert err.startswith("fmbseg: error: ")

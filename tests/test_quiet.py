@@ -37,8 +37,10 @@ def test_threads_inside_ignoring_at_once_leave_the_filters_as_they_were():
             with ignoring(category):
                 pass
 
-    threads = [threading.Thread(target=churn, args=(c,))
-               for c in (FirstWarning, SecondWarning, DeprecationWarning) * 2]  # fmt: skip
+    threads = [
+        threading.Thread(target=churn, args=(c,))
+        for c in (FirstWarning, SecondWarning, DeprecationWarning) * 2
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -10,9 +10,10 @@ from fmbseg.data.sources import check_source
 from fmbseg.data.vocab import builtin_vocabularies, vocabulary_aliases
 
 IMAGES = Arg(
-    "--images", required=True,
+    "--images",
+    required=True,
     help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list of URIs or COCO .json",
-)  # fmt: skip
+)
 IMAGE_ROOT = Arg(
     "--image-root",
     default=None,
@@ -87,8 +88,13 @@ def print_annotation_summary(summary: dict[str, Any]) -> None:
 @command(
     "annotate",
     "pseudo-label images for a list of classes with CLIP + SAM (COCO RLE, PNG, Parquet, gallery)",
-    IMAGES, CLASSES, VOCAB, IMAGE_ROOT, IMAGE_LABELS, DRY_RUN,
-)  # fmt: skip
+    IMAGES,
+    CLASSES,
+    VOCAB,
+    IMAGE_ROOT,
+    IMAGE_LABELS,
+    DRY_RUN,
+)
 def cmd_annotate(args: argparse.Namespace, common: Common) -> int:
     vocabulary = vocabulary_from_args(args)
     check_source(args.images, common.storage_options)
@@ -121,11 +127,16 @@ def cmd_annotate(args: argparse.Namespace, common: Common) -> int:
 
     with progress_bars():
         out = annotate_flow(
-            images=args.images, store=common.store, classes=list(vocabulary),
-            config=common.config, overrides=list(common.overrides),
-            ray_address=common.ray_address, storage_options=common.storage_options or None,
-            image_root=args.image_root, image_labels=args.image_labels,
-        )  # fmt: skip
+            images=args.images,
+            store=common.store,
+            classes=list(vocabulary),
+            config=common.config,
+            overrides=list(common.overrides),
+            ray_address=common.ray_address,
+            storage_options=common.storage_options or None,
+            image_root=args.image_root,
+            image_labels=args.image_labels,
+        )
     print_annotation_summary(out["summary"])
     print(f"  merge fingerprint (for `fmbseg train --labels`): {out['fingerprints']['merge']}")
     return 0

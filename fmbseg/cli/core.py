@@ -158,10 +158,13 @@ def _common(args: argparse.Namespace) -> Common:
 
         check_ray_address(cfg.runtime.ray_address)
     return Common(
-        store=args.store, config=args.config, overrides=tuple(args.set),
-        ray_address=args.ray_address, storage_options=parse_storage_options(args.storage_option),
+        store=args.store,
+        config=args.config,
+        overrides=tuple(args.set),
+        ray_address=args.ray_address,
+        storage_options=parse_storage_options(args.storage_option),
         cfg=cfg,
-    )  # fmt: skip
+    )
 
 
 def _common_options(defaults: dict[str, Any]) -> argparse.ArgumentParser:
@@ -210,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fmbseg",
         description="Annotation-free semantic segmentation: pseudo-labels from CLIP + SAM, "
         "and an open-vocabulary segmenter trained on them (FMbSeg).",
-    )  # fmt: skip
+    )
     parser.add_argument("--version", action="version", version=f"fmbseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, arguments, _) in _COMMANDS.items():
@@ -270,8 +273,9 @@ def progress_bars(units: dict[str, str] | None = None) -> Iterator[None]:
         bar = bars.get(stage)
         if bar is None:
             unit = (units or {}).get(stage, "shard")
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr,
-                                     dynamic_ncols=True, leave=True)  # fmt: skip
+            bar = bars[stage] = tqdm(
+                total=total, desc=stage, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True
+            )
         bar.update(done - bar.n)
         if done >= total:
             bar.close()

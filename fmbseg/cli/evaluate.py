@@ -16,16 +16,23 @@ def labels_summary(report: dict[str, Any]) -> str:
     def pct(v: float | None) -> str:
         return "   -  " if v is None else f"{100 * v:6.2f}"
 
-    lines = [f"pseudo-labels {report['labels']} on {report['dataset']}: {report['num_images']} "
-             f"images ({report['images_without_records']} without records)",
-             f"{'labels':<10}{'mIoU':>8}{'aAcc':>8}{'coverage':>10}{'precision':>11}"]  # fmt: skip
+    lines = [
+        f"pseudo-labels {report['labels']} on {report['dataset']}: {report['num_images']} "
+        f"images ({report['images_without_records']} without records)",
+        f"{'labels':<10}{'mIoU':>8}{'aAcc':>8}{'coverage':>10}{'precision':>11}",
+    ]
     for v in ("prompt", "auto", "merged"):
         r = report[v]
-        lines.append(f"{v:<10}{pct(r['mIoU']):>8}{pct(r['aAcc']):>8}{pct(r['coverage']):>10}"
-                     f"{pct(r['precision']):>11}")  # fmt: skip
-    merged = {**report["merged"], "dataset": f"{report['dataset']} (merged)",
-              "num_images": report["num_images"],
-              "dataset_description": report.get("dataset_description")}  # fmt: skip
+        lines.append(
+            f"{v:<10}{pct(r['mIoU']):>8}{pct(r['aAcc']):>8}{pct(r['coverage']):>10}"
+            f"{pct(r['precision']):>11}"
+        )
+    merged = {
+        **report["merged"],
+        "dataset": f"{report['dataset']} (merged)",
+        "num_images": report["num_images"],
+        "dataset_description": report.get("dataset_description"),
+    }
     return "\n".join([*lines, "", format_report(merged)])
 
 
@@ -65,17 +72,32 @@ def teachers_summary(report: dict[str, Any]) -> str:
     "evaluate",
     "evaluate a model or a baseline on a benchmark split (mIoU, per-class IoU)",
     Arg("--dataset", required=True, help=f"benchmark: {', '.join(dataset_names())}"),
-    Arg("--data-root", required=True,
-        help="the dataset's folder in mmsegmentation's layout (or its parent), path or URI"),
-    Arg("--model", default="champion",
+    Arg(
+        "--data-root",
+        required=True,
+        help="the dataset's folder in mmsegmentation's layout (or its parent), path or URI",
+    ),
+    Arg(
+        "--model",
+        default="champion",
         help="maskclip | sclip (baselines from the config's CLIP), or a registry reference: "
-             "champion, latest, vNNNN, name:version, a model folder URI; or labels:latest | "
-             "labels:<merge fingerprint> to score pseudo-labels; several, labels:A,labels:B, to "
-             "compare their teachers side by side (default %(default)s)"),
-    Arg("--name", default=None, dest="model_name",
-        help="registry model name for champion/latest/vNNNN (default: train.model_name)"),
-    Arg("--limit", type=positive_int("--limit"), default=None, help="evaluate only the first N images"),
-)  # fmt: skip
+        "champion, latest, vNNNN, name:version, a model folder URI; or labels:latest | "
+        "labels:<merge fingerprint> to score pseudo-labels; several, labels:A,labels:B, to "
+        "compare their teachers side by side (default %(default)s)",
+    ),
+    Arg(
+        "--name",
+        default=None,
+        dest="model_name",
+        help="registry model name for champion/latest/vNNNN (default: train.model_name)",
+    ),
+    Arg(
+        "--limit",
+        type=positive_int("--limit"),
+        default=None,
+        help="evaluate only the first N images",
+    ),
+)
 def cmd_evaluate(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.flows.evaluate import evaluate_flow, label_refs
     from fmbseg.tasks.evaluate import format_report
@@ -88,12 +110,17 @@ def cmd_evaluate(args: argparse.Namespace, common: Common) -> int:
 
     with progress_bars():
         report = evaluate_flow(
-            dataset=args.dataset, data_root=args.data_root, model=args.model,
-            store=common.store, config=common.config, overrides=list(common.overrides),
+            dataset=args.dataset,
+            data_root=args.data_root,
+            model=args.model,
+            store=common.store,
+            config=common.config,
+            overrides=list(common.overrides),
             ray_address=common.ray_address,
-            storage_options=common.storage_options or None, limit=args.limit,
+            storage_options=common.storage_options or None,
+            limit=args.limit,
             model_name=args.model_name,
-        )  # fmt: skip
+        )
     if "teachers" in report:  # model=labels:A,labels:B: the teachers side by side
         print(teachers_summary(report))
     elif "merged" in report:  # model=labels:...: pseudo-label quality, three label maps

@@ -18,11 +18,17 @@ def skipped_files(skipped: dict[str, int]) -> str:
 @command(
     "index",
     "list an image source and index its images (content ids, sizes, errors)",
-    Arg("--images", required=True,
-        help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list or COCO .json"),
-    Arg("--image-root", default=None,
-        help="for a COCO JSON or .txt list: the folder its relative entries are under"),
-)  # fmt: skip
+    Arg(
+        "--images",
+        required=True,
+        help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list or COCO .json",
+    ),
+    Arg(
+        "--image-root",
+        default=None,
+        help="for a COCO JSON or .txt list: the folder its relative entries are under",
+    ),
+)
 def cmd_index(args: argparse.Namespace, common: Common) -> int:
     check_source(args.images, common.storage_options)
     from fmbseg.flows.index import index_flow
@@ -31,17 +37,23 @@ def cmd_index(args: argparse.Namespace, common: Common) -> int:
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
     with progress_bars():
         fp = index_flow(
-            images=args.images, store=common.store, config=common.config,
-            overrides=list(common.overrides), ray_address=common.ray_address,
-            storage_options=common.storage_options or None, image_root=args.image_root,
-        )  # fmt: skip
+            images=args.images,
+            store=common.store,
+            config=common.config,
+            overrides=list(common.overrides),
+            ray_address=common.ray_address,
+            storage_options=common.storage_options or None,
+            image_root=args.image_root,
+        )
     store = common.open_store()
     m = store.require_manifest(STAGE, fp)
     by_type = m.meta.get("errors_by_type", {})
     cached = " (cache hit: already indexed)" if m.committed_at < started else ""
     details = ", ".join(f"{n} {t}" for t, n in sorted(by_type.items()))
-    print(f"index: {m.rows} images, {m.error_rows} errors, {by_type.get('duplicate', 0)} "
-          f"duplicates{cached}")  # fmt: skip
+    print(
+        f"index: {m.rows} images, {m.error_rows} errors, {by_type.get('duplicate', 0)} "
+        f"duplicates{cached}"
+    )
     if details:
         print(f"  errors by type: {details}")
     if skipped := m.meta.get("skipped_extensions"):

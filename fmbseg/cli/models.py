@@ -118,10 +118,19 @@ def promote_model(registry: ModelRegistry, name: str, version: str, reason: str)
     card = registry.card(name, version)
     metrics = dict(card.get("metrics") or {})
     registry.promote(name, version, reason, metrics)
-    registry.update_card(name, version, {"promotion": {
-        "promoted": True, "reason": reason, "previous_champion": current,
-        "candidate_metrics": metrics, "by": "fmbseg models promote",
-    }})  # fmt: skip
+    registry.update_card(
+        name,
+        version,
+        {
+            "promotion": {
+                "promoted": True,
+                "reason": reason,
+                "previous_champion": current,
+                "candidate_metrics": metrics,
+                "by": "fmbseg models promote",
+            }
+        },
+    )
     return [
         f"{name}: champion {current or 'none'} -> {version} ({reason})",
         f"  recorded in {registry.store.url(registry.rel(name, file='champion.json'))}",
@@ -132,12 +141,20 @@ def promote_model(registry: ModelRegistry, name: str, version: str, reason: str)
     "models",
     "list the model registry, show a card, or promote a version to champion",
     Arg("action", choices=ACTIONS, help="list | show | promote"),
-    Arg("ref", nargs="?", default=None, metavar="NAME[:vNNNN]",
+    Arg(
+        "ref",
+        nargs="?",
+        default=None,
+        metavar="NAME[:vNNNN]",
         help="list: a model name (default all); show: NAME[:vNNNN|latest|champion] "
-             "(default latest); promote: NAME:vNNNN"),
-    Arg("--reason", default="promoted by hand (fmbseg models promote)",
-        help="promote: why (recorded with the decision)"),
-)  # fmt: skip
+        "(default latest); promote: NAME:vNNNN",
+    ),
+    Arg(
+        "--reason",
+        default="promoted by hand (fmbseg models promote)",
+        help="promote: why (recorded with the decision)",
+    ),
+)
 def cmd_models(args: argparse.Namespace, common: Common) -> int:
     registry = ModelRegistry(common.open_store())
     if args.action == "list":

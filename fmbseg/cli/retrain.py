@@ -13,14 +13,18 @@ from fmbseg.data.sources import check_source
 def print_retrain(out: dict[str, Any]) -> None:
     """What was new, the model version, and the promotion decision."""
     batch = f" (batch {out['batch']})" if out["batch"] is not None else ""
-    print(f"retrain: {out['listed']} images listed, {out['new_images']} new, "
-          f"{out['annotated']} annotated{batch}; {out['batches']} batches in all")  # fmt: skip
+    print(
+        f"retrain: {out['listed']} images listed, {out['new_images']} new, "
+        f"{out['annotated']} annotated{batch}; {out['batches']} batches in all"
+    )
     if out["model"] is None:
         print(f"  model:    not retrained: {out['reason']}")
         return
     model = out["model"]
-    print(f"  model:    {model['model']}:{model['version']} on {model['images']} images "
-          f"(card {model['card']})")  # fmt: skip
+    print(
+        f"  model:    {model['model']}:{model['version']} on {model['images']} images "
+        f"(card {model['card']})"
+    )
     ev = out["evaluation"]
     if ev and ev.get("metrics"):
         old = ev.get("champion_metrics") or {}
@@ -33,16 +37,31 @@ def print_retrain(out: dict[str, Any]) -> None:
 @command(
     "retrain",
     "annotate only the images new since the last run, retrain on all, promote if as good",
-    IMAGES, CLASSES, VOCAB, IMAGE_ROOT,
-    Arg("--mode", choices=("scratch", "finetune"), default="scratch",
-        help="train anew on every batch, or fine-tune the champion (default %(default)s)"),
-    Arg("--eval-dataset", default=None,
+    IMAGES,
+    CLASSES,
+    VOCAB,
+    IMAGE_ROOT,
+    Arg(
+        "--mode",
+        choices=("scratch", "finetune"),
+        default="scratch",
+        help="train anew on every batch, or fine-tune the champion (default %(default)s)",
+    ),
+    Arg(
+        "--eval-dataset",
+        default=None,
         help="held-out set to compare the new model with the champion: 'folder' (your own "
-             "images/, labels/ and classes.txt) or a benchmark name"),
+        "images/, labels/ and classes.txt) or a benchmark name",
+    ),
     Arg("--eval-data-root", default=None, help="the held-out set's folder or URI"),
-    Arg("--eval-limit", type=positive_int("--eval-limit"), default=None, help="evaluate only the first N images"),
+    Arg(
+        "--eval-limit",
+        type=positive_int("--eval-limit"),
+        default=None,
+        help="evaluate only the first N images",
+    ),
     DRY_RUN,
-)  # fmt: skip
+)
 def cmd_retrain(args: argparse.Namespace, common: Common) -> int:
     vocabulary = vocabulary_from_args(args)
     if (args.eval_dataset is None) != (args.eval_data_root is None):
@@ -66,11 +85,18 @@ def cmd_retrain(args: argparse.Namespace, common: Common) -> int:
 
     with progress_bars(units={"train": "epoch"}):
         out = retrain_flow(
-            images=args.images, store=common.store, classes=list(vocabulary),
-            config=common.config, overrides=list(common.overrides),
-            ray_address=common.ray_address, storage_options=common.storage_options or None,
-            image_root=args.image_root, mode=args.mode, eval_dataset=args.eval_dataset,
-            eval_data_root=args.eval_data_root, eval_limit=args.eval_limit,
-        )  # fmt: skip
+            images=args.images,
+            store=common.store,
+            classes=list(vocabulary),
+            config=common.config,
+            overrides=list(common.overrides),
+            ray_address=common.ray_address,
+            storage_options=common.storage_options or None,
+            image_root=args.image_root,
+            mode=args.mode,
+            eval_dataset=args.eval_dataset,
+            eval_data_root=args.eval_data_root,
+            eval_limit=args.eval_limit,
+        )
     print_retrain(out)
     return 0

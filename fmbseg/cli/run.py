@@ -60,14 +60,19 @@ def dry_run(args: argparse.Namespace, common: Common, vocabulary: tuple[str, ...
 @command(
     "run",
     "annotate-and-train on the bundled sample photos (or --images): labels, gallery, model",
-    Arg("--images", default=None,
-        help="image source (default: the five sample photos bundled with scikit-image)"),
-    CLASSES, VOCAB, IMAGE_ROOT,
+    Arg(
+        "--images",
+        default=None,
+        help="image source (default: the five sample photos bundled with scikit-image)",
+    ),
+    CLASSES,
+    VOCAB,
+    IMAGE_ROOT,
     Arg("--eval-dataset", default=None, help="evaluate on this dataset (voc21, folder, ...)"),
     Arg("--eval-data-root", default=None, help="root of the evaluation dataset"),
     DRY_RUN,
     defaults={"config": "quickstart"},
-)  # fmt: skip
+)
 def cmd_run(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.data.samples import SAMPLE_CLASSES, write_sample_photos
 
@@ -88,12 +93,17 @@ def cmd_run(args: argparse.Namespace, common: Common) -> int:
     try:
         with progress_bars(units={"train": "epoch"}):
             out = annotate_and_train_flow(
-                images=images, store=common.store, classes=list(vocabulary),
-                config=common.config, overrides=list(common.overrides),
-                ray_address=common.ray_address, storage_options=common.storage_options or None,
-                image_root=args.image_root, eval_dataset=args.eval_dataset,
+                images=images,
+                store=common.store,
+                classes=list(vocabulary),
+                config=common.config,
+                overrides=list(common.overrides),
+                ray_address=common.ray_address,
+                storage_options=common.storage_options or None,
+                image_root=args.image_root,
+                eval_dataset=args.eval_dataset,
                 eval_data_root=args.eval_data_root,
-            )  # fmt: skip
+            )
     except (WeightsNotFoundError, StageError) as exc:
         missing = exc if isinstance(exc, WeightsNotFoundError) else exc.cause
         if not isinstance(missing, WeightsNotFoundError):
@@ -105,8 +115,12 @@ def cmd_run(args: argparse.Namespace, common: Common) -> int:
     print(f"  model:       {model['model']}:{model['version']}  {model.get('card', '')}")
     if evaluation.get("metrics"):
         print(f"  evaluation:  mIoU {evaluation['metrics']['mIoU']:.4f}")
-    print(f"  champion:    {'promoted' if evaluation['promoted'] else 'not promoted'} "
-          f"({evaluation['reason']})")  # fmt: skip
-    print(f"segment new images with:\n  fmbseg segment IMAGE --classes \"{','.join(vocabulary)}\""
-          f" --model champion --store {common.store}")  # fmt: skip
+    print(
+        f"  champion:    {'promoted' if evaluation['promoted'] else 'not promoted'} "
+        f"({evaluation['reason']})"
+    )
+    print(
+        f'segment new images with:\n  fmbseg segment IMAGE --classes "{",".join(vocabulary)}"'
+        f" --model champion --store {common.store}"
+    )
     return 0

@@ -112,16 +112,29 @@ def check_outputs(
     Arg("images", nargs="+", metavar="IMAGE", help="image files: local paths or fsspec URIs"),
     Arg("--classes", default=None, help='comma-separated class names, e.g. "cat,dog,grass"'),
     Arg("--vocab", default=None, help=vocab_help()),
-    Arg("--model", default="champion", metavar="champion|latest|vNNNN|NAME:VERSION|URI",
-        help="which model version to use (default: champion, the promoted version)"),
-    Arg("--name", default=None,
-        help="model name in the store's registry (default: the config's train.model_name)"),
-    Arg("--out", default="./fmbseg-segment",
-        help="output folder or fsspec URI (default %(default)s)"),
-    Arg("--overwrite", action="store_true",
-        help="replace output files that exist already (an input image is never replaced)"),
+    Arg(
+        "--model",
+        default="champion",
+        metavar="champion|latest|vNNNN|NAME:VERSION|URI",
+        help="which model version to use (default: champion, the promoted version)",
+    ),
+    Arg(
+        "--name",
+        default=None,
+        help="model name in the store's registry (default: the config's train.model_name)",
+    ),
+    Arg(
+        "--out",
+        default="./fmbseg-segment",
+        help="output folder or fsspec URI (default %(default)s)",
+    ),
+    Arg(
+        "--overwrite",
+        action="store_true",
+        help="replace output files that exist already (an input image is never replaced)",
+    ),
     writes_store=False,
-)  # fmt: skip
+)
 def cmd_segment(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.data.images import decode_image
     from fmbseg.data.sources import read_bytes
@@ -150,8 +163,10 @@ def cmd_segment(args: argparse.Namespace, common: Common) -> int:
         raise UsageError(f"--model {args.model!r}: {exc}") from None
     ref = segmenter.ref
     assert ref is not None  # load() always resolves one
-    print(f"segment: {len(args.images)} image(s), model {ref.name}:{ref.version} ({ref.uri}), "
-          f"{len(classes)} classes")  # fmt: skip
+    print(
+        f"segment: {len(args.images)} image(s), model {ref.name}:{ref.version} ({ref.uri}), "
+        f"{len(classes)} classes"
+    )
     for image_uri, stem in zip(args.images, stems, strict=True):
         try:
             image = decode_image(read_bytes(image_uri, common.storage_options), image_uri)

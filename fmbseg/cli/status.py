@@ -116,9 +116,14 @@ def store_status(store: ArtifactStore, runs: int = 10) -> list[str]:
 @command(
     "status",
     "list what a store holds: committed stages, exports, models and champions, recent runs",
-    Arg("--runs", type=positive_int("--runs"), default=10, metavar="N",
-        help="how many recent runs to list (default %(default)s)"),
-)  # fmt: skip
+    Arg(
+        "--runs",
+        type=positive_int("--runs"),
+        default=10,
+        metavar="N",
+        help="how many recent runs to list (default %(default)s)",
+    ),
+)
 def cmd_status(args: argparse.Namespace, common: Common) -> int:
     store = common.open_store()
     print("\n".join(store_status(store, args.runs)))

@@ -60,9 +60,15 @@ from fmbseg.data.segdata import IGNORE_INDEX, DatasetError, Layout, Sample, SegD
 from fmbseg.data.vocab import load_vocabulary
 
 __all__ = [
-    "DATASETS", "IGNORE_INDEX", "DatasetError", "Sample", "SegDataset", "dataset_description",
-    "dataset_names", "open_dataset",
-]  # fmt: skip
+    "DATASETS",
+    "IGNORE_INDEX",
+    "DatasetError",
+    "Sample",
+    "SegDataset",
+    "dataset_description",
+    "dataset_names",
+    "open_dataset",
+]
 
 
 # ---- layouts ----------------------------------------------------------------------------------

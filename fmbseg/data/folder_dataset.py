@@ -68,7 +68,10 @@ def open_folder_dataset(
         samples.append(Sample(sid, rel, labels.pop(sid)))
     if labels:
         extra = sorted(labels.values())
-        raise DatasetError(f"{NAME} root {root}: {extra[0]} has no image in images/ "
-                           f"({len(extra)} labels without an image)")  # fmt: skip
-    return SegDataset(NAME, root, classes, tuple(samples), None, storage_options=options,
-                      _base=base, _fs=fs)  # fmt: skip
+        raise DatasetError(
+            f"{NAME} root {root}: {extra[0]} has no image in images/ "
+            f"({len(extra)} labels without an image)"
+        )
+    return SegDataset(
+        NAME, root, classes, tuple(samples), None, storage_options=options, _base=base, _fs=fs
+    )

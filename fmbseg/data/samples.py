@@ -16,18 +16,31 @@ from PIL import Image
 
 # The class list the sample photos are annotated with by default.
 SAMPLE_CLASSES: tuple[str, ...] = (
-    "person", "cat", "cup", "rocket", "motorcycle", "flag", "sky", "tree", "building",
-    "table", "wall", "grass",
-)  # fmt: skip
+    "person",
+    "cat",
+    "cup",
+    "rocket",
+    "motorcycle",
+    "flag",
+    "sky",
+    "tree",
+    "building",
+    "table",
+    "wall",
+    "grass",
+)
 
 
 def _photos() -> dict[str, Callable[[], np.ndarray]]:
     import skimage.data as d
 
     return {
-        "astronaut": d.astronaut, "chelsea": d.chelsea, "coffee": d.coffee, "rocket": d.rocket,
+        "astronaut": d.astronaut,
+        "chelsea": d.chelsea,
+        "coffee": d.coffee,
+        "rocket": d.rocket,
         "motorcycle": lambda: d.stereo_motorcycle()[0],
-    }  # fmt: skip
+    }
 
 
 def write_sample_photos(prefix: str, storage_options: Mapping[str, Any] | None = None) -> str:

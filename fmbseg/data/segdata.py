@@ -20,9 +20,15 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "IGNORE_INDEX", "LUTS", "DatasetError", "Layout", "Sample", "SegDataset", "decode_label",
+    "IGNORE_INDEX",
+    "LUTS",
+    "DatasetError",
+    "Layout",
+    "Sample",
+    "SegDataset",
+    "decode_label",
     "decode_rgb",
-]  # fmt: skip
+]
 
 IGNORE_INDEX = 255
 

@@ -97,9 +97,14 @@ def sam_task(
 
 @stage_task("merge")
 def merge_task(
-    store: ArtifactStore, fp: str, cfg: Config, index_fp: str, clip_fp: str,
-    prompt_fp: str, auto_fp: str,
-) -> str:  # fmt: skip
+    store: ArtifactStore,
+    fp: str,
+    cfg: Config,
+    index_fp: str,
+    clip_fp: str,
+    prompt_fp: str,
+    auto_fp: str,
+) -> str:
     """Prompt masks + a seeded sample of automatic masks, per image."""
     progress = StageProgress("merge", fp)
     got = run_merge(store, cfg, index_fp, clip_fp, prompt_fp, auto_fp, progress=progress)
@@ -108,14 +113,20 @@ def merge_task(
 
 @task(name="export", cache_policy=NO_CACHE, persist_result=False, retries=1)
 def export_task(
-    store: ArtifactStore, fp: str, cfg: Config, merge_fp: str,
+    store: ArtifactStore,
+    fp: str,
+    cfg: Config,
+    merge_fp: str,
     storage_options: dict[str, Any] | None = None,
-) -> str:  # fmt: skip
+) -> str:
     """COCO JSON, PNG label maps, Parquet, overlays and gallery.html (skipped when complete)."""
     got = run_export(
-        store, cfg, merge_fp, storage_options=storage_options,
+        store,
+        cfg,
+        merge_fp,
+        storage_options=storage_options,
         progress=StageProgress("export", fp),
-    )  # fmt: skip
+    )
     return _same("export", fp, got)
 
 
@@ -154,10 +165,11 @@ def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> dict[str, A
         "first_errors": export["first_errors"],
         "export": store.url(f"exports/{fps['export']}"),
         "gallery": store.url(f"exports/{fps['export']}/gallery.html")
-        if export["files"].get("gallery") else None,
+        if export["files"].get("gallery")
+        else None,
         "coco": store.url(f"exports/{fps['export']}/annotations.json"),
         "errors_table": store.url(f"exports/{fps['export']}/errors.parquet"),
-    }  # fmt: skip
+    }
 
 
 def annotate_stages(
@@ -201,8 +213,9 @@ def label_index(
     fps = {"index": index_fp, **stage1_fingerprints(cfg, index_fp, vocabulary, image_labels)}
     clip_dense_task(st, fps["clip_dense"], cfg, index_fp, vocabulary, storage_options, image_labels)
     sam_task(st, {s: fps[s] for s in SAM_STAGES}, cfg, fps["clip_dense"], storage_options)
-    merge_task(st, fps["merge"], cfg, index_fp, fps["clip_dense"], fps["sam_prompt"],
-               fps["sam_auto"])  # fmt: skip
+    merge_task(
+        st, fps["merge"], cfg, index_fp, fps["clip_dense"], fps["sam_prompt"], fps["sam_auto"]
+    )
     export_task(st, fps["export"], cfg, fps["merge"], storage_options)
     for stage in ("index", "clip_dense", *SAM_STAGES, "merge"):
         manifest_artifact(st, stage, fps[stage])
@@ -228,8 +241,9 @@ def gallery_markdown(store: ArtifactStore, export_fp: str, limit: int = ARTIFACT
     for name in names:
         thumb = f"{base}/thumbs/{name}"
         data = store.read_bytes(thumb if store.exists(thumb) else f"{base}/overlays/{name}")
-        small = jpeg(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
-                     ARTIFACT_THUMB_SIDE, quality=80)  # fmt: skip
+        small = jpeg(
+            np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), ARTIFACT_THUMB_SIDE, quality=80
+        )
         lines += [f"**{name[:-4]}**", "", image_markdown(name[:-4], small, "image/jpeg"), ""]
     if not names:
         lines += ["(no overlays: `export.overlays` is off or no image was labelled)", ""]
@@ -282,9 +296,16 @@ def annotate_flow(
         gallery_markdown(st, fps["export"]),
         description="a few pseudo-labelled images (overlays) and the gallery's location",
     )
-    record_lineage(st, current_flow_run_id(), {
-        "flow": "annotate", "images": images, "vocabulary": list(vocabulary),
-        "image_labels": image_labels,
-        "config": cfg.to_dict(), "stages": fps,
-    })  # fmt: skip
+    record_lineage(
+        st,
+        current_flow_run_id(),
+        {
+            "flow": "annotate",
+            "images": images,
+            "vocabulary": list(vocabulary),
+            "image_labels": image_labels,
+            "config": cfg.to_dict(),
+            "stages": fps,
+        },
+    )
     return {"fingerprints": fps, "summary": summary}

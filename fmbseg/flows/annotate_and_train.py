@@ -60,8 +60,12 @@ def evaluate_and_promote(
     verdict = decide_and_record(
         registry, name, version, candidate, baseline, {"evaluated_on": dataset}
     )
-    return {"metrics": candidate, "champion_metrics": baseline,
-            "promoted": verdict.promote, "reason": verdict.reason}  # fmt: skip
+    return {
+        "metrics": candidate,
+        "champion_metrics": baseline,
+        "promoted": verdict.promote,
+        "reason": verdict.reason,
+    }
 
 
 @flow(name="annotate-and-train", **LINEAGE_HOOKS)
@@ -101,12 +105,15 @@ def annotate_and_train_flow(
     cfg = configure(config, overrides, ray_address)  # config errors fail before any work
     locate_weights(cfg.models, ("clip", "sam", "dino"), storage_options)  # and missing weights
     common: dict[str, Any] = {
-        "config": config, "overrides": overrides, "ray_address": ray_address,
+        "config": config,
+        "overrides": overrides,
+        "ray_address": ray_address,
         "storage_options": storage_options,
-    }  # fmt: skip
+    }
     if images is None:
-        images = write_sample_photos(open_store(store, storage_options).url("samples"),
-                                     storage_options)  # fmt: skip
+        images = write_sample_photos(
+            open_store(store, storage_options).url("samples"), storage_options
+        )
     labels = annotate_flow(
         images=images,
         store=store,
@@ -126,18 +133,37 @@ def annotate_and_train_flow(
     else:
         verdict = decide_and_record(ModelRegistry(st), model["model"], model["version"], None, None)
         evaluation = {"metrics": None, "promoted": verdict.promote, "reason": verdict.reason}
-    table_artifact("annotate-and-train-summary", [
-        {"what": "images", "value": labels["summary"]["images_indexed"]},
-        {"what": "labels (COCO)", "value": labels["summary"]["coco"]},
-        {"what": "gallery", "value": labels["summary"]["gallery"]},
-        {"what": "model", "value": f"{model['model']}:{model['version']}"},
-        {"what": "champion", "value": ("promoted" if evaluation["promoted"] else "not promoted")
-                                      + f" ({evaluation['reason']})"},
-    ], description="annotate-and-train: outputs and the promotion decision")  # fmt: skip
-    record_lineage(st, current_flow_run_id(), {
-        "flow": "annotate-and-train", "images": images, "vocabulary": list(vocabulary),
-        "config": cfg.to_dict(), "stages": labels["fingerprints"],
-        "model": {"name": model["model"], "version": model["version"]}, "evaluation": evaluation,
-    })  # fmt: skip
-    return {"fingerprints": labels["fingerprints"], "summary": labels["summary"],
-            "model": model, "evaluation": evaluation}  # fmt: skip
+    table_artifact(
+        "annotate-and-train-summary",
+        [
+            {"what": "images", "value": labels["summary"]["images_indexed"]},
+            {"what": "labels (COCO)", "value": labels["summary"]["coco"]},
+            {"what": "gallery", "value": labels["summary"]["gallery"]},
+            {"what": "model", "value": f"{model['model']}:{model['version']}"},
+            {
+                "what": "champion",
+                "value": ("promoted" if evaluation["promoted"] else "not promoted")
+                + f" ({evaluation['reason']})",
+            },
+        ],
+        description="annotate-and-train: outputs and the promotion decision",
+    )
+    record_lineage(
+        st,
+        current_flow_run_id(),
+        {
+            "flow": "annotate-and-train",
+            "images": images,
+            "vocabulary": list(vocabulary),
+            "config": cfg.to_dict(),
+            "stages": labels["fingerprints"],
+            "model": {"name": model["model"], "version": model["version"]},
+            "evaluation": evaluation,
+        },
+    )
+    return {
+        "fingerprints": labels["fingerprints"],
+        "summary": labels["summary"],
+        "model": model,
+        "evaluation": evaluation,
+    }

@@ -56,12 +56,19 @@ R = TypeVar("R")
 # Errors in the user's input: retrying the task cannot help, and the CLI reports them
 # as "fmbseg: error: ..." without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, SourceError, NotCommittedError, DatasetError, ModelNotFoundError,
-    WeightsNotFoundError, CheckpointMismatchError, NoLabelledPatchesError, IncompatibleModelError,
+    ConfigError,
+    SourceError,
+    NotCommittedError,
+    DatasetError,
+    ModelNotFoundError,
+    WeightsNotFoundError,
+    CheckpointMismatchError,
+    NoLabelledPatchesError,
+    IncompatibleModelError,
     StoreUnusableError,
     MissingExtraError,
     RayAddressError,
-)  # fmt: skip
+)
 
 Listener = Callable[[str, int, int], None]
 _listeners: list[Listener] = []
@@ -320,9 +327,15 @@ def manifest_artifact(store: ArtifactStore, stage: str, fp: str) -> None:
     """A table artifact summarising a committed stage: rows, errors, shards, where."""
     m = store.require_manifest(stage, fp)
     rows = [
-        {"stage": stage, "fingerprint": fp, "rows": m.rows, "error_rows": m.error_rows,
-         "shards": m.num_shards, "uri": store.stage_url(stage, fp)},
-    ]  # fmt: skip
+        {
+            "stage": stage,
+            "fingerprint": fp,
+            "rows": m.rows,
+            "error_rows": m.error_rows,
+            "shards": m.num_shards,
+            "uri": store.stage_url(stage, fp),
+        },
+    ]
     table_artifact(f"{stage}-summary", rows, description=f"stage {stage} output")
 
 
@@ -339,8 +352,11 @@ def _run_times() -> dict[str, Any]:
     if ctx is None:
         return {"started_at": None, "ended_at": end.isoformat(), "duration_s": None}
     start = ctx.start_time
-    return {"started_at": start.isoformat(), "ended_at": end.isoformat(),
-            "duration_s": round((end - start).total_seconds(), 3)}  # fmt: skip
+    return {
+        "started_at": start.isoformat(),
+        "ended_at": end.isoformat(),
+        "duration_s": round((end - start).total_seconds(), 3),
+    }
 
 
 def _parent_run() -> str | None:
@@ -380,11 +396,17 @@ def record_failure(flow: Any, flow_run: Any, state: Any) -> None:
         times = _run_times()
         if flow_run.start_time is not None and times["started_at"] is None:
             times["started_at"] = flow_run.start_time.isoformat()
-        store.write_run(str(flow_run.id), {
-            **times, "outcome": str(state.type.value).lower(), "flow": flow.name,
-            "parent_run": _parent_run(), "error": str(state.message or "")[:2000],
-            "parameters": {k: v for k, v in params.items() if k != "storage_options"},
-        })  # fmt: skip
+        store.write_run(
+            str(flow_run.id),
+            {
+                **times,
+                "outcome": str(state.type.value).lower(),
+                "flow": flow.name,
+                "parent_run": _parent_run(),
+                "error": str(state.message or "")[:2000],
+                "parameters": {k: v for k, v in params.items() if k != "storage_options"},
+            },
+        )
     except Exception as exc:
         log.warning("failed run not recorded in the store: %s", exc)
 

@@ -85,8 +85,16 @@ def plan_evaluation_task(
     storage_options: dict[str, Any] | None,
 ) -> EvalPlan:
     """List the split's files, resolve the model reference, compute the fingerprint."""
-    return plan_evaluation(store, dataset, data_root, model, cfg, limit=limit,
-                           model_name=model_name, storage_options=storage_options)  # fmt: skip
+    return plan_evaluation(
+        store,
+        dataset,
+        data_root,
+        model,
+        cfg,
+        limit=limit,
+        model_name=model_name,
+        storage_options=storage_options,
+    )
 
 
 @stage_task(STAGE)
@@ -113,8 +121,9 @@ def plan_label_quality_task(
     storage_options: dict[str, Any] | None,
 ) -> LabelsPlan:
     """List the split, resolve the merge output, locate its records, fingerprint."""
-    return plan_label_quality(store, dataset, data_root, labels, cfg, limit=limit,
-                              storage_options=storage_options)  # fmt: skip
+    return plan_label_quality(
+        store, dataset, data_root, labels, cfg, limit=limit, storage_options=storage_options
+    )
 
 
 @stage_task(LQ_STAGE)
@@ -139,8 +148,10 @@ def per_class_markdown(report: dict[str, Any]) -> str:
         "| class | IoU | Acc | pixels |",
         "|---|---:|---:|---:|",
     ]
-    lines += [f"| {r['class']} | {pct(r['IoU'])} | {pct(r['Acc'])} | {r['pixels']} |"
-              for r in report["per_class"]]  # fmt: skip
+    lines += [
+        f"| {r['class']} | {pct(r['IoU'])} | {pct(r['Acc'])} | {r['pixels']} |"
+        for r in report["per_class"]
+    ]
     return "\n".join(lines)
 
 
@@ -191,29 +202,56 @@ def evaluate_flow(
                 storage_options,
                 limit,
             )
-        return label_quality_flow(dataset, data_root, refs[0], store, config,
-                                  overrides, ray_address, storage_options, limit)  # fmt: skip
+        return label_quality_flow(
+            dataset,
+            data_root,
+            refs[0],
+            store,
+            config,
+            overrides,
+            ray_address,
+            storage_options,
+            limit,
+        )
     cfg = configure(config, overrides, ray_address)
     st = open_store(store, storage_options)
-    plan = plan_evaluation_task(st, dataset, data_root, model, cfg, limit, model_name,
-                                storage_options)  # fmt: skip
+    plan = plan_evaluation_task(
+        st, dataset, data_root, model, cfg, limit, model_name, storage_options
+    )
     fp = evaluate_task(st, plan.fingerprint, plan, cfg)
     report = build_report(st, plan, cfg)
     uris = write_report(st, plan, report)
     manifest_artifact(st, STAGE, fp)
     table_artifact(
         "evaluate-results",
-        [{"dataset": report["dataset"], "model": report["model"], "mIoU": report["mIoU"],
-          "pixel_acc": report["aAcc"], "images": report["num_images"], "report": uris[0]}],
+        [
+            {
+                "dataset": report["dataset"],
+                "model": report["model"],
+                "mIoU": report["mIoU"],
+                "pixel_acc": report["aAcc"],
+                "images": report["num_images"],
+                "report": uris[0],
+            }
+        ],
         description="evaluation: mIoU and pixel accuracy (fractions)",
-    )  # fmt: skip
+    )
     what = f"per-class IoU of {report['model']} on {report['dataset']}"
     markdown_artifact("evaluate-per-class", per_class_markdown(report), description=what)
-    record_lineage(st, current_flow_run_id(), {
-        "flow": "evaluate", "dataset": plan.dataset.name, "data_root": data_root,
-        "model": plan.model.identity(), "limit": limit, "config": cfg.to_dict(),
-        "stages": {STAGE: fp}, "report": uris[0],
-    })  # fmt: skip
+    record_lineage(
+        st,
+        current_flow_run_id(),
+        {
+            "flow": "evaluate",
+            "dataset": plan.dataset.name,
+            "data_root": data_root,
+            "model": plan.model.identity(),
+            "limit": limit,
+            "config": cfg.to_dict(),
+            "stages": {STAGE: fp},
+            "report": uris[0],
+        },
+    )
     return {**report, "report_uris": uris}
 
 
@@ -243,22 +281,47 @@ def label_quality_flow(
     report = build_label_report(st, plan)
     uris = write_label_report(st, plan, report)
     manifest_artifact(st, LQ_STAGE, fp)
-    rows = [{"dataset": report["dataset"], "labels": v, "mIoU": report[v]["mIoU"],
-             "pixel_acc": report[v]["aAcc"], "coverage": report[v]["coverage"],
-             "precision": report[v]["precision"], "images": report["num_images"]}
-            for v in ("prompt", "auto", "merged")]  # fmt: skip
-    table_artifact("label-quality-results", rows,
-                   description="pseudo-labels vs. ground truth (fractions)")  # fmt: skip
-    merged = {**report["merged"], "model": f"{report['model']} (merged)",
-              "dataset": report["dataset"], "num_images": report["num_images"],
-              "fingerprint": fp}  # fmt: skip
-    markdown_artifact("label-quality-per-class", per_class_markdown(merged),
-                      description="per-class IoU of the merged pseudo-labels")  # fmt: skip
-    record_lineage(st, current_flow_run_id(), {
-        "flow": "label-quality", "dataset": plan.dataset.name, "data_root": data_root,
-        "labels": plan.merge_fp, "limit": limit, "config": cfg.to_dict(),
-        "stages": {LQ_STAGE: fp, "merge": plan.merge_fp}, "report": uris[0],
-    })  # fmt: skip
+    rows = [
+        {
+            "dataset": report["dataset"],
+            "labels": v,
+            "mIoU": report[v]["mIoU"],
+            "pixel_acc": report[v]["aAcc"],
+            "coverage": report[v]["coverage"],
+            "precision": report[v]["precision"],
+            "images": report["num_images"],
+        }
+        for v in ("prompt", "auto", "merged")
+    ]
+    table_artifact(
+        "label-quality-results", rows, description="pseudo-labels vs. ground truth (fractions)"
+    )
+    merged = {
+        **report["merged"],
+        "model": f"{report['model']} (merged)",
+        "dataset": report["dataset"],
+        "num_images": report["num_images"],
+        "fingerprint": fp,
+    }
+    markdown_artifact(
+        "label-quality-per-class",
+        per_class_markdown(merged),
+        description="per-class IoU of the merged pseudo-labels",
+    )
+    record_lineage(
+        st,
+        current_flow_run_id(),
+        {
+            "flow": "label-quality",
+            "dataset": plan.dataset.name,
+            "data_root": data_root,
+            "labels": plan.merge_fp,
+            "limit": limit,
+            "config": cfg.to_dict(),
+            "stages": {LQ_STAGE: fp, "merge": plan.merge_fp},
+            "report": uris[0],
+        },
+    )
     return {**report, "report_uris": uris}
 
 

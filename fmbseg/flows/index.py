@@ -79,9 +79,19 @@ def index_flow(
     fp = index_task(st, plan.fingerprint, plan, cfg, storage_options)
     manifest_artifact(st, STAGE, fp)
     errors = st.require_manifest(STAGE, fp).meta.get("errors_by_type", {})
-    table_artifact(f"{STAGE}-errors", [{"error_type": k, "count": v} for k, v in errors.items()],
-                   description="index errors by type")  # fmt: skip
-    record_lineage(st, current_flow_run_id(), {
-        "flow": "index", "images": images, "config": cfg.to_dict(), "stages": {STAGE: fp},
-    })  # fmt: skip
+    table_artifact(
+        f"{STAGE}-errors",
+        [{"error_type": k, "count": v} for k, v in errors.items()],
+        description="index errors by type",
+    )
+    record_lineage(
+        st,
+        current_flow_run_id(),
+        {
+            "flow": "index",
+            "images": images,
+            "config": cfg.to_dict(),
+            "stages": {STAGE: fp},
+        },
+    )
     return fp

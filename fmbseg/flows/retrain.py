@@ -77,8 +77,9 @@ def train_sets_task(
     init_from: str | None,
 ) -> str:
     """Train (or resume) on the union of ``sets``; commit ``stages/train/{fp}``."""
-    run_train(store, cfg, sets, None, list(vocabulary), progress=TrainProgress(fp),
-              init_from=init_from)  # fmt: skip
+    run_train(
+        store, cfg, sets, None, list(vocabulary), progress=TrainProgress(fp), init_from=init_from
+    )
     if not store.is_committed(TRAIN_STAGE, fp):
         raise RuntimeError(f"train finished but stage {TRAIN_STAGE}/{fp} is not committed")
     return fp
@@ -109,16 +110,21 @@ def training_key(cfg: Config, sets: list[tuple[str, str]], vocabulary: tuple[str
 
 
 def up_to_date(
-    registry: ModelRegistry, name: str, ledger: dict[str, Any], cfg: Config,
+    registry: ModelRegistry,
+    name: str,
+    ledger: dict[str, Any],
+    cfg: Config,
     vocabulary: tuple[str, ...],
-) -> str | None:  # fmt: skip
+) -> str | None:
     """The version last trained on every batch, with this vocabulary and config, whose
     promotion is decided; None when there is none (then the flow trains)."""
     if not ledger["models"] or ledger["models"][-1]["version"] not in registry.versions(name):
         return None
     last = ledger["models"][-1]
-    sets = [(stage1_fingerprints(cfg, b["index"], vocabulary)["merge"], b["index"])
-            for b in ledger["batches"]]  # fmt: skip
+    sets = [
+        (stage1_fingerprints(cfg, b["index"], vocabulary)["merge"], b["index"])
+        for b in ledger["batches"]
+    ]
     if last.get("key") != training_key(cfg, sets, vocabulary):
         return None
     return last["version"] if "promotion" in registry.card(name, last["version"]) else None
@@ -160,24 +166,44 @@ def retrain_flow(
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)
     locate_weights(cfg.models, ("clip", "sam", "dino"), storage_options)
-    common: dict[str, Any] = {"config": config, "overrides": overrides,
-                              "ray_address": ray_address, "storage_options": storage_options}  # fmt: skip
+    common: dict[str, Any] = {
+        "config": config,
+        "overrides": overrides,
+        "ray_address": ray_address,
+        "storage_options": storage_options,
+    }
     st = open_store(store, storage_options)
     registry, name = ModelRegistry(st), cfg.train.model_name
     ledger = ledger_.read_ledger(st, name)
     found = find_new_images_task(st, images, cfg, ledger["batches"], storage_options, image_root)
     fps: dict[str, str] = {}
-    out: dict[str, Any] = {"listed": found.listed, "new_images": found.new, "annotated": 0,
-                           "batch": None, "fingerprints": fps, "trained": False, "model": None,
-                           "evaluation": None, "promoted": None}  # fmt: skip
+    out: dict[str, Any] = {
+        "listed": found.listed,
+        "new_images": found.new,
+        "annotated": 0,
+        "batch": None,
+        "fingerprints": fps,
+        "trained": False,
+        "model": None,
+        "evaluation": None,
+        "promoted": None,
+    }
     if found.plan is not None:
         fps.update(annotate_plan(st, cfg, found.plan, vocabulary, storage_options))
         indexed = st.require_manifest("index", fps["index"]).rows
-        ledger = ledger_.append_batch(st, name, {
-            "index": fps["index"], "merge": fps["merge"], "source": images,
-            "listed": found.new, "images": indexed, "vocabulary": list(vocabulary),
-            "flow_run": current_flow_run_id(),
-        })  # fmt: skip
+        ledger = ledger_.append_batch(
+            st,
+            name,
+            {
+                "index": fps["index"],
+                "merge": fps["merge"],
+                "source": images,
+                "listed": found.new,
+                "images": indexed,
+                "vocabulary": list(vocabulary),
+                "flow_run": current_flow_run_id(),
+            },
+        )
         out["annotated"] = indexed
         out["batch"] = next(b["batch"] for b in ledger["batches"] if b["index"] == fps["index"])
     out["batches"] = len(ledger["batches"])
@@ -185,31 +211,68 @@ def retrain_flow(
     if not ledger["batches"]:
         out["reason"] = f"no images under {images}: nothing to annotate or train"
     elif current is not None:
-        out["reason"] = (f"nothing new: {name}:{current} is trained on all {out['batches']} "
-                         "batches with this vocabulary and config")  # fmt: skip
+        out["reason"] = (
+            f"nothing new: {name}:{current} is trained on all {out['batches']} "
+            "batches with this vocabulary and config"
+        )
     else:
-        out.update(_train_and_decide(st, cfg, name, ledger, vocabulary, mode, common,
-                                     store, eval_dataset, eval_data_root, eval_limit))  # fmt: skip
-    ledger_.append_run(st, name, {
-        "new_images": found.new, "annotated": out["annotated"], "batch": out["batch"],
-        "version": out["model"] and out["model"]["version"], "promoted": out["promoted"],
-        "reason": out["reason"], "flow_run": current_flow_run_id(),
-    })  # fmt: skip
+        out.update(
+            _train_and_decide(
+                st,
+                cfg,
+                name,
+                ledger,
+                vocabulary,
+                mode,
+                common,
+                store,
+                eval_dataset,
+                eval_data_root,
+                eval_limit,
+            )
+        )
+    ledger_.append_run(
+        st,
+        name,
+        {
+            "new_images": found.new,
+            "annotated": out["annotated"],
+            "batch": out["batch"],
+            "version": out["model"] and out["model"]["version"],
+            "promoted": out["promoted"],
+            "reason": out["reason"],
+            "flow_run": current_flow_run_id(),
+        },
+    )
     version = f"{name}:{out['model']['version']}" if out["model"] else "none (not retrained)"
-    table_artifact("retrain-summary", [
-        {"what": "images listed", "value": str(found.listed)},
-        {"what": "new images found", "value": str(found.new)},
-        {"what": "annotated (indexed)", "value": str(out["annotated"])},
-        {"what": "model version", "value": version},
-        {"what": "promoted", "value": str(out["promoted"])},
-        {"what": "reason", "value": out["reason"]},
-    ], description="retrain: new images, the model trained on all batches, the decision")  # fmt: skip
-    record_lineage(st, current_flow_run_id(), {
-        "flow": "retrain", "images": images, "vocabulary": list(vocabulary), "mode": mode,
-        "config": cfg.to_dict(), "stages": fps, "batches": ledger["batches"],
-        "model": out["model"] and {"name": name, "version": out["model"]["version"]},
-        "evaluation": out["evaluation"], "reason": out["reason"],
-    })  # fmt: skip
+    table_artifact(
+        "retrain-summary",
+        [
+            {"what": "images listed", "value": str(found.listed)},
+            {"what": "new images found", "value": str(found.new)},
+            {"what": "annotated (indexed)", "value": str(out["annotated"])},
+            {"what": "model version", "value": version},
+            {"what": "promoted", "value": str(out["promoted"])},
+            {"what": "reason", "value": out["reason"]},
+        ],
+        description="retrain: new images, the model trained on all batches, the decision",
+    )
+    record_lineage(
+        st,
+        current_flow_run_id(),
+        {
+            "flow": "retrain",
+            "images": images,
+            "vocabulary": list(vocabulary),
+            "mode": mode,
+            "config": cfg.to_dict(),
+            "stages": fps,
+            "batches": ledger["batches"],
+            "model": out["model"] and {"name": name, "version": out["model"]["version"]},
+            "evaluation": out["evaluation"],
+            "reason": out["reason"],
+        },
+    )
     return out
 
 
@@ -231,31 +294,60 @@ def _train_and_decide(
     sets = batch_labels(st, cfg, ledger["batches"], vocabulary, common["storage_options"])
     champion = registry.champion(name)
     init = f"{name}:{champion}" if mode == "finetune" and champion else None
-    fp = train_fingerprint(cfg, cfg.models.dino, cfg.models.clip, sets, None, list(vocabulary),
-                           init)  # fmt: skip
+    fp = train_fingerprint(
+        cfg, cfg.models.dino, cfg.models.clip, sets, None, list(vocabulary), init
+    )
     train_sets_task(st, fp, cfg, sets, vocabulary, init)
     summary = model_summary(st, fp)
     version = summary["version"]
     numbers = [b["batch"] for b in ledger["batches"]]
-    registry.update_card(name, version, {"retrain": {
-        "mode": mode, "init_from": init, "batches": [
-            {**{k: b[k] for k in ("batch", "index", "images", "source")}, "merge": s[0]}
-            for b, s in zip(ledger["batches"], sets, strict=True)],
-        "images": sum(b["images"] for b in ledger["batches"]),
-        "new_batch": numbers[-1], "new_images": ledger["batches"][-1]["images"],
-    }})  # fmt: skip
+    registry.update_card(
+        name,
+        version,
+        {
+            "retrain": {
+                "mode": mode,
+                "init_from": init,
+                "batches": [
+                    {**{k: b[k] for k in ("batch", "index", "images", "source")}, "merge": s[0]}
+                    for b, s in zip(ledger["batches"], sets, strict=True)
+                ],
+                "images": sum(b["images"] for b in ledger["batches"]),
+                "new_batch": numbers[-1],
+                "new_images": ledger["batches"][-1]["images"],
+            }
+        },
+    )
     model = {"model": name, "version": version}
     if eval_dataset is not None and eval_data_root is not None:
-        evaluation = evaluate_and_promote(store, model, eval_dataset, eval_data_root, common,
-                                          eval_limit)  # fmt: skip
+        evaluation = evaluate_and_promote(
+            store, model, eval_dataset, eval_data_root, common, eval_limit
+        )
     else:
         verdict = decide_and_record(registry, name, version, None, None, {"retrain": True})
-        evaluation = {"metrics": None, "champion_metrics": None, "promoted": verdict.promote,
-                      "reason": verdict.reason}  # fmt: skip
-    ledger_.append_model(st, name, {
-        "version": version, "batches": numbers, "mode": mode, "init_from": init,
-        "key": training_key(cfg, sets, vocabulary),
-        "promoted": evaluation["promoted"], "reason": evaluation["reason"],
-    })  # fmt: skip
-    return {"trained": True, "model": summary, "evaluation": evaluation,
-            "promoted": evaluation["promoted"], "reason": evaluation["reason"]}  # fmt: skip
+        evaluation = {
+            "metrics": None,
+            "champion_metrics": None,
+            "promoted": verdict.promote,
+            "reason": verdict.reason,
+        }
+    ledger_.append_model(
+        st,
+        name,
+        {
+            "version": version,
+            "batches": numbers,
+            "mode": mode,
+            "init_from": init,
+            "key": training_key(cfg, sets, vocabulary),
+            "promoted": evaluation["promoted"],
+            "reason": evaluation["reason"],
+        },
+    )
+    return {
+        "trained": True,
+        "model": summary,
+        "evaluation": evaluation,
+        "promoted": evaluation["promoted"],
+        "reason": evaluation["reason"],
+    }

@@ -212,21 +212,48 @@ def train_flow(
     curve = ModelRegistry.rel(summary["model"], summary["version"], LOSS_CURVE)
     curve_png = st.read_bytes(curve) if st.exists(curve) else None
     markdown_artifact("train-loss", loss_markdown(summary, curve_png), description=f"loss of {ref}")
-    table_artifact("train-model", [{
-        "model": summary["model"], "version": summary["version"], "labels": inputs.labels_fp,
-        "index": inputs.index_fp, "train_fp": fp, "images": summary["images"],
-        "final_loss": summary["final_loss"], "card": summary["card"],
-        "weights": summary["weights"], "loss_curve": summary["loss_curve"],
-    }], description=f"model version {ref}")  # fmt: skip
+    table_artifact(
+        "train-model",
+        [
+            {
+                "model": summary["model"],
+                "version": summary["version"],
+                "labels": inputs.labels_fp,
+                "index": inputs.index_fp,
+                "train_fp": fp,
+                "images": summary["images"],
+                "final_loss": summary["final_loss"],
+                "card": summary["card"],
+                "weights": summary["weights"],
+                "loss_curve": summary["loss_curve"],
+            }
+        ],
+        description=f"model version {ref}",
+    )
     stages = {LABELS_STAGE: inputs.labels_fp, "index": inputs.index_fp, STAGE: fp}
     if summary["features"]:
         stages[FEATURES_STAGE] = summary["features"]
     run_id = current_flow_run_id()
-    record_lineage(st, run_id, {
-        "flow": "train", "labels": labels, "config": cfg.to_dict(), "stages": stages,
-        "model": {"name": summary["model"], "version": summary["version"],
-                  "card": summary["card"]},
-    })  # fmt: skip
+    record_lineage(
+        st,
+        run_id,
+        {
+            "flow": "train",
+            "labels": labels,
+            "config": cfg.to_dict(),
+            "stages": stages,
+            "model": {
+                "name": summary["model"],
+                "version": summary["version"],
+                "card": summary["card"],
+            },
+        },
+    )
     champion = registry.champion(summary["model"])
-    return {**summary, "cached": cached, "champion": champion, "promoted": bool(promoted),
-            "flow_run": run_id}  # fmt: skip
+    return {
+        **summary,
+        "cached": cached,
+        "champion": champion,
+        "promoted": bool(promoted),
+        "flow_run": run_id,
+    }

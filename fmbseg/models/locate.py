@@ -57,8 +57,11 @@ def _hf_source(kind: str, name: str, ref: str) -> tuple[str, tuple[str, ...]] | 
         parts = (open_clip.get_pretrained_cfg(arch, ref).get("hf_hub") or "").strip("/")
         repo_id, filename = "/".join(parts.split("/")[:2]), "/".join(parts.split("/")[2:])
         # open_clip prefers the safetensors file and falls back to the .bin
-        names = (filename,) if filename else ("open_clip_model.safetensors",
-                                              "open_clip_pytorch_model.bin")  # fmt: skip
+        names = (
+            (filename,)
+            if filename
+            else ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+        )
         return (repo_id, names) if repo_id else None
     if kind == "dino" and ref == "hub":
         import timm

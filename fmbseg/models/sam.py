@@ -115,8 +115,10 @@ class SamSegmenter:
         self._image_hw: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
-        return (f"SamSegmenter({self.name!r}, device={self.device}, input={self.image_size}, "
-                f"encoder dtype={self.dtype})")  # fmt: skip
+        return (
+            f"SamSegmenter({self.name!r}, device={self.device}, input={self.image_size}, "
+            f"encoder dtype={self.dtype})"
+        )
 
     def set_image(self, image: np.ndarray) -> None:
         """Embed ``HxWx3 uint8 RGB``; :meth:`predict` then refers to this image."""

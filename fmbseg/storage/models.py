@@ -176,10 +176,21 @@ class ModelRegistry:
         """
         version = self.resolve_version(name, version)
         at = _now()
-        decision = {"version": version, "promoted": True, "at": at, "reason": reason,
-                    "metrics": dict(metrics or {}), "previous": None}  # fmt: skip
-        record = {"version": version, "promoted_at": at, "reason": reason,
-                  "metrics": decision["metrics"], "history": [decision]}  # fmt: skip
+        decision = {
+            "version": version,
+            "promoted": True,
+            "at": at,
+            "reason": reason,
+            "metrics": dict(metrics or {}),
+            "previous": None,
+        }
+        record = {
+            "version": version,
+            "promoted_at": at,
+            "reason": reason,
+            "metrics": decision["metrics"],
+            "history": [decision],
+        }
         data = json.dumps(record, indent=1, sort_keys=True, default=str).encode()
         return self.store.create_exclusive(self.rel(name, file=CHAMPION), data)
 

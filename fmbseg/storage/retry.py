@@ -33,9 +33,15 @@ class RetryPolicy:
 
 # Errors that retrying cannot fix.
 _PERMANENT = (
-    FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-    NotADirectoryError, ValueError, TypeError, KeyError,
-)  # fmt: skip
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ValueError,
+    TypeError,
+    KeyError,
+)
 # s3fs maps client-side S3 errors (bad argument, name too long, ...) to OSError with these;
 # a read-only file system, a full disk or quota stay so however often a write is retried.
 _PERMANENT_ERRNOS = {
@@ -49,9 +55,16 @@ _PERMANENT_ERRNOS = {
     errno.EDQUOT,
 }
 _TRANSIENT_NAMES = (
-    "Connection", "Timeout", "Throttl", "ServiceUnavailable", "SlowDown", "ClientPayload",
-    "ServerDisconnected", "EndpointConnection", "ReadTimeout",
-)  # fmt: skip
+    "Connection",
+    "Timeout",
+    "Throttl",
+    "ServiceUnavailable",
+    "SlowDown",
+    "ClientPayload",
+    "ServerDisconnected",
+    "EndpointConnection",
+    "ReadTimeout",
+)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -86,8 +99,13 @@ def retry_call(what: str, fn: Callable[[], T], policy: RetryPolicy, where: str =
                 ) from exc
             log.warning(
                 "%s: transient %s (%s), retry %d/%d in %.2fs",
-                what, type(exc).__name__, exc, attempt, policy.attempts - 1, delay,
-            )  # fmt: skip
+                what,
+                type(exc).__name__,
+                exc,
+                attempt,
+                policy.attempts - 1,
+                delay,
+            )
             time.sleep(delay)
             delay = min(delay * policy.multiplier, policy.max_delay)
     raise AssertionError("unreachable")  # pragma: no cover

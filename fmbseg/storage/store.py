@@ -46,9 +46,16 @@ log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 # Re-exported: the storage API callers import from here.
 __all__ = [
-    "ArtifactStore", "Manifest", "NotCommittedError", "RetryPolicy", "ShardReceipt",
-    "StoreError", "is_transient", "retry_call", "table_to_parquet_bytes",
-]  # fmt: skip
+    "ArtifactStore",
+    "Manifest",
+    "NotCommittedError",
+    "RetryPolicy",
+    "ShardReceipt",
+    "StoreError",
+    "is_transient",
+    "retry_call",
+    "table_to_parquet_bytes",
+]
 
 
 class ArtifactStore(FileStore):
@@ -92,9 +99,15 @@ class ArtifactStore(FileStore):
             self.write_bytes(f"{base}/{err_part}", err_blob)
             err_rows = errors.num_rows
         receipt = ShardReceipt(
-            shard=shard, rows=records.num_rows, error_rows=err_rows, sha256=sha,
-            errors_sha256=err_sha, written_at=_now(), part=part, errors_part=err_part,
-        )  # fmt: skip
+            shard=shard,
+            rows=records.num_rows,
+            error_rows=err_rows,
+            sha256=sha,
+            errors_sha256=err_sha,
+            written_at=_now(),
+            part=part,
+            errors_part=err_part,
+        )
         self.write_json(f"{base}/receipt-{shard:05d}.json", asdict(receipt))
         return receipt
 
@@ -153,10 +166,15 @@ class ArtifactStore(FileStore):
             )
         shards = [receipts[i] for i in range(num_shards)]
         manifest = Manifest(
-            stage=stage, fingerprint=fp, num_shards=num_shards,
-            rows=sum(r.rows for r in shards), error_rows=sum(r.error_rows for r in shards),
-            shards=shards, committed_at=_now(), meta=dict(meta or {}),
-        )  # fmt: skip
+            stage=stage,
+            fingerprint=fp,
+            num_shards=num_shards,
+            rows=sum(r.rows for r in shards),
+            error_rows=sum(r.error_rows for r in shards),
+            shards=shards,
+            committed_at=_now(),
+            meta=dict(meta or {}),
+        )
         rel = f"{self.stage_rel(stage, fp)}/{MANIFEST}"
         if self.create_exclusive(rel, manifest.to_json().encode()):
             return manifest, True

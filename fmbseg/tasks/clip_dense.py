@@ -378,9 +378,11 @@ class ClipDenseWorker(ImageShardWorker):
 
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
         self.upstream.prefetch(
-            INDEX_STAGE, spec["index"], shard,
+            INDEX_STAGE,
+            spec["index"],
+            shard,
             then=lambda index: self.images.start(index.column("uri").to_pylist()),
-        )  # fmt: skip
+        )
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         rows = self.upstream.read(INDEX_STAGE, spec["index"], shard).to_pylist()

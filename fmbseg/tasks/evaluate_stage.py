@@ -115,9 +115,13 @@ def build_predictor(spec: ModelSpec, cfg: Config, store: ArtifactStore) -> Predi
         from fmbseg.tasks.predictors import DenseClipPredictor
 
         clip = build_from_config(
-            cfg.models, "clip", cfg.runtime.device, store_options=store.storage_options,
-            mode=spec.mode, precision=spec.clip["precision"],
-        )  # fmt: skip
+            cfg.models,
+            "clip",
+            cfg.runtime.device,
+            store_options=store.storage_options,
+            mode=spec.mode,
+            precision=spec.clip["precision"],
+        )
         return DenseClipPredictor(clip)
     from fmbseg.tasks.predictors import AlignmentPredictor
     from fmbseg.tasks.segment import OpenVocabSegmenter
@@ -156,8 +160,14 @@ def evaluation_fingerprint(
     """The stage fingerprint (see the module docstring); ``dataset`` is the evaluated subset."""
     ev = asdict(evaluate_config(cfg))
     ev.pop("batch_size")  # how many windows per forward pass: same numbers
-    parts = {"dataset": dataset.name, "data_root": data_root, "samples": dataset.files_digest(),
-             "limit": limit, "evaluate": ev, "model": model.identity()}  # fmt: skip
+    parts = {
+        "dataset": dataset.name,
+        "data_root": data_root,
+        "samples": dataset.files_digest(),
+        "limit": limit,
+        "evaluate": ev,
+        "model": model.identity(),
+    }
     return fingerprint(STAGE, CODE_VERSION, parts)
 
 
@@ -213,8 +223,15 @@ def evaluate_shard(
                 _sid, image, label = dataset.load(sample)
             except DatasetError as exc:
                 uri = dataset.fs.unstrip_protocol(f"{dataset._base}/{sample.image}")
-                errors.append({"uri": uri, "image_id": sample.sample_id, "stage": STAGE,
-                               "error_type": "unreadable", "message": str(exc)})  # fmt: skip
+                errors.append(
+                    {
+                        "uri": uri,
+                        "image_id": sample.sample_id,
+                        "stage": STAGE,
+                        "error_type": "unreadable",
+                        "message": str(exc),
+                    }
+                )
                 continue
             cm.update(
                 predict_label_map(predictor, image, text, plan, ev, out_size=label.shape), label
@@ -257,8 +274,12 @@ class EvaluateWorker:
     def process(self, shard: int, spec: dict[str, int]) -> tuple[pa.Table, pa.Table]:
         part = self.dataset.subset(range(spec["start"], spec["stop"]))
         cm, errors, seconds = evaluate_shard(self.predictor, part, self.cfg, self.text)
-        row = {"shard": shard, "images": len(part) - len(errors), "seconds": seconds,
-               "confusion": json.dumps(cm.to_dict(), separators=(",", ":"))}  # fmt: skip
+        row = {
+            "shard": shard,
+            "images": len(part) - len(errors),
+            "seconds": seconds,
+            "confusion": json.dumps(cm.to_dict(), separators=(",", ":")),
+        }
         return pa.Table.from_pylist([row], schema=RECORD_SCHEMA), errors_table(errors)
 
 
@@ -278,10 +299,24 @@ def run_evaluate(
     factory = worker_factory or functools.partial(
         EvaluateWorker, plan.dataset, plan.model, cfg, store
     )
-    meta = {"dataset": plan.dataset.name, "data_root": plan.data_root, "limit": plan.limit,
-            "model": plan.model.label, "num_images": plan.num_images}  # fmt: skip
-    run_stage(store, STAGE, plan.fingerprint, specs, factory, cfg.runtime, use_gpu=True,
-              progress=progress, meta=meta)  # fmt: skip
+    meta = {
+        "dataset": plan.dataset.name,
+        "data_root": plan.data_root,
+        "limit": plan.limit,
+        "model": plan.model.label,
+        "num_images": plan.num_images,
+    }
+    run_stage(
+        store,
+        STAGE,
+        plan.fingerprint,
+        specs,
+        factory,
+        cfg.runtime,
+        use_gpu=True,
+        progress=progress,
+        meta=meta,
+    )
     return plan.fingerprint
 
 
@@ -303,18 +338,30 @@ def build_report(store: ArtifactStore, plan: EvalPlan, cfg: Config) -> dict[str,
     metrics = metrics_report(cm, ds.classes)
     ref = {**plan.model.identity(), **({"uri": plan.model.uri} if plan.model.uri else {})}
     return {
-        "dataset": ds.name, "data_root": plan.data_root, "limit": plan.limit,
-        "model": plan.model.label, "model_ref": ref, "fingerprint": fp,
-        "num_images": images, "images_failed": plan.num_images - images,
-        **metrics, "pixel_accuracy": metrics["aAcc"],
+        "dataset": ds.name,
+        "data_root": plan.data_root,
+        "limit": plan.limit,
+        "model": plan.model.label,
+        "model_ref": ref,
+        "fingerprint": fp,
+        "num_images": images,
+        "images_failed": plan.num_images - images,
+        **metrics,
+        "pixel_accuracy": metrics["aAcc"],
         "dataset_description": dataset_description(ds.name),
-        "background": prompts.background_mode, "background_names": prompts.background_names,
+        "background": prompts.background_mode,
+        "background_names": prompts.background_names,
         "prompt_names": list(prompts.names),
         "templates": list(ev.templates),
-        "protocol": {"short_side": ev.short_side, "window": ev.window, "stride": ev.stride,
-                     "max_long_side": ev.max_long_side},
-        "seconds": seconds, "images_per_second": images / seconds if seconds > 0 else None,
-    }  # fmt: skip
+        "protocol": {
+            "short_side": ev.short_side,
+            "window": ev.window,
+            "stride": ev.stride,
+            "max_long_side": ev.max_long_side,
+        },
+        "seconds": seconds,
+        "images_per_second": images / seconds if seconds > 0 else None,
+    }
 
 
 def report_key(plan: EvalPlan) -> str:
@@ -347,8 +394,12 @@ def write_report(store: ArtifactStore, plan: EvalPlan, report: dict[str, Any]) -
         uris.append(store.url(rel))
         card = registry.card(spec.name, spec.version)
         metrics = {**card.get("metrics", {}), f"mIoU/{key}": report["mIoU"]}
-        entry = {"mIoU": report["mIoU"], "report": store.url(rel),
-                 "fingerprint": plan.fingerprint, "images": report["num_images"]}  # fmt: skip
+        entry = {
+            "mIoU": report["mIoU"],
+            "report": store.url(rel),
+            "fingerprint": plan.fingerprint,
+            "images": report["num_images"],
+        }
         evals = {**card.get("evaluations", {}), key: entry}
         registry.update_card(spec.name, spec.version, {"metrics": metrics, "evaluations": evals})
     rel = f"evaluations/{plan.fingerprint}/report.json"

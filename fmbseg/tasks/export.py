@@ -290,11 +290,17 @@ class ExportWorker(ImageShardWorker):
                 sources = Counter(cols["source"][i] for i in r)
                 status = "labelled" if r else "failed" if image_id in failed else "no_label"
                 row = {
-                    "image_id": image_id, "name": name, "file_name": file_name, "uri": uri,
-                    "width": w, "height": h, "status": status,
-                    "prompt_masks": sources["prompt"], "auto_masks": sources["auto"],
+                    "image_id": image_id,
+                    "name": name,
+                    "file_name": file_name,
+                    "uri": uri,
+                    "width": w,
+                    "height": h,
+                    "status": status,
+                    "prompt_masks": sources["prompt"],
+                    "auto_masks": sources["auto"],
                     "gallery": pixels is not None,
-                }  # fmt: skip
+                }
                 job = functools.partial(self._export_image, name, cols, r, h, w, pixels, order)
                 jobs.submit(row, job)
         jobs.drain()  # every file of the shard is written before its receipt

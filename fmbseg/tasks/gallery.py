@@ -94,8 +94,10 @@ def overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray, alpha: fl
     ~3x faster on a 480x640 image (bench/io_paths.py).
     """
     if image.shape[:2] != label.shape or image.shape[2:] != (3,) or label.dtype != np.uint8:
-        raise ValueError(f"overlay: expected an HxWx3 image and an HxW uint8 label map, got "
-                         f"{image.shape} {image.dtype} and {label.shape} {label.dtype}")  # fmt: skip
+        raise ValueError(
+            f"overlay: expected an HxWx3 image and an HxW uint8 label map, got "
+            f"{image.shape} {image.dtype} and {label.shape} {label.dtype}"
+        )
     classes = Image.fromarray(label)
     labelled = classes.point(_LABELLED)  # 255 where labelled, 0 where IGNORE
     classes.putpalette(palette(colours))

@@ -64,8 +64,13 @@ RECORD_SCHEMA = pa.schema(
 
 
 def _error(uri: str, image_id: str | None, error_type: str, message: str) -> dict[str, Any]:
-    return {"uri": uri, "image_id": image_id, "stage": STAGE, "error_type": error_type,
-            "message": message}  # fmt: skip
+    return {
+        "uri": uri,
+        "image_id": image_id,
+        "stage": STAGE,
+        "error_type": error_type,
+        "message": message,
+    }
 
 
 def index_images(
@@ -114,8 +119,7 @@ def index_images(
         else:
             assert size is not None
             kept[image_id] = uri
-            records.append({"image_id": image_id, "uri": uri, "width": size[0],
-                            "height": size[1]})  # fmt: skip
+            records.append({"image_id": image_id, "uri": uri, "width": size[0], "height": size[1]})
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA), errors_table(errors)
 
 
@@ -251,22 +255,27 @@ def dedup_across_shards(
         ids, uris = records.column("image_id").to_pylist(), records.column("uri").to_pylist()
         later = [i for i, image_id in enumerate(ids) if image_id in kept]
         if later:
-            dup_rows = [_error(uris[i], ids[i], "duplicate", f"same bytes as {kept[ids[i]]}")
-                        for i in later]  # fmt: skip
+            dup_rows = [
+                _error(uris[i], ids[i], "duplicate", f"same bytes as {kept[ids[i]]}") for i in later
+            ]
             mask = pa.array([image_id not in kept for image_id in ids])
             records = records.filter(mask)
             parts = [t for t in (errors, errors_table(dup_rows)) if t.num_columns]
             errors = pa.concat_tables([t.cast(ERRORS_SCHEMA) for t in parts])
             receipts[shard] = store.write_shard(stage, fp, shard, records, errors)
             log.info("%s/%s shard %d: %d cross-shard duplicates", stage, fp, shard, len(later))
-        for image_id, uri in zip(records.column("image_id").to_pylist(),
-                                 records.column("uri").to_pylist(), strict=True):  # fmt: skip
+        for image_id, uri in zip(
+            records.column("image_id").to_pylist(), records.column("uri").to_pylist(), strict=True
+        ):
             kept[image_id] = uri
         images += records.num_rows
         if errors.num_rows:
             by_type.update(errors.column("error_type").to_pylist())
-    return {"images": images, "duplicates": by_type.get("duplicate", 0),
-            "errors_by_type": dict(sorted(by_type.items()))}  # fmt: skip
+    return {
+        "images": images,
+        "duplicates": by_type.get("duplicate", 0),
+        "errors_by_type": dict(sorted(by_type.items())),
+    }
 
 
 def execute_index(
@@ -285,9 +294,16 @@ def execute_index(
         "skipped_extensions": dict(plan.skipped),
     }
     return run_stage(
-        store, STAGE, plan.fingerprint, plan.specs(), factory, cfg.runtime,
-        progress=progress, meta=meta, finalize=dedup_across_shards,
-    )  # fmt: skip
+        store,
+        STAGE,
+        plan.fingerprint,
+        plan.specs(),
+        factory,
+        cfg.runtime,
+        progress=progress,
+        meta=meta,
+        finalize=dedup_across_shards,
+    )
 
 
 def run_index(

@@ -47,10 +47,15 @@ CODE_VERSION = "2"  # 2: masks per shard
 MERGE_STAGE = "merge"
 SAM_STAGES = ("sam_prompt", "sam_auto")
 RECORD_SCHEMA = pa.schema(
-    [pa.field("shard", pa.int32()), pa.field("images", pa.int32()),
-     pa.field("without_records", pa.int32()), pa.field("unmatched", pa.string())]
-    + [pa.field(v, pa.string()) for v in VARIANTS] + [pa.field("masks", pa.int64())]
-)  # fmt: skip
+    [
+        pa.field("shard", pa.int32()),
+        pa.field("images", pa.int32()),
+        pa.field("without_records", pa.int32()),
+        pa.field("unmatched", pa.string()),
+    ]
+    + [pa.field(v, pa.string()) for v in VARIANTS]
+    + [pa.field("masks", pa.int64())]
+)
 
 
 @dataclass(frozen=True)
@@ -154,11 +159,14 @@ class LabelQualityWorker:
         part = self.plan.dataset.subset(range(spec["start"], spec["stop"]))
         records = self.records(part)
         q = pseudo_label_quality(part, records, order=self.order)
-        row = {"shard": shard, "images": q["num_images"],
-               "masks": sum(t.num_rows for t in records.values()),
-               "without_records": q["images_without_records"],
-               "unmatched": json.dumps(q["unmatched_categories"]),
-               **{v: json.dumps(q[v]["confusion"]) for v in VARIANTS}}  # fmt: skip
+        row = {
+            "shard": shard,
+            "images": q["num_images"],
+            "masks": sum(t.num_rows for t in records.values()),
+            "without_records": q["images_without_records"],
+            "unmatched": json.dumps(q["unmatched_categories"]),
+            **{v: json.dumps(q[v]["confusion"]) for v in VARIANTS},
+        }
         return pa.Table.from_pylist([row], schema=RECORD_SCHEMA), None
 
 
@@ -167,11 +175,23 @@ def run_label_quality(
 ) -> str:
     """Run (or reuse) the stage for ``plan``; returns its fingerprint."""
     specs = [{"start": a, "stop": b} for a, b in plan.shards]
-    meta = {"dataset": plan.dataset.name, "data_root": plan.data_root, "limit": plan.limit,
-            "merge": plan.merge_fp, "num_images": plan.num_images}  # fmt: skip
-    run_stage(store, STAGE, plan.fingerprint, specs,
-              functools.partial(LabelQualityWorker, store, plan), cfg.runtime,
-              progress=progress, meta=meta)  # fmt: skip
+    meta = {
+        "dataset": plan.dataset.name,
+        "data_root": plan.data_root,
+        "limit": plan.limit,
+        "merge": plan.merge_fp,
+        "num_images": plan.num_images,
+    }
+    run_stage(
+        store,
+        STAGE,
+        plan.fingerprint,
+        specs,
+        functools.partial(LabelQualityWorker, store, plan),
+        cfg.runtime,
+        progress=progress,
+        meta=meta,
+    )
     return plan.fingerprint
 
 
@@ -205,16 +225,22 @@ def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]
             f"<the split's image folder> --vocab ...), then evaluate labels:latest"
         )
     return {
-        "dataset": ds.name, "dataset_description": dataset_description(ds.name),
-        "data_root": plan.data_root, "limit": plan.limit,
-        "model": f"labels:{plan.merge_fp}", "labels": plan.merge_fp,
+        "dataset": ds.name,
+        "dataset_description": dataset_description(ds.name),
+        "data_root": plan.data_root,
+        "limit": plan.limit,
+        "model": f"labels:{plan.merge_fp}",
+        "labels": plan.merge_fp,
         "merge_order": merge_order(store, plan.merge_fp),
-        "fingerprint": plan.fingerprint, "num_images": images,
-        "images_without_records": without, "unmatched_categories": sorted(unmatched),
-        "masks": masks, "masks_per_image": masks / images if images else None,
+        "fingerprint": plan.fingerprint,
+        "num_images": images,
+        "images_without_records": without,
+        "unmatched_categories": sorted(unmatched),
+        "masks": masks,
+        "masks_per_image": masks / images if images else None,
         "teacher": teacher_of(store, plan.merge_fp),
         **{v: quality_report(cms[v], ds.classes) for v in VARIANTS},
-    }  # fmt: skip
+    }
 
 
 def write_label_report(store: ArtifactStore, plan: LabelsPlan, report: dict[str, Any]) -> list[str]:

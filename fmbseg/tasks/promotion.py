@@ -74,11 +74,20 @@ def decide_and_record(
         registry.promote(name, version, verdict.reason, metrics)
     elif not verdict.promote:
         registry.reject(name, version, verdict.reason, metrics)
-    registry.update_card(name, version, {"promotion": {
-        "promoted": verdict.promote, "reason": verdict.reason, "previous_champion": current,
-        "candidate_metrics": metrics, "champion_metrics": dict(champion or {}),
-        **(context or {}),
-    }})  # fmt: skip
+    registry.update_card(
+        name,
+        version,
+        {
+            "promotion": {
+                "promoted": verdict.promote,
+                "reason": verdict.reason,
+                "previous_champion": current,
+                "candidate_metrics": metrics,
+                "champion_metrics": dict(champion or {}),
+                **(context or {}),
+            }
+        },
+    )
     return verdict
 
 

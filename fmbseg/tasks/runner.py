@@ -141,9 +141,18 @@ def run_stage(
         The committed manifest. If ``stage/fp`` was already committed, that manifest,
         without running anything; if another writer commits first, theirs.
     """
-    (manifest,) = run_stages(store, [(stage, fp)], specs, worker_factory, runtime,
-                             use_gpu=use_gpu, progress=progress, meta=meta,
-                             finalize=finalize, timed=timed)  # fmt: skip
+    (manifest,) = run_stages(
+        store,
+        [(stage, fp)],
+        specs,
+        worker_factory,
+        runtime,
+        use_gpu=use_gpu,
+        progress=progress,
+        meta=meta,
+        finalize=finalize,
+        timed=timed,
+    )
     return manifest
 
 
@@ -183,8 +192,10 @@ def run_stages(
         return reused
     if any(m is not None for m in existing):
         committed = [t for t, m in zip(targets, existing, strict=True) if m is not None]
-        raise ValueError(f"run_stages: {target_label(committed)} already committed, the others not;"
-                         " run the others on their own")  # fmt: skip
+        raise ValueError(
+            f"run_stages: {target_label(committed)} already committed, the others not;"
+            " run the others on their own"
+        )
     # receipts per target: listed now, then each write's; the commit needs them all
     receipts = [store.shard_receipts(stage, fp) for stage, fp in targets]
     done = set.intersection(*(set(r) for r in receipts)) & set(range(total))

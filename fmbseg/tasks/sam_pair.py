@@ -93,10 +93,12 @@ def run_sam_stages(
         stage: stage_fingerprint(stage, cfg, {"clip_dense": clip_fp}) for stage in (PROMPT, AUTO)
     }
     if any(store.is_committed(stage, fp) for stage, fp in fps.items()):
-        run_sam_prompt(store, cfg, clip_fp, storage_options=storage_options,
-                       progress=progress.get(PROMPT))  # fmt: skip
-        run_sam_auto(store, cfg, clip_fp, storage_options=storage_options,
-                     progress=progress.get(AUTO))  # fmt: skip
+        run_sam_prompt(
+            store, cfg, clip_fp, storage_options=storage_options, progress=progress.get(PROMPT)
+        )
+        run_sam_auto(
+            store, cfg, clip_fp, storage_options=storage_options, progress=progress.get(AUTO)
+        )
         return fps
     vocabulary = read_vocabulary(store, "clip_dense", clip_fp)
     factory = functools.partial(

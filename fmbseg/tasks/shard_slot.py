@@ -110,11 +110,16 @@ class ShardSlot:
         name = type(self.worker).__name__
         if len(self.targets) == 1:
             if not _is_pair(out):
-                raise TypeError(f"{name}.process must return (pa.Table, pa.Table | None),"
-                                f" got {type(out).__name__}")  # fmt: skip
+                raise TypeError(
+                    f"{name}.process must return (pa.Table, pa.Table | None),"
+                    f" got {type(out).__name__}"
+                )
             return [out]
-        if not (isinstance(out, list | tuple) and len(out) == len(self.targets)
-                and all(_is_pair(o) for o in out)):  # fmt: skip
+        if not (
+            isinstance(out, list | tuple)
+            and len(out) == len(self.targets)
+            and all(_is_pair(o) for o in out)
+        ):
             raise TypeError(
                 f"{name}.process must return a list of {len(self.targets)} (pa.Table, "
                 f"pa.Table | None) pairs, one per stage {[s for s, _ in self.targets]}"

@@ -200,12 +200,19 @@ def run_train(
     for lfp, ifp in sets:
         records = store.read_table(LABELS_STAGE, lfp, columns=LABEL_COLUMNS)
         indexes.append(read_index(store, ifp))
-        parts.append(labelled_images(
-            records, names, tcfg.input_size, encoder.preprocess.patch_size,
-            tcfg.min_labelled_fraction, tcfg.crops_per_image, tcfg.num_loader_workers,
-            all_image_ids=indexes[-1].column("image_id").to_pylist(),
-            order=merge_order(store, lfp),
-        ))  # fmt: skip
+        parts.append(
+            labelled_images(
+                records,
+                names,
+                tcfg.input_size,
+                encoder.preprocess.patch_size,
+                tcfg.min_labelled_fraction,
+                tcfg.crops_per_image,
+                tcfg.num_loader_workers,
+                all_image_ids=indexes[-1].column("image_id").to_pylist(),
+                order=merge_order(store, lfp),
+            )
+        )
     data = unite(parts)
     require_labelled(data, what)
     cache: FeatureCache | FeatureCaches | None = None
@@ -213,12 +220,19 @@ def run_train(
     if tcfg.cache_features:
         for k, ((_, ifp), index) in enumerate(zip(sets, indexes, strict=True)):
             feature_fps[k] = build_feature_cache(
-                store, encoder.name, cfg.models.dino_weights, tcfg.input_size, ifp,
-                index.select(["image_id", "uri"]), crops_per_image=tcfg.crops_per_image,
+                store,
+                encoder.name,
+                cfg.models.dino_weights,
+                tcfg.input_size,
+                ifp,
+                index.select(["image_id", "uri"]),
+                crops_per_image=tcfg.crops_per_image,
                 encoder_factory=factory,
-                runtime=cfg.runtime, batch_size=tcfg.batch_size, storage_options=options,
+                runtime=cfg.runtime,
+                batch_size=tcfg.batch_size,
+                storage_options=options,
                 progress=progress,
-            )  # fmt: skip
+            )
         caches = [FeatureCache(store, str(ffp)) for ffp in feature_fps]
         cache = caches[0] if len(caches) == 1 else FeatureCaches(caches)
         data = restrict_to(data, [image_id in cache for image_id in data.image_ids])

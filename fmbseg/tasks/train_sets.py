@@ -37,8 +37,7 @@ def label_sets(labels: str | Sequence[Sequence[str]], index_fp: str | None) -> l
     if index_fp is not None:
         raise ValueError("with several (labels_fp, index_fp) pairs, pass index_fp=None")
     pairs = [tuple(p) for p in labels]
-    if not pairs or any(len(p) != 2 or not all(isinstance(x, str) and x for x in p)
-                        for p in pairs):  # fmt: skip
+    if not pairs or any(len(p) != 2 or not all(isinstance(x, str) and x for x in p) for p in pairs):
         raise ValueError(
             f"label sets must be non-empty (labels_fp, index_fp) pairs, got {labels!r}"
         )

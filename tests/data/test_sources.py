@@ -24,9 +24,13 @@ from fmbseg.data.sources import (
 
 EXTS = (".jpg", ".png")
 PHOTOS = [
-    "astronaut.jpg", "chelsea.png", "coffee.jpg", "hubble_deep_field.jpg",
-    "immunohistochemistry.png", "rocket.png",
-]  # fmt: skip
+    "astronaut.jpg",
+    "chelsea.png",
+    "coffee.jpg",
+    "hubble_deep_field.jpg",
+    "immunohistochemistry.png",
+    "rocket.png",
+]
 
 
 def test_local_folder_recursive_sorted(image_dir: Path) -> None:
@@ -75,9 +79,13 @@ def test_txt_list(image_dir: Path, tmp_path: Path) -> None:
     )
     uris = [r.uri for r in list_images(str(listing), EXTS)]
     assert uris == sorted(
-        [str(image_dir / "coffee.jpg"), str(image_dir / "rocket.png"), "s3://bucket/key.jpg",
-         str(image_dir / "missing.jpg")]
-    )  # fmt: skip
+        [
+            str(image_dir / "coffee.jpg"),
+            str(image_dir / "rocket.png"),
+            "s3://bucket/key.jpg",
+            str(image_dir / "missing.jpg"),
+        ]
+    )
     (tmp_path / "blank.txt").write_text("# nothing\n\n")
     with pytest.raises(SourceError, match="holds no images"):
         list_images(str(tmp_path / "blank.txt"), EXTS)
@@ -100,9 +108,11 @@ def test_coco_json(image_dir: Path, tmp_path: Path) -> None:
     )
     uris = [r.uri for r in list_images(src, EXTS)]
     assert uris == [
-        str(image_dir / "chelsea.png"), str(image_dir / "coffee.jpg"),
-        "http://images.cocodataset.org/val2017/4.jpg", "s3://bucket/three.jpg",
-    ]  # fmt: skip
+        str(image_dir / "chelsea.png"),
+        str(image_dir / "coffee.jpg"),
+        "http://images.cocodataset.org/val2017/4.jpg",
+        "s3://bucket/three.jpg",
+    ]
     rooted = [r.uri for r in list_images(src, EXTS, image_root="s3://photos/val2017")]
     assert "s3://photos/val2017/chelsea.png" in rooted
     assert "s3://photos/val2017/coffee.jpg" in rooted

@@ -20,8 +20,11 @@ from tests.train.world import INDEX_FP, LABELS_FP, World, make_world
 LABELS_A = "labelsa000000000"  # every training image's pseudo-labels
 LABELS_B = "labelsb000000000"  # the first half of the images only (committed later)
 OVERRIDES = [
-    "runtime.executor=local", "runtime.shard_size=4", "train.lr=0.05", "train.epochs=2",
-]  # fmt: skip
+    "runtime.executor=local",
+    "runtime.shard_size=4",
+    "train.lr=0.05",
+    "train.epochs=2",
+]
 
 
 def commit_labels(store: ArtifactStore, fp: str, records: pa.Table, shard_size: int = 8) -> str:

@@ -38,9 +38,12 @@ def test_annotate_flow_runs_caches_and_reruns_only_what_changed(
     config = _config_file(tmp_path)
     BUILDS.clear()
     state = annotate_flow(
-        str(tmp_path / "images"), store_dir, classes=",".join(VOCAB), config=config,
+        str(tmp_path / "images"),
+        store_dir,
+        classes=",".join(VOCAB),
+        config=config,
         return_state=True,
-    )  # fmt: skip
+    )
     out = state.result()
     fps, summary = out["fingerprints"], out["summary"]
     assert set(fps) == {"index", "clip_dense", "sam_prompt", "sam_auto", "merge", "export"}
@@ -86,10 +89,15 @@ def test_annotate_flow_runs_caches_and_reruns_only_what_changed(
     # A changed SAM threshold: sam_auto, merge and export rerun; CLIP and prompting do not.
     BUILDS.clear()
     changed = _config_file(
-        tmp_path, "changed.yaml",
-        sam_auto={"pred_iou_thresh": 0.9, "stability_score_thresh": 0.92,
-                  "min_mask_region_area": 10, "max_area_fraction": 0.95},
-    )  # fmt: skip
+        tmp_path,
+        "changed.yaml",
+        sam_auto={
+            "pred_iou_thresh": 0.9,
+            "stability_score_thresh": 0.92,
+            "min_mask_region_area": 10,
+            "max_area_fraction": 0.95,
+        },
+    )
     again = annotate_flow(str(tmp_path / "images"), store_dir, classes=list(VOCAB), config=changed)
     same = {s for s in fps if again["fingerprints"][s] == fps[s]}
     assert same == {"index", "clip_dense", "sam_prompt"}

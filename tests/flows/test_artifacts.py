@@ -20,8 +20,10 @@ DATA_IMAGE = re.compile(r"!\[([^\]]*)\]\(data:(image/[a-z]+);base64,([A-Za-z0-9+
 
 
 def _images(markdown: str) -> list[tuple[str, str, Image.Image]]:
-    return [(alt, mime, Image.open(io.BytesIO(base64.b64decode(b64))))
-            for alt, mime, b64 in DATA_IMAGE.findall(markdown)]  # fmt: skip
+    return [
+        (alt, mime, Image.open(io.BytesIO(base64.b64decode(b64))))
+        for alt, mime, b64 in DATA_IMAGE.findall(markdown)
+    ]
 
 
 def test_table_cells_are_plain_values_not_reprs() -> None:
@@ -55,8 +57,12 @@ def test_gallery_markdown_embeds_a_few_overlays(tmp_path) -> None:
 
 def test_loss_markdown_embeds_the_curve() -> None:
     png = loss_curve_png([1.0, 0.5], [1.2, 0.9, 0.6, 0.4])
-    summary = {"model": "m", "version": "v0001", "epoch_losses": [1.0, 0.5],
-               "loss_curve": "file:///s/models/m/v0001/loss_curve.png"}  # fmt: skip
+    summary = {
+        "model": "m",
+        "version": "v0001",
+        "epoch_losses": [1.0, 0.5],
+        "loss_curve": "file:///s/models/m/v0001/loss_curve.png",
+    }
     md = loss_markdown(summary, png)
     ((alt, mime, im),) = _images(md)
     assert alt == "loss curve" and mime == "image/png" and im.format == "PNG"

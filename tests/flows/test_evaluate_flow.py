@@ -23,11 +23,32 @@ from tests.evaluate import dataset_trees as trees
 
 LOCAL = ["runtime.executor=local", "runtime.shard_size=1"]
 REPORT_KEYS = {
-    "dataset", "data_root", "limit", "model", "model_ref", "fingerprint", "num_images",
-    "images_failed", "mIoU", "mAcc", "aAcc", "pixel_accuracy", "per_class", "confusion",
-    "pixels", "coverage", "background", "prompt_names", "templates", "protocol", "seconds",
-    "images_per_second", "report_uris", "dataset_description", "background_names",
-}  # fmt: skip
+    "dataset",
+    "data_root",
+    "limit",
+    "model",
+    "model_ref",
+    "fingerprint",
+    "num_images",
+    "images_failed",
+    "mIoU",
+    "mAcc",
+    "aAcc",
+    "pixel_accuracy",
+    "per_class",
+    "confusion",
+    "pixels",
+    "coverage",
+    "background",
+    "prompt_names",
+    "templates",
+    "protocol",
+    "seconds",
+    "images_per_second",
+    "report_uris",
+    "dataset_description",
+    "background_names",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -67,8 +88,15 @@ def test_sharded_ray_evaluation_equals_single_process_and_is_cached(
     from prefect.settings import PREFECT_API_URL
 
     store_dir = str(tmp_path / "store")
-    state = evaluate_flow("voc21", voc_root, "maskclip", store_dir, "tiny",
-                          ["runtime.shard_size=1"], return_state=True)  # fmt: skip
+    state = evaluate_flow(
+        "voc21",
+        voc_root,
+        "maskclip",
+        store_dir,
+        "tiny",
+        ["runtime.shard_size=1"],
+        return_state=True,
+    )
     report = state.result()  # tiny: Ray executor, one actor; 3 images -> 3 shards
     expected = _single_process(_maskclip(), voc_root)
     assert report["confusion"] == expected["confusion"]  # exact: counts add across shards
@@ -89,8 +117,10 @@ def test_sharded_ray_evaluation_equals_single_process_and_is_cached(
     lineage = store.read_run(run_id)
     assert lineage["stages"] == {STAGE: fp} and lineage["model"]["mode"] == "maskclip"
     api = PREFECT_API_URL.value()
-    latest = {k: httpx.get(f"{api}/artifacts/{k}/latest").json()
-              for k in ("evaluate-progress", "evaluate-results", "evaluate-per-class")}  # fmt: skip
+    latest = {
+        k: httpx.get(f"{api}/artifacts/{k}/latest").json()
+        for k in ("evaluate-progress", "evaluate-results", "evaluate-per-class")
+    }
     assert {a["flow_run_id"] for a in latest.values()} == {run_id}
     assert latest["evaluate-progress"]["data"] == 100.0
     table = json.loads(latest["evaluate-results"]["data"])
@@ -98,8 +128,9 @@ def test_sharded_ray_evaluation_equals_single_process_and_is_cached(
     assert "| aeroplane |" in latest["evaluate-per-class"]["data"]
 
     before = _stage_files(store_dir)
-    again = evaluate_flow("voc21", voc_root, "maskclip", store_dir, "tiny",
-                          ["runtime.shard_size=1"])  # fmt: skip
+    again = evaluate_flow(
+        "voc21", voc_root, "maskclip", store_dir, "tiny", ["runtime.shard_size=1"]
+    )
     assert _stage_files(store_dir) == before  # cache hit: no shard rewritten
     assert again["fingerprint"] == fp and again["confusion"] == report["confusion"]
 
@@ -115,8 +146,14 @@ def test_limit_sharding_and_unreadable_images(
     assert two["fingerprint"] != full["fingerprint"]
     assert two["confusion"] == _single_process(_maskclip(), voc_root, limit=2)["confusion"]
     # shard size does not change the numbers, nor the fingerprint (a cache hit)
-    wide = evaluate_flow("voc21", voc_root, "maskclip", store_dir, "tiny",
-                         ["runtime.executor=local", "runtime.shard_size=8"])  # fmt: skip
+    wide = evaluate_flow(
+        "voc21",
+        voc_root,
+        "maskclip",
+        store_dir,
+        "tiny",
+        ["runtime.executor=local", "runtime.shard_size=8"],
+    )
     assert wide["fingerprint"] == full["fingerprint"] and wide["confusion"] == full["confusion"]
 
     jpg = Path(voc_root) / "VOCdevkit/VOC2012/JPEGImages/2007_000042.jpg"
@@ -142,12 +179,17 @@ def _save_tiny_alignment(store: ArtifactStore, name: str = "seg") -> str:
     mcfg = AlignmentConfig(in_dim=dino.embed_dim, out_dim=clip.embed_dim, heads=2)
     module = AlignmentModule(mcfg)
     card = {
-        "kind": CARD_KIND, "module": mcfg.to_dict(),
+        "kind": CARD_KIND,
+        "module": mcfg.to_dict(),
         "encoder": {"name": dino.name, "weights": None, "input_size": 56},
-        "text": {"name": clip.name, "weights": None, "quick_gelu": None,
-                 "templates": ["a photo of a {}."]},
+        "text": {
+            "name": clip.name,
+            "weights": None,
+            "quick_gelu": None,
+            "templates": ["a photo of a {}."],
+        },
         "metrics": {"final_loss": 1.5},
-    }  # fmt: skip
+    }
     return ModelRegistry(store).save(name, dict(module.state_dict()), card)
 
 
@@ -163,14 +205,19 @@ def test_registry_champion_report_next_to_its_card(
         evaluate_flow("voc21", voc_root, "champion", store_dir, "tiny", LOCAL, model_name="seg")
     v1 = _save_tiny_alignment(store)
     ModelRegistry(store).promote("seg", v1, "first")
-    report = evaluate_flow("voc21", voc_root, "champion", store_dir, "tiny", LOCAL,
-                           model_name="seg", limit=2)  # fmt: skip
+    report = evaluate_flow(
+        "voc21", voc_root, "champion", store_dir, "tiny", LOCAL, model_name="seg", limit=2
+    )
     seg = OpenVocabSegmenter.load(store, "seg:v0001", device="cpu")
     expected = _single_process(AlignmentPredictor.from_segmenter(seg), voc_root, limit=2)
     assert report["confusion"] == expected["confusion"]
     assert report["model"] == "seg:v0001"
-    assert report["model_ref"] == {"kind": "registry", "name": "seg", "version": "v0001",
-                                   "uri": store.url("models/seg/v0001")}  # fmt: skip
+    assert report["model_ref"] == {
+        "kind": "registry",
+        "name": "seg",
+        "version": "v0001",
+        "uri": store.url("models/seg/v0001"),
+    }
     assert report["report_uris"][0] == store.url("models/seg/v0001/eval/voc21-limit2.json")
     assert store.read_json("models/seg/v0001/eval/voc21-limit2.json")["mIoU"] == report["mIoU"]
     card = ModelRegistry(store).card("seg", "v0001")
@@ -181,8 +228,9 @@ def test_registry_champion_report_next_to_its_card(
     assert same["fingerprint"] == report["fingerprint"]
     v2 = _save_tiny_alignment(store)
     ModelRegistry(store).promote("seg", v2, "second")
-    other = evaluate_flow("voc21", voc_root, "champion", store_dir, "tiny", LOCAL,
-                          model_name="seg", limit=2)  # fmt: skip
+    other = evaluate_flow(
+        "voc21", voc_root, "champion", store_dir, "tiny", LOCAL, model_name="seg", limit=2
+    )
     assert other["model"] == "seg:v0002" and other["fingerprint"] != report["fingerprint"]
 
 
@@ -219,12 +267,23 @@ def _commit_labels(
     for shard, sample in enumerate(ds.samples[:2]):
         data = (Path(root) / "VOCdevkit/VOC2012" / sample.image).read_bytes()
         lab = ds.load_label(sample)
-        rows = [mask_row(lab == value, image_id=content_hash(data), category_id=cid,
-                         image_uri=f"file:///elsewhere/{sample.sample_id}.jpg", category=name,
-                         source=source, score=0.9, fingerprint=fp)
-                for value, cid, name, source in ((15, 0, "person", "prompt"),
-                                                 (1, 1, "aeroplane", "auto"),
-                                                 (20, 2, "sky", "auto"))]  # fmt: skip
+        rows = [
+            mask_row(
+                lab == value,
+                image_id=content_hash(data),
+                category_id=cid,
+                image_uri=f"file:///elsewhere/{sample.sample_id}.jpg",
+                category=name,
+                source=source,
+                score=0.9,
+                fingerprint=fp,
+            )
+            for value, cid, name, source in (
+                (15, 0, "person", "prompt"),
+                (1, 1, "aeroplane", "auto"),
+                (20, 2, "sky", "auto"),
+            )
+        ]
         store.write_shard("merge", fp, shard, MaskRecords.from_rows(rows).table)
         by_sid[sample.sample_id] = rows
     store.commit("merge", fp, 2, meta={"vocabulary": ["person", "aeroplane", "sky"], **meta})

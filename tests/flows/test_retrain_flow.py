@@ -71,8 +71,11 @@ def config_file(tmp_path: Path) -> str:
 
 
 def manifests(store: ArtifactStore, fps: dict[str, str]) -> dict[str, str]:
-    return {s: store.read_bytes(f"stages/{s}/{fp}/_manifest.json").decode()
-            for s, fp in fps.items() if s != "export"}  # fmt: skip
+    return {
+        s: store.read_bytes(f"stages/{s}/{fp}/_manifest.json").decode()
+        for s, fp in fps.items()
+        if s != "export"
+    }
 
 
 @pytest.mark.slow
@@ -86,9 +89,14 @@ def test_retrain_annotates_only_new_images_and_promotes_by_the_rule(
     (images / "broken.png").write_bytes(b"not an image")  # an index error, covered too
     write_held_out(held, range(100, 104))
     store_dir = str(tmp_path / "store")
-    args = dict(images=str(images), store=store_dir, classes=list(VOCAB),
-                config=config_file(tmp_path), eval_dataset="folder",
-                eval_data_root=str(held))  # fmt: skip
+    args = dict(
+        images=str(images),
+        store=store_dir,
+        classes=list(VOCAB),
+        config=config_file(tmp_path),
+        eval_dataset="folder",
+        eval_data_root=str(held),
+    )
     st = ArtifactStore(store_dir)
     reg = ModelRegistry(st)
 
@@ -142,9 +150,21 @@ def test_retrain_annotates_only_new_images_and_promotes_by_the_rule(
     assert ("promoted to champion" if new >= old else "not promoted") in printed
 
     # Run 3 (through the CLI): nothing new -> nothing annotated, no new version.
-    argv = ["retrain", "--images", str(images), "--store", store_dir, "--classes",
-            ",".join(VOCAB), "--config", args["config"], "--eval-dataset", "folder",
-            "--eval-data-root", str(held)]  # fmt: skip
+    argv = [
+        "retrain",
+        "--images",
+        str(images),
+        "--store",
+        store_dir,
+        "--classes",
+        ",".join(VOCAB),
+        "--config",
+        args["config"],
+        "--eval-dataset",
+        "folder",
+        "--eval-data-root",
+        str(held),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"{N + M + 1} images listed, 0 new, 0 annotated; 2 batches in all" in printed
@@ -160,8 +180,9 @@ def test_retrain_annotates_only_new_images_and_promotes_by_the_rule(
     # Run 4: nothing new, but another train config: retrained (no relabelling); without a
     # held-out set the new version is not evaluated, so the champion stays.
     champion = reg.champion(MODEL)
-    fourth = retrain_flow(**{**args, "eval_dataset": None, "eval_data_root": None},
-                          overrides=["train.epochs=1"])  # fmt: skip
+    fourth = retrain_flow(
+        **{**args, "eval_dataset": None, "eval_data_root": None}, overrides=["train.epochs=1"]
+    )
     assert (fourth["new_images"], fourth["model"]["version"]) == (0, "v0003")
     assert fourth["promoted"] is False and "not evaluated" in fourth["reason"]
     assert reg.champion(MODEL) == champion
@@ -172,10 +193,16 @@ def test_retrain_annotates_only_new_images_and_promotes_by_the_rule(
     rows = {r["what"]: r["value"] for r in json.loads(table["data"])}
     assert rows["new images found"] == "0" and rows["model version"] == f"{MODEL}:v0003"
     assert rows["promoted"] == "False" and "not evaluated" in rows["reason"]
-    lineage = json.loads(st.read_bytes(next(
-        f"runs/{r}" for r in st.ls("runs") if st.read_json(f"runs/{r}")["flow"] == "retrain"
-        and st.read_json(f"runs/{r}")["reason"].startswith("nothing new")
-    )))  # fmt: skip
+    lineage = json.loads(
+        st.read_bytes(
+            next(
+                f"runs/{r}"
+                for r in st.ls("runs")
+                if st.read_json(f"runs/{r}")["flow"] == "retrain"
+                and st.read_json(f"runs/{r}")["reason"].startswith("nothing new")
+            )
+        )
+    )
     assert lineage["model"] is None and len(lineage["batches"]) == 2
 
 
@@ -187,8 +214,12 @@ def test_crash_before_the_batch_is_recorded_relabels_nothing(
 
     write_images(tmp_path / "images", range(4))
     store_dir = str(tmp_path / "store")
-    args = dict(images=str(tmp_path / "images"), store=store_dir, classes=list(VOCAB),
-                config=config_file(tmp_path))  # fmt: skip
+    args = dict(
+        images=str(tmp_path / "images"),
+        store=store_dir,
+        classes=list(VOCAB),
+        config=config_file(tmp_path),
+    )
 
     def crash(*a: Any, **k: Any) -> None:
         raise RuntimeError("killed after the merge committed")
@@ -214,8 +245,9 @@ def test_retrain_rejects_bad_input_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mode 'warm'"):
         retrain_flow.fn(str(tmp_path), str(tmp_path / "store"), classes="cat,dog", mode="warm")
     with pytest.raises(ValueError, match="both eval_dataset and eval_data_root"):
-        retrain_flow.fn(str(tmp_path), str(tmp_path / "store"), classes="cat",
-                        eval_dataset="folder")  # fmt: skip
+        retrain_flow.fn(
+            str(tmp_path), str(tmp_path / "store"), classes="cat", eval_dataset="folder"
+        )
     assert not (tmp_path / "store").exists()
 
 
@@ -238,9 +270,14 @@ def test_annotate_and_train_evaluates_and_promotes_by_the_rule(
     write_images(images, range(4))
     write_held_out(held, range(100, 103))
     store_dir = str(tmp_path / "store")
-    args = dict(images=str(images), store=store_dir, classes=",".join(VOCAB),
-                config=config_file(tmp_path), eval_dataset="folder",
-                eval_data_root=str(held))  # fmt: skip
+    args = dict(
+        images=str(images),
+        store=store_dir,
+        classes=",".join(VOCAB),
+        config=config_file(tmp_path),
+        eval_dataset="folder",
+        eval_data_root=str(held),
+    )
     reg = ModelRegistry(ArtifactStore(store_dir))
 
     first = annotate_and_train_flow(**args)

@@ -68,8 +68,11 @@ def test_train_flow_trains_once_then_hits_the_cache(prefect_harness, tmp_path: P
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(result["epoch_losses"]) == 2 and result["final_loss"] == card["epoch_losses"][-1]
     # epochs reach the progress listeners (the CLI's bars), after the feature-cache shards
-    assert [r for r in reports if r[0] == "train"] == [("train", 0, 2), ("train", 1, 2),
-                                                      ("train", 2, 2)]  # fmt: skip
+    assert [r for r in reports if r[0] == "train"] == [
+        ("train", 0, 2),
+        ("train", 1, 2),
+        ("train", 2, 2),
+    ]
     assert ("dino_features", 2, 2) in reports  # features of all 8 indexed images, 2 shards
 
     run_id = str(state.state_details.flow_run_id)

@@ -89,9 +89,12 @@ class PrefectStack:
         with log.open("wb") as out:
             self.server = subprocess.Popen(
                 [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=self.env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.home,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.server.poll() is not None:
@@ -111,9 +114,15 @@ class PrefectStack:
     def cli(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
         """``prefect <args>`` from the repository root; output merged into ``stdout``."""
         return subprocess.run(
-            [*PREFECT, *args], env=self.env, cwd=REPO, capture_output=False, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s,
-        )  # fmt: skip
+            [*PREFECT, *args],
+            env=self.env,
+            cwd=REPO,
+            capture_output=False,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout_s,
+        )
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         response = httpx.request(method, f"{self.api_url}{path}", timeout=30, **kwargs)

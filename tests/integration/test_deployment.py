@@ -35,8 +35,9 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 def stack(tmp_path: Path) -> Iterator[PrefectStack]:
     port = free_port()
     # the UI's API URL given as the README says (another name than the server's own address)
-    s = PrefectStack(home=tmp_path / "prefect-home", port=port,
-                     ui_api_url=f"http://localhost:{port}/api")  # fmt: skip
+    s = PrefectStack(
+        home=tmp_path / "prefect-home", port=port, ui_api_url=f"http://localhost:{port}/api"
+    )
     try:
         s.start()
         yield s
@@ -52,8 +53,11 @@ def _deploy_all(stack: PrefectStack) -> dict[str, dict]:
     out = stack.cli("--no-prompt", "deploy", "--all")
     assert out.returncode == 0, out.stdout[-3000:]
     found = {}
-    for flow_name, name in (("annotate-and-train", "default"), ("annotate-and-train", "smoke"),
-                            ("retrain", "nightly")):  # fmt: skip
+    for flow_name, name in (
+        ("annotate-and-train", "default"),
+        ("annotate-and-train", "smoke"),
+        ("retrain", "nightly"),
+    ):
         assert f"Deployment '{flow_name}/{name}' successfully created" in out.stdout
         found[name] = stack.api("GET", f"/deployments/name/{flow_name}/{name}")
     return found
@@ -64,9 +68,12 @@ def _run_worker(stack: PrefectStack, run_id: str, log_path: Path, timeout_s: flo
     with log_path.open("ab") as log:
         worker = subprocess.Popen(
             [*PREFECT, "worker", "start", "--pool", POOL, "--run-once"],
-            env=stack.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env=stack.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -120,9 +127,14 @@ def test_smoke_deployment_runs_to_completed_on_a_worker(stack: PrefectStack, tmp
     # no images parameter: the bundled sample photos, written into the store
     store_dir = tmp_path / "store"
     run = stack.cli(
-        "deployment", "run", "annotate-and-train/smoke",
-        "-p", f"store={store_dir}", "-p", f"overrides={json.dumps(overrides)}",
-    )  # fmt: skip
+        "deployment",
+        "run",
+        "annotate-and-train/smoke",
+        "-p",
+        f"store={store_dir}",
+        "-p",
+        f"overrides={json.dumps(overrides)}",
+    )
     assert run.returncode == 0, run.stdout[-3000:]
     run_id = flow_run_id(run.stdout)
 
@@ -154,9 +166,18 @@ def test_smoke_deployment_runs_to_completed_on_a_worker(stack: PrefectStack, tmp
 
     # the pictures the UI shows: overlays and the loss curve embedded in markdown artifacts,
     # tables of plain values
-    artifacts = {a["key"]: a for a in stack.api("POST", "/artifacts/filter", json={
-        "artifacts": {"key": {"any_": ["annotate-gallery", "train-loss", "annotate-summary"]}},
-    })}  # fmt: skip
+    artifacts = {
+        a["key"]: a
+        for a in stack.api(
+            "POST",
+            "/artifacts/filter",
+            json={
+                "artifacts": {
+                    "key": {"any_": ["annotate-gallery", "train-loss", "annotate-summary"]}
+                },
+            },
+        )
+    }
     gallery, loss = artifacts["annotate-gallery"], artifacts["train-loss"]
     assert gallery["type"] == "markdown" and gallery["data"].count("](data:image/jpeg;base64,") >= 1
     assert loss["type"] == "markdown" and "](data:image/png;base64," in loss["data"]

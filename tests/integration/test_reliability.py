@@ -68,7 +68,7 @@ def test_actor_killed_mid_stage_every_image_labelled_once(
             "num_workers": 2,
             "cpus_per_worker": 1.0,
             "max_retries": 2,
-        },  # fmt: skip
+        },
     )
     fp = clip_dense.run_clip_dense(store, on_ray, index_fp, VOCAB)
 
@@ -124,16 +124,23 @@ def test_killed_flow_resumes_from_committed_shards(
     script = tmp_path / "flow.py"
     script.write_text(textwrap.dedent(_FLOW_SCRIPT))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-home"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               # its own temporary server: 20 s by default, too short on a busy 2-core box
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")  # fmt: skip
+    env.update(
+        PYTHONPATH=str(REPO),
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # its own temporary server: 20 s by default, too short on a busy 2-core box
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+    )
     log = tmp_path / "flow.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, str(script), str(tmp_path / "images"), str(store_dir), str(config)],
-            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     stage_root = store_dir / "stages" / "clip_dense"
     try:
         deadline = time.monotonic() + 240  # the temporary server may take up to 120 s
@@ -163,13 +170,17 @@ def test_killed_flow_resumes_from_committed_shards(
         return real(self, shard, spec)
 
     monkeypatch.setattr(clip_dense.ClipDenseWorker, "process", recording)
-    out = annotate_flow(str(tmp_path / "images"), str(store_dir), classes=",".join(VOCAB),
-                        config=str(config))  # fmt: skip
+    out = annotate_flow(
+        str(tmp_path / "images"), str(store_dir), classes=",".join(VOCAB), config=str(config)
+    )
 
     assert sorted(called) == [s for s in range(N_IMAGES) if s not in done]  # only the missing
     after = _files(fp_dir)
-    committed = [n for n in kept if n.startswith(tuple(f"{k}-{s:05d}" for s in done
-                                                      for k in ("part", "receipt")))]  # fmt: skip
+    committed = [
+        n
+        for n in kept
+        if n.startswith(tuple(f"{k}-{s:05d}" for s in done for k in ("part", "receipt")))
+    ]
     assert len(committed) >= 2 * len(done)
     for name in committed:  # same bytes and same mtime: not rewritten
         assert after.get(name) == kept[name], f"{name} was rewritten or removed"

@@ -41,8 +41,7 @@ show(sys.argv[1])
 @pytest.fixture
 def ui_stack(tmp_path: Path) -> Iterator[PrefectStack]:
     port = free_port()
-    s = PrefectStack(home=tmp_path / "home", port=port,
-                     ui_api_url=f"http://127.0.0.1:{port}/api")  # fmt: skip
+    s = PrefectStack(home=tmp_path / "home", port=port, ui_api_url=f"http://127.0.0.1:{port}/api")
     try:
         s.start()
         yield s
@@ -53,10 +52,19 @@ def ui_stack(tmp_path: Path) -> Iterator[PrefectStack]:
 def _dom(url: str) -> str:
     assert CHROMIUM is not None
     out = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
-         "--dump-dom", url],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     return out.stdout
 
 
@@ -64,11 +72,20 @@ def _dom(url: str) -> str:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (Debian package `chromium`)")
 def test_ui_renders_embedded_overlays_and_plain_tables(ui_stack: PrefectStack, tmp_path) -> None:
     env = dict(ui_stack.env, PYTHONPATH=str(REPO))
-    run = subprocess.run([sys.executable, "-c", FLOW, str(tmp_path / "store")], env=env,
-                         capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", FLOW, str(tmp_path / "store")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    found = ui_stack.api("POST", "/artifacts/filter", json={
-        "artifacts": {"key": {"any_": ["annotate-gallery", "annotate-summary"]}}})  # fmt: skip
+    found = ui_stack.api(
+        "POST",
+        "/artifacts/filter",
+        json={"artifacts": {"key": {"any_": ["annotate-gallery", "annotate-summary"]}}},
+    )
     ids = {a["key"]: a["id"] for a in found}
     base = f"http://127.0.0.1:{ui_stack.port}/v2/artifacts/artifact"
     gallery = _dom(f"{base}/{ids['annotate-gallery']}")

@@ -15,17 +15,22 @@ from fmbseg.models.weights import WeightsNotFoundError
 def test_random_weights_and_existing_files_pass(tmp_path: Path) -> None:
     ckpt = tmp_path / "sam.pth"
     ckpt.write_bytes(b"x")
-    models = load_config("tiny", [f"models.sam_weights={ckpt}",
-                                  f"models.dino_weights=file://{ckpt}"]).models  # fmt: skip
+    models = load_config(
+        "tiny", [f"models.sam_weights={ckpt}", f"models.dino_weights=file://{ckpt}"]
+    ).models
     locate_weights(models)  # clip: None = random init; the others exist
 
 
 def test_missing_files_and_unreachable_store_are_reported_together(tmp_path: Path) -> None:
     uri = "s3://no-bucket/dino.safetensors"
-    models = load_config("tiny", [f"models.sam_weights={tmp_path}/missing.pth",
-                                  f"models.dino_weights={uri}"]).models  # fmt: skip
-    options = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "anon": True,
-               "config_kwargs": {"retries": {"max_attempts": 1}}}  # fmt: skip
+    models = load_config(
+        "tiny", [f"models.sam_weights={tmp_path}/missing.pth", f"models.dino_weights={uri}"]
+    ).models
+    options = {
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+        "anon": True,
+        "config_kwargs": {"retries": {"max_attempts": 1}},
+    }
     start = time.monotonic()
     with pytest.raises(WeightsNotFoundError) as info:
         locate_weights(models, store_options=options, timeout_s=3)

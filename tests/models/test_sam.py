@@ -249,12 +249,17 @@ def test_missing_real_checkpoint_says_how_to_fix(
         {"points_per_batch": 8, "min_mask_region_area": 20},
         # every filter of METHOD 1.2 at work: IoU, stability, NMS, small regions; the flipped
         # image's last point batch keeps no mask
-        {"points_per_batch": 5, "pred_iou_thresh": 0.34, "stability_score_thresh": 0.1,
-         "box_nms_thresh": 0.99, "min_mask_region_area": 30},
+        {
+            "points_per_batch": 5,
+            "pred_iou_thresh": 0.34,
+            "stability_score_thresh": 0.1,
+            "box_nms_thresh": 0.99,
+            "min_mask_region_area": 30,
+        },
         # SAM's labelling crop layers: 1 + 4 crops, a 3x3 grid in each crop, cross-crop NMS
         {"points_per_batch": 16, "crop_n_layers": 1, "crop_n_points_downscale_factor": 2},
     ],
-)  # fmt: skip
+)
 def test_binary_mask_generator_equals_the_stock_generator(
     sam: SamSegmenter, image: np.ndarray, changes: dict
 ) -> None:
@@ -303,8 +308,11 @@ def test_points_per_batch_defaults_by_device_and_rejects_nonsense(sam: SamSegmen
     )
     assert built._generator.points_per_batch == 64  # the tiny SAM is on the CPU
     for bad in (0, -3, True, 2.5):
-        with pytest.raises(ValueError, match=rf"sam_auto.points_per_batch must be a positive "
-                           rf"integer or null .*got {bad!r}"):  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=rf"sam_auto.points_per_batch must be a positive "
+            rf"integer or null .*got {bad!r}",
+        ):
             points_per_batch(bad, torch.device("cpu"))  # type: ignore[arg-type]
 
 

@@ -10,8 +10,9 @@ SCHEMA = pa.schema([pa.field("i", pa.int64(), nullable=False), ("name", pa.strin
 
 
 def _part(start: int, n: int) -> pa.Table:
-    return pa.table({"i": range(start, start + n), "name": [f"r{k}" for k in range(n)]},
-                    schema=SCHEMA)  # fmt: skip
+    return pa.table(
+        {"i": range(start, start + n), "name": [f"r{k}" for k in range(n)]}, schema=SCHEMA
+    )
 
 
 def _parts() -> list[pa.Table]:

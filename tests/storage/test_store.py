@@ -284,10 +284,19 @@ def test_killed_writer_resumes_only_missing_shards(
 
     log = tmp_path / "calls.log"
     proc = subprocess.run(
-        [sys.executable, "-c", _KILLED_WRITER, any_store.uri,
-         json.dumps(any_store.storage_options), str(log), "3"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            _KILLED_WRITER,
+            any_store.uri,
+            json.dumps(any_store.storage_options),
+            str(log),
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr
     assert log.read_text().split() == ["0", "1", "2", "3"]  # died inside shard 3
     written = sorted(any_store.shard_receipts(STAGE, "killed"))
@@ -371,8 +380,11 @@ def test_persistent_errors_become_a_store_error(
             raise ConnectionError(f"injected failure #{flaky.failures} in open")
 
         monkeypatch.setattr(store, "_open_temp", no_temp)
-    with pytest.raises(StoreError, match=r"write stages/demo/fp/part-00000-\w+\.parquet failed "
-                       r"after 4 attempts on .*ConnectionError: injected failure #4"):  # fmt: skip
+    with pytest.raises(
+        StoreError,
+        match=r"write stages/demo/fp/part-00000-\w+\.parquet failed "
+        r"after 4 attempts on .*ConnectionError: injected failure #4",
+    ):
         store.write_shard(STAGE, "fp", 0, _records(0))
     assert delays == [0.01, 0.02, 0.03]  # exponential, capped at max_delay
 

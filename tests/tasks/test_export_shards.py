@@ -59,7 +59,7 @@ def _merge(store: ArtifactStore, tmp_path) -> dict[str, np.ndarray]:
                     source="prompt" if k % 2 else "auto",
                     score=0.8,
                     fingerprint="fp",
-                )  # fmt: skip
+                )
                 for k in np.unique(scene.truth)
             ]
         records = MaskRecords.from_rows(rows) if rows else MaskRecords.empty()

@@ -44,8 +44,10 @@ def test_index_images_core(messy_image_dir: Path, messy_expected: dict[str, Any]
     records, errors = index_images(refs, IndexConfig())
     assert records.schema == RECORD_SCHEMA
     assert {_rel(u, messy_image_dir) for u in records["uri"].to_pylist()} == messy_expected["good"]
-    got = {_rel(u, messy_image_dir): t for u, t in
-           zip(errors["uri"].to_pylist(), errors["error_type"].to_pylist(), strict=True)}  # fmt: skip
+    got = {
+        _rel(u, messy_image_dir): t
+        for u, t in zip(errors["uri"].to_pylist(), errors["error_type"].to_pylist(), strict=True)
+    }
     assert got == messy_expected["errors"]
     assert set(errors["stage"].to_pylist()) == {"index"}
 
@@ -88,11 +90,21 @@ def test_unreadable_inputs_are_error_rows(tmp_path: Path) -> None:
     records, errors = index_images(["gone.jpg", "far.jpg"], IndexConfig(), read=read)
     assert records.num_rows == 0 and records.schema == RECORD_SCHEMA
     assert errors.to_pylist() == [
-        {"uri": "gone.jpg", "image_id": None, "stage": "index", "error_type": "read_error",
-         "message": "file not found"},
-        {"uri": "far.jpg", "image_id": None, "stage": "index", "error_type": "read_error",
-         "message": "ConnectionError: bucket unreachable"},
-    ]  # fmt: skip
+        {
+            "uri": "gone.jpg",
+            "image_id": None,
+            "stage": "index",
+            "error_type": "read_error",
+            "message": "file not found",
+        },
+        {
+            "uri": "far.jpg",
+            "image_id": None,
+            "stage": "index",
+            "error_type": "read_error",
+            "message": "ConnectionError: bucket unreachable",
+        },
+    ]
 
 
 def test_header_only_mode_and_pixel_limit(messy_image_dir: Path) -> None:
@@ -120,8 +132,10 @@ def test_run_index_dedups_across_shards(
     assert {_rel(u, messy_image_dir) for u in uris} == messy_expected["good"]
     assert len(set(index["image_id"].to_pylist())) == index.num_rows  # each content once
     errors = local_store.read_table(STAGE, fp, kind="errors")
-    got = {_rel(u, messy_image_dir): t for u, t in
-           zip(errors["uri"].to_pylist(), errors["error_type"].to_pylist(), strict=True)}  # fmt: skip
+    got = {
+        _rel(u, messy_image_dir): t
+        for u, t in zip(errors["uri"].to_pylist(), errors["error_type"].to_pylist(), strict=True)
+    }
     assert got == messy_expected["errors"]
     assert manifest.rows == 10 and manifest.error_rows == 6
     assert manifest.meta["images"] == 10 and manifest.meta["duplicates"] == 2
@@ -256,8 +270,10 @@ def test_index_flow_under_prefect(prefect_harness, tmp_path: Path, image_dir: Pa
     assert lineage["config"]["runtime"]["shard_size"] == 2
     api = PREFECT_API_URL.value()
     # GET /artifacts/{key}/latest (this client's filter helpers send fields its server rejects)
-    latest = {k: httpx.get(f"{api}/artifacts/{k}/latest").json()
-              for k in ("index-progress", "index-summary", "index-errors")}  # fmt: skip
+    latest = {
+        k: httpx.get(f"{api}/artifacts/{k}/latest").json()
+        for k in ("index-progress", "index-summary", "index-errors")
+    }
     assert {k: a["flow_run_id"] for k, a in latest.items()} == dict.fromkeys(latest, flow_run_id)
     assert latest["index-progress"]["data"] == 100.0
     summary = json.loads(latest["index-summary"]["data"])

@@ -46,5 +46,7 @@ def test_decide_and_record_moves_the_pointer_only_when_promoted(tmp_path) -> Non
     assert reg.card("m", "v0003")["promotion"]["why"] == "x"
     history = reg.champion_record("m")["history"]
     assert [(h["version"], h["promoted"]) for h in history] == [
-        ("v0001", True), ("v0002", False), ("v0003", True)
-    ]  # fmt: skip
+        ("v0001", True),
+        ("v0002", False),
+        ("v0003", True),
+    ]

@@ -63,9 +63,17 @@ class SquareWorker:
             }
         )
         errors = errors_table(
-            [{"uri": f"item-{i}", "image_id": None, "stage": "sq", "error_type": "negative",
-              "message": f"{i} < 0"} for i in bad]
-        )  # fmt: skip
+            [
+                {
+                    "uri": f"item-{i}",
+                    "image_id": None,
+                    "stage": "sq",
+                    "error_type": "negative",
+                    "message": f"{i} < 0",
+                }
+                for i in bad
+            ]
+        )
         return records, errors
 
 
@@ -134,9 +142,15 @@ def test_local_run_commits_records_and_errors(local_store: ArtifactStore) -> Non
     specs = [[0, 1, -1], [2, 3], [-2, -3]]
     seen: list[tuple[int, int]] = []
     manifest = run_stage(
-        local_store, "sq", "fp", specs, SquareWorker, LOCAL,
-        progress=lambda d, t: seen.append((d, t)), meta={"k": "v"},
-    )  # fmt: skip
+        local_store,
+        "sq",
+        "fp",
+        specs,
+        SquareWorker,
+        LOCAL,
+        progress=lambda d, t: seen.append((d, t)),
+        meta={"k": "v"},
+    )
     assert (manifest.num_shards, manifest.rows, manifest.error_rows) == (3, 4, 3)
     assert manifest.meta == {"k": "v"}
     assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
@@ -169,8 +183,9 @@ def test_resume_skips_shards_with_receipts(local_store: ArtifactStore) -> None:
             return super().process(shard, spec)
 
     seen: list[tuple[int, int]] = []
-    manifest = run_stage(local_store, "sq", "fp", specs, Counting, LOCAL,
-                         progress=lambda d, t: seen.append((d, t)))  # fmt: skip
+    manifest = run_stage(
+        local_store, "sq", "fp", specs, Counting, LOCAL, progress=lambda d, t: seen.append((d, t))
+    )
     assert calls == [1, 3]
     assert seen == [(2, 4), (3, 4), (4, 4)]
     assert local_store.read_table("sq", "fp").column("item").to_pylist() == list(range(10))
@@ -270,16 +285,16 @@ def test_finalize_runs_before_commit_and_extends_meta(local_store: ArtifactStore
         receipts[2] = store.write_shard(stage, fp, 2, *SquareWorker().process(2, [7]))
         return {"checked": len(receipts)}
 
-    m = run_stage(local_store, "sq", "fp", _specs(), SquareWorker, LOCAL, meta={"a": 1},
-                  finalize=finalize)  # fmt: skip
+    m = run_stage(
+        local_store, "sq", "fp", _specs(), SquareWorker, LOCAL, meta={"a": 1}, finalize=finalize
+    )
     assert m.meta == {"a": 1, "checked": 4}
     assert local_store.read_shard("sq", "fp", 2, manifest=m).column("square").to_pylist() == [49]
 
 
 def test_unknown_executor(local_store: ArtifactStore) -> None:
     with pytest.raises(ValueError, match="executor must be 'local' or 'ray', got 'dask'"):
-        run_stage(local_store, "sq", "fp", _specs(), SquareWorker,
-                  RuntimeConfig(executor="dask"))  # type: ignore[arg-type]  # fmt: skip
+        run_stage(local_store, "sq", "fp", _specs(), SquareWorker, RuntimeConfig(executor="dask"))  # type: ignore[arg-type]
 
 
 def test_zero_shards_commit_an_empty_stage(local_store: ArtifactStore) -> None:
@@ -311,8 +326,14 @@ def test_local_slot_prefetches_the_next_shard_and_processes_in_order(local_store
     Recording.events = []
     run_stage(local_store, "sq", "fp", _specs(10, 3), Recording, LOCAL)
     assert Recording.events == [
-        ("prefetch", 1), ("process", 0), ("prefetch", 2), ("process", 1),
-        ("prefetch", 3), ("process", 2), ("process", 3)]  # fmt: skip
+        ("prefetch", 1),
+        ("process", 0),
+        ("prefetch", 2),
+        ("process", 1),
+        ("prefetch", 3),
+        ("process", 2),
+        ("process", 3),
+    ]
     assert local_store.read_table("sq", "fp").column("item").to_pylist() == list(range(10))
 
 
@@ -328,8 +349,15 @@ def test_local_slot_writes_a_shard_while_the_next_is_processed(local_store, monk
 
     monkeypatch.setattr(local_store, "write_shard", slow_write)
     progress: list[int] = []
-    m = run_stage(local_store, "sq", "fp", _specs(10, 3), Recording, LOCAL,
-                  progress=lambda done, total: progress.append(done))  # fmt: skip
+    m = run_stage(
+        local_store,
+        "sq",
+        "fp",
+        _specs(10, 3),
+        Recording,
+        LOCAL,
+        progress=lambda done, total: progress.append(done),
+    )
     assert overlapped == [True]
     assert progress == [0, 1, 2, 3, 4]  # a shard counts once its receipt is written
     assert m.rows == 10
@@ -406,16 +434,18 @@ class SquareAndCube(SquareWorker):
         SquareAndCube.calls.append(shard)
         squares, errors = super().process(shard, spec)
         good = [i for i in spec if i >= 0]
-        cubes = pa.table({"item": pa.array(good, pa.int64()),
-                          "cube": pa.array([i**3 for i in good], pa.int64())})  # fmt: skip
+        cubes = pa.table(
+            {"item": pa.array(good, pa.int64()), "cube": pa.array([i**3 for i in good], pa.int64())}
+        )
         return [(squares.drop_columns(["pid"]), errors), (cubes, None)]
 
 
 def test_run_stages_commits_each_stage_as_if_it_ran_alone(tmp_path) -> None:
     specs = [[0, 1, -1], [2, 3], [-2], [4, 5, 6], [7]]
     store = ArtifactStore(str(tmp_path / "both"))
-    sq, cube = run_stages(store, [("sq", "a"), ("cube", "b")], specs, SquareAndCube, LOCAL,
-                          meta={"k": 1})  # fmt: skip
+    sq, cube = run_stages(
+        store, [("sq", "a"), ("cube", "b")], specs, SquareAndCube, LOCAL, meta={"k": 1}
+    )
     assert (sq.rows, sq.error_rows, cube.rows, cube.error_rows) == (8, 2, 8, 0)
     assert sq.meta == cube.meta == {"k": 1} and sq.num_shards == cube.num_shards == 5
     assert store.read_table("cube", "b").column("cube").to_pylist() == [i**3 for i in range(8)]
@@ -440,15 +470,24 @@ def test_run_stages_redoes_a_shard_any_stage_lacks_and_refuses_half_committed(tm
             store.write_shard("cube", "b", shard, cubes)
     SquareAndCube.calls = []
     seen: list[tuple[int, int]] = []
-    run_stages(store, [("sq", "a"), ("cube", "b")], specs, SquareAndCube, LOCAL,
-               progress=lambda d, t: seen.append((d, t)))  # fmt: skip
+    run_stages(
+        store,
+        [("sq", "a"), ("cube", "b")],
+        specs,
+        SquareAndCube,
+        LOCAL,
+        progress=lambda d, t: seen.append((d, t)),
+    )
     assert SquareAndCube.calls == [1, 2, 3] and seen[0] == (1, 4) and seen[-1] == (4, 4)
     assert store.read_table("cube", "b").column("item").to_pylist() == list(range(10))
 
     with pytest.raises(ValueError, match=r"stage 'sq' \(a\) already committed, the others not"):
         run_stages(store, [("sq", "a"), ("cube", "new")], specs, SquareAndCube, LOCAL)
-    with pytest.raises(StageError, match=r"stages 'sq' \(x\), 'cube' \(y\): shard 0 failed: "
-                       r"TypeError: SquareWorker.process must return a list of 2"):  # fmt: skip
+    with pytest.raises(
+        StageError,
+        match=r"stages 'sq' \(x\), 'cube' \(y\): shard 0 failed: "
+        r"TypeError: SquareWorker.process must return a list of 2",
+    ):
         run_stages(store, [("sq", "x"), ("cube", "y")], specs, SquareWorker, LOCAL)
 
 
@@ -467,8 +506,9 @@ def test_ray_and_local_give_identical_manifests(ray_session, tmp_path: Path) -> 
     local = run_stage(ArtifactStore(str(tmp_path / "a")), "sq", "fp", specs, NoPid, LOCAL)
     seen: list[tuple[int, int]] = []
     ray_store = ArtifactStore(str(tmp_path / "b"))
-    remote = run_stage(ray_store, "sq", "fp", specs, NoPid, RAY,
-                       progress=lambda d, t: seen.append((d, t)))  # fmt: skip
+    remote = run_stage(
+        ray_store, "sq", "fp", specs, NoPid, RAY, progress=lambda d, t: seen.append((d, t))
+    )
     assert _summary(remote) == _summary(local)
     assert (remote.rows, remote.error_rows) == (local.rows, local.error_rows) == (8, 2)
     assert seen[0] == (0, 5) and seen[-1] == (5, 5) and len(seen) == 6

@@ -70,7 +70,10 @@ def test_upstream_reads_each_manifest_once(tmp_path, monkeypatch):
     )
     up = Upstream(store)
     assert [up.read("s", "fp", i).column("x").to_pylist() for i in range(3)] == [
-        [0, 0], [1, 1], [2, 2]]  # fmt: skip
+        [0, 0],
+        [1, 1],
+        [2, 2],
+    ]
     assert up.part("s", "fp", 1, kind="errors") is None  # no errors written: None, no read
     assert sum(r.endswith("_manifest.json") for r in reads) == 1
     assert len(reads) == 4  # the manifest and the three parts

@@ -114,8 +114,9 @@ def test_a_square_object_stays_square_in_training_and_in_segment(tmp_path: Path)
     assert len(windows) == 3 and all(w.shape == (3, S, S) for w in windows)  # 56x112, stride 28
     in_segment = [extent(decode_classes(pixels(w, enc.preprocess)), car) for w in windows]
     in_segment = [(h, w) for h, w, inner in in_segment if inner]
-    assert in_segment and all((h, w) in seen or (h - 1, w - 1) in seen or (h + 1, w + 1) in seen
-                              for h, w in in_segment), (in_segment, seen)  # fmt: skip
+    assert in_segment and all(
+        (h, w) in seen or (h - 1, w - 1) in seen or (h + 1, w + 1) in seen for h, w in in_segment
+    ), (in_segment, seen)
 
 
 def test_crop_labels_are_the_resized_map_cut_like_the_image() -> None:

@@ -23,8 +23,15 @@ def add_second_batch(world) -> list:
     scenes = [*world.held_out, *world.train[:2]]
     rows = [r for sc in scenes for r in records_for(sc, world.uris[sc.image_id])]
     commit_table(world.store, "merge", LABELS_B, MaskRecords.from_rows(rows).table)
-    index = [{"image_id": sc.image_id, "uri": world.uris[sc.image_id],
-              "width": sc.image.shape[1], "height": sc.image.shape[0]} for sc in scenes]  # fmt: skip
+    index = [
+        {
+            "image_id": sc.image_id,
+            "uri": world.uris[sc.image_id],
+            "width": sc.image.shape[1],
+            "height": sc.image.shape[0],
+        }
+        for sc in scenes
+    ]
     commit_table(world.store, "index", INDEX_B, pa.Table.from_pylist(index))
     return scenes
 
@@ -51,8 +58,9 @@ def test_union_of_label_sets_and_finetune_from_a_version(world, encoder, text_mo
     add_second_batch(world)
     cfg = tiny_config("train.epochs=1")
     sets = [(LABELS_FP, INDEX_FP), (LABELS_B, INDEX_B)]
-    name, version = run_train(world.store, cfg, sets, None, list(VOCAB),
-                              encoder=encoder, text_model=text_model)  # fmt: skip
+    name, version = run_train(
+        world.store, cfg, sets, None, list(VOCAB), encoder=encoder, text_model=text_model
+    )
     reg = ModelRegistry(world.store)
     data = reg.card(name, version)["data"]
     # 16 + 6 new images; the 2 copied training scenes train once
@@ -64,8 +72,16 @@ def test_union_of_label_sets_and_finetune_from_a_version(world, encoder, text_mo
 
     # Fine-tuning with lr 0 keeps the initial weights exactly: they were loaded.
     lr0 = tiny_config("train.epochs=1", "train.lr=0.0", "train.weight_decay=0.0")
-    _, tuned = run_train(world.store, lr0, LABELS_FP, INDEX_FP, list(VOCAB), encoder=encoder,
-                         text_model=text_model, init_from=version)  # fmt: skip
+    _, tuned = run_train(
+        world.store,
+        lr0,
+        LABELS_FP,
+        INDEX_FP,
+        list(VOCAB),
+        encoder=encoder,
+        text_model=text_model,
+        init_from=version,
+    )
     assert tuned == "v0002"
     assert reg.card(name, tuned)["data"]["init_from"] == f"{name}:{version}"
     start, _ = reg.load(name, version)
@@ -75,5 +91,13 @@ def test_union_of_label_sets_and_finetune_from_a_version(world, encoder, text_mo
 
     wider = tiny_config("train.epochs=1", "train.heads=4")
     with pytest.raises(IncompatibleModelError, match="heads 2 .champion. vs 4 .config."):
-        run_train(world.store, wider, LABELS_FP, INDEX_FP, list(VOCAB), encoder=encoder,
-                  text_model=text_model, init_from=f"{name}:{version}")  # fmt: skip
+        run_train(
+            world.store,
+            wider,
+            LABELS_FP,
+            INDEX_FP,
+            list(VOCAB),
+            encoder=encoder,
+            text_model=text_model,
+            init_from=f"{name}:{version}",
+        )

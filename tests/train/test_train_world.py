@@ -117,8 +117,13 @@ def test_train_reaches_accuracy_and_reloads(world, encoder, text_model, tmp_path
     PILImage.fromarray(gray).save(gray_png)
     as_indexed = decode_image(gray_png.read_bytes(), str(gray_png))  # (H, W, 3), replicated
     expected = seg.segment(as_indexed, classes)
-    for form in (gray, gray[..., None], PILImage.fromarray(gray), str(gray_png),
-                 gray.astype(np.uint16) * 257):  # fmt: skip
+    for form in (
+        gray,
+        gray[..., None],
+        PILImage.fromarray(gray),
+        str(gray_png),
+        gray.astype(np.uint16) * 257,
+    ):
         assert np.array_equal(seg.segment(form, classes), expected)
     with pytest.raises(ValueError, match=r"array of shape \(2, 3, 4, 5\) is not an image"):
         seg.segment(np.zeros((2, 3, 4, 5), np.uint8), classes)
@@ -234,10 +239,17 @@ def test_feature_cache_skips_unreadable_images_and_resumes(tmp_path, encoder) ->
     store.write_shard(feat.STAGE, fp, 0, part)
     calls = encoder.calls
     got = feat.build_feature_cache(
-        store, encoder.name, None, 56, "idx", table, crops_per_image=2,
+        store,
+        encoder.name,
+        None,
+        56,
+        "idx",
+        table,
+        crops_per_image=2,
         encoder_factory=lambda device: encoder,
-        runtime=tiny_config("runtime.shard_size=2").runtime, batch_size=2,
-    )  # fmt: skip
+        runtime=tiny_config("runtime.shard_size=2").runtime,
+        batch_size=2,
+    )
     assert got == fp and encoder.calls == calls + 2  # 2 crops per image, 2 crops per call
     errors = store.read_table(feat.STAGE, fp, kind="errors")
     assert errors.column("image_id").to_pylist() == [ids[3]]
@@ -304,8 +316,15 @@ def test_training_under_bf16_autocast_learns_and_keeps_float32_weights(
 
     monkeypatch.setattr(feat, "autocast_for", cpu_bf16)
     monkeypatch.setattr(loop, "autocast_for", cpu_bf16)
-    name, version = run_train(world.store, tiny_config("train.epochs=12"), LABELS_FP, INDEX_FP,
-                              list(VOCAB), encoder=encoder, text_model=text_model)  # fmt: skip
+    name, version = run_train(
+        world.store,
+        tiny_config("train.epochs=12"),
+        LABELS_FP,
+        INDEX_FP,
+        list(VOCAB),
+        encoder=encoder,
+        text_model=text_model,
+    )
     assert calls and set(calls) == {"cpu"}
     card = ModelRegistry(world.store).card(name, version)
     assert all(np.isfinite(card["epoch_losses"]))
