@@ -70,7 +70,63 @@ def _check_image(image: np.ndarray, what: str) -> None:
         raise ValueError(f"{what}: expected an HxWx3 uint8 RGB array, got {desc}")
 
 
-class SamSegmenter:
+class PromptedSegmenter:
+    """What SAM and SAM 2.1 share: the point prompts' contract and checks. A subclass sets
+    ``name`` and ``_image_hw`` (in ``set_image``) and decodes checked prompts in
+    :meth:`_decode`."""
+
+    name: str
+    _image_hw: tuple[int, int] | None = None
+
+    def predict(
+        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Points ``(P, 2)`` float ``(x, y)`` in original pixels (corner origin), labels
+        ``(P,)`` (1 = positive, 0 = negative) -> masks ``(M, H, W) bool`` at the original
+        size and predicted IoU ``(M,) float32``; ``M`` = 3 with ``multimask`` else 1."""
+        if self._image_hw is None:
+            raise RuntimeError(f"{self.name}.predict: call set_image(image) first")
+        pts = np.asarray(points, dtype=np.float32)
+        lab = np.asarray(labels)
+        if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
+            raise ValueError(
+                f"{self.name}.predict: points must be (P, 2) with P >= 1, got {pts.shape}"
+            )
+        if lab.shape != (len(pts),):
+            raise ValueError(f"{self.name}.predict: labels must be ({len(pts)},), got {lab.shape}")
+        masks, scores = self.predict_batch(pts[None], lab[None], multimask)
+        return masks[0], scores[0]
+
+    def predict_batch(
+        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``B`` prompts in one pass of the prompt encoder and mask decoder: points
+        ``(B, P, 2)`` float ``(x, y)`` in original pixels, labels ``(B, P)`` -> masks
+        ``(B, M, H, W) bool`` and predicted IoU ``(B, M) float32``, prompt ``b`` as
+        :meth:`predict` of ``points[b]`` (up to float rounding in the batched matmuls)."""
+        if self._image_hw is None:
+            raise RuntimeError(f"{self.name}.predict_batch: call set_image(image) first")
+        pts = np.asarray(points, dtype=np.float32)
+        lab = np.asarray(labels)
+        if pts.ndim != 3 or pts.shape[2] != 2 or 0 in pts.shape[:2]:
+            raise ValueError(
+                f"{self.name}.predict_batch: points must be (B, P, 2) with B, P >= 1, "
+                f"got {pts.shape}"
+            )
+        if lab.shape != pts.shape[:2]:
+            raise ValueError(
+                f"{self.name}.predict_batch: labels must be {pts.shape[:2]}, got {lab.shape}"
+            )
+        return self._decode(pts, lab, multimask, self._image_hw)
+
+    def _decode(
+        self, pts: np.ndarray, lab: np.ndarray, multimask: bool, image_hw: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Checked prompts ``(B, P, 2)`` / ``(B, P)`` of the set image -> masks, IoU."""
+        raise NotImplementedError
+
+
+class SamSegmenter(PromptedSegmenter):
     """Point-prompted and automatic SAM masks for one image at a time.
 
     Args:
@@ -128,46 +184,10 @@ class SamSegmenter:
         self._image_hw = (int(image.shape[0]), int(image.shape[1]))
         self._generator.embedded = image
 
-    def predict(
-        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
+    def _decode(
+        self, pts: np.ndarray, lab: np.ndarray, multimask: bool, image_hw: tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Points ``(P, 2)`` float ``(x, y)`` in original pixels (corner origin), labels
-        ``(P,)`` (1 = positive, 0 = negative) -> masks ``(M, H, W) bool`` at the original
-        size and predicted IoU ``(M,) float32``; ``M`` = 3 with ``multimask`` else 1."""
-        if self._image_hw is None:
-            raise RuntimeError(f"{self.name}.predict: call set_image(image) first")
-        pts = np.asarray(points, dtype=np.float32)
-        lab = np.asarray(labels)
-        if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
-            raise ValueError(
-                f"{self.name}.predict: points must be (P, 2) with P >= 1, got {pts.shape}"
-            )
-        if lab.shape != (len(pts),):
-            raise ValueError(f"{self.name}.predict: labels must be ({len(pts)},), got {lab.shape}")
-        masks, scores = self.predict_batch(pts[None], lab[None], multimask)
-        return masks[0], scores[0]
-
-    def predict_batch(
-        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``B`` prompts in one pass of the prompt encoder and mask decoder: points
-        ``(B, P, 2)`` float ``(x, y)`` in original pixels, labels ``(B, P)`` -> masks
-        ``(B, M, H, W) bool`` and predicted IoU ``(B, M) float32``, prompt ``b`` as
-        :meth:`predict` of ``points[b]`` (up to float rounding in the batched matmuls)."""
-        if self._image_hw is None:
-            raise RuntimeError(f"{self.name}.predict_batch: call set_image(image) first")
-        pts = np.asarray(points, dtype=np.float32)
-        lab = np.asarray(labels)
-        if pts.ndim != 3 or pts.shape[2] != 2 or 0 in pts.shape[:2]:
-            raise ValueError(
-                f"{self.name}.predict_batch: points must be (B, P, 2) with B, P >= 1, "
-                f"got {pts.shape}"
-            )
-        if lab.shape != pts.shape[:2]:
-            raise ValueError(
-                f"{self.name}.predict_batch: labels must be {pts.shape[:2]}, got {lab.shape}"
-            )
-        coords = self.predictor.transform.apply_coords(pts - 0.5, self._image_hw)
+        coords = self.predictor.transform.apply_coords(pts - 0.5, image_hw)
         with torch.inference_mode():
             masks, scores, _ = self.predictor.predict_torch(
                 torch.as_tensor(coords, dtype=torch.float, device=self.device),

@@ -33,7 +33,7 @@ import torch
 from fmbseg.config import SamAutoConfig
 from fmbseg.models.base import Precision, compute_dtype
 from fmbseg.models.registry import MissingExtraError, register_model
-from fmbseg.models.sam import _check_image, points_per_batch
+from fmbseg.models.sam import PromptedSegmenter, _check_image, points_per_batch
 from fmbseg.models.weights import load_into, load_state_dict_file, resolve_weights, seeded
 
 INSTALL_HINT = (
@@ -160,7 +160,7 @@ def _predictor(model: Any, source: Any | None = None, **kwargs: Any) -> Any:
     return predictor
 
 
-class Sam2Segmenter:
+class Sam2Segmenter(PromptedSegmenter):
     """Point-prompted and automatic SAM 2.1 masks for one image at a time.
 
     Args:
@@ -223,50 +223,15 @@ class Sam2Segmenter:
             self.predictor.set_image(image)
         self._image_hw = (int(image.shape[0]), int(image.shape[1]))
 
-    def predict(
-        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
+    def _decode(
+        self, pts: np.ndarray, lab: np.ndarray, multimask: bool, image_hw: tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Points ``(P, 2)`` float ``(x, y)`` in original pixels (corner origin), labels
-        ``(P,)`` (1 = positive, 0 = negative) -> masks ``(M, H, W) bool`` at the original
-        size and predicted IoU ``(M,) float32``; ``M`` = 3 with ``multimask`` else 1."""
-        if self._image_hw is None:
-            raise RuntimeError(f"{self.name}.predict: call set_image(image) first")
-        pts = np.asarray(points, dtype=np.float32)
-        lab = np.asarray(labels)
-        if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
-            raise ValueError(
-                f"{self.name}.predict: points must be (P, 2) with P >= 1, got {pts.shape}"
-            )
-        if lab.shape != (len(pts),):
-            raise ValueError(f"{self.name}.predict: labels must be ({len(pts)},), got {lab.shape}")
-        masks, scores = self.predict_batch(pts[None], lab[None], multimask)
-        return masks[0], scores[0]
-
-    def predict_batch(
-        self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``B`` prompts in one pass of the prompt encoder and mask decoder: points
-        ``(B, P, 2)``, labels ``(B, P)`` -> masks ``(B, M, H, W) bool`` and predicted IoU
-        ``(B, M) float32``."""
-        if self._image_hw is None:
-            raise RuntimeError(f"{self.name}.predict_batch: call set_image(image) first")
-        pts = np.asarray(points, dtype=np.float32)
-        lab = np.asarray(labels)
-        if pts.ndim != 3 or pts.shape[2] != 2 or 0 in pts.shape[:2]:
-            raise ValueError(
-                f"{self.name}.predict_batch: points must be (B, P, 2) with B, P >= 1, "
-                f"got {pts.shape}"
-            )
-        if lab.shape != pts.shape[:2]:
-            raise ValueError(
-                f"{self.name}.predict_batch: labels must be {pts.shape[:2]}, got {lab.shape}"
-            )
         p = self.predictor
         with torch.inference_mode():
             coords = p._transforms.transform_coords(
                 torch.as_tensor(pts - 0.5, device=self.device),
                 normalize=True,
-                orig_hw=self._image_hw,
+                orig_hw=image_hw,
             )
             masks, scores, _ = p._predict(
                 coords,
