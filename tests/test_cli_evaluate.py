@@ -9,6 +9,7 @@ import torch
 
 from fmbseg.cli import main
 from fmbseg.storage import ArtifactStore
+from tests.cli_output import summary
 from tests.evaluate import dataset_trees as trees
 
 
@@ -45,6 +46,8 @@ def test_maskclip_baseline_end_to_end(
     argv = _argv(voc_root, store_dir, "--model", "maskclip", "--set", "runtime.shard_size=2")
     assert main(argv) == 0
     out, err = capsys.readouterr()
+    assert out.startswith("evaluate: done (fingerprint ")  # the runner's stage report
+    out = summary(out)
     assert out.startswith("voc21: 3 images, mIoU ")
     assert "aeroplane" in out and "tvmonitor" in out  # the per-class table
     assert "evaluate" in err and "shard" in err  # the progress bar: 2 shards
@@ -58,7 +61,7 @@ def test_maskclip_baseline_end_to_end(
     assert report["num_images"] == 3 and report["model"] == "maskclip"
 
     assert main([*argv, "--limit", "1"]) == 0
-    out = capsys.readouterr().out
+    out = summary(capsys.readouterr().out)
     assert out.startswith("voc21: 1 images, mIoU ")
     assert len(store.committed_fingerprints("evaluate")) == 2
 
@@ -72,7 +75,7 @@ def test_pseudo_label_quality_summary(
     store_dir = tmp_path / "store"
     _commit_labels(ArtifactStore(str(store_dir)), voc_root)
     assert main(_argv(voc_root, store_dir, "--model", "labels:latest")) == 0
-    out = capsys.readouterr().out
+    out = summary(capsys.readouterr().out)
     lines = out.splitlines()
     assert lines[0] == ("pseudo-labels labels0000000000 on voc21: 3 images (1 without records)")
     assert [ln.split()[0] for ln in lines[2:5]] == ["prompt", "auto", "merged"]
@@ -95,7 +98,7 @@ def test_both_coco_object_variants_are_accepted_and_named(
         argv += ["--config", "tiny", "--set", "runtime.executor=local"]
         argv += ["--model", "maskclip", "--limit", "1"]
         assert main(argv) == 0
-        lines = capsys.readouterr().out.splitlines()
+        lines = summary(capsys.readouterr().out).splitlines()
         assert lines[0].startswith(f"{name}: 1 images, mIoU ") and lines[1] == f"  {description}"
         rows = lines[lines.index(f"{'class':<24}{'IoU':>8}{'Acc':>8}") + 1 :]
         assert rows[k].startswith("model:") and rows[k - 1].startswith("toothbrush")
@@ -204,7 +207,7 @@ def test_teachers_side_by_side_summary(
     _commit_labels(store, voc_root, "labels000000000b")  # made before teachers were recorded
     model = "labels:labels000000000a,labels:labels000000000b"
     assert main(_argv(voc_root, store_dir, "--model", model)) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = summary(capsys.readouterr().out).splitlines()
     assert lines[0] == (
         "teachers on voc21: 3 images (merged pseudo-labels vs. ground truth, %; "
         "images/s of the SAM pass)"

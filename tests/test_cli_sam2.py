@@ -12,6 +12,7 @@ from fmbseg.cli import main
 from fmbseg.config import load_config, replace
 from fmbseg.storage import ArtifactStore, ModelRegistry
 from fmbseg.tasks.stage1 import stage_fingerprint
+from tests.cli_output import summary
 from tests.evaluate import dataset_trees as trees
 from tests.synthetic import VOCAB, write_scenes
 
@@ -36,7 +37,7 @@ def test_annotate_train_evaluate_with_sam21(
         *SETS,
     ]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out = summary(capsys.readouterr().out)
     assert "annotate: 4 images indexed" in out
 
     store = ArtifactStore(str(store_dir))
@@ -48,7 +49,7 @@ def test_annotate_train_evaluate_with_sam21(
         assert store.read_table(stage, fp).num_rows > 0
 
     assert main(["train", "--labels", "latest", *store_args, *SETS]) == 0
-    out = capsys.readouterr().out
+    out = summary(capsys.readouterr().out)
     assert "train: model fmbseg-align:v0001" in out
     assert ModelRegistry(store).versions("fmbseg-align") == ["v0001"]
 
@@ -66,7 +67,7 @@ def test_annotate_train_evaluate_with_sam21(
         *SETS,
     ]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out = summary(capsys.readouterr().out)
     assert out.startswith("voc21: 3 images, mIoU ")
     (eval_fp,) = store.committed_fingerprints("evaluate")
     report = store.read_json(f"evaluations/{eval_fp}/report.json")
