@@ -215,13 +215,17 @@ def _then(fn: Callable[[pa.Table], None], key: tuple, future: Future[pa.Table]) 
 
 
 def load_image(
-    uri: str, storage_options: dict[str, Any] | None, max_pixels: int | None
+    uri: str,
+    storage_options: dict[str, Any] | None,
+    max_pixels: int | None,
+    min_side: int | None = None,
 ) -> np.ndarray:
-    """``HxWx3 uint8 RGB`` pixels of ``uri`` (decoded the way every stage decodes)."""
+    """``HxWx3 uint8 RGB`` pixels of ``uri`` (decoded the way every stage decodes);
+    ``min_side``: maybe at reduced size, the short side at least this (``decode_image``)."""
     from fmbseg.data.images import decode_image
     from fmbseg.data.sources import read_bytes
 
-    return decode_image(read_bytes(uri, storage_options), uri, max_pixels)
+    return decode_image(read_bytes(uri, storage_options), uri, max_pixels, min_side=min_side)
 
 
 def loader_pool(ahead: int = PREFETCH) -> ThreadPoolExecutor:
@@ -365,4 +369,7 @@ class ImageShardWorker:
         self.images = ReadAhead(self._load, self.loader)
 
     def _load(self, uri: str) -> np.ndarray:
-        return load_image(uri, self.storage_options, self.cfg.index.max_pixels)
+        return self._decode(uri)
+
+    def _decode(self, uri: str, min_side: int | None = None) -> np.ndarray:
+        return load_image(uri, self.storage_options, self.cfg.index.max_pixels, min_side)
