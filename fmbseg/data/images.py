@@ -28,7 +28,7 @@ import io
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -146,24 +146,27 @@ class MemoryBudget:
         self.limit, self.used = limit, 0
         self._cond = threading.Condition()
 
-    def acquire(self, nbytes: int, urgent: Callable[[], bool] = lambda: False) -> int:
-        """Wait until ``nbytes`` (at most the limit) fit, or until ``urgent()`` (checked on
-        every :meth:`wake`): then they are taken even beyond the limit. Returns what was
-        taken, for :meth:`release`."""
+    def acquire(self, nbytes: int) -> int:
+        """Wait until ``nbytes`` (at most the limit) fit; returns what was taken, for
+        :meth:`release`."""
         n = min(nbytes, self.limit)
         with self._cond:
-            self._cond.wait_for(lambda: self.used + n <= self.limit or urgent())
+            self._cond.wait_for(lambda: self.used + n <= self.limit)
             self.used += n
         return n
+
+    def try_acquire(self, nbytes: int, force: bool = False) -> int | None:
+        """Take ``nbytes`` now if they fit (or, with ``force``, even if not: the caller
+        cannot wait); None when they do not."""
+        with self._cond:
+            if not force and self.used + min(nbytes, self.limit) > self.limit:
+                return None
+            self.used += nbytes
+        return nbytes
 
     def release(self, n: int) -> None:
         with self._cond:
             self.used -= n
-            self._cond.notify_all()
-
-    def wake(self) -> None:
-        """Make waiting :meth:`acquire` calls check their ``urgent`` again."""
-        with self._cond:
             self._cond.notify_all()
 
     @contextlib.contextmanager
@@ -265,6 +268,25 @@ def decode_image(
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:  # pragma: no cover
         raise ImageDecodeError(uri, f"decoded to {arr.shape} {arr.dtype}, not HxWx3 uint8")
     return np.ascontiguousarray(arr)
+
+
+def decode_cost(
+    data: bytes, uri: str = "<bytes>", max_pixels: int | None = None, min_side: int | None = None
+) -> int:
+    """Bytes ``decode_image(data, uri, max_pixels, min_side=min_side)`` needs at its peak,
+    from the header: PIL's buffer in the file's mode (a JPEG's at its DCT scale) plus an
+    RGB array as large (an upper bound: ``reduce`` then shrinks it).
+
+    Raises:
+        ImageDecodeError: as :func:`image_size`, and ``too_large`` past ``max_pixels``.
+    """
+    im = _open(data, uri, max_pixels)
+    if min_side is not None and min(im.size) > min_side and im.format == "JPEG":
+        scale = min_side / min(im.size)  # as decode_image asks draft for
+        im.draft(
+            im.mode, (max(1, math.ceil(im.width * scale)), max(1, math.ceil(im.height * scale)))
+        )
+    return decoded_bytes(im) + 3 * im.width * im.height
 
 
 def image_size(data: bytes, uri: str = "<bytes>") -> tuple[int, int]:

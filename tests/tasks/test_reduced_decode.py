@@ -128,3 +128,63 @@ def test_clip_dense_decodes_a_large_image_reduced_and_records_its_original_size(
     sam_fp = run_sam_prompt(store, cfg, fp)
     assert store.read_table("sam_prompt", sam_fp, "errors").num_rows == 0
     assert store.read_table("sam_prompt", sam_fp).num_rows > 0
+
+
+@pytest.mark.parametrize("budget", [None, 250])
+def test_read_ahead_holds_decoded_images_within_its_budget_plus_one(budget):
+    """Images of 100 bytes, 8 read ahead: without a budget up to 8 wait decoded beside the
+    consumer's; with 250 bytes, at most two fit and the one the consumer waits for may go
+    past: never more than 3 decoded and not yet taken, and every image still arrives."""
+    import threading
+    import time
+
+    from fmbseg.tasks.stage1 import ReadAhead
+
+    lock = threading.Lock()
+    held, peak = [0], [0]
+    ra: ReadAhead
+
+    def load(uri: str) -> np.ndarray:
+        ra.admit(100)
+        image = np.full(100, int(uri), np.uint8)
+        with lock:
+            held[0] += 1
+            peak[0] = max(peak[0], held[0])
+        return image
+
+    ra = ReadAhead(load, None, ahead=8, budget=budget)
+    seen = []
+    for _item, image, exc in ra.each(list(range(20)), str):
+        assert exc is None
+        seen.append(int(image[0]))
+        time.sleep(0.01)  # the model's time: the loaders run ahead meanwhile
+        with lock:
+            held[0] -= 1
+    assert seen == list(range(20))
+    if budget is None:
+        assert peak[0] >= 6
+    else:
+        assert peak[0] <= 3, peak[0]
+        assert ra.budget is not None and ra.budget.used == 0  # all given back
+
+
+def test_read_ahead_budget_is_given_back_when_the_consumer_stops_early():
+    from fmbseg.tasks.stage1 import ReadAhead
+
+    ra: ReadAhead
+
+    def load(uri: str) -> np.ndarray:
+        ra.admit(100)
+        return np.zeros(100, np.uint8)
+
+    ra = ReadAhead(load, None, ahead=3, budget=1000)
+    gen = ra.each(list(range(10)), str)
+    next(gen)
+    gen.close()
+    import time
+
+    for _ in range(100):  # dropped reads still running give theirs back when done
+        if ra.budget.used == 0:
+            break
+        time.sleep(0.01)
+    assert ra.budget.used == 0
