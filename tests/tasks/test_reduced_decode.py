@@ -4,6 +4,7 @@ their original size; the read-ahead holds decoded images within a byte budget.""
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -188,3 +189,42 @@ def test_read_ahead_budget_is_given_back_when_the_consumer_stops_early():
             break
         time.sleep(0.01)
     assert ra.budget.used == 0
+
+
+def test_an_image_too_large_for_sam_is_an_errors_row_with_the_reason(tmp_path, monkeypatch):
+    """SAM decodes at full size: an image whose mask-decoder pass would not fit the device's
+    memory is that image's errors row (naming the knobs), the others are segmented."""
+    from PIL import Image
+
+    from fmbseg.storage import ArtifactStore
+    from fmbseg.tasks import sam_stage
+    from fmbseg.tasks.index import run_index
+    from fmbseg.tasks.sam_auto import run_sam_auto
+    from fmbseg.tasks.sam_prompt import run_sam_prompt
+    from tests.synthetic import VOCAB, synthetic_config, write_scenes
+
+    cfg = synthetic_config()
+    folder = tmp_path / "images"
+    write_scenes(folder, 2)
+    Image.fromarray(np.kron(_photo(60, 90), np.ones((10, 10, 1), np.uint8))).save(
+        folder / "big.png"
+    )
+    store = ArtifactStore(str(tmp_path / "store"))
+    clip_fp = cd.run_clip_dense(store, cfg, run_index(store, str(folder), cfg), VOCAB)
+    # 100 MB: sam_auto's prompts per pass x 12 bytes x 540k pixels do not fit, 48x96 do
+    monkeypatch.setattr(sam_stage, "device_memory", lambda device: 100_000_000)
+    auto_fp = run_sam_auto(store, cfg, clip_fp)
+    errors = store.read_table("sam_auto", auto_fp, "errors").to_pylist()
+    too_large = [e for e in errors if e["error_type"] == "TooLargeForSam:too_large"]
+    assert [e["uri"].rsplit("/", 1)[-1] for e in too_large] == ["big.png"], errors
+    assert re.search(
+        r"a 900x600 image needs ~\d+ MiB for sam_auto's mask decoder .* more than the cpu "
+        r"device's 95 MiB",
+        too_large[0]["message"],
+    ), too_large[0]["message"]
+    assert "lower index.max_pixels or sam_auto.points_per_batch" in too_large[0]["message"]
+    records = store.read_table("sam_auto", auto_fp).to_pylist()
+    assert records and all(r["image_uri"].rsplit("/", 1)[-1] != "big.png" for r in records)
+    # one prompt per present class: the big image fits for sam_prompt
+    prompt_fp = run_sam_prompt(store, cfg, clip_fp)
+    assert store.read_table("sam_prompt", prompt_fp, "errors").num_rows == 0
