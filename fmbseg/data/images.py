@@ -18,7 +18,8 @@ Memory: a decoded image costs ``width x height x bytes per pixel`` of its file's
 index runs) decodes in the file's own mode and keeps nothing; :class:`MemoryBudget` bounds
 what several threads decode at once; ``decode_image(..., max_side=)`` decodes a JPEG at a
 reduced scale (libjpeg's DCT scaling) and shrinks other formats before the RGB conversion,
-for callers that shrink the image anyway. ``bench/decode_memory.py`` prints the peaks.
+for callers that shrink the image anyway (``min_side=``: by the short side, as clip_dense
+does). ``bench/decode_memory.py`` prints the peaks.
 """
 
 from __future__ import annotations
