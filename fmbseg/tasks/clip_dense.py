@@ -375,8 +375,7 @@ class ClipDenseWorker(ImageShardWorker):
         out: list[dict] = []
         post: InOrder[None, dict] = InOrder(self.post, lambda _, job: out.append(job.result()))
         images = self._images(rows, errors)
-        sizes = _index_size
-        for dense in run_dense(self.model, images, self.cfg.clip_dense, sizes):
+        for dense in run_dense(self.model, images, self.cfg.clip_dense, _index_size):
             post.submit(None, functools.partial(self._summarise, dense))
         post.drain()
         return out
