@@ -1,4 +1,4 @@
-"""Peak memory of decoding one very large image: the index's check and an overlay's decode.
+"""Peak memory of decoding one very large image: the index's check, an overlay, clip_dense.
 
 A 13000 x 13000 PNG (highly compressible, so the file is small; the decoder still makes
 every pixel) and the same size as a JPEG. Each path runs in a fresh Python process that
@@ -10,9 +10,14 @@ process that only read the bytes, i.e. what the decode itself needs:
     index check, now         check_image: PIL's buffer in the file's mode (a JPEG's at
                              1/8 scale, its whole stream still decoded), nothing kept
     overlay decode, reduced  decode_image(max_side=2048): JPEG DCT scaling, else reduce
+    clip_dense input, before the full decode, then prepare_image (float32 resize to short
+                             side 1008, the model's input); over a process that imported torch
+    clip_dense input, now    decode_image(min_side=short_side + patch), then prepare_image
 
 One run on the 2-core dev box (MiB over a process that only read the file): PNG 1614 ->
 645 (check), 663 (reduced overlay); JPEG 1493 -> ~0 (check), ~0 (reduced: decoded at 1/4).
+clip_dense's input: PNG 3068 -> 649 (PIL's full-size buffer, reduced by 12 before the RGB
+copy), JPEG 2971 -> ~0 (decoded at 1/8: 1625 x 1625).
 
 Run: ``python bench/decode_memory.py [--side 13000]``. The index also bounds how much its
 reader threads decode at once (``fmbseg.tasks.index.DECODE_BUDGET``): a worker's peak is
@@ -31,16 +36,27 @@ from pathlib import Path
 
 CHILD = """
 import resource, sys
-from fmbseg.data.images import check_image, decode_image
+from fmbseg.data.images import check_image, decode_image, image_size
+what = sys.argv[2]
+if what.startswith("clip"):  # clip_dense's model input: decode, then prepare_image
+    from fmbseg.config import ClipDenseConfig
+    from fmbseg.models.base import Preprocess
+    from fmbseg.tasks.windows import decode_min_side, geometry, prepare_image
+    cfg = ClipDenseConfig()  # short_side 1008
+    pre = Preprocess((0.48, 0.46, 0.41), (0.27, 0.26, 0.28), 224, 16)  # ViT-B/16's
 data = open(sys.argv[1], "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-what = sys.argv[2]
-if what == "read":
+if what in ("read", "clipread"):
     shape = None
 elif what == "check":
     shape = check_image(data, max_pixels=None)
 elif what == "decode":
     shape = decode_image(data).shape
+elif what.startswith("clip"):
+    w, h = image_size(data)
+    min_side = decode_min_side(cfg, pre) if what == "clipreduced" else None
+    image = decode_image(data, min_side=min_side)
+    shape = (image.shape, tuple(prepare_image(image, geometry(h, w, cfg, pre), pre).shape))
 else:
     shape = decode_image(data, max_side=int(what)).shape
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -95,14 +111,17 @@ def main() -> None:
             path = Path(tmp) / f"big.{fmt.lower()}"
             path.write_bytes(make(side))
             base, _ = peak_kib(path, "read")
+            clip_base, _ = peak_kib(path, "clipread")  # with torch imported
             rows = [
-                ("index check, before", "decode"),
-                ("index check, now", "check"),
-                ("overlay decode, reduced", "2048"),
+                ("index check, before", "decode", base),
+                ("index check, now", "check", base),
+                ("overlay decode, reduced", "2048", base),
+                ("clip_dense input, before", "clipfull", clip_base),
+                ("clip_dense input, now", "clipreduced", clip_base),
             ]
-            for label, what in rows:
+            for label, what, zero in rows:
                 kib, shape = peak_kib(path, what)
-                print(f"{fmt:6} {label:26} {(kib - base) / 1024:9.0f} {shape:>22}")
+                print(f"{fmt:6} {label:26} {(kib - zero) / 1024:9.0f} {shape:>22}")
             print(f"{'':6} (file: {path.stat().st_size / 2**20:.1f} MiB)")
 
 

@@ -244,7 +244,7 @@ def test_driver_memory_bench_measures_each_count_in_its_own_driver():
 
 def test_decode_memory_bench_prints_each_path_and_the_check_needs_less():
     out = subprocess.run(
-        [sys.executable, "bench/decode_memory.py", "--side", "2000"],
+        [sys.executable, "bench/decode_memory.py", "--side", "3000"],  # clip_dense: halved
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -257,6 +257,12 @@ def test_decode_memory_bench_prints_each_path_and_the_check_needs_less():
         m = re.match(r"^(PNG|JPEG)\s+(.+?)\s+(-?\d+)\s+\(", line)
         if m:
             peaks[(m.group(1), m.group(2))] = int(m.group(3))
-    assert len(peaks) == 6, out.stdout
+    assert len(peaks) == 10, out.stdout
     for fmt in ("PNG", "JPEG"):
         assert peaks[(fmt, "index check, now")] < peaks[(fmt, "index check, before")], out.stdout
+        now, before = (
+            peaks[(fmt, "clip_dense input, now")],
+            peaks[(fmt, "clip_dense input, before")],
+        )
+        assert now < before / 2, out.stdout
+    assert "(1500, 1500, 3)" in out.stdout  # clip_dense's decode, at half size

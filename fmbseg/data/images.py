@@ -18,7 +18,8 @@ Memory: a decoded image costs ``width x height x bytes per pixel`` of its file's
 index runs) decodes in the file's own mode and keeps nothing; :class:`MemoryBudget` bounds
 what several threads decode at once; ``decode_image(..., max_side=)`` decodes a JPEG at a
 reduced scale (libjpeg's DCT scaling) and shrinks other formats before the RGB conversion,
-for callers that shrink the image anyway. ``bench/decode_memory.py`` prints the peaks.
+for callers that shrink the image anyway (``min_side=``: by the short side, as clip_dense
+does). ``bench/decode_memory.py`` prints the peaks.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import threading
 from collections.abc import Iterator
 
@@ -145,18 +147,36 @@ class MemoryBudget:
         self.limit, self.used = limit, 0
         self._cond = threading.Condition()
 
-    @contextlib.contextmanager
-    def hold(self, nbytes: int) -> Iterator[None]:
+    def acquire(self, nbytes: int) -> int:
+        """Wait until ``nbytes`` (at most the limit) fit; returns what was taken, for
+        :meth:`release`."""
         n = min(nbytes, self.limit)
         with self._cond:
             self._cond.wait_for(lambda: self.used + n <= self.limit)
             self.used += n
+        return n
+
+    def try_acquire(self, nbytes: int, force: bool = False) -> int | None:
+        """Take ``nbytes`` now if they fit (or, with ``force``, even if not: the caller
+        cannot wait); None when they do not."""
+        with self._cond:
+            if not force and self.used + min(nbytes, self.limit) > self.limit:
+                return None
+            self.used += nbytes
+        return nbytes
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        n = self.acquire(nbytes)
         try:
             yield
         finally:
-            with self._cond:
-                self.used -= n
-                self._cond.notify_all()
+            self.release(n)
 
 
 def check_image(
@@ -185,10 +205,14 @@ def check_image(
     return size
 
 
-def _reduce(im: Image.Image, max_side: int) -> Image.Image:
-    """``im`` shrunk by a whole factor so its long side is at least ``max_side`` (box
-    filter, PIL's ``reduce``); as is when that is not possible for its mode."""
-    factor = max(im.size) // max_side
+def _reduce(im: Image.Image, max_side: int | None, min_side: int | None = None) -> Image.Image:
+    """``im`` shrunk by a whole factor so its long side is at least ``max_side`` and its
+    short side at least ``min_side`` (box filter, PIL's ``reduce``); as is when that is not
+    possible for its mode."""
+    factor = min(
+        max(im.size) // max_side if max_side else 1 << 30,
+        min(im.size) // min_side if min_side else 1 << 30,
+    )
     if factor < 2:
         return im
     try:
@@ -202,6 +226,7 @@ def decode_image(
     uri: str = "<bytes>",
     max_pixels: int | None = None,
     max_side: int | None = None,
+    min_side: int | None = None,
 ) -> np.ndarray:
     """Decode an encoded image to ``HxWx3 uint8 RGB`` (C-contiguous), EXIF-oriented.
 
@@ -213,18 +238,26 @@ def decode_image(
             smaller, its long side still at least ``max_side`` (aspect ratio kept, up to
             rounding). JPEGs are decoded at that scale (``Image.draft``), others shrunk
             before the RGB conversion; None = full size.
+        min_side: the same for a caller that resizes by the short side (clip_dense): its
+            short side stays at least ``min_side``. With both, both hold.
 
     Raises:
         ImageDecodeError: empty, not an image, truncated, corrupt or too large.
     """
     im = _open(data, uri, max_pixels)
-    if max_side is not None and max(im.size) > max_side:
-        scale = max_side / max(im.size)
+    scale = min(
+        max_side / max(im.size) if max_side else 1.0,
+        min_side / min(im.size) if min_side else 1.0,
+    )
+    if scale < 1.0:
+        # draft picks the largest DCT scale whose result is at least this size (ceil: the
+        # requested sides themselves stay within bounds)
+        size = (max(1, math.ceil(im.width * scale)), max(1, math.ceil(im.height * scale)))
         with contextlib.suppress(Exception):  # a format without draft mode: decoded whole
-            im.draft(im.mode, (max(1, int(im.width * scale)), max(1, int(im.height * scale))))
+            im.draft(im.mode, size)
     _load(im, uri)
-    if max_side is not None:
-        im = _reduce(im, max_side)
+    if max_side is not None or min_side is not None:
+        im = _reduce(im, max_side, min_side)
     try:
         ImageOps.exif_transpose(im, in_place=True)  # not a copy of an upright image
     except Exception as exc:  # a malformed EXIF block should not lose the pixels
@@ -236,6 +269,25 @@ def decode_image(
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:  # pragma: no cover
         raise ImageDecodeError(uri, f"decoded to {arr.shape} {arr.dtype}, not HxWx3 uint8")
     return np.ascontiguousarray(arr)
+
+
+def decode_cost(
+    data: bytes, uri: str = "<bytes>", max_pixels: int | None = None, min_side: int | None = None
+) -> int:
+    """Bytes ``decode_image(data, uri, max_pixels, min_side=min_side)`` needs at its peak,
+    from the header: PIL's buffer in the file's mode (a JPEG's at its DCT scale) plus an
+    RGB array as large (an upper bound: ``reduce`` then shrinks it).
+
+    Raises:
+        ImageDecodeError: as :func:`image_size`, and ``too_large`` past ``max_pixels``.
+    """
+    im = _open(data, uri, max_pixels)
+    if min_side is not None and min(im.size) > min_side and im.format == "JPEG":
+        scale = min_side / min(im.size)  # as decode_image asks draft for
+        im.draft(
+            im.mode, (max(1, math.ceil(im.width * scale)), max(1, math.ceil(im.height * scale)))
+        )
+    return decoded_bytes(im) + 3 * im.width * im.height
 
 
 def image_size(data: bytes, uri: str = "<bytes>") -> tuple[int, int]:

@@ -20,7 +20,7 @@ row (``no_image_labels``), not run through CLIP.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ from fmbseg.tasks.windows import (  # noqa: F401 - part of this stage's API
     Geometry,
     axis_offsets,
     crop_and_stride,
+    decode_min_side,
     geometry,
     plan_windows,
     prepare_image,
@@ -120,12 +121,18 @@ class _Pending:
 
 
 def run_dense(
-    model: DenseClip, images: Iterable[tuple[Any, np.ndarray]], cfg: ClipDenseConfig
+    model: DenseClip,
+    images: Iterable[tuple[Any, np.ndarray]],
+    cfg: ClipDenseConfig,
+    original_size: Callable[[Any], tuple[int, int]] | None = None,
 ) -> Iterator[DenseImage]:
     """Stitched dense features and crop CLS embeddings of ``(key, HxWx3 uint8)`` images.
 
     Crops of consecutive images share forward passes of ``cfg.batch_size`` crops; results
     come out in input order, each as soon as its last crop has been through the model.
+    ``original_size(key)``: the ``(height, width)`` of an image given decoded at reduced
+    size (:func:`decode_min_side`); the geometry (and so every size recorded) is the
+    original's. None = each image is at its original size.
     """
     pre, device = model.preprocess, torch.device(model.device)
     pending: list[_Pending] = []
@@ -142,7 +149,8 @@ def run_dense(
             yield pending.pop(0).finish()
 
     for key, image in images:
-        geo = geometry(image.shape[0], image.shape[1], cfg, pre)
+        height, width = original_size(key) if original_size else image.shape[:2]
+        geo = geometry(height, width, cfg, pre)
         canvas = prepare_image(image, geo, pre, device)
         acc = _Pending(key, geo, model.embed_dim, device)
         pending.append(acc)
@@ -292,6 +300,26 @@ def results_table(rows: list[dict]) -> pa.Table:
 # ---- shell: worker and stage runner --------------------------------------------------------
 
 
+def _index_size(row: dict) -> tuple[int, int]:
+    return int(row["height"]), int(row["width"])
+
+
+def _size_mismatch(row: dict, image: np.ndarray) -> ValueError | None:
+    """An error when a decoded image (maybe reduced) is not the index's image: the file
+    changed since the index ran (its records would carry a wrong size)."""
+    height, width = _index_size(row)
+    h, w = image.shape[:2]
+    same = (h, w) == (height, width)
+    # reduced: by one factor on both sides, each rounded up (draft and reduce both round up)
+    reduced = h < height and w < width and abs(h / height - w / width) <= 2.0 / min(h, w)
+    if same or reduced:
+        return None
+    return ValueError(
+        f"{row['uri']}: decoded as {w}x{h}, but the index recorded {width}x{height} "
+        "(the file changed since the index ran?)"
+    )
+
+
 class ClipDenseWorker(ImageShardWorker):
     """Shard worker: decodes the index shard's images and runs the core on them.
 
@@ -327,18 +355,27 @@ class ClipDenseWorker(ImageShardWorker):
         self.text = self.model.encode_text(list(vocabulary), cfg.clip_dense.templates).cpu()
         self.post = post_pool()  # presence and similarity maps, beside the model's thread
 
+    def _load(self, uri: str) -> np.ndarray:
+        """Decoded at reduced size when the stage shrinks the image anyway (the records keep
+        the index's original size: :func:`run_dense`'s ``original_size``)."""
+        min_side = decode_min_side(self.cfg.clip_dense, self.model.preprocess)
+        return self._decode(uri, min_side=min_side)
+
     def _images(self, rows: list[dict], errors: list[dict]) -> Iterator[tuple[dict, np.ndarray]]:
         for row, image, exc in self.images.each(rows, lambda r: r["uri"]):
+            if exc is None:
+                assert image is not None
+                exc = _size_mismatch(row, image)
             if exc is not None:  # an unreadable image is that image's error, not the shard's
                 errors.append(error_from(exc, row["image_id"], row["uri"], STAGE))
             else:
-                assert image is not None
                 yield row, image
 
     def _run(self, rows: list[dict], errors: list[dict]) -> list[dict]:
         out: list[dict] = []
         post: InOrder[None, dict] = InOrder(self.post, lambda _, job: out.append(job.result()))
-        for dense in run_dense(self.model, self._images(rows, errors), self.cfg.clip_dense):
+        images = self._images(rows, errors)
+        for dense in run_dense(self.model, images, self.cfg.clip_dense, _index_size):
             post.submit(None, functools.partial(self._summarise, dense))
         post.drain()
         return out

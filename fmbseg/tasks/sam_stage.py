@@ -35,7 +35,46 @@ from fmbseg.tasks.stage1 import (
 Rows = Callable[[], list[dict[str, Any]]]
 """What builds one image's record rows from SAM's output (run in a worker's post thread)."""
 
-__all__ = ["Rows", "SamStageWorker", "run_sam_stage"]
+__all__ = ["Rows", "SamStageWorker", "TooLargeForSam", "run_sam_stage"]
+
+
+class TooLargeForSam(ValueError):
+    """An image whose SAM pass would need more memory than the device has."""
+
+    kind = "too_large"  # the errors table's error_type: TooLargeForSam:too_large
+
+
+def device_memory(device: Any) -> int:
+    """Total bytes of ``device``'s memory (a CUDA GPU's, else this machine's RAM)."""
+    import os
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def sam_bytes(stage: str, image: np.ndarray, clip: Any, cfg: Config, device: Any) -> int:
+    """About the most memory SAM's mask decoder needs on one image: segment-anything
+    upsamples each pass's mask logits to the image's full size as float32, 3 candidates per
+    prompt (12 bytes a pixel a prompt); a pass has one prompt per present class
+    (sam_prompt) or ``sam_auto.points_per_batch`` prompts (sam_auto)."""
+    import torch
+
+    from fmbseg.models.sam import points_per_batch
+
+    pixels = int(image.shape[0]) * int(image.shape[1])
+    if stage == "sam_auto":
+        prompts = points_per_batch(cfg.sam_auto.points_per_batch, torch.device(device))
+    else:
+        prompts = max(1, len(clip.present))
+    return 12 * prompts * pixels
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 class SamStageWorker(ImageShardWorker):
@@ -70,6 +109,23 @@ class SamStageWorker(ImageShardWorker):
             auto_config=cfg.sam_auto,
         )
         self.post = post_pool()  # records of one image are built while SAM runs the next
+        self._memory: int | None = None  # the device's, read at the first image
+
+    def _check_memory(self, stage: str, image: np.ndarray, clip: Any) -> None:
+        """Raise :class:`TooLargeForSam` (that image's errors row) rather than let SAM's
+        allocation fail or the kernel kill the worker for memory."""
+        device = getattr(self.segmenter, "device", "cpu")
+        need = sam_bytes(stage, image, clip, self.cfg, device)
+        if self._memory is None:
+            self._memory = device_memory(device)
+        if need > self._memory:
+            h, w = image.shape[:2]
+            raise TooLargeForSam(
+                f"{clip.image_uri}: a {w}x{h} image needs ~{_size(need)} for {stage}'s "
+                f"mask decoder (12 bytes a pixel a prompt), more than the {device} device's "
+                f"{_size(self._memory)}: lower index.max_pixels"
+                + (" or sam_auto.points_per_batch" if stage == "sam_auto" else "")
+            )
 
     def segment(self, image: np.ndarray, clip: Any) -> Rows:
         """SAM's calls on one image (``clip`` is its ClipDenseResult), in this thread; returns
@@ -134,6 +190,7 @@ class SamStageWorker(ImageShardWorker):
                     if exc is not None:
                         raise exc
                     assert image is not None
+                    self._check_memory(stage, image, clip)
                     post.submit((stage, clip), segment(image, clip))
                 except Exception as err:
                     post.failed((stage, clip), err)

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 INDEX_STAGE = "index"
 PREFETCH = 4  # images read and decoded ahead of the model, in threads
+# Bytes a worker's read-ahead holds decoded (and decoding) at once, beyond the image the
+# model waits for (ReadAhead): a run of huge images does not hold 2 * PREFETCH of them.
+LOAD_BUDGET = 1 << 30
 # Images whose model output waits for (or is in) the post thread while the model runs on:
 # one is enough to overlap them, and each holds full-size masks (100 SAM masks of a 12 MP
 # photo are 1.2 GB of bool), so no more.
@@ -215,13 +218,23 @@ def _then(fn: Callable[[pa.Table], None], key: tuple, future: Future[pa.Table]) 
 
 
 def load_image(
-    uri: str, storage_options: dict[str, Any] | None, max_pixels: int | None
+    uri: str,
+    storage_options: dict[str, Any] | None,
+    max_pixels: int | None,
+    min_side: int | None = None,
+    admit: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """``HxWx3 uint8 RGB`` pixels of ``uri`` (decoded the way every stage decodes)."""
-    from fmbseg.data.images import decode_image
+    """``HxWx3 uint8 RGB`` pixels of ``uri`` (decoded the way every stage decodes);
+    ``min_side``: maybe at reduced size, the short side at least this (``decode_image``).
+    ``admit(nbytes)``, called with the decode's peak bytes before it starts, may wait
+    (:meth:`ReadAhead.admit`)."""
+    from fmbseg.data.images import decode_cost, decode_image
     from fmbseg.data.sources import read_bytes
 
-    return decode_image(read_bytes(uri, storage_options), uri, max_pixels)
+    data = read_bytes(uri, storage_options)
+    if admit is not None:
+        admit(decode_cost(data, uri, max_pixels, min_side))
+    return decode_image(data, uri, max_pixels, min_side=min_side)
 
 
 def loader_pool(ahead: int = PREFETCH) -> ThreadPoolExecutor:
@@ -229,6 +242,22 @@ def loader_pool(ahead: int = PREFETCH) -> ThreadPoolExecutor:
     shards: starting and joining threads for every shard costs more than decoding a small
     shard's images."""
     return ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="fmbseg-load")
+
+
+class _Slot:
+    """One read's share of a :class:`ReadAhead`'s budget."""
+
+    __slots__ = ("taken", "urgent")
+
+    def __init__(self) -> None:
+        self.taken = 0  # bytes held
+        self.urgent = False  # read in the consumer's thread: it goes past the budget
+
+
+class Deferred(RuntimeError):
+    """A read ahead whose decode did not fit the budget: the consumer reads it when it
+    needs it (a loader thread never waits for the budget, so it cannot deadlock with the
+    images it waits on)."""
 
 
 class ReadAhead:
@@ -239,6 +268,13 @@ class ReadAhead:
     images of its next shard as soon as that shard's upstream table is read, so a shard
     does not open by waiting for its first decode. At most ``2 * ahead`` started reads are
     held; beyond that the oldest is dropped (a hint, never a result).
+
+    Memory: with ``budget`` (bytes), a load that calls :meth:`admit` before decoding goes
+    on only when its decode's bytes fit beside those of the images decoded and not yet
+    taken (each holds its array's bytes until the consumer asks for the next image);
+    otherwise it stops (:class:`Deferred`) and the consumer reads that image itself when
+    it comes to it. A run of huge images so holds at most ``budget`` plus one image (plus
+    the one the consumer is working on), not ``2 * ahead`` images.
     """
 
     def __init__(
@@ -246,10 +282,59 @@ class ReadAhead:
         load: Callable[[str], np.ndarray],
         pool: ThreadPoolExecutor | None,
         ahead: int = PREFETCH,
+        budget: int | None = None,
     ) -> None:
+        from fmbseg.data.images import MemoryBudget
+
         self.load, self.pool, self.ahead = load, pool, ahead
+        self.budget = MemoryBudget(budget) if budget else None
         self._lock = threading.Lock()
-        self._started: OrderedDict[str, Future[np.ndarray]] = OrderedDict()
+        self._local = threading.local()
+        self._started: OrderedDict[str, tuple[Future[np.ndarray], _Slot]] = OrderedDict()
+
+    def admit(self, nbytes: int) -> None:
+        """Called by ``load`` before it decodes ``nbytes``: takes them from the budget, or
+        raises :class:`Deferred` when they do not fit (no-op without a budget, or outside
+        a read of this object)."""
+        slot: _Slot | None = getattr(self._local, "slot", None)
+        if self.budget is None or slot is None:
+            return
+        taken = self.budget.try_acquire(nbytes, force=slot.urgent)
+        if taken is None:
+            raise Deferred(f"{nbytes} bytes do not fit the read-ahead budget now")
+        with self._lock:
+            slot.taken += taken
+
+    def _run(self, uri: str, slot: _Slot) -> np.ndarray:
+        self._local.slot = slot
+        try:
+            image = self.load(uri)
+        except BaseException:
+            self._free(slot)
+            raise
+        finally:
+            self._local.slot = None
+        if self.budget is not None:  # from the decode's peak to what the array holds
+            with self._lock:
+                extra = max(0, slot.taken - image.nbytes)
+                slot.taken -= extra
+            if extra:
+                self.budget.release(extra)
+        return image
+
+    def _free(self, slot: _Slot) -> None:
+        with self._lock:
+            taken, slot.taken = slot.taken, 0
+        if taken and self.budget is not None:
+            self.budget.release(taken)
+
+    def _drop(self, future: Future[np.ndarray], slot: _Slot) -> None:
+        if not future.cancel():
+            future.add_done_callback(lambda _: self._free(slot))
+
+    def _start(self, uri: str, pool: ThreadPoolExecutor) -> tuple[Future[np.ndarray], _Slot]:
+        slot = _Slot()
+        return pool.submit(self._run, uri, slot), slot
 
     def start(self, uris: Iterable[str]) -> None:
         """Begin reading the first ``ahead`` of ``uris`` (no-op without a pool)."""
@@ -258,14 +343,17 @@ class ReadAhead:
         with self._lock:
             for uri in itertools.islice(uris, self.ahead):
                 if uri not in self._started:
-                    self._started[uri] = self.pool.submit(self.load, uri)
+                    self._started[uri] = self._start(uri, self.pool)
+            dropped = []
             while len(self._started) > 2 * self.ahead:
-                self._started.popitem(last=False)[1].cancel()
+                dropped.append(self._started.popitem(last=False)[1])
+        for future, slot in dropped:
+            self._drop(future, slot)
 
-    def _submit(self, uri: str, pool: ThreadPoolExecutor) -> Future[np.ndarray]:
+    def _submit(self, uri: str, pool: ThreadPoolExecutor) -> tuple[Future[np.ndarray], _Slot]:
         with self._lock:
             started = self._started.pop(uri, None)
-        return started if started is not None else pool.submit(self.load, uri)
+        return started if started is not None else self._start(uri, pool)
 
     def each(
         self, items: Sequence[T], uri: Callable[[T], str]
@@ -280,18 +368,31 @@ class ReadAhead:
     def _each(
         self, items: Sequence[T], uri: Callable[[T], str], pool: ThreadPoolExecutor
     ) -> Generator[tuple[T, np.ndarray | None, Exception | None], None, None]:
-        window: deque[tuple[T, Future[np.ndarray]]] = deque()
+        window: deque[tuple[T, tuple[Future[np.ndarray], _Slot]]] = deque()
         it = iter(items)
         for item in itertools.islice(it, self.ahead):
             window.append((item, self._submit(uri(item), pool)))
-        while window:
-            item, future = window.popleft()
-            for nxt in itertools.islice(it, 1):
-                window.append((nxt, self._submit(uri(nxt), pool)))
-            try:
-                yield item, future.result(), None
-            except Exception as exc:  # handed to the caller: one image's failure
-                yield item, None, exc
+        try:
+            while window:
+                item, (future, slot) = window.popleft()
+                for nxt in itertools.islice(it, 1):
+                    window.append((nxt, self._submit(uri(nxt), pool)))
+                try:
+                    try:
+                        image = future.result()
+                    except Deferred:  # did not fit beside the others: read it here
+                        slot.urgent = True
+                        image = self._run(uri(item), slot)
+                except Exception as exc:  # handed to the caller: one image's failure
+                    yield item, None, exc
+                else:
+                    try:
+                        yield item, image, None
+                    finally:
+                        self._free(slot)  # the consumer asks for the next one (or stops)
+        finally:  # the consumer stopped early: nobody takes the rest
+            for _, (future, slot) in window:
+                self._drop(future, slot)
 
 
 class InOrder(Generic[K, T]):
@@ -362,7 +463,11 @@ class ImageShardWorker:
         self.store, self.cfg, self.storage_options = store, cfg, storage_options
         self.loader = loader_pool()
         self.upstream = Upstream(store, self.loader)
-        self.images = ReadAhead(self._load, self.loader)
+        self.images = ReadAhead(self._load, self.loader, budget=LOAD_BUDGET)
 
     def _load(self, uri: str) -> np.ndarray:
-        return load_image(uri, self.storage_options, self.cfg.index.max_pixels)
+        return self._decode(uri)
+
+    def _decode(self, uri: str, min_side: int | None = None) -> np.ndarray:
+        max_pixels = self.cfg.index.max_pixels
+        return load_image(uri, self.storage_options, max_pixels, min_side, self.images.admit)

@@ -128,6 +128,9 @@ def prepare_image(
 ) -> torch.Tensor:
     """``HxWx3 uint8`` -> ``(3, max(H', crop), max(W', crop)) float32`` resized, normalised, padded.
 
+    ``image`` is the original (``geo.height x geo.width``) or that image decoded at reduced
+    size (:func:`decode_min_side`): it is resized to ``geo``'s size either way.
+
     Bicubic without antialiasing when enlarging (the paper's setting); antialiased when
     shrinking, which would otherwise alias.
     """
@@ -137,8 +140,9 @@ def prepare_image(
     t = torch.from_numpy(image).to(device)
     t = t.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
     size = (geo.resized_h, geo.resized_w)
-    if size != (geo.height, geo.width):
-        shrink = geo.resized_h * geo.resized_w < geo.height * geo.width
+    h, w = image.shape[:2]  # the original size, or less when decoded at reduced size
+    if size != (h, w):
+        shrink = geo.resized_h * geo.resized_w < h * w
         t = F.interpolate(t, size=size, mode="bicubic", align_corners=False, antialias=shrink)
         t = t.clamp_(0.0, 1.0)
     mean = torch.tensor(pre.mean, device=t.device).view(1, 3, 1, 1)
@@ -148,3 +152,10 @@ def prepare_image(
     if pad_h or pad_w:
         t = F.pad(t, (0, pad_w, 0, pad_h))  # zeros = the mean colour after normalisation
     return t[0]
+
+
+def decode_min_side(cfg: ClipDenseConfig, pre: Preprocess) -> int:
+    """The short side an image may be decoded at (``decode_image(min_side=)``) and still
+    be resized to :func:`geometry`'s size by shrinking: ``short_side`` plus one patch, since
+    each resized side is rounded by at most half a patch."""
+    return cfg.short_side + pre.patch_size
