@@ -366,10 +366,11 @@ class ClipDenseWorker(ImageShardWorker):
             if exc is None:
                 assert image is not None
                 exc = _size_mismatch(row, image)
-            if exc is not None:  # an unreadable image is that image's error, not the shard's
-                errors.append(error_from(exc, row["image_id"], row["uri"], STAGE))
-            else:
-                yield row, image
+                if exc is None:
+                    yield row, image
+                    continue
+            # an unreadable image is that image's error, not the shard's
+            errors.append(error_from(exc, row["image_id"], row["uri"], STAGE))
 
     def _run(self, rows: list[dict], errors: list[dict]) -> list[dict]:
         out: list[dict] = []
