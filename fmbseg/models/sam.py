@@ -76,7 +76,16 @@ class PromptedSegmenter:
     :meth:`_decode`."""
 
     name: str
+    device: torch.device
+    image_size: int
+    dtype: torch.dtype
     _image_hw: tuple[int, int] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.name!r}, device={self.device}, "
+            f"input={self.image_size}, encoder dtype={self.dtype})"
+        )
 
     def predict(
         self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
@@ -169,12 +178,6 @@ class SamSegmenter(PromptedSegmenter):
         # one predictor: generate() reuses set_image's embedding of the same image array
         self._generator.predictor = self.predictor
         self._image_hw: tuple[int, int] | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"SamSegmenter({self.name!r}, device={self.device}, input={self.image_size}, "
-            f"encoder dtype={self.dtype})"
-        )
 
     def set_image(self, image: np.ndarray) -> None:
         """Embed ``HxWx3 uint8 RGB``; :meth:`predict` then refers to this image."""

@@ -209,12 +209,6 @@ class Sam2Segmenter(PromptedSegmenter):
         )
         self._image_hw: tuple[int, int] | None = None
 
-    def __repr__(self) -> str:
-        return (
-            f"Sam2Segmenter({self.name!r}, device={self.device}, input={self.image_size}, "
-            f"encoder dtype={self.dtype})"
-        )
-
     def set_image(self, image: np.ndarray) -> None:
         """Embed ``HxWx3 uint8 RGB``; :meth:`predict` then refers to this image."""
         _check_image(image, f"{self.name}.set_image")
