@@ -218,22 +218,33 @@ class SamSegmenter(PromptedSegmenter):
 
 
 def _set_encoder_dtype(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Run ``encoder`` (SAM's ViT, nearly all of SAM's compute) under ``dtype`` autocast and
-    hand on float32 embeddings, so the prompt encoder and mask decoder stay float32; every
-    caller (the predictor, the mask generator's crops) goes through it. Weights and the
-    state dict are unchanged; float32 restores the plain forward (a ``Sam`` shared by two
+    """Run ``encoder`` (SAM's ViT or SAM 2's Hiera + neck, nearly all of SAM's compute)
+    under ``dtype`` autocast and hand on float32 outputs (a tensor, or SAM 2's dict of
+    tensors and lists of tensors), so the prompt encoder and mask decoder stay float32;
+    every caller (the predictor, the mask generator's crops) goes through it. Weights and
+    the state dict are unchanged; float32 restores the plain forward (a model shared by two
     segmenters follows the last one built)."""
     plain = vars(encoder).get("_plain_forward", encoder.forward)
     if dtype == torch.float32:
         vars(encoder).pop("forward", None)
         return
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> Any:
         with torch.autocast(x.device.type, dtype=dtype):
-            return plain(x).float()
+            return _to_float32(plain(x))
 
     encoder._plain_forward = plain  # type: ignore[assignment]
     encoder.forward = forward  # type: ignore[method-assign]
+
+
+def _to_float32(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.float()
+    if isinstance(x, list | tuple):
+        return type(x)(_to_float32(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_float32(v) for k, v in x.items()}
+    return x
 
 
 # ---- builders ---------------------------------------------------------------------------------

@@ -33,7 +33,12 @@ import torch
 from fmbseg.config import SamAutoConfig
 from fmbseg.models.base import Precision, compute_dtype
 from fmbseg.models.registry import MissingExtraError, register_model
-from fmbseg.models.sam import PromptedSegmenter, _check_image, points_per_batch
+from fmbseg.models.sam import (
+    PromptedSegmenter,
+    _check_image,
+    _set_encoder_dtype,
+    points_per_batch,
+)
 from fmbseg.models.weights import load_into, load_state_dict_file, resolve_weights, seeded
 
 INSTALL_HINT = (
@@ -251,33 +256,6 @@ class Sam2Segmenter(PromptedSegmenter):
             self._image_hw = None
         limit = self.auto_config.max_area_fraction * image.shape[0] * image.shape[1]
         return [r for r in records if r["area"] <= limit]
-
-
-def _float(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.float()
-    if isinstance(x, list | tuple):
-        return type(x)(_float(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _float(v) for k, v in x.items()}
-    return x
-
-
-def _set_encoder_dtype(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Run SAM 2's image encoder under ``dtype`` autocast and hand on float32 features (its
-    output is a dict of tensors and lists of tensors); float32 restores the plain forward (a
-    model shared by two segmenters follows the last one built, as SAM's does)."""
-    plain = vars(encoder).get("_plain_forward", encoder.forward)
-    if dtype == torch.float32:
-        vars(encoder).pop("forward", None)
-        return
-
-    def forward(x: torch.Tensor) -> Any:
-        with torch.autocast(x.device.type, dtype=dtype):
-            return _float(plain(x))
-
-    encoder._plain_forward = plain  # type: ignore[assignment]
-    encoder.forward = forward  # type: ignore[method-assign]
 
 
 # ---- builders ---------------------------------------------------------------------------------
