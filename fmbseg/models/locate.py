@@ -17,7 +17,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fmbseg.models.weights import WeightsNotFoundError, default_cache_dir, is_uri
+from fmbseg.models.weights import (
+    WeightsNotFoundError,
+    default_cache_dir,
+    download_target,
+    is_uri,
+    local_candidates,
+)
 
 # Seconds one existence check may take (a hub or bucket that answers takes well under one;
 # an unreachable one is given up on, not retried).
@@ -93,17 +99,15 @@ def _locate_hf(repo: str, names: Sequence[str], timeout_s: float) -> str | None:
 def _locate_file(ref: str, options: Mapping[str, Any], timeout_s: float) -> str | None:
     """None when the path / URI ``ref`` exists (or is in the download cache); else why not."""
     if ref.startswith("file://") or not is_uri(ref):
-        path = Path(ref.removeprefix("file://")).expanduser()
-        candidates = [path]
-        if not is_uri(ref) and not path.is_absolute() and len(path.parts) == 1:
-            candidates.append(default_cache_dir() / ref)
+        candidates = (
+            [Path(ref.removeprefix("file://"))]
+            if ref.startswith("file://")
+            else local_candidates(ref, default_cache_dir())
+        )
         if any(p.is_file() for p in candidates):
             return None
         return f"no such file: {', '.join(str(p.absolute()) for p in candidates)}"
-    import hashlib
-
-    cached = default_cache_dir() / hashlib.sha256(ref.encode()).hexdigest()[:16]
-    if (cached / (ref.rstrip("/").rsplit("/", 1)[-1] or "weights")).is_file():
+    if download_target(ref, default_cache_dir()).is_file():
         return None
 
     def exists() -> bool:

@@ -98,6 +98,21 @@ def _download(uri: str, target: Path, storage_options: Mapping[str, Any]) -> Non
             tmp.unlink()
 
 
+def download_target(ref: str, cache: Path) -> Path:
+    """Where the remote checkpoint ``ref`` is (or will be) downloaded under ``cache``."""
+    key = hashlib.sha256(ref.encode()).hexdigest()[:16]
+    return cache / key / (ref.rstrip("/").rsplit("/", 1)[-1] or "weights")
+
+
+def local_candidates(ref: str, cache: Path) -> list[Path]:
+    """The files a local checkpoint ``ref`` may be: the path itself, and a bare file name
+    in ``cache``."""
+    candidates = [Path(ref).expanduser()]
+    if not Path(ref).is_absolute() and len(Path(ref).parts) == 1:
+        candidates.append(cache / ref)
+    return candidates
+
+
 def resolve_weights(
     ref: str,
     *,
@@ -128,9 +143,7 @@ def resolve_weights(
             asked, field=field, example=example, looked=[str(path)], extra_fix=extra_fix
         )
     if is_uri(ref):
-        key = hashlib.sha256(ref.encode()).hexdigest()[:16]
-        name = ref.rstrip("/").rsplit("/", 1)[-1] or "weights"
-        target = cache / key / name
+        target = download_target(ref, cache)
         if target.is_file():
             return target
         try:
@@ -145,9 +158,7 @@ def resolve_weights(
                 extra_fix=extra_fix,
             ) from exc
         return target
-    candidates = [Path(ref).expanduser()]
-    if not Path(ref).is_absolute() and len(Path(ref).parts) == 1:
-        candidates.append(cache / ref)
+    candidates = local_candidates(ref, cache)
     for path in candidates:
         if path.is_file():
             return path
