@@ -20,7 +20,7 @@ clip_dense's input: PNG 3068 -> 649 (PIL's full-size buffer, reduced by 12 befor
 copy), JPEG 2971 -> ~0 (decoded at 1/8: 1625 x 1625).
 
 Run: ``python bench/decode_memory.py [--side 13000]``. The index also bounds how much its
-reader threads decode at once (``fmbseg.tasks.index.DECODE_BUDGET``): a worker's peak is
+reader threads decode at once (``fmbseg.data.images.WORKER_DECODE_BUDGET``): a worker's peak is
 about ``max(budget, the largest image)``, not ``READERS`` times the largest image.
 """
 

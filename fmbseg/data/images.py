@@ -137,6 +137,11 @@ def decoded_bytes(im: Image.Image) -> int:
     return im.width * im.height * per_pixel.get(im.mode, 4)
 
 
+# Decoded bytes one worker's image readers hold at once (index's checks, the model stages'
+# read-ahead); a larger image is decoded alone.
+WORKER_DECODE_BUDGET = 1 << 30
+
+
 class MemoryBudget:
     """Bounds the decoded bytes that threads hold at once: :meth:`hold` waits until its
     bytes fit beside the others'. An image larger than the whole budget waits for every

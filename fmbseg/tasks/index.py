@@ -32,7 +32,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fmbseg.config import Config, IndexConfig
-from fmbseg.data.images import ImageDecodeError, MemoryBudget, check_image, image_size
+from fmbseg.data.images import (
+    WORKER_DECODE_BUDGET,
+    ImageDecodeError,
+    MemoryBudget,
+    check_image,
+    image_size,
+)
 from fmbseg.data.sources import (
     ImageRef,
     allowed_protocols,
@@ -51,8 +57,6 @@ log = logging.getLogger(__name__)
 STAGE = "index"
 CODE_VERSION = "1"
 READERS = 4  # images a worker reads and checks at once
-# decoded bytes a worker's readers hold at once (a larger image is decoded alone)
-DECODE_BUDGET = 1 << 30
 RECORD_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string()),
@@ -171,7 +175,7 @@ class IndexWorker:
         self.cfg = cfg
         self.read = functools.partial(read_bytes, storage_options=storage_options)
         self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="fmbseg-index")
-        self.budget = MemoryBudget(DECODE_BUDGET)
+        self.budget = MemoryBudget(WORKER_DECODE_BUDGET)
 
     def process(self, shard: int, spec: IndexShardSpec) -> tuple[pa.Table, pa.Table]:
         problems = {uri: (kind, message) for uri, kind, message in spec.problems}

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from fmbseg.config import Config
 from fmbseg.data.image_labels import ImageLabels
+from fmbseg.data.images import WORKER_DECODE_BUDGET
 from fmbseg.storage import ArtifactStore, Manifest, fingerprint
 from fmbseg.storage.records import error_row
 
@@ -34,9 +35,6 @@ log = logging.getLogger(__name__)
 
 INDEX_STAGE = "index"
 PREFETCH = 4  # images read and decoded ahead of the model, in threads
-# Bytes a worker's read-ahead holds decoded (and decoding) at once, beyond the image the
-# model waits for (ReadAhead): a run of huge images does not hold 2 * PREFETCH of them.
-LOAD_BUDGET = 1 << 30
 # Images whose model output waits for (or is in) the post thread while the model runs on:
 # one is enough to overlap them, and each holds full-size masks (100 SAM masks of a 12 MP
 # photo are 1.2 GB of bool), so no more.
@@ -463,7 +461,9 @@ class ImageShardWorker:
         self.store, self.cfg, self.storage_options = store, cfg, storage_options
         self.loader = loader_pool()
         self.upstream = Upstream(store, self.loader)
-        self.images = ReadAhead(self._load, self.loader, budget=LOAD_BUDGET)
+        # beyond the image the model waits for: a run of huge images does not hold
+        # 2 * PREFETCH of them
+        self.images = ReadAhead(self._load, self.loader, budget=WORKER_DECODE_BUDGET)
 
     def _load(self, uri: str) -> np.ndarray:
         return self._decode(uri)
