@@ -110,8 +110,9 @@ def patch_phases() -> list[str]:
     """Time the functions doing the non-model work, where the stages look them up."""
     import pyarrow.parquet as pq
 
+    import fmbseg.tasks.annotate.common as stage1
+    import fmbseg.tasks.annotate.export as export
     from fmbseg.storage import records, store
-    from fmbseg.tasks import export, stage1
 
     targets = {
         "decode": [(stage1, "load_image")],
@@ -179,11 +180,8 @@ def pipeline(
     store: Any, cfg: Any, images: str, vocab: Any, profiler: cProfile.Profile | None
 ) -> tuple[list[tuple[str, float, float, float]], dict[str, Any], int]:
     """Run every stage once on a fresh store: (per-stage wall/model/build s, phases, masks)."""
-    from fmbseg.tasks.clip_dense import run_clip_dense
-    from fmbseg.tasks.export import run_export
-    from fmbseg.tasks.index import run_index
-    from fmbseg.tasks.merge import run_merge
-    from fmbseg.tasks.sam_pair import run_sam_stages
+    from fmbseg.tasks.annotate.index import run_index
+    from fmbseg.tasks.annotate.stages import SAM_PASS, run_declared
 
     rows: list[tuple[str, float, float, float]] = []
     fps: dict[str, Any] = {}
@@ -203,11 +201,18 @@ def pipeline(
         by_phase[name] = (dict(PHASE_TIME), dict(THREAD_TIME), FORWARD_TIME["forward"])
 
     stage("index", lambda s, c: run_index(s, images, c))
-    stage("clip_dense", run_clip_dense, fps["index"], vocab)
-    stage("sam", run_sam_stages, fps["clip_dense"])  # both SAM stages, one pass
-    sam = fps.pop("sam")
-    stage("merge", run_merge, fps["index"], fps["clip_dense"], sam["sam_prompt"], sam["sam_auto"])
-    stage("export", run_export, fps["merge"])
+
+    def declared(names: Any) -> Any:  # the stage(s) through the engine, on the fps so far
+        return lambda s, c: run_declared(s, c, names, dict(fps), vocabulary=vocab)
+
+    for name, names in [
+        ("clip_dense", "clip_dense"),
+        ("sam", SAM_PASS),
+        ("merge", "merge"),
+        ("export", "export"),
+    ]:
+        stage(name, declared(names))  # "sam": both SAM stages, one pass
+        fps.update(fps.pop(name))
     return rows, by_phase, store.require_manifest("merge", fps["merge"]).rows
 
 

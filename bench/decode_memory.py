@@ -41,7 +41,7 @@ what = sys.argv[2]
 if what.startswith("clip"):  # clip_dense's model input: decode, then prepare_image
     from fmbseg.config import ClipDenseConfig
     from fmbseg.models.base import Preprocess
-    from fmbseg.tasks.windows import decode_min_side, geometry, prepare_image
+    from fmbseg.tasks.annotate.windows import decode_min_side, geometry, prepare_image
     cfg = ClipDenseConfig()  # short_side 1008
     pre = Preprocess((0.48, 0.46, 0.41), (0.27, 0.26, 0.28), 224, 16)  # ViT-B/16's
 data = open(sys.argv[1], "rb").read()

@@ -52,16 +52,12 @@ def child(config: str, n: int, shard_size: int, row_group_mib: float | None) -> 
     from fmbseg.config import load_config, replace
     from fmbseg.data.vocab import load_vocabulary
     from fmbseg.storage import ArtifactStore
-    from fmbseg.tasks.clip_dense import run_clip_dense
-    from fmbseg.tasks.export import run_export
-    from fmbseg.tasks.index import run_index
-    from fmbseg.tasks.merge import run_merge
-    from fmbseg.tasks.sam_auto import run_sam_auto
-    from fmbseg.tasks.sam_prompt import run_sam_prompt
+    from fmbseg.tasks.annotate.index import run_index
+    from fmbseg.tasks.annotate.stages import run_declared
 
     if row_group_mib is not None:  # export's records.parquet writer, in this driver
+        import fmbseg.tasks.annotate.export_files as export_files
         from fmbseg.storage.parquet import RowGroupWriter
-        from fmbseg.tasks import export_files
 
         export_files.RowGroupWriter = functools.partial(  # type: ignore[misc]
             RowGroupWriter, row_group_bytes=int(row_group_mib * 2**20)
@@ -79,13 +75,12 @@ def child(config: str, n: int, shard_size: int, row_group_mib: float | None) -> 
         fps: dict[str, str] = {}
         calls = {
             "index": lambda: run_index(store, f"{tmp}/images", cfg),
-            "clip_dense": lambda: run_clip_dense(store, cfg, fps["index"], vocab),
-            "sam_prompt": lambda: run_sam_prompt(store, cfg, fps["clip_dense"]),
-            "sam_auto": lambda: run_sam_auto(store, cfg, fps["clip_dense"]),
-            "merge": lambda: run_merge(
-                store, cfg, fps["index"], fps["clip_dense"], fps["sam_prompt"], fps["sam_auto"]
-            ),
-            "export": lambda: run_export(store, cfg, fps["merge"]),
+            **{  # each stage alone, on the fingerprints of the ones before it
+                s: functools.partial(
+                    lambda s: run_declared(store, cfg, s, fps, vocabulary=vocab)[s], s
+                )
+                for s in ("clip_dense", "sam_prompt", "sam_auto", "merge", "export")
+            },
         }
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]

@@ -10,7 +10,7 @@
    read through ``open_dataset``) with tiny random-weight models: the MaskCLIP and SCLIP
    baselines (``clip_tiny``) and the alignment model (``dinov2_tiny`` + module), under the
    tiny config's geometry and under the paper's (short side 448, window 448, stride 224).
-3. The same through the ``evaluate`` stage (``fmbseg.tasks.evaluate_stage``: shards on the
+3. The same through the ``evaluate`` stage (``fmbseg.tasks.evaluate.stage``: shards on the
    local executor, committed, merged exactly) and its cached rerun, against one call.
 
 Run: ``.venv/bin/python bench/evaluate.py [--quick]``.
@@ -30,9 +30,9 @@ from PIL import Image
 
 from fmbseg.config import EvaluateConfig, load_config
 from fmbseg.data.datasets import open_dataset
-from fmbseg.tasks.evaluate import evaluate_dataset
-from fmbseg.tasks.metrics import ConfusionMatrix
-from fmbseg.tasks.predictors import AlignmentPredictor, DenseClipPredictor
+from fmbseg.tasks.evaluate.metrics import ConfusionMatrix
+from fmbseg.tasks.evaluate.predictors import AlignmentPredictor, DenseClipPredictor
+from fmbseg.tasks.evaluate.protocol import evaluate_dataset
 
 K = 171
 
@@ -178,7 +178,7 @@ def bench_stage(root: Path, n: int, ev: EvaluateConfig) -> None:
     from fmbseg.config import replace
     from fmbseg.models import build_model
     from fmbseg.storage import ArtifactStore
-    from fmbseg.tasks.evaluate_stage import build_report, plan_evaluation, run_evaluate
+    from fmbseg.tasks.evaluate.stage import build_report, plan_evaluation, run_evaluate
 
     cfg = replace(load_config("tiny"), runtime={"executor": "local", "shard_size": 2})
     ds = open_dataset("voc21", str(root))

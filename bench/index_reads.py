@@ -1,6 +1,6 @@
 """Stage ``index`` on an object store: images read and checked in threads vs one at a time.
 
-``index_images`` with the worker's thread pool (``fmbseg.tasks.index.READERS`` threads)
+``index_images`` with the worker's thread pool (``fmbseg.tasks.annotate.index.READERS`` threads)
 against the same call without a pool (the straightforward loop), on the same generated
 JPEGs, each read delayed by ``--latency-ms`` as an object-store GET is (the bytes come from
 local disk; 0 = the local-disk case). Checks both give the same tables and prints images/s
@@ -29,7 +29,7 @@ def main() -> None:
 
     from fmbseg.config import IndexConfig
     from fmbseg.data.sources import read_bytes
-    from fmbseg.tasks.index import READERS, index_images
+    from fmbseg.tasks.annotate.index import READERS, index_images
 
     def get(uri: str) -> bytes:
         time.sleep(args.latency_ms / 1000)

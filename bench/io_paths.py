@@ -62,7 +62,7 @@ def blobs(n: int, h: int, w: int, rng: np.random.Generator) -> list[np.ndarray]:
 
 def float_overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray, alpha: float) -> Any:
     """The overlay in float32 numpy: blend, darken the unlabelled, white outlines."""
-    from fmbseg.tasks.gallery import inner_boundaries
+    from fmbseg.tasks.annotate.gallery import inner_boundaries
 
     out = image.astype(np.float32)
     lut = np.zeros((256, 3), dtype=np.float32)
@@ -86,7 +86,7 @@ def main() -> None:
 
     from fmbseg.storage.parquet import RowGroupWriter, table_to_parquet_bytes
     from fmbseg.storage.records import MaskRecords, compose_label_map, encode_mask, mask_row
-    from fmbseg.tasks.gallery import class_colours, label_png, overlay
+    from fmbseg.tasks.annotate.gallery import class_colours, label_png, overlay
 
     rng = np.random.default_rng(0)
     masks = blobs(args.masks, h, w, rng)

@@ -18,8 +18,8 @@ import time
 import pyarrow as pa
 
 from fmbseg.config import RuntimeConfig
+from fmbseg.engine.runner import run_stage
 from fmbseg.storage import ArtifactStore
-from fmbseg.tasks.runner import run_stage
 
 
 class BusyWorker:

@@ -1,7 +1,7 @@
 """Ours with SAM 2.1 vs ours with SAM: both SAM stages on the same images and CLIP output.
 
 For each teacher (``--sam``, registry names), the real stages ``sam_prompt`` + ``sam_auto``
-(:func:`fmbseg.tasks.sam_pair.run_sam_stages`: one image embedding for prompts and
+(the engine's SAM pass, :mod:`fmbseg.tasks.annotate.sam_pair`: one image embedding for prompts and
 automatic masks, records built in the post thread, Parquet and commits included) with the
 local executor on one temporary store, over the one ``clip_dense`` output both read (index
 and CLIP run first, untimed): only ``models.sam`` differs, so the stages' fingerprints
@@ -73,9 +73,8 @@ def main() -> None:
     from fmbseg.data.vocab import load_vocabulary
     from fmbseg.models import registry
     from fmbseg.storage import ArtifactStore
-    from fmbseg.tasks.clip_dense import run_clip_dense
-    from fmbseg.tasks.index import run_index
-    from fmbseg.tasks.sam_pair import run_sam_stages
+    from fmbseg.tasks.annotate.index import run_index
+    from fmbseg.tasks.annotate.stages import SAM_PASS, run_declared
 
     sets = ["models.clip_weights=null", "models.sam_weights=null", *args.set]
     if args.keep_all:
@@ -108,13 +107,19 @@ def main() -> None:
             p.unlink()
         store = ArtifactStore(f"{tmp}/store")
         clips = {
-            folder: run_clip_dense(store, base, run_index(store, folder, base), vocab)
+            folder: run_declared(
+                store,
+                base,
+                "clip_dense",
+                {"index": run_index(store, folder, base)},
+                vocabulary=vocab,
+            )["clip_dense"]
             for folder in ([warm] if args.warmup else []) + [timed]
         }
         for name in args.sam:
             cfg = replace(base, models={"sam": name})
             if args.warmup:
-                run_sam_stages(store, cfg, clips[warm])
+                run_declared(store, cfg, SAM_PASS, {"clip_dense": clips[warm]})
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
@@ -122,7 +127,7 @@ def main() -> None:
             build_time[0] = 0.0
             _sync()
             start = time.perf_counter()
-            fps = run_sam_stages(store, cfg, clips[timed])
+            fps = run_declared(store, cfg, SAM_PASS, {"clip_dense": clips[timed]})
             _sync()
             seconds = time.perf_counter() - start - build_time[0]
             peak = peak_mib(cuda)

@@ -2,7 +2,7 @@
 
 What a shard of ``sam_prompt`` then a shard of ``sam_auto`` do to each image (the
 reference: SAM's image encoder runs twice), against the one pass of
-``fmbseg.tasks.sam_pair`` (prompts, then automatic masks from the same embedding): both
+``fmbseg.tasks.annotate.sam_pair`` (prompts, then automatic masks from the same embedding): both
 on the same images with the same SAM (random weights: speed does not depend on them; the
 image encoder at the pipeline's default precision, bf16 autocast on a GPU) and the same
 settings. Prompts: ``--classes`` present classes of 5 points each, in one decoder

@@ -70,10 +70,8 @@ def ours(
     """(seconds of clip_dense + SAM + merge, model builds excluded; merged masks; seconds
     per part: ``clip`` = stage clip_dense, ``sam`` = the SAM pair, ``rest`` = merge)."""
     from fmbseg.storage import ArtifactStore
-    from fmbseg.tasks.clip_dense import run_clip_dense
-    from fmbseg.tasks.index import run_index
-    from fmbseg.tasks.merge import run_merge
-    from fmbseg.tasks.sam_pair import run_sam_stages
+    from fmbseg.tasks.annotate.index import run_index
+    from fmbseg.tasks.annotate.stages import SAM_PASS, run_declared
 
     store = ArtifactStore(store_root)
     index = run_index(store, folder, cfg)
@@ -88,12 +86,11 @@ def ours(
         parts[name] = time.perf_counter() - start - BUILD_TIME[0]
         return out
 
-    clip = part("clip", lambda: run_clip_dense(store, cfg, index, vocab))
-    sam = part("sam", lambda: run_sam_stages(store, cfg, clip))
-    merge = part(
-        "rest", lambda: run_merge(store, cfg, index, clip, sam["sam_prompt"], sam["sam_auto"])
-    )
-    return sum(parts.values()), store.require_manifest("merge", merge).rows, parts
+    fps = {"index": index}
+    fps |= part("clip", lambda: run_declared(store, cfg, "clip_dense", fps, vocabulary=vocab))
+    fps |= part("sam", lambda: run_declared(store, cfg, SAM_PASS, fps))
+    fps |= part("rest", lambda: run_declared(store, cfg, "merge", fps))
+    return sum(parts.values()), store.require_manifest("merge", fps["merge"]).rows, parts
 
 
 class Reference:
@@ -129,8 +126,8 @@ class Reference:
 
     def dense(self, image: np.ndarray) -> Any:
         """One image's crops through CLIP (CLS and dense in two passes), stitched."""
-        from fmbseg.tasks.clip_dense import _Pending
-        from fmbseg.tasks.windows import geometry, prepare_image
+        from fmbseg.tasks.annotate.clip_dense import _Pending
+        from fmbseg.tasks.annotate.windows import geometry, prepare_image
 
         model, ccfg = self.clip, self.cfg.clip_dense
         geo = geometry(image.shape[0], image.shape[1], ccfg, model.preprocess)
@@ -147,11 +144,11 @@ class Reference:
     def label(self, image_id: str, uri: str) -> int:
         """Merged masks of one image, from its file."""
         from fmbseg.storage.records import MaskRecords, mask_row
-        from fmbseg.tasks.clip_dense import summarise
-        from fmbseg.tasks.merge import merge_shard
-        from fmbseg.tasks.sam_auto import filter_masks, mask_class_scores
-        from fmbseg.tasks.sam_prompt import prompt_points
-        from fmbseg.tasks.stage1 import load_image
+        from fmbseg.tasks.annotate.clip_dense import summarise
+        from fmbseg.tasks.annotate.common import load_image
+        from fmbseg.tasks.annotate.merge import merge_shard
+        from fmbseg.tasks.annotate.sam_auto import filter_masks, mask_class_scores
+        from fmbseg.tasks.annotate.sam_prompt import prompt_points
 
         cfg = self.cfg
         mark = time.perf_counter()
@@ -261,7 +258,7 @@ def main() -> None:
     from fmbseg.data.vocab import load_vocabulary
     from fmbseg.models import registry
     from fmbseg.storage import ArtifactStore
-    from fmbseg.tasks.index import run_index
+    from fmbseg.tasks.annotate.index import run_index
 
     sets = list(args.set)
     if args.random_weights:

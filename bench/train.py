@@ -19,7 +19,7 @@ import torch
 from fmbseg.config import TrainConfig
 from fmbseg.models.align import AlignmentConfig, AlignmentModule, alignment_loss
 from fmbseg.models.registry import build_model
-from fmbseg.tasks.features import encode_batch
+from fmbseg.tasks.train.features import encode_batch
 
 
 def main() -> None:

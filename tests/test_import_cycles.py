@@ -93,8 +93,8 @@ def test_no_import_cycles() -> None:
 def test_checker_sees_lazy_imports() -> None:
     # the walk must count an import inside a function: runner's lazy import of ray_executor
     known = _modules()
-    runner = "fmbseg.tasks.runner"
-    assert "fmbseg.tasks.ray_executor" in _imports(runner, known[runner], known)
-    assert "fmbseg.tasks.runner" not in _imports(
-        "fmbseg.tasks.ray_executor", known["fmbseg.tasks.ray_executor"], known
+    runner = "fmbseg.engine.runner"
+    assert "fmbseg.engine.ray_executor" in _imports(runner, known[runner], known)
+    assert "fmbseg.engine.runner" not in _imports(
+        "fmbseg.engine.ray_executor", known["fmbseg.engine.ray_executor"], known
     )

@@ -154,7 +154,7 @@ def _common(args: argparse.Namespace) -> Common:
     if args.ray_address:
         cfg = replace(cfg, runtime={"ray_address": args.ray_address})
     if cfg.runtime.executor == "ray":  # seconds, not Ray's minutes of retries
-        from fmbseg.tasks.ray_cluster import check_ray_address
+        from fmbseg.engine.ray_cluster import check_ray_address
 
         check_ray_address(cfg.runtime.ray_address)
     return Common(
@@ -283,7 +283,7 @@ def progress_bars(units: dict[str, str] | None = None) -> Iterator[None]:
     def on_report(message: str) -> None:  # what a stage reused, resumed or committed
         tqdm.write(message, file=sys.stdout)
 
-    from fmbseg.tasks.runner import add_reporter
+    from fmbseg.engine.runner import add_reporter
 
     remove = add_reporter(on_report)
     with observe_progress(on_progress):
@@ -319,8 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _quiet_environment(args.verbose)
+    from fmbseg.engine.runner import StageError
     from fmbseg.flows.common import USER_ERRORS, is_user_error
-    from fmbseg.tasks.runner import StageError
 
     input_errors: tuple[type[BaseException], ...] = (
         ConfigError,

@@ -11,7 +11,7 @@ from fmbseg.data.datasets import dataset_names
 
 def labels_summary(report: dict[str, Any]) -> str:
     """Prompt-only / auto-only / merged pseudo-labels in one table, then the merged per class."""
-    from fmbseg.tasks.evaluate import format_report
+    from fmbseg.tasks.evaluate.protocol import format_report
 
     def pct(v: float | None) -> str:
         return "   -  " if v is None else f"{100 * v:6.2f}"
@@ -100,7 +100,7 @@ def teachers_summary(report: dict[str, Any]) -> str:
 )
 def cmd_evaluate(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.flows.evaluate import evaluate_flow, label_refs
-    from fmbseg.tasks.evaluate import format_report
+    from fmbseg.tasks.evaluate.protocol import format_report
 
     if "," in args.model:
         try:

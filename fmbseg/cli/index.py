@@ -32,7 +32,7 @@ def skipped_files(skipped: dict[str, int]) -> str:
 def cmd_index(args: argparse.Namespace, common: Common) -> int:
     check_source(args.images, common.storage_options)
     from fmbseg.flows.index import index_flow
-    from fmbseg.tasks.index import STAGE
+    from fmbseg.tasks.annotate.index import STAGE
 
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
     with progress_bars():

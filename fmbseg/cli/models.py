@@ -87,8 +87,8 @@ def check_promotable(registry: ModelRegistry, name: str, version: str) -> None:
     """Refuse a version that ``segment``/``evaluate`` could not load: not an alignment
     module, or weights that do not fit the module its card describes."""
     from fmbseg.models.align import AlignmentConfig, AlignmentModule
-    from fmbseg.tasks.segment import IncompatibleModelError
-    from fmbseg.tasks.train import CARD_KIND
+    from fmbseg.segment import IncompatibleModelError
+    from fmbseg.tasks.train.run import CARD_KIND
 
     tensors, card = registry.load(name, version)
     where = f"model {name}:{version}"

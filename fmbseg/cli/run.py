@@ -19,8 +19,8 @@ from fmbseg.cli.annotate import (
 )
 from fmbseg.cli.core import DRY_RUN, Arg, Common, command, progress_bars
 from fmbseg.data.sources import check_source
+from fmbseg.engine.runner import StageError
 from fmbseg.models.weights import WeightsNotFoundError
-from fmbseg.tasks.runner import StageError
 
 OFFLINE_HINT = (
     "the {config!r} config needs pretrained weights that could not be loaded (offline?).\n"

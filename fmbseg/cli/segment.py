@@ -138,8 +138,8 @@ def check_outputs(
 def cmd_segment(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.data.images import decode_image
     from fmbseg.data.sources import read_bytes
+    from fmbseg.segment import IncompatibleModelError, OpenVocabSegmenter, write_outputs
     from fmbseg.storage.models import CorruptModelError, ModelNotFoundError
-    from fmbseg.tasks.segment import IncompatibleModelError, OpenVocabSegmenter, write_outputs
 
     classes = list(vocabulary_from_args(args))  # at most 255: label maps are palette PNGs
     check_images(args.images, common.storage_options)

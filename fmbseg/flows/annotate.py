@@ -1,10 +1,10 @@
 """Flow ``annotate``: stage 1 of METHOD.md, images + class names -> pseudo-labels.
 
-index -> clip_dense -> sam_prompt | sam_auto -> merge -> export, each stage one Prefect
-task cached by its fingerprint (a changed SAM threshold reruns sam_auto, merge and export;
-nothing else); the two SAM stages share one task and, when both run, one pass over the
-images (fmbseg.tasks.sam_pair). Each stage fans out over the index's shards on Ray
-(fmbseg.tasks.runner).
+index -> clip_dense -> sam_prompt | sam_auto -> merge -> export: the stages declared in
+:mod:`fmbseg.tasks.annotate.stages`, each pass one Prefect task cached by its fingerprints
+(a changed SAM threshold reruns sam_auto, merge and export; nothing else); the two SAM
+stages share one task and one pass over the images. Each pass fans out over the index's
+shards on Ray (:mod:`fmbseg.engine`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from fmbseg.config import Config
 from fmbseg.data.image_labels import ImageLabels, load_image_labels
@@ -23,111 +22,24 @@ from fmbseg.data.sources import source_root
 from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
-    StageProgress,
     configure,
     current_flow_run_id,
     image_markdown,
     manifest_artifact,
     markdown_artifact,
     open_store,
+    pass_task,
     record_lineage,
-    stage_task,
     table_artifact,
 )
 from fmbseg.flows.index import index_task, list_images_task
 from fmbseg.models.locate import locate_weights
 from fmbseg.storage.store import ArtifactStore
-from fmbseg.tasks.clip_dense import run_clip_dense
-from fmbseg.tasks.export import run_export
-from fmbseg.tasks.export_coco import NO_LABEL
-from fmbseg.tasks.index import IndexPlan, count_errors
-from fmbseg.tasks.merge import run_merge
-from fmbseg.tasks.sam_pair import run_sam_stages
-from fmbseg.tasks.stage1 import stage1_fingerprints
+from fmbseg.tasks.annotate.export_coco import NO_LABEL
+from fmbseg.tasks.annotate.index import IndexPlan, count_errors
+from fmbseg.tasks.annotate.stages import SAM_PASS, STAGE1, passes, stage_run
 
-SAM_STAGES = ("sam_prompt", "sam_auto")
-
-
-def _same(stage: str, expected: str, got: str) -> str:
-    if got != expected:  # the flow's precomputed fingerprint and the stage's must agree
-        raise RuntimeError(f"stage {stage}: fingerprint {got} differs from planned {expected}")
-    return got
-
-
-@stage_task("clip_dense")
-def clip_dense_task(
-    store: ArtifactStore,
-    fp: str,
-    cfg: Config,
-    index_fp: str,
-    vocabulary: tuple[str, ...],
-    storage_options: dict[str, Any] | None = None,
-    image_labels: ImageLabels | None = None,
-) -> str:
-    """Sliding-window dense CLIP, presence (or the given image labels), and similarity maps
-    of the present classes."""
-    progress = StageProgress("clip_dense", fp)
-    got = run_clip_dense(
-        store,
-        cfg,
-        index_fp,
-        vocabulary,
-        storage_options=storage_options,
-        progress=progress,
-        image_labels=image_labels,
-    )
-    return _same("clip_dense", fp, got)
-
-
-@stage_task("sam_prompt+sam_auto")
-def sam_task(
-    store: ArtifactStore,
-    fp: dict[str, str],
-    cfg: Config,
-    clip_fp: str,
-    storage_options: dict[str, Any] | None = None,
-) -> dict[str, str]:
-    """METHOD 1.1.3 (top-5 CLIP patches per present class as SAM point prompts) and 1.2
-    (SAM automatic masks labelled from the stored similarity maps): two versioned stages,
-    run in one pass that embeds each image once when both are to run."""
-    progress = {stage: StageProgress(stage, fp[stage]) for stage in SAM_STAGES}
-    got = run_sam_stages(store, cfg, clip_fp, storage_options=storage_options, progress=progress)
-    return {stage: _same(stage, fp[stage], got[stage]) for stage in SAM_STAGES}
-
-
-@stage_task("merge")
-def merge_task(
-    store: ArtifactStore,
-    fp: str,
-    cfg: Config,
-    index_fp: str,
-    clip_fp: str,
-    prompt_fp: str,
-    auto_fp: str,
-) -> str:
-    """Prompt masks + a seeded sample of automatic masks, per image."""
-    progress = StageProgress("merge", fp)
-    got = run_merge(store, cfg, index_fp, clip_fp, prompt_fp, auto_fp, progress=progress)
-    return _same("merge", fp, got)
-
-
-@task(name="export", cache_policy=NO_CACHE, persist_result=False, retries=1)
-def export_task(
-    store: ArtifactStore,
-    fp: str,
-    cfg: Config,
-    merge_fp: str,
-    storage_options: dict[str, Any] | None = None,
-) -> str:
-    """COCO JSON, PNG label maps, Parquet, overlays and gallery.html (skipped when complete)."""
-    got = run_export(
-        store,
-        cfg,
-        merge_fp,
-        storage_options=storage_options,
-        progress=StageProgress("export", fp),
-    )
-    return _same("export", fp, got)
+SAM_STAGES = SAM_PASS
 
 
 def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> dict[str, Any]:
@@ -210,13 +122,12 @@ def label_index(
     """Every stage after ``index`` on the committed index ``index_fp``; returns {stage: fp}.
 
     ``image_labels``: image-level tags that replace CLIP's presence vote."""
-    fps = {"index": index_fp, **stage1_fingerprints(cfg, index_fp, vocabulary, image_labels)}
-    clip_dense_task(st, fps["clip_dense"], cfg, index_fp, vocabulary, storage_options, image_labels)
-    sam_task(st, {s: fps[s] for s in SAM_STAGES}, cfg, fps["clip_dense"], storage_options)
-    merge_task(
-        st, fps["merge"], cfg, index_fp, fps["clip_dense"], fps["sam_prompt"], fps["sam_auto"]
+    job = stage_run(
+        st, cfg, index_fp, vocabulary, storage_options=storage_options, image_labels=image_labels
     )
-    export_task(st, fps["export"], cfg, fps["merge"], storage_options)
+    for stages in passes(STAGE1):  # each pass one Prefect task, cached by its fingerprints
+        pass_task(stages)(job)
+    fps = dict(job.fps)
     for stage in ("index", "clip_dense", *SAM_STAGES, "merge"):
         manifest_artifact(st, stage, fps[stage])
     return fps
@@ -233,7 +144,7 @@ def gallery_markdown(store: ArtifactStore, export_fp: str, limit: int = ARTIFACT
     :func:`~fmbseg.flows.common.image_markdown`) and where the full gallery is."""
     from PIL import Image
 
-    from fmbseg.tasks.gallery import jpeg
+    from fmbseg.tasks.annotate.gallery import jpeg
 
     base = f"exports/{export_fp}"
     names = [n for n in store.ls(f"{base}/overlays") if n.endswith(".jpg")][:limit]

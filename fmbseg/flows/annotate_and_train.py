@@ -3,7 +3,7 @@
 The deployments in ``prefect.yaml`` run this flow. Each part is a subflow (``annotate``,
 ``train``, ``evaluate``) whose stages are cached by fingerprint, so a rerun with one changed
 parameter recomputes only what depends on it. The champion pointer moves by the rule in
-:mod:`fmbseg.tasks.promotion`: the first model becomes the champion; later ones only when
+:mod:`fmbseg.tasks.train.promotion`: the first model becomes the champion; later ones only when
 evaluated at least as good as the champion on the same set.
 """
 
@@ -29,7 +29,7 @@ from fmbseg.flows.evaluate import evaluate_flow
 from fmbseg.flows.train import train_flow
 from fmbseg.models.locate import locate_weights
 from fmbseg.storage.models import ModelRegistry
-from fmbseg.tasks.promotion import decide_and_record
+from fmbseg.tasks.train.promotion import decide_and_record
 
 
 def evaluate_and_promote(

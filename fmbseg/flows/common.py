@@ -3,7 +3,7 @@
 The stage-task pattern: each pipeline stage is one Prefect task made with
 :func:`stage_task`. Its first two parameters are ``store`` (an ArtifactStore) and ``fp``
 (the stage fingerprint, computed by the flow before the call); its body runs the stage
-through :func:`fmbseg.tasks.runner.run_stage` and returns ``fp``. The cache key is the
+through :func:`fmbseg.engine.runner.run_stage` and returns ``fp``. The cache key is the
 fingerprint, but only while the store really holds a committed output for it, so a
 deleted or different store never yields a stale cache hit (the store, not Prefect's
 result cache, is the source of truth; Prefect's cache just makes the skip visible in the
@@ -39,15 +39,17 @@ from prefect.context import get_run_context
 from fmbseg.config import Config, ConfigError, load_config, replace
 from fmbseg.data.datasets import DatasetError
 from fmbseg.data.sources import SourceError
+from fmbseg.engine.ray_cluster import RayAddressError
+from fmbseg.engine.runner import add_reporter, cached_message, report
+from fmbseg.engine.stage import Stage, StageRun, committed
+from fmbseg.engine.stage import run as run_stages
 from fmbseg.models.registry import MissingExtraError
 from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
+from fmbseg.segment import IncompatibleModelError
 from fmbseg.storage.models import ModelNotFoundError
 from fmbseg.storage.preflight import StoreUnusableError, check_store
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
-from fmbseg.tasks.ray_cluster import RayAddressError
-from fmbseg.tasks.runner import add_reporter, cached_message, report
-from fmbseg.tasks.segment import IncompatibleModelError
-from fmbseg.tasks.train_data import NoLabelledPatchesError
+from fmbseg.tasks.train.data import NoLabelledPatchesError
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -198,6 +200,59 @@ def stage_task(
         on_completion=[_report_cached],
         on_failure=[_report_cached],
     )
+
+
+_PASS_TASKS: dict[str, Task[..., dict[str, str]]] = {}
+
+
+def pass_task(stages: Sequence[Stage]) -> Task[..., dict[str, str]]:
+    """The one Prefect task factory: the task that runs a pass of declared stages (one
+    stage, or the stages that share a pass) with the planned fingerprints of its
+    :class:`~fmbseg.engine.stage.StageRun` argument; returns ``{stage: fp}``.
+
+    Cached while every stage's output is committed (cache key = their fingerprints, see
+    :func:`pass_cache_key`), retried on failure unless the input is at fault; the body
+    reports its counts and fingerprints to the run's log (the runner's reports).
+    """
+    name = "+".join(s.name for s in stages)
+    if name not in _PASS_TASKS:
+        declared = tuple(stages)
+
+        def run_pass(job: StageRun) -> dict[str, str]:
+            progress = {s.name: StageProgress(s.name, job.fp(s.name)) for s in declared}
+            return run_stages(declared, job, progress)
+
+        _PASS_TASKS[name] = task(
+            name=name,
+            cache_key_fn=pass_cache_key(declared),
+            persist_result=True,
+            retries=1,
+            retry_delay_seconds=5.0,
+            retry_condition_fn=retry_unless_user_error,
+            on_completion=[_report_cached],
+            on_failure=[_report_cached],
+        )(run_pass)
+    return _PASS_TASKS[name]
+
+
+def pass_cache_key(stages: Sequence[Stage]) -> Callable[[Any, dict[str, Any]], str | None]:
+    """A Prefect ``cache_key_fn`` for :func:`pass_task`: ``fmbseg-{stages}-{store}-{fps}``
+    once every stage's output is whole in the store, else None (the store, not Prefect's
+    result cache, is the source of truth)."""
+
+    def key(context: Any, parameters: dict[str, Any]) -> str | None:
+        job: StageRun = parameters["job"]
+        done = [m for s in stages if (m := committed(s, job)) is not None]
+        if len(done) < len(stages):
+            return None
+        task_run = getattr(context, "task_run", None)
+        if task_run is not None:  # said by _report_cached if Prefect serves the cached result
+            with _pending_lock:
+                _pending[str(task_run.id)] = [cached_message(job.store, m) for m in done]
+        names = "+".join(s.name for s in stages)
+        return f"fmbseg-{names}-{_store_tag(job.store)}-{'-'.join(m.fingerprint for m in done)}"
+
+    return key
 
 
 def _to_run_log(message: str) -> None:

@@ -12,20 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import fmbseg.tasks.train.ledger as ledger_
 from fmbseg.config import Config
 from fmbseg.data.image_labels import ImageLabels
+from fmbseg.engine.runner import plan_shards
 from fmbseg.flows.train import TrainInputs, fingerprint_for, resolve_labels
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
-from fmbseg.tasks import ledger as ledger_
-from fmbseg.tasks.index import IndexPlan, plan_index
-from fmbseg.tasks.ledger import new_images_plan
-from fmbseg.tasks.runner import plan_shards
-from fmbseg.tasks.stage1 import stage1_fingerprints
-from fmbseg.tasks.train import STAGE as TRAIN_STAGE
-from fmbseg.tasks.train import train_fingerprint
+from fmbseg.tasks.annotate.index import IndexPlan, plan_index
+from fmbseg.tasks.annotate.stages import STAGE1, stage1_fingerprints
+from fmbseg.tasks.train.ledger import new_images_plan
+from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
+from fmbseg.tasks.train.run import train_fingerprint
 
-LABEL_STAGES = ("clip_dense", "sam_prompt", "sam_auto", "merge", "export")
+LABEL_STAGES = tuple(s.name for s in STAGE1)  # the declared stage-1 stages, in order
 
 
 @dataclass(frozen=True)

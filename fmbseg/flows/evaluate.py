@@ -28,22 +28,22 @@ from fmbseg.flows.common import (
     table_artifact,
 )
 from fmbseg.storage.store import ArtifactStore
-from fmbseg.tasks.evaluate_stage import (
-    STAGE,
-    EvalPlan,
-    build_report,
-    plan_evaluation,
-    run_evaluate,
-    write_report,
-)
-from fmbseg.tasks.label_quality_stage import STAGE as LQ_STAGE
-from fmbseg.tasks.label_quality_stage import (
+from fmbseg.tasks.evaluate.label_quality_stage import STAGE as LQ_STAGE
+from fmbseg.tasks.evaluate.label_quality_stage import (
     LabelsPlan,
     build_label_report,
     compare_teachers,
     plan_label_quality,
     run_label_quality,
     write_label_report,
+)
+from fmbseg.tasks.evaluate.stage import (
+    STAGE,
+    EvalPlan,
+    build_report,
+    plan_evaluation,
+    run_evaluate,
+    write_report,
 )
 
 LABELS_PREFIX = "labels:"
@@ -184,7 +184,7 @@ def evaluate_flow(
             ``cfg.train.model_name``).
         limit: evaluate only the first ``limit`` images of the split.
 
-    Returns the report (see :func:`fmbseg.tasks.evaluate_stage.build_report`) plus
+    Returns the report (see :func:`fmbseg.tasks.evaluate.stage.build_report`) plus
     ``report_uris``: where its JSON was written (for a registry model next to its card,
     ``models/{name}/{version}/eval/{dataset}.json``; always ``evaluations/{fp}/report.json``).
     """
@@ -271,7 +271,7 @@ def label_quality_flow(
     ``dataset``'s images against its ground truth: prompt-only (1.1), auto-only (1.2), merged.
 
     The annotate flow must have labelled the split's image files (matched by content, from
-    any location). Returns the report (:func:`~fmbseg.tasks.label_quality_stage.
+    any location). Returns the report (:func:`~fmbseg.tasks.evaluate.label_quality_stage.
     build_label_report`) plus ``report_uris`` (``evaluations/{fp}/report.json``).
     """
     cfg = configure(config, overrides, ray_address)
@@ -365,7 +365,7 @@ def compare_teachers_flow(
     different ``models.sam``) and put them side by side.
 
     Each is a :func:`label_quality_flow` (its own cached stage and report); the comparison
-    (:func:`~fmbseg.tasks.label_quality_stage.compare_teachers`) is written to
+    (:func:`~fmbseg.tasks.evaluate.label_quality_stage.compare_teachers`) is written to
     ``evaluations/{fp}/report.json`` and published as the ``teacher-comparison`` table and
     markdown artifacts. Returns it plus ``report_uris``.
     """

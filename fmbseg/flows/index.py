@@ -21,7 +21,7 @@ from fmbseg.flows.common import (
     table_artifact,
 )
 from fmbseg.storage.store import ArtifactStore
-from fmbseg.tasks.index import STAGE, IndexPlan, execute_index, plan_index
+from fmbseg.tasks.annotate.index import STAGE, IndexPlan, execute_index, plan_index
 
 
 @task(

@@ -1,10 +1,10 @@
 """Flow ``retrain``: scheduled incremental retraining on the images that arrived since last time.
 
-find new images (source listing minus the ledger's batches, :mod:`fmbseg.tasks.ledger`) ->
+find new images (source listing minus the ledger's batches, :mod:`fmbseg.tasks.train.ledger`) ->
 annotate only those (one more batch; stages cached by fingerprint) -> record the batch ->
 train on the union of every batch's labels (from scratch, or fine-tuned from the champion)
 -> evaluate the new version and the champion on the held-out set -> promote by the rule of
-:mod:`fmbseg.tasks.promotion`. Nothing new (and a model already trained on every batch):
+:mod:`fmbseg.tasks.train.promotion`. Nothing new (and a model already trained on every batch):
 the run records "nothing new" and trains nothing.
 
 Earlier batches are relabelled only when their labels for the current vocabulary and config
@@ -19,6 +19,7 @@ from typing import Any, Literal
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+import fmbseg.tasks.train.ledger as ledger_
 from fmbseg.config import Config, ConfigError
 from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 from fmbseg.flows.annotate import annotate_plan, label_index
@@ -37,12 +38,11 @@ from fmbseg.flows.train import TrainProgress, model_summary
 from fmbseg.models.locate import locate_weights
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
-from fmbseg.tasks import ledger as ledger_
-from fmbseg.tasks.ledger import NewImages, new_images_plan
-from fmbseg.tasks.promotion import decide_and_record
-from fmbseg.tasks.stage1 import stage1_fingerprints
-from fmbseg.tasks.train import STAGE as TRAIN_STAGE
-from fmbseg.tasks.train import run_train, train_fingerprint
+from fmbseg.tasks.annotate.stages import stage1_fingerprints
+from fmbseg.tasks.train.ledger import NewImages, new_images_plan
+from fmbseg.tasks.train.promotion import decide_and_record
+from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
+from fmbseg.tasks.train.run import run_train, train_fingerprint
 
 MODES = ("scratch", "finetune")
 

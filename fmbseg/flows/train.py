@@ -33,11 +33,11 @@ from fmbseg.models.locate import locate_weights
 from fmbseg.storage.fingerprint import check_fingerprint
 from fmbseg.storage.models import CARD, WEIGHTS, ModelRegistry
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
-from fmbseg.tasks.features import STAGE as FEATURES_STAGE
-from fmbseg.tasks.promotion import promote_if_first
-from fmbseg.tasks.stage1 import VOCABULARY_KEY
-from fmbseg.tasks.train import LABELS_STAGE, STAGE, run_train, train_fingerprint
-from fmbseg.tasks.train_data import vocabulary_names
+from fmbseg.tasks.annotate.common import VOCABULARY_KEY
+from fmbseg.tasks.train.data import vocabulary_names
+from fmbseg.tasks.train.features import STAGE as FEATURES_STAGE
+from fmbseg.tasks.train.promotion import promote_if_first
+from fmbseg.tasks.train.run import LABELS_STAGE, STAGE, run_train, train_fingerprint
 
 LOSS_CURVE = "loss_curve.png"  # the file run_train saves beside the weights
 

@@ -47,7 +47,7 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 
-# Every stage's errors table (fmbseg.tasks.runner.ERRORS_SCHEMA is this), so they concatenate.
+# Every stage's errors table (fmbseg.engine.runner.ERRORS_SCHEMA is this), so they concatenate.
 ERROR_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string()),
@@ -335,7 +335,7 @@ def compose_label_map(
     """Masks of ONE image -> ``HxW uint8`` label map of category ids, ``IGNORE`` (255) elsewhere.
 
     Painting follows :func:`paint_order` with ``order`` (the merge output's ``merge.order``,
-    :func:`fmbseg.tasks.merge.merge_order`). Raises :class:`RecordError` for a category id
+    :func:`fmbseg.tasks.annotate.merge.merge_order`). Raises :class:`RecordError` for a category id
     outside ``[0, 254]`` or a mask whose size is not ``height x width``.
     """
     if isinstance(records, MaskRecords):

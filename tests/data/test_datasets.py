@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import tests.helpers.dataset_trees as trees
 from fmbseg.data.datasets import DatasetError, dataset_description, dataset_names, open_dataset
 from fmbseg.data.vocab import load_vocabulary
-from tests.evaluate import dataset_trees as trees
 
 
 def _reduce_zero(lab: np.ndarray) -> np.ndarray:

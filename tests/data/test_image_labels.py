@@ -13,7 +13,7 @@ import pytest
 from fmbseg.config import load_config
 from fmbseg.data.image_labels import ImageLabelsError, load_image_labels
 from fmbseg.data.sources import source_root
-from fmbseg.tasks.stage1 import stage1_fingerprints
+from fmbseg.tasks.annotate.stages import stage1_fingerprints
 
 VOCAB = ("cat", "dog", "potted plant")
 

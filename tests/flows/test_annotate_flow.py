@@ -15,8 +15,8 @@ from pycocotools.coco import COCO
 from fmbseg.data.vocab import resolve_vocabulary
 from fmbseg.flows.annotate import annotate_flow
 from fmbseg.storage import ArtifactStore
-from tests.synthetic import BUILDS, VOCAB, synthetic_config, write_scenes
-from tests.tasks.export_helpers import check_semantic_coco
+from tests.helpers.export_helpers import check_semantic_coco
+from tests.helpers.synthetic import BUILDS, VOCAB, synthetic_config, write_scenes
 
 N_IMAGES = 6
 

@@ -13,8 +13,8 @@ from fmbseg.flows.annotate import ARTIFACT_THUMB_SIDE, gallery_markdown
 from fmbseg.flows.common import plain
 from fmbseg.flows.train import loss_markdown
 from fmbseg.storage import ArtifactStore
-from fmbseg.tasks.gallery import jpeg
-from fmbseg.tasks.train_loop import loss_curve_png
+from fmbseg.tasks.annotate.gallery import jpeg
+from fmbseg.tasks.train.loop import loss_curve_png
 
 DATA_IMAGE = re.compile(r"!\[([^\]]*)\]\(data:(image/[a-z]+);base64,([A-Za-z0-9+/=]+)\)")
 

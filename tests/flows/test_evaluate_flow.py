@@ -11,15 +11,15 @@ import httpx
 import pytest
 import torch
 
+import tests.helpers.dataset_trees as trees
 from fmbseg.config import load_config
 from fmbseg.data.datasets import DatasetError, open_dataset
 from fmbseg.flows.evaluate import evaluate_flow
 from fmbseg.storage import ArtifactStore
 from fmbseg.storage.models import ModelNotFoundError, ModelRegistry
-from fmbseg.tasks.evaluate import evaluate_dataset
-from fmbseg.tasks.evaluate_stage import STAGE
-from fmbseg.tasks.predictors import AlignmentPredictor, DenseClipPredictor
-from tests.evaluate import dataset_trees as trees
+from fmbseg.tasks.evaluate.predictors import AlignmentPredictor, DenseClipPredictor
+from fmbseg.tasks.evaluate.protocol import evaluate_dataset
+from fmbseg.tasks.evaluate.stage import STAGE
 
 LOCAL = ["runtime.executor=local", "runtime.shard_size=1"]
 REPORT_KEYS = {
@@ -171,7 +171,7 @@ def test_limit_sharding_and_unreadable_images(
 def _save_tiny_alignment(store: ArtifactStore, name: str = "seg") -> str:
     from fmbseg.models import build_model
     from fmbseg.models.align import AlignmentConfig, AlignmentModule
-    from fmbseg.tasks.train import CARD_KIND
+    from fmbseg.tasks.train.run import CARD_KIND
 
     dino = build_model("dinov2_tiny", None, "cpu", img_size=56)
     clip = build_model("clip_tiny", None, "cpu")
@@ -197,7 +197,7 @@ def _save_tiny_alignment(store: ArtifactStore, name: str = "seg") -> str:
 def test_registry_champion_report_next_to_its_card(
     prefect_harness, voc_root: str, tmp_path: Path
 ) -> None:
-    from fmbseg.tasks.segment import OpenVocabSegmenter
+    from fmbseg.segment import OpenVocabSegmenter
 
     store_dir = str(tmp_path / "store")
     store = ArtifactStore(store_dir)
@@ -294,7 +294,7 @@ def _commit_labels(
 def test_pseudo_label_quality_through_the_evaluate_flow(
     prefect_harness, voc_root: str, tmp_path: Path
 ) -> None:
-    from fmbseg.tasks.label_quality import pseudo_label_quality
+    from fmbseg.tasks.evaluate.label_quality import pseudo_label_quality
 
     store_dir = str(tmp_path / "store")
     store = ArtifactStore(store_dir)
@@ -333,10 +333,8 @@ def test_sam_and_sam21_side_by_side_through_the_evaluate_flow(
     output; only models.sam differs), then `labels:A,labels:B`: one column per teacher."""
     from fmbseg.config import replace
     from fmbseg.storage.fingerprint import content_hash
-    from fmbseg.tasks.clip_dense import run_clip_dense
-    from fmbseg.tasks.index import run_index
-    from fmbseg.tasks.merge import run_merge
-    from fmbseg.tasks.sam_pair import run_sam_stages
+    from fmbseg.tasks.annotate.index import run_index
+    from fmbseg.tasks.annotate.stages import SAM_PASS, run_declared
 
     store_dir = str(tmp_path / "store")
     store = ArtifactStore(store_dir)
@@ -344,12 +342,14 @@ def test_sam_and_sam21_side_by_side_through_the_evaluate_flow(
     val_ids = ("2007_000033", "2007_000042", "2008_000002")
     tiny = replace(load_config("tiny"), runtime={"executor": "local", "shard_size": 2})
     index = run_index(store, str(images), tiny)
-    clip = run_clip_dense(store, tiny, index, ("person", "aeroplane", "tvmonitor", "sky"))
+    vocab = ("person", "aeroplane", "tvmonitor", "sky")
+    clip = run_declared(store, tiny, "clip_dense", {"index": index}, vocabulary=vocab)["clip_dense"]
     merges, sam_fps = {}, {}
     for sam in ("sam_tiny", "sam2.1_tiny"):
         cfg = replace(tiny, models={"sam": sam})
-        sam_fps[sam] = run_sam_stages(store, cfg, clip)
-        merges[sam] = run_merge(store, cfg, index, clip, *sam_fps[sam].values())
+        sam_fps[sam] = run_declared(store, cfg, SAM_PASS, {"clip_dense": clip})
+        inputs = {"index": index, "clip_dense": clip, **sam_fps[sam]}
+        merges[sam] = run_declared(store, cfg, "merge", inputs)["merge"]
     model = f"labels:{merges['sam_tiny']},labels:{merges['sam2.1_tiny']}"
     report = evaluate_flow("voc21", voc_root, model, store_dir, "tiny", LOCAL)
 

@@ -19,9 +19,9 @@ from fmbseg.flows.retrain import retrain_flow
 from fmbseg.models.registry import register_model
 from fmbseg.storage import ArtifactStore
 from fmbseg.storage.models import ModelRegistry
-from fmbseg.tasks.ledger import read_ledger
-from tests.synthetic import VOCAB, make_scene, synthetic_config
-from tests.train.world import ColourDino
+from fmbseg.tasks.train.ledger import read_ledger
+from tests.helpers.synthetic import VOCAB, make_scene, synthetic_config
+from tests.helpers.world import ColourDino
 
 DINO_NAME = "synthetic_colour_dino"
 N, M = 6, 2

@@ -16,9 +16,9 @@ from fmbseg.flows.train import TrainInputs, resolve_labels, train_flow
 from fmbseg.storage import ArtifactStore
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import NotCommittedError
-from tests.flows.labelled import LABELS_A, LABELS_B, OVERRIDES, labelled_world
-from tests.synthetic import VOCAB
-from tests.train.world import INDEX_FP, LABELS_FP
+from tests.helpers.labelled import LABELS_A, LABELS_B, OVERRIDES, labelled_world
+from tests.helpers.synthetic import VOCAB
+from tests.helpers.world import INDEX_FP, LABELS_FP
 
 
 @pytest.fixture(autouse=True)

@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 
 from fmbseg.storage import ArtifactStore
+from tests.helpers.synthetic import write_scenes
 from tests.integration.prefect_stack import stop_process
 from tests.integration.ray_nodes import ray_env
-from tests.synthetic import write_scenes
 
 N_IMAGES = 12
 HOLD_FROM = 8  # shards >= this wait while the gate file exists (until the third node joins)
@@ -67,7 +67,7 @@ while True:
 DRIVER = """
 import json, logging, os, sys, time
 import ray
-import fmbseg.tasks.index as index
+import fmbseg.tasks.annotate.index as index
 from fmbseg.config import load_config, replace
 from fmbseg.storage import ArtifactStore
 

@@ -23,12 +23,13 @@ import pytest
 import ray.cloudpickle
 import yaml
 
-import fmbseg.tasks.clip_dense as clip_dense
+import fmbseg.tasks.annotate.clip_dense as clip_dense
 from fmbseg.config import load_config, replace
 from fmbseg.storage import ArtifactStore
-from fmbseg.tasks.index import run_index
+from fmbseg.tasks.annotate.index import run_index
+from fmbseg.tasks.annotate.stages import run_declared
+from tests.helpers.synthetic import VOCAB, run_pipeline, synthetic_config, write_scenes
 from tests.integration.prefect_stack import REPO, stop_process
-from tests.synthetic import VOCAB, run_pipeline, synthetic_config, write_scenes
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -57,7 +58,7 @@ def test_actor_killed_mid_stage_every_image_labelled_once(
     local = replace(tiny, runtime={"executor": "local", "shard_size": 2})
     index_fp = run_index(store, str(tmp_path / "images"), local)
     marker = tmp_path / "died-on-shard-2"
-    # the stage's own worker class, looked up by run_clip_dense at call time
+    # the stage's own worker class, looked up by clip_dense.prepare at call time
     monkeypatch.setattr(
         clip_dense, "ClipDenseWorker", _dies_once_on(clip_dense.ClipDenseWorker, 2, str(marker))
     )
@@ -70,7 +71,9 @@ def test_actor_killed_mid_stage_every_image_labelled_once(
             "max_retries": 2,
         },
     )
-    fp = clip_dense.run_clip_dense(store, on_ray, index_fp, VOCAB)
+    fp = run_declared(store, on_ray, "clip_dense", {"index": index_fp}, vocabulary=VOCAB)[
+        "clip_dense"
+    ]
 
     assert marker.exists()  # shard 2's first attempt really killed its actor
     manifest = store.require_manifest("clip_dense", fp)
@@ -89,8 +92,9 @@ KILL_AFTER = 2  # clip_dense receipts seen before the SIGKILL
 
 _FLOW_SCRIPT = """
 import sys, time
-import tests.synthetic  # registers the stand-in models
-import fmbseg.tasks.clip_dense as clip_dense
+import tests.helpers.synthetic  # registers the stand-in models
+import fmbseg.tasks.annotate.clip_dense as clip_dense
+from fmbseg.tasks.annotate.stages import run_declared
 from fmbseg.flows.annotate import annotate_flow
 
 slow = clip_dense.ClipDenseWorker.process
@@ -99,7 +103,7 @@ def process(self, shard, spec):  # slow enough to be killed between two shards
     return slow(self, shard, spec)
 clip_dense.ClipDenseWorker.process = process
 images, store, config = sys.argv[1:4]
-annotate_flow(images, store, classes=",".join(tests.synthetic.VOCAB), config=config)
+annotate_flow(images, store, classes=",".join(tests.helpers.synthetic.VOCAB), config=config)
 """
 
 

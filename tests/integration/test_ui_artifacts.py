@@ -21,7 +21,7 @@ from prefect import flow
 from fmbseg.flows.annotate import gallery_markdown
 from fmbseg.flows.common import markdown_artifact, table_artifact
 from fmbseg.storage import ArtifactStore
-from fmbseg.tasks.gallery import jpeg
+from fmbseg.tasks.annotate.gallery import jpeg
 
 @flow
 def show(store: str) -> None:

@@ -32,7 +32,7 @@ def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_builtin_names_by_kind() -> None:
-    # Test helpers (tests/synthetic.py) may register stand-ins too: look only at the built-ins.
+    # Test helpers (tests/helpers/synthetic.py) may register stand-ins too: look only at the built-ins.
     def builtin(kind: str) -> list[str]:
         return [
             n

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fmbseg.config import SamAutoConfig
+from fmbseg.engine.runner import StageError
 from fmbseg.flows.common import is_user_error
 from fmbseg.models import build_model, get_model_spec, list_models
 from fmbseg.models import sam21 as sam21_module
@@ -18,7 +19,6 @@ from fmbseg.models.base import Segmenter
 from fmbseg.models.registry import MissingExtraError
 from fmbseg.models.sam21 import Sam2Segmenter
 from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
-from fmbseg.tasks.runner import StageError
 
 torch.set_num_threads(1)
 

@@ -250,7 +250,7 @@ import json, os, signal, sys
 import pyarrow as pa
 from fmbseg.config import RuntimeConfig
 from fmbseg.storage import ArtifactStore
-from fmbseg.tasks.runner import run_stage
+from fmbseg.engine.runner import run_stage
 
 uri, options, log, kill_at = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 
@@ -280,7 +280,7 @@ def test_killed_writer_resumes_only_missing_shards(
     any_store: ArtifactStore, tmp_path: Path
 ) -> None:
     from fmbseg.config import RuntimeConfig
-    from fmbseg.tasks.runner import run_stage
+    from fmbseg.engine.runner import run_stage
 
     log = tmp_path / "calls.log"
     proc = subprocess.run(

@@ -1,0 +1,180 @@
+"""A stage declared once: what its fingerprint covers, how it is sharded and what runs it.
+
+A :class:`Stage` names its upstream stages, the config parts its output depends on, the
+code version, whether it needs a GPU, and its ``prepare`` function: given a
+:class:`StageRun` (the store, the config, every planned fingerprint, the user's inputs) it
+returns the shard specs, the worker factory (built once per executor slot, models loaded
+once) and the manifest meta. :func:`plan` computes every fingerprint of a list of stages
+once, before anything runs; :func:`run` executes one stage (or the stages that share one
+pass) with :func:`fmbseg.engine.runner.run_stages`: skip what is committed, resume, shard
+locally or on Ray, commit. Nothing about a stage's plumbing is written per stage.
+
+Stages that share one pass (``together``: the two SAM stages share SAM's image embedding)
+keep their own fingerprints, shards and manifests; the pass writes only those not yet
+committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from fmbseg.config import Config
+from fmbseg.engine.runner import Finalize, Progress, cached_message, report, run_stages
+from fmbseg.engine.slot import ShardWorker
+from fmbseg.storage.fingerprint import fingerprint
+from fmbseg.storage.store import ArtifactStore, Manifest
+
+if TYPE_CHECKING:
+    from fmbseg.data.image_labels import ImageLabels
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """What a stage run reads besides its shards: small and picklable (workers get it).
+
+    ``fps`` holds every planned fingerprint, upstream stages' and this stage's own.
+    ``vocabulary`` and ``image_labels`` are the user's class names and image-level tags
+    (the stages after clip_dense read the vocabulary from its manifest).
+    """
+
+    store: ArtifactStore
+    cfg: Config
+    fps: Mapping[str, str]
+    vocabulary: tuple[str, ...] = ()
+    image_labels: ImageLabels | None = None
+    storage_options: dict[str, Any] | None = None
+    targets: tuple[str, ...] = ()  # the stages this pass writes (set by :func:`run`)
+
+    def fp(self, stage: str) -> str:
+        return self.fps[stage]
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A stage's work, ready for the runner: ``specs[i]`` describes shard ``i``'s input;
+    ``worker()`` builds one :class:`ShardWorker` (picklable: it is shipped to Ray actors)."""
+
+    specs: Sequence[Any]
+    worker: Callable[[], ShardWorker]
+    meta: dict[str, Any]
+    finalize: Finalize | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One declared stage.
+
+    Attributes:
+        name: the store folder and the Prefect task's name.
+        version: the code version (bump when the output's format or meaning changes).
+        inputs: upstream stages whose fingerprints this one's covers.
+        parts: ``parts(run) -> dict``: the config (and user inputs) the output depends
+            on; execution-only fields (batch sizes) are left out, so changing them reuses
+            committed outputs.
+        prepare: ``prepare(run) -> Prepared`` (``run.targets``: the stages this pass writes).
+        gpu: reserve GPUs for the stage's Ray actors (where the cluster has any).
+        together: stages that run in one pass with this one (itself included).
+        complete: ``complete(run) -> bool``: the stage's output is whole beyond its manifest
+            (export's files); default: the manifest is committed.
+        finish: ``finish(run)``: after the commit (export writes its dataset files).
+        timed: record the pass's wall time in the manifest meta.
+    """
+
+    name: str
+    version: str
+    inputs: tuple[str, ...]
+    parts: Callable[[StageRun], dict[str, Any]]
+    prepare: Callable[[StageRun], Prepared]
+    gpu: bool = False
+    together: tuple[str, ...] = ()
+    complete: Callable[[StageRun], bool] | None = None
+    finish: Callable[[StageRun], None] | None = None
+    timed: bool = False
+
+    def fingerprint(self, run: StageRun) -> str:
+        """hash(name, version, parts, input fingerprints): the stage's output version."""
+        return fingerprint(
+            self.name, self.version, self.parts(run), {s: run.fps[s] for s in self.inputs}
+        )
+
+
+def plan(stages: Sequence[Stage], job: StageRun) -> dict[str, str]:
+    """Every fingerprint of ``stages`` (in order, each after its inputs), computed once,
+    before anything runs; ``job.fps`` gives the ones already known (``index``)."""
+    fps = dict(job.fps)
+    for stage in stages:
+        missing = [s for s in stage.inputs if s not in fps]
+        if missing:
+            raise ValueError(f"stage {stage.name}: no fingerprint for its inputs {missing}")
+        fps[stage.name] = stage.fingerprint(dataclasses.replace(job, fps=fps))
+    return fps
+
+
+def committed(stage: Stage, job: StageRun) -> Manifest | None:
+    """The stage's manifest when its output is whole (see :attr:`Stage.complete`)."""
+    manifest = job.store.manifest(stage.name, job.fp(stage.name))
+    if manifest is not None and stage.complete is not None and not stage.complete(job):
+        return None
+    return manifest
+
+
+def run(
+    stages: Sequence[Stage],
+    job: StageRun,
+    progress: Mapping[str, Progress] | None = None,
+) -> dict[str, str]:
+    """Run (or reuse) ``stages``, which share one pass, with the planned ``job.fps``.
+
+    Each stage whose output is committed is reported as cached and skipped; the others
+    run in one pass of the first one's worker (``job.targets`` names them). Returns
+    ``{stage: fingerprint}``.
+    """
+    progress = progress or {}
+    store = job.store
+    todo = []
+    for stage in stages:
+        manifest = committed(stage, job)
+        if manifest is None:
+            todo.append(stage)
+            continue
+        report(cached_message(store, manifest))
+        if (p := progress.get(stage.name)) is not None:
+            p(manifest.num_shards, manifest.num_shards)
+    if todo:
+        targets = [(s.name, job.fp(s.name)) for s in todo]
+        pass_run = dataclasses.replace(job, targets=tuple(s.name for s in todo))
+        if all(store.is_committed(*t) for t in targets):  # only what follows the commit
+            prepared = None
+        else:
+            prepared = todo[0].prepare(pass_run)
+        if prepared is not None:
+            # one callback given for several stages is called once a shard
+            listeners = list({id(p): p for s in todo if (p := progress.get(s.name))}.values())
+
+            def each(done: int, total: int) -> None:
+                for listener in listeners:
+                    listener(done, total)
+
+            run_stages(
+                store,
+                targets,
+                prepared.specs,
+                prepared.worker,
+                job.cfg.runtime,
+                use_gpu=any(s.gpu for s in todo),
+                progress=each,
+                meta=prepared.meta,
+                finalize=prepared.finalize,
+                timed=any(s.timed for s in todo),
+            )
+        for stage in todo:
+            if stage.finish is not None:
+                stage.finish(pass_run)
+    return {s.name: job.fp(s.name) for s in stages}
+
+
+def run_one(stage: Stage, job: StageRun, progress: Progress | None = None) -> str:
+    """:func:`run` for a single stage; returns its fingerprint."""
+    return run([stage], job, {stage.name: progress} if progress else None)[stage.name]

@@ -1,0 +1,1 @@
+"""The evaluation protocol (sliding-window mIoU) and the pseudo-label quality report."""

@@ -1,0 +1,408 @@
+"""Stage ``evaluate``: the evaluation protocol fanned out over shards of a benchmark split.
+
+Core (no Prefect, no Ray): :func:`evaluate_shard` runs the protocol of
+:mod:`fmbseg.tasks.evaluate.protocol` over a slice of a :class:`~fmbseg.data.datasets.SegDataset`
+and returns its :class:`ConfusionMatrix`; :func:`merge_confusions` adds shard matrices
+(counts add, so the merge is exact); :func:`build_report` turns the merged matrix into the
+report. Shell: :func:`plan_evaluation` (open the dataset, resolve the model, fingerprint),
+:class:`EvaluateWorker` (one per Ray actor; the model is built once) and
+:func:`run_evaluate` (``run_stage``), :func:`write_report` (where the JSON goes).
+
+Output shard records (one row per shard, :data:`RECORD_SCHEMA`): ``shard`` [int32],
+``images`` [int32] evaluated, ``seconds`` [float64] of protocol time, ``confusion``
+[string] = ``json.dumps(ConfusionMatrix.to_dict())``. An image or label that cannot be read
+is a row of the shard's errors table and is left out of the counts.
+
+Fingerprint = hash("evaluate", CODE_VERSION, dataset name, data root, split, the evaluated
+samples (ids, and each image and label file's size and ETag or mtime: a file edited in place
+is evaluated again), ``limit``, the ``evaluate`` config without ``batch_size``, the model
+identity).
+A registry model's identity is its resolved ``name`` + ``version`` (never the word
+"champion"); a baseline's is its mode and CLIP weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from fmbseg.config import Config
+from fmbseg.data.datasets import DatasetError, SegDataset, dataset_description, open_dataset
+from fmbseg.engine.runner import Progress, errors_table, plan_shards, run_stage
+from fmbseg.storage.fingerprint import fingerprint
+from fmbseg.storage.models import ModelRegistry
+from fmbseg.storage.store import ArtifactStore
+from fmbseg.tasks.evaluate.metrics import ConfusionMatrix
+from fmbseg.tasks.evaluate.predictors import Predictor
+from fmbseg.tasks.evaluate.protocol import (
+    evaluate_config,
+    metrics_report,
+    plan_prompts,
+    predict_label_map,
+)
+
+STAGE = "evaluate"
+CODE_VERSION = "2"  # 2: unpadded windows on images smaller than a window (mmseg)
+BASELINES = ("maskclip", "sclip")
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.int32()),
+        pa.field("images", pa.int32()),
+        pa.field("seconds", pa.float64()),
+        pa.field("confusion", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is evaluated: a training-free baseline or a registry version.
+
+    ``kind`` is ``"baseline"`` (``mode`` maskclip/sclip, CLIP from ``cfg.models``) or
+    ``"registry"`` (``name``, ``version`` and ``uri`` of a resolved version).
+    """
+
+    kind: str
+    mode: str | None = None
+    name: str | None = None
+    version: str | None = None
+    uri: str | None = None
+    clip: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """How people name it: ``maskclip`` or ``name:vNNNN``."""
+        return str(self.mode) if self.kind == "baseline" else f"{self.name}:{self.version}"
+
+    def identity(self) -> dict[str, Any]:
+        """What the results are a function of (the URI is not: a copied store is the same)."""
+        if self.kind == "baseline":
+            return {"kind": "baseline", "mode": self.mode, **self.clip}
+        return {"kind": "registry", "name": self.name, "version": self.version}
+
+
+def resolve_model(
+    store: ArtifactStore, model: str, cfg: Config, model_name: str | None = None
+) -> ModelSpec:
+    """``maskclip`` | ``sclip`` | a registry reference (``champion``, ``latest``, ``vNNNN``,
+    ``name:version``, a version folder URI) -> :class:`ModelSpec`.
+
+    Raises ``ModelNotFoundError`` (from the registry) when a reference does not resolve.
+    """
+    if model in BASELINES:
+        m = cfg.models
+        clip = {
+            "clip": m.clip,
+            "clip_weights": m.clip_weights,
+            "clip_quick_gelu": m.clip_quick_gelu,
+            "precision": cfg.clip_dense.precision,  # bf16 autocast on GPU changes a few pixels
+        }
+        return ModelSpec("baseline", mode=model, clip=clip)
+    ref = ModelRegistry(store).resolve(model, model_name or cfg.train.model_name)
+    return ModelSpec("registry", name=ref.name, version=ref.version, uri=ref.uri)
+
+
+def build_predictor(spec: ModelSpec, cfg: Config, store: ArtifactStore) -> Predictor:
+    """The predictor of ``spec`` on ``cfg.runtime.device`` (models load here, once)."""
+    if spec.kind == "baseline":
+        from fmbseg.models.registry import build_from_config
+        from fmbseg.tasks.evaluate.predictors import DenseClipPredictor
+
+        clip = build_from_config(
+            cfg.models,
+            "clip",
+            cfg.runtime.device,
+            store_options=store.storage_options,
+            mode=spec.mode,
+            precision=spec.clip["precision"],
+        )
+        return DenseClipPredictor(clip)
+    from fmbseg.segment import OpenVocabSegmenter
+    from fmbseg.tasks.evaluate.predictors import AlignmentPredictor
+
+    assert spec.uri is not None
+    segmenter = OpenVocabSegmenter.load(store, spec.uri, device=cfg.runtime.device)
+    return AlignmentPredictor.from_segmenter(segmenter)
+
+
+# ---- planning ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Everything a run of the stage needs, decided before any image is read.
+
+    ``dataset`` is already restricted to the evaluated samples (``limit`` applied);
+    ``shards[i]`` is ``(start, stop)`` into its samples.
+    """
+
+    dataset: SegDataset
+    data_root: str
+    limit: int | None
+    model: ModelSpec
+    shards: tuple[tuple[int, int], ...]
+    fingerprint: str
+
+    @property
+    def num_images(self) -> int:
+        return len(self.dataset)
+
+
+def evaluation_fingerprint(
+    dataset: SegDataset, data_root: str, limit: int | None, cfg: Config, model: ModelSpec
+) -> str:
+    """The stage fingerprint (see the module docstring); ``dataset`` is the evaluated subset."""
+    ev = asdict(evaluate_config(cfg))
+    ev.pop("batch_size")  # how many windows per forward pass: same numbers
+    parts = {
+        "dataset": dataset.name,
+        "data_root": data_root,
+        "samples": dataset.files_digest(),
+        "limit": limit,
+        "evaluate": ev,
+        "model": model.identity(),
+    }
+    return fingerprint(STAGE, CODE_VERSION, parts)
+
+
+def plan_evaluation(
+    store: ArtifactStore,
+    dataset: str,
+    data_root: str,
+    model: str,
+    cfg: Config,
+    *,
+    limit: int | None = None,
+    model_name: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> EvalPlan:
+    """Open the split (lists files, reads no image), resolve the model, shard, fingerprint.
+
+    Raises ``DatasetError`` (unknown name, incomplete root) or ``ModelNotFoundError``.
+    """
+    if limit is not None and limit < 1:
+        raise DatasetError(f"limit must be >= 1 image, got {limit}")
+    ds = open_dataset(dataset, data_root, storage_options)
+    if limit is not None and limit < len(ds):
+        ds = ds.subset(range(limit))
+    spec = resolve_model(store, model, cfg, model_name)
+    fp = evaluation_fingerprint(ds, data_root, limit, cfg, spec)
+    ranges = plan_shards(len(ds), cfg.runtime.shard_size)
+    shards = tuple((r.start, r.stop) for r in ranges)
+    return EvalPlan(ds, data_root, limit, spec, shards, fp)
+
+
+# ---- core ---------------------------------------------------------------------------------------
+
+
+def evaluate_shard(
+    predictor: Predictor, dataset: SegDataset, cfg: Config, text: Any = None
+) -> tuple[ConfusionMatrix, list[dict[str, Any]], float]:
+    """The protocol over every sample of ``dataset`` (a shard) -> (counts, error rows, seconds).
+
+    Same arithmetic as :func:`fmbseg.tasks.evaluate.protocol.accumulate`, image by image, except that
+    a sample that cannot be read becomes an error row instead of failing the shard.
+    ``text`` = ``predictor.encode_text`` of the prompt plan's names, if already computed.
+    """
+    ev = evaluate_config(cfg)
+    plan = plan_prompts(dataset.classes, dataset.background, ev)
+    cm = ConfusionMatrix(len(dataset.classes), dataset.ignore_index)
+    errors: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if text is None:
+            text = predictor.encode_text(list(plan.names), tuple(ev.templates))
+        for sample in dataset.samples:
+            try:
+                _sid, image, label = dataset.load(sample)
+            except DatasetError as exc:
+                uri = dataset.fs.unstrip_protocol(f"{dataset._base}/{sample.image}")
+                errors.append(
+                    {
+                        "uri": uri,
+                        "image_id": sample.sample_id,
+                        "stage": STAGE,
+                        "error_type": "unreadable",
+                        "message": str(exc),
+                    }
+                )
+                continue
+            cm.update(
+                predict_label_map(predictor, image, text, plan, ev, out_size=label.shape), label
+            )
+    return cm, errors, time.perf_counter() - start
+
+
+def merge_confusions(
+    tables: Any, num_classes: int, ignore_index: int
+) -> tuple[ConfusionMatrix, int, float]:
+    """Shard tables of :data:`RECORD_SCHEMA` -> (summed matrix, images, seconds)."""
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    images, seconds = 0, 0.0
+    for table in tables:
+        for row in table.to_pylist():
+            cm.merge(ConfusionMatrix.from_dict(json.loads(row["confusion"])))
+            images += int(row["images"])
+            seconds += float(row["seconds"])
+    return cm, images, seconds
+
+
+# ---- shell --------------------------------------------------------------------------------------
+
+
+class EvaluateWorker:
+    """Shard worker: builds the predictor and the class text embeddings once, then runs
+    :func:`evaluate_shard` on each shard. A spec is ``{"start": i, "stop": j}`` into
+    ``dataset``'s samples."""
+
+    def __init__(
+        self, dataset: SegDataset, spec: ModelSpec, cfg: Config, store: ArtifactStore
+    ) -> None:
+        self.dataset, self.cfg = dataset, cfg
+        self.predictor = build_predictor(spec, cfg, store)
+        ev = evaluate_config(cfg)
+        plan = plan_prompts(dataset.classes, dataset.background, ev)
+        with torch.inference_mode():
+            self.text = self.predictor.encode_text(list(plan.names), tuple(ev.templates))
+
+    def process(self, shard: int, spec: dict[str, int]) -> tuple[pa.Table, pa.Table]:
+        part = self.dataset.subset(range(spec["start"], spec["stop"]))
+        cm, errors, seconds = evaluate_shard(self.predictor, part, self.cfg, self.text)
+        row = {
+            "shard": shard,
+            "images": len(part) - len(errors),
+            "seconds": seconds,
+            "confusion": json.dumps(cm.to_dict(), separators=(",", ":")),
+        }
+        return pa.Table.from_pylist([row], schema=RECORD_SCHEMA), errors_table(errors)
+
+
+def run_evaluate(
+    store: ArtifactStore,
+    plan: EvalPlan,
+    cfg: Config,
+    *,
+    progress: Progress | None = None,
+    worker_factory: Any = None,
+) -> str:
+    """Run (or reuse) the stage for ``plan``; returns its fingerprint.
+
+    ``worker_factory`` replaces :class:`EvaluateWorker` (tests with stand-in predictors).
+    """
+    specs = [{"start": a, "stop": b} for a, b in plan.shards]
+    factory = worker_factory or functools.partial(
+        EvaluateWorker, plan.dataset, plan.model, cfg, store
+    )
+    meta = {
+        "dataset": plan.dataset.name,
+        "data_root": plan.data_root,
+        "limit": plan.limit,
+        "model": plan.model.label,
+        "num_images": plan.num_images,
+    }
+    run_stage(
+        store,
+        STAGE,
+        plan.fingerprint,
+        specs,
+        factory,
+        cfg.runtime,
+        use_gpu=True,
+        progress=progress,
+        meta=meta,
+    )
+    return plan.fingerprint
+
+
+def build_report(store: ArtifactStore, plan: EvalPlan, cfg: Config) -> dict[str, Any]:
+    """The merged metrics of a committed evaluation, with what was evaluated on what.
+
+    Keys: ``dataset``, ``data_root``, ``limit``, ``model`` (label), ``model_ref`` (identity,
+    plus ``uri`` for a registry model), ``fingerprint``, ``num_images`` (evaluated),
+    ``images_failed``, ``mIoU``/``mAcc``/``aAcc``/``pixel_accuracy`` (fractions; aAcc is
+    pixel accuracy), ``per_class``, ``confusion``, ``pixels``, ``coverage``, the protocol,
+    ``seconds`` (summed over shards) and ``images_per_second`` (per worker).
+    """
+    ds, fp = plan.dataset, plan.fingerprint
+    cm, images, seconds = merge_confusions(
+        store.iter_shards(STAGE, fp), len(ds.classes), ds.ignore_index
+    )
+    ev = evaluate_config(cfg)
+    prompts = plan_prompts(ds.classes, ds.background, ev)
+    metrics = metrics_report(cm, ds.classes)
+    ref = {**plan.model.identity(), **({"uri": plan.model.uri} if plan.model.uri else {})}
+    return {
+        "dataset": ds.name,
+        "data_root": plan.data_root,
+        "limit": plan.limit,
+        "model": plan.model.label,
+        "model_ref": ref,
+        "fingerprint": fp,
+        "num_images": images,
+        "images_failed": plan.num_images - images,
+        **metrics,
+        "pixel_accuracy": metrics["aAcc"],
+        "dataset_description": dataset_description(ds.name),
+        "background": prompts.background_mode,
+        "background_names": prompts.background_names,
+        "prompt_names": list(prompts.names),
+        "templates": list(ev.templates),
+        "protocol": {
+            "short_side": ev.short_side,
+            "window": ev.window,
+            "stride": ev.stride,
+            "max_long_side": ev.max_long_side,
+        },
+        "seconds": seconds,
+        "images_per_second": images / seconds if seconds > 0 else None,
+    }
+
+
+def report_key(plan: EvalPlan) -> str:
+    """``voc21``, or ``voc21-limit50`` for a partial run (never mistaken for the full split)."""
+    return plan.dataset.name if plan.limit is None else f"{plan.dataset.name}-limit{plan.limit}"
+
+
+def _in_store(registry: ModelRegistry, spec: ModelSpec) -> bool:
+    """Whether ``spec`` is a version of this store's registry (not a folder elsewhere)."""
+    if spec.kind != "registry" or not (spec.name and spec.version and spec.uri):
+        return False
+    return spec.uri.rstrip("/") == registry.store.url(registry.rel(spec.name, spec.version))
+
+
+def write_report(store: ArtifactStore, plan: EvalPlan, report: dict[str, Any]) -> list[str]:
+    """Write the report JSON; returns the URIs written, the main one first.
+
+    For a registry model of this store ``models/{name}/{version}/eval/{key}.json``
+    (:func:`report_key`), and the card's ``metrics`` get ``mIoU/{key}`` and its
+    ``evaluations`` the report's place and fingerprint. Always (also for baselines)
+    ``evaluations/{fp}/report.json``.
+    """
+    spec, key = plan.model, report_key(plan)
+    uris = []
+    registry = ModelRegistry(store)
+    if _in_store(registry, spec):
+        assert spec.name is not None and spec.version is not None
+        rel = registry.rel(spec.name, spec.version, f"eval/{key}.json")
+        store.write_json(rel, report)
+        uris.append(store.url(rel))
+        card = registry.card(spec.name, spec.version)
+        metrics = {**card.get("metrics", {}), f"mIoU/{key}": report["mIoU"]}
+        entry = {
+            "mIoU": report["mIoU"],
+            "report": store.url(rel),
+            "fingerprint": plan.fingerprint,
+            "images": report["num_images"],
+        }
+        evals = {**card.get("evaluations", {}), key: entry}
+        registry.update_card(spec.name, spec.version, {"metrics": metrics, "evaluations": evals})
+    rel = f"evaluations/{plan.fingerprint}/report.json"
+    store.write_json(rel, report)
+    uris.append(store.url(rel))
+    return uris

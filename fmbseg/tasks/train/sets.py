@@ -1,0 +1,160 @@
+"""Stage-2 training on several pseudo-label sets, and from an initial model state.
+
+Incremental retraining (:mod:`fmbseg.flows.retrain`) annotates each batch of new images on
+its own index, so one training run reads several *label sets*: ``(merge fp, index fp)``
+pairs, oldest first. Their labelled images are united (an image whose bytes appear in two
+batches trains once, from its first batch); each index has its own DINOv2 feature cache
+(:mod:`fmbseg.tasks.train.features`), read together through :class:`FeatureCaches`.
+
+Fine-tuning starts from a registry version's weights (``init_from``); its module must have
+the shape this config would build, and its encoder must be the one features come from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fmbseg.models.align import CARD_KIND, AlignmentConfig, IncompatibleModelError
+from fmbseg.storage.fingerprint import canonical_json
+from fmbseg.storage.models import ModelRef, ModelRegistry
+from fmbseg.tasks.train.crops import CropBox
+from fmbseg.tasks.train.data import LabelledImages
+from fmbseg.tasks.train.features import FeatureCache
+
+LabelSet = tuple[str, str]  # (merge fingerprint, index fingerprint)
+
+
+def label_sets(labels: str | Sequence[Sequence[str]], index_fp: str | None) -> list[LabelSet]:
+    """``run_train``'s ``(labels_fp, index_fp)`` or ``([(labels_fp, index_fp), ...], None)``
+    -> the list of pairs, checked."""
+    if isinstance(labels, str):
+        if not index_fp:
+            raise ValueError(f"labels {labels!r}: give the index fingerprint it covers")
+        return [(labels, index_fp)]
+    if index_fp is not None:
+        raise ValueError("with several (labels_fp, index_fp) pairs, pass index_fp=None")
+    pairs = [tuple(p) for p in labels]
+    if not pairs or any(len(p) != 2 or not all(isinstance(x, str) and x for x in p) for p in pairs):
+        raise ValueError(
+            f"label sets must be non-empty (labels_fp, index_fp) pairs, got {labels!r}"
+        )
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"label sets repeat a pair: {pairs}")
+    return [(str(a), str(b)) for a, b in pairs]
+
+
+def sets_inputs(sets: Sequence[LabelSet], init: str | None = None) -> dict[str, str]:
+    """The train fingerprint's label inputs. One set: ``{"labels", "index"}`` (what a
+    single-pair run always had, so its fingerprints are unchanged); several: all pairs in
+    order. ``init``: the ``name:version`` training starts from, when fine-tuning."""
+    if len(sets) == 1:
+        out = {"labels": sets[0][0], "index": sets[0][1]}
+    else:
+        out = {"label_sets": canonical_json([list(p) for p in sets])}
+    if init is not None:
+        out["init"] = init
+    return out
+
+
+def unite(parts: Sequence[LabelledImages]) -> LabelledImages:
+    """The labelled images of every set, in set order; a repeated ``image_id`` (the same
+    bytes in a later batch) keeps its first occurrence and counts as left out."""
+    if len(parts) == 1:
+        return parts[0]
+    seen: set[str] = set()
+    keep: list[tuple[int, int]] = []
+    for p, part in enumerate(parts):
+        for i, image_id in enumerate(part.image_ids):
+            if image_id not in seen:
+                seen.add(image_id)
+                keep.append((p, i))
+    labels = [parts[p].labels[i] for p, i in keep]
+    boxes = [parts[p].boxes[i] for p, i in keep]
+    return LabelledImages(
+        image_ids=[parts[p].image_ids[i] for p, i in keep],
+        uris=[parts[p].uris[i] for p, i in keep],
+        labels=np.stack(labels) if labels else parts[0].labels[:0],
+        boxes=np.stack(boxes) if boxes else parts[0].boxes[:0],
+        without_labels=sum(part.without_labels for part in parts),
+    )
+
+
+class FeatureCaches:
+    """Several committed feature caches read as one (the first that holds an image wins).
+
+    Same reading interface as :class:`FeatureCache` (``in``, ``get``, ``shard_of``, ``len``);
+    shard numbers are made distinct across caches so :class:`EpochOrder` groups stay
+    per Parquet file. Picklable (each cache is).
+    """
+
+    def __init__(self, caches: Sequence[FeatureCache]) -> None:
+        self.caches = list(caches)
+        self.offsets = np.cumsum([0] + [c.manifest.num_shards for c in self.caches]).tolist()
+
+    def _which(self, image_id: str) -> int:
+        for k, cache in enumerate(self.caches):
+            if image_id in cache:
+                return k
+        raise KeyError(f"image {image_id!r} has no cached features in {self.fps}")
+
+    @property
+    def fps(self) -> list[str]:
+        return [c.fp for c in self.caches]
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self.caches)
+
+    def __contains__(self, image_id: object) -> bool:
+        return any(image_id in c for c in self.caches)
+
+    def shard_of(self, image_id: str) -> int:
+        k = self._which(image_id)
+        return int(self.offsets[k]) + self.caches[k].shard_of(image_id)
+
+    def get(self, image_id: str, crop: int = 0) -> np.ndarray:
+        """``(N, C) float16`` patch features of crop ``crop`` of ``image_id``."""
+        return self.caches[self._which(image_id)].get(image_id, crop)
+
+    def box(self, image_id: str, crop: int = 0) -> CropBox:
+        return self.caches[self._which(image_id)].box(image_id, crop)
+
+
+def resolve_init(registry: ModelRegistry, ref: str, model_name: str) -> ModelRef:
+    """A registry reference (``champion``, ``vNNNN``, ``name:version``...) -> its version."""
+    return registry.resolve(ref, model_name)
+
+
+def init_state(
+    registry: ModelRegistry, ref: ModelRef, mcfg: AlignmentConfig, encoder_name: str
+) -> dict[str, Any]:
+    """The weights of ``ref`` to start from, after checking they fit the module to train.
+
+    Raises:
+        IncompatibleModelError: another module shape or another encoder; the message says
+            which fields differ and that ``mode=scratch`` trains anew.
+    """
+    tensors, card, _ = registry.load_ref(f"{ref.name}:{ref.version}")
+    where = f"init_from {ref.name}:{ref.version}"
+    if card.get("kind") != CARD_KIND:
+        raise IncompatibleModelError(
+            f"{where} is not an alignment module (kind {card.get('kind')!r})"
+        )
+    old = AlignmentConfig.from_dict(card["module"]).to_dict()
+    new = mcfg.to_dict()
+    diff = {k: (old[k], new[k]) for k in new if old.get(k) != new[k]}
+    if diff:
+        details = ", ".join(f"{k} {a} (champion) vs {b} (config)" for k, (a, b) in diff.items())
+        raise IncompatibleModelError(
+            f"{where}: its module differs from the one this config trains ({details}); "
+            "fine-tuning needs the same shape: train from scratch (mode=scratch) or match "
+            "train.heads / train.mlp_ratio / the encoder and text model"
+        )
+    if card["encoder"]["name"] != encoder_name:
+        raise IncompatibleModelError(
+            f"{where} was trained on encoder {card['encoder']['name']!r} features, this config "
+            f"uses {encoder_name!r}; train from scratch (mode=scratch)"
+        )
+    return tensors
