@@ -88,8 +88,8 @@ _RANGE = {
 
 def _message(cls: type, exc: pydantic.ValidationError) -> str:
     """pydantic's errors as one line naming each field, what it must be and what it got:
-    ``runtime.shard_size: must be >= 1, got 0; runtime.device: expected 'auto', 'cpu' or
-    'cuda', got 'tpu'``."""
+    ``runtime.shard_size: must be >= 1, got 0; runtime.device: 'tpu' is not one of ['auto',
+    'cpu', 'cuda']``."""
     section = _section_name(cls)
     fields = getattr(cls, "__pydantic_fields__")  # noqa: B009
     out = []
@@ -104,6 +104,9 @@ def _message(cls: type, exc: pydantic.ValidationError) -> str:
             (bound,) = err.get("ctx", {}).values()  # a float field holds Gt(0) as 0.0
             bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
             out.append(f"{where}: must be {_RANGE[kind]} {bound}, got {got!r}")
+        elif kind == "literal_error" and len(loc) == 1:
+            choices = list(get_args(fields[loc[0]].annotation))
+            out.append(f"{where}: {got!r} is not one of {choices}")
         elif kind == "tuple_type":
             out.append(f"{where}: expected a list, got {type(got).__name__} {got!r}")
         else:

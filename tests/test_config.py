@@ -86,7 +86,7 @@ def test_overrides_are_parsed_as_yaml() -> None:
         (["runtime.shard_size=true"], "runtime.shard_size: expected an integer, got True"),
         (["train.lr=fast"], "train.lr: expected a number, got 'fast'"),
         (["sam_prompt.multimask=3"], "sam_prompt.multimask: expected true/false, got 3"),
-        (["runtime.executor=dask"], "runtime.executor: expected 'ray' or 'local', got 'dask'"),
+        (["runtime.executor=dask"], "runtime.executor: 'dask' is not one of ['ray', 'local']"),
         (["clip_dense.templates=a {}"], "clip_dense.templates: expected a list, got str"),
         (["clip_dense.templates=[1]"], "clip_dense.templates[0]: expected a string, got 1"),
         (["train.out_dim=wide"], "train.out_dim: expected an integer or null, got 'wide'"),
@@ -214,7 +214,7 @@ def test_types_are_checked_in_python_too_and_every_problem_is_named() -> None:
         RuntimeConfig(shard_size=0, num_workers=-1, device="tpu")  # type: ignore[arg-type]
     assert str(info.value).split("; ") == [
         "runtime.num_workers: must be >= 0, got -1",
-        "runtime.device: expected 'auto', 'cpu' or 'cuda', got 'tpu'",
+        "runtime.device: 'tpu' is not one of ['auto', 'cpu', 'cuda']",
         "runtime.shard_size: must be >= 1, got 0",
     ]
     # a list (what YAML has) is read as the tuple the field holds; an int as the float

@@ -168,10 +168,7 @@ def test_merge_order_is_checked_and_in_the_merge_fingerprint():
 
     with pytest.raises(ValueError, match="order must be one of"):
         compose_label_map(_overlap_scene(), 10, 12, "smallest")
-    with pytest.raises(
-        ConfigError,
-        match="merge.order: expected 'area', 'prompt_first' or 'fill_unlabelled', got 'smallest'",
-    ):
+    with pytest.raises(ConfigError, match="'smallest' is not one of"):
         load_config("tiny", ["merge.order=smallest"])
     assert load_config("default").merge.order == "area"
     fps = {
