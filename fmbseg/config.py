@@ -1,4 +1,4 @@
-"""Typed, frozen configuration: one dataclass per stage, loaded from YAML.
+"""Typed, frozen configuration: one dataclass per stage, loaded from YAML, checked by pydantic.
 
 A config file is a mapping of section name -> mapping of field -> value (see
 ``fmbseg/configs/default.yaml``). Files may ``extends: <name|path>`` another file; the
@@ -12,17 +12,19 @@ Every value METHOD.md leaves open ("ours") is a field here with the default it n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
-import math
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, dataclass_transform, get_args, get_origin
 
+import pydantic
+import pydantic.dataclasses
 import yaml
-from annotated_types import Ge, GroupedMetadata, Gt, Interval, Le, Lt
+from annotated_types import Ge, Gt, Interval
+from pydantic import ConfigDict, ValidationInfo, field_validator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -31,56 +33,94 @@ class ConfigError(ValueError):
     """A configuration file, key or value is wrong; the message names which and why."""
 
 
-def _bounds(tp: Any) -> list[Gt | Ge | Lt | Le]:
-    """The range constraints of a field annotated ``Annotated[int, Ge(1)]`` (also inside
-    ``... | None``); annotated-types' objects, which pydantic reads as they are."""
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        return [b for arg in get_args(tp) for b in _bounds(arg)]
-    if get_origin(tp) is not Annotated:
-        return []
-    out: list[Gt | Ge | Lt | Le] = []
-    for meta in tp.__metadata__:
-        for m in meta if isinstance(meta, GroupedMetadata) else (meta,):
-            if isinstance(m, (Gt, Ge, Lt, Le)):
-                out.append(m)
-    return out
+# strict: an integer field takes only ints (YAML's "3", 2.5 and true are errors), a bool
+# only true/false, a float ints and floats but not NaN/inf; defaults are checked too
+_PYDANTIC = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, validate_default=True)
+
+_T = TypeVar("_T")
 
 
-def _out_of_range(value: Any, bounds: list[Gt | Ge | Lt | Le]) -> str | None:
-    """``"must be >= 1"`` for the first bound ``value`` breaks, else None."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    v: Any = value  # annotated-types types its bounds as protocols, not numbers
-    for b in bounds:
-        if isinstance(b, Gt) and not v > b.gt:
-            return f"must be > {b.gt}"
-        if isinstance(b, Ge) and not v >= b.ge:
-            return f"must be >= {b.ge}"
-        if isinstance(b, Lt) and not v < b.lt:
-            return f"must be < {b.lt}"
-        if isinstance(b, Le) and not v <= b.le:
-            return f"must be <= {b.le}"
-    return None
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
+def _validated(cls: type[_T]) -> type[_T]:
+    """``cls`` as a frozen pydantic dataclass: made from YAML, in Python or by :func:`replace`,
+    it checks its fields' types and ranges, raising :class:`ConfigError` (see :func:`_message`)."""
+    made: Any = pydantic.dataclasses.dataclass(frozen=True, config=_PYDANTIC)(cls)
+    validate = made.__init__
+
+    @functools.wraps(validate)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            validate(self, *args, **kwargs)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(_message(made, exc)) from exc
+
+    made.__init__ = __init__
+    return made
 
 
 class _Section:
-    """Base of the config sections: a value outside its field's range (``Annotated[int,
-    Ge(1)]``) raises ConfigError naming ``section.field`` when the section is made, so a
-    config loaded from YAML, built in Python or changed with :func:`replace` is checked
-    before any stage runs."""
+    """Base of the config sections: YAML has lists where the sections hold tuples (frozen,
+    hashable), so a list given to a tuple field is read as that tuple."""
 
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self), include_extras=True)
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            problem = _out_of_range(value, _bounds(hints[f.name]))
-            if problem:
-                raise ConfigError(f"{_section_name(type(self))}.{f.name}: {problem}, got {value!r}")
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_lists_are_tuples(cls, value: Any, info: ValidationInfo) -> Any:
+        fields = getattr(cls, "__pydantic_fields__")  # noqa: B009 (set by _validated)
+        if isinstance(value, list) and get_origin(fields[info.field_name].annotation) is tuple:
+            return tuple(value)
+        return value
+
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true/false",
+    "string_type": "a string",
+}
+_RANGE = {
+    "greater_than": ">",
+    "greater_than_equal": ">=",
+    "less_than": "<",
+    "less_than_equal": "<=",
+}
+
+
+def _message(cls: type, exc: pydantic.ValidationError) -> str:
+    """pydantic's errors as one line naming each field, what it must be and what it got:
+    ``runtime.shard_size: must be >= 1, got 0; runtime.device: 'tpu' is not one of ['auto',
+    'cpu', 'cuda']``."""
+    section = _section_name(cls)
+    fields = getattr(cls, "__pydantic_fields__")  # noqa: B009
+    out = []
+    for err in exc.errors():
+        loc, kind, got = err["loc"], err["type"], err["input"]
+        name = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+        where = f"{section}{name}" if section else name.lstrip(".")
+        if kind == "unexpected_keyword_argument":
+            allowed = ", ".join(sorted(fields))
+            out.append(f"{section or 'config'}: unknown key {loc[0]!r}; allowed keys: {allowed}")
+        elif kind in _RANGE:
+            (bound,) = err.get("ctx", {}).values()  # a float field holds Gt(0) as 0.0
+            bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+            out.append(f"{where}: must be {_RANGE[kind]} {bound}, got {got!r}")
+        elif kind == "literal_error" and len(loc) == 1:
+            choices = list(get_args(fields[loc[0]].annotation))
+            out.append(f"{where}: {got!r} is not one of {choices}")
+        elif kind == "tuple_type":
+            out.append(f"{where}: expected a list, got {type(got).__name__} {got!r}")
+        else:
+            expected = _EXPECTED.get(kind) or err["msg"].removeprefix("Input should be ")
+            if len(loc) == 1 and type(None) in get_args(fields[loc[0]].annotation):
+                expected += " or null"
+            out.append(f"{where}: expected {expected}, got {got!r}")
+    return "; ".join(out)
 
 
 def _section_name(cls: type) -> str:
+    """``"runtime"`` for RuntimeConfig; ``""`` for Config itself."""
     names = {tp: name for name, tp in typing.get_type_hints(Config).items()}
-    return names.get(cls, cls.__name__)
+    return names.get(cls, "")
 
 
 # Range-checked field types: annotated-types constraints, which pydantic reads as they are.
@@ -98,7 +138,7 @@ Cosine = Annotated[float, Interval(ge=-1, le=1)]
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@_validated
 class ModelsConfig(_Section):
     """Which foundation models to build; names are keys of ``fmbseg.models.registry``."""
 
@@ -114,7 +154,7 @@ class ModelsConfig(_Section):
     dino_weights: str | None = "hub"  # "hub" = timm pretrained, a local path, a URI; None = random
 
 
-@dataclass(frozen=True)
+@_validated
 class RuntimeConfig(_Section):
     """Where and how stages execute."""
 
@@ -135,7 +175,7 @@ class RuntimeConfig(_Section):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-@dataclass(frozen=True)
+@_validated
 class IndexConfig(_Section):
     """Stage `index`: listing and decoding the image source."""
 
@@ -147,7 +187,7 @@ class IndexConfig(_Section):
     allowed_protocols: tuple[str, ...] = ("file", "store")
 
 
-@dataclass(frozen=True)
+@_validated
 class ClipDenseConfig(_Section):
     """Stage `clip_dense` (METHOD 1.1.1-2): sliding-window dense CLIP features and presence."""
 
@@ -161,7 +201,7 @@ class ClipDenseConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
 
 
-@dataclass(frozen=True)
+@_validated
 class SamPromptConfig(_Section):
     """Stage `sam_prompt` (METHOD 1.1.3): top-k CLIP patches as SAM point prompts."""
 
@@ -169,7 +209,7 @@ class SamPromptConfig(_Section):
     multimask: bool = True  # keep the highest predicted-IoU of SAM's 3 masks
 
 
-@dataclass(frozen=True)
+@_validated
 class SamAutoConfig(_Section):
     """Stage `sam_auto` (METHOD 1.2): automatic masks, filtered, labelled from CLIP maps."""
 
@@ -190,7 +230,7 @@ class SamAutoConfig(_Section):
     crop_n_points_downscale_factor: PosInt = 2  # layer i's points per side: /factor**i
 
 
-@dataclass(frozen=True)
+@_validated
 class MergeConfig(_Section):
     """Stage `merge`: sample automatic masks and compose label maps."""
 
@@ -202,7 +242,7 @@ class MergeConfig(_Section):
     order: Literal["area", "prompt_first", "fill_unlabelled"] = "area"
 
 
-@dataclass(frozen=True)
+@_validated
 class ExportConfig(_Section):
     """Stage `export`: COCO JSON, PNG label maps, overlays and an HTML gallery."""
 
@@ -216,7 +256,7 @@ class ExportConfig(_Section):
     overlay_alpha: Fraction = 0.5
 
 
-@dataclass(frozen=True)
+@_validated
 class TrainConfig(_Section):
     """Stage 2 (METHOD stage 2): alignment module on frozen DINOv2 patch features."""
 
@@ -244,7 +284,7 @@ class TrainConfig(_Section):
     model_name: str = "fmbseg-align"  # name in the store's model registry
 
 
-@dataclass(frozen=True)
+@_validated
 class EvaluateConfig(_Section):
     """Evaluation protocol (TCL's): sliding window over the short-side-resized image."""
 
@@ -263,7 +303,7 @@ class EvaluateConfig(_Section):
     mask_scale: PosFloat = 10.0  # kp-branch values; makes cosines comparable to the 0.5 constant
 
 
-@dataclass(frozen=True)
+@_validated
 class Config:
     """The whole pipeline's configuration."""
 
@@ -302,84 +342,15 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Annotated:
-        return _type_name(get_args(tp)[0])
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        return " | ".join("None" if a is type(None) else _type_name(a) for a in get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against annotation ``tp``; returns the (possibly converted) value."""
-    origin = get_origin(tp)
-    if origin is Annotated:  # range checks run when the section is made (_Section)
-        return _coerce(value, get_args(tp)[0], where)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{where}: null is not allowed (expected {_type_name(tp)})")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{where}: {value!r} does not match {_type_name(tp)}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        (item_tp, *_rest) = get_args(tp)
-        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported field type {tp}")  # pragma: no cover
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    where_ = where or "config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where_}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise ConfigError(
-                f"{where_}: unknown key {key!r}; allowed keys: {', '.join(sorted(names))}"
-            )
-        tp = hints[key]
-        sub = f"{where}.{key}" if where else key
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, sub)
-        else:
-            kwargs[key] = _coerce(value, tp, sub)
-    return cls(**kwargs)
+def _from_dict(data: dict[str, Any]) -> Config:
+    """The Config a mapping of section -> mapping of key -> value describes."""
+    classes = typing.get_type_hints(Config)
+    sections = {}
+    for name, values in data.items():
+        if name in classes and not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {type(values).__name__}")
+        sections[name] = classes[name](**values) if name in classes else values
+    return Config(**sections)
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -456,7 +427,7 @@ def load_config(
     for text in overrides:
         (section, key), value = parse_override(text)
         data = _deep_merge(data, {section: {key: value}})
-    return _build(Config, data, "")
+    return _from_dict(data)
 
 
 def replace(cfg: Config, **sections: Any) -> Config:

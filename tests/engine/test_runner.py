@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 import ray.cloudpickle
 
-from fmbseg.config import RuntimeConfig
+from fmbseg.config import ConfigError, RuntimeConfig
 from fmbseg.engine.runner import (
     StageError,
     add_reporter,
@@ -292,9 +292,12 @@ def test_finalize_runs_before_commit_and_extends_meta(local_store: ArtifactStore
     assert local_store.read_shard("sq", "fp", 2, manifest=m).column("square").to_pylist() == [49]
 
 
-def test_unknown_executor(local_store: ArtifactStore) -> None:
-    with pytest.raises(ValueError, match="executor must be 'local' or 'ray', got 'dask'"):
-        run_stage(local_store, "sq", "fp", _specs(), SquareWorker, RuntimeConfig(executor="dask"))  # type: ignore[arg-type]
+def test_unknown_executor() -> None:
+    # the config cannot hold one, so no stage is ever handed one
+    with pytest.raises(
+        ConfigError, match=r"^runtime\.executor: 'dask' is not one of \['ray', 'local'\]$"
+    ):
+        RuntimeConfig(executor="dask")  # type: ignore[arg-type]
 
 
 def test_zero_shards_commit_an_empty_stage(local_store: ArtifactStore) -> None:
