@@ -12,6 +12,14 @@ shards, so the remaining shards flow to the live actors meanwhile. One still unp
 ``placement_timeout_s`` while the pool is short (the pending request is also what an
 autoscaler reacts to), so the pool grows again when nodes come back. When no actor at all
 has been placed for that long, the stage fails naming the resources it waits for.
+
+Why our own replacement loop and not Ray's ``max_restarts``/``max_task_retries`` or
+``ActorPool``: a restarted Ray actor keeps its queued calls until it is placed again, so
+after a node loss its shards wait for that node (or for a place that never comes) instead
+of flowing to the live actors, and Ray has no timeout on an actor's placement; and
+``ActorPool`` resubmits nothing when an actor dies. ``tests/integration/test_node_loss.py``
+(a real two-node cluster losing a node mid-stage) and the dying-worker test in
+``tests/integration/test_reliability.py`` assert the behaviour this loop gives.
 """
 
 from __future__ import annotations
