@@ -20,12 +20,11 @@ from fmbseg.flows.train import TrainInputs, fingerprint_for, resolve_labels
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.index import IndexPlan, plan_index
-from fmbseg.tasks.annotate.stages import STAGE1, stage1_fingerprints
+from fmbseg.tasks.annotate.stages import stage1, stage1_fingerprints
 from fmbseg.tasks.train.ledger import new_images_plan
 from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
 from fmbseg.tasks.train.run import train_fingerprint
 
-LABEL_STAGES = tuple(s.name for s in STAGE1)  # the declared stage-1 stages, in order
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,11 @@ class StagePlan:
         return f"{self.stage}: fingerprint {self.fingerprint}, {state}, {todo}"
 
 
+def _labelling(cfg: Config) -> list[str]:
+    """The declared stage-1 stages of ``cfg``'s teacher, in order."""
+    return [s.name for s in stage1(cfg)]
+
+
 def sharded(store: ArtifactStore, stage: str, fp: str, shards: int) -> StagePlan:
     """A sharded stage: committed (nothing left), or the shards with no receipt yet."""
     if store.is_committed(stage, fp):
@@ -73,7 +77,7 @@ def index_plans(
         "index": plan.fingerprint,
         **stage1_fingerprints(cfg, plan.fingerprint, vocabulary, image_labels),
     }
-    return [sharded(store, stage, fps[stage], shards) for stage in ("index", *LABEL_STAGES)]
+    return [sharded(store, stage, fps[stage], shards) for stage in ("index", *_labelling(cfg))]
 
 
 def train_plan(store: ArtifactStore, cfg: Config, inputs: TrainInputs) -> StagePlan:
@@ -135,7 +139,7 @@ def retrain_dry_run(
         fps = stage1_fingerprints(cfg, batch["index"], vocabulary)
         if not store.is_committed("merge", fps["merge"]):  # relabelled on the committed index
             shards = store.require_manifest("index", batch["index"]).num_shards
-            plans += [sharded(store, s, fps[s], shards) for s in LABEL_STAGES]
+            plans += [sharded(store, s, fps[s], shards) for s in _labelling(cfg)]
         sets.append((fps["merge"], batch["index"]))
     if found.plan is not None:
         new = index_plans(store, cfg, found.plan, vocabulary)

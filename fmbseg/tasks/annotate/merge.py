@@ -131,6 +131,7 @@ def merge_shard(
     auto: MaskRecords,
     cfg: MergeConfig,
     upstream_errors: pa.Table | None = None,
+    absent: str = "CLIP found no vocabulary class in enough crops",
 ) -> tuple[MaskRecords, pa.Table]:
     """Merge the records of a shard's images; a reason for every image left without masks.
 
@@ -144,7 +145,7 @@ def merge_shard(
         prompt, auto: the records of the sam_prompt and sam_auto stages for those images.
         upstream_errors: rows (``ERROR_SCHEMA``) the earlier stages recorded; an image
             without masks gets its first upstream reason, else ``no_class_present`` when
-            no class was present, else ``no_masks``.
+            no class was present (``absent`` says why), else ``no_masks``.
 
     Returns (records, errors with ``stage="merge"``).
     """
@@ -189,7 +190,7 @@ def merge_shard(
                     uri,
                     STAGE,
                     "no_class_present",
-                    "CLIP found no vocabulary class in enough crops",
+                    absent,
                 )
             )
         else:
@@ -283,5 +284,45 @@ def prepare(job: StageRun) -> Prepared:
     vocabulary = read_vocabulary(job.store, "clip_dense", inputs["clip_dense"])
     specs = [inputs] * num_shards(job.store, INDEX_STAGE, inputs[INDEX_STAGE])
     factory = functools.partial(MergeWorker, job.store, job.cfg.merge)
+    meta = {VOCABULARY_KEY: list(vocabulary), ORDER_KEY: job.cfg.merge.order, **inputs}
+    return Prepared(specs, factory, meta)
+
+
+class ConceptMergeWorker(MergeWorker):
+    """Shard worker of merge for the SAM 3 teacher: a spec is ``{"index", "sam3"} ->
+    fingerprint``; SAM 3's masks take the place of the prompt masks (there are no automatic
+    ones), painted into the same label maps."""
+
+    def prefetch(self, shard: int, spec: dict[str, str]) -> None:
+        up = self.upstream
+        up.prefetch(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)
+        up.prefetch("sam3", spec["sam3"], shard)
+        up.prefetch("sam3", spec["sam3"], shard, kind="errors")
+
+    def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
+        up = self.upstream
+        index = up.read(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS).to_pylist()
+        images = [{"image_id": r["image_id"], "image_uri": r["uri"], "present": []} for r in index]
+        part = up.part("sam3", spec["sam3"], shard)
+        concepts = MaskRecords.empty() if part is None else MaskRecords.derived(part)
+        errors = up.part("sam3", spec["sam3"], shard, kind="errors")
+        upstream = [] if errors is None else [errors.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)]
+        merged, failed = merge_shard(
+            images,
+            concepts,
+            MaskRecords.empty(),
+            self.cfg,
+            _real_failures(upstream),
+            absent="SAM 3 found no vocabulary class present",
+        )
+        return merged.table, failed
+
+
+def prepare_concepts(job: StageRun) -> Prepared:
+    """merge of a committed sam3 output (the SAM 3 teacher), shard by index shard."""
+    inputs = {s: job.fp(s) for s in (INDEX_STAGE, "sam3")}
+    vocabulary = read_vocabulary(job.store, "sam3", inputs["sam3"])
+    specs = [inputs] * num_shards(job.store, INDEX_STAGE, inputs[INDEX_STAGE])
+    factory = functools.partial(ConceptMergeWorker, job.store, job.cfg.merge)
     meta = {VOCABULARY_KEY: list(vocabulary), ORDER_KEY: job.cfg.merge.order, **inputs}
     return Prepared(specs, factory, meta)

@@ -21,7 +21,7 @@ from fmbseg.data.image_labels import ImageLabels
 from fmbseg.engine.runner import Progress
 from fmbseg.engine.stage import Stage, StageRun, plan, run
 from fmbseg.storage.store import ArtifactStore
-from fmbseg.tasks.annotate import clip_dense, export, merge, sam_pair
+from fmbseg.tasks.annotate import clip_dense, export, merge, sam3, sam_pair
 from fmbseg.tasks.annotate.common import INDEX_STAGE, teacher
 
 
@@ -99,7 +99,33 @@ EXPORT = Stage(
 )
 
 STAGE1: tuple[Stage, ...] = (CLIP_DENSE, SAM_PROMPT, SAM_AUTO, MERGE, EXPORT)
-BY_NAME = {s.name: s for s in STAGE1}
+
+# models.teacher: sam3 -- SAM 3's text concepts replace CLIP's presence vote and both SAM
+# stages; merge paints its masks into the same label maps and export is the same stage.
+SAM3 = Stage(
+    "sam3",
+    "1",
+    inputs=(INDEX_STAGE,),
+    parts=lambda job: {
+        "sam3": job.cfg.sam3,
+        "models": sam3.teacher(job.cfg),
+        "vocabulary": list(job.vocabulary),
+    },
+    prepare=sam3.prepare,
+    gpu=True,
+    timed=True,
+)
+MERGE_SAM3 = dataclasses.replace(
+    MERGE, inputs=(INDEX_STAGE, "sam3"), prepare=merge.prepare_concepts
+)
+STAGE1_SAM3: tuple[Stage, ...] = (SAM3, MERGE_SAM3, EXPORT)
+
+TEACHERS: dict[str, tuple[Stage, ...]] = {"clip_sam": STAGE1, "sam3": STAGE1_SAM3}
+"""``models.teacher`` -> the stage-1 stages that label with it, in order."""
+
+def stage1(cfg: Config) -> tuple[Stage, ...]:
+    """The stage-1 stages of ``cfg``'s teacher (``models.teacher``), in order."""
+    return TEACHERS[cfg.models.teacher]
 
 
 def passes(stages: Sequence[Stage] = STAGE1) -> list[tuple[Stage, ...]]:
@@ -121,7 +147,7 @@ def stage1_fingerprints(
 ) -> dict[str, str]:
     """Every stage-1 fingerprint after ``index``, before running anything."""
     job = StageRun(None, cfg, {INDEX_STAGE: index_fp}, tuple(vocabulary), image_labels)  # type: ignore[arg-type]
-    fps = plan(STAGE1, job)
+    fps = plan(stage1(cfg), job)
     del fps[INDEX_STAGE]
     return fps
 
@@ -139,7 +165,19 @@ def stage_run(
     job = StageRun(
         store, cfg, {INDEX_STAGE: index_fp}, tuple(vocabulary), image_labels, storage_options
     )
-    return dataclasses.replace(job, fps=plan(STAGE1, job))
+    return dataclasses.replace(job, fps=plan(stage1(cfg), job))
+
+
+def _named(cfg: Config, names: Sequence[str]) -> list[Stage]:
+    """The declared stages called ``names`` among ``cfg``'s teacher's stage-1 stages."""
+    by_name = {s.name: s for s in stage1(cfg)}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(
+            f"unknown stage-1 stage(s) {unknown} for teacher {cfg.models.teacher!r};"
+            f" known {list(by_name)}"
+        )
+    return [by_name[n] for n in names]
 
 
 def stage_fingerprint(
@@ -150,10 +188,9 @@ def stage_fingerprint(
     image_labels: ImageLabels | None = None,
 ) -> str:
     """The fingerprint of the stage-1 stage named ``stage`` on ``inputs``."""
-    if stage not in BY_NAME:
-        raise ValueError(f"unknown stage-1 stage {stage!r}; known {list(BY_NAME)}")
+    (declared,) = _named(cfg, (stage,))
     job = StageRun(None, cfg, inputs, tuple(vocabulary or ()), image_labels)  # type: ignore[arg-type]
-    return BY_NAME[stage].fingerprint(job)
+    return declared.fingerprint(job)
 
 
 def run_declared(
@@ -171,10 +208,7 @@ def run_declared(
     in one pass; returns ``{stage: fp}``. ``vocabulary`` (and ``image_labels``) are for
     clip_dense; ``progress(done, total)`` (or one per stage) counts the pass's shards."""
     names = (stages,) if isinstance(stages, str) else tuple(stages)
-    unknown = [n for n in names if n not in BY_NAME]
-    if unknown:
-        raise ValueError(f"unknown stage-1 stage(s) {unknown}; known {list(BY_NAME)}")
-    declared = [BY_NAME[n] for n in names]
+    declared = _named(cfg, names)
     job = StageRun(store, cfg, dict(inputs), tuple(vocabulary), image_labels, storage_options)
     job = dataclasses.replace(job, fps=plan(declared, job))
     if progress is not None and not isinstance(progress, Mapping):
