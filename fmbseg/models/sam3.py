@@ -128,10 +128,9 @@ def _sam3() -> Any:
         raise MissingExtraError(INSTALL_HINT)
     with _quiet_import():
         import sam3.model_builder as builder
-        from sam3.model import box_ops
         from sam3.model.data_misc import FindStage
         from sam3.model.sam3_image_processor import Sam3Processor
-    return builder, box_ops, FindStage, Sam3Processor
+    return builder, FindStage, Sam3Processor
 
 
 def _bpe_path() -> str:
@@ -144,7 +143,7 @@ def compose_sam3_image_model(dims: Sam3Dims) -> Any:
     """A random-weight ``sam3`` ``Sam3Image`` of ``dims`` on the CPU, in eval mode (the
     caller seeds): ``build_sam3_image_model``'s composition (segmentation head, no SAM-1
     point head) without its CUDA-only caches."""
-    b, _, _, _ = _sam3()
+    b, _, _ = _sam3()
     d, heads = dims.d_model, dims.heads
 
     def attention(batch_first: bool, dropout: float = 0.1) -> Any:
@@ -377,7 +376,7 @@ class Sam3ConceptSegmenter:
         precision: Precision = "auto",
         prompts_per_batch: int = 8,
     ) -> None:
-        _, self._box_ops, self._FindStage, Sam3Processor = _sam3()
+        _, self._FindStage, Sam3Processor = _sam3()
         if isinstance(prompts_per_batch, bool) or prompts_per_batch < 1:
             raise ValueError(
                 f"{name}: prompts_per_batch must be a positive integer, got {prompts_per_batch!r}"
