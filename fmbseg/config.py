@@ -152,6 +152,11 @@ class ModelsConfig(_Section):
     sam_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     dino: str = "dinov2_vitl14"  # timm vit_large_patch14_dinov2 (paper: ViT-L/14)
     dino_weights: str | None = "hub"  # "hub" = timm pretrained, a local path, a URI; None = random
+    # stage 1's labeller: clip_sam = CLIP's presence vote + SAM prompt/automatic masks (the
+    # paper); sam3 = SAM 3's text concepts (presence + instance masks; `annotate --teacher`)
+    teacher: Literal["clip_sam", "sam3"] = "clip_sam"
+    sam3: str = "sam3"  # SAM 3 text-concept segmenter (optional extra: pip install '.[sam3]')
+    sam3_weights: str | None = "hub"  # "hub" = facebook/sam3 sam3.pt, a path, a URI; None = random
 
 
 @_validated
@@ -228,6 +233,19 @@ class SamAutoConfig(_Section):
     # the encoder passes), which finds small objects; 0 = the whole image only
     crop_n_layers: NonNegInt = 1
     crop_n_points_downscale_factor: PosInt = 2  # layer i's points per side: /factor**i
+
+
+@_validated
+class Sam3Config(_Section):
+    """Stage `sam3` (ours, instead of CLIP presence + SAM prompts): SAM 3's text concepts."""
+
+    # a class is present when SAM 3's presence probability for its name reaches this
+    # (the score sam3 folds into every instance's; 0.5 = even odds)
+    presence_threshold: Fraction = 0.5
+    # an instance is kept when its score (instance probability x presence) reaches this;
+    # 0.5 = sam3's own Sam3Processor default
+    score_threshold: Fraction = 0.5
+    max_masks_per_class: PosInt | None = None  # highest-scoring instances kept; None = all
 
 
 @_validated
@@ -313,6 +331,7 @@ class Config:
     clip_dense: ClipDenseConfig = field(default_factory=ClipDenseConfig)
     sam_prompt: SamPromptConfig = field(default_factory=SamPromptConfig)
     sam_auto: SamAutoConfig = field(default_factory=SamAutoConfig)
+    sam3: Sam3Config = field(default_factory=Sam3Config)
     merge: MergeConfig = field(default_factory=MergeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -26,7 +26,6 @@ from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
 from fmbseg.tasks.train.run import train_fingerprint
 
 
-
 @dataclass(frozen=True)
 class StagePlan:
     """One stage a run would reach: its fingerprint, whether it is committed, what is left.

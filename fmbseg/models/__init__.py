@@ -1,7 +1,7 @@
 """Model adapters behind small interfaces, built from a registry by name.
 
 ``build_model(name, weights, device, **options)`` returns a :class:`DenseClip` (CLIP),
-:class:`Segmenter` (SAM) or :class:`PatchEncoder` (DINOv2). The adapter classes are imported
+:class:`Segmenter` (SAM), :class:`PatchEncoder` (DINOv2) or :class:`ConceptSegmenter` (SAM 3). The adapter classes are imported
 lazily (open_clip, timm and segment-anything take seconds to import).
 """
 
@@ -10,7 +10,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fmbseg.models.base import DenseClip, PatchEncoder, Preprocess, Segmenter
+from fmbseg.models.base import (
+    ConceptMasks,
+    ConceptSegmenter,
+    DenseClip,
+    PatchEncoder,
+    Preprocess,
+    Segmenter,
+)
 from fmbseg.models.registry import (
     MissingExtraError,
     ModelSpec,
@@ -28,11 +35,14 @@ _LAZY = {
     "UnsupportedModelError": "fmbseg.models.clip_layers",
     "SamSegmenter": "fmbseg.models.sam",
     "Sam2Segmenter": "fmbseg.models.sam21",
+    "Sam3ConceptSegmenter": "fmbseg.models.sam3",
     "DinoPatchEncoder": "fmbseg.models.dino",
 }
 
 __all__ = [
     "CheckpointMismatchError",
+    "ConceptMasks",
+    "ConceptSegmenter",
     "DenseClip",
     "DinoPatchEncoder",
     "MissingExtraError",
@@ -41,6 +51,7 @@ __all__ = [
     "PatchEncoder",
     "Preprocess",
     "Sam2Segmenter",
+    "Sam3ConceptSegmenter",
     "SamSegmenter",
     "Segmenter",
     "UnknownModelError",

@@ -9,6 +9,7 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -125,4 +126,30 @@ class PatchEncoder(Protocol):
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` normalised, H and W multiples of the patch size ->
         ``(B, N, C) float32`` with N = (H/p)*(W/p), row-major, CLS and registers dropped."""
+        ...
+
+
+@dataclass(frozen=True)
+class ConceptMasks:
+    """What a :class:`ConceptSegmenter` finds of one class name in one image."""
+
+    presence: float  # probability that the concept is in the image at all, in [0, 1]
+    masks: np.ndarray  # (M, H, W) bool, one instance each, at the image's original size
+    scores: np.ndarray  # (M,) float32 in [0, 1], descending: instance probability x presence
+
+
+@runtime_checkable
+class ConceptSegmenter(Protocol):
+    """SAM 3: instance masks of text concepts (class names) on one image at a time."""
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Embed ``HxWx3 uint8 RGB`` once; later calls refer to this image."""
+        ...
+
+    def segment_concepts(
+        self, names: Sequence[str], *, min_score: float = 0.0, max_masks: int | None = None
+    ) -> list[ConceptMasks]:
+        """One :class:`ConceptMasks` per name, in order, for the set image (encoded once for
+        all names). Instances scoring below ``min_score`` are dropped and at most
+        ``max_masks`` kept per name (``None`` = all), before masks are made full size."""
         ...

@@ -4,7 +4,7 @@ Building a real model downloads its weights; offline that fails only after the s
 it ran and the hub client retried. :func:`locate_weights` answers "can each checkpoint be
 loaded?" in seconds, without loading anything: a local path or ``file://`` URI must exist; a
 store URI must be in the download cache or answer an existence check; a pretrained tag
-(open_clip's ``openai``, DINOv2's ``hub``) must be in the Hugging Face cache or answer one
+(open_clip's ``openai``, DINOv2's and SAM 3's ``hub``) must be in the Hugging Face cache or answer one
 metadata request. Each check has a deadline, so an unreachable host costs seconds, not
 minutes. What fails is reported together, each with the key to set.
 """
@@ -28,7 +28,12 @@ from fmbseg.models.weights import (
 # Seconds one existence check may take (a hub or bucket that answers takes well under one;
 # an unreachable one is given up on, not retried).
 PROBE_TIMEOUT_S = 8.0
-FIELDS = {"clip": "clip_weights", "sam": "sam_weights", "dino": "dino_weights"}
+FIELDS = {
+    "clip": "clip_weights",
+    "sam": "sam_weights",
+    "dino": "dino_weights",
+    "sam3": "sam3_weights",
+}
 
 
 def _with_deadline(check: Callable[[], bool], timeout_s: float) -> bool | str:
@@ -77,6 +82,10 @@ def _hf_source(kind: str, name: str, ref: str) -> tuple[str, tuple[str, ...]] | 
         arch = DINO_ARCHS[name][0]
         hub_id = getattr(timm.models.get_pretrained_cfg(arch), "hf_hub_id", None)
         return (hub_id, ("model.safetensors", "pytorch_model.bin")) if hub_id else None
+    if kind == "sam3" and ref == "hub":
+        from fmbseg.models.sam3 import HF_FILE, HF_REPO
+
+        return HF_REPO, (HF_FILE,)
     return None
 
 

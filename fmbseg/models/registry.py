@@ -1,10 +1,10 @@
-"""Models by name: one builder signature for CLIP, SAM and DINOv2, real and tiny.
+"""Models by name: one builder signature for CLIP, SAM, DINOv2 and SAM 3, real and tiny.
 
 Builders register themselves with :func:`register_model` (as timm's ``@register_model``
 does); :func:`build_model` looks a name up and calls its builder as
 ``builder(weights, device, store_options=..., **kwargs)``. The built-in names live in
-``fmbseg.models.clip`` / ``sam`` / ``sam21`` / ``dino`` and are imported on first use, so importing
-this module stays cheap::
+``fmbseg.models.clip`` / ``sam`` / ``sam21`` / ``dino`` / ``sam3`` and are imported on first
+use, so importing this module stays cheap::
 
     clip = build_model("clip_vit_l14_336", "openai", "cuda", mode="sclip")
     sam = build_model("sam_tiny", None, auto_config=SamAutoConfig(points_per_side=4))
@@ -20,19 +20,25 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
-from fmbseg.models.base import DenseClip, PatchEncoder, Segmenter
+from fmbseg.models.base import ConceptSegmenter, DenseClip, PatchEncoder, Segmenter
 
 if TYPE_CHECKING:
     from fmbseg.config import ModelsConfig
 
-ModelKind = Literal["clip", "sam", "dino"]
+ModelKind = Literal["clip", "sam", "dino", "sam3"]
 KINDS: tuple[ModelKind, ...] = get_args(ModelKind)
-PROTOCOLS: dict[str, type] = {"clip": DenseClip, "sam": Segmenter, "dino": PatchEncoder}
+PROTOCOLS: dict[str, type] = {
+    "clip": DenseClip,
+    "sam": Segmenter,
+    "dino": PatchEncoder,
+    "sam3": ConceptSegmenter,
+}
 _BUILTIN_MODULES = (
     "fmbseg.models.clip",
     "fmbseg.models.sam",
     "fmbseg.models.sam21",
     "fmbseg.models.dino",
+    "fmbseg.models.sam3",
 )
 
 Builder = Callable[..., Any]
@@ -114,7 +120,8 @@ def get_model_spec(name: str, kind: ModelKind | None = None) -> ModelSpec:
             f"model {name!r} is a {spec.kind} model, but a {kind} model was asked for; "
             f"known {kind} models: {', '.join(list_models(kind))}"
         )
-    guess = kind or next((k for k in KINDS if name.startswith(k)), None)
+    prefixes = sorted((k for k in KINDS if name.startswith(k)), key=len, reverse=True)
+    guess = kind or next(iter(prefixes), None)  # sam3_x is a sam3 name, not a sam one
     if guess is not None:
         known = f"known {guess} models: {', '.join(list_models(guess))}"
     else:
@@ -148,10 +155,12 @@ def build_model(
         kind: if given, ``name`` must be of this kind (catches a SAM name in the CLIP slot).
         store_options: fsspec options used to download URI weights.
         **kwargs: builder options (CLIP: ``mode``, ``precision``; SAM: ``auto_config``;
-            DINOv2: ``img_size``, ``precision``; all: ``cache_dir``, ``seed``).
+            DINOv2: ``img_size``, ``precision``; SAM 3: ``precision``,
+            ``prompts_per_batch``; all: ``cache_dir``, ``seed``).
 
     Returns:
-        A :class:`DenseClip`, :class:`Segmenter` or :class:`PatchEncoder`.
+        A :class:`DenseClip`, :class:`Segmenter`, :class:`PatchEncoder` or
+        :class:`ConceptSegmenter`.
     """
     spec = get_model_spec(name, kind)
     model = spec.builder(

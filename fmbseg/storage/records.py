@@ -24,7 +24,8 @@ from pycocotools import mask as mask_utils
 
 from fmbseg.quiet import ignoring
 
-SOURCES = ("prompt", "auto")  # "prompt" = stage 1.1 (CLIP points), "auto" = stage 1.2
+# "prompt" = stage 1.1 (CLIP points), "auto" = stage 1.2, "sam3" = SAM 3 text concepts
+SOURCES = ("prompt", "auto", "sam3")
 IGNORE = 255  # label-map value of unlabelled pixels; category ids must be below it
 
 SOURCE_TYPE = pa.dictionary(pa.int8(), pa.string())
@@ -38,8 +39,8 @@ RECORD_SCHEMA = pa.schema(
         pa.field("width", pa.int32(), nullable=False),
         pa.field("category_id", pa.int32(), nullable=False),  # index into the vocabulary
         pa.field("category", pa.string(), nullable=False),
-        pa.field("source", SOURCE_TYPE, nullable=False),  # "prompt" | "auto"
-        pa.field("score", pa.float32(), nullable=False),  # SAM's predicted IoU
+        pa.field("source", SOURCE_TYPE, nullable=False),  # one of SOURCES
+        pa.field("score", pa.float32(), nullable=False),  # SAM's predicted IoU; sam3: its score
         pa.field("rle_counts", pa.binary(), nullable=False),  # COCO compressed RLE
         pa.field("bbox", BBOX_TYPE, nullable=False),  # XYWH, pixels
         pa.field("area", pa.int64(), nullable=False),  # pixels

@@ -123,6 +123,7 @@ STAGE1_SAM3: tuple[Stage, ...] = (SAM3, MERGE_SAM3, EXPORT)
 TEACHERS: dict[str, tuple[Stage, ...]] = {"clip_sam": STAGE1, "sam3": STAGE1_SAM3}
 """``models.teacher`` -> the stage-1 stages that label with it, in order."""
 
+
 def stage1(cfg: Config) -> tuple[Stage, ...]:
     """The stage-1 stages of ``cfg``'s teacher (``models.teacher``), in order."""
     return TEACHERS[cfg.models.teacher]
