@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fmbseg.cli.core import DRY_RUN, Arg, Common, UsageError, command, progress_bars
+from fmbseg.cli.core import DRY_RUN, TEACHER, Arg, Common, UsageError, command, progress_bars
 from fmbseg.data.sources import check_source
 from fmbseg.data.vocab import builtin_vocabularies, vocabulary_aliases
 
@@ -63,8 +63,12 @@ def print_annotation_summary(summary: dict[str, Any]) -> None:
     print(
         f"annotate: {summary['images_indexed']} images indexed, "
         f"{summary['images_with_masks']} labelled, {summary['images_no_label']} with no "
-        f"confident label, {summary['images_failed']} failed; {summary['masks_prompt']} "
-        f"prompt masks, {summary['masks_auto']} automatic masks"
+        f"confident label, {summary['images_failed']} failed; "
+        + (
+            f"{summary['masks_sam3']} SAM 3 masks"
+            if summary.get("masks_sam3")
+            else f"{summary['masks_prompt']} prompt masks, {summary['masks_auto']} automatic masks"
+        )
     )
     print(f"  classes found: {len(classes)}{': ' + top + more if classes else ''}")
     if summary.get("skipped_extensions"):
@@ -87,11 +91,12 @@ def print_annotation_summary(summary: dict[str, Any]) -> None:
 
 @command(
     "annotate",
-    "pseudo-label images for a list of classes with CLIP + SAM (COCO RLE, PNG, Parquet, gallery)",
+    "pseudo-label images for a list of classes with CLIP + SAM or SAM 3 (COCO RLE, PNG, Parquet, gallery)",
     IMAGES,
     CLASSES,
     VOCAB,
     IMAGE_ROOT,
+    TEACHER,
     IMAGE_LABELS,
     DRY_RUN,
 )

@@ -149,7 +149,18 @@ def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+TEACHER = Arg(
+    "--teacher",
+    default=None,
+    choices=["clip_sam", "sam3"],
+    help="stage 1's labeller (models.teacher): clip_sam = CLIP's presence vote + SAM masks "
+    "(the paper, default); sam3 = SAM 3's text-prompted concept masks (the sam3 extra)",
+)
+
+
 def _common(args: argparse.Namespace) -> Common:
+    if getattr(args, "teacher", None):  # a named shortcut for --set models.teacher=...
+        args.set = [*args.set, f"models.teacher={args.teacher}"]
     cfg = load_config(args.config, list(args.set))
     if args.ray_address:
         cfg = replace(cfg, runtime={"ray_address": args.ray_address})

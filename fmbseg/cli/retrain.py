@@ -6,7 +6,16 @@ import argparse
 from typing import Any
 
 from fmbseg.cli.annotate import CLASSES, IMAGE_ROOT, IMAGES, VOCAB, vocabulary_from_args
-from fmbseg.cli.core import DRY_RUN, Arg, Common, UsageError, command, positive_int, progress_bars
+from fmbseg.cli.core import (
+    DRY_RUN,
+    TEACHER,
+    Arg,
+    Common,
+    UsageError,
+    command,
+    positive_int,
+    progress_bars,
+)
 from fmbseg.data.sources import check_source
 
 
@@ -41,6 +50,7 @@ def print_retrain(out: dict[str, Any]) -> None:
     CLASSES,
     VOCAB,
     IMAGE_ROOT,
+    TEACHER,
     Arg(
         "--mode",
         choices=("scratch", "finetune"),

@@ -17,7 +17,7 @@ from fmbseg.cli.annotate import (
     print_annotation_summary,
     vocabulary_from_args,
 )
-from fmbseg.cli.core import DRY_RUN, Arg, Common, command, progress_bars
+from fmbseg.cli.core import DRY_RUN, TEACHER, Arg, Common, command, progress_bars
 from fmbseg.data.sources import check_source
 from fmbseg.engine.runner import StageError
 from fmbseg.models.weights import WeightsNotFoundError
@@ -70,6 +70,7 @@ def dry_run(args: argparse.Namespace, common: Common, vocabulary: tuple[str, ...
     IMAGE_ROOT,
     Arg("--eval-dataset", default=None, help="evaluate on this dataset (voc21, folder, ...)"),
     Arg("--eval-data-root", default=None, help="root of the evaluation dataset"),
+    TEACHER,
     DRY_RUN,
     defaults={"config": "quickstart"},
 )

@@ -37,7 +37,14 @@ from fmbseg.models.locate import locate_weights
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.export_coco import NO_LABEL
 from fmbseg.tasks.annotate.index import IndexPlan, count_errors
-from fmbseg.tasks.annotate.stages import SAM_PASS, STAGE1, passes, stage_run
+from fmbseg.tasks.annotate.stages import (
+    SAM_PASS,
+    check_teacher,
+    passes,
+    stage1,
+    stage_run,
+    teacher_models,
+)
 
 SAM_STAGES = SAM_PASS
 
@@ -61,7 +68,8 @@ def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> dict[str, A
         stage: {
             k: n for k, n in count_errors(store, stage, fps[stage]).items() if k not in NO_LABEL
         }
-        for stage in ("index", "clip_dense", *SAM_STAGES, "merge")
+        for stage in fps
+        if stage != "export"  # export's failures are the union of these, in errors.parquet
     }
     export = store.read_json(f"exports/{fps['export']}/export.json")
     return {
@@ -72,6 +80,7 @@ def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> dict[str, A
         "images_failed": export["failed_images"],
         "masks_prompt": sources["prompt"],
         "masks_auto": sources["auto"],
+        "masks_sam3": sources["sam3"],
         "classes_found": dict(classes.most_common()),
         "errors": {stage: counts for stage, counts in errors.items() if counts},
         "first_errors": export["first_errors"],
@@ -125,11 +134,12 @@ def label_index(
     job = stage_run(
         st, cfg, index_fp, vocabulary, storage_options=storage_options, image_labels=image_labels
     )
-    for stages in passes(STAGE1):  # each pass one Prefect task, cached by its fingerprints
+    for stages in passes(stage1(cfg)):  # each pass one Prefect task, cached by its fps
         pass_task(stages)(job)
     fps = dict(job.fps)
-    for stage in ("index", "clip_dense", *SAM_STAGES, "merge"):
-        manifest_artifact(st, stage, fps[stage])
+    for stage, fp in fps.items():
+        if stage != "export":
+            manifest_artifact(st, stage, fp)
     return fps
 
 
@@ -193,7 +203,8 @@ def annotate_flow(
         tags = load_image_labels(image_labels, vocabulary, storage_options)
         tags = tags.bound_to(source_root(images, image_root))
     cfg = configure(config, overrides, ray_address)
-    locate_weights(cfg.models, ("clip", "sam"), storage_options)  # seconds, not after index
+    check_teacher(cfg, image_labels)  # seconds, not after index: its package and weights
+    locate_weights(cfg.models, teacher_models(cfg), storage_options)
     st = open_store(store, storage_options)
     fps = annotate_stages(st, cfg, images, vocabulary, storage_options, image_root, tags)
     summary = annotation_summary(st, fps)

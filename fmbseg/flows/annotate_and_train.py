@@ -29,6 +29,7 @@ from fmbseg.flows.evaluate import evaluate_flow
 from fmbseg.flows.train import train_flow
 from fmbseg.models.locate import locate_weights
 from fmbseg.storage.models import ModelRegistry
+from fmbseg.tasks.annotate.stages import check_teacher, teacher_models
 from fmbseg.tasks.train.promotion import decide_and_record
 
 
@@ -103,7 +104,10 @@ def annotate_and_train_flow(
     if (eval_dataset is None) != (eval_data_root is None):
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)  # config errors fail before any work
-    locate_weights(cfg.models, ("clip", "sam", "dino"), storage_options)  # and missing weights
+    check_teacher(cfg)
+    locate_weights(
+        cfg.models, (*teacher_models(cfg), "clip", "dino"), storage_options
+    )  # and missing weights
     common: dict[str, Any] = {
         "config": config,
         "overrides": overrides,

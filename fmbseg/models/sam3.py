@@ -122,10 +122,19 @@ def _quiet_import() -> Iterator[None]:
         yield
 
 
-def _sam3() -> Any:
-    """The ``sam3`` modules the adapter uses, or an install hint."""
+def require_package(model: str | None = None) -> None:
+    """Raise :class:`MissingExtraError` (with the install hint) unless ``sam3`` is installed;
+    with ``model``, only when that model is built with it (one of :data:`VARIANTS`). A flow
+    with ``models.teacher: sam3`` checks this before any work."""
+    if model is not None and model not in VARIANTS:
+        return
     if importlib.util.find_spec("sam3") is None:
         raise MissingExtraError(INSTALL_HINT)
+
+
+def _sam3() -> Any:
+    """The ``sam3`` modules the adapter uses, or an install hint."""
+    require_package()
     with _quiet_import():
         import sam3.model_builder as builder
         from sam3.model.data_misc import FindStage

@@ -307,3 +307,31 @@ def test_flows_called_from_python_refuse_too_many_classes_before_any_work(tmp_pa
         names = MANY.split(",")[:255]
         annotate_flow.fn(images=str(tmp_path), store=str(store), classes=names, config="tiny")
     assert "classes" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_annotate_with_the_sam3_teacher_then_train_on_its_labels(
+    prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.helpers.labelled import OVERRIDES
+
+    write_scenes(tmp_path / "images", 4)
+    config = tmp_path / "synthetic.yaml"
+    config.write_text(yaml.safe_dump(synthetic_config().to_dict()))
+    store = ["--store", str(tmp_path / "store"), "--config", str(config)]
+    images = ["--images", str(tmp_path / "images"), "--classes", ",".join(VOCAB)]
+    assert main(["annotate", *images, *store, "--teacher", "sam3", "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "sam3" in dry and "clip_dense" not in dry  # the teacher's stages, nothing run
+    assert main(["annotate", *images, *store, "--teacher", "sam3"]) == 0
+    out = capsys.readouterr().out
+    assert "4 images indexed, 4 labelled, 0 with no confident label, 0 failed;" in out
+    assert " SAM 3 masks" in out and "prompt masks" not in out
+    merge_fp = out.rsplit("merge fingerprint (for `fmbseg train --labels`): ", 1)[1].split()[0]
+    st = ArtifactStore(str(tmp_path / "store"))
+    assert set(st.read_table("merge", merge_fp).column("source").to_pylist()) == {"sam3"}
+    # stage 2 trains on SAM 3's labels unchanged
+    train = ["train", "--labels", merge_fp, "--store", str(tmp_path / "store"), "--config", "tiny"]
+    assert main([*train, *(a for o in OVERRIDES for a in ("--set", o))]) == 0
+    assert "train: model fmbseg-align:v0001" in capsys.readouterr().out
+    assert ModelRegistry(st).card("fmbseg-align", "v0001")["data"]["labels_fp"] == merge_fp

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from PIL import Image
 from skimage.measure import label as connected_components
 
 from fmbseg.config import Config, load_config, replace
-from fmbseg.models.base import Preprocess
+from fmbseg.models.base import ConceptMasks, Preprocess
 from fmbseg.models.registry import register_model
 
 # Class name -> colour. The first two are backgrounds.
@@ -216,6 +217,40 @@ class OracleSam:
         return out
 
 
+class OracleSam3:
+    """Stand-in ConceptSegmenter: each class name's instances are the connected regions of
+    pixels of its colour; presence 0.97 where the class has pixels, else 0.02."""
+
+    def __init__(self) -> None:
+        self.classes: np.ndarray | None = None
+        self.images_set = 0
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.classes = decode_classes(image)
+        self.images_set += 1
+
+    def segment_concepts(
+        self, names: Sequence[str], *, min_score: float = 0.0, max_masks: int | None = None
+    ) -> list[ConceptMasks]:
+        assert self.classes is not None, "set_image first"
+        out = []
+        for name in names:
+            mine = (
+                self.classes == VOCAB.index(name)
+                if name in VOCAB
+                else np.zeros_like(self.classes, dtype=bool)
+            )
+            regions = connected_components(mine, connectivity=1)
+            masks = [regions == r for r in range(1, int(regions.max()) + 1)]
+            masks = [m for m in masks if m.sum() >= 10]
+            masks = sorted(masks, key=lambda m: -int(m.sum()))[:max_masks]
+            scores = np.full(len(masks), 0.9, np.float32)
+            keep = scores >= min_score
+            stack = np.stack(masks) if masks else np.zeros((0, *mine.shape), bool)
+            out.append(ConceptMasks(0.97 if mine.any() else 0.02, stack[keep], scores[keep]))
+        return out
+
+
 def _sam_record(seg: np.ndarray, iou: float, stability: float) -> dict:
     ys, xs = np.nonzero(seg)
     bbox = [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]
@@ -244,6 +279,7 @@ def miou(preds: list[np.ndarray], truths: list[np.ndarray], num_classes: int = l
 
 BUILDS: Counter[str] = Counter()  # how many times each stand-in was built (models load once)
 CLIP_NAME, SAM_NAME = "synthetic_colour_clip", "synthetic_oracle_sam"
+SAM3_NAME = "synthetic_oracle_sam3"
 
 
 def _build_colour_clip(weights: str | None, device: torch.device, **kwargs: Any) -> ColourClip:
@@ -260,12 +296,27 @@ register_model(CLIP_NAME, "clip", _build_colour_clip, "test stand-in: colour-rea
 register_model(SAM_NAME, "sam", _build_oracle_sam, "test stand-in: region-reading SAM")
 
 
+def _build_oracle_sam3(weights: str | None, device: torch.device, **kwargs: Any) -> OracleSam3:
+    BUILDS["sam3"] += 1
+    return OracleSam3()
+
+
+register_model(SAM3_NAME, "sam3", _build_oracle_sam3, "test stand-in: colour-reading SAM 3")
+
+
 def synthetic_config(**sections: dict[str, Any]) -> Config:
     """The tiny config with the stand-ins, the local executor and small shards."""
     cfg = load_config("tiny")
     cfg = replace(
         cfg,
-        models={"clip": CLIP_NAME, "clip_weights": None, "sam": SAM_NAME, "sam_weights": None},
+        models={
+            "clip": CLIP_NAME,
+            "clip_weights": None,
+            "sam": SAM_NAME,
+            "sam_weights": None,
+            "sam3": SAM3_NAME,
+            "sam3_weights": None,
+        },
         runtime={"executor": "local", "shard_size": 4, "device": "cpu"},
         clip_dense={"short_side": 64, "min_crops": 1, "batch_size": 16},
         sam_auto={
@@ -304,10 +355,10 @@ def run_pipeline(
     returns stage -> fingerprint."""
     from fmbseg.engine.stage import run
     from fmbseg.tasks.annotate.index import run_index
-    from fmbseg.tasks.annotate.stages import passes, stage_run
+    from fmbseg.tasks.annotate.stages import passes, stage1, stage_run
 
     index = index_fp or run_index(store, str(folder), cfg)
     job = stage_run(store, cfg, index, VOCAB, image_labels=image_labels)
-    for stages in passes():
+    for stages in passes(stage1(cfg)):
         run(stages, job)
     return dict(job.fps)

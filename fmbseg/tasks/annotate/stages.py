@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fmbseg.config import Config
+from fmbseg.config import Config, ConfigError
 from fmbseg.data.image_labels import ImageLabels
 from fmbseg.engine.runner import Progress
 from fmbseg.engine.stage import Stage, StageRun, plan, run
@@ -127,6 +127,27 @@ TEACHERS: dict[str, tuple[Stage, ...]] = {"clip_sam": STAGE1, "sam3": STAGE1_SAM
 def stage1(cfg: Config) -> tuple[Stage, ...]:
     """The stage-1 stages of ``cfg``'s teacher (``models.teacher``), in order."""
     return TEACHERS[cfg.models.teacher]
+
+
+def teacher_models(cfg: Config) -> tuple[str, ...]:
+    """The model kinds (``models.<kind>``) stage 1 builds with ``cfg``'s teacher."""
+    return ("sam3",) if cfg.models.teacher == "sam3" else ("clip", "sam")
+
+
+def check_teacher(cfg: Config, image_labels: object = None) -> None:
+    """Before any work: the teacher's optional package is installed (SAM 3: the ``sam3``
+    extra; raises :class:`~fmbseg.models.registry.MissingExtraError` with the hint), and
+    image-level tags (which replace CLIP's presence vote) come with the CLIP teacher."""
+    if cfg.models.teacher == "sam3":
+        if image_labels is not None:
+            raise ConfigError(
+                "image labels replace CLIP's presence vote, and models.teacher sam3 has no"
+                " CLIP stage (SAM 3 decides presence itself): drop --image-labels or the"
+                " sam3 teacher"
+            )
+        from fmbseg.models.sam3 import require_package
+
+        require_package(cfg.models.sam3)
 
 
 def passes(stages: Sequence[Stage] = STAGE1) -> list[tuple[Stage, ...]]:
