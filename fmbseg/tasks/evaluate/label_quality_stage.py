@@ -251,7 +251,8 @@ def write_label_report(store: ArtifactStore, plan: LabelsPlan, report: dict[str,
 
 
 def teacher_of(store: ArtifactStore, merge_fp: str) -> dict[str, Any]:
-    """The teacher of a merge output, from its SAM stages' manifests (what annotate recorded).
+    """The teacher of a merge output, from its SAM stages' manifests (what annotate recorded;
+    the sam3 stage's for the SAM 3 teacher).
 
     Returns ``{"sam", "sam_weights", "sam_precision"}`` (``models.*`` of the SAM stages;
     ``None`` when not recorded), ``"images"`` (images through the SAM pass: the clip_dense
@@ -270,6 +271,8 @@ def teacher_of(store: ArtifactStore, merge_fp: str) -> dict[str, Any]:
         "unavailable": None,
     }
     meta = store.require_manifest(MERGE_STAGE, merge_fp).meta
+    if meta.get("sam3"):
+        return _sam3_teacher(store, str(meta["sam3"]), out)
     if not all(meta.get(s) for s in SAM_STAGES):
         return {**out, "unavailable": "the merge output names no SAM stages"}
     manifests = {s: store.manifest(s, meta[s]) for s in SAM_STAGES}
@@ -304,6 +307,27 @@ def teacher_of(store: ArtifactStore, merge_fp: str) -> dict[str, Any]:
     if out["images"] is None or seconds <= 0:
         return {**out, "unavailable": "images of the SAM pass unknown"}
     return {**out, "images_per_second": out["images"] / seconds}
+
+
+def _sam3_teacher(store: ArtifactStore, sam3_fp: str, out: dict[str, Any]) -> dict[str, Any]:
+    """:func:`teacher_of` for the SAM 3 teacher (``models.teacher: sam3``): ``sam`` holds
+    ``models.sam3`` and ``sam_seconds`` the sam3 stage's wall time."""
+    manifest = store.manifest("sam3", sam3_fp)
+    if manifest is None:
+        return {**out, "unavailable": f"sam3/{sam3_fp} not in this store"}
+    models = manifest.meta.get(TEACHER_KEY) or {}
+    out = {**out, "sam": models.get("sam3"), "sam_weights": models.get("sam3_weights")}
+    index = store.manifest("index", str(manifest.meta.get("index")))
+    out["images"] = None if index is None else index.rows
+    timing = manifest.meta.get(TIMING_KEY)
+    if timing is None:
+        return {**out, "unavailable": "SAM 3 wall time not recorded"}
+    if timing["shards_run"] < timing["shards"]:
+        return {**out, "unavailable": "sam3 resumed: its wall time covers part of the images"}
+    out["sam_seconds"] = timing["wall_s"]
+    if out["images"] is None or timing["wall_s"] <= 0:
+        return {**out, "unavailable": "images of the SAM 3 pass unknown"}
+    return {**out, "images_per_second": out["images"] / timing["wall_s"]}
 
 
 def comparison_fingerprint(reports: Sequence[dict[str, Any]]) -> str:

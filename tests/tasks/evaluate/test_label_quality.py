@@ -215,9 +215,10 @@ def _build_bleeding_sam(weights, device, **kwargs):
 
 
 def test_teachers_side_by_side_from_their_sam_stages(tmp_path):
-    """Two teachers (models.sam) annotate the same benchmark images: each column holds its
-    single-teacher report's figures, its teacher from the SAM stages' manifests, masks per
-    image as the merge records of the scored images, and images/s from the recorded time."""
+    """Three teachers (two models.sam, and SAM 3) annotate the same benchmark images: each
+    column holds its single-teacher report's figures, its teacher from the SAM stages' (or
+    the sam3 stage's) manifests, masks per image as the merge records of the scored images,
+    and images/s from the recorded time."""
     from PIL import Image
 
     from fmbseg.config import replace
@@ -231,7 +232,13 @@ def test_teachers_side_by_side_from_their_sam_stages(tmp_path):
         run_label_quality,
         teacher_of,
     )
-    from tests.helpers.synthetic import SAM_NAME, run_pipeline, synthetic_config, write_scenes
+    from tests.helpers.synthetic import (
+        SAM3_NAME,
+        SAM_NAME,
+        run_pipeline,
+        synthetic_config,
+        write_scenes,
+    )
     from tests.helpers.synthetic import VOCAB as WORLD
 
     register_model("synthetic_bleeding_sam", "sam", _build_bleeding_sam, "test: bleeding SAM")
@@ -243,15 +250,20 @@ def test_teachers_side_by_side_from_their_sam_stages(tmp_path):
     (ds / "classes.txt").write_text("\n".join(WORLD) + "\n")
     store = ArtifactStore(str(tmp_path / "store"))
     reports, runs = [], []
-    for sam in (SAM_NAME, "synthetic_bleeding_sam"):
-        cfg = replace(synthetic_config(), models={"sam": sam})
+    teachers = [{"sam": SAM_NAME}, {"sam": "synthetic_bleeding_sam"}, {"teacher": "sam3"}]
+    for models in teachers:
+        cfg = replace(synthetic_config(), models=models)
         fps = run_pipeline(store, cfg, ds / "images")
         plan = plan_label_quality(store, "folder", str(ds), fps["merge"], cfg, limit=4)
         run_label_quality(store, plan, cfg)
         reports.append(build_label_report(store, plan))
         runs.append(fps)
     table = compare_teachers(reports)
-    assert [r["teacher"] for r in table["teachers"]] == [SAM_NAME, "synthetic_bleeding_sam"]
+    assert [r["teacher"] for r in table["teachers"]] == [
+        SAM_NAME,
+        "synthetic_bleeding_sam",
+        SAM3_NAME,
+    ]
     assert table["num_images"] == 4 and table["reports"] == reports
     scored = {
         content_hash((ds / "images" / f"{sid}.png").read_bytes()) for sid in sorted(scenes)[:4]
@@ -262,16 +274,16 @@ def test_teachers_side_by_side_from_their_sam_stages(tmp_path):
         assert row["coverage"] == report["merged"]["coverage"] > 0
         merged = store.read_table("merge", fps["merge"]).to_pylist()
         assert row["masks_per_image"] == sum(r["image_id"] in scored for r in merged) / 4
-        # run_pipeline runs the SAM stages one after the other: the two passes add up
-        times = [
-            store.require_manifest(s, fps[s]).meta["timing"] for s in ("sam_prompt", "sam_auto")
-        ]
-        assert [t["outputs"] for t in times] == [{s: fps[s]} for s in ("sam_prompt", "sam_auto")]
+        # the SAM stages ran in one pass (its time is theirs); SAM 3 is one stage
+        stages = ("sam3",) if "sam3" in fps else ("sam_prompt", "sam_auto")
+        times = [store.require_manifest(s, fps[s]).meta["timing"] for s in stages]
+        assert all(t["outputs"] == {s: fps[s] for s in stages} for t in times)
         assert all(t["shards_run"] == t["shards"] == 2 for t in times)
-        seconds = times[0]["wall_s"] + times[1]["wall_s"]
-        assert row["images_per_second"] == 6 / seconds  # clip_dense: 6 images
+        seconds = times[0]["wall_s"]
+        assert row["images_per_second"] == 6 / seconds  # 6 images indexed
         assert report["teacher"]["sam_seconds"] == seconds
-    oracle, bleeding = table["teachers"]
+    oracle, bleeding, sam3 = table["teachers"]
+    assert sam3["mIoU"] > bleeding["mIoU"] and sam3["coverage"] > 0
     assert (
         oracle["mIoU"] > bleeding["mIoU"]
         and bleeding["masks_per_image"] > oracle["masks_per_image"]
@@ -302,3 +314,10 @@ def test_teachers_side_by_side_from_their_sam_stages(tmp_path):
     got = teacher_of(store, runs[0]["merge"])
     assert got["sam"] is None and got["images_per_second"] is None
     assert got["unavailable"] == "teacher not recorded (SAM stages made before it was)"
+    sam3_meta = store.require_manifest("sam3", runs[2]["sam3"]).meta
+    set_meta(
+        "sam3", runs[2]["sam3"], **{**sam3_meta, "timing": {**sam3_meta["timing"], "shards_run": 1}}
+    )
+    got = teacher_of(store, runs[2]["merge"])
+    assert got["sam"] == SAM3_NAME and got["images_per_second"] is None
+    assert got["unavailable"] == "sam3 resumed: its wall time covers part of the images"
