@@ -36,6 +36,7 @@ and fails the stage with a :class:`StageError` naming the shard.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -47,6 +48,7 @@ from typing import Any
 import pyarrow as pa
 
 from fmbseg.config import RuntimeConfig
+from fmbseg.engine.inorder import InOrder
 from fmbseg.engine.slot import (  # re-exported: callers import them from here
     ShardSlot,
     ShardWorker,
@@ -362,7 +364,7 @@ def _run_local(
     # shard i+1 is prefetched while shard i is processed, and shard i is written while
     # shard i+1 is processed; at most one write in flight
     with ThreadPoolExecutor(1, thread_name_prefix=f"fmbseg-write-{targets[0][0]}") as writer:
-        writing: tuple[int, Future[list[ShardReceipt]]] | None = None
+        writes: InOrder[int, list[ShardReceipt]] = InOrder(writer, finish)
         for k, shard in enumerate(todo):
             if k + 1 < len(todo):
                 _hint_prefetch(slot.worker, todo[k + 1], specs[todo[k + 1]])
@@ -370,8 +372,6 @@ def _run_local(
                 out = slot.process(shard, specs[shard])
             except Exception as exc:
                 raise failed(shard, exc) from exc
-            if writing is not None:
-                finish(*writing)
-            writing = (shard, writer.submit(slot.write, shard, out))
-        if writing is not None:
-            finish(*writing)
+            writes.drain()  # the previous shard's write, before this one's (a failed one stops here)
+            writes.submit(shard, functools.partial(slot.write, shard, out))
+        writes.drain()

@@ -173,8 +173,3 @@ def run(
             if stage.finish is not None:
                 stage.finish(pass_run)
     return {s.name: job.fp(s.name) for s in stages}
-
-
-def run_one(stage: Stage, job: StageRun, progress: Progress | None = None) -> str:
-    """:func:`run` for a single stage; returns its fingerprint."""
-    return run([stage], job, {stage.name: progress} if progress else None)[stage.name]

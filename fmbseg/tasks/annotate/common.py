@@ -15,13 +15,14 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
 from fmbseg.config import Config
 from fmbseg.data.images import WORKER_DECODE_BUDGET
+from fmbseg.engine.inorder import InOrder  # noqa: F401 - re-exported: the workers use it
 from fmbseg.storage import ArtifactStore, Manifest
 from fmbseg.storage.records import error_row
 
@@ -312,45 +313,6 @@ class ReadAhead:
         finally:  # the consumer stopped early: nobody takes the rest
             for _, (future, slot) in window:
                 self._drop(future, slot)
-
-
-class InOrder(Generic[K, T]):
-    """Per-image jobs run in a pool while the caller goes on, handed back in submission
-    order: the CPU work that follows a model call (RLE, similarity maps, record rows) in a
-    worker's post thread while the model takes the next image; export's per-image files.
-
-    ``done(key, future)`` runs in the caller's thread, for the oldest job, once more than
-    ``ahead`` are pending and for all of them at :meth:`drain`: what a shard keeps is in
-    input order and the same whatever the timing. A model call that failed goes in the
-    queue as :meth:`failed`, so its error keeps its place too.
-    """
-
-    def __init__(
-        self,
-        pool: ThreadPoolExecutor,
-        done: Callable[[K, Future[T]], None],
-        ahead: int = POST_AHEAD,
-    ) -> None:
-        self.pool, self.done, self.ahead = pool, done, ahead
-        self._queue: deque[tuple[K, Future[T]]] = deque()
-
-    def submit(self, key: K, fn: Callable[[], T]) -> None:
-        self._push(key, self.pool.submit(fn))
-
-    def failed(self, key: K, exc: BaseException) -> None:
-        future: Future[T] = Future()
-        future.set_exception(exc)
-        self._push(key, future)
-
-    def _push(self, key: K, future: Future[T]) -> None:
-        self._queue.append((key, future))
-        while len(self._queue) > self.ahead:
-            self.done(*self._queue.popleft())
-
-    def drain(self) -> None:
-        """Hand back every pending job (waiting for each)."""
-        while self._queue:
-            self.done(*self._queue.popleft())
 
 
 def post_pool() -> ThreadPoolExecutor:

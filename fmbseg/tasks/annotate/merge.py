@@ -72,16 +72,8 @@ def sample_count(n: int, fraction: float) -> int:
     return min(n, max(0, int(np.floor(fraction * n + 0.5))))
 
 
-def canonical_order(table: pa.Table) -> np.ndarray:
-    """Row order by (area descending, RLE bytes, category id): independent of input order."""
-    return _canonical(
-        table.column("area").to_pylist(),
-        table.column("rle_counts").to_pylist(),
-        table.column("category_id").to_pylist(),
-    )
-
-
 def _canonical(areas: Sequence[int], rles: Sequence[bytes], cats: Sequence[int]) -> np.ndarray:
+    """Row order by (area descending, RLE bytes, category id): independent of input order."""
     keys = list(zip(areas, rles, cats, strict=True))
     return np.array(
         sorted(range(len(keys)), key=lambda i: (-keys[i][0], keys[i][1], keys[i][2])),
