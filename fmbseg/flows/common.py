@@ -202,7 +202,7 @@ def stage_task(
     )
 
 
-_PASS_TASKS: dict[str, Task[..., dict[str, str]]] = {}
+_PASS_TASKS: dict[tuple[Stage, ...], Task[..., dict[str, str]]] = {}
 
 
 def pass_task(stages: Sequence[Stage]) -> Task[..., dict[str, str]]:
@@ -214,15 +214,15 @@ def pass_task(stages: Sequence[Stage]) -> Task[..., dict[str, str]]:
     :func:`pass_cache_key`), retried on failure unless the input is at fault; the body
     reports its counts and fingerprints to the run's log (the runner's reports).
     """
-    name = "+".join(s.name for s in stages)
-    if name not in _PASS_TASKS:
-        declared = tuple(stages)
+    declared = tuple(stages)  # by declaration, not name: each teacher has its own merge
+    name = "+".join(s.name for s in declared)
+    if declared not in _PASS_TASKS:
 
         def run_pass(job: StageRun) -> dict[str, str]:
             progress = {s.name: StageProgress(s.name, job.fp(s.name)) for s in declared}
             return run_stages(declared, job, progress)
 
-        _PASS_TASKS[name] = task(
+        _PASS_TASKS[declared] = task(
             name=name,
             cache_key_fn=pass_cache_key(declared),
             persist_result=True,
@@ -232,7 +232,7 @@ def pass_task(stages: Sequence[Stage]) -> Task[..., dict[str, str]]:
             on_completion=[_report_cached],
             on_failure=[_report_cached],
         )(run_pass)
-    return _PASS_TASKS[name]
+    return _PASS_TASKS[declared]
 
 
 def pass_cache_key(stages: Sequence[Stage]) -> Callable[[Any, dict[str, Any]], str | None]:

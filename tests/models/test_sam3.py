@@ -43,10 +43,11 @@ def image() -> np.ndarray:
 
 
 def test_registry_names_kind_and_hub_source() -> None:
-    assert list_models("sam3") == ["sam3", "sam3_tiny"]
+    # (test stand-ins registered by other test modules may follow)
+    assert list_models("sam3")[:2] == ["sam3", "sam3_tiny"]
     assert not set(list_models("sam3")) & set(list_models("sam"))
     # an unknown sam3_* name lists the sam3 models, not the SAM ones
-    with pytest.raises(UnknownModelError, match=r"known sam3 models: sam3, sam3_tiny$"):
+    with pytest.raises(UnknownModelError, match=r"known sam3 models: sam3, sam3_tiny\b"):
         build_model("sam3_huge", None)
     assert _hf_source("sam3", "sam3", "hub") == ("facebook/sam3", ("sam3.pt",))
     assert _hf_source("sam3", "sam3", "/models/sam3.pt") is None
