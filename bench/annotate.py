@@ -194,17 +194,11 @@ def pipeline(
         for counter in (MODEL_TIME, PHASE_TIME, THREAD_TIME, FORWARD_TIME):
             counter.clear()
         builds.seconds = 0.0
-
-        def call() -> Any:
-            if profiler is not None:
-                profiler.enable()
-            try:
-                return fn(store, cfg, *a)
-            finally:
-                if profiler is not None:
-                    profiler.disable()
-
-        run = timed(call)
+        if profiler is not None:
+            profiler.enable()
+        run = timed(functools.partial(fn, store, cfg, *a))
+        if profiler is not None:
+            profiler.disable()
         fps[name] = run.result
         rows.append((name, run.seconds, sum(MODEL_TIME.values()), builds.seconds))
         by_phase[name] = (dict(PHASE_TIME), dict(THREAD_TIME), FORWARD_TIME["forward"])

@@ -15,9 +15,10 @@ process that only read the bytes, i.e. what the decode itself needs:
     clip_dense input, now    decode_image(min_side=short_side + patch), then prepare_image
 
 One run on the 2-core dev box (MiB over a process that only read the file): PNG 1614 ->
-645 (check), 663 (reduced overlay); JPEG 1493 -> ~0 (check), ~0 (reduced: decoded at 1/4).
-clip_dense's input: PNG 3068 -> 649 (PIL's full-size buffer, reduced by 12 before the RGB
-copy), JPEG 2971 -> ~0 (decoded at 1/8: 1625 x 1625).
+645 (check), 663 (reduced overlay); JPEG 1615 -> 11 (check), 101 (reduced: decoded at 1/4).
+clip_dense's input: PNG 3075 -> 649 (PIL's full-size buffer, reduced by 12 before the RGB
+copy), JPEG 3076 -> 88 (decoded at 1/8: 1625 x 1625). The peak is the child's own
+(VmHWM): ``ru_maxrss`` of a forked child starts at its parent's peak.
 
 Run: ``python bench/decode_memory.py [--side 13000]``. The index also bounds how much its
 reader threads decode at once (``fmbseg.data.images.WORKER_DECODE_BUDGET``): a worker's peak is

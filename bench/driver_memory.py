@@ -31,7 +31,9 @@ import subprocess
 import sys
 import tempfile
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from harness import parser, peak_bytes, peak_memory, reset_peak, timed
 
@@ -72,7 +74,7 @@ def child(config: str, n: int, shard_size: int, row_group_mib: float | None) -> 
         make_images(Path(tmp) / "images", n)
         store = ArtifactStore(f"{tmp}/store")
         fps: dict[str, str] = {}
-        calls = {
+        calls: dict[str, Callable[[], Any]] = {
             "index": lambda: run_index(store, f"{tmp}/images", cfg),
             **{  # each stage alone, on the fingerprints of the ones before it
                 s: functools.partial(

@@ -33,7 +33,7 @@ MemoryKind = Literal["cuda", "rss", "heap"]
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
     """An argument parser described by the first line of a bench's docstring."""
-    return argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    return argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
 
 
 def hw(text: str) -> tuple[int, int]:
