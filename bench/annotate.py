@@ -36,7 +36,6 @@ stay on local disk.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import cProfile
 import functools
@@ -49,12 +48,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from harness import ModelBuilds, device_sync, parser, timed
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 TIMED = {"crops_and_dense", "encode_text", "set_image", "predict", "predict_batch", "generate"}
 MODEL_TIME: collections.Counter[str] = collections.Counter()
-BUILD_TIME: collections.Counter[str] = collections.Counter()
 PHASE_TIME: collections.Counter[str] = collections.Counter()  # main thread, outermost call
 THREAD_TIME: collections.Counter[str] = collections.Counter()  # loader threads (overlapped)
 FORWARD_TIME: collections.Counter[str] = collections.Counter()
@@ -77,8 +76,7 @@ class Timed:
             try:
                 return attr(*args, **kwargs)
             finally:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
+                device_sync()
                 MODEL_TIME[name] += time.perf_counter() - start
 
         return timed
@@ -177,7 +175,12 @@ def make_images(folder: Path, n: int, size: tuple[int, int] = (96, 128)) -> None
 
 
 def pipeline(
-    store: Any, cfg: Any, images: str, vocab: Any, profiler: cProfile.Profile | None
+    store: Any,
+    cfg: Any,
+    images: str,
+    vocab: Any,
+    profiler: cProfile.Profile | None,
+    builds: ModelBuilds,
 ) -> tuple[list[tuple[str, float, float, float]], dict[str, Any], int]:
     """Run every stage once on a fresh store: (per-stage wall/model/build s, phases, masks)."""
     from fmbseg.tasks.annotate.index import run_index
@@ -188,16 +191,16 @@ def pipeline(
     by_phase: dict[str, Any] = {}
 
     def stage(name: str, fn: Any, *a: Any) -> None:
-        for counter in (MODEL_TIME, BUILD_TIME, PHASE_TIME, THREAD_TIME, FORWARD_TIME):
+        for counter in (MODEL_TIME, PHASE_TIME, THREAD_TIME, FORWARD_TIME):
             counter.clear()
-        start = time.perf_counter()
+        builds.seconds = 0.0
         if profiler is not None:
             profiler.enable()
-        fps[name] = fn(store, cfg, *a)
+        run = timed(functools.partial(fn, store, cfg, *a))
         if profiler is not None:
             profiler.disable()
-        wall = time.perf_counter() - start
-        rows.append((name, wall, sum(MODEL_TIME.values()), BUILD_TIME["build"]))
+        fps[name] = run.result
+        rows.append((name, run.seconds, sum(MODEL_TIME.values()), builds.seconds))
         by_phase[name] = (dict(PHASE_TIME), dict(THREAD_TIME), FORWARD_TIME["forward"])
 
     stage("index", lambda s, c: run_index(s, images, c))
@@ -222,7 +225,7 @@ def _share(wall: float, model: float, build: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument(
@@ -257,15 +260,7 @@ def main() -> None:
     from fmbseg.models import registry
     from fmbseg.storage import ArtifactStore
 
-    build = registry.build_from_config
-
-    def timed_build(*a: Any, **k: Any) -> Timed:
-        start = time.perf_counter()
-        model = build(*a, **k)
-        BUILD_TIME["build"] += time.perf_counter() - start
-        return Timed(model)
-
-    registry.build_from_config = timed_build  # type: ignore[assignment]
+    builds = ModelBuilds(wrap=Timed)
     registry.list_models()  # import the model libraries now, not inside the first stage
     phases = patch_phases()
     if args.forward_time:
@@ -279,7 +274,7 @@ def main() -> None:
         for r in range(args.repeat):
             root = f"{args.store.rstrip('/')}/run-{r}" if args.store else f"{tmp}/store-{r}"
             store = ArtifactStore(root, parse_storage_options(args.storage_option))
-            runs.append(pipeline(store, cfg, f"{tmp}/images", vocab, profiler))
+            runs.append(pipeline(store, cfg, f"{tmp}/images", vocab, profiler, builds))
     # the run with the median outside share (all its figures from that one run)
     shares = [_share(*np.sum([row[1:] for row in rows], axis=0)) for rows, _, _ in runs]
     order = np.argsort(shares)

@@ -15,9 +15,10 @@ process that only read the bytes, i.e. what the decode itself needs:
     clip_dense input, now    decode_image(min_side=short_side + patch), then prepare_image
 
 One run on the 2-core dev box (MiB over a process that only read the file): PNG 1614 ->
-645 (check), 663 (reduced overlay); JPEG 1493 -> ~0 (check), ~0 (reduced: decoded at 1/4).
-clip_dense's input: PNG 3068 -> 649 (PIL's full-size buffer, reduced by 12 before the RGB
-copy), JPEG 2971 -> ~0 (decoded at 1/8: 1625 x 1625).
+645 (check), 663 (reduced overlay); JPEG 1615 -> 11 (check), 101 (reduced: decoded at 1/4).
+clip_dense's input: PNG 3075 -> 649 (PIL's full-size buffer, reduced by 12 before the RGB
+copy), JPEG 3076 -> 88 (decoded at 1/8: 1625 x 1625). The peak is the child's own
+(VmHWM): ``ru_maxrss`` of a forked child starts at its parent's peak.
 
 Run: ``python bench/decode_memory.py [--side 13000]``. The index also bounds how much its
 reader threads decode at once (``fmbseg.data.images.WORKER_DECODE_BUDGET``): a worker's peak is
@@ -33,35 +34,39 @@ import sys
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Any
 
-CHILD = """
-import resource, sys
-from fmbseg.data.images import check_image, decode_image, image_size
-what = sys.argv[2]
-if what.startswith("clip"):  # clip_dense's model input: decode, then prepare_image
-    from fmbseg.config import ClipDenseConfig
-    from fmbseg.models.base import Preprocess
-    from fmbseg.tasks.annotate.windows import decode_min_side, geometry, prepare_image
-    cfg = ClipDenseConfig()  # short_side 1008
-    pre = Preprocess((0.48, 0.46, 0.41), (0.27, 0.26, 0.28), 224, 16)  # ViT-B/16's
-data = open(sys.argv[1], "rb").read()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if what in ("read", "clipread"):
-    shape = None
-elif what == "check":
-    shape = check_image(data, max_pixels=None)
-elif what == "decode":
-    shape = decode_image(data).shape
-elif what.startswith("clip"):
-    w, h = image_size(data)
-    min_side = decode_min_side(cfg, pre) if what == "clipreduced" else None
-    image = decode_image(data, min_side=min_side)
-    shape = (image.shape, tuple(prepare_image(image, geometry(h, w, cfg, pre), pre).shape))
-else:
-    shape = decode_image(data, max_side=int(what)).shape
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(after, shape)
-"""
+from harness import parser, peak_bytes
+
+
+def child(path: str, what: str) -> None:
+    """In a fresh process: read the file, decode it as ``what`` says; print the process's
+    peak RSS (KiB) and what the decode made."""
+    from fmbseg.data.images import check_image, decode_image, image_size
+
+    if what.startswith("clip"):  # clip_dense's model input: decode, then prepare_image
+        from fmbseg.config import ClipDenseConfig
+        from fmbseg.models.base import Preprocess
+        from fmbseg.tasks.annotate.windows import decode_min_side, geometry, prepare_image
+
+        cfg = ClipDenseConfig()  # short_side 1008
+        pre = Preprocess((0.48, 0.46, 0.41), (0.27, 0.26, 0.28), 224, 16)  # ViT-B/16's
+    data = Path(path).read_bytes()
+    shape: Any
+    if what in ("read", "clipread"):
+        shape = None
+    elif what == "check":
+        shape = check_image(data, max_pixels=None)
+    elif what == "decode":
+        shape = decode_image(data).shape
+    elif what.startswith("clip"):
+        w, h = image_size(data)
+        min_side = decode_min_side(cfg, pre) if what == "clipreduced" else None
+        image = decode_image(data, min_side=min_side)
+        shape = (image.shape, tuple(prepare_image(image, geometry(h, w, cfg, pre), pre).shape))
+    else:
+        shape = decode_image(data, max_side=int(what)).shape
+    print(peak_bytes("rss") // 1024, shape)
 
 
 def png_rgb(side: int) -> bytes:
@@ -90,7 +95,7 @@ def jpeg_rgb(side: int) -> bytes:
 
 def peak_kib(path: Path, what: str) -> tuple[int, str]:
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), what],
+        [sys.executable, __file__, "--child", what, str(path)],
         capture_output=True,
         text=True,
         check=True,
@@ -100,9 +105,13 @@ def peak_kib(path: Path, what: str) -> tuple[int, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", type=int, default=13000)
-    args = parser.parse_args()
+    ap = parser(__doc__)
+    ap.add_argument("--side", type=int, default=13000)
+    ap.add_argument("--child", nargs=2, metavar=("WHAT", "PATH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[1], args.child[0])
+        return
     side = args.side
     print(f"decoding one {side}x{side} image ({side * side * 3 / 2**20:.0f} MiB as RGB)")
     print(f"{'file':6} {'path':26} {'peak MiB':>9} {'shape':>22}")

@@ -27,13 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from harness import parser, peak_bytes, peak_memory, reset_peak, timed
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 STAGES = ("index", "clip_dense", "sam_prompt", "sam_auto", "merge", "export")
@@ -47,7 +49,6 @@ def child(config: str, n: int, shard_size: int, row_group_mib: float | None) -> 
     import pyarrow.parquet as pq
     import ray
     from annotate import make_images  # bench/annotate.py
-    from sam_auto import peak_mib, reset_peak  # bench/sam_auto.py
 
     from fmbseg.config import load_config, replace
     from fmbseg.data.vocab import load_vocabulary
@@ -73,7 +74,7 @@ def child(config: str, n: int, shard_size: int, row_group_mib: float | None) -> 
         make_images(Path(tmp) / "images", n)
         store = ArtifactStore(f"{tmp}/store")
         fps: dict[str, str] = {}
-        calls = {
+        calls: dict[str, Callable[[], Any]] = {
             "index": lambda: run_index(store, f"{tmp}/images", cfg),
             **{  # each stage alone, on the fingerprints of the ones before it
                 s: functools.partial(
@@ -84,17 +85,15 @@ def child(config: str, n: int, shard_size: int, row_group_mib: float | None) -> 
         }
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
-        reset_peak(cuda=False)  # the peak resident set from here: not the images' making
+        reset_peak("rss")  # the peak resident set from here: not the images' making
         for stage in STAGES:
-            tracemalloc.reset_peak()
-            start = time.perf_counter()
-            fps[stage] = calls[stage]()
-            peak = tracemalloc.get_traced_memory()[1]
+            with peak_memory("heap") as heap:
+                run = timed(calls[stage])
+            fps[stage] = run.result
             out["stages"][stage] = {
-                "heap_peak_mib": (peak - base) / 2**20,
-                "maxrss_mib": peak_mib(cuda=False)
-                or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "seconds": time.perf_counter() - start,
+                "heap_peak_mib": (heap.bytes - base) / 2**20,
+                "maxrss_mib": peak_bytes("rss") / 2**20,
+                "seconds": run.seconds,
             }
         out["masks"] = store.require_manifest("merge", fps["merge"]).rows
         out["arrow_pool"] = pa.default_memory_pool().backend_name
@@ -106,7 +105,7 @@ def child(config: str, n: int, shard_size: int, row_group_mib: float | None) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--images", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--shard-size", type=int, default=16)

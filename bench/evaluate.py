@@ -18,14 +18,14 @@ Run: ``.venv/bin/python bench/evaluate.py [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import io
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from harness import parser, timed
 from PIL import Image
 
 from fmbseg.config import EvaluateConfig, load_config
@@ -76,15 +76,6 @@ def mmseg_reference(maps: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     return np.stack([inter, area_p, area_l])
 
 
-def timed(fn, repeat: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def bench_metrics(quick: bool) -> None:
     n, h, w = (4, 480, 640) if quick else (16, 480, 640)
     maps = label_maps(n, h, w)
@@ -96,10 +87,12 @@ def bench_metrics(quick: bool) -> None:
             cm.update(pred, truth)
         return cm.matrix
 
-    t_ours, m_ours = timed(ours, 3)
-    t_add, m_add = timed(lambda: add_at_reference(maps), 1 if quick else 2)
-    t_mm, areas = timed(lambda: mmseg_reference(maps), 3)
-    assert np.array_equal(m_ours, m_add), "ConfusionMatrix disagrees with np.add.at"
+    run_ours = timed(ours, repeat=3)
+    run_add = timed(lambda: add_at_reference(maps), repeat=1 if quick else 2)
+    run_mm = timed(lambda: mmseg_reference(maps), repeat=3)
+    t_ours, t_add, t_mm = run_ours.best, run_add.best, run_mm.best
+    m_ours, areas = run_ours.result, run_mm.result
+    assert np.array_equal(m_ours, run_add.result), "ConfusionMatrix disagrees with np.add.at"
     tp = np.diag(m_ours[:, :K])
     assert np.array_equal(areas, np.stack([tp, m_ours[:, :K].sum(0), m_ours.sum(1)])), (
         "ConfusionMatrix disagrees with mmseg's areas"
@@ -184,22 +177,20 @@ def bench_stage(root: Path, n: int, ev: EvaluateConfig) -> None:
     ds = open_dataset("voc21", str(root))
     direct = DenseClipPredictor(build_model("clip_tiny", None, "cpu", mode="maskclip"))
     evaluate_dataset(direct, ds, ev, limit=1)  # warm-up
-    start = time.perf_counter()
-    expected = evaluate_dataset(direct, ds, ev)
-    t_direct = time.perf_counter() - start
+    direct_run = timed(lambda: evaluate_dataset(direct, ds, ev))
     store = ArtifactStore(str(root / "store"))
-    start = time.perf_counter()
-    plan = plan_evaluation(store, "voc21", str(root), "maskclip", cfg)
-    run_evaluate(store, plan, cfg)
-    report = build_report(store, plan, cfg)
-    t_stage = time.perf_counter() - start
+
+    def staged() -> tuple[Any, dict[str, Any]]:
+        plan = plan_evaluation(store, "voc21", str(root), "maskclip", cfg)
+        run_evaluate(store, plan, cfg)
+        return plan, build_report(store, plan, cfg)
+
+    stage_run = timed(staged)
+    expected, report = direct_run.result, stage_run.result[1]
     assert report["confusion"] == expected["confusion"], "stage merge differs from one pass"
-    start = time.perf_counter()
-    plan = plan_evaluation(store, "voc21", str(root), "maskclip", cfg)
-    run_evaluate(store, plan, cfg)
-    build_report(store, plan, cfg)
-    t_cached = time.perf_counter() - start
-    shards = len(plan.shards)
+    cached_run = timed(staged)  # every shard committed: the merge alone
+    t_direct, t_stage, t_cached = direct_run.seconds, stage_run.seconds, cached_run.seconds
+    shards = len(cached_run.result[0].shards)
     print(
         f"\nevaluate stage, maskclip (clip_tiny), tiny geometry, {n} images in {shards} shards, "
         "local executor (includes building the model once):"
@@ -216,9 +207,9 @@ def bench_stage(root: Path, n: int, ev: EvaluateConfig) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer maps and images")
-    args = parser.parse_args()
+    ap = parser(__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer maps and images")
+    args = ap.parse_args()
     torch.set_num_threads(1)
     bench_metrics(args.quick)
     bench_end_to_end(args.quick)

@@ -11,20 +11,20 @@ and the ratio.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from annotate import make_images  # bench/ is on sys.path when run as a script
+from harness import hw, parser, table, timed
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--latency-ms", type=float, default=30.0)
-    ap.add_argument("--size", default="480x640", help="HxW of the generated images")
+    ap.add_argument("--size", type=hw, default="480x640", help="HxW of the generated images")
     args = ap.parse_args()
 
     from fmbseg.config import IndexConfig
@@ -35,22 +35,23 @@ def main() -> None:
         time.sleep(args.latency_ms / 1000)
         return read_bytes(uri)
 
-    h, w = (int(v) for v in args.size.split("x"))
+    h, w = args.size
     with tempfile.TemporaryDirectory() as tmp:
         make_images(Path(tmp), args.images, (h, w))
         uris = sorted(str(p) for p in Path(tmp).glob("*.jpg"))
-        start = time.perf_counter()
-        alone = index_images(uris, IndexConfig(), read=get)
-        serial = time.perf_counter() - start
+        alone = timed(lambda: index_images(uris, IndexConfig(), read=get))
         with ThreadPoolExecutor(READERS) as pool:
-            start = time.perf_counter()
-            threaded = index_images(uris, IndexConfig(), read=get, pool=pool)
-            ours = time.perf_counter() - start
-    assert threaded[0].equals(alone[0]) and threaded[1].equals(alone[1])
+            threaded = timed(lambda: index_images(uris, IndexConfig(), read=get, pool=pool))
+    assert threaded.result[0].equals(alone.result[0]) and threaded.result[1].equals(alone.result[1])
+    serial, ours = alone.seconds, threaded.seconds
     print(f"{args.images} JPEGs of {h}x{w}, {args.latency_ms:g} ms per read, full decode check")
-    print(f"{'path':<28} {'images/s':>9}")
-    print(f"{'one at a time':<28} {args.images / serial:9.1f}")
-    print(f"{f'{READERS} threads (ours)':<28} {args.images / ours:9.1f}")
+    table(
+        [("path", "<28"), ("images/s", "9.1f")],
+        [
+            ("one at a time", args.images / serial),
+            (f"{READERS} threads (ours)", args.images / ours),
+        ],
+    )
     print(f"speed-up {serial / ours:.2f}x")
 
 

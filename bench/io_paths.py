@@ -25,27 +25,19 @@ Prints microseconds per call and the ratios to our path (to the default level).
 
 from __future__ import annotations
 
-import argparse
 import io
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from harness import hw, parser, ratio_table, timed
 
 
 def per_call(fn: Callable[[], Any], repeat: int) -> float:
     """Median microseconds of ``fn()`` over 5 rounds of ``repeat`` calls."""
-    fn()
-    rounds = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(repeat):
-            fn()
-        rounds.append((time.perf_counter() - start) / repeat * 1e6)
-    return float(np.median(rounds))
+    return timed(fn, repeat=5, number=repeat, warmup=1).median * 1e6
 
 
 def blobs(n: int, h: int, w: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -73,14 +65,14 @@ def float_overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray, alp
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--masks", type=int, default=48)
-    ap.add_argument("--size", default="480x640", help="HxW of the images")
+    ap.add_argument("--size", type=hw, default="480x640", help="HxW of the images")
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--pieces", type=int, default=64, help="pieces of the streamed Parquet")
     ap.add_argument("--piece-rows", type=int, default=10, help="records per piece")
     args = ap.parse_args()
-    h, w = (int(v) for v in args.size.split("x"))
+    h, w = args.size
 
     from pycocotools import mask as mask_utils
 
@@ -112,11 +104,11 @@ def main() -> None:
         "pq.read_table(BytesIO)": lambda: pq.read_table(io.BytesIO(blob)),
     }
     assert all(fn().equals(table) for fn in reads.values())
-    times = {name: per_call(fn, args.repeat) for name, fn in reads.items()}
-    ours = times["ParquetFile(BufferReader) (ours)"]
-    print(f"{'shard read':<34} {'us/call':>9} {'vs ours':>8}")
-    for name, t in times.items():
-        print(f"{name:<34} {t:9.0f} {t / ours:7.2f}x")
+    ratio_table(
+        [("shard read", "<34"), ("us/call", "9.0f")],
+        [(name, [per_call(fn, args.repeat)]) for name, fn in reads.items()],
+        base="ParquetFile(BufferReader) (ours)",
+    )
 
     def per_mask_fortran() -> list[Any]:
         out = []
@@ -132,9 +124,14 @@ def main() -> None:
     ref = per_call(per_mask_fortran, n)
     print()
     print(f"RLE encoding of {len(masks)} {h}x{w} masks: same counts, boxes, areas")
-    print(f"{'encode':<34} {'us/mask':>9} {'vs ours':>8}")
-    print(f"{'encode_mask, OpenCV transpose (ours)':<34} {ours / len(masks):9.0f} {1:7.2f}x")
-    print(f"{'np.asfortranarray':<34} {ref / len(masks):9.0f} {ref / ours:7.2f}x")
+    ratio_table(
+        [("encode", "<34"), ("us/mask", "9.0f")],
+        [
+            ("encode_mask, OpenCV transpose (ours)", [ours / len(masks)]),
+            ("np.asfortranarray", [ref / len(masks)]),
+        ],
+        base="encode_mask, OpenCV transpose (ours)",
+    )
 
     more = blobs(args.pieces * args.piece_rows, h, w, rng)  # distinct masks: no repeats
     whole = MaskRecords.from_rows(
@@ -171,13 +168,13 @@ def main() -> None:
     )
     n = max(1, args.repeat // 20)
     stream_times = {name: per_call(lambda w=w: streamed(w), n) for name, w in files.items()}
-    ours, ours_size = stream_times["RowGroupWriter (ours)"], len(blobs_out["RowGroupWriter (ours)"])
     print()
     print(f"streamed Parquet: {args.pieces} pieces of {args.piece_rows} records: same table")
-    print(f"{'writer':<34} {'us/file':>9} {'vs ours':>8} {'bytes':>10} {'vs ours':>8}")
-    for name, t in stream_times.items():
-        size = len(blobs_out[name])
-        print(f"{name:<34} {t:9.0f} {t / ours:7.2f}x {size:10d} {size / ours_size:7.2f}x")
+    ratio_table(
+        [("writer", "<34"), ("us/file", "9.0f"), ("bytes", "10d")],
+        [(name, [t, len(blobs_out[name])]) for name, t in stream_times.items()],
+        base="RowGroupWriter (ours)",
+    )
 
     colours = class_colours(20)
     labels = [compose_label_map(rows[k : k + 8], h, w) for k in range(0, len(rows), 8)]
@@ -192,25 +189,31 @@ def main() -> None:
     ref = per_call(lambda: [float_overlay(p, lab, colours, 0.5) for p, lab in pairs], n)
     print()
     print(f"overlays of {h}x{w}: same pixels")
-    print(f"{'overlay':<34} {'us/image':>9} {'vs ours':>8}")
-    print(f"{'Pillow blend + composite (ours)':<34} {ours / len(pairs):9.0f} {1:7.2f}x")
-    print(f"{'float32 numpy':<34} {ref / len(pairs):9.0f} {ref / ours:7.2f}x")
+    ratio_table(
+        [("overlay", "<34"), ("us/image", "9.0f")],
+        [
+            ("Pillow blend + composite (ours)", [ours / len(pairs)]),
+            ("float32 numpy", [ref / len(pairs)]),
+        ],
+        base="Pillow blend + composite (ours)",
+    )
 
     print()
     print(f"label PNGs: {len(labels)} maps of {h}x{w} composed from those masks")
-    print(f"{'zlib level':<34} {'us/map':>9} {'vs 6':>8} {'bytes/map':>10} {'vs 6':>8}")
-    results = {}
+    results = []
     for level in (1, 6, 9):
         t = per_call(
             lambda lv=level: [label_png(lab, colours, lv) for lab in labels],
             max(1, args.repeat // 20),
         ) / len(labels)
         size = float(np.mean([len(label_png(lab, colours, level)) for lab in labels]))
-        results[level] = (t, size)
-    t6, s6 = results[6]
-    for level, (t, size) in results.items():
-        name = f"{level}{' (default)' if level == 6 else ''}"
-        print(f"{name:<34} {t:9.0f} {t / t6:7.2f}x {size:10.0f} {size / s6:7.2f}x")
+        results.append((f"{level}{' (default)' if level == 6 else ''}", [t, size]))
+    ratio_table(
+        [("zlib level", "<34"), ("us/map", "9.0f"), ("bytes/map", "10.0f")],
+        results,
+        base="6 (default)",
+        ratio="vs 6",
+    )
 
 
 if __name__ == "__main__":

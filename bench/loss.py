@@ -9,9 +9,10 @@ Two batches: a small one (``--patches``, default 256, ``--classes`` 20) and the 
 batch, 5 images of DINOv2 ViT-L/14 at ``train.input_size`` 448 (32x32 patches, M = 5120,
 D = 768) with the COCO-Stuff vocabulary (K = 171), ~20% of patches ignored. The loop at the
 paper's batch takes minutes; ``--skip-paper-loop`` times only the vectorised loss there.
-Peak memory: CUDA's ``max_memory_allocated`` on a GPU (``--device cuda``); on CPU the growth
-of the process's peak resident set (``ru_maxrss``) over one forward + backward, which is
-only meaningful the first time a size is reached, so the paper batch is measured first.
+Peak memory: what one forward + backward adds to the memory in use before it: CUDA's
+``max_memory_allocated`` on a GPU (``--device cuda``), on CPU the process's peak resident
+set (its peak restarted first on Linux; elsewhere the lifetime peak, whose growth is only
+meaningful the first time a size is reached, so the paper batch is measured first).
 
     python bench/loss.py [--patches 256] [--classes 20] [--negatives all|batch]
                          [--repeat 3] [--threads 1] [--device cpu] [--skip-paper-loop]
@@ -20,12 +21,10 @@ only meaningful the first time a size is reached, so the paper batch is measured
 from __future__ import annotations
 
 import argparse
-import resource
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from harness import memory_kind, parser, peak_memory, timed
 
 from fmbseg.models.align import alignment_loss
 
@@ -64,15 +63,6 @@ def loop_loss(
     return total + torch.stack(l_p).mean() if l_p else total
 
 
-def timed(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def batch(
     m: int, d: int, k: int, device: torch.device, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,21 +72,6 @@ def batch(
     labels[torch.rand(m, generator=g) < 0.2] = -1
     text = torch.randn(k, d, generator=g)
     return z.to(device).requires_grad_(True), labels.to(device), text.to(device)
-
-
-def peak_mb(fn, device: torch.device) -> float:
-    """Peak memory (MB) one call of ``fn`` adds: CUDA allocator peak, or the RSS peak growth."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 1e6
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
-    fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit - before) / 1e6
 
 
 def compare(
@@ -109,14 +84,14 @@ def compare(
         def step():
             z.grad = None
             fn(z, labels, text, tau, args.negatives).backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
 
         return step
 
-    memory = peak_mb(run(alignment_loss), device)
+    with peak_memory(memory_kind(device)) as peak:
+        run(alignment_loss)()
+    memory = peak.growth / 1e6
     a = alignment_loss(z, labels, text, tau, args.negatives)
-    t_vec = timed(run(alignment_loss), args.repeat)
+    t_vec = timed(run(alignment_loss), repeat=args.repeat).best
     labelled = int((labels >= 0).sum())
     print(
         f"M={m} patches ({labelled} labelled), D={d}, K={k}, negatives={args.negatives}, "
@@ -126,7 +101,7 @@ def compare(
     if loop:
         b = loop_loss(z, labels, text, tau, args.negatives)
         assert torch.allclose(a, b, atol=1e-4), (a.item(), b.item())
-        t_loop = timed(run(loop_loss), 1)
+        t_loop = timed(run(loop_loss)).seconds
         print(f"  loss values: vectorised {a.item():.6f}  loop {b.item():.6f}")
         line += f"  loop {t_loop * 1e3:.1f} ms  ratio loop/vectorised = {t_loop / t_vec:.0f}x"
     print(line)
@@ -137,7 +112,7 @@ def compare(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--patches", type=int, default=256)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--classes", type=int, default=20)

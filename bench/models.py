@@ -10,29 +10,14 @@ Random weights: speed does not depend on them.
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
+from harness import parser, peak_bytes, timed
 
 from fmbseg.models import build_model
 
 
-def _time(fn: object, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()  # type: ignore[operator]
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("name", nargs="?", default="clip_tiny", help="a registered CLIP model")
     ap.add_argument("device", nargs="?", default="cpu")
     ap.add_argument("batch", nargs="?", type=int, default=16, help="crops per forward pass")
@@ -46,9 +31,10 @@ def main() -> None:
     clip = build_model(args.name, None, args.device, mode=args.mode, precision=args.precision)
     size = clip.preprocess.input_size
     crops = torch.randn(args.batch, 3, size, size, device=clip.device)
-    clip.crops_and_dense(crops)  # warm-up
-    one = _time(lambda: clip.crops_and_dense(crops), 5)
-    two = _time(lambda: (clip.crop_embeddings(crops), clip.dense_features(crops)), 5)
+    one = timed(lambda: clip.crops_and_dense(crops), repeat=5, warmup=1).best
+    two = timed(
+        lambda: (clip.crop_embeddings(crops), clip.dense_features(crops)), repeat=5, warmup=1
+    ).best
     print(
         f"{args.name} {args.mode} on {clip.device} ({clip.dtype}), {args.batch} crops of {size}px"
     )
@@ -56,9 +42,7 @@ def main() -> None:
     print(f"  crop_embeddings + dense_features: {two * 1e3:8.1f} ms")
     print(f"  two passes / one pass:            {two / one:8.2f}x")
     if clip.device.type == "cuda":
-        print(
-            f"  peak GPU memory:                  {torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB"
-        )
+        print(f"  peak GPU memory:                  {peak_bytes('cuda') / 2**20:8.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,12 @@ shards/s for both executors and the ratio.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import tempfile
-import time
 
 import pyarrow as pa
+from harness import parser, timed
 
 from fmbseg.config import RuntimeConfig
 from fmbseg.engine.runner import run_stage
@@ -37,25 +36,24 @@ class BusyWorker:
 
 def _iterations_for(work_ms: float) -> int:
     """How many sha256 rounds take ``work_ms`` on this machine."""
-    n, start = 20_000, time.perf_counter()
-    BusyWorker(n).process(0, [])
-    return max(1, int(n * work_ms / 1000.0 / (time.perf_counter() - start)))
+    n = 20_000
+    seconds = timed(lambda: BusyWorker(n).process(0, [])).seconds
+    return max(1, int(n * work_ms / 1000.0 / seconds))
 
 
 def _timed(store: ArtifactStore, fp: str, specs: list, runtime: RuntimeConfig, iters: int):
-    start = time.perf_counter()
-    run_stage(store, "bench", fp, specs, functools.partial(BusyWorker, iters), runtime)
-    return time.perf_counter() - start
+    worker = functools.partial(BusyWorker, iters)
+    return timed(lambda: run_stage(store, "bench", fp, specs, worker, runtime)).seconds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", type=int, default=32)
-    parser.add_argument("--items-per-shard", type=int, default=64)
-    parser.add_argument("--work-ms", type=float, default=200.0)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--ray-address", default=None)
-    args = parser.parse_args()
+    ap = parser(__doc__)
+    ap.add_argument("--shards", type=int, default=32)
+    ap.add_argument("--items-per-shard", type=int, default=64)
+    ap.add_argument("--work-ms", type=float, default=200.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--ray-address", default=None)
+    args = ap.parse_args()
 
     import ray
 

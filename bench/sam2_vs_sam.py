@@ -21,27 +21,19 @@ and stability thresholds to 0, as random weights keep few masks at METHOD's.
 
 from __future__ import annotations
 
-import argparse
-import gc
+import functools
 import os
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
-from sam_auto import peak_mib, reset_peak  # bench/ is on sys.path when run as a script
+from harness import ModelBuilds, hw, memory_kind, parser, peak_memory, table, timed
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--config", default="tiny")
     ap.add_argument(
         "--sam",
@@ -53,7 +45,7 @@ def main() -> None:
     ap.add_argument(
         "--warmup", type=int, default=1, help="images each teacher runs first, untimed (0: none)"
     )
-    ap.add_argument("--size", default="96x128", help="HxW of the generated images")
+    ap.add_argument("--size", type=hw, default="96x128", help="HxW of the generated images")
     ap.add_argument("--device", default=None, help="runtime.device (default: the config's)")
     ap.add_argument("--vocab", default="voc-20")
     ap.add_argument(
@@ -84,26 +76,16 @@ def main() -> None:
     base = replace(load_config(args.config, sets), runtime={"executor": "local"})
     vocab = load_vocabulary(args.vocab)
     device = registry.resolve_device(base.runtime.device)
-    cuda = device.type == "cuda"
-    build_time = [0.0]
-    build = registry.build_from_config
-
-    def timed_build(*a: Any, **k: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return build(*a, **k)
-        finally:
-            build_time[0] += time.perf_counter() - start
-
-    registry.build_from_config = timed_build  # type: ignore[assignment]
-    h, w = (int(v) for v in args.size.split("x"))
+    kind = memory_kind(device)
+    builds = ModelBuilds()
+    h, w = args.size
     n = args.images
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        warm, timed = f"{tmp}/warm", f"{tmp}/images"
+        warm, images = f"{tmp}/warm", f"{tmp}/images"
         make_images(Path(warm), args.warmup, (h, w))
-        make_images(Path(timed), n + args.warmup, (h, w))
-        for p in sorted(Path(timed).iterdir())[: args.warmup]:  # other pictures than warm's
+        make_images(Path(images), n + args.warmup, (h, w))
+        for p in sorted(Path(images).iterdir())[: args.warmup]:  # other pictures than warm's
             p.unlink()
         store = ArtifactStore(f"{tmp}/store")
         clips = {
@@ -114,41 +96,42 @@ def main() -> None:
                 {"index": run_index(store, folder, base)},
                 vocabulary=vocab,
             )["clip_dense"]
-            for folder in ([warm] if args.warmup else []) + [timed]
+            for folder in ([warm] if args.warmup else []) + [images]
         }
         for name in args.sam:
             cfg = replace(base, models={"sam": name})
             if args.warmup:
                 run_declared(store, cfg, SAM_PASS, {"clip_dense": clips[warm]})
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-            reset_peak(cuda)
-            build_time[0] = 0.0
-            _sync()
-            start = time.perf_counter()
-            fps = run_declared(store, cfg, SAM_PASS, {"clip_dense": clips[timed]})
-            _sync()
-            seconds = time.perf_counter() - start - build_time[0]
-            peak = peak_mib(cuda)
-            rows = {s: store.require_manifest(s, fp).rows for s, fp in fps.items()}
-            results.append((name, seconds, rows["sam_prompt"], rows["sam_auto"], peak))
+            builds.seconds = 0.0
+            with peak_memory(kind) as peak:  # the last teacher's models freed first
+                sam_pass = functools.partial(
+                    run_declared, store, cfg, SAM_PASS, {"clip_dense": clips[images]}
+                )
+                run = timed(sam_pass)
+            rows = {s: store.require_manifest(s, fp).rows for s, fp in run.result.items()}
+            seconds = run.seconds - builds.seconds
+            results.append((name, seconds, rows["sam_prompt"], rows["sam_auto"], peak.mib))
 
     print(
         f"config {args.config}, {n} images {h}x{w}, {len(vocab)} classes, device {device}, "
         f"torch threads {torch.get_num_threads()}, random weights"
         f"{', SAM thresholds 0' if args.keep_all else ''}; both SAM stages (one pass)"
     )
-    what = "peak GPU MiB" if cuda else "peak RSS MiB"
-    print(
-        f"{'teacher':<18} {'s/image':>8} {'images/s':>9} {'prompt/img':>10} {'auto/img':>9} "
-        f"{what:>13}"
+    what = "peak GPU MiB" if kind == "cuda" else "peak RSS MiB"
+    table(
+        [
+            ("teacher", "<18"),
+            ("s/image", "8.3f"),
+            ("images/s", "9.2f"),
+            ("prompt/img", "10.2f"),
+            ("auto/img", "9.2f"),
+            (what, "13.0f"),
+        ],
+        [
+            (name, seconds / n, n / seconds, prompt / n, auto / n, peak)
+            for name, seconds, prompt, auto, peak in results
+        ],
     )
-    for name, seconds, prompt, auto, peak in results:
-        print(
-            f"{name:<18} {seconds / n:8.3f} {n / seconds:9.2f} {prompt / n:10.2f} "
-            f"{auto / n:9.2f} {peak:13.0f}"
-        )
     if len(results) > 1:
         first = results[0]
         for name, seconds, *_ in results[1:]:

@@ -16,12 +16,11 @@ before each row on Linux), the ratios, and checks that both return the same mask
 
 from __future__ import annotations
 
-import argparse
-import time
 from typing import Any
 
 import numpy as np
 import torch
+from harness import MemoryKind, hw, memory_kind, parser, peak_memory, per_item, table
 
 
 def photos(n: int, size: tuple[int, int]) -> list[np.ndarray]:
@@ -37,47 +36,11 @@ def photos(n: int, size: tuple[int, int]) -> list[np.ndarray]:
     return out
 
 
-def run(generate: Any, images: list[Any]) -> tuple[float, list[Any]]:
-    """(seconds per image, what ``generate`` returns for each; an item may bundle an image
-    with its prompts)."""
-    generate(images[0])  # warm-up (allocator, kernels)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = [generate(im) for im in images]
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / len(images), out
-
-
-def reset_peak(cuda: bool) -> None:
-    """Start a new peak: of GPU memory on CUDA, else of the process's resident memory."""
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:  # Linux: "5" resets VmHWM, the peak resident set size
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_mib(cuda: bool) -> float:
-    """MiB: peak GPU memory allocated on CUDA, else peak resident set (VmHWM; 0 if unknown)."""
-    if cuda:
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return 0.0
-
-
-def measured(generate: Any, images: list[Any], cuda: bool) -> tuple[float, list[Any], float]:
-    """:func:`run` plus the peak memory (:func:`peak_mib`) during it."""
-    reset_peak(cuda)
-    seconds, out = run(generate, images)
-    return seconds, out, peak_mib(cuda)
+def measured(generate: Any, images: list[Any], kind: MemoryKind) -> tuple[float, list[Any], float]:
+    """(seconds per image, what ``generate`` returns for each, peak MiB during the run)."""
+    with peak_memory(kind) as peak:
+        run = per_item(generate, images)
+    return run.seconds, run.result, peak.mib
 
 
 def main() -> None:
@@ -86,17 +49,17 @@ def main() -> None:
     from fmbseg.models import build_model
     from fmbseg.models.sam_amg import BinaryMaskGenerator
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", default="sam_tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--images", type=int, default=16)
-    ap.add_argument("--size", default="96x128", help="HxW of the images")
+    ap.add_argument("--size", type=hw, default="96x128", help="HxW of the images")
     ap.add_argument("--points-per-side", type=int, default=8)
     ap.add_argument("--points-per-batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    h, w = (int(v) for v in args.size.split("x"))
+    h, w = args.size
     sam = build_model(args.model, None, args.device).sam
     images = photos(args.images, (h, w))
     # the thresholds of the tiny config's random SAM would keep nothing at METHOD's values
@@ -109,15 +72,15 @@ def main() -> None:
     }
     stock = SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **common)
     ours = BinaryMaskGenerator(sam, points_per_batch=args.points_per_batch, **common)
-    cuda = torch.device(args.device).type == "cuda"
-    t_ours, r_ours, peak_ours = measured(ours.generate, images, cuda)
-    t_stock, r_stock, peak_stock = measured(stock.generate, images, cuda)
+    kind = memory_kind(args.device)
+    t_ours, r_ours, peak_ours = measured(ours.generate, images, kind)
+    t_stock, r_stock, peak_stock = measured(stock.generate, images, kind)
     # the stock generator at our batch size: what the RLE round trip alone costs
     stock.points_per_batch = args.points_per_batch
-    t_stock_b, _, peak_stock_b = measured(stock.generate, images, cuda)
+    t_stock_b, _, peak_stock_b = measured(stock.generate, images, kind)
     # ours at segment-anything's batch size (the config's default on a CPU)
     ours.points_per_batch = 64
-    t_ours_64, _, peak_ours_64 = measured(ours.generate, images, cuda)
+    t_ours_64, _, peak_ours_64 = measured(ours.generate, images, kind)
 
     masks = sum(len(r) for r in r_ours)
     same = all(
@@ -131,16 +94,20 @@ def main() -> None:
         f"{args.model} on {args.device}, {args.images} images {h}x{w}, "
         f"{args.points_per_side}^2 points, {masks} masks kept, torch threads {args.threads}"
     )
-    peak = "peak GPU MiB" if cuda else "peak RSS MiB"
-    print(f"{'generator':<34} {'s/image':>9} {'images/s':>9} {peak:>13}")
+    peak = "peak GPU MiB" if kind == "cuda" else "peak RSS MiB"
     b = args.points_per_batch
-    for name, t, mib in (
-        ("stock (points_per_batch 64, RLE)", t_stock, peak_stock),
-        (f"stock (points_per_batch {b}, RLE)", t_stock_b, peak_stock_b),
-        (f"ours (points_per_batch {b})", t_ours, peak_ours),
-        ("ours (points_per_batch 64)", t_ours_64, peak_ours_64),
-    ):
-        print(f"{name:<34} {t:9.4f} {1 / t:9.1f} {mib:13.0f}")
+    table(
+        [("generator", "<34"), ("s/image", "9.4f"), ("images/s", "9.1f"), (peak, "13.0f")],
+        [
+            (name, t, 1 / t, mib)
+            for name, t, mib in (
+                ("stock (points_per_batch 64, RLE)", t_stock, peak_stock),
+                (f"stock (points_per_batch {b}, RLE)", t_stock_b, peak_stock_b),
+                (f"ours (points_per_batch {b})", t_ours, peak_ours),
+                ("ours (points_per_batch 64)", t_ours_64, peak_ours_64),
+            )
+        ],
+    )
     print(
         f"speed-up vs stock: {t_stock / t_ours:.2f}x; at the same batch size: "
         f"{t_stock_b / t_ours:.2f}x; same masks: {same}"

@@ -16,12 +16,12 @@ memory on CUDA, and checks both give the same masks.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import numpy as np
 import torch
-from sam_auto import photos, run  # bench/ is on sys.path when run as a script
+from harness import hw, memory_kind, parser, peak_memory, per_item
+from sam_auto import photos  # bench/ is on sys.path when run as a script
 
 
 def both(seg: Any, image: np.ndarray, points: np.ndarray, share: bool) -> tuple[Any, ...]:
@@ -37,17 +37,17 @@ def main() -> None:
     from fmbseg.config import SamAutoConfig
     from fmbseg.models import build_model
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", default="sam_tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--size", default="96x128", help="HxW of the images")
+    ap.add_argument("--size", type=hw, default="96x128", help="HxW of the images")
     ap.add_argument("--classes", type=int, default=3, help="present classes prompted per image")
     ap.add_argument("--points-per-side", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    h, w = (int(v) for v in args.size.split("x"))
+    h, w = args.size
     tiny = args.model == "sam_tiny"  # its random weights would keep nothing at METHOD's values
     auto = SamAutoConfig(
         points_per_side=args.points_per_side,
@@ -59,12 +59,13 @@ def main() -> None:
     images = photos(args.images, (h, w))
     rng = np.random.default_rng(0)
     points = [rng.uniform((0, 0), (w, h), size=(args.classes, 5, 2)) for _ in images]
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     items = list(zip(images, points, strict=True))
-    t_ours, ours = run(lambda item: both(seg, *item, share=True), items)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    t_ref, ref = run(lambda item: both(seg, *item, share=False), items)
+    kind = memory_kind(args.device)
+    with peak_memory(kind) as peak:
+        one_pass = per_item(lambda item: both(seg, *item, share=True), items)
+    two_stages = per_item(lambda item: both(seg, *item, share=False), items)
+    t_ours, ours = one_pass.seconds, one_pass.result
+    t_ref, ref = two_stages.seconds, two_stages.result
     for (m1, s1, a1), (m2, s2, a2) in zip(ours, ref, strict=True):
         assert np.array_equal(m1, m2) and np.allclose(s1, s2), "prompt masks differ"
         assert len(a1) == len(a2) and all(np.array_equal(x, y) for x, y in zip(a1, a2, strict=True))
@@ -75,8 +76,8 @@ def main() -> None:
     )
     print(f"two stages (embedding per stage): {t_ref:8.3f} s/image")
     print(f"one pass (shared embedding):      {t_ours:8.3f} s/image   {t_ref / t_ours:.2f}x")
-    if peak is not None:
-        print(f"peak GPU memory, one pass: {peak:.2f} GiB")
+    if kind == "cuda":
+        print(f"peak GPU memory, one pass: {peak.bytes / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

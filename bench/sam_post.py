@@ -24,7 +24,6 @@ count real weights keep.
 
 from __future__ import annotations
 
-import argparse
 import time
 import zlib
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from harness import hw, parser, table, timed
 from sam_auto import photos  # bench/ is on sys.path when run as a script
 
 Rows = list[dict[str, Any]]
@@ -90,11 +90,11 @@ def main() -> None:
     from fmbseg.tasks.annotate.sam_auto import auto_rows, segment_auto
     from fmbseg.tasks.annotate.sam_prompt import prompt_rows, segment_prompts
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", default="sam_tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--size", default="480x640", help="HxW of the images")
+    ap.add_argument("--size", type=hw, default="480x640", help="HxW of the images")
     ap.add_argument("--classes", type=int, default=5, help="present classes per image")
     ap.add_argument("--points-per-side", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -113,7 +113,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    h, w = (int(v) for v in args.size.split("x"))
+    h, w = args.size
     # random weights keep almost no mask at METHOD's thresholds; the work per mask is the point
     keep_all = args.keep_all or args.model == "sam_tiny"
     auto_cfg = SamAutoConfig(
@@ -159,13 +159,11 @@ def main() -> None:
             lambda: auto_rows(generated, clips[i], vocabulary, auto_cfg, "fp"),
         ]
 
-    def timed(fn: Callable[[list[int]], Rows]) -> tuple[float, Rows]:
+    def per_image(fn: Callable[[list[int]], Rows]) -> tuple[float, Rows]:
+        """``fn`` on images 1.. after image 0 (untimed): seconds per image, the rows."""
         fn([0])
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        rows = fn(list(range(1, len(images))))
-        return (time.perf_counter() - start) / args.images, rows
+        run = timed(lambda: fn(list(range(1, len(images)))))
+        return run.seconds / args.images, run.result
 
     def inline(ids: list[int]) -> Rows:
         return [row for i in ids for build in segment(i) for row in build()]
@@ -185,14 +183,10 @@ def main() -> None:
         post.drain()
         return out
 
-    builds = [segment(i) for i in range(1, len(images))]
-    start = time.perf_counter()
-    for per_image in builds:
-        for build in per_image:
-            build()
-    t_cpu = (time.perf_counter() - start) / args.images
-    t_ref, ref = timed(inline)
-    t_ours, ours = timed(behind)
+    builds = [build for i in range(1, len(images)) for build in segment(i)]
+    t_cpu = timed(lambda: [build() for build in builds]).seconds / args.images
+    t_ref, ref = per_image(inline)
+    t_ours, ours = per_image(behind)
     same = len(ref) == len(ours) and all(
         a["rle_counts"] == b["rle_counts"] and a["category_id"] == b["category_id"]
         for a, b in zip(ref, ours, strict=True)
@@ -201,13 +195,17 @@ def main() -> None:
         f"{args.model} on {args.device}, {args.images} images {h}x{w}, {args.classes} classes, "
         f"{args.points_per_side}^2 points, {len(ref)} rows, torch threads {args.threads}"
     )
-    print(f"{'path':<44} {'s/image':>9} {'images/s':>9}")
-    for name, t in (
-        ("reference (records built after SAM, inline)", t_ref),
-        ("ours (records built in the post thread)", t_ours),
-        ("the record building alone", t_cpu),
-    ):
-        print(f"{name:<44} {t:9.4f} {1 / t:9.1f}")
+    table(
+        [("path", "<44"), ("s/image", "9.4f"), ("images/s", "9.1f")],
+        [
+            (name, t, 1 / t)
+            for name, t in (
+                ("reference (records built after SAM, inline)", t_ref),
+                ("ours (records built in the post thread)", t_ours),
+                ("the record building alone", t_cpu),
+            )
+        ],
+    )
     print(f"throughput ours / reference: {t_ref / t_ours:.2f}x; same rows: {same}")
 
 

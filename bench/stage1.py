@@ -34,7 +34,6 @@ tens of masks per image. The ``masks`` column says what each run made.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import tempfile
 import time
@@ -44,28 +43,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from sam_auto import peak_mib, reset_peak  # bench/ is on sys.path when run as a script
+from harness import ModelBuilds, device_sync, hw, memory_kind, parser, peak_memory, table, timed
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-BUILD_TIME = [0.0]
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _reset_peak(cuda: bool) -> None:
-    """Free what the last path left (its models), then start a new peak."""
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    reset_peak(cuda)
-
 
 def ours(
-    cfg: Any, folder: str, store_root: str, vocab: tuple[str, ...]
+    cfg: Any, folder: str, store_root: str, vocab: tuple[str, ...], builds: ModelBuilds
 ) -> tuple[float, int, dict[str, float]]:
     """(seconds of clip_dense + SAM + merge, model builds excluded; merged masks; seconds
     per part: ``clip`` = stage clip_dense, ``sam`` = the SAM pair, ``rest`` = merge)."""
@@ -78,13 +62,10 @@ def ours(
     parts: dict[str, float] = {}
 
     def part(name: str, run: Any) -> Any:
-        BUILD_TIME[0] = 0.0
-        _sync()
-        start = time.perf_counter()
-        out = run()
-        _sync()
-        parts[name] = time.perf_counter() - start - BUILD_TIME[0]
-        return out
+        builds.seconds = 0.0
+        timing = timed(run)
+        parts[name] = timing.seconds - builds.seconds
+        return timing.result
 
     fps = {"index": index}
     fps |= part("clip", lambda: run_declared(store, cfg, "clip_dense", fps, vocabulary=vocab))
@@ -155,7 +136,7 @@ class Reference:
 
         def lap(name: str) -> None:
             nonlocal mark
-            _sync()
+            device_sync()
             now = time.perf_counter()
             self.parts[name] += now - mark
             mark = now
@@ -218,21 +199,18 @@ class Reference:
 def reference(ref: Reference, images: list[tuple[str, str]]) -> tuple[float, int]:
     """(seconds for every image, merged masks); ``ref.parts`` holds this run's parts."""
     ref.parts.clear()
-    _sync()
-    start = time.perf_counter()
-    masks = sum(ref.label(image_id, uri) for image_id, uri in images)
-    _sync()
-    return time.perf_counter() - start, masks
+    run = timed(lambda: sum(ref.label(image_id, uri) for image_id, uri in images))
+    return run.seconds, run.result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument(
         "--warmup", type=int, default=2, help="images each path runs first, untimed (0: none)"
     )
-    ap.add_argument("--size", default="96x128", help="HxW of the generated images")
+    ap.add_argument("--size", type=hw, default="96x128", help="HxW of the generated images")
     ap.add_argument("--device", default=None, help="runtime.device (default: the config's)")
     ap.add_argument("--vocab", default="voc-20")
     ap.add_argument(
@@ -269,31 +247,21 @@ def main() -> None:
         sets.append(f"runtime.device={args.device}")
     cfg = replace(load_config(args.config, sets), runtime={"executor": "local"})
     vocab = load_vocabulary(args.vocab)
-    build = registry.build_from_config
-
-    def timed_build(*a: Any, **k: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return build(*a, **k)
-        finally:
-            BUILD_TIME[0] += time.perf_counter() - start
-
-    registry.build_from_config = timed_build  # type: ignore[assignment]
-    h, w = (int(v) for v in args.size.split("x"))
+    builds = ModelBuilds()
+    h, w = args.size
     device = registry.resolve_device(cfg.runtime.device)
-    cuda = device.type == "cuda"  # GPU memory is what a worker's peak means there
+    kind = memory_kind(device)  # on CUDA, GPU memory is what a worker's peak means
     with tempfile.TemporaryDirectory() as tmp:
-        warm, timed = f"{tmp}/warm", f"{tmp}/images"
+        warm, images = f"{tmp}/warm", f"{tmp}/images"
         make_images(Path(warm), args.warmup, (h, w))
-        make_images(Path(timed), args.images + args.warmup, (h, w))
-        for p in sorted(Path(timed).iterdir())[: args.warmup]:  # other pictures than warm's
+        make_images(Path(images), args.images + args.warmup, (h, w))
+        for p in sorted(Path(images).iterdir())[: args.warmup]:  # other pictures than warm's
             p.unlink()
 
         if args.warmup:
-            ours(cfg, warm, f"{tmp}/store-warm", vocab)
-        _reset_peak(cuda)
-        t_ours, m_ours, parts_ours = ours(cfg, timed, f"{tmp}/store", vocab)
-        peak_ours = peak_mib(cuda)
+            ours(cfg, warm, f"{tmp}/store-warm", vocab, builds)
+        with peak_memory(kind) as peak_ours:  # the warm-up's models freed first
+            t_ours, m_ours, parts_ours = ours(cfg, images, f"{tmp}/store", vocab, builds)
 
         listed = ArtifactStore(f"{tmp}/store-reference")  # the same image ids as ours
 
@@ -301,12 +269,11 @@ def main() -> None:
             rows = listed.read_table("index", run_index(listed, folder, cfg)).to_pylist()
             return [(r["image_id"], r["uri"]) for r in rows]
 
-        _reset_peak(cuda)
-        ref = Reference(cfg, vocab)
-        if args.warmup:
-            reference(ref, listing(warm))
-        t_ref, m_ref = reference(ref, listing(timed))
-        peak_ref = peak_mib(cuda)
+        with peak_memory(kind) as peak_ref:
+            ref = Reference(cfg, vocab)
+            if args.warmup:
+                reference(ref, listing(warm))
+            t_ref, m_ref = reference(ref, listing(images))
 
     n = args.images
     print(
@@ -315,14 +282,16 @@ def main() -> None:
         f"{'random' if args.random_weights else 'configured'} weights"
         f"{', SAM thresholds 0' if args.keep_all else ''}"
     )
-    print(
-        f"{'path':<44} {'s/image':>8} {'images/s':>9} {'masks':>6}" + ("  peak MiB" if cuda else "")
-    )
-    for name, t, m, peak in (
-        ("reference (per image, fp32, stock generator)", t_ref, m_ref, peak_ref),
-        ("ours (clip_dense, sam pair, merge stages)", t_ours, m_ours, peak_ours),
-    ):
-        print(f"{name:<44} {t / n:8.3f} {n / t:9.2f} {m:6d}" + (f" {peak:9.0f}" if cuda else ""))
+    cuda = kind == "cuda"  # the peak column: GPU memory only
+    columns = [("path", "<44"), ("s/image", "8.3f"), ("images/s", "9.2f"), ("masks", "6d")]
+    rows = [
+        [name, t / n, n / t, m, *([peak.mib] if cuda else [])]
+        for name, t, m, peak in (
+            ("reference (per image, fp32, stock generator)", t_ref, m_ref, peak_ref),
+            ("ours (clip_dense, sam pair, merge stages)", t_ours, m_ours, peak_ours),
+        )
+    ]
+    table(columns + ([("peak MiB", "9.0f")] if cuda else []), rows)
     print(f"throughput ours / reference: {t_ref / t_ours:.2f}x")
     print(
         f"where the time goes, s/image {'clip':>8} {'sam':>8} {'rest':>8}  (rest: reading "

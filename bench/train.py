@@ -11,10 +11,10 @@ and prints both rates and their ratio.
 
 from __future__ import annotations
 
-import argparse
-import time
+import functools
 
 import torch
+from harness import parser, timed
 
 from fmbseg.config import TrainConfig
 from fmbseg.models.align import AlignmentConfig, AlignmentModule, alignment_loss
@@ -23,7 +23,7 @@ from fmbseg.tasks.train.features import encode_batch
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--batch", type=int, default=5)
     ap.add_argument("--input-size", type=int, default=224, help="multiple of 14")
     ap.add_argument("--steps", type=int, default=10)
@@ -60,13 +60,10 @@ def main() -> None:
         opt.step()
         sched.step()
 
-    rates = {}
-    for mode in (True, False):
-        step(mode)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step(mode)
-        rates[mode] = args.batch * args.steps / (time.perf_counter() - t0)
+    rates = {
+        mode: args.batch / timed(functools.partial(step, mode), number=args.steps, warmup=1).seconds
+        for mode in (True, False)
+    }
     print(
         f"dinov2_tiny (C={encoder.embed_dim}) at {args.input_size}px ({g}x{g} patches), "
         f"batch {args.batch}, {args.threads} CPU thread(s)"
