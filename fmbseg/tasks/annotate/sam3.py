@@ -84,7 +84,9 @@ class Sam3Worker(ImageShardWorker):
                 errors.append(error_from(exc, row["image_id"], row["uri"], STAGE))
                 return
             if not found:
-                message = "SAM 3 found no vocabulary class present with a mask above sam3.score_threshold"
+                message = (
+                    "SAM 3 found no vocabulary class present with a mask above sam3.score_threshold"
+                )
                 errors.append(
                     error_row(row["image_id"], row["uri"], STAGE, "no_class_present", message)
                 )
@@ -99,7 +101,13 @@ class Sam3Worker(ImageShardWorker):
                     raise exc
                 assert image is not None
                 job = concept_job(
-                    self.segmenter, image, row["image_id"], row["uri"], self.vocabulary, cfg, self.fp
+                    self.segmenter,
+                    image,
+                    row["image_id"],
+                    row["uri"],
+                    self.vocabulary,
+                    cfg,
+                    self.fp,
                 )
                 post.submit(row, job)
             except Exception as err:
