@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fmbseg.cli.core import DRY_RUN, TEACHER, Arg, Common, UsageError, command, progress_bars
 from fmbseg.data.sources import check_source
 from fmbseg.data.vocab import builtin_vocabularies, vocabulary_aliases
+
+if TYPE_CHECKING:
+    from fmbseg.flows.annotate import AnnotationSummary
 
 IMAGES = Arg(
     "--images",
@@ -56,37 +59,37 @@ def vocabulary_from_args(args: argparse.Namespace) -> tuple[str, ...]:
 FAILURES_SHOWN = 5  # failing files the summary names
 
 
-def print_annotation_summary(summary: dict[str, Any]) -> None:
-    classes = summary["classes_found"]
+def print_annotation_summary(summary: AnnotationSummary) -> None:
+    classes = summary.classes_found
     top = ", ".join(f"{name} {n}" for name, n in list(classes.items())[:8])
     more = f" (+{len(classes) - 8} more)" if len(classes) > 8 else ""
     print(
-        f"annotate: {summary['images_indexed']} images indexed, "
-        f"{summary['images_with_masks']} labelled, {summary['images_no_label']} with no "
-        f"confident label, {summary['images_failed']} failed; "
+        f"annotate: {summary.images_indexed} images indexed, "
+        f"{summary.images_with_masks} labelled, {summary.images_no_label} with no "
+        f"confident label, {summary.images_failed} failed; "
         + (
-            f"{summary['masks_sam3']} SAM 3 masks"
-            if summary.get("masks_sam3")
-            else f"{summary['masks_prompt']} prompt masks, {summary['masks_auto']} automatic masks"
+            f"{summary.masks_sam3} SAM 3 masks"
+            if summary.masks_sam3
+            else f"{summary.masks_prompt} prompt masks, {summary.masks_auto} automatic masks"
         )
     )
     print(f"  classes found: {len(classes)}{': ' + top + more if classes else ''}")
-    if summary.get("skipped_extensions"):
+    if summary.skipped_extensions:
         from fmbseg.cli.index import skipped_files
 
-        print(f"  {skipped_files(summary['skipped_extensions'])}")
-    for stage, counts in summary["errors"].items():
+        print(f"  {skipped_files(summary.skipped_extensions)}")
+    for stage, counts in summary.errors.items():
         details = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
         print(f"  {stage} errors: {details}")
-    first = summary.get("first_errors") or []
+    first = summary.first_errors
     for e in first[:FAILURES_SHOWN]:
         print(f"    {e['uri']}: {e['error_type']}: {e['message']}")
     if first:
-        print(f"  every failure:  {summary['errors_table']}")
-    print(f"  COCO JSON:   {summary['coco']}")
-    print(f"  label maps:  {summary['export']}/labels/")
-    if summary.get("gallery"):
-        print(f"  gallery:     {summary['gallery']}")
+        print(f"  every failure:  {summary.errors_table}")
+    print(f"  COCO JSON:   {summary.coco}")
+    print(f"  label maps:  {summary.export}/labels/")
+    if summary.gallery:
+        print(f"  gallery:     {summary.gallery}")
 
 
 @command(
@@ -142,6 +145,6 @@ def cmd_annotate(args: argparse.Namespace, common: Common) -> int:
             image_root=args.image_root,
             image_labels=args.image_labels,
         )
-    print_annotation_summary(out["summary"])
-    print(f"  merge fingerprint (for `fmbseg train --labels`): {out['fingerprints']['merge']}")
+    print_annotation_summary(out.summary)
+    print(f"  merge fingerprint (for `fmbseg train --labels`): {out.fingerprints['merge']}")
     return 0

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fmbseg.cli.core import Arg, Common, UsageError, command, positive_int, progress_bars
 from fmbseg.data.datasets import dataset_names
 
+if TYPE_CHECKING:
+    from fmbseg.flows.evaluate import LabelQualityReport, TeacherComparison
 
-def labels_summary(report: dict[str, Any]) -> str:
+
+def labels_summary(report: LabelQualityReport) -> str:
     """Prompt-only / auto-only / merged pseudo-labels in one table, then the merged per class."""
     from fmbseg.tasks.evaluate.protocol import format_report
 
@@ -17,26 +20,26 @@ def labels_summary(report: dict[str, Any]) -> str:
         return "   -  " if v is None else f"{100 * v:6.2f}"
 
     lines = [
-        f"pseudo-labels {report['labels']} on {report['dataset']}: {report['num_images']} "
-        f"images ({report['images_without_records']} without records)",
+        f"pseudo-labels {report.labels} on {report.dataset}: {report.num_images} "
+        f"images ({report.images_without_records} without records)",
         f"{'labels':<10}{'mIoU':>8}{'aAcc':>8}{'coverage':>10}{'precision':>11}",
     ]
     for v in ("prompt", "auto", "merged"):
-        r = report[v]
+        r = report.variant(v)
         lines.append(
             f"{v:<10}{pct(r['mIoU']):>8}{pct(r['aAcc']):>8}{pct(r['coverage']):>10}"
             f"{pct(r['precision']):>11}"
         )
     merged = {
-        **report["merged"],
-        "dataset": f"{report['dataset']} (merged)",
-        "num_images": report["num_images"],
-        "dataset_description": report.get("dataset_description"),
+        **report.merged,
+        "dataset": f"{report.dataset} (merged)",
+        "num_images": report.num_images,
+        "dataset_description": report.json.get("dataset_description"),
     }
     return "\n".join([*lines, "", format_report(merged)])
 
 
-def teachers_summary(report: dict[str, Any]) -> str:
+def teachers_summary(report: TeacherComparison) -> str:
     """Teachers side by side: one column per merge output (its teacher = ``models.sam`` of
     its SAM stages); ``n/a`` where a figure is unavailable, with the reason below."""
 
@@ -46,25 +49,25 @@ def teachers_summary(report: dict[str, Any]) -> str:
     def num(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.2f}"
 
-    cols = report["teachers"]
+    cols = report.teachers
     rows = [
-        ("teacher", [c["teacher"] or "n/a" for c in cols]),
-        ("labels", [c["labels"] for c in cols]),
-        ("mIoU", [pct(c["mIoU"]) for c in cols]),
-        ("coverage", [pct(c["coverage"]) for c in cols]),
-        ("precision", [pct(c["precision"]) for c in cols]),
-        ("masks/image", [num(c["masks_per_image"]) for c in cols]),
-        ("images/s", [num(c["images_per_second"]) for c in cols]),
+        ("teacher", [c.teacher or "n/a" for c in cols]),
+        ("labels", [c.labels for c in cols]),
+        ("mIoU", [pct(c.mIoU) for c in cols]),
+        ("coverage", [pct(c.coverage) for c in cols]),
+        ("precision", [pct(c.precision) for c in cols]),
+        ("masks/image", [num(c.masks_per_image) for c in cols]),
+        ("images/s", [num(c.images_per_second) for c in cols]),
     ]
     width = max(10, *(len(v) + 2 for _, vals in rows for v in vals))
     lines = [
-        f"teachers on {report['dataset']}: {report['num_images']} images "
+        f"teachers on {report.dataset}: {report.num_images} images "
         "(merged pseudo-labels vs. ground truth, %; images/s of the SAM pass)"
     ]
     lines += [f"{name:<13}" + "".join(f"{v:>{width}}" for v in vals) for name, vals in rows]
     for i, c in enumerate(cols, 1):
-        if c["unavailable"]:
-            lines.append(f"  n/a in column {i} ({c['labels']}): {c['unavailable']}")
+        if c.unavailable:
+            lines.append(f"  n/a in column {i} ({c.labels}): {c.unavailable}")
     return "\n".join(lines)
 
 
@@ -99,7 +102,13 @@ def teachers_summary(report: dict[str, Any]) -> str:
     ),
 )
 def cmd_evaluate(args: argparse.Namespace, common: Common) -> int:
-    from fmbseg.flows.evaluate import evaluate_flow, label_refs
+    from fmbseg.flows.evaluate import (
+        EvaluationReport,
+        LabelQualityReport,
+        TeacherComparison,
+        evaluate_flow,
+        label_refs,
+    )
     from fmbseg.tasks.evaluate.protocol import format_report
 
     if "," in args.model:
@@ -121,16 +130,16 @@ def cmd_evaluate(args: argparse.Namespace, common: Common) -> int:
             limit=args.limit,
             model_name=args.model_name,
         )
-    if "teachers" in report:  # model=labels:A,labels:B: the teachers side by side
+    if isinstance(report, TeacherComparison):  # model=labels:A,labels:B: side by side
         print(teachers_summary(report))
-    elif "merged" in report:  # model=labels:...: pseudo-label quality, three label maps
+    elif isinstance(report, LabelQualityReport):  # model=labels:...: three label maps
         print(labels_summary(report))
     else:
-        print(format_report(report))
-    if report.get("images_failed"):
-        print(f"  {report['images_failed']} images could not be read (see the stage's errors)")
-    print(f"model:       {report['model']}")
-    print(f"fingerprint: {report['fingerprint']}")
-    for uri in report["report_uris"]:
+        print(format_report(report.json))
+    if isinstance(report, EvaluationReport) and report.images_failed:
+        print(f"  {report.images_failed} images could not be read (see the stage's errors)")
+    print(f"model:       {report.model}")
+    print(f"fingerprint: {report.fingerprint}")
+    for uri in report.report_uris:
         print(f"report:      {uri}")
     return 0

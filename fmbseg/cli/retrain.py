@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fmbseg.cli.annotate import CLASSES, IMAGE_ROOT, IMAGES, VOCAB, vocabulary_from_args
 from fmbseg.cli.core import (
@@ -18,29 +18,29 @@ from fmbseg.cli.core import (
 )
 from fmbseg.data.sources import check_source
 
+if TYPE_CHECKING:
+    from fmbseg.flows.retrain import RetrainResult
 
-def print_retrain(out: dict[str, Any]) -> None:
+
+def print_retrain(out: RetrainResult) -> None:
     """What was new, the model version, and the promotion decision."""
-    batch = f" (batch {out['batch']})" if out["batch"] is not None else ""
+    batch = f" (batch {out.batch})" if out.batch is not None else ""
     print(
-        f"retrain: {out['listed']} images listed, {out['new_images']} new, "
-        f"{out['annotated']} annotated{batch}; {out['batches']} batches in all"
+        f"retrain: {out.listed} images listed, {out.new_images} new, "
+        f"{out.annotated} annotated{batch}; {out.batches} batches in all"
     )
-    if out["model"] is None:
-        print(f"  model:    not retrained: {out['reason']}")
+    if out.model is None:
+        print(f"  model:    not retrained: {out.reason}")
         return
-    model = out["model"]
-    print(
-        f"  model:    {model['model']}:{model['version']} on {model['images']} images "
-        f"(card {model['card']})"
-    )
-    ev = out["evaluation"]
-    if ev and ev.get("metrics"):
-        old = ev.get("champion_metrics") or {}
-        vs = f" vs champion {old['mIoU']:.4f}" if old.get("mIoU") is not None else ""
-        print(f"  mIoU:     {ev['metrics']['mIoU']:.4f} on {ev['metrics']['dataset']}{vs}")
-    verdict = "promoted to champion" if out["promoted"] else "not promoted"
-    print(f"  decision: {verdict}: {out['reason']}")
+    model = out.model
+    print(f"  model:    {model.ref} on {model.images} images (card {model.card})")
+    ev = out.evaluation
+    if ev and ev.metrics:
+        old = ev.champion_metrics
+        vs = f" vs champion {old.mIoU:.4f}" if old and old.mIoU is not None else ""
+        print(f"  mIoU:     {ev.metrics.mIoU:.4f} on {ev.metrics.dataset}{vs}")
+    verdict = "promoted to champion" if out.promoted else "not promoted"
+    print(f"  decision: {verdict}: {out.reason}")
 
 
 @command(

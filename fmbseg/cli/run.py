@@ -111,14 +111,14 @@ def cmd_run(args: argparse.Namespace, common: Common) -> int:
             raise
         print(f"fmbseg: {OFFLINE_HINT.format(config=common.config, error=missing)}")
         return 2
-    print_annotation_summary(out["summary"])
-    model, evaluation = out["model"], out["evaluation"]
-    print(f"  model:       {model['model']}:{model['version']}  {model.get('card', '')}")
-    if evaluation.get("metrics"):
-        print(f"  evaluation:  mIoU {evaluation['metrics']['mIoU']:.4f}")
+    print_annotation_summary(out.annotation.summary)
+    model, evaluation = out.training.model, out.evaluation
+    print(f"  model:       {model.ref}  {model.card}")
+    if evaluation.metrics:
+        print(f"  evaluation:  mIoU {evaluation.metrics.mIoU:.4f}")
     print(
-        f"  champion:    {'promoted' if evaluation['promoted'] else 'not promoted'} "
-        f"({evaluation['reason']})"
+        f"  champion:    {'promoted' if evaluation.promoted else 'not promoted'} "
+        f"({evaluation.reason})"
     )
     print(
         f'segment new images with:\n  fmbseg segment IMAGE --classes "{",".join(vocabulary)}"'

@@ -36,25 +36,27 @@ def cmd_train(args: argparse.Namespace, common: Common) -> int:
             ray_address=common.ray_address,
             storage_options=common.storage_options or None,
         )
-    ref = f"{result['model']}:{result['version']}"
+    model = result.model
+    ref = model.ref
     cached = " (cache hit: already trained on these labels, nothing retrained)"
-    losses = result["epoch_losses"]
-    print(f"train: model {ref}{cached if result['cached'] else ''}")
+    losses = model.epoch_losses
+    print(f"train: model {ref}{cached if result.cached else ''}")
     print(
-        f"  labels:     {result['labels']} (merge), index {result['index']}, "
-        f"{result['images']} images, {len(result['vocabulary'])} classes"
+        f"  labels:     {model.labels} (merge), index {model.index}, "
+        f"{model.images} images, {len(model.vocabulary)} classes"
     )
     print(f"  epochs:     {len(losses)}, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    print(f"  weights:    {result['weights']}")
-    print(f"  card:       {result['card']}")
-    print(f"  loss curve: {result['loss_curve']}")
+    print(f"  weights:    {model.weights}")
+    print(f"  card:       {model.card}")
+    print(f"  loss curve: {model.loss_curve}")
     store = "" if common.store == DEFAULT_STORE else f" --store {common.store}"
-    name = result["model"]
-    if result["promoted"]:
-        print(f"  champion:   {result['version']} (the first model of {name} becomes its champion)")
+    if result.promoted:
+        print(
+            f"  champion:   {model.version} (the first model of {model.name} becomes its champion)"
+        )
     else:
         print(
-            f"  champion:   {result['champion'] or 'none'} (promote this version with: "
+            f"  champion:   {result.champion or 'none'} (promote this version with: "
             f"fmbseg models promote {ref} --reason TEXT{store})"
         )
     print(f'  use it:     fmbseg segment IMAGE... --classes "cat,dog,grass" --model {ref}{store}')

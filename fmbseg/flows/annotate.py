@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,44 @@ from fmbseg.tasks.annotate.stages import (
 SAM_STAGES = SAM_PASS
 
 
-def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class AnnotationSummary:
+    """What an annotate run made, for people: counts, errors and where the outputs are.
+
+    The masks per SAM source default to 0 and ``errors`` names only the stages that ran
+    and failed somewhere, so a teacher without a prompt or automatic SAM stage still fits.
+    """
+
+    images_indexed: int  # rows of the index (images listed and read)
+    skipped_extensions: dict[str, int]  # files a folder walk left out, by extension
+    images_with_masks: int  # images the export labelled
+    images_no_label: int  # images with no confident label (not failures)
+    images_failed: int  # images a stage failed on
+    masks_prompt: int = 0  # merged masks from class-prompted SAM (0: no such stage ran)
+    masks_auto: int = 0  # merged masks from SAM's automatic generator (0: no such stage ran)
+    masks_sam3: int = 0  # merged masks from SAM 3's text concepts (models.teacher: sam3)
+    classes_found: dict[str, int]  # masks per class name, most first
+    errors: dict[str, dict[str, int]]  # {stage: {error type: count}}, stages with errors only
+    first_errors: list[dict[str, Any]]  # the first failing files: uri, error_type, message
+    export: str  # URI of the export folder (label PNGs under labels/)
+    gallery: str | None  # URI of gallery.html, None when the export wrote none
+    coco: str  # URI of the COCO RLE annotations JSON
+    errors_table: str  # URI of the Parquet table of every failure
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The ``annotate-summary`` table: one ``{"what", "value"}`` row per field, in order."""
+        return [{"what": f.name, "value": getattr(self, f.name)} for f in fields(self)]
+
+
+@dataclass(frozen=True)
+class AnnotateResult:
+    """What :func:`annotate_flow` returns."""
+
+    fingerprints: dict[str, str]  # {stage: fingerprint} of every stage run or reused
+    summary: AnnotationSummary  # counts and output locations
+
+
+def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> AnnotationSummary:
     """Counts for people: images (labelled, no confident label, failed), masks per source,
     classes found, errors per stage and the first failing files.
 
@@ -72,25 +110,25 @@ def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> dict[str, A
         if stage != "export"  # export's failures are the union of these, in errors.parquet
     }
     export = store.read_json(f"exports/{fps['export']}/export.json")
-    return {
-        "images_indexed": index.rows,
-        "skipped_extensions": index.meta.get("skipped_extensions", {}),
-        "images_with_masks": export["labelled_images"],
-        "images_no_label": export["no_confident_label"],
-        "images_failed": export["failed_images"],
-        "masks_prompt": sources["prompt"],
-        "masks_auto": sources["auto"],
-        "masks_sam3": sources["sam3"],
-        "classes_found": dict(classes.most_common()),
-        "errors": {stage: counts for stage, counts in errors.items() if counts},
-        "first_errors": export["first_errors"],
-        "export": store.url(f"exports/{fps['export']}"),
-        "gallery": store.url(f"exports/{fps['export']}/gallery.html")
+    return AnnotationSummary(
+        images_indexed=index.rows,
+        skipped_extensions=index.meta.get("skipped_extensions", {}),
+        images_with_masks=export["labelled_images"],
+        images_no_label=export["no_confident_label"],
+        images_failed=export["failed_images"],
+        masks_prompt=sources["prompt"],
+        masks_auto=sources["auto"],
+        masks_sam3=sources["sam3"],
+        classes_found=dict(classes.most_common()),
+        errors={stage: counts for stage, counts in errors.items() if counts},
+        first_errors=export["first_errors"],
+        export=store.url(f"exports/{fps['export']}"),
+        gallery=store.url(f"exports/{fps['export']}/gallery.html")
         if export["files"].get("gallery")
         else None,
-        "coco": store.url(f"exports/{fps['export']}/annotations.json"),
-        "errors_table": store.url(f"exports/{fps['export']}/errors.parquet"),
-    }
+        coco=store.url(f"exports/{fps['export']}/annotations.json"),
+        errors_table=store.url(f"exports/{fps['export']}/errors.parquet"),
+    )
 
 
 def annotate_stages(
@@ -186,15 +224,15 @@ def annotate_flow(
     storage_options: dict[str, Any] | None = None,
     image_root: str | None = None,
     image_labels: str | None = None,
-) -> dict[str, Any]:
+) -> AnnotateResult:
     """Pseudo-label ``images`` for ``classes`` (or a built-in ``vocab``) into ``store``.
 
     ``image_labels``: a file of image-level tags (COCO JSON, Parquet or CSV; see
     :mod:`fmbseg.data.image_labels`) whose classes replace CLIP's presence vote; its names
     must be vocabulary classes (checked before any work).
 
-    Returns ``{"fingerprints": {stage: fp}, "summary": {...}}``; the summary says where the
-    COCO JSON, label PNGs and gallery are.
+    Returns the stages' fingerprints and the :class:`AnnotationSummary`, which says where
+    the COCO JSON, label PNGs and gallery are.
     """
     # bad names fail before any work, more classes than a label map holds included
     vocabulary = resolve_vocabulary(classes, vocab, max_names=MAX_LABEL_CLASSES)
@@ -210,7 +248,7 @@ def annotate_flow(
     summary = annotation_summary(st, fps)
     table_artifact(
         "annotate-summary",
-        [{"what": k, "value": v} for k, v in summary.items()],
+        summary.rows(),
         description="pseudo-labels: images, masks per source, classes, errors, outputs",
     )
     markdown_artifact(
@@ -230,4 +268,4 @@ def annotate_flow(
             "stages": fps,
         },
     )
-    return {"fingerprints": fps, "summary": summary}
+    return AnnotateResult(fps, summary)

@@ -9,6 +9,7 @@ evaluated at least as good as the champion on the same set.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from prefect import flow
@@ -16,7 +17,7 @@ from prefect import flow
 from fmbseg.data.image_labels import load_image_labels
 from fmbseg.data.samples import SAMPLE_CLASSES, write_sample_photos
 from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
-from fmbseg.flows.annotate import annotate_flow
+from fmbseg.flows.annotate import AnnotateResult, annotate_flow
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
     configure,
@@ -25,48 +26,92 @@ from fmbseg.flows.common import (
     record_lineage,
     table_artifact,
 )
-from fmbseg.flows.evaluate import evaluate_flow
-from fmbseg.flows.train import train_flow
+from fmbseg.flows.evaluate import EvaluationReport, evaluate_flow
+from fmbseg.flows.train import TrainResult, train_flow
 from fmbseg.models.locate import locate_weights
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.tasks.annotate.stages import check_teacher, teacher_models
 from fmbseg.tasks.train.promotion import decide_and_record
 
 
+@dataclass(frozen=True)
+class Score:
+    """A model version's result on the held-out set, as the promotion rule reads it."""
+
+    mIoU: float | None  # mean IoU (fraction; None: no class of the set present)
+    dataset: str  # the held-out set's dataset name
+    images: int  # images evaluated
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The held-out scores (when evaluated) and the champion decision for a new version."""
+
+    metrics: Score | None  # the new version's (None: not evaluated)
+    champion_metrics: Score | None  # the champion's on the same set (None: none to compare)
+    promoted: bool  # the new version is now the champion
+    reason: str  # why, as recorded in the card and the champion history
+
+    def to_dict(self) -> dict[str, Any]:
+        """As lineage records it: plain dicts and None."""
+        return asdict(self)
+
+
 def evaluate_and_promote(
     store: str,
-    model: dict[str, str],
+    name: str,
+    version: str,
     dataset: str,
     data_root: str,
     common: dict[str, Any],
     limit: int | None = None,
-) -> dict[str, Any]:
-    """Evaluate ``model`` (and the current champion, on the same set) and decide promotion.
+) -> Promotion:
+    """Evaluate ``name:version`` (and the current champion, on the same set) and decide
+    promotion.
 
     ``common``: the config/overrides/ray_address/storage_options parameters of the flows.
-    Returns ``{"metrics", "champion_metrics", "promoted", "reason"}``.
     """
     registry = ModelRegistry(open_store(store, common.get("storage_options")))
-    name, version = model["model"], model["version"]
     champion = registry.champion(name)
 
-    def mean_iou(ref: str) -> dict[str, Any]:
+    def score(ref: str) -> Score:
         report = evaluate_flow(
             dataset=dataset, data_root=data_root, model=ref, store=store, limit=limit, **common
         )
-        return {"mIoU": report["mIoU"], "dataset": dataset, "images": report["num_images"]}
+        assert isinstance(report, EvaluationReport)  # a registry reference, never labels:
+        return Score(report.mIoU, dataset, report.num_images)
 
-    candidate = mean_iou(f"{name}:{version}")
-    baseline = mean_iou(f"{name}:{champion}") if champion not in (None, version) else None
+    candidate = score(f"{name}:{version}")
+    baseline = score(f"{name}:{champion}") if champion not in (None, version) else None
     verdict = decide_and_record(
-        registry, name, version, candidate, baseline, {"evaluated_on": dataset}
+        registry,
+        name,
+        version,
+        asdict(candidate),
+        None if baseline is None else asdict(baseline),
+        {"evaluated_on": dataset},
     )
-    return {
-        "metrics": candidate,
-        "champion_metrics": baseline,
-        "promoted": verdict.promote,
-        "reason": verdict.reason,
-    }
+    return Promotion(candidate, baseline, verdict.promote, verdict.reason)
+
+
+@dataclass(frozen=True)
+class AnnotateAndTrainResult:
+    """What :func:`annotate_and_train_flow` returns."""
+
+    annotation: AnnotateResult  # the pseudo-labels: stage fingerprints and summary
+    training: TrainResult  # the model version trained on them
+    evaluation: Promotion  # its held-out scores (when evaluated) and the champion decision
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The ``annotate-and-train-summary`` table: outputs and the promotion decision."""
+        decision = "promoted" if self.evaluation.promoted else "not promoted"
+        return [
+            {"what": "images", "value": self.annotation.summary.images_indexed},
+            {"what": "labels (COCO)", "value": self.annotation.summary.coco},
+            {"what": "gallery", "value": self.annotation.summary.gallery},
+            {"what": "model", "value": self.training.model.ref},
+            {"what": "champion", "value": f"{decision} ({self.evaluation.reason})"},
+        ]
 
 
 @flow(name="annotate-and-train", **LINEAGE_HOOKS)
@@ -84,7 +129,7 @@ def annotate_and_train_flow(
     eval_dataset: str | None = None,
     eval_data_root: str | None = None,
     eval_limit: int | None = None,
-) -> dict[str, Any]:
+) -> AnnotateAndTrainResult:
     """Pseudo-label ``images`` for ``classes``/``vocab``, train the segmenter on them, and
     (with ``eval_dataset`` + ``eval_data_root``) evaluate it before deciding promotion.
     ``image_labels``: image-level tags replacing CLIP's presence vote (``annotate_flow``).
@@ -92,8 +137,8 @@ def annotate_and_train_flow(
     ``images``: an image source; None = the five sample photos bundled with scikit-image,
     written into ``{store}/samples`` (then with no ``classes``/``vocab``, their class list).
 
-    Returns ``{"fingerprints", "summary", "model", "evaluation"}``: where the labels, the
-    gallery and the model are, and the promotion decision.
+    Returns where the labels, the gallery and the model are, and the promotion decision
+    (:class:`AnnotateAndTrainResult`).
     """
     if images is None and classes is None and vocab is None:
         classes = list(SAMPLE_CLASSES)
@@ -126,30 +171,22 @@ def annotate_and_train_flow(
         image_labels=image_labels,
         **common,
     )
-    model = train_flow(
-        store=store, labels=labels["fingerprints"]["merge"], promote_first=False, **common
+    training = train_flow(
+        store=store, labels=labels.fingerprints["merge"], promote_first=False, **common
     )
+    model = training.model
     st = open_store(store, storage_options)
     if eval_dataset is not None and eval_data_root is not None:
         evaluation = evaluate_and_promote(
-            store, model, eval_dataset, eval_data_root, common, eval_limit
+            store, model.name, model.version, eval_dataset, eval_data_root, common, eval_limit
         )
     else:
-        verdict = decide_and_record(ModelRegistry(st), model["model"], model["version"], None, None)
-        evaluation = {"metrics": None, "promoted": verdict.promote, "reason": verdict.reason}
+        verdict = decide_and_record(ModelRegistry(st), model.name, model.version, None, None)
+        evaluation = Promotion(None, None, verdict.promote, verdict.reason)
+    out = AnnotateAndTrainResult(labels, training, evaluation)
     table_artifact(
         "annotate-and-train-summary",
-        [
-            {"what": "images", "value": labels["summary"]["images_indexed"]},
-            {"what": "labels (COCO)", "value": labels["summary"]["coco"]},
-            {"what": "gallery", "value": labels["summary"]["gallery"]},
-            {"what": "model", "value": f"{model['model']}:{model['version']}"},
-            {
-                "what": "champion",
-                "value": ("promoted" if evaluation["promoted"] else "not promoted")
-                + f" ({evaluation['reason']})",
-            },
-        ],
+        out.rows(),
         description="annotate-and-train: outputs and the promotion decision",
     )
     record_lineage(
@@ -160,14 +197,9 @@ def annotate_and_train_flow(
             "images": images,
             "vocabulary": list(vocabulary),
             "config": cfg.to_dict(),
-            "stages": labels["fingerprints"],
-            "model": {"name": model["model"], "version": model["version"]},
-            "evaluation": evaluation,
+            "stages": labels.fingerprints,
+            "model": {"name": model.name, "version": model.version},
+            "evaluation": evaluation.to_dict(),
         },
     )
-    return {
-        "fingerprints": labels["fingerprints"],
-        "summary": labels["summary"],
-        "model": model,
-        "evaluation": evaluation,
-    }
+    return out

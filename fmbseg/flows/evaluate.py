@@ -8,6 +8,7 @@ on the same split again reads the committed shard matrices instead of running th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, task
@@ -28,6 +29,7 @@ from fmbseg.flows.common import (
     table_artifact,
 )
 from fmbseg.storage.store import ArtifactStore
+from fmbseg.tasks.evaluate.label_quality import VARIANTS
 from fmbseg.tasks.evaluate.label_quality_stage import STAGE as LQ_STAGE
 from fmbseg.tasks.evaluate.label_quality_stage import (
     LabelsPlan,
@@ -47,6 +49,176 @@ from fmbseg.tasks.evaluate.stage import (
 )
 
 LABELS_PREFIX = "labels:"
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What :func:`evaluate_flow` returns for a model or a baseline: the report written to
+    the store (:func:`~fmbseg.tasks.evaluate.stage.build_report`) and where it was written."""
+
+    model: str  # what was evaluated, as people name it: ``maskclip``, ``name:version``
+    model_ref: dict[str, Any]  # its identity (kind, names, weights; ``uri`` of a registry one)
+    dataset: str  # the benchmark split's name, e.g. ``voc21``
+    fingerprint: str  # of the evaluate stage
+    num_images: int  # images evaluated
+    images_failed: int  # images of the split that could not be read
+    mIoU: float | None  # mean IoU over the classes present (fraction; None: none present)
+    mAcc: float | None  # mean per-class pixel accuracy (fraction)
+    aAcc: float | None  # pixel accuracy over all evaluated pixels (fraction)
+    per_class: list[dict[str, Any]]  # one ``{"class", "IoU", "Acc", "pixels"}`` per class
+    confusion: dict[str, Any]  # the merged confusion matrix (``ConfusionMatrix.to_dict``)
+    json: dict[str, Any]  # the report JSON exactly as written to the store, every key
+    report_uris: tuple[str, ...]  # where that JSON was written, the main copy first
+
+    @classmethod
+    def from_json(cls, report: dict[str, Any], uris: list[str]) -> EvaluationReport:
+        """A report dict as :func:`build_report` makes it, written to ``uris``."""
+        return cls(
+            model=report["model"],
+            model_ref=report["model_ref"],
+            dataset=report["dataset"],
+            fingerprint=report["fingerprint"],
+            num_images=report["num_images"],
+            images_failed=report["images_failed"],
+            mIoU=report["mIoU"],
+            mAcc=report["mAcc"],
+            aAcc=report["aAcc"],
+            per_class=report["per_class"],
+            confusion=report["confusion"],
+            json=report,
+            report_uris=tuple(uris),
+        )
+
+    def table_row(self) -> dict[str, Any]:
+        """The ``evaluate-results`` table's row."""
+        return {
+            "dataset": self.dataset,
+            "model": self.model,
+            "mIoU": self.mIoU,
+            "pixel_acc": self.aAcc,
+            "images": self.num_images,
+            "report": self.report_uris[0],
+        }
+
+
+@dataclass(frozen=True)
+class LabelQualityReport:
+    """What :func:`label_quality_flow` returns: stage-1 pseudo-labels scored against the
+    split's ground truth (:func:`~fmbseg.tasks.evaluate.label_quality_stage.
+    build_label_report`), as written to the store."""
+
+    model: str  # ``labels:{merge fp}``
+    labels: str  # the merge fingerprint scored
+    dataset: str  # the split's name
+    fingerprint: str  # of the label_quality stage
+    num_images: int  # images of the split scored
+    images_without_records: int  # of those, images the merge output has no records for
+    unmatched_categories: list[str]  # label class names that are no class of the split
+    masks_per_image: float | None  # merge records per scored image (None: no image)
+    teacher: dict[str, Any]  # ``models.sam`` of the SAM stages, their speed (or why unknown)
+    prompt: dict[str, Any]  # prompt-only labels: mIoU, aAcc, coverage, precision, per_class
+    auto: dict[str, Any]  # automatic-mask-only labels, the same figures
+    merged: dict[str, Any]  # the merged labels (what training reads), the same figures
+    json: dict[str, Any]  # the report JSON exactly as written to the store, every key
+    report_uris: tuple[str, ...]  # where that JSON was written
+
+    @classmethod
+    def from_json(cls, report: dict[str, Any], uris: list[str]) -> LabelQualityReport:
+        """A report dict as :func:`build_label_report` makes it, written to ``uris``."""
+        return cls(
+            model=report["model"],
+            labels=report["labels"],
+            dataset=report["dataset"],
+            fingerprint=report["fingerprint"],
+            num_images=report["num_images"],
+            images_without_records=report["images_without_records"],
+            unmatched_categories=report["unmatched_categories"],
+            masks_per_image=report["masks_per_image"],
+            teacher=report["teacher"],
+            prompt=report["prompt"],
+            auto=report["auto"],
+            merged=report["merged"],
+            json=report,
+            report_uris=tuple(uris),
+        )
+
+    def variant(self, name: str) -> dict[str, Any]:
+        """The figures of label map ``name``: ``prompt``, ``auto`` or ``merged``."""
+        return {"prompt": self.prompt, "auto": self.auto, "merged": self.merged}[name]
+
+    def with_uris(self) -> dict[str, Any]:
+        """The JSON plus ``report_uris``: how a teacher comparison's JSON embeds the report."""
+        return {**self.json, "report_uris": list(self.report_uris)}
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        """The ``label-quality-results`` table: one row per label map."""
+        return [
+            {
+                "dataset": self.dataset,
+                "labels": v,
+                "mIoU": self.variant(v)["mIoU"],
+                "pixel_acc": self.variant(v)["aAcc"],
+                "coverage": self.variant(v)["coverage"],
+                "precision": self.variant(v)["precision"],
+                "images": self.num_images,
+            }
+            for v in VARIANTS
+        ]
+
+    def merged_report(self) -> dict[str, Any]:
+        """The merged labels' figures as a model report (for :func:`per_class_markdown`)."""
+        return {
+            **self.merged,
+            "model": f"{self.model} (merged)",
+            "dataset": self.dataset,
+            "num_images": self.num_images,
+            "fingerprint": self.fingerprint,
+        }
+
+
+@dataclass(frozen=True)
+class TeacherRow:
+    """One merge output (one teacher) in a :class:`TeacherComparison`."""
+
+    labels: str  # the merge fingerprint
+    teacher: str | None  # its SAM stages' ``models.sam`` (None: not recorded)
+    mIoU: float | None  # of its merged labels (fraction)
+    coverage: float | None  # fraction of evaluated pixels its labels cover
+    precision: float | None  # fraction of labelled pixels labelled correctly
+    masks_per_image: float | None  # merge records per scored image
+    images_per_second: float | None  # of its SAM pass (None: unavailable, see below)
+    unavailable: str | None  # why a figure is None (None: all are there)
+
+
+# the ``teacher-comparison`` table's columns
+TEACHER_COLUMNS = (
+    "labels",
+    "teacher",
+    "mIoU",
+    "coverage",
+    "masks_per_image",
+    "images_per_second",
+    "unavailable",
+)
+
+
+@dataclass(frozen=True)
+class TeacherComparison:
+    """What :func:`compare_teachers_flow` returns: several teachers' pseudo-labels of one
+    split side by side (:func:`~fmbseg.tasks.evaluate.label_quality_stage.compare_teachers`)."""
+
+    model: str  # ``labels:A,labels:B``: what was compared
+    dataset: str  # the split's name
+    fingerprint: str  # of the comparison (its label-quality fingerprints, in order)
+    num_images: int  # images of the split scored
+    teachers: tuple[TeacherRow, ...]  # one per merge output, in the order asked
+    reports: tuple[LabelQualityReport, ...]  # each merge output's own report
+    json: dict[str, Any]  # the comparison JSON exactly as written to the store, every key
+    report_uris: tuple[str, ...]  # where that JSON was written
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        """The ``teacher-comparison`` table: one row per teacher."""
+        return [{k: getattr(r, k) for k in TEACHER_COLUMNS} for r in self.teachers]
 
 
 def label_refs(model: str) -> list[str]:
@@ -167,7 +339,7 @@ def evaluate_flow(
     storage_options: dict[str, Any] | None = None,
     limit: int | None = None,
     model_name: str | None = None,
-) -> dict[str, Any]:
+) -> EvaluationReport | LabelQualityReport | TeacherComparison:
     """Evaluate ``model`` on the ``dataset`` split stored under ``data_root``.
 
     Args:
@@ -184,9 +356,10 @@ def evaluate_flow(
             ``cfg.train.model_name``).
         limit: evaluate only the first ``limit`` images of the split.
 
-    Returns the report (see :func:`fmbseg.tasks.evaluate.stage.build_report`) plus
-    ``report_uris``: where its JSON was written (for a registry model next to its card,
-    ``models/{name}/{version}/eval/{dataset}.json``; always ``evaluations/{fp}/report.json``).
+    Returns the :class:`EvaluationReport` (a :class:`LabelQualityReport` or
+    :class:`TeacherComparison` for ``labels:``); its ``report_uris`` say where its JSON was
+    written (for a registry model next to its card, ``models/{name}/{version}/eval/
+    {dataset}.json``; always ``evaluations/{fp}/report.json``).
     """
     if model.startswith(LABELS_PREFIX):
         refs = label_refs(model)
@@ -219,25 +392,16 @@ def evaluate_flow(
         st, dataset, data_root, model, cfg, limit, model_name, storage_options
     )
     fp = evaluate_task(st, plan.fingerprint, plan, cfg)
-    report = build_report(st, plan, cfg)
-    uris = write_report(st, plan, report)
+    built = build_report(st, plan, cfg)
+    report = EvaluationReport.from_json(built, write_report(st, plan, built))
     manifest_artifact(st, STAGE, fp)
     table_artifact(
         "evaluate-results",
-        [
-            {
-                "dataset": report["dataset"],
-                "model": report["model"],
-                "mIoU": report["mIoU"],
-                "pixel_acc": report["aAcc"],
-                "images": report["num_images"],
-                "report": uris[0],
-            }
-        ],
+        [report.table_row()],
         description="evaluation: mIoU and pixel accuracy (fractions)",
     )
-    what = f"per-class IoU of {report['model']} on {report['dataset']}"
-    markdown_artifact("evaluate-per-class", per_class_markdown(report), description=what)
+    what = f"per-class IoU of {report.model} on {report.dataset}"
+    markdown_artifact("evaluate-per-class", per_class_markdown(report.json), description=what)
     record_lineage(
         st,
         current_flow_run_id(),
@@ -249,10 +413,10 @@ def evaluate_flow(
             "limit": limit,
             "config": cfg.to_dict(),
             "stages": {STAGE: fp},
-            "report": uris[0],
+            "report": report.report_uris[0],
         },
     )
-    return {**report, "report_uris": uris}
+    return report
 
 
 @flow(name="label-quality", **LINEAGE_HOOKS)
@@ -266,46 +430,29 @@ def label_quality_flow(
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
     limit: int | None = None,
-) -> dict[str, Any]:
+) -> LabelQualityReport:
     """Score the stage-1 pseudo-labels ``labels`` (a ``merge`` fingerprint or ``latest``) of
     ``dataset``'s images against its ground truth: prompt-only (1.1), auto-only (1.2), merged.
 
     The annotate flow must have labelled the split's image files (matched by content, from
-    any location). Returns the report (:func:`~fmbseg.tasks.evaluate.label_quality_stage.
-    build_label_report`) plus ``report_uris`` (``evaluations/{fp}/report.json``).
+    any location). Returns the :class:`LabelQualityReport`; its ``report_uris``:
+    ``evaluations/{fp}/report.json``.
     """
     cfg = configure(config, overrides, ray_address)
     st = open_store(store, storage_options)
     plan = plan_label_quality_task(st, dataset, data_root, labels, cfg, limit, storage_options)
     fp = label_quality_task(st, plan.fingerprint, plan, cfg)
-    report = build_label_report(st, plan)
-    uris = write_label_report(st, plan, report)
+    built = build_label_report(st, plan)
+    report = LabelQualityReport.from_json(built, write_label_report(st, plan, built))
     manifest_artifact(st, LQ_STAGE, fp)
-    rows = [
-        {
-            "dataset": report["dataset"],
-            "labels": v,
-            "mIoU": report[v]["mIoU"],
-            "pixel_acc": report[v]["aAcc"],
-            "coverage": report[v]["coverage"],
-            "precision": report[v]["precision"],
-            "images": report["num_images"],
-        }
-        for v in ("prompt", "auto", "merged")
-    ]
     table_artifact(
-        "label-quality-results", rows, description="pseudo-labels vs. ground truth (fractions)"
+        "label-quality-results",
+        report.table_rows(),
+        description="pseudo-labels vs. ground truth (fractions)",
     )
-    merged = {
-        **report["merged"],
-        "model": f"{report['model']} (merged)",
-        "dataset": report["dataset"],
-        "num_images": report["num_images"],
-        "fingerprint": fp,
-    }
     markdown_artifact(
         "label-quality-per-class",
-        per_class_markdown(merged),
+        per_class_markdown(report.merged_report()),
         description="per-class IoU of the merged pseudo-labels",
     )
     record_lineage(
@@ -319,10 +466,10 @@ def label_quality_flow(
             "limit": limit,
             "config": cfg.to_dict(),
             "stages": {LQ_STAGE: fp, "merge": plan.merge_fp},
-            "report": uris[0],
+            "report": report.report_uris[0],
         },
     )
-    return {**report, "report_uris": uris}
+    return report
 
 
 def teachers_markdown(report: dict[str, Any]) -> str:
@@ -360,14 +507,14 @@ def compare_teachers_flow(
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
     limit: int | None = None,
-) -> dict[str, Any]:
+) -> TeacherComparison:
     """Score several merge outputs of the split's images (one per teacher: annotate run with
     different ``models.sam``) and put them side by side.
 
     Each is a :func:`label_quality_flow` (its own cached stage and report); the comparison
     (:func:`~fmbseg.tasks.evaluate.label_quality_stage.compare_teachers`) is written to
     ``evaluations/{fp}/report.json`` and published as the ``teacher-comparison`` table and
-    markdown artifacts. Returns it plus ``report_uris``.
+    markdown artifacts. Returns it as a :class:`TeacherComparison`.
     """
     reports = [
         label_quality_flow(
@@ -376,44 +523,42 @@ def compare_teachers_flow(
         for ref in labels
     ]
     st = open_store(store, storage_options)
-    report = compare_teachers(reports)
-    rel = f"evaluations/{report['fingerprint']}/report.json"
-    st.write_json(rel, report)
-    uris = [st.url(rel)]
+    # each report with its report_uris, as the comparison JSON has always embedded them
+    compared = compare_teachers([r.with_uris() for r in reports])
+    rel = f"evaluations/{compared['fingerprint']}/report.json"
+    st.write_json(rel, compared)
+    report = TeacherComparison(
+        model=compared["model"],
+        dataset=compared["dataset"],
+        fingerprint=compared["fingerprint"],
+        num_images=compared["num_images"],
+        teachers=tuple(TeacherRow(**row) for row in compared["teachers"]),
+        reports=tuple(reports),
+        json=compared,
+        report_uris=(st.url(rel),),
+    )
     table_artifact(
         "teacher-comparison",
-        [
-            {
-                k: r[k]
-                for k in (
-                    "labels",
-                    "teacher",
-                    "mIoU",
-                    "coverage",
-                    "masks_per_image",
-                    "images_per_second",
-                    "unavailable",
-                )
-            }
-            for r in report["teachers"]
-        ],
+        report.table_rows(),
         description="teachers side by side: merged pseudo-labels vs. ground truth "
         "(fractions); images/s of the SAM pass",
     )
     markdown_artifact(
-        "teacher-comparison-table", teachers_markdown(report), description="teachers side by side"
+        "teacher-comparison-table",
+        teachers_markdown(compared),
+        description="teachers side by side",
     )
     record_lineage(
         st,
         current_flow_run_id(),
         {
             "flow": "compare-teachers",
-            "dataset": report["dataset"],
+            "dataset": report.dataset,
             "data_root": data_root,
-            "labels": [r["labels"] for r in reports],
+            "labels": [r.labels for r in reports],
             "limit": limit,
-            "label_quality": [r["fingerprint"] for r in reports],
-            "report": uris[0],
+            "label_quality": [r.fingerprint for r in reports],
+            "report": report.report_uris[0],
         },
     )
-    return {**report, "report_uris": uris}
+    return report

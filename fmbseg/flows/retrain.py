@@ -14,6 +14,7 @@ are reused as they are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from prefect import flow, task
@@ -23,7 +24,7 @@ import fmbseg.tasks.train.ledger as ledger_
 from fmbseg.config import Config, ConfigError
 from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 from fmbseg.flows.annotate import annotate_plan, label_index
-from fmbseg.flows.annotate_and_train import evaluate_and_promote
+from fmbseg.flows.annotate_and_train import Promotion, evaluate_and_promote
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
     configure,
@@ -34,7 +35,7 @@ from fmbseg.flows.common import (
     stage_task,
     table_artifact,
 )
-from fmbseg.flows.train import TrainProgress, model_summary
+from fmbseg.flows.train import TrainedModel, TrainProgress, model_summary
 from fmbseg.models.locate import locate_weights
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
@@ -45,6 +46,43 @@ from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
 from fmbseg.tasks.train.run import run_train, train_fingerprint
 
 MODES = ("scratch", "finetune")
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    """What :func:`retrain_flow` returns: what was new, what was trained, the decision."""
+
+    listed: int  # images the source listed
+    new_images: int  # of those, images no earlier batch covers
+    annotated: int  # images indexed (and labelled) as this run's batch
+    batch: int | None  # this run's batch number (None: nothing new)
+    batches: int  # batches in the ledger, this one included
+    fingerprints: dict[str, str]  # {stage: fp} of this run's batch ({}: nothing new)
+    model: TrainedModel | None  # the version trained on every batch (None: none trained)
+    evaluation: Promotion | None  # its held-out scores and the decision (None: none trained)
+    reason: str  # why it was (not) promoted, or why nothing was trained
+
+    @property
+    def trained(self) -> bool:
+        """Whether this run trained a model version."""
+        return self.model is not None
+
+    @property
+    def promoted(self) -> bool | None:
+        """Whether the new version became the champion (None: none trained)."""
+        return None if self.evaluation is None else self.evaluation.promoted
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The ``retrain-summary`` table: new images, the model trained, the decision."""
+        version = self.model.ref if self.model else "none (not retrained)"
+        return [
+            {"what": "images listed", "value": str(self.listed)},
+            {"what": "new images found", "value": str(self.new_images)},
+            {"what": "annotated (indexed)", "value": str(self.annotated)},
+            {"what": "model version", "value": version},
+            {"what": "promoted", "value": str(self.promoted)},
+            {"what": "reason", "value": self.reason},
+        ]
 
 
 @task(
@@ -145,7 +183,7 @@ def retrain_flow(
     eval_dataset: str | None = None,
     eval_data_root: str | None = None,
     eval_limit: int | None = None,
-) -> dict[str, Any]:
+) -> RetrainResult:
     """Annotate the images of ``images`` not seen by earlier runs, retrain, maybe promote.
 
     Args:
@@ -154,9 +192,8 @@ def retrain_flow(
         eval_dataset, eval_data_root: the held-out set (e.g. ``folder`` and its root, see
             :mod:`fmbseg.data.folder_dataset`); without it only a first model is promoted.
 
-    Returns ``{"listed", "new_images", "annotated", "batch", "batches", "fingerprints",
-    "trained", "model", "evaluation", "promoted", "reason"}``; ``model`` is None when
-    nothing was trained (``reason`` says why).
+    Returns a :class:`RetrainResult`; its ``model`` is None when nothing was trained
+    (``reason`` says why).
     """
     # bad input fails before any work, more classes than a label map holds included
     vocabulary = resolve_vocabulary(classes, vocab, max_names=MAX_LABEL_CLASSES)
@@ -178,20 +215,10 @@ def retrain_flow(
     ledger = ledger_.read_ledger(st, name)
     found = find_new_images_task(st, images, cfg, ledger["batches"], storage_options, image_root)
     fps: dict[str, str] = {}
-    out: dict[str, Any] = {
-        "listed": found.listed,
-        "new_images": found.new,
-        "annotated": 0,
-        "batch": None,
-        "fingerprints": fps,
-        "trained": False,
-        "model": None,
-        "evaluation": None,
-        "promoted": None,
-    }
+    annotated, batch = 0, None
     if found.plan is not None:
         fps.update(annotate_plan(st, cfg, found.plan, vocabulary, storage_options))
-        indexed = st.require_manifest("index", fps["index"]).rows
+        annotated = st.require_manifest("index", fps["index"]).rows
         ledger = ledger_.append_batch(
             st,
             name,
@@ -200,62 +227,65 @@ def retrain_flow(
                 "merge": fps["merge"],
                 "source": images,
                 "listed": found.new,
-                "images": indexed,
+                "images": annotated,
                 "vocabulary": list(vocabulary),
                 "flow_run": current_flow_run_id(),
             },
         )
-        out["annotated"] = indexed
-        out["batch"] = next(b["batch"] for b in ledger["batches"] if b["index"] == fps["index"])
-    out["batches"] = len(ledger["batches"])
+        batch = next(b["batch"] for b in ledger["batches"] if b["index"] == fps["index"])
+    batches = len(ledger["batches"])
     current = None if found.plan else up_to_date(registry, name, ledger, cfg, vocabulary)
+    model: TrainedModel | None = None
+    evaluation: Promotion | None = None
     if not ledger["batches"]:
-        out["reason"] = f"no images under {images}: nothing to annotate or train"
+        reason = f"no images under {images}: nothing to annotate or train"
     elif current is not None:
-        out["reason"] = (
-            f"nothing new: {name}:{current} is trained on all {out['batches']} "
+        reason = (
+            f"nothing new: {name}:{current} is trained on all {batches} "
             "batches with this vocabulary and config"
         )
     else:
-        out.update(
-            _train_and_decide(
-                st,
-                cfg,
-                name,
-                ledger,
-                vocabulary,
-                mode,
-                common,
-                store,
-                eval_dataset,
-                eval_data_root,
-                eval_limit,
-            )
+        model, evaluation = _train_and_decide(
+            st,
+            cfg,
+            name,
+            ledger,
+            vocabulary,
+            mode,
+            common,
+            store,
+            eval_dataset,
+            eval_data_root,
+            eval_limit,
         )
+        reason = evaluation.reason
+    out = RetrainResult(
+        listed=found.listed,
+        new_images=found.new,
+        annotated=annotated,
+        batch=batch,
+        batches=batches,
+        fingerprints=fps,
+        model=model,
+        evaluation=evaluation,
+        reason=reason,
+    )
     ledger_.append_run(
         st,
         name,
         {
             "new_images": found.new,
-            "annotated": out["annotated"],
-            "batch": out["batch"],
-            "version": out["model"] and out["model"]["version"],
-            "promoted": out["promoted"],
-            "reason": out["reason"],
+            "annotated": annotated,
+            "batch": batch,
+            "version": None if model is None else model.version,
+            "promoted": out.promoted,
+            "reason": reason,
             "flow_run": current_flow_run_id(),
         },
     )
-    version = f"{name}:{out['model']['version']}" if out["model"] else "none (not retrained)"
     table_artifact(
         "retrain-summary",
-        [
-            {"what": "images listed", "value": str(found.listed)},
-            {"what": "new images found", "value": str(found.new)},
-            {"what": "annotated (indexed)", "value": str(out["annotated"])},
-            {"what": "model version", "value": version},
-            {"what": "promoted", "value": str(out["promoted"])},
-            {"what": "reason", "value": out["reason"]},
-        ],
+        out.rows(),
         description="retrain: new images, the model trained on all batches, the decision",
     )
     record_lineage(
@@ -269,9 +299,9 @@ def retrain_flow(
             "config": cfg.to_dict(),
             "stages": fps,
             "batches": ledger["batches"],
-            "model": out["model"] and {"name": name, "version": out["model"]["version"]},
-            "evaluation": out["evaluation"],
-            "reason": out["reason"],
+            "model": None if model is None else {"name": name, "version": model.version},
+            "evaluation": None if evaluation is None else evaluation.to_dict(),
+            "reason": reason,
         },
     )
     return out
@@ -289,7 +319,7 @@ def _train_and_decide(
     eval_dataset: str | None,
     eval_data_root: str | None,
     eval_limit: int | None,
-) -> dict[str, Any]:
+) -> tuple[TrainedModel, Promotion]:
     """Train on every batch, record what it was trained on, evaluate, decide promotion."""
     registry = ModelRegistry(st)
     sets = batch_labels(st, cfg, ledger["batches"], vocabulary, common["storage_options"])
@@ -299,8 +329,8 @@ def _train_and_decide(
         cfg, cfg.models.dino, cfg.models.clip, sets, None, list(vocabulary), init
     )
     train_sets_task(st, fp, cfg, sets, vocabulary, init)
-    summary = model_summary(st, fp)
-    version = summary["version"]
+    model = model_summary(st, fp)
+    version = model.version
     numbers = [b["batch"] for b in ledger["batches"]]
     registry.update_card(
         name,
@@ -319,19 +349,13 @@ def _train_and_decide(
             }
         },
     )
-    model = {"model": name, "version": version}
     if eval_dataset is not None and eval_data_root is not None:
         evaluation = evaluate_and_promote(
-            store, model, eval_dataset, eval_data_root, common, eval_limit
+            store, name, version, eval_dataset, eval_data_root, common, eval_limit
         )
     else:
         verdict = decide_and_record(registry, name, version, None, None, {"retrain": True})
-        evaluation = {
-            "metrics": None,
-            "champion_metrics": None,
-            "promoted": verdict.promote,
-            "reason": verdict.reason,
-        }
+        evaluation = Promotion(None, None, verdict.promote, verdict.reason)
     ledger_.append_model(
         st,
         name,
@@ -341,14 +365,8 @@ def _train_and_decide(
             "mode": mode,
             "init_from": init,
             "key": training_key(cfg, sets, vocabulary),
-            "promoted": evaluation["promoted"],
-            "reason": evaluation["reason"],
+            "promoted": evaluation.promoted,
+            "reason": evaluation.reason,
         },
     )
-    return {
-        "trained": True,
-        "model": summary,
-        "evaluation": evaluation,
-        "promoted": evaluation["promoted"],
-        "reason": evaluation["reason"],
-    }
+    return model, evaluation

@@ -132,28 +132,79 @@ def train_task(store: ArtifactStore, fp: str, cfg: Config, inputs: TrainInputs) 
     return fp
 
 
-def model_summary(store: ArtifactStore, fp: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainedModel:
+    """A model version committed by the train stage, as its card describes it."""
+
+    name: str  # registry model name
+    version: str  # its version, ``vNNNN``
+    uri: str  # the version's folder in the store
+    card: str  # URI of its model card (JSON)
+    weights: str  # URI of its weights file
+    loss_curve: str  # URI of its loss curve PNG
+    train_fp: str  # fingerprint of the train stage that made it
+    labels: str  # merge fingerprint of the (first) label set it was trained on
+    index: str  # index fingerprint of that label set
+    features: str | None  # dino_features fingerprint of that set (None: not cached)
+    vocabulary: tuple[str, ...]  # class names; ``category_id`` = position
+    images: int  # training images
+    epoch_losses: tuple[float, ...]  # mean loss per epoch
+    final_loss: float  # the last epoch's mean loss
+
+    @property
+    def ref(self) -> str:
+        """``name:version``, as ``--model`` and the registry take it."""
+        return f"{self.name}:{self.version}"
+
+    def table_row(self) -> dict[str, Any]:
+        """The ``train-model`` table's row."""
+        return {
+            "model": self.name,
+            "version": self.version,
+            "labels": self.labels,
+            "index": self.index,
+            "train_fp": self.train_fp,
+            "images": self.images,
+            "final_loss": self.final_loss,
+            "card": self.card,
+            "weights": self.weights,
+            "loss_curve": self.loss_curve,
+        }
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train_flow` returns."""
+
+    model: TrainedModel  # the version trained (or found already trained)
+    cached: bool  # True: this config had already trained on these labels, nothing retrained
+    champion: str | None  # the name's champion version after this run (None: none yet)
+    promoted: bool  # this run made the version the champion
+    flow_run: str | None  # the Prefect flow run id (None outside a run)
+
+
+def model_summary(store: ArtifactStore, fp: str) -> TrainedModel:
     """The model version committed as ``stages/train/{fp}``: name, version, URIs, losses."""
     meta = store.require_manifest(STAGE, fp).meta
     name, version = meta["model"], meta["version"]
     card = ModelRegistry(store).card(name, version)
     rel = ModelRegistry.rel(name, version)
-    return {
-        "model": name,
-        "version": version,
-        "uri": store.url(rel),
-        "card": store.url(f"{rel}/{CARD}"),
-        "weights": store.url(f"{rel}/{WEIGHTS}"),
-        "loss_curve": store.url(f"{rel}/{_plain_file(card.get('loss_curve', LOSS_CURVE))}"),
-        "train_fp": fp,
-        "labels": card["data"]["labels_fp"],
-        "index": card["data"]["index_fp"],
-        "features": card["data"].get("features_fp"),
-        "vocabulary": list(card["vocabulary"]),
-        "images": card["data"]["images"],
-        "epoch_losses": list(card["epoch_losses"]),
-        "final_loss": card["metrics"]["final_loss"],
-    }
+    return TrainedModel(
+        name=name,
+        version=version,
+        uri=store.url(rel),
+        card=store.url(f"{rel}/{CARD}"),
+        weights=store.url(f"{rel}/{WEIGHTS}"),
+        loss_curve=store.url(f"{rel}/{_plain_file(card.get('loss_curve', LOSS_CURVE))}"),
+        train_fp=fp,
+        labels=card["data"]["labels_fp"],
+        index=card["data"]["index_fp"],
+        features=card["data"].get("features_fp"),
+        vocabulary=tuple(card["vocabulary"]),
+        images=card["data"]["images"],
+        epoch_losses=tuple(card["epoch_losses"]),
+        final_loss=card["metrics"]["final_loss"],
+    )
 
 
 def _plain_file(name: Any) -> str:
@@ -162,18 +213,18 @@ def _plain_file(name: Any) -> str:
     return name if ok and name not in ("", ".", "..") else LOSS_CURVE
 
 
-def loss_markdown(summary: dict[str, Any], curve_png: bytes | None = None) -> str:
+def loss_markdown(model: TrainedModel, curve_png: bytes | None = None) -> str:
     """The loss curve (``curve_png`` embedded as an image, when given), per-epoch losses as a
     markdown table, and the curve's store URI."""
     lines = [
-        f"### Stage-2 training loss: {summary['model']}:{summary['version']}",
+        f"### Stage-2 training loss: {model.ref}",
         "",
         *([image_markdown("loss curve", curve_png, "image/png"), ""] if curve_png else []),
         "| epoch | mean loss |",
         "|---:|---:|",
-        *(f"| {i} | {loss:.4f} |" for i, loss in enumerate(summary["epoch_losses"], 1)),
+        *(f"| {i} | {loss:.4f} |" for i, loss in enumerate(model.epoch_losses, 1)),
         "",
-        f"Loss curve (per step and per epoch): `{summary['loss_curve']}`",
+        f"Loss curve (per step and per epoch): `{model.loss_curve}`",
     ]
     return "\n".join(lines)
 
@@ -187,16 +238,14 @@ def train_flow(
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
     promote_first: bool = True,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train the open-vocabulary segmenter on the pseudo-labels ``labels`` in ``store``.
 
     ``labels``: a merge-stage fingerprint or ``"latest"``. ``promote_first``: make the
     version the champion when its name has none yet (the registry's one rule; flows that
-    decide promotion themselves pass False). Returns :func:`model_summary` (``{"model",
-    "version", "card", "weights", "loss_curve", ...}``) plus ``cached`` (True when this
-    config had already trained on these labels: nothing was retrained), ``champion`` (the
-    name's champion version after this run, or None), ``promoted`` (this run made the version
-    the champion) and ``flow_run`` (the Prefect flow run id, or None).
+    decide promotion themselves pass False). Returns the :class:`TrainedModel` (cards,
+    weights, losses), whether it was a cache hit (nothing retrained), the name's champion
+    after this run and whether this run promoted it (:class:`TrainResult`).
     """
     cfg = configure(config, overrides, ray_address)
     locate_weights(cfg.models, ("dino", "clip"), storage_options)
@@ -205,34 +254,18 @@ def train_flow(
     fp = fingerprint_for(cfg, inputs)
     cached = st.is_committed(STAGE, fp)
     train_task(st, fp, cfg, inputs)
-    summary = model_summary(st, fp)
+    model = model_summary(st, fp)
     registry = ModelRegistry(st)
-    promoted = promote_first and promote_if_first(registry, summary["model"], summary["version"])
-    ref = f"{summary['model']}:{summary['version']}"
-    curve = ModelRegistry.rel(summary["model"], summary["version"], LOSS_CURVE)
+    promoted = promote_first and promote_if_first(registry, model.name, model.version)
+    curve = ModelRegistry.rel(model.name, model.version, LOSS_CURVE)
     curve_png = st.read_bytes(curve) if st.exists(curve) else None
-    markdown_artifact("train-loss", loss_markdown(summary, curve_png), description=f"loss of {ref}")
-    table_artifact(
-        "train-model",
-        [
-            {
-                "model": summary["model"],
-                "version": summary["version"],
-                "labels": inputs.labels_fp,
-                "index": inputs.index_fp,
-                "train_fp": fp,
-                "images": summary["images"],
-                "final_loss": summary["final_loss"],
-                "card": summary["card"],
-                "weights": summary["weights"],
-                "loss_curve": summary["loss_curve"],
-            }
-        ],
-        description=f"model version {ref}",
+    markdown_artifact(
+        "train-loss", loss_markdown(model, curve_png), description=f"loss of {model.ref}"
     )
+    table_artifact("train-model", [model.table_row()], description=f"model version {model.ref}")
     stages = {LABELS_STAGE: inputs.labels_fp, "index": inputs.index_fp, STAGE: fp}
-    if summary["features"]:
-        stages[FEATURES_STAGE] = summary["features"]
+    if model.features:
+        stages[FEATURES_STAGE] = model.features
     run_id = current_flow_run_id()
     record_lineage(
         st,
@@ -242,18 +275,8 @@ def train_flow(
             "labels": labels,
             "config": cfg.to_dict(),
             "stages": stages,
-            "model": {
-                "name": summary["model"],
-                "version": summary["version"],
-                "card": summary["card"],
-            },
+            "model": {"name": model.name, "version": model.version, "card": model.card},
         },
     )
-    champion = registry.champion(summary["model"])
-    return {
-        **summary,
-        "cached": cached,
-        "champion": champion,
-        "promoted": bool(promoted),
-        "flow_run": run_id,
-    }
+    champion = registry.champion(model.name)
+    return TrainResult(model, cached, champion, bool(promoted), run_id)

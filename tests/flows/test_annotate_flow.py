@@ -45,16 +45,16 @@ def test_annotate_flow_runs_caches_and_reruns_only_what_changed(
         return_state=True,
     )
     out = state.result()
-    fps, summary = out["fingerprints"], out["summary"]
+    fps, summary = out.fingerprints, out.summary
     assert set(fps) == {"index", "clip_dense", "sam_prompt", "sam_auto", "merge", "export"}
-    assert summary["images_indexed"] == N_IMAGES
-    assert summary["images_with_masks"] == N_IMAGES
-    assert summary["masks_prompt"] > 0 and summary["masks_auto"] > 0
-    assert set(summary["classes_found"]) <= set(VOCAB) and summary["errors"] == {}
+    assert summary.images_indexed == N_IMAGES
+    assert summary.images_with_masks == N_IMAGES
+    assert summary.masks_prompt > 0 and summary.masks_auto > 0
+    assert set(summary.classes_found) <= set(VOCAB) and summary.errors == {}
     assert BUILDS == {"clip": 1, "sam": 1}  # one CLIP; one SAM for both SAM stages (one pass)
 
     store = ArtifactStore(store_dir)
-    coco_path = Path(summary["coco"].removeprefix("file://"))
+    coco_path = Path(summary.coco.removeprefix("file://"))
     coco = COCO(str(coco_path))
     assert len(coco.imgs) == N_IMAGES
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(VOCAB)
@@ -62,13 +62,13 @@ def test_annotate_flow_runs_caches_and_reruns_only_what_changed(
     # tile exactly its labelled pixels (the raw masks are in candidates.json)
     check_semantic_coco(store, f"exports/{fps['export']}", tmp_path)
     candidates = COCO(str(coco_path.parent / "candidates.json"))
-    assert len(candidates.anns) == summary["masks_prompt"] + summary["masks_auto"]
+    assert len(candidates.anns) == summary.masks_prompt + summary.masks_auto
     ann = coco.anns[coco.getAnnIds()[0]]
     assert int(mask_utils.area(ann["segmentation"])) == ann["area"] > 0
     assert sorted(i["file_name"] for i in coco.dataset["images"]) == sorted(
         p.name for p in (tmp_path / "images").iterdir()
     )
-    assert summary["gallery"] and Path(summary["gallery"].removeprefix("file://")).is_file()
+    assert summary.gallery and Path(summary.gallery.removeprefix("file://")).is_file()
 
     lineage = store.read_run(str(state.state_details.flow_run_id))
     assert lineage["flow"] == "annotate" and lineage["stages"] == fps
@@ -78,7 +78,7 @@ def test_annotate_flow_runs_caches_and_reruns_only_what_changed(
     assert table["flow_run_id"] == str(state.state_details.flow_run_id)
     rows = {r["what"]: r["value"] for r in json.loads(table["data"])}
     assert rows["images_indexed"] == N_IMAGES  # plain values, not Python reprs
-    found = summary["classes_found"]
+    found = summary.classes_found
     assert rows["classes_found"] == ", ".join(f"{k} {v}" for k, v in found.items())
     assert rows["errors"] == "-"
     gallery = httpx.get(f"{api}/artifacts/annotate-gallery/latest").json()
@@ -99,10 +99,10 @@ def test_annotate_flow_runs_caches_and_reruns_only_what_changed(
         },
     )
     again = annotate_flow(str(tmp_path / "images"), store_dir, classes=list(VOCAB), config=changed)
-    same = {s for s in fps if again["fingerprints"][s] == fps[s]}
+    same = {s for s in fps if again.fingerprints[s] == fps[s]}
     assert same == {"index", "clip_dense", "sam_prompt"}
     assert BUILDS == {"sam": 1}
-    merged = store.read_table("merge", again["fingerprints"]["merge"])
+    merged = store.read_table("merge", again.fingerprints["merge"])
     assert sorted(set(merged.column("image_id").to_pylist())) == sorted(
         store.read_table("merge", fps["merge"]).column("image_id").unique().to_pylist()
     )
@@ -110,7 +110,7 @@ def test_annotate_flow_runs_caches_and_reruns_only_what_changed(
     # Everything committed: a third run builds no model at all.
     BUILDS.clear()
     third = annotate_flow(str(tmp_path / "images"), store_dir, classes=list(VOCAB), config=changed)
-    assert third["fingerprints"] == again["fingerprints"] and BUILDS == {}
+    assert third.fingerprints == again.fingerprints and BUILDS == {}
 
 
 @pytest.mark.parametrize(

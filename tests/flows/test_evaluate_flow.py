@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,6 @@ REPORT_KEYS = {
     "protocol",
     "seconds",
     "images_per_second",
-    "report_uris",
     "dataset_description",
     "background_names",
 }
@@ -99,20 +99,21 @@ def test_sharded_ray_evaluation_equals_single_process_and_is_cached(
     )
     report = state.result()  # tiny: Ray executor, one actor; 3 images -> 3 shards
     expected = _single_process(_maskclip(), voc_root)
-    assert report["confusion"] == expected["confusion"]  # exact: counts add across shards
-    assert report["mIoU"] == expected["mIoU"] and report["per_class"] == expected["per_class"]
-    assert set(report) == REPORT_KEYS
-    assert report["num_images"] == 3 and report["images_failed"] == 0
-    assert report["dataset"] == "voc21" and report["model"] == "maskclip"
-    assert report["model_ref"]["clip"] == "clip_tiny"
-    assert report["dataset_description"] == "PASCAL VOC 2012 val, 20 classes + background"
-    assert report["background"] == "stuff_names" and report["background_names"] == "clean"
+    assert report.confusion == expected["confusion"]  # exact: counts add across shards
+    assert report.mIoU == expected["mIoU"] and report.per_class == expected["per_class"]
+    assert set(report.json) == REPORT_KEYS
+    assert report.num_images == 3 and report.images_failed == 0
+    assert report.dataset == "voc21" and report.model == "maskclip"
+    assert report.model_ref["clip"] == "clip_tiny"
+    assert report.json["dataset_description"] == "PASCAL VOC 2012 val, 20 classes + background"
+    assert report.json["background"] == "stuff_names" and report.json["background_names"] == "clean"
 
     store = ArtifactStore(store_dir)
-    fp = report["fingerprint"]
+    fp = report.fingerprint
     assert store.require_manifest(STAGE, fp).num_shards == 3
-    assert report["report_uris"] == [store.url(f"evaluations/{fp}/report.json")]
-    assert store.read_json(f"evaluations/{fp}/report.json")["confusion"] == expected["confusion"]
+    assert report.report_uris == (store.url(f"evaluations/{fp}/report.json"),)
+    assert store.read_json(f"evaluations/{fp}/report.json") == report.json
+    assert report.json["confusion"] == expected["confusion"] and report.json["mIoU"] == report.mIoU
     run_id = str(state.state_details.flow_run_id)
     lineage = store.read_run(run_id)
     assert lineage["stages"] == {STAGE: fp} and lineage["model"]["mode"] == "maskclip"
@@ -124,7 +125,7 @@ def test_sharded_ray_evaluation_equals_single_process_and_is_cached(
     assert {a["flow_run_id"] for a in latest.values()} == {run_id}
     assert latest["evaluate-progress"]["data"] == 100.0
     table = json.loads(latest["evaluate-results"]["data"])
-    assert table[0]["mIoU"] == report["mIoU"] and table[0]["images"] == 3
+    assert table[0]["mIoU"] == report.mIoU and table[0]["images"] == 3
     assert "| aeroplane |" in latest["evaluate-per-class"]["data"]
 
     before = _stage_files(store_dir)
@@ -132,7 +133,7 @@ def test_sharded_ray_evaluation_equals_single_process_and_is_cached(
         "voc21", voc_root, "maskclip", store_dir, "tiny", ["runtime.shard_size=1"]
     )
     assert _stage_files(store_dir) == before  # cache hit: no shard rewritten
-    assert again["fingerprint"] == fp and again["confusion"] == report["confusion"]
+    assert again.fingerprint == fp and again.confusion == report.confusion
 
 
 @pytest.mark.slow
@@ -142,9 +143,9 @@ def test_limit_sharding_and_unreadable_images(
     store_dir = str(tmp_path / "store")
     full = evaluate_flow("voc21", voc_root, "maskclip", store_dir, "tiny", LOCAL)
     two = evaluate_flow("voc21", voc_root, "maskclip", store_dir, "tiny", LOCAL, limit=2)
-    assert two["num_images"] == 2 and two["limit"] == 2
-    assert two["fingerprint"] != full["fingerprint"]
-    assert two["confusion"] == _single_process(_maskclip(), voc_root, limit=2)["confusion"]
+    assert two.num_images == 2 and two.json["limit"] == 2
+    assert two.fingerprint != full.fingerprint
+    assert two.confusion == _single_process(_maskclip(), voc_root, limit=2)["confusion"]
     # shard size does not change the numbers, nor the fingerprint (a cache hit)
     wide = evaluate_flow(
         "voc21",
@@ -154,15 +155,15 @@ def test_limit_sharding_and_unreadable_images(
         "tiny",
         ["runtime.executor=local", "runtime.shard_size=8"],
     )
-    assert wide["fingerprint"] == full["fingerprint"] and wide["confusion"] == full["confusion"]
+    assert wide.fingerprint == full.fingerprint and wide.confusion == full.confusion
 
     jpg = Path(voc_root) / "VOCdevkit/VOC2012/JPEGImages/2007_000042.jpg"
     jpg.write_bytes(b"not a jpeg")
     # an image edited in place is evaluated again, in the same store: not the cached report
     broken = evaluate_flow("voc21", voc_root, "maskclip", store_dir, "tiny", LOCAL)
-    assert broken["fingerprint"] != full["fingerprint"]
-    assert broken["num_images"] == 2 and broken["images_failed"] == 1
-    errors = ArtifactStore(store_dir).read_table(STAGE, broken["fingerprint"], kind="errors")
+    assert broken.fingerprint != full.fingerprint
+    assert broken.num_images == 2 and broken.images_failed == 1
+    errors = ArtifactStore(store_dir).read_table(STAGE, broken.fingerprint, kind="errors")
     assert errors["image_id"].to_pylist() == ["2007_000042"]
     assert errors["uri"][0].as_py() == f"file://{jpg}"
     assert "cannot decode image JPEGImages/2007_000042.jpg" in errors["message"][0].as_py()
@@ -210,28 +211,29 @@ def test_registry_champion_report_next_to_its_card(
     )
     seg = OpenVocabSegmenter.load(store, "seg:v0001", device="cpu")
     expected = _single_process(AlignmentPredictor.from_segmenter(seg), voc_root, limit=2)
-    assert report["confusion"] == expected["confusion"]
-    assert report["model"] == "seg:v0001"
-    assert report["model_ref"] == {
+    assert report.confusion == expected["confusion"]
+    assert report.model == "seg:v0001"
+    assert report.model_ref == {
         "kind": "registry",
         "name": "seg",
         "version": "v0001",
         "uri": store.url("models/seg/v0001"),
     }
-    assert report["report_uris"][0] == store.url("models/seg/v0001/eval/voc21-limit2.json")
-    assert store.read_json("models/seg/v0001/eval/voc21-limit2.json")["mIoU"] == report["mIoU"]
+    assert report.report_uris[0] == store.url("models/seg/v0001/eval/voc21-limit2.json")
+    assert store.read_json("models/seg/v0001/eval/voc21-limit2.json") == report.json
+    assert report.json["mIoU"] == report.mIoU
     card = ModelRegistry(store).card("seg", "v0001")
-    assert card["metrics"] == {"final_loss": 1.5, "mIoU/voc21-limit2": report["mIoU"]}
-    assert card["evaluations"]["voc21-limit2"]["fingerprint"] == report["fingerprint"]
+    assert card["metrics"] == {"final_loss": 1.5, "mIoU/voc21-limit2": report.mIoU}
+    assert card["evaluations"]["voc21-limit2"]["fingerprint"] == report.fingerprint
     # the fingerprint names the resolved version, not the word "champion"
     same = evaluate_flow("voc21", voc_root, "seg:v0001", store_dir, "tiny", LOCAL, limit=2)
-    assert same["fingerprint"] == report["fingerprint"]
+    assert same.fingerprint == report.fingerprint
     v2 = _save_tiny_alignment(store)
     ModelRegistry(store).promote("seg", v2, "second")
     other = evaluate_flow(
         "voc21", voc_root, "champion", store_dir, "tiny", LOCAL, model_name="seg", limit=2
     )
-    assert other["model"] == "seg:v0002" and other["fingerprint"] != report["fingerprint"]
+    assert other.model == "seg:v0002" and other.fingerprint != report.fingerprint
 
 
 @pytest.mark.slow
@@ -302,9 +304,10 @@ def test_pseudo_label_quality_through_the_evaluate_flow(
     report = evaluate_flow("voc21", voc_root, "labels:latest", store_dir, "tiny", LOCAL)
     expected = pseudo_label_quality(open_dataset("voc21", voc_root), by_sid)
     for v in ("prompt", "auto", "merged"):
-        assert report[v]["confusion"] == expected[v]["confusion"]  # 3 shards, merged exactly
-    assert report["num_images"] == 3 and report["images_without_records"] == 1
-    assert report["unmatched_categories"] == ["sky"] and report["labels"] == "labels0000000000"
+        # 3 shards, merged exactly
+        assert report.variant(v)["confusion"] == expected[v]["confusion"]
+    assert report.num_images == 3 and report.images_without_records == 1
+    assert report.unmatched_categories == ["sky"] and report.labels == "labels0000000000"
     labels = [lab for _, lab in open_dataset("voc21", voc_root).iter_labels()]
 
     def share_in_first_two(value: int) -> float:  # exact masks there, none on image 3
@@ -312,16 +315,17 @@ def test_pseudo_label_quality_through_the_evaluate_flow(
         return sum(counts[:2]) / sum(counts)
 
     share = {"person": share_in_first_two(15), "aeroplane": share_in_first_two(1)}
-    iou = {r["class"]: r["IoU"] for r in report["merged"]["per_class"]}
+    iou = {r["class"]: r["IoU"] for r in report.merged["per_class"]}
     assert iou["person"] == share["person"] and iou["aeroplane"] == share["aeroplane"]
     assert 0 < share["person"] < 1 and iou["tvmonitor"] == 0.0
-    assert {r["class"]: r["IoU"] for r in report["prompt"]["per_class"]}["aeroplane"] == 0.0
-    assert report["merged"]["precision"] < 1.0  # tvmonitor pixels labelled background
-    uri = store.url(f"evaluations/{report['fingerprint']}/report.json")
-    assert report["report_uris"] == [uri]
+    assert {r["class"]: r["IoU"] for r in report.prompt["per_class"]}["aeroplane"] == 0.0
+    assert report.merged["precision"] < 1.0  # tvmonitor pixels labelled background
+    uri = store.url(f"evaluations/{report.fingerprint}/report.json")
+    assert report.report_uris == (uri,)
+    assert store.read_json(f"evaluations/{report.fingerprint}/report.json") == report.json
     before = _stage_files(store_dir)
     again = evaluate_flow("voc21", voc_root, "labels:labels0000000000", store_dir, "tiny", LOCAL)
-    assert again["fingerprint"] == report["fingerprint"]  # same merge output: a cache hit
+    assert again.fingerprint == report.fingerprint  # same merge output: a cache hit
     assert _stage_files(store_dir) == before
 
 
@@ -353,22 +357,26 @@ def test_sam_and_sam21_side_by_side_through_the_evaluate_flow(
     model = f"labels:{merges['sam_tiny']},labels:{merges['sam2.1_tiny']}"
     report = evaluate_flow("voc21", voc_root, model, store_dir, "tiny", LOCAL)
 
-    assert [r["teacher"] for r in report["teachers"]] == ["sam_tiny", "sam2.1_tiny"]
-    assert [r["labels"] for r in report["teachers"]] == list(merges.values())
-    assert report["num_images"] == 3
+    assert [r.teacher for r in report.teachers] == ["sam_tiny", "sam2.1_tiny"]
+    assert [r.labels for r in report.teachers] == list(merges.values())
+    assert report.num_images == 3
     val = {content_hash((images / f"{sid}.jpg").read_bytes()) for sid in val_ids}
-    for row, sam in zip(report["teachers"], merges, strict=True):
+    for row, sam in zip(report.teachers, merges, strict=True):
         single = evaluate_flow("voc21", voc_root, f"labels:{merges[sam]}", store_dir, "tiny", LOCAL)
-        assert row["mIoU"] == single["merged"]["mIoU"]
-        assert row["coverage"] == single["merged"]["coverage"]
-        assert row["precision"] == single["merged"]["precision"]
+        assert row.mIoU == single.merged["mIoU"]
+        assert row.coverage == single.merged["coverage"]
+        assert row.precision == single.merged["precision"]
         records = store.read_table("merge", merges[sam], columns=["image_id"]).to_pylist()
-        assert row["masks_per_image"] == sum(r["image_id"] in val for r in records) / 3
+        assert row.masks_per_image == sum(r["image_id"] in val for r in records) / 3
         timing = store.require_manifest("sam_prompt", sam_fps[sam]["sam_prompt"]).meta["timing"]
         assert timing["outputs"] == sam_fps[sam]  # one pass made both stages
-        assert row["images_per_second"] == 4 / timing["wall_s"] and row["unavailable"] is None
-    stored = store.read_json(f"evaluations/{report['fingerprint']}/report.json")
-    assert stored["teachers"] == report["teachers"]
+        assert row.images_per_second == 4 / timing["wall_s"] and row.unavailable is None
+    stored = store.read_json(f"evaluations/{report.fingerprint}/report.json")
+    assert stored["teachers"] == [asdict(r) for r in report.teachers] and stored == report.json
+    # each teacher's own report, with its report_uris, as the comparison has always embedded it
+    assert stored["reports"] == [
+        {**r.json, "report_uris": list(r.report_uris)} for r in report.reports
+    ]
     from prefect.settings import PREFECT_API_URL
 
     api = PREFECT_API_URL.value()
@@ -378,8 +386,6 @@ def test_sam_and_sam21_side_by_side_through_the_evaluate_flow(
     }
     table = json.loads(latest["teacher-comparison"]["data"])
     assert [r["teacher"] for r in table] == ["sam_tiny", "sam2.1_tiny"]
-    assert [r["masks_per_image"] for r in table] == [
-        r["masks_per_image"] for r in report["teachers"]
-    ]
+    assert [r["masks_per_image"] for r in table] == [r.masks_per_image for r in report.teachers]
     assert "| sam2.1_tiny |" in latest["teacher-comparison-table"]["data"]
-    assert report["report_uris"] == [store.url(f"evaluations/{report['fingerprint']}/report.json")]
+    assert report.report_uris == (store.url(f"evaluations/{report.fingerprint}/report.json"),)

@@ -102,36 +102,36 @@ def test_retrain_annotates_only_new_images_and_promotes_by_the_rule(
 
     # Run 1: every image is new; the first model becomes the champion.
     first = retrain_flow(**args)
-    assert (first["listed"], first["new_images"], first["annotated"]) == (N + 1, N + 1, N)
-    assert first["batch"] == 1 and first["model"]["version"] == "v0001"
-    assert first["promoted"] is True and "no champion yet" in first["reason"]
+    assert (first.listed, first.new_images, first.annotated) == (N + 1, N + 1, N)
+    assert first.batch == 1 and first.model.version == "v0001"
+    assert first.promoted is True and "no champion yet" in first.reason
     assert reg.champion(MODEL) == "v0001"
     card1 = reg.card(MODEL, "v0001")
     assert card1["promotion"]["promoted"] is True
     assert card1["retrain"]["batches"][0]["images"] == N and card1["data"]["images"] == N
-    assert 0.0 <= first["evaluation"]["metrics"]["mIoU"] <= 1.0
-    batch1 = manifests(st, first["fingerprints"])
+    assert 0.0 <= first.evaluation.metrics.mIoU <= 1.0
+    batch1 = manifests(st, first.fingerprints)
 
     # Run 2: only the M new images are annotated; v0002 trains on all N + M (fine-tuned).
     write_images(images, range(N, N + M))
     second = retrain_flow(**args, mode="finetune")
-    fps2 = second["fingerprints"]
-    assert (second["listed"], second["new_images"], second["annotated"]) == (N + M + 1, M, M)
+    fps2 = second.fingerprints
+    assert (second.listed, second.new_images, second.annotated) == (N + M + 1, M, M)
     assert st.require_manifest("index", fps2["index"]).rows == M
     assert st.require_manifest("clip_dense", fps2["clip_dense"]).rows == M
     merged = st.read_table("merge", fps2["merge"]).column("image_uri").unique().to_pylist()
     assert sorted(Path(u).name for u in merged) == [f"scene-{s:04d}.png" for s in range(N, N + M)]
-    assert manifests(st, first["fingerprints"]) == batch1  # batch 1 untouched
+    assert manifests(st, first.fingerprints) == batch1  # batch 1 untouched
     assert len(st.committed_fingerprints("clip_dense")) == 2
-    assert second["model"]["version"] == "v0002" and second["batch"] == 2
+    assert second.model.version == "v0002" and second.batch == 2
     card2 = reg.card(MODEL, "v0002")
     assert card2["data"]["images"] == N + M and len(card2["data"]["label_sets"]) == 2
     assert [b["batch"] for b in card2["retrain"]["batches"]] == [1, 2]
     assert card2["retrain"]["init_from"] == f"{MODEL}:v0001" == card2["data"]["init_from"]
-    ev = second["evaluation"]
-    new, old = ev["metrics"]["mIoU"], ev["champion_metrics"]["mIoU"]
-    assert ev["metrics"]["images"] == ev["champion_metrics"]["images"] == 4  # same held-out set
-    assert second["promoted"] is (new >= old)
+    ev = second.evaluation
+    new, old = ev.metrics.mIoU, ev.champion_metrics.mIoU
+    assert ev.metrics.images == ev.champion_metrics.images == 4  # same held-out set
+    assert second.promoted is (new >= old)
     assert reg.champion(MODEL) == ("v0002" if new >= old else "v0001")
     assert card2["promotion"]["promoted"] is (new >= old)
     assert card2["promotion"]["candidate_metrics"]["mIoU"] == new
@@ -183,8 +183,8 @@ def test_retrain_annotates_only_new_images_and_promotes_by_the_rule(
     fourth = retrain_flow(
         **{**args, "eval_dataset": None, "eval_data_root": None}, overrides=["train.epochs=1"]
     )
-    assert (fourth["new_images"], fourth["model"]["version"]) == (0, "v0003")
-    assert fourth["promoted"] is False and "not evaluated" in fourth["reason"]
+    assert (fourth.new_images, fourth.model.version) == (0, "v0003")
+    assert fourth.promoted is False and "not evaluated" in fourth.reason
     assert reg.champion(MODEL) == champion
     assert reg.card(MODEL, "v0003")["promotion"]["promoted"] is False
     assert len(st.committed_fingerprints("clip_dense")) == 2
@@ -235,10 +235,10 @@ def test_crash_before_the_batch_is_recorded_relabels_nothing(
     assert read_ledger(st, MODEL)["batches"] == []
 
     out = retrain_flow(**args)  # the same 4 images are new: same fingerprints, cache hits
-    assert out["new_images"] == 4 and out["batch"] == 1 and out["model"]["version"] == "v0001"
-    assert {s: [out["fingerprints"][s]] for s in committed} == committed
+    assert out.new_images == 4 and out.batch == 1 and out.model.version == "v0001"
+    assert {s: [out.fingerprints[s]] for s in committed} == committed
     assert manifests(st, {s: fps[0] for s, fps in committed.items()}) == before
-    assert out["promoted"] is True  # the first model, not evaluated
+    assert out.promoted is True  # the first model, not evaluated
 
 
 def test_retrain_rejects_bad_input_before_any_work(tmp_path: Path) -> None:
@@ -281,23 +281,23 @@ def test_annotate_and_train_evaluates_and_promotes_by_the_rule(
     reg = ModelRegistry(ArtifactStore(store_dir))
 
     first = annotate_and_train_flow(**args)
-    assert first["model"]["version"] == "v0001" and first["evaluation"]["promoted"] is True
-    assert first["evaluation"]["champion_metrics"] is None
-    assert first["evaluation"]["metrics"]["images"] == 3
-    miou1 = first["evaluation"]["metrics"]["mIoU"]
+    assert first.training.model.version == "v0001" and first.evaluation.promoted is True
+    assert first.evaluation.champion_metrics is None
+    assert first.evaluation.metrics.images == 3
+    miou1 = first.evaluation.metrics.mIoU
     assert reg.card(MODEL, "v0001")["promotion"]["candidate_metrics"]["mIoU"] == miou1
 
     # Another training setting: v0002 is evaluated beside the champion on the same set.
     second = annotate_and_train_flow(**args, overrides=["train.lr=0.0001"])
-    assert second["fingerprints"] == first["fingerprints"]  # the labels were reused
-    ev = second["evaluation"]
-    assert second["model"]["version"] == "v0002"
-    assert ev["champion_metrics"]["mIoU"] == miou1
-    assert ev["promoted"] == (ev["metrics"]["mIoU"] >= miou1)
-    assert reg.champion(MODEL) == ("v0002" if ev["promoted"] else "v0001")
+    assert second.annotation.fingerprints == first.annotation.fingerprints  # the labels were reused
+    ev = second.evaluation
+    assert second.training.model.version == "v0002"
+    assert ev.champion_metrics.mIoU == miou1
+    assert ev.promoted == (ev.metrics.mIoU >= miou1)
+    assert reg.champion(MODEL) == ("v0002" if ev.promoted else "v0001")
     history = reg.champion_record(MODEL)["history"]
     assert [(d["version"], d["promoted"]) for d in history] == [
         ("v0001", True),
-        ("v0002", ev["promoted"]),
+        ("v0002", ev.promoted),
     ]
-    assert reg.card(MODEL, "v0002")["promotion"]["reason"] == ev["reason"]
+    assert reg.card(MODEL, "v0002")["promotion"]["reason"] == ev.reason

@@ -57,16 +57,18 @@ def test_train_flow_trains_once_then_hits_the_cache(prefect_harness, tmp_path: P
         state = train_flow(store_dir, "latest", "tiny", OVERRIDES, return_state=True)
     result = state.result()
     registry = ModelRegistry(world.store)
-    assert (result["model"], result["version"]) == ("fmbseg-align", "v0001")
+    assert (result.model.name, result.model.version) == ("fmbseg-align", "v0001")
     assert registry.versions("fmbseg-align") == ["v0001"]
-    assert result["cached"] is False and result["labels"] == LABELS_B  # latest = newest merge
+    assert result.cached is False and result.model.labels == LABELS_B  # latest = newest merge
     card = registry.card("fmbseg-align", "v0001")
     assert card["data"]["labels_fp"] == LABELS_B and card["data"]["index_fp"] == INDEX_FP
     assert card["vocabulary"] == list(VOCAB) and card["data"]["images"] == 4
-    assert json.loads(Path(result["card"].removeprefix("file://")).read_text()) == card
-    curve = Path(result["loss_curve"].removeprefix("file://"))
+    assert json.loads(Path(result.model.card.removeprefix("file://")).read_text()) == card
+    curve = Path(result.model.loss_curve.removeprefix("file://"))
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(result["epoch_losses"]) == 2 and result["final_loss"] == card["epoch_losses"][-1]
+    assert (
+        len(result.model.epoch_losses) == 2 and result.model.final_loss == card["epoch_losses"][-1]
+    )
     # epochs reach the progress listeners (the CLI's bars), after the feature-cache shards
     assert [r for r in reports if r[0] == "train"] == [
         ("train", 0, 2),
@@ -79,26 +81,30 @@ def test_train_flow_trains_once_then_hits_the_cache(prefect_harness, tmp_path: P
     lineage = world.store.read_run(run_id)
     assert lineage["flow"] == "train" and lineage["labels"] == "latest"
     assert lineage["stages"]["merge"] == LABELS_B and lineage["stages"]["index"] == INDEX_FP
-    assert lineage["stages"]["train"] == result["train_fp"] == card["data"]["train_fp"]
-    assert lineage["model"] == {"name": "fmbseg-align", "version": "v0001", "card": result["card"]}
+    assert lineage["stages"]["train"] == result.model.train_fp == card["data"]["train_fp"]
+    assert lineage["model"] == {
+        "name": "fmbseg-align",
+        "version": "v0001",
+        "card": result.model.card,
+    }
     loss = _latest_artifact("train-loss")
     assert loss["flow_run_id"] == run_id and loss["type"] == "markdown"
-    for epoch, value in enumerate(result["epoch_losses"], 1):
+    for epoch, value in enumerate(result.model.epoch_losses, 1):
         assert f"| {epoch} | {value:.4f} |" in loss["data"]
-    assert result["loss_curve"] in loss["data"]
+    assert result.model.loss_curve in loss["data"]
     table = json.loads(_latest_artifact("train-model")["data"])
-    assert table[0]["version"] == "v0001" and table[0]["card"] == result["card"]
+    assert table[0]["version"] == "v0001" and table[0]["card"] == result.model.card
     assert table[0]["labels"] == LABELS_B
     assert _latest_artifact("train-progress")["data"] == 100.0
 
     # the same labels by fingerprint: a cache hit, nothing retrained
-    weights = Path(result["weights"].removeprefix("file://"))
+    weights = Path(result.model.weights.removeprefix("file://"))
     before = os.stat(weights).st_mtime_ns
     reports.clear()
     with observe_progress(lambda stage, done, total: reports.append((stage, done, total))):
         again = train_flow(store_dir, LABELS_B, "tiny", OVERRIDES)
-    assert again["cached"] is True
-    assert (again["version"], again["card"]) == ("v0001", result["card"])
+    assert again.cached is True
+    assert (again.model.version, again.model.card) == ("v0001", result.model.card)
     assert registry.versions("fmbseg-align") == ["v0001"]
     assert os.stat(weights).st_mtime_ns == before and reports == []
 

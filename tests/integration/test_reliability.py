@@ -189,7 +189,7 @@ def test_killed_flow_resumes_from_committed_shards(
     for name in committed:  # same bytes and same mtime: not rewritten
         assert after.get(name) == kept[name], f"{name} was rewritten or removed"
     store = ArtifactStore(str(store_dir))
-    fps = out["fingerprints"]
+    fps = out.fingerprints
     ids = Counter(store.read_table("clip_dense", fps["clip_dense"]).column("image_id").to_pylist())
     assert len(ids) == N_IMAGES and set(ids.values()) == {1}  # every image exactly once
 
