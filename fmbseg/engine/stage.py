@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fmbseg.config import Config
-from fmbseg.engine.runner import Finalize, Progress, cached_message, report, run_stages
+from fmbseg.engine.runner import Progress, cached_message, report, run_stages
 from fmbseg.engine.slot import ShardWorker
 from fmbseg.storage.fingerprint import fingerprint
 from fmbseg.storage.store import ArtifactStore, Manifest
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 class StageRun:
     """What a stage run reads besides its shards: small and picklable (workers get it).
 
-    ``fps`` holds every planned fingerprint, upstream stages' and this stage's own.
+    ``fps`` holds the planned fingerprints; a running stage sees its inputs' and its own
+    (those of ``targets``).
     ``vocabulary`` and ``image_labels`` are the user's class names and image-level tags
     (the stages after clip_dense read the vocabulary from its manifest).
     """
@@ -59,7 +60,6 @@ class Prepared:
     specs: Sequence[Any]
     worker: Callable[[], ShardWorker]
     meta: dict[str, Any]
-    finalize: Finalize | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,8 @@ class Stage:
         together: stages that run in one pass with this one (itself included).
         complete: ``complete(run) -> bool``: the stage's output is whole beyond its manifest
             (export's files); default: the manifest is committed.
+        before: ``before(run)``: once before an incomplete stage (re)runs, whether shards
+            remain or only ``finish`` does (export clears a killed run's temp files).
         finish: ``finish(run)``: after the commit (export writes its dataset files).
         timed: record the pass's wall time in the manifest meta.
     """
@@ -90,6 +92,7 @@ class Stage:
     gpu: bool = False
     together: tuple[str, ...] = ()
     complete: Callable[[StageRun], bool] | None = None
+    before: Callable[[StageRun], None] | None = None
     finish: Callable[[StageRun], None] | None = None
     timed: bool = False
 
@@ -115,9 +118,11 @@ def plan(stages: Sequence[Stage], job: StageRun) -> dict[str, str]:
 def committed(stage: Stage, job: StageRun) -> Manifest | None:
     """The stage's manifest when its output is whole (see :attr:`Stage.complete`)."""
     manifest = job.store.manifest(stage.name, job.fp(stage.name))
-    if manifest is not None and stage.complete is not None and not stage.complete(job):
-        return None
-    return manifest
+    return manifest if manifest is not None and _whole(stage, job) else None
+
+
+def _whole(stage: Stage, job: StageRun) -> bool:
+    return stage.complete is None or stage.complete(job)
 
 
 def run(
@@ -127,49 +132,55 @@ def run(
 ) -> dict[str, str]:
     """Run (or reuse) ``stages``, which share one pass, with the planned ``job.fps``.
 
-    Each stage whose output is committed is reported as cached and skipped; the others
-    run in one pass of the first one's worker (``job.targets`` names them). Returns
-    ``{stage: fingerprint}``.
+    Each stage whose output is whole is reported as cached and skipped; the others run in
+    one pass of the first one's worker, which sees its inputs' fingerprints and those of
+    the stages it writes (``job.targets``). Returns ``{stage: fingerprint}``.
     """
     progress = progress or {}
     store = job.store
-    todo = []
+    todo: list[Stage] = []
+    shards_left = False  # False: every todo stage is committed, only its finish is left
     for stage in stages:
-        manifest = committed(stage, job)
-        if manifest is None:
-            todo.append(stage)
+        manifest = store.manifest(stage.name, job.fp(stage.name))
+        if manifest is not None and _whole(stage, job):
+            report(cached_message(store, manifest))
+            if (p := progress.get(stage.name)) is not None:
+                p(manifest.num_shards, manifest.num_shards)
             continue
-        report(cached_message(store, manifest))
-        if (p := progress.get(stage.name)) is not None:
-            p(manifest.num_shards, manifest.num_shards)
-    if todo:
-        targets = [(s.name, job.fp(s.name)) for s in todo]
-        pass_run = dataclasses.replace(job, targets=tuple(s.name for s in todo))
-        if all(store.is_committed(*t) for t in targets):  # only what follows the commit
-            prepared = None
-        else:
-            prepared = todo[0].prepare(pass_run)
-        if prepared is not None:
-            # one callback given for several stages is called once a shard
-            listeners = list({id(p): p for s in todo if (p := progress.get(s.name))}.values())
+        todo.append(stage)
+        shards_left = shards_left or manifest is None
+    if not todo:
+        return {s.name: job.fp(s.name) for s in stages}
+    names = {s.name for s in todo} | {i for s in todo for i in s.inputs}
+    pass_run = dataclasses.replace(
+        job,
+        fps={k: v for k, v in job.fps.items() if k in names},
+        targets=tuple(s.name for s in todo),
+    )
+    for stage in todo:
+        if stage.before is not None:
+            stage.before(pass_run)
+    if shards_left:
+        prepared = todo[0].prepare(pass_run)
+        # one callback given for several stages is called once a shard
+        listeners = list({id(p): p for s in todo if (p := progress.get(s.name))}.values())
 
-            def each(done: int, total: int) -> None:
-                for listener in listeners:
-                    listener(done, total)
+        def each(done: int, total: int) -> None:
+            for listener in listeners:
+                listener(done, total)
 
-            run_stages(
-                store,
-                targets,
-                prepared.specs,
-                prepared.worker,
-                job.cfg.runtime,
-                use_gpu=any(s.gpu for s in todo),
-                progress=each,
-                meta=prepared.meta,
-                finalize=prepared.finalize,
-                timed=any(s.timed for s in todo),
-            )
-        for stage in todo:
-            if stage.finish is not None:
-                stage.finish(pass_run)
+        run_stages(
+            store,
+            [(s.name, job.fp(s.name)) for s in todo],
+            prepared.specs,
+            prepared.worker,
+            job.cfg.runtime,
+            use_gpu=any(s.gpu for s in todo),
+            progress=each,
+            meta=prepared.meta,
+            timed=any(s.timed for s in todo),
+        )
+    for stage in todo:
+        if stage.finish is not None:
+            stage.finish(pass_run)
     return {s.name: job.fp(s.name) for s in stages}

@@ -60,6 +60,7 @@ from PIL import Image
 from fmbseg.config import Config
 from fmbseg.data.images import decode_image
 from fmbseg.data.sources import read_bytes, relative_path, source_root
+from fmbseg.engine.inorder import InOrder
 from fmbseg.engine.stage import Prepared, StageRun
 from fmbseg.storage import ArtifactStore, Manifest
 from fmbseg.storage.records import (
@@ -77,7 +78,6 @@ from fmbseg.tasks.annotate.common import (
     INDEX_STAGE,
     VOCABULARY_KEY,
     ImageShardWorker,
-    InOrder,
     read_vocabulary,
 )
 from fmbseg.tasks.annotate.export_coco import NO_LABEL, first_rows
@@ -400,13 +400,17 @@ def complete(job: StageRun) -> bool:
     return job.store.exists(f"exports/{job.fp(STAGE)}/export.json")
 
 
+def sweep(job: StageRun) -> None:
+    """Before an incomplete export (re)runs: an earlier run killed mid-write left temp
+    files; this run rewrites what they were for."""
+    job.store.sweep_temp(f"exports/{job.fp(STAGE)}")
+
+
 def prepare(job: StageRun) -> Prepared:
     """One spec per merge shard (with its gallery share); every image of the index merge
-    was made from is exported. An earlier run killed mid-write left temp files; this run
-    rewrites what they were for."""
+    was made from is exported."""
     store, fp = job.store, job.fp(STAGE)
     base = f"exports/{fp}"
-    store.sweep_temp(base)
     merge = store.require_manifest("merge", job.fp("merge"))
     index = store.require_manifest(INDEX_STAGE, merge.meta["index"])
     vocabulary = read_vocabulary(store, "merge", merge.fingerprint)
@@ -435,7 +439,6 @@ def finish(job: StageRun) -> None:
     """The files that span every image (COCO, Parquet, gallery), streamed from the
     committed shards; ``export.json`` last."""
     store, fp = job.store, job.fp(STAGE)
-    store.sweep_temp(f"exports/{fp}")
     merge = store.require_manifest("merge", job.fp("merge"))
     index = store.require_manifest(INDEX_STAGE, merge.meta["index"])
     vocabulary = read_vocabulary(store, "merge", merge.fingerprint)

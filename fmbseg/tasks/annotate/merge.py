@@ -117,13 +117,19 @@ def merge_image(
     return MaskRecords.concat([prompt, sample_auto(auto, image_id, cfg)])
 
 
+ABSENT = {  # merge's reason for an image where the teacher's presence found no class
+    "clip_dense": "CLIP found no vocabulary class in enough crops",
+    "sam3": "SAM 3 found no vocabulary class present",
+}
+
+
 def merge_shard(
     images: Sequence[Mapping[str, object]],
     prompt: MaskRecords,
     auto: MaskRecords,
     cfg: MergeConfig,
     upstream_errors: pa.Table | None = None,
-    absent: str = "CLIP found no vocabulary class in enough crops",
+    absent: str = ABSENT["clip_dense"],
 ) -> tuple[MaskRecords, pa.Table]:
     """Merge the records of a shard's images; a reason for every image left without masks.
 
@@ -209,17 +215,24 @@ CLIP_COLUMNS = ("image_id", "present")  # not the similarity maps
 
 
 class MergeWorker:
-    """Shard worker of merge: no model. A spec is ``{"index", "clip_dense", "sam_prompt",
-    "sam_auto"} -> fingerprint``; shard ``i`` of each is read."""
+    """Shard worker of merge: no model. A spec maps ``index`` and the teacher's stages to
+    fingerprints -- ``clip_dense``, ``sam_prompt`` and ``sam_auto`` (CLIP + SAM), or
+    ``sam3`` (SAM 3, whose masks take the prompt masks' place; there are no automatic
+    ones) -- and shard ``i`` of each is read."""
 
     def __init__(self, store: ArtifactStore, cfg: MergeConfig) -> None:
         self.store, self.cfg = store, cfg
         self.upstream = Upstream(store, loader_pool(2))
 
+    @staticmethod
+    def _masks(spec: dict[str, str]) -> tuple[str, str | None]:
+        """The stages holding (prompt-like, automatic) masks for this spec's teacher."""
+        return ("sam3", None) if "sam3" in spec else ("sam_prompt", "sam_auto")
+
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
         up = self.upstream
         up.prefetch(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)
-        for stage in ("clip_dense", "sam_prompt", "sam_auto"):
+        for stage in (s for s in spec if s != INDEX_STAGE):
             columns = CLIP_COLUMNS if stage == "clip_dense" else None
             up.prefetch(stage, spec[stage], shard, columns=columns)
             up.prefetch(stage, spec[stage], shard, kind="errors")
@@ -227,7 +240,9 @@ class MergeWorker:
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         up = self.upstream
         index = up.read(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS).to_pylist()
-        clip = up.part("clip_dense", spec["clip_dense"], shard, columns=CLIP_COLUMNS)
+        clip = None
+        if "clip_dense" in spec:
+            clip = up.part("clip_dense", spec["clip_dense"], shard, columns=CLIP_COLUMNS)
         present = (
             {}
             if clip is None
@@ -247,18 +262,20 @@ class MergeWorker:
             }
             for r in index
         ]
-        records = {}
+        records = []
+        for stage in self._masks(spec):
+            part = None if stage is None else up.part(stage, spec[stage], shard)
+            records.append(MaskRecords.empty() if part is None else MaskRecords.derived(part))
         upstream = []
-        for stage in ("sam_prompt", "sam_auto"):
-            part = up.part(stage, spec[stage], shard)
-            records[stage] = MaskRecords.empty() if part is None else MaskRecords.derived(part)
-        for stage in ("clip_dense", "sam_prompt", "sam_auto"):
+        for stage in (s for s in spec if s != INDEX_STAGE):
             errors = up.part(stage, spec[stage], shard, kind="errors")
             if errors is not None:
                 upstream.append(errors.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA))
         # a SAM stage's "no_class_present" row is the same reason merge gives itself
+        prompt, auto = records
+        teacher = "sam3" if "sam3" in spec else "clip_dense"
         merged, errors = merge_shard(
-            images, records["sam_prompt"], records["sam_auto"], self.cfg, _real_failures(upstream)
+            images, prompt, auto, self.cfg, _real_failures(upstream), ABSENT[teacher]
         )
         return merged.table, errors
 
@@ -271,50 +288,12 @@ def _real_failures(tables: list[pa.Table]) -> pa.Table | None:
 
 
 def prepare(job: StageRun) -> Prepared:
-    """merge of committed sam_prompt and sam_auto outputs, shard by index shard."""
-    inputs = {s: job.fp(s) for s in (INDEX_STAGE, "clip_dense", "sam_prompt", "sam_auto")}
-    vocabulary = read_vocabulary(job.store, "clip_dense", inputs["clip_dense"])
+    """merge of the committed outputs of the teacher's stages (the stage's inputs: CLIP +
+    the SAM pair, or SAM 3), shard by index shard."""
+    inputs = {s: fp for s, fp in job.fps.items() if s not in job.targets}
+    labeller = "sam3" if "sam3" in inputs else "clip_dense"  # where the vocabulary is
+    vocabulary = read_vocabulary(job.store, labeller, inputs[labeller])
     specs = [inputs] * num_shards(job.store, INDEX_STAGE, inputs[INDEX_STAGE])
     factory = functools.partial(MergeWorker, job.store, job.cfg.merge)
-    meta = {VOCABULARY_KEY: list(vocabulary), ORDER_KEY: job.cfg.merge.order, **inputs}
-    return Prepared(specs, factory, meta)
-
-
-class ConceptMergeWorker(MergeWorker):
-    """Shard worker of merge for the SAM 3 teacher: a spec is ``{"index", "sam3"} ->
-    fingerprint``; SAM 3's masks take the place of the prompt masks (there are no automatic
-    ones), painted into the same label maps."""
-
-    def prefetch(self, shard: int, spec: dict[str, str]) -> None:
-        up = self.upstream
-        up.prefetch(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)
-        up.prefetch("sam3", spec["sam3"], shard)
-        up.prefetch("sam3", spec["sam3"], shard, kind="errors")
-
-    def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
-        up = self.upstream
-        index = up.read(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS).to_pylist()
-        images = [{"image_id": r["image_id"], "image_uri": r["uri"], "present": []} for r in index]
-        part = up.part("sam3", spec["sam3"], shard)
-        concepts = MaskRecords.empty() if part is None else MaskRecords.derived(part)
-        errors = up.part("sam3", spec["sam3"], shard, kind="errors")
-        upstream = [] if errors is None else [errors.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)]
-        merged, failed = merge_shard(
-            images,
-            concepts,
-            MaskRecords.empty(),
-            self.cfg,
-            _real_failures(upstream),
-            absent="SAM 3 found no vocabulary class present",
-        )
-        return merged.table, failed
-
-
-def prepare_concepts(job: StageRun) -> Prepared:
-    """merge of a committed sam3 output (the SAM 3 teacher), shard by index shard."""
-    inputs = {s: job.fp(s) for s in (INDEX_STAGE, "sam3")}
-    vocabulary = read_vocabulary(job.store, "sam3", inputs["sam3"])
-    specs = [inputs] * num_shards(job.store, INDEX_STAGE, inputs[INDEX_STAGE])
-    factory = functools.partial(ConceptMergeWorker, job.store, job.cfg.merge)
     meta = {VOCABULARY_KEY: list(vocabulary), ORDER_KEY: job.cfg.merge.order, **inputs}
     return Prepared(specs, factory, meta)

@@ -20,6 +20,7 @@ from fmbseg.config import Config, ConfigError
 from fmbseg.data.image_labels import ImageLabels
 from fmbseg.engine.runner import Progress
 from fmbseg.engine.stage import Stage, StageRun, plan, run
+from fmbseg.models.locate import locate_weights
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate import clip_dense, export, merge, sam3, sam_pair
 from fmbseg.tasks.annotate.common import INDEX_STAGE, teacher
@@ -95,6 +96,7 @@ EXPORT = Stage(
     parts=lambda job: {"export": job.cfg.export},
     prepare=export.prepare,
     complete=export.complete,
+    before=export.sweep,
     finish=export.finish,
 )
 
@@ -115,9 +117,7 @@ SAM3 = Stage(
     gpu=True,
     timed=True,
 )
-MERGE_SAM3 = dataclasses.replace(
-    MERGE, inputs=(INDEX_STAGE, "sam3"), prepare=merge.prepare_concepts
-)
+MERGE_SAM3 = dataclasses.replace(MERGE, inputs=(INDEX_STAGE, "sam3"))
 STAGE1_SAM3: tuple[Stage, ...] = (SAM3, MERGE_SAM3, EXPORT)
 
 TEACHERS: dict[str, tuple[Stage, ...]] = {"clip_sam": STAGE1, "sam3": STAGE1_SAM3}
@@ -129,15 +129,19 @@ def stage1(cfg: Config) -> tuple[Stage, ...]:
     return TEACHERS[cfg.models.teacher]
 
 
-def teacher_models(cfg: Config) -> tuple[str, ...]:
-    """The model kinds (``models.<kind>``) stage 1 builds with ``cfg``'s teacher."""
-    return ("sam3",) if cfg.models.teacher == "sam3" else ("clip", "sam")
-
-
-def check_teacher(cfg: Config, image_labels: object = None) -> None:
-    """Before any work: the teacher's optional package is installed (SAM 3: the ``sam3``
-    extra; raises :class:`~fmbseg.models.registry.MissingExtraError` with the hint), and
-    image-level tags (which replace CLIP's presence vote) come with the CLIP teacher."""
+def check_teacher(
+    cfg: Config,
+    image_labels: object = None,
+    *,
+    also: Sequence[str] = (),
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Before any work, in seconds: the teacher's optional package is installed (SAM 3: the
+    ``sam3`` extra; :class:`~fmbseg.models.registry.MissingExtraError` with the hint),
+    image-level tags (which replace CLIP's presence vote) come with the CLIP teacher, and
+    the weights of the teacher's models and of the kinds in ``also`` can be found
+    (:func:`~fmbseg.models.locate.locate_weights`)."""
+    kinds: tuple[str, ...] = ("clip", "sam")
     if cfg.models.teacher == "sam3":
         if image_labels is not None:
             raise ConfigError(
@@ -148,6 +152,8 @@ def check_teacher(cfg: Config, image_labels: object = None) -> None:
         from fmbseg.models.sam3 import require_package
 
         require_package(cfg.models.sam3)
+        kinds = ("sam3",)
+    locate_weights(cfg.models, tuple(dict.fromkeys((*kinds, *also))), storage_options)
 
 
 def passes(stages: Sequence[Stage] = STAGE1) -> list[tuple[Stage, ...]]:
