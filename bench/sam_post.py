@@ -4,7 +4,7 @@ Per image, a SAM stage worker runs SAM (prompts, then automatic masks from the s
 embedding) and then CPU work on SAM's output: filtering, labelling each mask from the CLIP
 similarity maps, COCO RLE encoding, the record rows. The reference does them one after the
 other, as the worker did before; ours hands the CPU work to the worker's post thread
-(``fmbseg.tasks.annotate.common.InOrder``) while SAM takes the next image. Same images, same SAM
+(``fmbseg.engine.inorder.InOrder``) while SAM takes the next image. Same images, same SAM
 (random weights), same similarity maps (random, ``--classes`` present classes) and the real
 stage functions (``segment_prompts``/``prompt_rows``, ``segment_auto``/``auto_rows``).
 Prints seconds per image of each path, the time the CPU work alone takes, the ratio, and
@@ -84,9 +84,10 @@ class StandIn:
 
 def main() -> None:
     from fmbseg.config import SamAutoConfig, SamPromptConfig
+    from fmbseg.engine.inorder import InOrder
     from fmbseg.models import build_model
     from fmbseg.tasks.annotate.clip_dense import ClipDenseResult
-    from fmbseg.tasks.annotate.common import POST_AHEAD, InOrder, post_pool
+    from fmbseg.tasks.annotate.common import POST_AHEAD, post_pool
     from fmbseg.tasks.annotate.sam_auto import auto_rows, segment_auto
     from fmbseg.tasks.annotate.sam_prompt import prompt_rows, segment_prompts
 

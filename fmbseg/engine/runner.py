@@ -315,10 +315,8 @@ def _runs_locally(runtime: RuntimeConfig, n_todo: int) -> bool:
     Starting a local Ray and an actor costs more than a small job's whole work, so a single
     shard with no ``ray_address`` runs here unless this process has started Ray already.
     """
-    if runtime.executor == "local":
+    if runtime.executor == "local":  # else "ray": RuntimeConfig admits no other value
         return True
-    if runtime.executor != "ray":
-        raise ValueError(f"runtime.executor must be 'local' or 'ray', got {runtime.executor!r}")
     ray = sys.modules.get("ray")  # not imported: certainly not initialised (and stays so)
     started = ray is not None and ray.is_initialized()
     return n_todo == 1 and runtime.ray_address is None and not started

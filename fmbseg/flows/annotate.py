@@ -34,20 +34,15 @@ from fmbseg.flows.common import (
     table_artifact,
 )
 from fmbseg.flows.index import index_task, list_images_task
-from fmbseg.models.locate import locate_weights
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.export_coco import NO_LABEL
 from fmbseg.tasks.annotate.index import IndexPlan, count_errors
 from fmbseg.tasks.annotate.stages import (
-    SAM_PASS,
     check_teacher,
     passes,
     stage1,
     stage_run,
-    teacher_models,
 )
-
-SAM_STAGES = SAM_PASS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,8 +236,8 @@ def annotate_flow(
         tags = load_image_labels(image_labels, vocabulary, storage_options)
         tags = tags.bound_to(source_root(images, image_root))
     cfg = configure(config, overrides, ray_address)
-    check_teacher(cfg, image_labels)  # seconds, not after index: its package and weights
-    locate_weights(cfg.models, teacher_models(cfg), storage_options)
+    # seconds, not after index: the teacher's package and weights
+    check_teacher(cfg, image_labels, storage_options=storage_options)
     st = open_store(store, storage_options)
     fps = annotate_stages(st, cfg, images, vocabulary, storage_options, image_root, tags)
     summary = annotation_summary(st, fps)

@@ -28,9 +28,8 @@ from fmbseg.flows.common import (
 )
 from fmbseg.flows.evaluate import EvaluationReport, evaluate_flow
 from fmbseg.flows.train import TrainResult, train_flow
-from fmbseg.models.locate import locate_weights
 from fmbseg.storage.models import ModelRegistry
-from fmbseg.tasks.annotate.stages import check_teacher, teacher_models
+from fmbseg.tasks.annotate.stages import check_teacher
 from fmbseg.tasks.train.promotion import decide_and_record
 
 
@@ -149,10 +148,8 @@ def annotate_and_train_flow(
     if (eval_dataset is None) != (eval_data_root is None):
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)  # config errors fail before any work
-    check_teacher(cfg)
-    locate_weights(
-        cfg.models, (*teacher_models(cfg), "clip", "dino"), storage_options
-    )  # and missing weights
+    # and the teacher's package, missing weights
+    check_teacher(cfg, also=("clip", "dino"), storage_options=storage_options)
     common: dict[str, Any] = {
         "config": config,
         "overrides": overrides,

@@ -1,9 +1,11 @@
 """What every flow shares: config/store setup, the stage-task pattern, artifacts, lineage.
 
 The stage-task pattern: each pipeline stage is one Prefect task made with
-:func:`stage_task`. Its first two parameters are ``store`` (an ArtifactStore) and ``fp``
-(the stage fingerprint, computed by the flow before the call); its body runs the stage
-through :func:`fmbseg.engine.runner.run_stage` and returns ``fp``. The cache key is the
+:func:`stage_task`: a declared pass of stage-1 stages through :func:`pass_task` (its one
+parameter a :class:`~fmbseg.engine.stage.StageRun`), the planned stages (index, train,
+evaluate) as functions taking ``store`` and ``fp`` (the fingerprint, computed by the flow
+before the call) that run :func:`fmbseg.engine.runner.run_stage` and return ``fp``. The
+cache key is the
 fingerprint, but only while the store really holds a committed output for it, so a
 deleted or different store never yields a stale cache hit (the store, not Prefect's
 result cache, is the source of truth; Prefect's cache just makes the skip visible in the
@@ -48,7 +50,7 @@ from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
 from fmbseg.segment import IncompatibleModelError
 from fmbseg.storage.models import ModelNotFoundError
 from fmbseg.storage.preflight import StoreUnusableError, check_store
-from fmbseg.storage.store import ArtifactStore, NotCommittedError
+from fmbseg.storage.store import ArtifactStore, Manifest, NotCommittedError
 from fmbseg.tasks.train.data import NoLabelledPatchesError
 
 log = logging.getLogger(__name__)
@@ -131,25 +133,28 @@ def _store_tag(store: ArtifactStore) -> str:
 
 
 def stage_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str | None]:
-    """A Prefect ``cache_key_fn``: ``fmbseg-{stage}-{store}-{fp}`` once ``fp`` is committed.
-
-    A task of several stages in one pass (``"a+b"``) takes ``fp`` as ``{stage: fp}``; its
-    key needs every one committed.
-    """
+    """A Prefect ``cache_key_fn``: ``fmbseg-{stage}-{store}-{fp}`` once ``fp`` is committed."""
 
     def key(context: Any, parameters: dict[str, Any]) -> str | None:
         store, fp = parameters["store"], parameters["fp"]
-        fps = dict(fp) if isinstance(fp, Mapping) else {stage: fp}
-        committed = [m for s, f in fps.items() if (m := store.manifest(s, f)) is not None]
-        if len(committed) < len(fps):
-            return None
-        task_run = getattr(context, "task_run", None)
-        if task_run is not None:  # said by _report_cached if Prefect serves the cached result
-            with _pending_lock:
-                _pending[str(task_run.id)] = [cached_message(store, m) for m in committed]
-        return f"fmbseg-{stage}-{_store_tag(store)}-{'-'.join(fps.values())}"
+        return _cache_key(context, stage, store, [store.manifest(stage, fp)])
 
     return key
+
+
+def _cache_key(
+    context: Any, label: str, store: ArtifactStore, manifests: Sequence[Manifest | None]
+) -> str | None:
+    """``fmbseg-{label}-{store}-{fps}`` when every manifest is there (else None: run the
+    task); the cached reports are kept for :func:`_report_cached`."""
+    done = [m for m in manifests if m is not None]
+    if len(done) < len(manifests):
+        return None
+    task_run = getattr(context, "task_run", None)
+    if task_run is not None:  # said by _report_cached if Prefect serves the cached result
+        with _pending_lock:
+            _pending[str(task_run.id)] = [cached_message(store, m) for m in done]
+    return f"fmbseg-{label}-{_store_tag(store)}-{'-'.join(m.fingerprint for m in done)}"
 
 
 # cached reports per task run, from its cache key until it ends (see _report_cached)
@@ -183,16 +188,21 @@ def is_user_error(exc: BaseException) -> bool:
 
 
 def stage_task(
-    stage: str, *, retries: int = 1, retry_delay_seconds: float = 5.0
+    stage: str,
+    *,
+    retries: int = 1,
+    retry_delay_seconds: float = 5.0,
+    cache_key: Callable[[Any, dict[str, Any]], str | None] | None = None,
 ) -> Callable[[Callable[P, R]], Task[P, R]]:
     """Decorator: a Prefect task for ``stage``, cached by fingerprint, retried on failure.
 
-    The decorated function must take ``store`` and ``fp`` parameters and return ``fp``.
-    Unit tests call the undecorated body as ``the_task.fn(...)``.
+    The decorated function must take ``store`` and ``fp`` parameters and return ``fp``
+    (unless ``cache_key`` reads others: :func:`pass_task`). Unit tests call the
+    undecorated body as ``the_task.fn(...)``.
     """
     return task(
         name=stage,
-        cache_key_fn=stage_cache_key(stage),
+        cache_key_fn=cache_key or stage_cache_key(stage),
         persist_result=True,
         retries=retries,
         retry_delay_seconds=retry_delay_seconds,
@@ -222,16 +232,7 @@ def pass_task(stages: Sequence[Stage]) -> Task[..., dict[str, str]]:
             progress = {s.name: StageProgress(s.name, job.fp(s.name)) for s in declared}
             return run_stages(declared, job, progress)
 
-        _PASS_TASKS[declared] = task(
-            name=name,
-            cache_key_fn=pass_cache_key(declared),
-            persist_result=True,
-            retries=1,
-            retry_delay_seconds=5.0,
-            retry_condition_fn=retry_unless_user_error,
-            on_completion=[_report_cached],
-            on_failure=[_report_cached],
-        )(run_pass)
+        _PASS_TASKS[declared] = stage_task(name, cache_key=pass_cache_key(declared))(run_pass)
     return _PASS_TASKS[declared]
 
 
@@ -239,18 +240,11 @@ def pass_cache_key(stages: Sequence[Stage]) -> Callable[[Any, dict[str, Any]], s
     """A Prefect ``cache_key_fn`` for :func:`pass_task`: ``fmbseg-{stages}-{store}-{fps}``
     once every stage's output is whole in the store, else None (the store, not Prefect's
     result cache, is the source of truth)."""
+    names = "+".join(s.name for s in stages)
 
     def key(context: Any, parameters: dict[str, Any]) -> str | None:
         job: StageRun = parameters["job"]
-        done = [m for s in stages if (m := committed(s, job)) is not None]
-        if len(done) < len(stages):
-            return None
-        task_run = getattr(context, "task_run", None)
-        if task_run is not None:  # said by _report_cached if Prefect serves the cached result
-            with _pending_lock:
-                _pending[str(task_run.id)] = [cached_message(job.store, m) for m in done]
-        names = "+".join(s.name for s in stages)
-        return f"fmbseg-{names}-{_store_tag(job.store)}-{'-'.join(m.fingerprint for m in done)}"
+        return _cache_key(context, names, job.store, [committed(s, job) for s in stages])
 
     return key
 

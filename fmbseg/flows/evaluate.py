@@ -8,8 +8,8 @@ on the same split again reads the committed shard matrices instead of running th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -51,6 +51,16 @@ from fmbseg.tasks.evaluate.stage import (
 LABELS_PREFIX = "labels:"
 
 
+R = TypeVar("R", "EvaluationReport", "LabelQualityReport")
+
+
+def _from_report(cls: type[R], report: dict[str, Any], uris: list[str]) -> R:
+    """``cls`` with each field taken from the report key of its name, ``json`` = the whole
+    report and ``report_uris`` = where it was written."""
+    names = [f.name for f in fields(cls) if f.name not in ("json", "report_uris")]
+    return cls(**{n: report[n] for n in names}, json=report, report_uris=tuple(uris))
+
+
 @dataclass(frozen=True)
 class EvaluationReport:
     """What :func:`evaluate_flow` returns for a model or a baseline: the report written to
@@ -73,21 +83,7 @@ class EvaluationReport:
     @classmethod
     def from_json(cls, report: dict[str, Any], uris: list[str]) -> EvaluationReport:
         """A report dict as :func:`build_report` makes it, written to ``uris``."""
-        return cls(
-            model=report["model"],
-            model_ref=report["model_ref"],
-            dataset=report["dataset"],
-            fingerprint=report["fingerprint"],
-            num_images=report["num_images"],
-            images_failed=report["images_failed"],
-            mIoU=report["mIoU"],
-            mAcc=report["mAcc"],
-            aAcc=report["aAcc"],
-            per_class=report["per_class"],
-            confusion=report["confusion"],
-            json=report,
-            report_uris=tuple(uris),
-        )
+        return _from_report(cls, report, uris)
 
     def table_row(self) -> dict[str, Any]:
         """The ``evaluate-results`` table's row."""
@@ -125,22 +121,7 @@ class LabelQualityReport:
     @classmethod
     def from_json(cls, report: dict[str, Any], uris: list[str]) -> LabelQualityReport:
         """A report dict as :func:`build_label_report` makes it, written to ``uris``."""
-        return cls(
-            model=report["model"],
-            labels=report["labels"],
-            dataset=report["dataset"],
-            fingerprint=report["fingerprint"],
-            num_images=report["num_images"],
-            images_without_records=report["images_without_records"],
-            unmatched_categories=report["unmatched_categories"],
-            masks_per_image=report["masks_per_image"],
-            teacher=report["teacher"],
-            prompt=report["prompt"],
-            auto=report["auto"],
-            merged=report["merged"],
-            json=report,
-            report_uris=tuple(uris),
-        )
+        return _from_report(cls, report, uris)
 
     def variant(self, name: str) -> dict[str, Any]:
         """The figures of label map ``name``: ``prompt``, ``auto`` or ``merged``."""

@@ -36,10 +36,9 @@ from fmbseg.flows.common import (
     table_artifact,
 )
 from fmbseg.flows.train import TrainedModel, TrainProgress, model_summary
-from fmbseg.models.locate import locate_weights
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
-from fmbseg.tasks.annotate.stages import check_teacher, stage1_fingerprints, teacher_models
+from fmbseg.tasks.annotate.stages import check_teacher, stage1_fingerprints
 from fmbseg.tasks.train.ledger import NewImages, new_images_plan
 from fmbseg.tasks.train.promotion import decide_and_record
 from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
@@ -202,8 +201,7 @@ def retrain_flow(
     if (eval_dataset is None) != (eval_data_root is None):
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)
-    check_teacher(cfg)
-    locate_weights(cfg.models, (*teacher_models(cfg), "clip", "dino"), storage_options)
+    check_teacher(cfg, also=("clip", "dino"), storage_options=storage_options)
     common: dict[str, Any] = {
         "config": config,
         "overrides": overrides,

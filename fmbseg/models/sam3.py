@@ -533,8 +533,9 @@ def load_sam3_checkpoint(model: Any, path: str, name: str) -> None:
     and nothing else; a buffer the file lacks keeps the value ``model`` computed at init
     (ViT RoPE frequencies, functions of the config alone)."""
     state = detector_state_dict(load_state_dict_file(path), path)
+    parameters = dict(model.named_parameters())
     for key, buf in model.state_dict().items():
-        if key not in state and key not in dict(model.named_parameters()):
+        if key not in state and key not in parameters:
             state[key] = buf
     load_into(model, state, f"SAM 3 checkpoint {path} for {name}")
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from fmbseg.config import ClipDenseConfig, Config
 from fmbseg.data.image_labels import ImageLabels
+from fmbseg.engine.inorder import InOrder
 from fmbseg.engine.stage import Prepared, StageRun
 from fmbseg.models.base import DenseClip
 from fmbseg.storage import ArtifactStore
@@ -39,7 +40,6 @@ from fmbseg.tasks.annotate.common import (
     INDEX_STAGE,
     VOCABULARY_KEY,
     ImageShardWorker,
-    InOrder,
     error_from,
     num_shards,
     post_pool,

@@ -22,7 +22,6 @@ import pyarrow as pa
 
 from fmbseg.config import Config
 from fmbseg.data.images import WORKER_DECODE_BUDGET
-from fmbseg.engine.inorder import InOrder  # noqa: F401 - re-exported: the workers use it
 from fmbseg.storage import ArtifactStore, Manifest
 from fmbseg.storage.records import error_row
 

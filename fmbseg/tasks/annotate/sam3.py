@@ -4,7 +4,7 @@ The teacher ``models.teacher: sam3`` (``fmbseg annotate --teacher sam3``) replac
 clip_dense + the SAM stages: per image, SAM 3 is run once for the whole vocabulary
 (:func:`~fmbseg.tasks.annotate.sam3_concepts.concept_job`); its presence score decides
 which classes are present and its instance masks become records with ``source="sam3"``.
-``merge`` (:func:`fmbseg.tasks.annotate.merge.prepare_concepts`) composes them into the same
+``merge`` (:class:`fmbseg.tasks.annotate.merge.MergeWorker`) composes them into the same
 label maps and ``export`` writes them the same way, so stage 2 trains on them unchanged.
 
 A spec is ``{"index": index_fp}``; shard ``i`` labels index shard ``i``. An image with no
@@ -21,14 +21,15 @@ from typing import Any
 import pyarrow as pa
 
 from fmbseg.config import Config
+from fmbseg.engine.inorder import InOrder
 from fmbseg.engine.stage import Prepared, StageRun
 from fmbseg.storage import ArtifactStore
 from fmbseg.storage.records import MaskRecords, error_row, errors_table
 from fmbseg.tasks.annotate.common import (
     INDEX_STAGE,
+    TEACHER_KEY,
     VOCABULARY_KEY,
     ImageShardWorker,
-    InOrder,
     error_from,
     num_shards,
     post_pool,
@@ -36,7 +37,6 @@ from fmbseg.tasks.annotate.common import (
 from fmbseg.tasks.annotate.sam3_concepts import concept_job
 
 STAGE = "sam3"
-TEACHER_KEY = "models"  # manifest meta: the SAM 3 model that labelled
 INDEX_COLUMNS = ("image_id", "uri")
 
 

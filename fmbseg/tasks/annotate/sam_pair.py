@@ -55,11 +55,8 @@ class SamPairWorker(SamStageWorker):
         unknown = set(fps) - {PROMPT, AUTO}
         if unknown or not fps:
             raise ValueError(f"SamPairWorker: stages {sorted(fps)}; expected {PROMPT}, {AUTO}")
-        SamStageWorker.__init__(
-            self, store, cfg, vocabulary, next(iter(fps.values())), storage_options
-        )
+        SamStageWorker.__init__(self, store, cfg, vocabulary, storage_options)
         self.fps = {s: fps[s] for s in (PROMPT, AUTO) if s in fps}
-        self.stage = "+".join(self.fps)
 
     def _prompt(self, image: np.ndarray, clip: ClipDenseResult) -> Rows:
         cfg = self.cfg.sam_prompt

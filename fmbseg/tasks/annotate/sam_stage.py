@@ -13,13 +13,13 @@ import numpy as np
 import pyarrow as pa
 
 from fmbseg.config import Config
+from fmbseg.engine.inorder import InOrder
 from fmbseg.storage import ArtifactStore
 from fmbseg.storage.records import MaskRecords, error_row, errors_table
 from fmbseg.tasks.annotate.clip_dense import result_from_row
 from fmbseg.tasks.annotate.common import (
     POST_AHEAD,
     ImageShardWorker,
-    InOrder,
     error_from,
     post_pool,
 )
@@ -79,20 +79,17 @@ class SamStageWorker(ImageShardWorker):
     segment or to become records get an error row naming the exception.
     """
 
-    stage = ""
-
     def __init__(
         self,
         store: ArtifactStore,
         cfg: Config,
         vocabulary: Sequence[str],
-        fp: str,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         from fmbseg.models.registry import build_from_config
 
         ImageShardWorker.__init__(self, store, cfg, storage_options)
-        self.fp, self.vocabulary = fp, tuple(vocabulary)
+        self.vocabulary = tuple(vocabulary)
         self.segmenter = build_from_config(
             cfg.models,
             "sam",
@@ -137,7 +134,7 @@ class SamStageWorker(ImageShardWorker):
         once and segmented by each in turn (a failure is that stage's error for the image).
 
         Records and errors come out in image order: the post thread's results are taken
-        back in the order they were handed to it (:class:`~fmbseg.tasks.annotate.common.InOrder`).
+        back in the order they were handed to it (:class:`~fmbseg.engine.inorder.InOrder`).
         """
         rows: dict[str, list[dict[str, Any]]] = {stage: [] for stage, _ in segmenters}
         errors: dict[str, list[dict[str, Any]]] = {stage: [] for stage, _ in segmenters}

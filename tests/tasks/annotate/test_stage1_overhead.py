@@ -11,9 +11,10 @@ import pytest
 from skimage.segmentation import find_boundaries
 
 from fmbseg.config import MergeConfig
+from fmbseg.engine.inorder import InOrder
 from fmbseg.storage import ArtifactStore, StoreError
 from fmbseg.storage.records import IGNORE, MaskRecords, mask_row
-from fmbseg.tasks.annotate.common import InOrder, ReadAhead, Upstream, loader_pool, post_pool
+from fmbseg.tasks.annotate.common import ReadAhead, Upstream, loader_pool, post_pool
 from fmbseg.tasks.annotate.gallery import inner_boundaries
 from fmbseg.tasks.annotate.merge import merge_image, merge_shard
 
