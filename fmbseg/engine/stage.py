@@ -4,7 +4,8 @@ A :class:`Stage` names its upstream stages, the config parts its output depends 
 code version, whether it needs a GPU, and its ``prepare`` function: given a
 :class:`StageRun` (the store, the config, every planned fingerprint, the user's inputs) it
 returns the shard specs, the worker factory (built once per executor slot, models loaded
-once) and the manifest meta. :func:`plan` computes every fingerprint of a list of stages
+once) and the manifest meta. A stage that is one process's loop rather than shards
+(training: epochs, checkpoints) declares a ``body`` instead, which commits its own output. :func:`plan` computes every fingerprint of a list of stages
 once, before anything runs; :func:`run` executes one stage (or the stages that share one
 pass) with :func:`fmbseg.engine.runner.run_stages`: skip what is committed, resume, shard
 locally or on Ray, commit. Nothing about a stage's plumbing is written per stage.
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fmbseg.config import Config
-from fmbseg.engine.runner import Progress, cached_message, report, run_stages
+from fmbseg.engine.runner import Progress, cached_message, counts, report, run_stages
 from fmbseg.engine.slot import ShardWorker
 from fmbseg.storage.fingerprint import fingerprint
 from fmbseg.storage.store import ArtifactStore, Manifest
@@ -37,7 +38,9 @@ class StageRun:
     ``fps`` holds the planned fingerprints; a running stage sees its inputs' and its own
     (those of ``targets``).
     ``vocabulary`` and ``image_labels`` are the user's class names and image-level tags
-    (the stages after clip_dense read the vocabulary from its manifest).
+    (the stages after clip_dense read the vocabulary from its manifest); ``given`` is
+    what else the user chose for a stage (the evaluated split and model, the label sets
+    training reads), small and picklable.
     """
 
     store: ArtifactStore
@@ -47,6 +50,7 @@ class StageRun:
     image_labels: ImageLabels | None = None
     storage_options: dict[str, Any] | None = None
     targets: tuple[str, ...] = ()  # the stages this pass writes (set by :func:`run`)
+    given: Any = None
 
     def fp(self, stage: str) -> str:
         return self.fps[stage]
@@ -74,6 +78,9 @@ class Stage:
             on; execution-only fields (batch sizes) are left out, so changing them reuses
             committed outputs.
         prepare: ``prepare(run) -> Prepared`` (``run.targets``: the stages this pass writes).
+        body: instead of ``prepare``, ``body(run, progress)`` runs the stage in this
+            process and commits ``stages/{name}/{fp}`` itself (training's epoch loop);
+            ``progress`` is the stage's ``progress(done, total)`` callback or None.
         gpu: reserve GPUs for the stage's Ray actors (where the cluster has any).
         together: stages that run in one pass with this one (itself included).
         complete: ``complete(run) -> bool``: the stage's output is whole beyond its manifest
@@ -88,13 +95,18 @@ class Stage:
     version: str
     inputs: tuple[str, ...]
     parts: Callable[[StageRun], dict[str, Any]]
-    prepare: Callable[[StageRun], Prepared]
+    prepare: Callable[[StageRun], Prepared] | None = None
+    body: Callable[[StageRun, Progress | None], None] | None = None
     gpu: bool = False
     together: tuple[str, ...] = ()
     complete: Callable[[StageRun], bool] | None = None
     before: Callable[[StageRun], None] | None = None
     finish: Callable[[StageRun], None] | None = None
     timed: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.prepare is None) == (self.body is None):
+            raise ValueError(f"stage {self.name}: declare exactly one of prepare and body")
 
     def fingerprint(self, run: StageRun) -> str:
         """hash(name, version, parts, input fingerprints): the stage's output version."""
@@ -160,7 +172,15 @@ def run(
     for stage in todo:
         if stage.before is not None:
             stage.before(pass_run)
-    if shards_left:
+    if shards_left and (body := todo[0].body) is not None:
+        (stage,) = todo  # a body stage runs alone
+        body(pass_run, progress.get(stage.name))
+        manifest = store.require_manifest(stage.name, job.fp(stage.name))
+        report(
+            f"{stage.name}: done (fingerprint {manifest.fingerprint}), {counts(store, manifest)}"
+        )
+    elif shards_left:
+        assert todo[0].prepare is not None
         prepared = todo[0].prepare(pass_run)
         # one callback given for several stages is called once a shard
         listeners = list({id(p): p for s in todo if (p := progress.get(s.name))}.values())
