@@ -14,38 +14,26 @@ from typing import Any, TypeVar
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from fmbseg.config import Config
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
-    StageProgress,
     configure,
     current_flow_run_id,
     manifest_artifact,
     markdown_artifact,
     open_store,
+    pass_task,
     record_lineage,
     retry_unless_user_error,
-    stage_task,
     table_artifact,
 )
-from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.evaluate.label_quality import VARIANTS
-from fmbseg.tasks.evaluate.label_quality_stage import STAGE as LQ_STAGE
-from fmbseg.tasks.evaluate.label_quality_stage import (
-    LabelsPlan,
-    build_label_report,
-    compare_teachers,
-    plan_label_quality,
-    run_label_quality,
-    write_label_report,
-)
-from fmbseg.tasks.evaluate.stage import (
-    STAGE,
-    EvalPlan,
-    build_report,
+from fmbseg.tasks.evaluate.label_quality_stage import build_label_report, compare_teachers
+from fmbseg.tasks.evaluate.stage import build_report, write_evaluation, write_report
+from fmbseg.tasks.evaluate.stages import (
+    EVALUATE,
+    LABEL_QUALITY,
     plan_evaluation,
-    run_evaluate,
-    write_report,
+    plan_label_quality,
 )
 
 LABELS_PREFIX = "labels:"
@@ -219,70 +207,16 @@ def label_refs(model: str) -> list[str]:
     return [p[len(LABELS_PREFIX) :] for p in parts]
 
 
-@task(
-    name="plan-evaluation",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_unless_user_error,
-)
-def plan_evaluation_task(
-    store: ArtifactStore,
-    dataset: str,
-    data_root: str,
-    model: str,
-    cfg: Config,
-    limit: int | None,
-    model_name: str | None,
-    storage_options: dict[str, Any] | None,
-) -> EvalPlan:
-    """List the split's files, resolve the model reference, compute the fingerprint."""
-    return plan_evaluation(
-        store,
-        dataset,
-        data_root,
-        model,
-        cfg,
-        limit=limit,
-        model_name=model_name,
-        storage_options=storage_options,
-    )
-
-
-@stage_task(STAGE)
-def evaluate_task(store: ArtifactStore, fp: str, plan: EvalPlan, cfg: Config) -> str:
-    """The protocol over every shard of the split; one confusion matrix per shard."""
-    return run_evaluate(store, plan, cfg, progress=StageProgress(STAGE, fp))
-
-
-@task(
-    name="plan-label-quality",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_unless_user_error,
-)
-def plan_label_quality_task(
-    store: ArtifactStore,
-    dataset: str,
-    data_root: str,
-    labels: str,
-    cfg: Config,
-    limit: int | None,
-    storage_options: dict[str, Any] | None,
-) -> LabelsPlan:
-    """List the split, resolve the merge output, locate its records, fingerprint."""
-    return plan_label_quality(
-        store, dataset, data_root, labels, cfg, limit=limit, storage_options=storage_options
-    )
-
-
-@stage_task(LQ_STAGE)
-def label_quality_task(store: ArtifactStore, fp: str, plan: LabelsPlan, cfg: Config) -> str:
-    """Prompt-only, auto-only and merged pseudo-label maps vs. the truth, per shard."""
-    return run_label_quality(store, plan, cfg, progress=StageProgress(LQ_STAGE, fp))
+# planning lists the split's files, resolves the model or labels and fingerprints the stage
+PLANNING: dict[str, Any] = {
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+    "retries": 2,
+    "retry_delay_seconds": 5,
+    "retry_condition_fn": retry_unless_user_error,
+}
+plan_evaluation_task = task(name="plan-evaluation", **PLANNING)(plan_evaluation)
+plan_label_quality_task = task(name="plan-label-quality", **PLANNING)(plan_label_quality)
 
 
 def per_class_markdown(report: dict[str, Any]) -> str:
@@ -344,38 +278,26 @@ def evaluate_flow(
     """
     if model.startswith(LABELS_PREFIX):
         refs = label_refs(model)
+        rest = (store, config, overrides, ray_address, storage_options, limit)
         if len(refs) > 1:
-            return compare_teachers_flow(
-                dataset,
-                data_root,
-                refs,
-                store,
-                config,
-                overrides,
-                ray_address,
-                storage_options,
-                limit,
-            )
-        return label_quality_flow(
-            dataset,
-            data_root,
-            refs[0],
-            store,
-            config,
-            overrides,
-            ray_address,
-            storage_options,
-            limit,
-        )
+            return compare_teachers_flow(dataset, data_root, refs, *rest)
+        return label_quality_flow(dataset, data_root, refs[0], *rest)
     cfg = configure(config, overrides, ray_address)
     st = open_store(store, storage_options)
-    plan = plan_evaluation_task(
-        st, dataset, data_root, model, cfg, limit, model_name, storage_options
+    job = plan_evaluation_task(
+        st,
+        dataset,
+        data_root,
+        model,
+        cfg,
+        limit=limit,
+        model_name=model_name,
+        storage_options=storage_options,
     )
-    fp = evaluate_task(st, plan.fingerprint, plan, cfg)
-    built = build_report(st, plan, cfg)
-    report = EvaluationReport.from_json(built, write_report(st, plan, built))
-    manifest_artifact(st, STAGE, fp)
+    fps = pass_task((EVALUATE,))(job)
+    built = build_report(job)
+    report = EvaluationReport.from_json(built, write_report(job, built))
+    manifest_artifact(st, EVALUATE.name, report.fingerprint)
     table_artifact(
         "evaluate-results",
         [report.table_row()],
@@ -388,12 +310,12 @@ def evaluate_flow(
         current_flow_run_id(),
         {
             "flow": "evaluate",
-            "dataset": plan.dataset.name,
+            "dataset": report.dataset,
             "data_root": data_root,
-            "model": plan.model.identity(),
+            "model": job.given.model.identity(),
             "limit": limit,
             "config": cfg.to_dict(),
-            "stages": {STAGE: fp},
+            "stages": fps,
             "report": report.report_uris[0],
         },
     )
@@ -421,11 +343,14 @@ def label_quality_flow(
     """
     cfg = configure(config, overrides, ray_address)
     st = open_store(store, storage_options)
-    plan = plan_label_quality_task(st, dataset, data_root, labels, cfg, limit, storage_options)
-    fp = label_quality_task(st, plan.fingerprint, plan, cfg)
-    built = build_label_report(st, plan)
-    report = LabelQualityReport.from_json(built, write_label_report(st, plan, built))
-    manifest_artifact(st, LQ_STAGE, fp)
+    job = plan_label_quality_task(
+        st, dataset, data_root, labels, cfg, limit=limit, storage_options=storage_options
+    )
+    pass_task((LABEL_QUALITY,))(job)
+    built = build_label_report(job)
+    uri = write_evaluation(st, built["fingerprint"], built)
+    report = LabelQualityReport.from_json(built, [uri])
+    manifest_artifact(st, LABEL_QUALITY.name, report.fingerprint)
     table_artifact(
         "label-quality-results",
         report.table_rows(),
@@ -441,12 +366,12 @@ def label_quality_flow(
         current_flow_run_id(),
         {
             "flow": "label-quality",
-            "dataset": plan.dataset.name,
+            "dataset": report.dataset,
             "data_root": data_root,
-            "labels": plan.merge_fp,
+            "labels": report.labels,
             "limit": limit,
             "config": cfg.to_dict(),
-            "stages": {LQ_STAGE: fp, "merge": plan.merge_fp},
+            "stages": dict(job.fps),
             "report": report.report_uris[0],
         },
     )
@@ -506,8 +431,7 @@ def compare_teachers_flow(
     st = open_store(store, storage_options)
     # each report with its report_uris, as the comparison JSON has always embedded them
     compared = compare_teachers([r.with_uris() for r in reports])
-    rel = f"evaluations/{compared['fingerprint']}/report.json"
-    st.write_json(rel, compared)
+    uri = write_evaluation(st, compared["fingerprint"], compared)
     report = TeacherComparison(
         model=compared["model"],
         dataset=compared["dataset"],
@@ -516,7 +440,7 @@ def compare_teachers_flow(
         teachers=tuple(TeacherRow(**row) for row in compared["teachers"]),
         reports=tuple(reports),
         json=compared,
-        report_uris=(st.url(rel),),
+        report_uris=(uri,),
     )
     table_artifact(
         "teacher-comparison",

@@ -15,9 +15,6 @@ no dataset class], ``prompt`` / ``auto`` / ``merged`` [string, JSON of
 Several merge outputs of the same images (one per teacher, ``models.sam``) are compared with
 :func:`compare_teachers`: each one's report with its teacher (:func:`teacher_of`, from its
 SAM stages' manifests) side by side.
-
-Fingerprint = hash("label_quality", CODE_VERSION, dataset name, data root, evaluated sample
-ids and each label file's size and ETag or mtime, ``limit``, the ``merge`` fingerprint).
 """
 
 from __future__ import annotations
@@ -32,15 +29,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fmbseg.config import Config
-from fmbseg.data.datasets import DatasetError, SegDataset, dataset_description, open_dataset
-from fmbseg.engine.runner import TIMING_KEY, Progress, plan_shards, run_stage
+from fmbseg.data.datasets import SegDataset, dataset_description
+from fmbseg.engine.runner import TIMING_KEY
+from fmbseg.engine.stage import Prepared, StageRun
 from fmbseg.storage.fingerprint import check_fingerprint, content_hash, fingerprint
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.annotate.common import TEACHER_KEY
 from fmbseg.tasks.annotate.merge import merge_order
 from fmbseg.tasks.evaluate.label_quality import VARIANTS, pseudo_label_quality, quality_report
 from fmbseg.tasks.evaluate.metrics import ConfusionMatrix
+from fmbseg.tasks.evaluate.stage import prepare_split
 
 STAGE = "label_quality"
 CODE_VERSION = "2"  # 2: masks per shard
@@ -60,23 +58,15 @@ RECORD_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class LabelsPlan:
-    """The split (``limit`` applied), the merge output scored, shards and fingerprint.
-
-    ``locations`` maps each pseudo-labelled ``image_id`` to the merge shards holding its
-    records, so a worker reads only the shards its images need.
-    """
+    """What the user chose (``StageRun.given``; the merge output scored is the stage's
+    input): the split (``limit`` applied) and, for each pseudo-labelled ``image_id``, the
+    merge shards holding its records (:func:`locate_records`), so a worker reads only the
+    shards its images need."""
 
     dataset: SegDataset
     data_root: str
     limit: int | None
-    merge_fp: str
     locations: dict[str, tuple[int, ...]]
-    shards: tuple[tuple[int, int], ...]
-    fingerprint: str
-
-    @property
-    def num_images(self) -> int:
-        return len(self.dataset)
 
 
 def resolve_labels(store: ArtifactStore, ref: str) -> str:
@@ -93,35 +83,15 @@ def resolve_labels(store: ArtifactStore, ref: str) -> str:
     return ref
 
 
-def plan_label_quality(
-    store: ArtifactStore,
-    dataset: str,
-    data_root: str,
-    labels: str,
-    cfg: Config,
-    *,
-    limit: int | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> LabelsPlan:
-    """Open the split, resolve the merge output, locate its images' records, fingerprint."""
-    if limit is not None and limit < 1:
-        raise DatasetError(f"limit must be >= 1 image, got {limit}")
-    ds = open_dataset(dataset, data_root, storage_options)
-    if limit is not None and limit < len(ds):
-        ds = ds.subset(range(limit))
-    merge_fp = resolve_labels(store, labels)
+def locate_records(store: ArtifactStore, merge_fp: str) -> dict[str, tuple[int, ...]]:
+    """``image_id`` -> the shards of merge output ``merge_fp`` holding its records."""
     where: dict[str, set[int]] = defaultdict(set)
     for shard in range(store.require_manifest(MERGE_STAGE, merge_fp).num_shards):
         table = store.read_shard(MERGE_STAGE, merge_fp, shard)
         if table.num_columns:
             for image_id in pc.unique(table["image_id"]).to_pylist():
                 where[image_id].add(shard)
-    samples = ds.files_digest(images=False)  # ids and label files: no image is scored
-    parts = {"dataset": ds.name, "data_root": data_root, "samples": samples, "limit": limit}
-    fp = fingerprint(STAGE, CODE_VERSION, parts, {"merge": merge_fp})
-    shards = tuple((r.start, r.stop) for r in plan_shards(len(ds), cfg.runtime.shard_size))
-    locations = {k: tuple(sorted(v)) for k, v in where.items()}
-    return LabelsPlan(ds, data_root, limit, merge_fp, locations, shards, fp)
+    return {k: tuple(sorted(v)) for k, v in where.items()}
 
 
 class LabelQualityWorker:
@@ -130,9 +100,9 @@ class LabelQualityWorker:
     A spec is ``{"start": i, "stop": j}`` into the plan's samples.
     """
 
-    def __init__(self, store: ArtifactStore, plan: LabelsPlan) -> None:
-        self.store, self.plan = store, plan
-        self.order = merge_order(store, plan.merge_fp)
+    def __init__(self, store: ArtifactStore, plan: LabelsPlan, merge_fp: str) -> None:
+        self.store, self.plan, self.merge_fp = store, plan, merge_fp
+        self.order = merge_order(store, merge_fp)
 
     def records(self, part: SegDataset) -> dict[str, pa.Table]:
         """Sample id -> that image's merge records (images without records are absent)."""
@@ -143,7 +113,7 @@ class LabelQualityWorker:
         wanted = pa.array(list(by_hash), pa.string())
         tables = []
         for shard in shards:
-            t = self.store.read_shard(MERGE_STAGE, self.plan.merge_fp, shard)
+            t = self.store.read_shard(MERGE_STAGE, self.merge_fp, shard)
             tables.append(t.filter(pc.is_in(t["image_id"], value_set=wanted)))
         out: dict[str, pa.Table] = {}
         if not tables:
@@ -170,47 +140,34 @@ class LabelQualityWorker:
         return pa.Table.from_pylist([row], schema=RECORD_SCHEMA), None
 
 
-def run_label_quality(
-    store: ArtifactStore, plan: LabelsPlan, cfg: Config, *, progress: Progress | None = None
-) -> str:
-    """Run (or reuse) the stage for ``plan``; returns its fingerprint."""
-    specs = [{"start": a, "stop": b} for a, b in plan.shards]
-    meta = {
-        "dataset": plan.dataset.name,
-        "data_root": plan.data_root,
-        "limit": plan.limit,
-        "merge": plan.merge_fp,
-        "num_images": plan.num_images,
-    }
-    run_stage(
-        store,
-        STAGE,
-        plan.fingerprint,
-        specs,
-        functools.partial(LabelQualityWorker, store, plan),
-        cfg.runtime,
-        progress=progress,
-        meta=meta,
-    )
-    return plan.fingerprint
+def prepare(job: StageRun) -> Prepared:
+    """The scoring of ``job.given`` (a :class:`LabelsPlan`) against the committed merge
+    output ``job.fp("merge")``, shard by shard of the split."""
+    plan: LabelsPlan = job.given
+    merge_fp = job.fp(MERGE_STAGE)
+    worker = functools.partial(LabelQualityWorker, job.store, plan, merge_fp)
+    return prepare_split(plan, job.cfg, worker, merge=merge_fp)
 
 
-def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]:
-    """Summed matrices -> ``{"dataset", "data_root", "limit", "model" ("labels:{fp}"),
-    "labels" (merge fp), "merge_order" (its ``merge.order``), "fingerprint", "num_images", "images_without_records",
-    "unmatched_categories", "masks" (merge records of the scored images), "masks_per_image",
-    "teacher" (:func:`teacher_of`), "prompt", "auto", "merged"}``; each variant as
-    :func:`~fmbseg.tasks.evaluate.label_quality.quality_report` (mIoU, coverage, precision, ...).
+def build_label_report(job: StageRun) -> dict[str, Any]:
+    """The summed matrices of the committed label-quality run ``job`` -> ``{"dataset",
+    "data_root", "limit", "model" ("labels:{fp}"), "labels" (merge fp), "merge_order" (its
+    ``merge.order``), "fingerprint", "num_images", "images_without_records",
+    "unmatched_categories", "masks" (merge records of the scored images),
+    "masks_per_image", "teacher" (:func:`teacher_of`), "prompt", "auto", "merged"}``; each
+    variant as :func:`~fmbseg.tasks.evaluate.label_quality.quality_report` (mIoU,
+    coverage, precision, ...).
 
     Raises:
         NotCommittedError: none of the split's images has pseudo-labels in the merge output
             (they were never annotated): a table of zeros would say nothing.
     """
-    ds = plan.dataset
+    plan: LabelsPlan = job.given
+    store, fp, merge_fp, ds = job.store, job.fp(STAGE), job.fp(MERGE_STAGE), plan.dataset
     cms = {v: ConfusionMatrix(len(ds.classes), ds.ignore_index) for v in VARIANTS}
     images = without = masks = 0
     unmatched: set[str] = set()
-    for table in store.iter_shards(STAGE, plan.fingerprint):
+    for table in store.iter_shards(STAGE, fp):
         for row in table.to_pylist():
             images += row["images"]
             masks += row["masks"]
@@ -221,7 +178,7 @@ def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]
     if images and without == images:
         raise NotCommittedError(
             f"none of the {images} images of {ds.name} in {plan.data_root} has pseudo-labels "
-            f"in merge output {plan.merge_fp}: annotate them first (fmbseg annotate --images "
+            f"in merge output {merge_fp}: annotate them first (fmbseg annotate --images "
             f"<the split's image folder> --vocab ...), then evaluate labels:latest"
         )
     return {
@@ -229,25 +186,18 @@ def build_label_report(store: ArtifactStore, plan: LabelsPlan) -> dict[str, Any]
         "dataset_description": dataset_description(ds.name),
         "data_root": plan.data_root,
         "limit": plan.limit,
-        "model": f"labels:{plan.merge_fp}",
-        "labels": plan.merge_fp,
-        "merge_order": merge_order(store, plan.merge_fp),
-        "fingerprint": plan.fingerprint,
+        "model": f"labels:{merge_fp}",
+        "labels": merge_fp,
+        "merge_order": merge_order(store, merge_fp),
+        "fingerprint": fp,
         "num_images": images,
         "images_without_records": without,
         "unmatched_categories": sorted(unmatched),
         "masks": masks,
         "masks_per_image": masks / images if images else None,
-        "teacher": teacher_of(store, plan.merge_fp),
+        "teacher": teacher_of(store, merge_fp),
         **{v: quality_report(cms[v], ds.classes) for v in VARIANTS},
     }
-
-
-def write_label_report(store: ArtifactStore, plan: LabelsPlan, report: dict[str, Any]) -> list[str]:
-    """``evaluations/{fp}/report.json``; returns ``[its URI]``."""
-    rel = f"evaluations/{plan.fingerprint}/report.json"
-    store.write_json(rel, report)
-    return [store.url(rel)]
 
 
 def teacher_of(store: ArtifactStore, merge_fp: str) -> dict[str, Any]:

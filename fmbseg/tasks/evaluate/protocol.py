@@ -337,10 +337,8 @@ def evaluate_dataset(
     (``ConfusionMatrix.to_dict``), the protocol (``background``, ``background_names``,
     ``prompt_names``, ``templates``, sizes) and timing.
     """
-    ev = evaluate_config(cfg)
-    plan = plan_prompts(dataset.classes, dataset.background, ev)
     start = time.perf_counter()
-    cm = accumulate(predictor, dataset, ev, limit, progress)
+    cm = accumulate(predictor, dataset, cfg, limit, progress)
     seconds = time.perf_counter() - start
     n = len(dataset) if limit is None else min(limit, len(dataset))
     name = getattr(dataset, "name", type(dataset).__name__)
@@ -349,6 +347,18 @@ def evaluate_dataset(
         "dataset_description": dataset_description(name),
         "num_images": n,
         **metrics_report(cm, dataset.classes),
+        **protocol_report(dataset, cfg, n, seconds),
+    }
+
+
+def protocol_report(
+    dataset: Any, cfg: Config | EvaluateConfig, images: int, seconds: float
+) -> dict[str, Any]:
+    """A report's protocol (``background``, ``background_names``, ``prompt_names``,
+    ``templates``, ``protocol`` sizes) and speed (``seconds``, ``images_per_second``)."""
+    ev = evaluate_config(cfg)
+    plan = plan_prompts(dataset.classes, dataset.background, ev)
+    return {
         "background": plan.background_mode,
         "background_names": plan.background_names,
         "prompt_names": list(plan.names),
@@ -360,7 +370,7 @@ def evaluate_dataset(
             "max_long_side": ev.max_long_side,
         },
         "seconds": seconds,
-        "images_per_second": n / seconds if seconds > 0 else None,
+        "images_per_second": images / seconds if seconds > 0 else None,
     }
 
 

@@ -4,21 +4,14 @@ Core (no Prefect, no Ray): :func:`evaluate_shard` runs the protocol of
 :mod:`fmbseg.tasks.evaluate.protocol` over a slice of a :class:`~fmbseg.data.datasets.SegDataset`
 and returns its :class:`ConfusionMatrix`; :func:`merge_confusions` adds shard matrices
 (counts add, so the merge is exact); :func:`build_report` turns the merged matrix into the
-report. Shell: :func:`plan_evaluation` (open the dataset, resolve the model, fingerprint),
-:class:`EvaluateWorker` (one per Ray actor; the model is built once) and
-:func:`run_evaluate` (``run_stage``), :func:`write_report` (where the JSON goes).
+report. Shell: :func:`prepare` (the shards and :class:`EvaluateWorker`, one per executor
+slot, the model built once) for the stage declared in :mod:`fmbseg.tasks.evaluate.stages`,
+and :func:`write_report`.
 
 Output shard records (one row per shard, :data:`RECORD_SCHEMA`): ``shard`` [int32],
 ``images`` [int32] evaluated, ``seconds`` [float64] of protocol time, ``confusion``
 [string] = ``json.dumps(ConfusionMatrix.to_dict())``. An image or label that cannot be read
 is a row of the shard's errors table and is left out of the counts.
-
-Fingerprint = hash("evaluate", CODE_VERSION, dataset name, data root, split, the evaluated
-samples (ids, and each image and label file's size and ETag or mtime: a file edited in place
-is evaluated again), ``limit``, the ``evaluate`` config without ``batch_size``, the model
-identity).
-A registry model's identity is its resolved ``name`` + ``version`` (never the word
-"champion"); a baseline's is its mode and CLIP weights.
 """
 
 from __future__ import annotations
@@ -26,16 +19,17 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import torch
 
 from fmbseg.config import Config
-from fmbseg.data.datasets import DatasetError, SegDataset, dataset_description, open_dataset
-from fmbseg.engine.runner import Progress, errors_table, plan_shards, run_stage
-from fmbseg.storage.fingerprint import fingerprint
+from fmbseg.data.datasets import DatasetError, SegDataset, dataset_description
+from fmbseg.engine.runner import errors_table, plan_shards
+from fmbseg.engine.stage import Prepared, StageRun
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.evaluate.metrics import ConfusionMatrix
@@ -45,6 +39,7 @@ from fmbseg.tasks.evaluate.protocol import (
     metrics_report,
     plan_prompts,
     predict_label_map,
+    protocol_report,
 )
 
 STAGE = "evaluate"
@@ -131,71 +126,15 @@ def build_predictor(spec: ModelSpec, cfg: Config, store: ArtifactStore) -> Predi
     return AlignmentPredictor.from_segmenter(segmenter)
 
 
-# ---- planning ---------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class EvalPlan:
-    """Everything a run of the stage needs, decided before any image is read.
-
-    ``dataset`` is already restricted to the evaluated samples (``limit`` applied);
-    ``shards[i]`` is ``(start, stop)`` into its samples.
-    """
+    """What the user chose (``StageRun.given``): ``dataset`` already restricted to the
+    evaluated samples (``limit`` applied) and the resolved model."""
 
     dataset: SegDataset
     data_root: str
     limit: int | None
     model: ModelSpec
-    shards: tuple[tuple[int, int], ...]
-    fingerprint: str
-
-    @property
-    def num_images(self) -> int:
-        return len(self.dataset)
-
-
-def evaluation_fingerprint(
-    dataset: SegDataset, data_root: str, limit: int | None, cfg: Config, model: ModelSpec
-) -> str:
-    """The stage fingerprint (see the module docstring); ``dataset`` is the evaluated subset."""
-    ev = asdict(evaluate_config(cfg))
-    ev.pop("batch_size")  # how many windows per forward pass: same numbers
-    parts = {
-        "dataset": dataset.name,
-        "data_root": data_root,
-        "samples": dataset.files_digest(),
-        "limit": limit,
-        "evaluate": ev,
-        "model": model.identity(),
-    }
-    return fingerprint(STAGE, CODE_VERSION, parts)
-
-
-def plan_evaluation(
-    store: ArtifactStore,
-    dataset: str,
-    data_root: str,
-    model: str,
-    cfg: Config,
-    *,
-    limit: int | None = None,
-    model_name: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> EvalPlan:
-    """Open the split (lists files, reads no image), resolve the model, shard, fingerprint.
-
-    Raises ``DatasetError`` (unknown name, incomplete root) or ``ModelNotFoundError``.
-    """
-    if limit is not None and limit < 1:
-        raise DatasetError(f"limit must be >= 1 image, got {limit}")
-    ds = open_dataset(dataset, data_root, storage_options)
-    if limit is not None and limit < len(ds):
-        ds = ds.subset(range(limit))
-    spec = resolve_model(store, model, cfg, model_name)
-    fp = evaluation_fingerprint(ds, data_root, limit, cfg, spec)
-    ranges = plan_shards(len(ds), cfg.runtime.shard_size)
-    shards = tuple((r.start, r.stop) for r in ranges)
-    return EvalPlan(ds, data_root, limit, spec, shards, fp)
 
 
 # ---- core ---------------------------------------------------------------------------------------
@@ -283,45 +222,31 @@ class EvaluateWorker:
         return pa.Table.from_pylist([row], schema=RECORD_SCHEMA), errors_table(errors)
 
 
-def run_evaluate(
-    store: ArtifactStore,
-    plan: EvalPlan,
-    cfg: Config,
-    *,
-    progress: Progress | None = None,
-    worker_factory: Any = None,
-) -> str:
-    """Run (or reuse) the stage for ``plan``; returns its fingerprint.
-
-    ``worker_factory`` replaces :class:`EvaluateWorker` (tests with stand-in predictors).
-    """
-    specs = [{"start": a, "stop": b} for a, b in plan.shards]
-    factory = worker_factory or functools.partial(
-        EvaluateWorker, plan.dataset, plan.model, cfg, store
-    )
-    meta = {
+def prepare_split(plan: Any, cfg: Config, worker: Callable[[], Any], **meta: Any) -> Prepared:
+    """A stage's work over the split ``plan.dataset`` (an :class:`EvalPlan`'s or a label
+    plan's): one shard spec ``{"start", "stop"}`` per ``runtime.shard_size`` samples; the
+    manifest meta names the split (``dataset``, ``data_root``, ``limit``, ``num_images``)
+    and holds ``meta``."""
+    ranges = plan_shards(len(plan.dataset), cfg.runtime.shard_size)
+    split = {
         "dataset": plan.dataset.name,
         "data_root": plan.data_root,
         "limit": plan.limit,
-        "model": plan.model.label,
-        "num_images": plan.num_images,
+        "num_images": len(plan.dataset),
     }
-    run_stage(
-        store,
-        STAGE,
-        plan.fingerprint,
-        specs,
-        factory,
-        cfg.runtime,
-        use_gpu=True,
-        progress=progress,
-        meta=meta,
-    )
-    return plan.fingerprint
+    specs = [{"start": r.start, "stop": r.stop} for r in ranges]
+    return Prepared(specs, worker, {**split, **meta})
 
 
-def build_report(store: ArtifactStore, plan: EvalPlan, cfg: Config) -> dict[str, Any]:
-    """The merged metrics of a committed evaluation, with what was evaluated on what.
+def prepare(job: StageRun) -> Prepared:
+    """The evaluation of ``job.given`` (an :class:`EvalPlan`), shard by shard of the split."""
+    plan: EvalPlan = job.given
+    worker = functools.partial(EvaluateWorker, plan.dataset, plan.model, job.cfg, job.store)
+    return prepare_split(plan, job.cfg, worker, model=plan.model.label)
+
+
+def build_report(job: StageRun) -> dict[str, Any]:
+    """The merged metrics of the committed evaluation ``job``, with what was evaluated on what.
 
     Keys: ``dataset``, ``data_root``, ``limit``, ``model`` (label), ``model_ref`` (identity,
     plus ``uri`` for a registry model), ``fingerprint``, ``num_images`` (evaluated),
@@ -329,12 +254,11 @@ def build_report(store: ArtifactStore, plan: EvalPlan, cfg: Config) -> dict[str,
     pixel accuracy), ``per_class``, ``confusion``, ``pixels``, ``coverage``, the protocol,
     ``seconds`` (summed over shards) and ``images_per_second`` (per worker).
     """
-    ds, fp = plan.dataset, plan.fingerprint
+    plan: EvalPlan = job.given
+    ds, fp = plan.dataset, job.fp(STAGE)
     cm, images, seconds = merge_confusions(
-        store.iter_shards(STAGE, fp), len(ds.classes), ds.ignore_index
+        job.store.iter_shards(STAGE, fp), len(ds.classes), ds.ignore_index
     )
-    ev = evaluate_config(cfg)
-    prompts = plan_prompts(ds.classes, ds.background, ev)
     metrics = metrics_report(cm, ds.classes)
     ref = {**plan.model.identity(), **({"uri": plan.model.uri} if plan.model.uri else {})}
     return {
@@ -345,22 +269,11 @@ def build_report(store: ArtifactStore, plan: EvalPlan, cfg: Config) -> dict[str,
         "model_ref": ref,
         "fingerprint": fp,
         "num_images": images,
-        "images_failed": plan.num_images - images,
+        "images_failed": len(ds) - images,
         **metrics,
         "pixel_accuracy": metrics["aAcc"],
         "dataset_description": dataset_description(ds.name),
-        "background": prompts.background_mode,
-        "background_names": prompts.background_names,
-        "prompt_names": list(prompts.names),
-        "templates": list(ev.templates),
-        "protocol": {
-            "short_side": ev.short_side,
-            "window": ev.window,
-            "stride": ev.stride,
-            "max_long_side": ev.max_long_side,
-        },
-        "seconds": seconds,
-        "images_per_second": images / seconds if seconds > 0 else None,
+        **protocol_report(ds, job.cfg, images, seconds),
     }
 
 
@@ -376,14 +289,16 @@ def _in_store(registry: ModelRegistry, spec: ModelSpec) -> bool:
     return spec.uri.rstrip("/") == registry.store.url(registry.rel(spec.name, spec.version))
 
 
-def write_report(store: ArtifactStore, plan: EvalPlan, report: dict[str, Any]) -> list[str]:
-    """Write the report JSON; returns the URIs written, the main one first.
+def write_report(job: StageRun, report: dict[str, Any]) -> list[str]:
+    """Write the report JSON of the evaluation ``job``; returns the URIs written, the main
+    one first.
 
     For a registry model of this store ``models/{name}/{version}/eval/{key}.json``
     (:func:`report_key`), and the card's ``metrics`` get ``mIoU/{key}`` and its
     ``evaluations`` the report's place and fingerprint. Always (also for baselines)
     ``evaluations/{fp}/report.json``.
     """
+    store, plan, fp = job.store, job.given, job.fp(STAGE)
     spec, key = plan.model, report_key(plan)
     uris = []
     registry = ModelRegistry(store)
@@ -397,12 +312,17 @@ def write_report(store: ArtifactStore, plan: EvalPlan, report: dict[str, Any]) -
         entry = {
             "mIoU": report["mIoU"],
             "report": store.url(rel),
-            "fingerprint": plan.fingerprint,
+            "fingerprint": fp,
             "images": report["num_images"],
         }
         evals = {**card.get("evaluations", {}), key: entry}
         registry.update_card(spec.name, spec.version, {"metrics": metrics, "evaluations": evals})
-    rel = f"evaluations/{plan.fingerprint}/report.json"
+    return [*uris, write_evaluation(store, fp, report)]
+
+
+def write_evaluation(store: ArtifactStore, fp: str, report: dict[str, Any]) -> str:
+    """Write ``evaluations/{fp}/report.json`` (``fp``: the report's fingerprint); returns its
+    URI."""
+    rel = f"evaluations/{fp}/report.json"
     store.write_json(rel, report)
-    uris.append(store.url(rel))
-    return uris
+    return store.url(rel)

@@ -142,12 +142,10 @@ def test_label_quality_stage_compares_the_merge_orders(tmp_path, monkeypatch):
     from scipy import ndimage
 
     from fmbseg.config import replace
+    from fmbseg.engine.stage import run
     from fmbseg.storage import ArtifactStore
-    from fmbseg.tasks.evaluate.label_quality_stage import (
-        build_label_report,
-        plan_label_quality,
-        run_label_quality,
-    )
+    from fmbseg.tasks.evaluate.label_quality_stage import build_label_report
+    from fmbseg.tasks.evaluate.stages import LABEL_QUALITY, plan_label_quality
     from tests.helpers.synthetic import VOCAB as WORLD
     from tests.helpers.synthetic import (
         OracleSam,
@@ -180,9 +178,9 @@ def test_label_quality_stage_compares_the_merge_orders(tmp_path, monkeypatch):
     for order in ("area", "prompt_first", "fill_unlabelled"):
         cfg = replace(synthetic_config(), merge={"order": order})
         fps = run_pipeline(store, cfg, ds / "images")
-        plan = plan_label_quality(store, "folder", str(ds), fps["merge"], cfg)
-        run_label_quality(store, plan, cfg)
-        reports[order] = build_label_report(store, plan)
+        job = plan_label_quality(store, "folder", str(ds), fps["merge"], cfg)
+        run((LABEL_QUALITY,), job)
+        reports[order] = build_label_report(job)
         assert reports[order]["merge_order"] == order
     merged = {o: r["merged"] for o, r in reports.items()}
     # the same masks, painted three ways: the same pixels labelled, not the same labels
@@ -222,16 +220,16 @@ def test_teachers_side_by_side_from_their_sam_stages(tmp_path):
     from PIL import Image
 
     from fmbseg.config import replace
+    from fmbseg.engine.stage import run
     from fmbseg.models.registry import register_model
     from fmbseg.storage import ArtifactStore
     from fmbseg.storage.fingerprint import content_hash
     from fmbseg.tasks.evaluate.label_quality_stage import (
         build_label_report,
         compare_teachers,
-        plan_label_quality,
-        run_label_quality,
         teacher_of,
     )
+    from fmbseg.tasks.evaluate.stages import LABEL_QUALITY, plan_label_quality
     from tests.helpers.synthetic import (
         SAM3_NAME,
         SAM_NAME,
@@ -254,9 +252,9 @@ def test_teachers_side_by_side_from_their_sam_stages(tmp_path):
     for models in teachers:
         cfg = replace(synthetic_config(), models=models)
         fps = run_pipeline(store, cfg, ds / "images")
-        plan = plan_label_quality(store, "folder", str(ds), fps["merge"], cfg, limit=4)
-        run_label_quality(store, plan, cfg)
-        reports.append(build_label_report(store, plan))
+        job = plan_label_quality(store, "folder", str(ds), fps["merge"], cfg, limit=4)
+        run((LABEL_QUALITY,), job)
+        reports.append(build_label_report(job))
         runs.append(fps)
     table = compare_teachers(reports)
     assert [r["teacher"] for r in table["teachers"]] == [
