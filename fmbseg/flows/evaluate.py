@@ -2,8 +2,9 @@
 
 plan (open the split, resolve the model, fingerprint) -> stage ``evaluate`` (shards of the
 split on Ray, one confusion matrix per shard) -> exact merge -> report JSON in the store,
-artifacts, lineage. The stage is cached by its fingerprint, so evaluating the same model
-on the same split again reads the committed shard matrices instead of running the model.
+artifacts, lineage. The stage (declared in :mod:`fmbseg.tasks.evaluate.stages`, like
+``label_quality``) is cached by its fingerprint, so evaluating the same model on the same
+split again reads the committed shard matrices instead of running the model.
 """
 
 from __future__ import annotations
@@ -219,24 +220,25 @@ plan_evaluation_task = task(name="plan-evaluation", **PLANNING)(plan_evaluation)
 plan_label_quality_task = task(name="plan-label-quality", **PLANNING)(plan_label_quality)
 
 
+def _num(v: float | None, scale: float = 1.0) -> str:
+    """``scale * v`` with two decimals (100: a percentage), ``-`` for None."""
+    return "-" if v is None else f"{scale * v:.2f}"
+
+
 def per_class_markdown(report: dict[str, Any]) -> str:
     """The report as a markdown table of per-class IoU / accuracy (percentages)."""
-
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.2f}"
-
     lines = [
         f"# {report['model']} on {report['dataset']}",
         "",
-        f"mIoU **{pct(report['mIoU'])}**, mAcc {pct(report['mAcc'])}, pixel accuracy "
-        f"{pct(report['aAcc'])} over {report['num_images']} images "
+        f"mIoU **{_num(report['mIoU'], 100)}**, mAcc {_num(report['mAcc'], 100)}, pixel accuracy "
+        f"{_num(report['aAcc'], 100)} over {report['num_images']} images "
         f"(fingerprint `{report['fingerprint']}`).",
         "",
         "| class | IoU | Acc | pixels |",
         "|---|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['class']} | {pct(r['IoU'])} | {pct(r['Acc'])} | {r['pixels']} |"
+        f"| {r['class']} | {_num(r['IoU'], 100)} | {_num(r['Acc'], 100)} | {r['pixels']} |"
         for r in report["per_class"]
     ]
     return "\n".join(lines)
@@ -381,12 +383,6 @@ def label_quality_flow(
 def teachers_markdown(report: dict[str, Any]) -> str:
     """A teacher comparison as a markdown table (percentages; ``-``: figure unavailable)."""
 
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.2f}"
-
-    def num(v: float | None) -> str:
-        return "-" if v is None else f"{v:.2f}"
-
     lines = [
         f"# Teachers on {report['dataset']} ({report['num_images']} images)",
         "",
@@ -394,9 +390,9 @@ def teachers_markdown(report: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---|",
     ]
     lines += [
-        f"| {r['labels']} | {r['teacher'] or '-'} | {pct(r['mIoU'])} | "
-        f"{pct(r['coverage'])} | {num(r['masks_per_image'])} | "
-        f"{num(r['images_per_second'])} | {r['unavailable'] or ''} |"
+        f"| {r['labels']} | {r['teacher'] or '-'} | {_num(r['mIoU'], 100)} | "
+        f"{_num(r['coverage'], 100)} | {_num(r['masks_per_image'])} | "
+        f"{_num(r['images_per_second'])} | {r['unavailable'] or ''} |"
         for r in report["teachers"]
     ]
     return "\n".join(lines)

@@ -278,11 +278,8 @@ def accumulate(
     limit: int | None = None,
     progress: Progress | None = None,
 ) -> ConfusionMatrix:
-    """Run the protocol over ``dataset`` (a ``SegDataset`` or a shard of one) -> counts.
-
-    The unit a Ray worker runs on its shard; merge the returned matrices (or their
-    ``to_dict()``) to get the whole split's metrics.
-    """
+    """Run the protocol over the first ``limit`` samples of ``dataset`` (a ``SegDataset``)
+    -> counts; ``progress(done, total)`` after each image."""
     ev = evaluate_config(cfg)
     plan = plan_prompts(dataset.classes, dataset.background, ev)
     cm = ConfusionMatrix(len(dataset.classes), dataset.ignore_index)

@@ -141,13 +141,13 @@ class EvalPlan:
 
 
 def evaluate_shard(
-    predictor: Predictor, dataset: SegDataset, cfg: Config, text: Any = None
+    predictor: Predictor, dataset: SegDataset, cfg: Config, text: torch.Tensor
 ) -> tuple[ConfusionMatrix, list[dict[str, Any]], float]:
     """The protocol over every sample of ``dataset`` (a shard) -> (counts, error rows, seconds).
 
-    Same arithmetic as :func:`fmbseg.tasks.evaluate.protocol.accumulate`, image by image, except that
-    a sample that cannot be read becomes an error row instead of failing the shard.
-    ``text`` = ``predictor.encode_text`` of the prompt plan's names, if already computed.
+    Same arithmetic as :func:`fmbseg.tasks.evaluate.protocol.accumulate`, except that a
+    sample that cannot be read becomes an error row instead of failing the shard. ``text``:
+    ``predictor.encode_text`` of the prompt plan's names.
     """
     ev = evaluate_config(cfg)
     plan = plan_prompts(dataset.classes, dataset.background, ev)
@@ -155,8 +155,6 @@ def evaluate_shard(
     errors: list[dict[str, Any]] = []
     start = time.perf_counter()
     with torch.inference_mode():
-        if text is None:
-            text = predictor.encode_text(list(plan.names), tuple(ev.templates))
         for sample in dataset.samples:
             try:
                 _sid, image, label = dataset.load(sample)
