@@ -209,15 +209,15 @@ def label_refs(model: str) -> list[str]:
 
 
 # planning lists the split's files, resolves the model or labels and fingerprints the stage
-PLANNING: dict[str, Any] = {
+_PLANNING: dict[str, Any] = {
     "cache_policy": NO_CACHE,
     "persist_result": False,
     "retries": 2,
     "retry_delay_seconds": 5,
     "retry_condition_fn": retry_unless_user_error,
 }
-plan_evaluation_task = task(name="plan-evaluation", **PLANNING)(plan_evaluation)
-plan_label_quality_task = task(name="plan-label-quality", **PLANNING)(plan_label_quality)
+plan_evaluation_task = task(name="plan-evaluation", **_PLANNING)(plan_evaluation)
+plan_label_quality_task = task(name="plan-label-quality", **_PLANNING)(plan_label_quality)
 
 
 def _num(v: float | None, scale: float = 1.0) -> str:
