@@ -169,9 +169,11 @@ def bench_stage(root: Path, n: int, ev: EvaluateConfig) -> None:
     """The same images through the ``evaluate`` stage (plan, shards, commit, exact merge) on
     the local executor, against ``evaluate_dataset`` in one call: the stage's overhead."""
     from fmbseg.config import replace
+    from fmbseg.engine.stage import run
     from fmbseg.models import build_model
     from fmbseg.storage import ArtifactStore
-    from fmbseg.tasks.evaluate.stage import build_report, plan_evaluation, run_evaluate
+    from fmbseg.tasks.evaluate.stage import build_report
+    from fmbseg.tasks.evaluate.stages import EVALUATE, plan_evaluation
 
     cfg = replace(load_config("tiny"), runtime={"executor": "local", "shard_size": 2})
     ds = open_dataset("voc21", str(root))
@@ -181,16 +183,16 @@ def bench_stage(root: Path, n: int, ev: EvaluateConfig) -> None:
     store = ArtifactStore(str(root / "store"))
 
     def staged() -> tuple[Any, dict[str, Any]]:
-        plan = plan_evaluation(store, "voc21", str(root), "maskclip", cfg)
-        run_evaluate(store, plan, cfg)
-        return plan, build_report(store, plan, cfg)
+        job = plan_evaluation(store, "voc21", str(root), "maskclip", cfg)
+        run((EVALUATE,), job)
+        return job, build_report(job)
 
     stage_run = timed(staged)
     expected, report = direct_run.result, stage_run.result[1]
     assert report["confusion"] == expected["confusion"], "stage merge differs from one pass"
     cached_run = timed(staged)  # every shard committed: the merge alone
     t_direct, t_stage, t_cached = direct_run.seconds, stage_run.seconds, cached_run.seconds
-    shards = len(cached_run.result[0].shards)
+    shards = store.require_manifest("evaluate", cached_run.result[0].fp("evaluate")).num_shards
     print(
         f"\nevaluate stage, maskclip (clip_tiny), tiny geometry, {n} images in {shards} shards, "
         "local executor (includes building the model once):"
