@@ -2,12 +2,11 @@
 
 ``sam_prompt`` and ``sam_auto`` stay two versioned stages, with their own fingerprints,
 shards, receipts and manifests, byte for byte what each would write alone (a changed SAM
-threshold still reruns ``sam_auto`` only). They differ only in what they do with SAM's
-image embedding: point prompts, or the automatic grid. Run one after the other, every image
-would be read, decoded and run through SAM's image encoder (most of SAM's time: ViT-H at
-1024 px) twice. The engine runs them as one pass of :class:`SamPairWorker` writing only the
-stages not yet committed (``StageRun.targets``): per image, the prompts first, then the
-automatic masks from the same embedding (:meth:`fmbseg.models.sam.SamSegmenter.generate`).
+threshold still reruns ``sam_auto`` only). Run one after the other, every image would be
+read, decoded and run through SAM's image encoder (most of SAM's time) twice. The engine
+runs them as one pass of :class:`SamPairWorker` writing only the stages not yet committed
+(``StageRun.targets``): per image, the prompts first, then the automatic masks from the same
+embedding (:meth:`fmbseg.models.sam.SamSegmenter.generate`).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from fmbseg.tasks.annotate.clip_dense import ClipDenseResult
 from fmbseg.tasks.annotate.common import (
     TEACHER_KEY,
     VOCABULARY_KEY,
-    num_shards,
+    Rows,
     read_vocabulary,
     teacher,
 )
@@ -34,7 +33,7 @@ from fmbseg.tasks.annotate.sam_auto import STAGE as AUTO
 from fmbseg.tasks.annotate.sam_auto import auto_job
 from fmbseg.tasks.annotate.sam_prompt import STAGE as PROMPT
 from fmbseg.tasks.annotate.sam_prompt import prompt_job
-from fmbseg.tasks.annotate.sam_stage import Rows, SamStageWorker
+from fmbseg.tasks.annotate.sam_stage import SamStageWorker
 
 __all__ = ["SamPairWorker", "prepare"]
 
@@ -75,11 +74,12 @@ class SamPairWorker(SamStageWorker):
 def prepare(job: StageRun) -> Prepared:
     """The SAM pass over a committed clip_dense output for the stages in ``job.targets``."""
     clip_fp = job.fp("clip_dense")
-    vocabulary = read_vocabulary(job.store, "clip_dense", clip_fp)
+    clip = job.store.require_manifest("clip_dense", clip_fp)
+    vocabulary = read_vocabulary(clip)
     fps = {stage: job.fp(stage) for stage in job.targets}
     factory = functools.partial(
         SamPairWorker, job.store, job.cfg, vocabulary, fps, job.storage_options
     )
-    specs = [{"clip_dense": clip_fp}] * num_shards(job.store, "clip_dense", clip_fp)
+    specs = [{"clip_dense": clip_fp}] * clip.num_shards
     meta = {VOCABULARY_KEY: list(vocabulary), "clip_dense": clip_fp, TEACHER_KEY: teacher(job.cfg)}
     return Prepared(specs, factory, meta)

@@ -1,6 +1,5 @@
 """The SAM stages' shard worker base: reads clip_dense's rows and the images SAM runs on,
-guards SAM's memory, and labels a shard with one or both SAM stages
-(:mod:`fmbseg.tasks.annotate.sam_pair` is the worker the engine runs).
+guards SAM's memory, and labels a shard with one or both SAM stages.
 """
 
 from __future__ import annotations
@@ -17,17 +16,9 @@ from fmbseg.engine.inorder import InOrder
 from fmbseg.storage import ArtifactStore
 from fmbseg.storage.records import MaskRecords, error_row, errors_table
 from fmbseg.tasks.annotate.clip_dense import result_from_row
-from fmbseg.tasks.annotate.common import (
-    POST_AHEAD,
-    ImageShardWorker,
-    error_from,
-    post_pool,
-)
+from fmbseg.tasks.annotate.common import POST_AHEAD, ImageShardWorker, Rows, error_from, post_pool
 
-Rows = Callable[[], list[dict[str, Any]]]
-"""What builds one image's record rows from SAM's output (run in a worker's post thread)."""
-
-__all__ = ["Rows", "SamStageWorker", "TooLargeForSam"]
+__all__ = ["SamStageWorker", "TooLargeForSam"]
 
 
 class TooLargeForSam(ValueError):
@@ -70,13 +61,13 @@ def _size(n: int) -> str:
 
 
 class SamStageWorker(ImageShardWorker):
-    """Base of the two SAM stages' shard workers: SAM built once, images from clip_dense rows.
+    """Base of the SAM stages' shard workers: SAM built once, images from clip_dense rows.
 
     A spec is ``{"clip_dense": clip_fp}``; the output shard has the same number. SAM runs in
-    the worker's thread; the CPU work on its output (filtering, labelling, RLE) runs in a
-    post thread meanwhile, on the previous image. Images with no present class are not run
-    through SAM and get a ``no_class_present`` error row; images that fail to load, to
-    segment or to become records get an error row naming the exception.
+    the worker's thread; the CPU work on its output runs in a post thread meanwhile, on the
+    previous image. Images with no present class are not run through SAM and get a
+    ``no_class_present`` error row; images that fail to load, to segment or to become
+    records get an error row naming the exception.
     """
 
     def __init__(
@@ -130,12 +121,9 @@ class SamStageWorker(ImageShardWorker):
         spec: dict[str, str],
         segmenters: Sequence[tuple[str, Callable[[np.ndarray, Any], Rows]]],
     ) -> list[tuple[pa.Table, pa.Table]]:
-        """``(records, errors)`` per ``(stage, segment)`` of ``segmenters``, each image decoded
-        once and segmented by each in turn (a failure is that stage's error for the image).
-
-        Records and errors come out in image order: the post thread's results are taken
-        back in the order they were handed to it (:class:`~fmbseg.engine.inorder.InOrder`).
-        """
+        """``(records, errors)`` per ``(stage, segment)`` of ``segmenters``, in image order;
+        each image decoded once and segmented by each in turn (a failure is that stage's
+        error for the image)."""
         rows: dict[str, list[dict[str, Any]]] = {stage: [] for stage, _ in segmenters}
         errors: dict[str, list[dict[str, Any]]] = {stage: [] for stage, _ in segmenters}
 
