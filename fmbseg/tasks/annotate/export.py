@@ -252,15 +252,8 @@ class ExportWorker(ImageShardWorker):
         if not table.num_columns:  # a shard without a part file: no masks at all
             table = RECORD_SCHEMA.empty_table()
         errors = up.part("merge", spec["merge"], shard, kind="errors")
-        failed: dict[str, str] = {}
-        if errors is not None and errors.num_rows:
-            for image_id, kind in zip(
-                errors.column("image_id").to_pylist(),
-                errors.column("error_type").to_pylist(),
-                strict=True,
-            ):
-                if kind not in NO_LABEL:
-                    failed.setdefault(image_id, kind)
+        errors_rows = [] if errors is None else errors.to_pylist()
+        failed = {e["image_id"] for e in errors_rows if e["error_type"] not in NO_LABEL}
         # the shard's columns as Python lists once, not a slice and conversions per image
         cols = {n: table.column(n).to_pylist() for n in (*LABEL_COLUMNS, "image_uri")}
         by_image = rows_by_image(table)

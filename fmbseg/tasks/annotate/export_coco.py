@@ -50,26 +50,18 @@ def coco_categories(vocabulary: Sequence[str]) -> list[dict[str, Any]]:
     ]
 
 
-def coco_image(
-    coco_id: int,
-    image_id: str,
-    file_name: str,
-    uri: str,
-    width: int,
-    height: int,
-    label_file: str | None,
-    status: str,
-) -> dict[str, Any]:
-    """A COCO ``images`` entry; ``label_file`` (relative to the export) is left out when
-    None; ``status`` is ``labelled``, ``no_label`` or ``failed``."""
+def coco_image(coco_id: int, row: Mapping[str, Any], label_file: str | None) -> dict[str, Any]:
+    """A COCO ``images`` entry for an export row (``image_id``, ``file_name``, ``uri``,
+    ``width``, ``height``, ``status``: ``labelled``, ``no_label`` or ``failed``);
+    ``label_file`` (relative to the export) is left out when None."""
     entry: dict[str, Any] = {
         "id": coco_id,
-        "file_name": file_name,
-        "width": width,
-        "height": height,
-        "image_uri": uri,
-        "fmbseg_image_id": image_id,
-        "status": status,
+        "file_name": row["file_name"],
+        "width": row["width"],
+        "height": row["height"],
+        "image_uri": row["uri"],
+        "fmbseg_image_id": row["image_id"],
+        "status": row["status"],
     }
     if label_file is not None:
         entry["label_file"] = label_file
