@@ -395,12 +395,7 @@ class ClipDenseWorker(ImageShardWorker):
         return out
 
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
-        self.upstream.prefetch(
-            INDEX_STAGE,
-            spec["index"],
-            shard,
-            then=lambda index: self.images.start(index.column("uri").to_pylist()),
-        )
+        self.upstream.prefetch(INDEX_STAGE, spec["index"], shard, then=self._start_index)
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         rows = self.upstream.read(INDEX_STAGE, spec["index"], shard).to_pylist()

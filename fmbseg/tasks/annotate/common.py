@@ -340,6 +340,10 @@ class ImageShardWorker:
         # 2 * PREFETCH of them
         self.images = ReadAhead(self._load, self.loader, budget=WORKER_DECODE_BUDGET)
 
+    def _start_index(self, index: pa.Table) -> None:
+        """Start reading an index shard's images (a prefetch's ``then``)."""
+        self.images.start(index.column("uri").to_pylist())
+
     def _load(self, uri: str) -> np.ndarray:
         max_pixels = self.cfg.index.max_pixels
         return load_image(uri, self.storage_options, max_pixels, self.min_side, self.images.admit)

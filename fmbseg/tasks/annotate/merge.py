@@ -205,11 +205,6 @@ class MergeWorker:
         self.store, self.cfg = store, cfg
         self.upstream = Upstream(store, loader_pool(2))
 
-    @staticmethod
-    def _masks(spec: dict[str, str]) -> tuple[str, str | None]:
-        """The stages holding (prompt-like, automatic) masks for this spec's teacher."""
-        return ("sam3", None) if "sam3" in spec else ("sam_prompt", "sam_auto")
-
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
         up = self.upstream
         up.prefetch(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)
@@ -235,8 +230,9 @@ class MergeWorker:
             }
             for r in index
         ]
-        records = []
-        for stage in self._masks(spec):
+        teacher = "sam3" if "sam3" in spec else "clip_dense"
+        records = []  # (prompt-like, automatic) masks
+        for stage in ("sam3", None) if teacher == "sam3" else ("sam_prompt", "sam_auto"):
             part = None if stage is None else up.part(stage, spec[stage], shard)
             records.append(MaskRecords.empty() if part is None else MaskRecords.derived(part))
         upstream = []
@@ -246,7 +242,6 @@ class MergeWorker:
                 upstream.append(errors.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA))
         # a SAM stage's "no_class_present" row is the same reason merge gives itself
         prompt, auto = records
-        teacher = "sam3" if "sam3" in spec else "clip_dense"
         merged, errors = merge_shard(
             images, prompt, auto, self.cfg, _real_failures(upstream), ABSENT[teacher]
         )

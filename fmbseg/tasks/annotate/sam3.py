@@ -64,10 +64,8 @@ class Sam3Worker(ImageShardWorker):
         self.post = post_pool()
 
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
-        def start(index: pa.Table) -> None:
-            self.images.start(index.column("uri").to_pylist())
-
-        self.upstream.prefetch(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS, then=start)
+        up, fp = self.upstream, spec["index"]
+        up.prefetch(INDEX_STAGE, fp, shard, columns=INDEX_COLUMNS, then=self._start_index)
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         index = self.upstream.read(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)

@@ -140,15 +140,10 @@ class SamStageWorker(ImageShardWorker):
             if len(clip.present):
                 todo.append(clip)
                 continue
+            why = "CLIP found no vocabulary class in enough crops"
             for stage, _ in segmenters:  # SAM is not run on images without a class to label
                 errors[stage].append(
-                    error_row(
-                        clip.image_id,
-                        clip.image_uri,
-                        stage,
-                        "no_class_present",
-                        "CLIP found no vocabulary class in enough crops",
-                    )
+                    error_row(clip.image_id, clip.image_uri, stage, "no_class_present", why)
                 )
         post = InOrder(self.post, done, POST_AHEAD * len(segmenters))
         for clip, image, exc in self.images.each(todo, lambda c: c.image_uri):
