@@ -324,16 +324,11 @@ class ExportWorker(ImageShardWorker):
         ``order``), write its files; its :func:`semantic_segments`."""
         label = compose_rows(cols, r, h, w, order)
         if self.cfg.export.png:
-            self._write_label(name, label)
+            png = label_png(label, self.colours, self.cfg.export.png_compress_level)
+            self.store.write_bytes(f"{self.base}/labels/{name}.png", png)
         if image is not None:
             self._write_overlay(name, image, label, self.cfg.export.overlay_alpha)
         return semantic_segments(label)
-
-    def _write_label(self, name: str, label: np.ndarray) -> None:
-        self.store.write_bytes(
-            f"{self.base}/labels/{name}.png",
-            label_png(label, self.colours, self.cfg.export.png_compress_level),
-        )
 
     def _write_overlay(self, name: str, image: np.ndarray, label: np.ndarray, alpha: float) -> None:
         if image.shape[:2] != label.shape:  # decoded at a reduced size (OVERLAY_SIDE)
