@@ -1,10 +1,9 @@
 """Stage `merge` (METHOD "Merge"): all stage-1.1 masks plus a seeded sample of stage-1.2 masks.
 
-Sampling is per image, with a generator
-seeded by ``(cfg.seed, a hash of image_id)``, so an image's sample does not depend on which
-shard it landed in, on the other images, or on the order SAM returned its masks (they are
-put in a canonical order before sampling). Each image keeps ``round(auto_fraction * n)``
-of its ``n`` automatic masks (halves round up).
+Sampling is per image, with a generator seeded by ``(cfg.seed, a hash of image_id)``, so an
+image's sample does not depend on which shard it landed in, on the other images, or on the
+order SAM returned its masks (they are put in a canonical order before sampling). Each
+image keeps ``round(auto_fraction * n)`` of its ``n`` automatic masks (halves round up).
 
 Records keep the ``fingerprint`` of the stage that made them, so a merged mask points to its
 origin. Consumers compose label maps from merged records
