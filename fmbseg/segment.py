@@ -11,6 +11,7 @@ sliding-window code (:mod:`fmbseg.tasks.evaluate.protocol`); objects keep their 
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from pathlib import Path
@@ -108,22 +109,13 @@ class OpenVocabSegmenter:
         if encoder is None or text_model is None:
             from fmbseg.models.registry import build_model
 
-            enc, txt, opts = card["encoder"], card["text"], store.storage_options
-            encoder = encoder or build_model(
-                enc["name"],
-                enc["weights"],
-                dev,
-                kind="dino",
-                store_options=opts,
-                img_size=enc["input_size"],
+            enc, txt = card["encoder"], card["text"]
+            build = functools.partial(build_model, device=dev, store_options=store.storage_options)
+            encoder = encoder or build(
+                enc["name"], enc["weights"], kind="dino", img_size=enc["input_size"]
             )
-            text_model = text_model or build_model(
-                txt["name"],
-                txt["weights"],
-                dev,
-                kind="clip",
-                store_options=opts,
-                quick_gelu=txt.get("quick_gelu"),
+            text_model = text_model or build(
+                txt["name"], txt["weights"], kind="clip", quick_gelu=txt.get("quick_gelu")
             )
         check_compatible(card, mcfg, encoder, text_model, where)
         module = AlignmentModule(mcfg)

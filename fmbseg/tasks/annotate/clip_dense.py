@@ -1,11 +1,9 @@
 """Stage `clip_dense` (METHOD 1.1.1-2): sliding-window dense CLIP features and presence.
 
-Core (pure: arrays in, results out): :func:`resize_short_side`, :func:`plan_windows`,
-:func:`run_dense` (crops of several images batched into ``cfg.batch_size`` forward passes,
-patch features stitched into one full-image map per image) and :func:`summarise`
-(presence votes and the similarity maps of the present classes).
-
-Geometry (resizing, windows on the patch grid, grid -> pixel mapping): :mod:`fmbseg.tasks.annotate.windows`.
+Core: :func:`run_dense` (crops of several images batched into forward passes, patch
+features stitched into one full-image map per image) and :func:`summarise` (presence votes
+and the similarity maps of the present classes); geometry in
+:mod:`fmbseg.tasks.annotate.windows`.
 
 The stage output has one row per image (``CLIP_DENSE_SCHEMA``) holding the votes, the present
 class ids and their similarity maps as float16 bytes, so stages 1.1.3 and 1.2 rerun without
@@ -41,19 +39,9 @@ from fmbseg.tasks.annotate.common import (
     VOCABULARY_KEY,
     ImageShardWorker,
     error_from,
-    num_shards,
     post_pool,
 )
-from fmbseg.tasks.annotate.windows import (  # noqa: F401 - part of this stage's API
-    Geometry,
-    axis_offsets,
-    crop_and_stride,
-    decode_min_side,
-    geometry,
-    plan_windows,
-    prepare_image,
-    resize_short_side,
-)
+from fmbseg.tasks.annotate.windows import Geometry, decode_min_side, geometry, prepare_image
 
 STAGE = "clip_dense"
 
@@ -318,12 +306,12 @@ def _size_mismatch(row: dict, image: np.ndarray) -> ValueError | None:
 
 
 class ClipDenseWorker(ImageShardWorker):
-    """Shard worker: decodes the index shard's images and runs the core on them.
+    """Shard worker: the CLIP model and the vocabulary's text embeddings are built once.
 
-    The CLIP model is built once (``cfg.models.clip``, ``cfg.clip_dense.mode``/``precision``)
-    and the vocabulary's text embeddings are computed once, here. A spec is
-    ``{"index": index_fp}``; the output shard has the index shard's number. With
-    ``image_labels``, an image's tags are its present classes.
+    A spec is ``{"index": index_fp}``; the output shard has the index shard's number. With
+    ``image_labels``, an image's tags are its present classes. Images are decoded at reduced
+    size when the stage shrinks them anyway (the records keep the index's original size:
+    :func:`run_dense`'s ``original_size``).
     """
 
     def __init__(
@@ -351,12 +339,7 @@ class ClipDenseWorker(ImageShardWorker):
         # on the CPU, where the stitched features are: the post thread never waits on the GPU
         self.text = self.model.encode_text(list(vocabulary), cfg.clip_dense.templates).cpu()
         self.post = post_pool()  # presence and similarity maps, beside the model's thread
-
-    def _load(self, uri: str) -> np.ndarray:
-        """Decoded at reduced size when the stage shrinks the image anyway (the records keep
-        the index's original size: :func:`run_dense`'s ``original_size``)."""
-        min_side = decode_min_side(self.cfg.clip_dense, self.model.preprocess)
-        return self._decode(uri, min_side=min_side)
+        self.min_side = decode_min_side(cfg.clip_dense, self.model.preprocess)
 
     def _images(self, rows: list[dict], errors: list[dict]) -> Iterator[tuple[dict, np.ndarray]]:
         for row, image, exc in self.images.each(rows, lambda r: r["uri"]):
@@ -412,12 +395,7 @@ class ClipDenseWorker(ImageShardWorker):
         return out
 
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
-        self.upstream.prefetch(
-            INDEX_STAGE,
-            spec["index"],
-            shard,
-            then=lambda index: self.images.start(index.column("uri").to_pylist()),
-        )
+        self.upstream.prefetch(INDEX_STAGE, spec["index"], shard, then=self._start_index)
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         rows = self.upstream.read(INDEX_STAGE, spec["index"], shard).to_pylist()
@@ -439,8 +417,7 @@ class ClipDenseWorker(ImageShardWorker):
 def prepare(job: StageRun) -> Prepared:
     """clip_dense over a committed index: one spec per index shard. ``job.vocabulary`` must
     already be validated (``fmbseg.data.vocab.validate_vocabulary``); it goes in the
-    manifest meta, where the later stages read it. ``job.image_labels`` (checked against
-    the vocabulary and bound to the source root) replace the presence vote."""
+    manifest meta, where the later stages read it."""
     store, index_fp, vocabulary = job.store, job.fp(INDEX_STAGE), tuple(job.vocabulary)
     factory = functools.partial(
         ClipDenseWorker,
@@ -455,5 +432,5 @@ def prepare(job: StageRun) -> Prepared:
     if job.image_labels is not None:
         labels = job.image_labels
         meta["image_labels"] = {"file": labels.source, **labels.fingerprint_part()}
-    specs = [{"index": index_fp}] * num_shards(store, INDEX_STAGE, index_fp)
+    specs = [{"index": index_fp}] * store.require_manifest(INDEX_STAGE, index_fp).num_shards
     return Prepared(specs, factory, meta)

@@ -1,9 +1,7 @@
-"""What the stage-1 workers (clip_dense, sam_prompt, sam_auto, merge, export) share.
+"""What the stage-1 workers share: upstream reads, image reads ahead, errors-table rows.
 
-Reading upstream shards and the vocabulary, loading an image for a record, turning a
-per-image exception into an errors-table row (the stages are declared in
-:mod:`fmbseg.tasks.annotate.stages`). Shards keep the index's numbering through every
-stage: shard ``i`` of ``sam_auto`` holds the masks of the images of shard ``i`` of ``index``.
+Shards keep the index's numbering through every stage: shard ``i`` of ``sam_auto`` holds
+the masks of the images of shard ``i`` of ``index``.
 """
 
 from __future__ import annotations
@@ -33,11 +31,12 @@ PREFETCH = 4  # images read and decoded ahead of the model, in threads
 # one is enough to overlap them, and each holds full-size masks (100 SAM masks of a 12 MP
 # photo are 1.2 GB of bool), so no more.
 POST_AHEAD = 1
-K = TypeVar("K")
 T = TypeVar("T")
 VOCABULARY_KEY = "vocabulary"  # manifest meta key holding the run's class names
-
 TEACHER_KEY = "models"  # SAM stages' manifest meta: the teacher (models.sam*) that made them
+
+Rows = Callable[[], list[dict[str, Any]]]
+"""What builds one image's record rows from a model's output (run in a worker's post thread)."""
 
 
 def teacher(cfg: Config) -> dict[str, Any]:
@@ -47,16 +46,13 @@ def teacher(cfg: Config) -> dict[str, Any]:
     return {"sam": m.sam, "sam_weights": m.sam_weights, "sam_precision": m.sam_precision}
 
 
-def num_shards(store: ArtifactStore, stage: str, fp: str) -> int:
-    return store.require_manifest(stage, fp).num_shards
-
-
-def read_vocabulary(store: ArtifactStore, stage: str, fp: str) -> tuple[str, ...]:
+def read_vocabulary(manifest: Manifest) -> tuple[str, ...]:
     """The class names recorded in a stage-1 manifest (clip_dense and everything after it)."""
-    meta = store.require_manifest(stage, fp).meta
-    if VOCABULARY_KEY not in meta:
-        raise ValueError(f"{stage}/{fp} has no vocabulary in its manifest meta")
-    return tuple(meta[VOCABULARY_KEY])
+    if VOCABULARY_KEY not in manifest.meta:
+        raise ValueError(
+            f"{manifest.stage}/{manifest.fingerprint} has no vocabulary in its manifest meta"
+        )
+    return tuple(manifest.meta[VOCABULARY_KEY])
 
 
 Columns = tuple[str, ...] | None
@@ -64,11 +60,9 @@ Columns = tuple[str, ...] | None
 
 
 class Upstream:
-    """A worker's reader of committed upstream shards; each manifest is fetched once.
-
-    A committed manifest never changes, so one worker keeps it for all its shards rather
-    than re-reading ``_manifest.json`` for every shard it reads. :meth:`prefetch` starts a
-    read in ``pool``'s threads; the next :meth:`read` of that shard takes its result.
+    """A worker's reader of committed upstream shards; each manifest is fetched once (a
+    committed manifest never changes). :meth:`prefetch` starts a read in ``pool``'s
+    threads; the next :meth:`read` of that shard takes its result.
     """
 
     def __init__(self, store: ArtifactStore, pool: ThreadPoolExecutor | None = None) -> None:
@@ -143,10 +137,9 @@ def load_image(
     min_side: int | None = None,
     admit: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """``HxWx3 uint8 RGB`` pixels of ``uri`` (decoded the way every stage decodes);
-    ``min_side``: maybe at reduced size, the short side at least this (``decode_image``).
-    ``admit(nbytes)``, called with the decode's peak bytes before it starts, may wait
-    (:meth:`ReadAhead.admit`)."""
+    """``HxWx3 uint8 RGB`` pixels of ``uri``; ``min_side``: maybe at reduced size, the short
+    side at least this (``decode_image``). ``admit(nbytes)`` is called with the decode's
+    peak bytes before it starts (:meth:`ReadAhead.admit`)."""
     from fmbseg.data.images import decode_cost, decode_image
     from fmbseg.data.sources import read_bytes
 
@@ -183,17 +176,15 @@ class ReadAhead:
     """A worker's image reads, in its loader threads, up to ``ahead`` in flight.
 
     :meth:`each` yields a shard's images in order while the next ones decode. :meth:`start`
-    begins reads before any shard asks for them: a worker's prefetch hint starts the first
-    images of its next shard as soon as that shard's upstream table is read, so a shard
-    does not open by waiting for its first decode. At most ``2 * ahead`` started reads are
-    held; beyond that the oldest is dropped (a hint, never a result).
+    begins reads before any shard asks for them (a worker's prefetch hint), so a shard does
+    not open by waiting for its first decode. At most ``2 * ahead`` started reads are held;
+    beyond that the oldest is dropped (a hint, never a result).
 
     Memory: with ``budget`` (bytes), a load that calls :meth:`admit` before decoding goes
     on only when its decode's bytes fit beside those of the images decoded and not yet
-    taken (each holds its array's bytes until the consumer asks for the next image);
-    otherwise it stops (:class:`Deferred`) and the consumer reads that image itself when
-    it comes to it. A run of huge images so holds at most ``budget`` plus one image (plus
-    the one the consumer is working on), not ``2 * ahead`` images.
+    taken; otherwise it stops (:class:`Deferred`) and the consumer reads that image itself.
+    A run of huge images so holds at most ``budget`` plus one image (plus the one the
+    consumer is working on), not ``2 * ahead`` images.
     """
 
     def __init__(
@@ -328,14 +319,16 @@ def error_from(exc: BaseException, image_id: str | None, uri: str, stage: str) -
 
 
 class ImageShardWorker:
-    """Base of the shard workers that read images (clip_dense, the SAM stages, export): one
-    pool of loader threads for the worker's life, shared by its upstream shard reads
-    (:attr:`upstream`) and its image reads ahead (:attr:`images`).
+    """Base of the shard workers that read images: one pool of loader threads for the
+    worker's life, shared by its upstream shard reads (:attr:`upstream`) and its image reads
+    ahead (:attr:`images`); images decode with :attr:`min_side` (see :func:`load_image`).
 
     Subclasses call ``ImageShardWorker.__init__(self, ...)`` by name: a zero-argument
     ``super()`` in a class that cloudpickle ships by value to a Ray actor (a subclass made at
     run time, as the reliability tests make) can find a different copy of its own class.
     """
+
+    min_side: int | None = None
 
     def __init__(
         self, store: ArtifactStore, cfg: Config, storage_options: dict[str, Any] | None = None
@@ -347,9 +340,10 @@ class ImageShardWorker:
         # 2 * PREFETCH of them
         self.images = ReadAhead(self._load, self.loader, budget=WORKER_DECODE_BUDGET)
 
-    def _load(self, uri: str) -> np.ndarray:
-        return self._decode(uri)
+    def _start_index(self, index: pa.Table) -> None:
+        """Start reading an index shard's images (a prefetch's ``then``)."""
+        self.images.start(index.column("uri").to_pylist())
 
-    def _decode(self, uri: str, min_side: int | None = None) -> np.ndarray:
+    def _load(self, uri: str) -> np.ndarray:
         max_pixels = self.cfg.index.max_pixels
-        return load_image(uri, self.storage_options, max_pixels, min_side, self.images.admit)
+        return load_image(uri, self.storage_options, max_pixels, self.min_side, self.images.admit)

@@ -32,14 +32,13 @@ share it (``x.jpg`` and ``x.png``), and each path part longer than
 :data:`NAME_BYTES` bytes shortened with a hash suffix, so every derived file (and the
 store's temp file beside it) stays within the file system's 255-byte name limit.
 
-The work fans out over index/merge's shards by the stage engine (:mod:`fmbseg.engine.stage`): a
-worker per slot composes one shard's label maps, writes its PNGs, overlays and thumbnails,
+A worker per shard composes its label maps, writes its PNGs, overlays and thumbnails,
 RLE-encodes the semantic segments, and commits one small row per image
 (:data:`EXPORT_SCHEMA`) as the internal stage ``stages/export/{fp}``, so a killed export
 resumes without redoing committed shards. The driver then streams the files that span
-every image (the COCO files, records.parquet, errors.parquet, gallery.html) shard by
-shard, a few read ahead. Images keep the index's order (shard by shard, listing order
-within a shard): COCO ids and the gallery's first images follow it.
+every image (:mod:`fmbseg.tasks.annotate.export_files`). Images keep the index's order
+(shard by shard, listing order within a shard): COCO ids and the gallery's first images
+follow it.
 """
 
 from __future__ import annotations
@@ -204,9 +203,9 @@ class ExportWorker(ImageShardWorker):
     k}``: shard ``i`` of ``index/fp`` is exported with the masks of shard ``i`` of
     ``merge/fp``, and its first ``k`` labelled images get an overlay and thumb.
 
-    ``repeated`` holds the name keys shared by several images of the whole export (usually
-    few), so names agree across shards without a global view in the worker; ``root`` is
-    the source root ``file_name`` is relative to.
+    ``repeated`` holds the name keys shared by several images of the whole export, so names
+    agree across shards without a global view in the worker; ``root`` is the source root
+    ``file_name`` is relative to.
     """
 
     def __init__(
@@ -239,7 +238,7 @@ class ExportWorker(ImageShardWorker):
         )
 
     def _start_gallery(self, merged: pa.Table, k: int) -> None:
-        """Start reading the gallery images of a merge shard (read ahead of its turn)."""
+        """Start reading the gallery images of a merge shard ahead of its turn."""
         if merged.num_rows:
             uris = merged.column("image_uri").to_pylist()
             self.images.start(_gallery_uris(uris, first_rows(merged), k))
@@ -253,15 +252,8 @@ class ExportWorker(ImageShardWorker):
         if not table.num_columns:  # a shard without a part file: no masks at all
             table = RECORD_SCHEMA.empty_table()
         errors = up.part("merge", spec["merge"], shard, kind="errors")
-        failed: dict[str, str] = {}
-        if errors is not None and errors.num_rows:
-            for image_id, kind in zip(
-                errors.column("image_id").to_pylist(),
-                errors.column("error_type").to_pylist(),
-                strict=True,
-            ):
-                if kind not in NO_LABEL:
-                    failed.setdefault(image_id, kind)
+        errors_rows = [] if errors is None else errors.to_pylist()
+        failed = {e["image_id"] for e in errors_rows if e["error_type"] not in NO_LABEL}
         # the shard's columns as Python lists once, not a slice and conversions per image
         cols = {n: table.column(n).to_pylist() for n in (*LABEL_COLUMNS, "image_uri")}
         by_image = rows_by_image(table)
@@ -332,16 +324,11 @@ class ExportWorker(ImageShardWorker):
         ``order``), write its files; its :func:`semantic_segments`."""
         label = compose_rows(cols, r, h, w, order)
         if self.cfg.export.png:
-            self._write_label(name, label)
+            png = label_png(label, self.colours, self.cfg.export.png_compress_level)
+            self.store.write_bytes(f"{self.base}/labels/{name}.png", png)
         if image is not None:
             self._write_overlay(name, image, label, self.cfg.export.overlay_alpha)
         return semantic_segments(label)
-
-    def _write_label(self, name: str, label: np.ndarray) -> None:
-        self.store.write_bytes(
-            f"{self.base}/labels/{name}.png",
-            label_png(label, self.colours, self.cfg.export.png_compress_level),
-        )
 
     def _write_overlay(self, name: str, image: np.ndarray, label: np.ndarray, alpha: float) -> None:
         if image.shape[:2] != label.shape:  # decoded at a reduced size (OVERLAY_SIDE)
@@ -374,11 +361,9 @@ def plan_export(
 ) -> tuple[list[dict[str, Any]], frozenset[str]]:
     """(one spec per shard, the name keys several images share), streaming the shards.
 
-    Names need a global view (is this name unique in the whole export?). Trade-off: while
-    this pass runs the driver counts one short key per image (the only per-image state it
-    keeps, less than the index's own rows; never masks) and it reads every index and merge
-    shard once more (one or two columns, a few shards ahead); workers then get only the
-    keys that repeat.
+    Names need a global view (is this name unique in the whole export?): the driver counts
+    one short key per image (never masks), reading one or two columns of every index and
+    merge shard; workers then get only the keys that repeat.
     """
     counts: Counter[str] = Counter()
     specs, shown = [], 0
@@ -406,14 +391,18 @@ def sweep(job: StageRun) -> None:
     job.store.sweep_temp(f"exports/{job.fp(STAGE)}")
 
 
+def _inputs(job: StageRun) -> tuple[Manifest, Manifest, tuple[str, ...]]:
+    """The merge manifest, that of the index merge was made from, and the vocabulary."""
+    merge = job.store.require_manifest("merge", job.fp("merge"))
+    index = job.store.require_manifest(INDEX_STAGE, merge.meta["index"])
+    return merge, index, read_vocabulary(merge)
+
+
 def prepare(job: StageRun) -> Prepared:
     """One spec per merge shard (with its gallery share); every image of the index merge
     was made from is exported."""
     store, fp = job.store, job.fp(STAGE)
-    base = f"exports/{fp}"
-    merge = store.require_manifest("merge", job.fp("merge"))
-    index = store.require_manifest(INDEX_STAGE, merge.meta["index"])
-    vocabulary = read_vocabulary(store, "merge", merge.fingerprint)
+    merge, index, vocabulary = _inputs(job)
     ecfg = job.cfg.export
     gallery = max(0, ecfg.gallery_max_images) if ecfg.overlays else 0
     specs, repeated = plan_export(store, index, merge, gallery)
@@ -421,7 +410,7 @@ def prepare(job: StageRun) -> Prepared:
         ExportWorker,
         store,
         job.cfg,
-        base,
+        f"exports/{fp}",
         len(vocabulary),
         repeated,
         index_root(index),
@@ -438,8 +427,5 @@ def prepare(job: StageRun) -> Prepared:
 def finish(job: StageRun) -> None:
     """The files that span every image (COCO, Parquet, gallery), streamed from the
     committed shards; ``export.json`` last."""
-    store, fp = job.store, job.fp(STAGE)
-    merge = store.require_manifest("merge", job.fp("merge"))
-    index = store.require_manifest(INDEX_STAGE, merge.meta["index"])
-    vocabulary = read_vocabulary(store, "merge", merge.fingerprint)
-    write_export_files(store, job.cfg.export, STAGE, fp, index, merge, vocabulary)
+    merge, index, vocabulary = _inputs(job)
+    write_export_files(job.store, job.cfg.export, STAGE, job.fp(STAGE), index, merge, vocabulary)

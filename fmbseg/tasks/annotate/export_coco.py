@@ -1,10 +1,8 @@
 """COCO JSON for the export stage, streamed shard by shard.
 
-Two files share images and categories: ``annotations.json`` holds the merged semantic
-labels (one non-overlapping segment per class per image, COCO-Stuff style) and
-``candidates.json`` the raw overlapping masks behind them. COCO category id = vocabulary
-index + 1 (the label maps' value + 1); each category states its ``label_value`` and
-``info`` says so in words.
+``annotations.json`` holds the merged semantic labels (one non-overlapping segment per class
+per image, COCO-Stuff style) and ``candidates.json`` the raw overlapping masks behind them,
+with the same images and categories (ids: :mod:`fmbseg.tasks.annotate.export`).
 
 :class:`CocoWriter` writes ``json.dumps(coco_dataset(...))``'s bytes: the same keys in the
 same order, with ``json.dumps``'s default separators (``", "`` and ``": "``), so readers
@@ -50,26 +48,18 @@ def coco_categories(vocabulary: Sequence[str]) -> list[dict[str, Any]]:
     ]
 
 
-def coco_image(
-    coco_id: int,
-    image_id: str,
-    file_name: str,
-    uri: str,
-    width: int,
-    height: int,
-    label_file: str | None,
-    status: str,
-) -> dict[str, Any]:
-    """A COCO ``images`` entry; ``label_file`` (relative to the export) is left out when
-    None; ``status`` is ``labelled``, ``no_label`` or ``failed``."""
+def coco_image(coco_id: int, row: Mapping[str, Any], label_file: str | None) -> dict[str, Any]:
+    """A COCO ``images`` entry for an export row (``image_id``, ``file_name``, ``uri``,
+    ``width``, ``height``, ``status``: ``labelled``, ``no_label`` or ``failed``);
+    ``label_file`` (relative to the export) is left out when None."""
     entry: dict[str, Any] = {
         "id": coco_id,
-        "file_name": file_name,
-        "width": width,
-        "height": height,
-        "image_uri": uri,
-        "fmbseg_image_id": image_id,
-        "status": status,
+        "file_name": row["file_name"],
+        "width": row["width"],
+        "height": row["height"],
+        "image_uri": row["uri"],
+        "fmbseg_image_id": row["image_id"],
+        "status": row["status"],
     }
     if label_file is not None:
         entry["label_file"] = label_file
@@ -85,68 +75,54 @@ def first_rows(table: pa.Table) -> dict[str, int]:
     return first
 
 
+def _annotation(
+    ann_id: int, coco_id: int, size: list[int], k: int, rle: bytes, area: int, bbox: list[float]
+) -> dict[str, Any]:
+    """A COCO annotation of vocabulary class ``k``: compressed RLE, bbox XYWH in pixels."""
+    return {
+        "id": ann_id,
+        "image_id": coco_id,
+        "category_id": k + 1,
+        "segmentation": {"size": size, "counts": rle.decode("ascii")},
+        "area": area,
+        "bbox": [round(v, 2) for v in bbox],
+        "iscrowd": 0,
+    }
+
+
 def semantic_annotations(
     rows: pa.Table, coco_ids: Sequence[int], first_id: int
 ) -> list[dict[str, Any]]:
     """One COCO annotation per (image, class) segment of export rows (``segment_*`` and
     ``classes`` columns, row ``i`` being COCO image ``coco_ids[i]``), numbered from
     ``first_id``."""
-    cols = {
-        n: rows.column(n).to_pylist()
-        for n in ("classes", "segment_rle", "segment_area", "segment_bbox", "height", "width")
-    }
+    segment = ("classes", "segment_rle", "segment_area", "segment_bbox")
+    cols = {n: rows.column(n).to_pylist() for n in (*segment, "height", "width")}
     anns: list[dict[str, Any]] = []
     for i, coco_id in enumerate(coco_ids):
         size = [cols["height"][i], cols["width"][i]]
-        for k, rle, area, bbox in zip(
-            cols["classes"][i],
-            cols["segment_rle"][i],
-            cols["segment_area"][i],
-            cols["segment_bbox"][i],
-            strict=True,
-        ):
-            anns.append(
-                {
-                    "id": first_id + len(anns),
-                    "image_id": coco_id,
-                    "category_id": k + 1,
-                    "segmentation": {"size": size, "counts": rle.decode("ascii")},
-                    "area": area,
-                    "bbox": [round(v, 2) for v in bbox],
-                    "iscrowd": 0,
-                }
-            )
+        for seg in zip(*(cols[n][i] for n in segment), strict=True):
+            anns.append(_annotation(first_id + len(anns), coco_id, size, *seg))
     return anns
 
 
 def candidate_annotations(
     table: pa.Table, coco_ids: Mapping[str, int], first_id: int
 ) -> list[dict[str, Any]]:
-    """One COCO annotation per record row (compressed RLE, bbox XYWH in pixels, source,
-    score), numbered from ``first_id`` in row order; ``coco_ids`` maps image ids to COCO
-    image ids."""
-    cols = {
-        n: table.column(n).to_pylist()
-        for n in ("image_id", "category_id", "height", "width", "rle_counts", "area", "bbox")
-    }
-    cols["score"] = table.column("score").to_pylist()
-    cols["source"] = [str(s) for s in table.column("source").to_pylist()]
+    """One COCO annotation per record row (with its source and score), numbered from
+    ``first_id`` in row order; ``coco_ids`` maps image ids to COCO image ids."""
+    names = ("image_id", "height", "width", "category_id", "rle_counts", "area", "bbox", "score")
+    cols = {n: table.column(n).to_pylist() for n in names}
+    sources = [str(s) for s in table.column("source").to_pylist()]
     return [
         {
-            "id": first_id + j,
-            "image_id": coco_ids[cols["image_id"][j]],
-            "category_id": cols["category_id"][j] + 1,
-            "segmentation": {
-                "size": [cols["height"][j], cols["width"][j]],
-                "counts": cols["rle_counts"][j].decode("ascii"),
-            },
-            "area": cols["area"][j],
-            "bbox": [round(v, 2) for v in cols["bbox"][j]],
-            "iscrowd": 0,
-            "score": round(cols["score"][j], 6),
-            "source": cols["source"][j],
+            **_annotation(first_id + j, coco_ids[image_id], [h, w], k, rle, area, bbox),
+            "score": round(score, 6),
+            "source": source,
         }
-        for j in range(table.num_rows)
+        for j, (image_id, h, w, k, rle, area, bbox, score, source) in enumerate(
+            zip(*cols.values(), sources, strict=True)
+        )
     ]
 
 

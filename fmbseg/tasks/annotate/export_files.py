@@ -1,15 +1,11 @@
 """The export files that span every image, written by the driver shard by shard.
 
-After :mod:`fmbseg.tasks.annotate.export`'s shard workers have committed one row per indexed image
-(the internal stage ``export``), these stream the whole-export files: ``annotations.json``
-(images and semantic segments from those rows), ``candidates.json`` (the same images, the
-raw masks from merge's records), ``records.parquet``, ``errors.parquet`` (the errors of
-index and of every model stage), ``gallery.html`` and, last, ``export.json``.
-Shards are read in order, a few ahead (:meth:`ArtifactStore.shards`), so at most that many
-shards' records, and one Parquet row group being gathered
-(:data:`fmbseg.storage.parquet.ROW_GROUP_BYTES`), are in memory; what is kept across
-shards is counts, the gallery's cards (at most ``gallery_max_images``) and the first
-errors it lists.
+From the rows :mod:`fmbseg.tasks.annotate.export`'s shard workers committed (one per indexed
+image) and merge's records: ``annotations.json``, ``candidates.json``, ``records.parquet``,
+``errors.parquet``, ``gallery.html`` and, last, ``export.json``. Shards are read in order, a
+few ahead (:meth:`ArtifactStore.shards`), so at most that many shards' records and one
+Parquet row group being gathered are in memory; what is kept across shards is counts, the
+gallery's cards (at most ``gallery_max_images``) and the first errors it lists.
 """
 
 from __future__ import annotations
@@ -102,16 +98,7 @@ def write_export_files(
                 continue
             rows = table.to_pylist()
             images = [
-                coco_image(
-                    starts[-1] + i,
-                    r["image_id"],
-                    r["file_name"],
-                    r["uri"],
-                    r["width"],
-                    r["height"],
-                    f"labels/{r['name']}.png" if ecfg.png else None,
-                    r["status"],
-                )
+                coco_image(starts[-1] + i, r, f"labels/{r['name']}.png" if ecfg.png else None)
                 for i, r in enumerate(rows)
             ]
             coco.images(images)
@@ -212,9 +199,9 @@ def _failures(
 ) -> Iterator[pa.Table]:
     """Every failed input, shard by shard, stage by stage: index's errors, then each model
     stage's (an image whose automatic masks failed but whose prompt masks did not is
-    labelled, and still listed), then export's own (a gallery image that could not be read
-    again: no overlay), without the no-label rows, which are results. A merge made
-    without its upstream fingerprints in its manifest gives its own (carried) rows."""
+    labelled, and still listed), then export's own, without the no-label rows, which are
+    results. A merge made without its upstream fingerprints in its manifest gives its own
+    (carried) rows."""
     stages = [index]
     if all(s in merge.meta for s in MODEL_STAGES):
         stages += [store.require_manifest(s, merge.meta[s]) for s in MODEL_STAGES]

@@ -90,8 +90,7 @@ def overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray, alpha: fl
 
     Unlabelled pixels keep the image, darkened, so gaps in the pseudo-labels stand out.
     The blend, darkening and selection are Pillow's (C, one pass each, the GIL released):
-    the same pixels as the float formula ``(1 - alpha) * image + alpha * colour`` truncated,
-    ~3x faster on a 480x640 image (bench/io_paths.py).
+    the same pixels as the float formula ``(1 - alpha) * image + alpha * colour`` truncated.
     """
     if image.shape[:2] != label.shape or image.shape[2:] != (3,) or label.dtype != np.uint8:
         raise ValueError(

@@ -1,16 +1,14 @@
 """Stage `merge` (METHOD "Merge"): all stage-1.1 masks plus a seeded sample of stage-1.2 masks.
 
-Core: :func:`sample_auto` and :func:`merge_image`. Sampling is per image, with a generator
-seeded by ``(cfg.seed, a hash of image_id)``, so an image's sample does not depend on which
-shard it landed in, on the other images, or on the order SAM returned its masks (they are
-put in a canonical order before sampling). Each image keeps ``round(auto_fraction * n)``
-of its ``n`` automatic masks (halves round up).
+Sampling is per image, with a generator seeded by ``(cfg.seed, a hash of image_id)``, so an
+image's sample does not depend on which shard it landed in, on the other images, or on the
+order SAM returned its masks (they are put in a canonical order before sampling). Each
+image keeps ``round(auto_fraction * n)`` of its ``n`` automatic masks (halves round up).
 
-Records keep the ``fingerprint`` of the stage that made them (sam_prompt or sam_auto), so a
-merged mask points to its origin. Label maps are composed from merged records with
-:func:`fmbseg.storage.records.compose_label_map` (by export, training and the label-quality
-stage), painting masks in ``merge.order``, which the merge manifest records
-(:func:`merge_order`) so that every consumer of a merge output paints it the same way:
+Records keep the ``fingerprint`` of the stage that made them, so a merged mask points to its
+origin. Consumers compose label maps from merged records
+(:func:`fmbseg.storage.records.compose_label_map`), painting masks in ``merge.order``, which
+the merge manifest records (:func:`merge_order`) so that every consumer paints alike:
 
 - ``area`` (default, ours): masks are painted in descending area, so a small mask wins a
   pixel over a larger one whatever its stage; a small stage-1.2 mask (sampled, labelled only
@@ -47,7 +45,6 @@ from fmbseg.tasks.annotate.common import (
     VOCABULARY_KEY,
     Upstream,
     loader_pool,
-    num_shards,
     read_vocabulary,
 )
 
@@ -134,8 +131,7 @@ def merge_shard(
     """Merge the records of a shard's images; a reason for every image left without masks.
 
     The records equal :func:`merge_image` of each image in ``images`` order, concatenated,
-    but come from one ``take`` over the shard's tables (no per-image tables to build and
-    validate).
+    from one ``take`` over the shard's tables (no per-image tables to build and validate).
 
     Args:
         images: one mapping per image with ``image_id``, ``image_uri`` and ``present`` (the
@@ -176,31 +172,15 @@ def merge_shard(
             rows += [offset + i for i in kept]
         if rows:
             take += rows
-        elif image_id in earlier:
+            continue
+        if image_id in earlier:
             e = earlier[image_id]
-            errors.append(
-                error_row(image_id, uri, STAGE, e["error_type"], f"{e['stage']}: {e['message']}")
-            )
+            why = e["error_type"], f"{e['stage']}: {e['message']}"
         elif not len(image["present"]):  # type: ignore[arg-type]
-            errors.append(
-                error_row(
-                    image_id,
-                    uri,
-                    STAGE,
-                    "no_class_present",
-                    absent,
-                )
-            )
+            why = "no_class_present", absent
         else:
-            errors.append(
-                error_row(
-                    image_id,
-                    uri,
-                    STAGE,
-                    "no_masks",
-                    "classes were present but SAM returned no usable mask",
-                )
-            )
+            why = "no_masks", "classes were present but SAM returned no usable mask"
+        errors.append(error_row(image_id, uri, STAGE, *why))
     if not take:
         return MaskRecords.empty(), errors_table(errors)
     both = pa.concat_tables([prompt.table, a]).unify_dictionaries().combine_chunks()
@@ -224,11 +204,6 @@ class MergeWorker:
         self.store, self.cfg = store, cfg
         self.upstream = Upstream(store, loader_pool(2))
 
-    @staticmethod
-    def _masks(spec: dict[str, str]) -> tuple[str, str | None]:
-        """The stages holding (prompt-like, automatic) masks for this spec's teacher."""
-        return ("sam3", None) if "sam3" in spec else ("sam_prompt", "sam_auto")
-
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
         up = self.upstream
         up.prefetch(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)
@@ -240,20 +215,12 @@ class MergeWorker:
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         up = self.upstream
         index = up.read(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS).to_pylist()
-        clip = None
+        present: dict[str, list[int]] = {}
         if "clip_dense" in spec:
             clip = up.part("clip_dense", spec["clip_dense"], shard, columns=CLIP_COLUMNS)
-        present = (
-            {}
-            if clip is None
-            else dict(
-                zip(
-                    clip.column("image_id").to_pylist(),
-                    clip.column("present").to_pylist(),
-                    strict=True,
-                )
-            )
-        )
+            if clip is not None:
+                ids, classes = clip.column("image_id").to_pylist(), clip["present"].to_pylist()
+                present = dict(zip(ids, classes, strict=True))
         images = [
             {
                 "image_id": r["image_id"],
@@ -262,8 +229,9 @@ class MergeWorker:
             }
             for r in index
         ]
-        records = []
-        for stage in self._masks(spec):
+        teacher = "sam3" if "sam3" in spec else "clip_dense"
+        records = []  # (prompt-like, automatic) masks
+        for stage in ("sam3", None) if teacher == "sam3" else ("sam_prompt", "sam_auto"):
             part = None if stage is None else up.part(stage, spec[stage], shard)
             records.append(MaskRecords.empty() if part is None else MaskRecords.derived(part))
         upstream = []
@@ -273,7 +241,6 @@ class MergeWorker:
                 upstream.append(errors.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA))
         # a SAM stage's "no_class_present" row is the same reason merge gives itself
         prompt, auto = records
-        teacher = "sam3" if "sam3" in spec else "clip_dense"
         merged, errors = merge_shard(
             images, prompt, auto, self.cfg, _real_failures(upstream), ABSENT[teacher]
         )
@@ -292,8 +259,8 @@ def prepare(job: StageRun) -> Prepared:
     the SAM pair, or SAM 3), shard by index shard."""
     inputs = {s: fp for s, fp in job.fps.items() if s not in job.targets}
     labeller = "sam3" if "sam3" in inputs else "clip_dense"  # where the vocabulary is
-    vocabulary = read_vocabulary(job.store, labeller, inputs[labeller])
-    specs = [inputs] * num_shards(job.store, INDEX_STAGE, inputs[INDEX_STAGE])
+    vocabulary = read_vocabulary(job.store.require_manifest(labeller, inputs[labeller]))
+    specs = [inputs] * job.store.require_manifest(INDEX_STAGE, inputs[INDEX_STAGE]).num_shards
     factory = functools.partial(MergeWorker, job.store, job.cfg.merge)
     meta = {VOCABULARY_KEY: list(vocabulary), ORDER_KEY: job.cfg.merge.order, **inputs}
     return Prepared(specs, factory, meta)

@@ -1,11 +1,9 @@
 """Stage `sam3` (ours), the shell: SAM 3's text concepts label the index's images.
 
-The teacher ``models.teacher: sam3`` (``fmbseg annotate --teacher sam3``) replaces
-clip_dense + the SAM stages: per image, SAM 3 is run once for the whole vocabulary
-(:func:`~fmbseg.tasks.annotate.sam3_concepts.concept_job`); its presence score decides
-which classes are present and its instance masks become records with ``source="sam3"``.
-``merge`` (:class:`fmbseg.tasks.annotate.merge.MergeWorker`) composes them into the same
-label maps and ``export`` writes them the same way, so stage 2 trains on them unchanged.
+The teacher ``models.teacher: sam3`` replaces clip_dense + the SAM stages: per image, SAM 3
+runs once for the whole vocabulary (:mod:`~fmbseg.tasks.annotate.sam3_concepts`). ``merge``
+composes its records into the same label maps and ``export`` writes them the same way, so
+stage 2 trains on them unchanged.
 
 A spec is ``{"index": index_fp}``; shard ``i`` labels index shard ``i``. An image with no
 class present (or no mask above the score threshold) gets a ``no_class_present`` errors row
@@ -31,7 +29,6 @@ from fmbseg.tasks.annotate.common import (
     VOCABULARY_KEY,
     ImageShardWorker,
     error_from,
-    num_shards,
     post_pool,
 )
 from fmbseg.tasks.annotate.sam3_concepts import concept_job
@@ -67,10 +64,8 @@ class Sam3Worker(ImageShardWorker):
         self.post = post_pool()
 
     def prefetch(self, shard: int, spec: dict[str, str]) -> None:
-        def start(index: pa.Table) -> None:
-            self.images.start(index.column("uri").to_pylist())
-
-        self.upstream.prefetch(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS, then=start)
+        up, fp = self.upstream, spec["index"]
+        up.prefetch(INDEX_STAGE, fp, shard, columns=INDEX_COLUMNS, then=self._start_index)
 
     def process(self, shard: int, spec: dict[str, str]) -> tuple[pa.Table, pa.Table]:
         index = self.upstream.read(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)
@@ -124,5 +119,5 @@ def prepare(job: StageRun) -> Prepared:
         Sam3Worker, store, job.cfg, vocabulary, job.fp(STAGE), job.storage_options
     )
     meta = {VOCABULARY_KEY: list(vocabulary), "index": index_fp, TEACHER_KEY: teacher(job.cfg)}
-    specs = [{"index": index_fp}] * num_shards(store, INDEX_STAGE, index_fp)
+    specs = [{"index": index_fp}] * store.require_manifest(INDEX_STAGE, index_fp).num_shards
     return Prepared(specs, factory, meta)

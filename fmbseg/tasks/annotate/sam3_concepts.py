@@ -5,16 +5,12 @@ is a text prompt of a :class:`~fmbseg.models.base.ConceptSegmenter`; its presenc
 probability says whether the class is in the image at all, and its instance masks become
 records with ``source="sam3"`` and SAM 3's score. The image is embedded once for the whole
 vocabulary.
-
-Core: :func:`segment_concepts` (the model's part, one image) and :func:`concept_rows` (the
-records, CPU only); :func:`concept_job` splits the two for a worker's post thread, as
-``sam_prompt``'s ``prompt_job`` does. Nothing here knows about stores, Prefect or Ray.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,10 +18,9 @@ import numpy as np
 from fmbseg.config import Sam3Config
 from fmbseg.models.base import ConceptMasks, ConceptSegmenter
 from fmbseg.storage.records import mask_row
+from fmbseg.tasks.annotate.common import Rows
 
 SOURCE = "sam3"
-
-Rows = Callable[[], list[dict[str, Any]]]
 
 
 def segment_concepts(

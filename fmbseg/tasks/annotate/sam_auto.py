@@ -1,10 +1,7 @@
 """Stage `sam_auto` (METHOD 1.2): SAM's automatic masks, labelled from CLIP similarity maps.
 
-Core: :func:`filter_masks` (quality and size thresholds, applied whether or not the SAM
-adapter already did), :func:`mask_class_scores` (mean similarity of every present class
-under each mask) and :func:`auto_masks` (both, then one record per kept mask), in two parts:
-:func:`segment_auto` (SAM) and :func:`auto_rows` (the rest; the worker runs it in its post
-thread).
+:func:`filter_masks` applies the quality and size thresholds whether or not the SAM adapter
+already did.
 
 Mean similarity under a mask, exactly and on the feature grid: every original pixel belongs
 to the grid cell containing its centre (nearest-cell upsampling: the pixel centre
@@ -27,7 +24,7 @@ from fmbseg.config import SamAutoConfig
 from fmbseg.models.base import Segmenter
 from fmbseg.storage.records import mask_row
 from fmbseg.tasks.annotate.clip_dense import ClipDenseResult
-from fmbseg.tasks.annotate.sam_stage import Rows
+from fmbseg.tasks.annotate.common import Rows
 
 STAGE = "sam_auto"
 
@@ -86,7 +83,7 @@ def auto_rows(
     cfg: SamAutoConfig,
     fingerprint: str,
 ) -> list[dict[str, Any]]:
-    """The CPU part of :func:`auto_masks`: SAM's mask records (``segmenter.generate``)
+    """The CPU part of :func:`auto_job`: SAM's mask records (``segmenter.generate``)
     filtered, labelled and turned into record rows."""
     kept = filter_masks(generated, clip.height, clip.width, cfg)
     if not kept:
@@ -111,27 +108,10 @@ def auto_rows(
 def segment_auto(
     segmenter: Segmenter, image: np.ndarray, clip: ClipDenseResult
 ) -> list[dict[str, Any]]:
-    """SAM's part of :func:`auto_masks`: its automatic mask records (none, SAM not run,
+    """SAM's part of :func:`auto_job`: its automatic mask records (none, SAM not run,
     when no class is present)."""
     clip.check_image(image)
     return segmenter.generate(image) if len(clip.present) else []
-
-
-def auto_masks(
-    segmenter: Segmenter,
-    image: np.ndarray,
-    clip: ClipDenseResult,
-    vocabulary: Sequence[str],
-    cfg: SamAutoConfig,
-    fingerprint: str,
-) -> list[dict[str, Any]]:
-    """Record rows (``source="auto"``) for one ``HxWx3 uint8`` image.
-
-    Each kept automatic mask gets the present class with the highest mean similarity under
-    it; ``score`` is SAM's predicted IoU. No present class -> no masks (SAM is not run; the
-    caller records why).
-    """
-    return auto_job(segmenter, image, clip, vocabulary, cfg, fingerprint)()
 
 
 def auto_job(
@@ -142,8 +122,13 @@ def auto_job(
     cfg: SamAutoConfig,
     fingerprint: str,
 ) -> Rows:
-    """:func:`auto_masks` in its two parts: SAM's now (:func:`segment_auto`, in the caller's
-    thread), and what builds the records from its output (:func:`auto_rows`), for a
-    worker's post thread."""
+    """SAM's automatic masks of one ``HxWx3 uint8`` image now (:func:`segment_auto`); the
+    returned callable builds their record rows (:func:`auto_rows`, ``source="auto"``), for
+    a worker's post thread.
+
+    Each kept mask gets the present class with the highest mean similarity under it;
+    ``score`` is SAM's predicted IoU. No present class -> no masks (SAM is not run; the
+    caller records why).
+    """
     generated = segment_auto(segmenter, image, clip)
     return functools.partial(auto_rows, generated, clip, vocabulary, cfg, fingerprint)

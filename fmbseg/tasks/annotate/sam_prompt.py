@@ -1,10 +1,7 @@
 """Stage `sam_prompt` (METHOD 1.1.3): the top CLIP cells of each present class prompt SAM.
 
-Core: :func:`prompt_points` (top-k cells -> ``(x, y)`` patch centres in original pixels)
-and :func:`prompt_masks` (one SAM call per present class, keep the mask with the highest
-predicted IoU, one record per class), in two parts: :func:`segment_prompts` (SAM) and
-:func:`prompt_rows` (records; the worker builds them in its post thread). It reads only the stored similarity maps of stage
-`clip_dense`, never CLIP itself.
+Per present class, SAM's mask with the highest predicted IoU becomes one record. It reads
+only the stored similarity maps of stage `clip_dense`, never CLIP itself.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from fmbseg.config import SamPromptConfig
 from fmbseg.models.base import Segmenter
 from fmbseg.storage.records import mask_row
 from fmbseg.tasks.annotate.clip_dense import ClipDenseResult
-from fmbseg.tasks.annotate.sam_stage import Rows
+from fmbseg.tasks.annotate.common import Rows
 
 STAGE = "sam_prompt"
 
@@ -49,7 +46,7 @@ def prompt_points(sim: np.ndarray, k: int, cell_h: float, cell_w: float) -> np.n
 def segment_prompts(
     segmenter: Segmenter, image: np.ndarray, clip: ClipDenseResult, cfg: SamPromptConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """SAM's part of :func:`prompt_masks`: ``(P, M, H, W) bool`` masks and ``(P, M)
+    """SAM's part of :func:`prompt_job`: ``(P, M, H, W) bool`` masks and ``(P, M)
     float32`` predicted IoUs, ``M`` candidates for each of the ``P`` present classes (none
     when no class is present)."""
     clip.check_image(image)
@@ -71,7 +68,7 @@ def prompt_rows(
     vocabulary: Sequence[str],
     fingerprint: str,
 ) -> list[dict[str, Any]]:
-    """The CPU part of :func:`prompt_masks`: of each present class's candidates (from
+    """The CPU part of :func:`prompt_job`: of each present class's candidates (from
     :func:`segment_prompts`), the record of the one with the highest predicted IoU, unless
     it is empty."""
     rows = []
@@ -95,22 +92,6 @@ def prompt_rows(
     return rows
 
 
-def prompt_masks(
-    segmenter: Segmenter,
-    image: np.ndarray,
-    clip: ClipDenseResult,
-    vocabulary: Sequence[str],
-    cfg: SamPromptConfig,
-    fingerprint: str,
-) -> list[dict[str, Any]]:
-    """Record rows (``source="prompt"``) for the present classes of one ``HxWx3 uint8`` image.
-
-    One mask per present class whose best mask is not empty; none when no class is present
-    (the caller records why). ``score`` is SAM's predicted IoU of the kept mask.
-    """
-    return prompt_job(segmenter, image, clip, vocabulary, cfg, fingerprint)()
-
-
 def prompt_job(
     segmenter: Segmenter,
     image: np.ndarray,
@@ -119,8 +100,12 @@ def prompt_job(
     cfg: SamPromptConfig,
     fingerprint: str,
 ) -> Rows:
-    """:func:`prompt_masks` in its two parts: SAM's now (:func:`segment_prompts`, in the
-    caller's thread), and what builds the records from its output (:func:`prompt_rows`),
-    for a worker's post thread."""
+    """SAM on the present classes of one ``HxWx3 uint8`` image now (:func:`segment_prompts`);
+    the returned callable builds their record rows (:func:`prompt_rows`, ``source="prompt"``),
+    for a worker's post thread.
+
+    One row per present class whose best mask is not empty; none when no class is present
+    (the caller records why). ``score`` is SAM's predicted IoU of the kept mask.
+    """
     masks, scores = segment_prompts(segmenter, image, clip, cfg)
     return functools.partial(prompt_rows, masks, scores, clip, vocabulary, fingerprint)

@@ -27,8 +27,6 @@ import torch.nn.functional as F
 from fmbseg.config import ClipDenseConfig
 from fmbseg.models.base import Preprocess
 
-# ---- geometry ------------------------------------------------------------------------------
-
 
 def resize_short_side(
     height: int, width: int, short_side: int, multiple: int = 1

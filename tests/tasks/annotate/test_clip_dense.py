@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fmbseg.tasks.annotate.clip_dense as cd
+import fmbseg.tasks.annotate.windows as wd
 from fmbseg.config import ClipDenseConfig
 from tests.helpers.synthetic import VOCAB, ColourClip, make_scene
 
@@ -24,12 +25,12 @@ CFG = ClipDenseConfig(short_side=64, min_crops=1, batch_size=5, precision="fp32"
     ],
 )
 def test_resize_short_side_rounds_both_sides_to_the_multiple(h, w, short, mult, expected):
-    assert cd.resize_short_side(h, w, short, mult) == expected
+    assert wd.resize_short_side(h, w, short, mult) == expected
 
 
 def test_resize_short_side_rejects_empty_images():
     with pytest.raises(ValueError, match="0x5"):
-        cd.resize_short_side(0, 5, 64, 8)
+        wd.resize_short_side(0, 5, 64, 8)
 
 
 @pytest.mark.parametrize(
@@ -43,8 +44,8 @@ def test_resize_short_side_rejects_empty_images():
     ],
 )
 def test_plan_windows_cover_everything_and_end_flush(h, w, crop, stride):
-    windows = cd.plan_windows(h, w, crop, stride)
-    assert windows == cd.plan_windows(h, w, crop, stride)  # deterministic
+    windows = wd.plan_windows(h, w, crop, stride)
+    assert windows == wd.plan_windows(h, w, crop, stride)  # deterministic
     covered = np.zeros((max(h, crop), max(w, crop)), dtype=int)
     for y, x in windows:
         covered[y : y + crop, x : x + crop] += 1
@@ -57,7 +58,7 @@ def test_plan_windows_cover_everything_and_end_flush(h, w, crop, stride):
 
 def test_plan_windows_rejects_gapping_stride():
     with pytest.raises(ValueError, match="stride must be in"):
-        cd.plan_windows(100, 100, 32, 40)
+        wd.plan_windows(100, 100, 32, 40)
 
 
 def test_window_offsets_land_on_the_patch_grid():

@@ -138,7 +138,18 @@ def _records():
 def test_candidates_coco_loads_with_pycocotools_and_round_trips_masks(tmp_path):
     records, masks = _records()
     images = [
-        coco_image(n, i, f"{i}.jpg", f"file:///data/{i}.jpg", w, h, f"labels/{i}.png", "labelled")
+        coco_image(
+            n,
+            {
+                "image_id": i,
+                "file_name": f"{i}.jpg",
+                "uri": f"file:///data/{i}.jpg",
+                "width": w,
+                "height": h,
+                "status": "labelled",
+            },
+            f"labels/{i}.png",
+        )
         for n, (i, (h, w)) in enumerate([("a", (12, 20)), ("b", (9, 7))], start=1)
     ]
     anns = candidate_annotations(records.table, {"a": 1, "b": 2}, 1)

@@ -196,7 +196,7 @@ def test_an_image_too_large_for_sam_is_an_errors_row_with_the_reason(tmp_path, m
     memory is that image's errors row (naming the knobs), the others are segmented."""
     from PIL import Image
 
-    import fmbseg.tasks.annotate.sam_stage as sam_stage
+    import fmbseg.tasks.annotate.sam_pair as sam_pair
     from fmbseg.storage import ArtifactStore
     from fmbseg.tasks.annotate.index import run_index
     from fmbseg.tasks.annotate.stages import run_declared
@@ -212,7 +212,7 @@ def test_an_image_too_large_for_sam_is_an_errors_row_with_the_reason(tmp_path, m
     index = {"index": run_index(store, str(folder), cfg)}
     clip_fp = run_declared(store, cfg, "clip_dense", index, vocabulary=VOCAB)["clip_dense"]
     # 100 MB: sam_auto's prompts per pass x 12 bytes x 540k pixels do not fit, 48x96 do
-    monkeypatch.setattr(sam_stage, "device_memory", lambda device: 100_000_000)
+    monkeypatch.setattr(sam_pair, "device_memory", lambda device: 100_000_000)
     auto_fp = run_declared(store, cfg, "sam_auto", {"clip_dense": clip_fp})["sam_auto"]
     errors = store.read_table("sam_auto", auto_fp, "errors").to_pylist()
     too_large = [e for e in errors if e["error_type"] == "TooLargeForSam:too_large"]

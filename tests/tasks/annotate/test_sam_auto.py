@@ -15,7 +15,7 @@ from fmbseg.models.sam import SamSegmenter
 from fmbseg.storage.records import decode_mask
 from fmbseg.tasks.annotate.clip_dense import ClipDenseResult
 from fmbseg.tasks.annotate.sam_auto import (
-    auto_masks,
+    auto_job,
     cell_index_map,
     filter_masks,
     mask_class_scores,
@@ -117,14 +117,14 @@ def test_auto_masks_are_labelled_by_the_class_most_similar_under_them():
     right[5:10, 25:39] = True
     mostly_left[:, 10:22] = True  # 10 columns left of x=20, 2 right
     sam = FixedSam([_m(left, 0.91), _m(right, 0.97), _m(mostly_left, 0.88)])
-    rows = auto_masks(
+    rows = auto_job(
         sam,
         np.zeros((h, w, 3), np.uint8),
         clip,
         ["a", "b", "c", "d"],
         dataclasses.replace(CFG, max_area_fraction=0.95),
         fingerprint="fa",
-    )
+    )()
     assert [(r["category_id"], r["category"]) for r in rows] == [(1, "b"), (3, "d"), (1, "b")]
     assert [r["score"] for r in rows] == pytest.approx([0.91, 0.97, 0.88])
     assert all(r["source"] == "auto" and r["fingerprint"] == "fa" for r in rows)
@@ -133,14 +133,14 @@ def test_auto_masks_are_labelled_by_the_class_most_similar_under_them():
 
 def test_no_present_class_means_sam_is_not_run():
     sam = FixedSam([_m(np.ones((4, 4), bool))])
-    rows = auto_masks(
+    rows = auto_job(
         sam,
         np.zeros((4, 4, 3), np.uint8),
         _clip(np.zeros((0, 1, 1)), [], 4, 4),
         ["a"],
         CFG,
         fingerprint="f",
-    )
+    )()
     assert rows == [] and sam.generated == 0
 
 
@@ -222,10 +222,10 @@ def test_a_crop_layer_finds_a_small_mask_the_full_image_does_not():
     clip = _clip(np.ones((1, 4, 6)), [2], 128, 192)
     vocab = ["a", "b", "c"]
     whole, _ = _standin_sam(dataclasses.replace(CROPS, crop_n_layers=0))
-    assert auto_masks(whole, img, clip, vocab, CROPS, fingerprint="f") == []
+    assert auto_job(whole, img, clip, vocab, CROPS, fingerprint="f")() == []
     cropped, standin = _standin_sam(CROPS)
     assert standin.embedded == []
-    rows = auto_masks(cropped, img, clip, vocab, CROPS, fingerprint="f")
+    rows = auto_job(cropped, img, clip, vocab, CROPS, fingerprint="f")()
     # the whole image and its four 2x2-layer crops, each embedded once
     assert standin.embedded == [(128, 192), (86, 118), (85, 118), (86, 117), (85, 117)]
     assert len(rows) == 1 and rows[0]["category"] == "c"
@@ -256,7 +256,7 @@ def test_crop_layers_with_no_surviving_mask_return_none():
         stock.generate(img)
     assert tiny.generate(img) == []
     clip = _clip(np.ones((1, 4, 6)), [0], 128, 192)
-    assert auto_masks(tiny, img, clip, ["a"], strict, fingerprint="f") == []
+    assert auto_job(tiny, img, clip, ["a"], strict, fingerprint="f")() == []
 
 
 def test_crop_settings_are_checked_and_in_the_configs():

@@ -153,7 +153,7 @@ def test_records_built_in_the_post_thread_keep_image_order_and_failures(
         return build(generated, clip_result, *a)
 
     monkeypatch.setattr(sam_auto, "auto_rows", auto_rows)
-    vocab = stage1.read_vocabulary(store, "clip_dense", clip)
+    vocab = stage1.read_vocabulary(store.require_manifest("clip_dense", clip))
     worker = SamPairWorker(store, CFG, vocab, {"sam_prompt": "p-fp", "sam_auto": "a-fp"})
     (prompt, prompt_errors), (auto, auto_errors) = worker.process(0, {"clip_dense": clip})
 

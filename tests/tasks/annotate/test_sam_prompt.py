@@ -8,7 +8,7 @@ import pytest
 from fmbseg.config import SamPromptConfig
 from fmbseg.storage.records import decode_mask
 from fmbseg.tasks.annotate.clip_dense import ClipDenseResult
-from fmbseg.tasks.annotate.sam_prompt import prompt_masks, prompt_points, top_cells
+from fmbseg.tasks.annotate.sam_prompt import prompt_job, prompt_points, top_cells
 from tests.helpers.synthetic import predict_each
 
 
@@ -75,14 +75,14 @@ def _clip(present: list[int], height: int = 30, width: int = 100) -> ClipDenseRe
 def test_one_record_per_present_class_keeping_the_highest_iou_mask():
     sam = RecordingSam(30, 100)
     clip = _clip([0, 2])
-    rows = prompt_masks(
+    rows = prompt_job(
         sam,
         np.zeros((30, 100, 3), np.uint8),
         clip,
         ["a", "b", "c", "d"],
         SamPromptConfig(num_points=3),
         fingerprint="fp-p",
-    )
+    )()
     assert sam.images == 1  # the image is embedded once for all classes
     assert [r["category_id"] for r in rows] == [0, 2]
     assert [r["category"] for r in rows] == ["a", "c"]
@@ -98,33 +98,33 @@ def test_one_record_per_present_class_keeping_the_highest_iou_mask():
 
 def test_multimask_flag_and_point_count_come_from_config():
     sam = RecordingSam(30, 100)
-    prompt_masks(
+    prompt_job(
         sam,
         np.zeros((30, 100, 3), np.uint8),
         _clip([1]),
         ["a", "b"],
         SamPromptConfig(num_points=1, multimask=False),
         fingerprint="f",
-    )
+    )()
     ((points, _, multimask),) = sam.calls
     assert points.shape == (1, 2) and multimask is False
 
 
 def test_no_present_class_means_no_sam_call_and_no_records():
     sam = RecordingSam(30, 100)
-    rows = prompt_masks(
+    rows = prompt_job(
         sam, np.zeros((30, 100, 3), np.uint8), _clip([]), ["a"], SamPromptConfig(), fingerprint="f"
-    )
+    )()
     assert rows == [] and sam.images == 0 and sam.calls == []
 
 
 def test_image_size_mismatch_is_an_error_naming_the_image():
     with pytest.raises(ValueError, match="img-1"):
-        prompt_masks(
+        prompt_job(
             RecordingSam(30, 100),
             np.zeros((31, 100, 3), np.uint8),
             _clip([0]),
             ["a"],
             SamPromptConfig(),
             fingerprint="f",
-        )
+        )()
