@@ -19,7 +19,6 @@ direct URI / path of a version folder (``s3://bucket/store/models/seg/v0003``).
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import re
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fmbseg.storage.manifest import _now
 from fmbseg.storage.store import ArtifactStore, StoreError
 
 WEIGHTS = "weights.safetensors"
@@ -48,10 +48,6 @@ class ModelNotFoundError(StoreError):
 class CorruptModelError(ModelNotFoundError):
     """A registry file (``champion.json``, ``card.json``, the weights) is missing, truncated
     or names something that is not a valid model name or version; the message names the file."""
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
 
 
 def _version_name(number: int) -> str:
@@ -175,22 +171,7 @@ class ModelRegistry:
         exactly one becomes the champion.
         """
         version = self.resolve_version(name, version)
-        at = _now()
-        decision = {
-            "version": version,
-            "promoted": True,
-            "at": at,
-            "reason": reason,
-            "metrics": dict(metrics or {}),
-            "previous": None,
-        }
-        record = {
-            "version": version,
-            "promoted_at": at,
-            "reason": reason,
-            "metrics": decision["metrics"],
-            "history": [decision],
-        }
+        record = _decision(None, version, reason, metrics, promoted=True)
         data = json.dumps(record, indent=1, sort_keys=True, default=str).encode()
         return self.store.create_exclusive(self.rel(name, file=CHAMPION), data)
 
@@ -204,24 +185,7 @@ class ModelRegistry:
         self, name: str, version: str, reason: str, metrics: dict[str, Any] | None, promoted: bool
     ) -> dict[str, Any]:
         version = self.resolve_version(name, version)
-        current = self.champion_record(name) or {"version": None, "history": []}
-        decision = {
-            "version": version,
-            "promoted": promoted,
-            "at": _now(),
-            "reason": reason,
-            "metrics": dict(metrics or {}),
-            "previous": current.get("version"),
-        }
-        record = dict(current)
-        record["history"] = [*current.get("history", []), decision]
-        if promoted:
-            record.update(
-                version=version,
-                promoted_at=decision["at"],
-                reason=reason,
-                metrics=decision["metrics"],
-            )
+        record = _decision(self.champion_record(name), version, reason, metrics, promoted)
         self.store.write_json(self.rel(name, file=CHAMPION), record)
         return record
 
@@ -328,20 +292,16 @@ class ModelRegistry:
         """
         if not isinstance(ref, str) or not ref:
             raise ValueError(f"model reference must be a non-empty string, got {ref!r}")
-        if ref in ("latest", "champion") or _VERSION_RE.match(ref):
+        if _is_version(ref):
             if name is None:
                 raise ValueError(f"model reference {ref!r} needs a model name (or use name:{ref})")
-            version = self.resolve_version(name, ref)
-            return ModelRef(name, version, self.store.url(self.rel(name, version)))
-        head, sep, tail = ref.partition(":")
-        if (
-            sep
-            and _NAME_RE.match(head)
-            and (tail in ("latest", "champion") or _VERSION_RE.match(tail))
-        ):
-            version = self.resolve_version(head, tail)
-            return ModelRef(head, version, self.store.url(self.rel(head, version)))
-        return self._resolve_uri(ref)
+            head, tail = name, ref
+        else:
+            head, sep, tail = ref.partition(":")
+            if not (sep and _NAME_RE.match(head) and _is_version(tail)):
+                return self._resolve_uri(ref)
+        version = self.resolve_version(head, tail)
+        return ModelRef(head, version, self.store.url(self.rel(head, version)))
 
     def _resolve_uri(self, uri: str) -> ModelRef:
         fs, path = self._fs_for(uri)
@@ -363,10 +323,7 @@ class ModelRegistry:
     def _fs_for(self, uri: str) -> tuple[Any, str]:
         """The filesystem of ``uri``; the store's storage options apply on its own protocol."""
         protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-        store_protocols = self.store.fs.protocol
-        if isinstance(store_protocols, str):
-            store_protocols = (store_protocols,)
-        options = self.store.storage_options if protocol in store_protocols else {}
+        options = self.store.storage_options if protocol in self.store.protocols else {}
         return fsspec.core.url_to_fs(uri, **options)
 
     def load_ref(
@@ -400,6 +357,36 @@ class ModelRegistry:
             int(m.group(1)) for e in self.store.ls(self.rel(name)) if (m := _VERSION_RE.match(e))
         ]
         return max(numbers, default=0)
+
+
+def _decision(
+    current: dict[str, Any] | None,
+    version: str,
+    reason: str,
+    metrics: dict[str, Any] | None,
+    promoted: bool,
+) -> dict[str, Any]:
+    """The champion record ``current`` (None: nothing decided yet) with a decision appended."""
+    current = current or {"version": None, "history": []}
+    decision = {
+        "version": version,
+        "promoted": promoted,
+        "at": _now(),
+        "reason": reason,
+        "metrics": dict(metrics or {}),
+        "previous": current.get("version"),
+    }
+    record = {**current, "history": [*current.get("history", []), decision]}
+    if promoted:
+        record.update(
+            version=version, promoted_at=decision["at"], reason=reason, metrics=decision["metrics"]
+        )
+    return record
+
+
+def _is_version(text: str) -> bool:
+    """``latest``, ``champion`` or ``vNNNN``: a version as a reference may name it."""
+    return text in ("latest", "champion") or bool(_VERSION_RE.match(text))
 
 
 def _parse_json(data: bytes, where: str, what: str) -> dict[str, Any]:
