@@ -140,7 +140,8 @@ def _parent(uri: str) -> str:
     return os.path.dirname(os.path.abspath(uri))
 
 
-def _version(info: dict[str, Any]) -> str | None:
+def file_version(info: dict[str, Any]) -> str | None:
+    """A change marker from an fsspec listing's entry: the ETag, else a modification time."""
     for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
         if info.get(key) is not None:
             return str(info[key])
@@ -285,12 +286,12 @@ def _list_fsspec_tree(
         raise SourceError(f"image source {source!r} does not exist")
     if fs.isfile(root):
         info = fs.info(root)
-        return [ImageRef(fs.unstrip_protocol(root), info.get("size"), _version(info))]
+        return [ImageRef(fs.unstrip_protocol(root), info.get("size"), file_version(info))]
     found = fs.find(root, detail=True, withdirs=False)
     if skipped is not None:
         skipped.update(_ext(p) for p in found if os.path.splitext(p)[1].lower() not in exts)
     return [
-        ImageRef(fs.unstrip_protocol(path), info.get("size"), _version(info))
+        ImageRef(fs.unstrip_protocol(path), info.get("size"), file_version(info))
         for path, info in found.items()
         if os.path.splitext(path)[1].lower() in exts
     ]
@@ -331,7 +332,7 @@ def list_images(
     elif _is_uri(source):
         refs = _list_fsspec_tree(source, exts, storage_options, skipped)
     else:
-        path = source[len("file://") :] if source.startswith("file://") else source
+        path = source.removeprefix("file://")
         if os.path.isdir(path):
             refs = _list_local_tree(path, exts, skipped)
         elif os.path.isfile(path):
@@ -361,8 +362,7 @@ def source_root(
     if _is_uri(source):
         fs, path = fsspec.core.url_to_fs(source, **_options_for(source, storage_options))
         return fs.unstrip_protocol(path.rstrip("/"))
-    path = source[len("file://") :] if source.startswith("file://") else source
-    path = os.path.abspath(path)
+    path = os.path.abspath(source.removeprefix("file://"))
     return os.path.dirname(path) if os.path.isfile(path) else path
 
 
@@ -388,7 +388,7 @@ def check_source(source: str, storage_options: dict[str, Any] | None = None) -> 
         except Exception as exc:
             raise SourceError(f"image source {source!r} cannot be reached: {exc}") from None
     else:
-        ok = os.path.exists(source[len("file://") :] if source.startswith("file://") else source)
+        ok = os.path.exists(source.removeprefix("file://"))
     if not ok:
         raise SourceError(f"image source {source!r} does not exist")
 
@@ -414,8 +414,7 @@ def read_bytes(
 
     def _read() -> bytes:
         if not _is_uri(uri):
-            path = uri[len("file://") :] if uri.startswith("file://") else uri
-            with open(path, "rb") as f:
+            with open(uri.removeprefix("file://"), "rb") as f:
                 return f.read()
         with fsspec.open(uri, "rb", **_options_for(uri, storage_options)) as f:
             return f.read()
