@@ -7,6 +7,7 @@ benchmark trees) and :mod:`fmbseg.data.folder_dataset` (users' own ``images/`` +
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from collections.abc import Iterator, Sequence
@@ -158,17 +159,7 @@ class SegDataset:
 
     def subset(self, indices: Sequence[int]) -> SegDataset:
         """The same dataset restricted to ``indices`` (shards, ``limit``)."""
-        return SegDataset(
-            self.name,
-            self.root,
-            self.classes,
-            tuple(self.samples[i] for i in indices),
-            self.background,
-            self.ignore_index,
-            self.storage_options,
-            self._base,
-            self._fs,
-        )
+        return dataclasses.replace(self, samples=tuple(self.samples[i] for i in indices))
 
     def __getitem__(self, index: int) -> tuple[str, np.ndarray, np.ndarray]:
         return self.load(self.samples[index])

@@ -158,14 +158,10 @@ def _read_text(uri: str, storage_options: dict[str, Any] | None) -> str:
 
 
 def _list_txt(
-    source: str,
-    storage_options: dict[str, Any] | None,
-    image_root: str | None,
-    allowed: frozenset[str] | None,
+    source: str, options: dict[str, Any] | None, root: str, allowed: frozenset[str] | None
 ) -> list[ImageRef]:
-    root = image_root if image_root is not None else _parent(source)
     refs = []
-    for n, line in enumerate(_read_text(source, storage_options).splitlines(), 1):
+    for n, line in enumerate(_read_text(source, options).splitlines(), 1):
         entry = line.strip()
         if entry and not entry.startswith("#"):
             what = f"image list {source!r} line {n}:"
@@ -174,19 +170,15 @@ def _list_txt(
 
 
 def _list_coco(
-    source: str,
-    storage_options: dict[str, Any] | None,
-    image_root: str | None,
-    allowed: frozenset[str] | None,
+    source: str, options: dict[str, Any] | None, root: str, allowed: frozenset[str] | None
 ) -> list[ImageRef]:
     try:
-        data = json.loads(_read_text(source, storage_options))
+        data = json.loads(_read_text(source, options))
     except json.JSONDecodeError as exc:
         raise SourceError(f"COCO file {source!r} is not valid JSON: {exc}") from None
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise SourceError(f"COCO file {source!r} has no 'images' list")
-    root = image_root if image_root is not None else _parent(source)
     refs = []
     for i, entry in enumerate(images):
         if not isinstance(entry, dict):
@@ -325,10 +317,11 @@ def list_images(
     exts = _normalise_exts(extensions)
     lower = source.lower()
     protocols = None if allowed is None else frozenset(allowed)
+    root = image_root if image_root is not None else _parent(source)  # of a list's entries
     if lower.endswith(".txt"):
-        refs = _list_txt(source, storage_options, image_root, protocols)
+        refs = _list_txt(source, storage_options, root, protocols)
     elif lower.endswith(".json"):
-        refs = _list_coco(source, storage_options, image_root, protocols)
+        refs = _list_coco(source, storage_options, root, protocols)
     elif _is_uri(source):
         refs = _list_fsspec_tree(source, exts, storage_options, skipped)
     else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,11 +277,7 @@ class ModelRegistry:
         version = self.resolve_version(name, version)
         card = self.card(name, version)
         rel = self.rel(name, version, WEIGHTS)
-        try:
-            blob = self.store.read_bytes(rel)
-        except FileNotFoundError:
-            raise CorruptModelError(f"{self.store.url(rel)}: weights file missing") from None
-        return _load_weights(blob, self.store.url(rel)), card
+        return _load_weights(lambda: self.store.read_bytes(rel), self.store.url(rel)), card
 
     # ---- references -----------------------------------------------------------------------
 
@@ -335,12 +332,9 @@ class ModelRegistry:
         path = path.rstrip("/")
         card_uri = fs.unstrip_protocol(f"{path}/{CARD}")
         card = _parse_json(fs.cat_file(f"{path}/{CARD}"), card_uri, "model card")
-        weights_uri = fs.unstrip_protocol(f"{path}/{WEIGHTS}")
-        try:
-            blob = fs.cat_file(f"{path}/{WEIGHTS}")
-        except FileNotFoundError:
-            raise CorruptModelError(f"{weights_uri}: weights file missing") from None
-        return _load_weights(blob, weights_uri), card, resolved
+        weights = f"{path}/{WEIGHTS}"
+        tensors = _load_weights(lambda: fs.cat_file(weights), fs.unstrip_protocol(weights))
+        return tensors, card, resolved
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -403,8 +397,13 @@ def _parse_json(data: bytes, where: str, what: str) -> dict[str, Any]:
     return obj
 
 
-def _load_weights(blob: bytes, where: str) -> dict[str, torch.Tensor]:
-    """safetensors bytes -> tensors; :class:`CorruptModelError` naming ``where`` when truncated."""
+def _load_weights(read: Callable[[], bytes], where: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``read`` returns; :class:`CorruptModelError`
+    naming ``where`` when it is missing or truncated."""
+    try:
+        blob = read()
+    except FileNotFoundError:
+        raise CorruptModelError(f"{where}: weights file missing") from None
     try:
         return st_load(blob)
     except Exception as exc:  # safetensors raises its own SafetensorError for torn files
