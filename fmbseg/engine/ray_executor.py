@@ -88,12 +88,8 @@ def pool_shape(runtime: RuntimeConfig, use_gpu: bool, n_todo: int) -> tuple[int,
 
     cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
     gpus = runtime.gpus_per_worker if use_gpu and cluster_gpus > 0 else 0.0
-    if runtime.num_workers > 0:
-        n = runtime.num_workers
-    elif gpus > 0:
-        n = max(1, int(cluster_gpus // gpus))
-    else:
-        n = 1
+    # num_workers 0: one actor per GPU it can have, else one
+    n = runtime.num_workers or (int(cluster_gpus // gpus) if gpus else 1)
     return max(1, min(n, n_todo)), gpus
 
 
