@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import typing
+from collections.abc import Mapping
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, dataclass_transform, get_args, get_origin
@@ -133,9 +134,7 @@ PosFraction = Annotated[float, Interval(gt=0, le=1)]
 Cosine = Annotated[float, Interval(ge=-1, le=1)]
 
 
-# --------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------
+# ---- sections ------------------------------------------------------------------------
 
 
 @_validated
@@ -219,10 +218,9 @@ class SamAutoConfig(_Section):
     """Stage `sam_auto` (METHOD 1.2): automatic masks, filtered, labelled from CLIP maps."""
 
     points_per_side: PosInt = 32
-    # prompts per decoder pass; None = 256 on a GPU (fills it better), SAM's own 64 on a CPU:
-    # a pass holds points x 3 x 1024^2 float32 mask logits (3 GiB at 256), and on a CPU 256
-    # had 0.72x the speed and 2.3x the peak memory of 64 (bench/sam_auto.py, sam_vit_b).
-    # Not in the fingerprint: the masks are the same.
+    # prompts per decoder pass; None = 256 on a GPU (fills it better), SAM's own 64 on a CPU,
+    # where 256 is slower and holds far more memory (points x 3 x 1024^2 float32 mask logits
+    # a pass; bench/sam_auto.py). Not in the fingerprint: the masks are the same.
     points_per_batch: PosInt | None = None
     pred_iou_thresh: Fraction = 0.86
     stability_score_thresh: Fraction = 0.92
@@ -265,8 +263,8 @@ class ExportConfig(_Section):
     """Stage `export`: COCO JSON, PNG label maps, overlays and an HTML gallery."""
 
     png: bool = True
-    # zlib level of the label PNGs (lossless at any): 6 = PIL's default; 1 encodes ~3x
-    # faster for files ~1.8x larger, 9 is ~10% smaller and ~10x slower (bench/io_paths.py)
+    # zlib level of the label PNGs (lossless at any): 6 = PIL's default; 1 is faster for
+    # larger files, 9 a little smaller and much slower (bench/io_paths.py)
     png_compress_level: Literal[0, 1, 2, 3, 4, 5, 6, 7, 8, 9] = 6
     candidates: bool = True  # also write candidates.json: the raw overlapping masks as COCO
     overlays: bool = True
@@ -341,15 +339,16 @@ class Config:
         return to_dict(self)
 
 
-# --------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------
+# ---- loading -------------------------------------------------------------------------
 
 
 def to_dict(obj: Any) -> Any:
-    """A JSON-able view of a config dataclass (tuples become lists)."""
+    """A JSON-able view of a config dataclass, at any depth: dataclasses and mappings become
+    dicts with string keys, tuples lists."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj

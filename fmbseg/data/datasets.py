@@ -53,8 +53,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import fsspec
-
 from fmbseg.data.folder_dataset import open_folder_dataset
 from fmbseg.data.segdata import IGNORE_INDEX, DatasetError, Layout, Sample, SegDataset
 from fmbseg.data.vocab import load_vocabulary
@@ -87,8 +85,7 @@ def _voc_like(
     sets, labels = dirs
     listed = f"ImageSets/{sets}/{split}.txt"
     ids = _split_ids(layout, listed)
-    layout.require_dir("JPEGImages")
-    layout.require_dir(labels)
+    layout.require_dir("JPEGImages", labels)
     samples = [Sample(i, f"JPEGImages/{i}.jpg", f"{labels}/{i}.png", lut) for i in ids]
     # Every listed file must exist: one listing per folder, so a missing one is named here
     # rather than becoming a skipped sample of an evaluation that exits 0.
@@ -103,17 +100,27 @@ def _voc_like(
     return samples
 
 
+def _images(layout: Layout, dirs: tuple[str, str], pattern: str, what: str) -> list[str]:
+    """The images matching ``pattern`` in ``dirs[0]`` (both dirs required); none is an error."""
+    layout.require_dir(*dirs)
+    images = layout.glob(f"{dirs[0]}/{pattern}")
+    if not images:
+        folder = f"{dirs[0]}/{pattern}".rpartition("/")[0]
+        raise DatasetError(f"{layout.name} root {layout.root}: no {what} in {folder}/")
+    return images
+
+
+def _jpg_id(rel: str) -> str:
+    return rel.rsplit("/", 1)[-1][: -len(".jpg")]
+
+
 def _coco(layout: Layout, split: str, objects: bool, things_only: bool = False) -> list[Sample]:
     img_dir, ann_dir = f"images/{split}2017", f"annotations/{split}2017"
-    layout.require_dir(img_dir)
-    layout.require_dir(ann_dir)
-    images = [p for p in layout.glob(f"{img_dir}/*.jpg")]
-    if not images:
-        raise DatasetError(f"{layout.name} root {layout.root}: no .jpg images in {img_dir}/")
+    images = _images(layout, (img_dir, ann_dir), "*.jpg", ".jpg images")
     anns = set(layout.glob(f"{ann_dir}/*.png"))
     out = []
     for rel in images:
-        sid = rel.rsplit("/", 1)[-1][: -len(".jpg")]
+        sid = _jpg_id(rel)
         choices = (
             [
                 (f"{ann_dir}/{sid}_instanceTrainIds.png", "coco_object80"),
@@ -144,13 +151,7 @@ def _coco(layout: Layout, split: str, objects: bool, things_only: bool = False) 
 
 def _cityscapes(layout: Layout, split: str) -> list[Sample]:
     img_dir, gt_dir = f"leftImg8bit/{split}", f"gtFine/{split}"
-    layout.require_dir(img_dir)
-    layout.require_dir(gt_dir)
-    images = layout.glob(f"{img_dir}/*/*_leftImg8bit.png")
-    if not images:
-        raise DatasetError(
-            f"{layout.name} root {layout.root}: no *_leftImg8bit.png in {img_dir}/*/"
-        )
+    images = _images(layout, (img_dir, gt_dir), "*/*_leftImg8bit.png", "*_leftImg8bit.png")
     gts = set(layout.glob(f"{gt_dir}/*/*_gtFine_*.png"))
     out = []
     for rel in images:
@@ -170,19 +171,14 @@ def _cityscapes(layout: Layout, split: str) -> list[Sample]:
 def _ade(layout: Layout, split: str) -> list[Sample]:
     sub = {"val": "validation", "train": "training"}.get(split, split)
     img_dir, ann_dir = f"images/{sub}", f"annotations/{sub}"
-    layout.require_dir(img_dir)
-    layout.require_dir(ann_dir)
-    images = layout.glob(f"{img_dir}/*.jpg")
-    if not images:
-        raise DatasetError(f"{layout.name} root {layout.root}: no .jpg images in {img_dir}/")
+    images = _images(layout, (img_dir, ann_dir), "*.jpg", ".jpg images")
     anns = set(layout.glob(f"{ann_dir}/*.png"))
     out = []
     for rel in images:
-        sid = rel.rsplit("/", 1)[-1][: -len(".jpg")]
-        ann = f"{ann_dir}/{sid}.png"
+        ann = f"{ann_dir}/{_jpg_id(rel)}.png"
         if ann not in anns:
             raise DatasetError(f"{layout.name} root {layout.root}: {ann} not found")
-        out.append(Sample(sid, rel, ann, "reduce_zero"))
+        out.append(Sample(_jpg_id(rel), rel, ann, "reduce_zero"))
     return out
 
 
@@ -273,26 +269,13 @@ def open_dataset(
     spec = DATASETS.get(key)
     if spec is None:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
-    options = dict(storage_options or {})
-    fs, base = fsspec.core.url_to_fs(root, **options)
-    base = base.rstrip("/") or "/"
-    if not fs.isdir(base):
-        raise DatasetError(f"{key} root {root}: directory not found")
+    layout = Layout(key, root, storage_options)
     # Accept the parent of mmseg's data_root too (data/ for data/VOCdevkit/VOC2012).
+    fs, base = layout.fs, layout.base
     if not fs.exists(f"{base}/{spec.marker}"):
         for sub in spec.subdirs:
             if fs.exists(f"{base}/{sub}/{spec.marker}"):
-                base = f"{base}/{sub}"
+                layout.base = f"{base}/{sub}"
                 break
-    layout = Layout(key, root, fs, base)
     samples = spec.lister(layout, split)
-    return SegDataset(
-        name=key,
-        root=root,
-        classes=load_vocabulary(spec.vocabulary),
-        samples=tuple(samples),
-        background=spec.background,
-        storage_options=options,
-        _base=base,
-        _fs=fs,
-    )
+    return layout.dataset(load_vocabulary(spec.vocabulary), samples, spec.background)

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import fsspec
-
 from fmbseg.data.segdata import DatasetError, Layout, Sample, SegDataset
-from fmbseg.data.vocab import validate_vocabulary
+from fmbseg.data.vocab import read_names, validate_vocabulary
 
 NAME = "folder"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -39,21 +37,13 @@ def open_folder_dataset(
         DatasetError: a missing ``classes.txt`` / ``images/`` / ``labels/``, no images, an
             image without its label or the reverse; the message names the file.
     """
-    options = dict(storage_options or {})
-    fs, base = fsspec.core.url_to_fs(root, **options)
-    base = base.rstrip("/") or "/"
-    if not fs.isdir(base):
-        raise DatasetError(f"{NAME} root {root}: directory not found")
-    layout = Layout(NAME, root, fs, base)
-    lines = [ln.strip() for ln in layout.read_text("classes.txt").splitlines()]
+    layout = Layout(NAME, root, storage_options)
+    lines = read_names(layout.read_text("classes.txt"))
     try:
-        classes = validate_vocabulary(
-            [ln for ln in lines if ln and not ln.startswith("#")], f"{root}/classes.txt"
-        )
+        classes = validate_vocabulary(lines, f"{root}/classes.txt")
     except ValueError as exc:
         raise DatasetError(str(exc)) from exc
-    layout.require_dir("images")
-    layout.require_dir("labels")
+    layout.require_dir("images", "labels")
     images = [p for p in layout.glob("images/**") if p.lower().endswith(IMAGE_EXTENSIONS)]
     if not images:
         raise DatasetError(
@@ -72,6 +62,4 @@ def open_folder_dataset(
             f"{NAME} root {root}: {extra[0]} has no image in images/ "
             f"({len(extra)} labels without an image)"
         )
-    return SegDataset(
-        NAME, root, classes, tuple(samples), None, storage_options=options, _base=base, _fs=fs
-    )
+    return layout.dataset(classes, samples)

@@ -98,8 +98,7 @@ class ImageLabels:
 
 
 def _norm_uri(uri: str) -> str:
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
+    uri = uri.removeprefix("file://")
     if "://" in uri:
         return uri
     return os.path.normpath(os.path.abspath(uri))

@@ -14,12 +14,12 @@ Conventions (applied by every stage, so all of them see the same pixels):
 - Multi-frame files (GIF, TIFF) use their first frame.
 
 Memory: a decoded image costs ``width x height x bytes per pixel`` of its file's mode
-(:func:`decoded_bytes`; PIL keeps RGB in 4 bytes: 645 MiB for a 13000x13000 RGB PNG). :func:`check_image` (what the
-index runs) decodes in the file's own mode and keeps nothing; :class:`MemoryBudget` bounds
-what several threads decode at once; ``decode_image(..., max_side=)`` decodes a JPEG at a
-reduced scale (libjpeg's DCT scaling) and shrinks other formats before the RGB conversion,
-for callers that shrink the image anyway (``min_side=``: by the short side, as clip_dense
-does). ``bench/decode_memory.py`` prints the peaks.
+(:func:`decoded_bytes`; PIL keeps RGB in 4 bytes). :func:`check_image` (what the index runs)
+decodes in the file's own mode and keeps nothing; :class:`MemoryBudget` bounds what several
+threads decode at once; ``decode_image(..., max_side=)`` decodes a JPEG at a reduced scale
+(libjpeg's DCT scaling) and shrinks other formats before the RGB conversion, for callers
+that shrink the image anyway (``min_side=``: by the short side, as clip_dense does).
+``bench/decode_memory.py`` prints the peaks.
 """
 
 from __future__ import annotations
@@ -226,6 +226,12 @@ def _reduce(im: Image.Image, max_side: int | None, min_side: int | None = None) 
         return im
 
 
+def _draft(im: Image.Image, scale: float) -> None:
+    """Ask PIL to decode at the largest DCT scale whose result is at least ``scale`` times
+    the size (ceil: the requested sides themselves stay within bounds)."""
+    im.draft(im.mode, (max(1, math.ceil(im.width * scale)), max(1, math.ceil(im.height * scale))))
+
+
 def decode_image(
     data: bytes,
     uri: str = "<bytes>",
@@ -255,11 +261,8 @@ def decode_image(
         min_side / min(im.size) if min_side else 1.0,
     )
     if scale < 1.0:
-        # draft picks the largest DCT scale whose result is at least this size (ceil: the
-        # requested sides themselves stay within bounds)
-        size = (max(1, math.ceil(im.width * scale)), max(1, math.ceil(im.height * scale)))
         with contextlib.suppress(Exception):  # a format without draft mode: decoded whole
-            im.draft(im.mode, size)
+            _draft(im, scale)
     _load(im, uri)
     if max_side is not None or min_side is not None:
         im = _reduce(im, max_side, min_side)
@@ -288,10 +291,7 @@ def decode_cost(
     """
     im = _open(data, uri, max_pixels)
     if min_side is not None and min(im.size) > min_side and im.format == "JPEG":
-        scale = min_side / min(im.size)  # as decode_image asks draft for
-        im.draft(
-            im.mode, (max(1, math.ceil(im.width * scale)), max(1, math.ceil(im.height * scale)))
-        )
+        _draft(im, min_side / min(im.size))  # as decode_image does
     return decoded_bytes(im) + 3 * im.width * im.height
 
 

@@ -1,14 +1,13 @@
 """A labelled segmentation split and what every on-disk layout shares.
 
-:class:`SegDataset` (samples, class names, label conventions; iterating decodes each image
-and its label map), :class:`Sample`, the label look-up tables, :class:`DatasetError` and
-:class:`Layout` (a resolved root on any fsspec filesystem). The layouts themselves are in
-:mod:`fmbseg.data.datasets` (mmsegmentation's benchmark trees) and
-:mod:`fmbseg.data.folder_dataset` (users' own ``images/`` + ``labels/``).
+:class:`SegDataset`, :class:`Sample`, the label look-up tables, :class:`DatasetError` and
+:class:`Layout`; the layouts themselves are in :mod:`fmbseg.data.datasets` (mmsegmentation's
+benchmark trees) and :mod:`fmbseg.data.folder_dataset` (users' own ``images/`` + ``labels/``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from collections.abc import Iterator, Sequence
@@ -18,6 +17,8 @@ from typing import Any
 import fsspec
 import numpy as np
 from PIL import Image
+
+from fmbseg.data.sources import file_version
 
 __all__ = [
     "IGNORE_INDEX",
@@ -140,7 +141,9 @@ class SegDataset:
                 folder = path.rsplit("/", 1)[0]
                 if folder not in listed:
                     listed[folder] = _listing(fs, folder)
-                digest.update(f"{rel}\0{_version(listed[folder].get(path))}\n".encode())
+                info = listed[folder].get(path)
+                version = f"{info.get('size')}:{file_version(info) or ''}" if info else "missing"
+                digest.update(f"{rel}\0{version}\n".encode())
         return digest.hexdigest()[:16]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -156,17 +159,7 @@ class SegDataset:
 
     def subset(self, indices: Sequence[int]) -> SegDataset:
         """The same dataset restricted to ``indices`` (shards, ``limit``)."""
-        return SegDataset(
-            self.name,
-            self.root,
-            self.classes,
-            tuple(self.samples[i] for i in indices),
-            self.background,
-            self.ignore_index,
-            self.storage_options,
-            self._base,
-            self._fs,
-        )
+        return dataclasses.replace(self, samples=tuple(self.samples[i] for i in indices))
 
     def __getitem__(self, index: int) -> tuple[str, np.ndarray, np.ndarray]:
         return self.load(self.samples[index])
@@ -214,15 +207,6 @@ def _listing(fs: Any, folder: str) -> dict[str, dict[str, Any]]:
     return {fs._strip_protocol(e["name"]).rstrip("/"): e for e in entries}
 
 
-def _version(info: dict[str, Any] | None) -> str:
-    if info is None:
-        return "missing"
-    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
-        if info.get(key) is not None:
-            return f"{info.get('size')}:{info[key]}"
-    return f"{info.get('size')}:"
-
-
 def decode_rgb(data: bytes, uri: str) -> np.ndarray:
     """Encoded image bytes -> ``HxWx3 uint8 RGB`` (no EXIF rotation: labels match storage)."""
     try:
@@ -249,10 +233,15 @@ def decode_label(data: bytes, uri: str) -> np.ndarray:
 
 
 class Layout:
-    """Resolves a root and lists the samples of one split for one dataset family."""
+    """A dataset root resolved on its filesystem, to list one split's samples from."""
 
-    def __init__(self, name: str, root: str, fs: Any, base: str) -> None:
-        self.name, self.root, self.fs, self.base = name, root, fs, base
+    def __init__(self, name: str, root: str, storage_options: dict[str, Any] | None) -> None:
+        """Raises :class:`DatasetError` when ``root`` is not a directory."""
+        self.name, self.root, self.options = name, root, dict(storage_options or {})
+        self.fs, base = fsspec.core.url_to_fs(root, **self.options)
+        self.base = base.rstrip("/") or "/"
+        if not self.fs.isdir(self.base):
+            raise DatasetError(f"{name} root {root}: directory not found")
 
     def missing(self, rel: str) -> DatasetError:
         return DatasetError(f"{self.name} root {self.root}: {rel} not found")
@@ -263,18 +252,27 @@ class Layout:
         except FileNotFoundError as exc:
             raise self.missing(rel) from exc
 
-    def isdir(self, rel: str) -> bool:
-        return self.fs.isdir(f"{self.base}/{rel}")
-
-    def isfile(self, rel: str) -> bool:
-        return self.fs.isfile(f"{self.base}/{rel}")
-
     def glob(self, pattern: str) -> list[str]:
         """Relative paths matching ``pattern`` under the root, sorted."""
         prefix = self.base.rstrip("/") + "/"
         found = [self.fs._strip_protocol(p) for p in self.fs.glob(prefix + pattern)]
         return sorted(p[len(prefix) :] for p in found if p.startswith(prefix))
 
-    def require_dir(self, rel: str) -> None:
-        if not self.isdir(rel):
-            raise self.missing(f"{rel}/")
+    def require_dir(self, *rels: str) -> None:
+        for rel in rels:
+            if not self.fs.isdir(f"{self.base}/{rel}"):
+                raise self.missing(f"{rel}/")
+
+    def dataset(
+        self, classes: tuple[str, ...], samples: Sequence[Sample], background: int | None = None
+    ) -> SegDataset:
+        return SegDataset(
+            self.name,
+            self.root,
+            classes,
+            tuple(samples),
+            background,
+            storage_options=self.options,
+            _base=self.base,
+            _fs=self.fs,
+        )

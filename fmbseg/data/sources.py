@@ -140,7 +140,8 @@ def _parent(uri: str) -> str:
     return os.path.dirname(os.path.abspath(uri))
 
 
-def _version(info: dict[str, Any]) -> str | None:
+def file_version(info: dict[str, Any]) -> str | None:
+    """A change marker from an fsspec listing's entry: the ETag, else a modification time."""
     for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
         if info.get(key) is not None:
             return str(info[key])
@@ -157,14 +158,10 @@ def _read_text(uri: str, storage_options: dict[str, Any] | None) -> str:
 
 
 def _list_txt(
-    source: str,
-    storage_options: dict[str, Any] | None,
-    image_root: str | None,
-    allowed: frozenset[str] | None,
+    source: str, options: dict[str, Any] | None, root: str, allowed: frozenset[str] | None
 ) -> list[ImageRef]:
-    root = image_root if image_root is not None else _parent(source)
     refs = []
-    for n, line in enumerate(_read_text(source, storage_options).splitlines(), 1):
+    for n, line in enumerate(_read_text(source, options).splitlines(), 1):
         entry = line.strip()
         if entry and not entry.startswith("#"):
             what = f"image list {source!r} line {n}:"
@@ -173,19 +170,15 @@ def _list_txt(
 
 
 def _list_coco(
-    source: str,
-    storage_options: dict[str, Any] | None,
-    image_root: str | None,
-    allowed: frozenset[str] | None,
+    source: str, options: dict[str, Any] | None, root: str, allowed: frozenset[str] | None
 ) -> list[ImageRef]:
     try:
-        data = json.loads(_read_text(source, storage_options))
+        data = json.loads(_read_text(source, options))
     except json.JSONDecodeError as exc:
         raise SourceError(f"COCO file {source!r} is not valid JSON: {exc}") from None
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise SourceError(f"COCO file {source!r} has no 'images' list")
-    root = image_root if image_root is not None else _parent(source)
     refs = []
     for i, entry in enumerate(images):
         if not isinstance(entry, dict):
@@ -285,12 +278,12 @@ def _list_fsspec_tree(
         raise SourceError(f"image source {source!r} does not exist")
     if fs.isfile(root):
         info = fs.info(root)
-        return [ImageRef(fs.unstrip_protocol(root), info.get("size"), _version(info))]
+        return [ImageRef(fs.unstrip_protocol(root), info.get("size"), file_version(info))]
     found = fs.find(root, detail=True, withdirs=False)
     if skipped is not None:
         skipped.update(_ext(p) for p in found if os.path.splitext(p)[1].lower() not in exts)
     return [
-        ImageRef(fs.unstrip_protocol(path), info.get("size"), _version(info))
+        ImageRef(fs.unstrip_protocol(path), info.get("size"), file_version(info))
         for path, info in found.items()
         if os.path.splitext(path)[1].lower() in exts
     ]
@@ -324,14 +317,15 @@ def list_images(
     exts = _normalise_exts(extensions)
     lower = source.lower()
     protocols = None if allowed is None else frozenset(allowed)
+    root = image_root if image_root is not None else _parent(source)  # of a list's entries
     if lower.endswith(".txt"):
-        refs = _list_txt(source, storage_options, image_root, protocols)
+        refs = _list_txt(source, storage_options, root, protocols)
     elif lower.endswith(".json"):
-        refs = _list_coco(source, storage_options, image_root, protocols)
+        refs = _list_coco(source, storage_options, root, protocols)
     elif _is_uri(source):
         refs = _list_fsspec_tree(source, exts, storage_options, skipped)
     else:
-        path = source[len("file://") :] if source.startswith("file://") else source
+        path = source.removeprefix("file://")
         if os.path.isdir(path):
             refs = _list_local_tree(path, exts, skipped)
         elif os.path.isfile(path):
@@ -361,8 +355,7 @@ def source_root(
     if _is_uri(source):
         fs, path = fsspec.core.url_to_fs(source, **_options_for(source, storage_options))
         return fs.unstrip_protocol(path.rstrip("/"))
-    path = source[len("file://") :] if source.startswith("file://") else source
-    path = os.path.abspath(path)
+    path = os.path.abspath(source.removeprefix("file://"))
     return os.path.dirname(path) if os.path.isfile(path) else path
 
 
@@ -388,7 +381,7 @@ def check_source(source: str, storage_options: dict[str, Any] | None = None) -> 
         except Exception as exc:
             raise SourceError(f"image source {source!r} cannot be reached: {exc}") from None
     else:
-        ok = os.path.exists(source[len("file://") :] if source.startswith("file://") else source)
+        ok = os.path.exists(source.removeprefix("file://"))
     if not ok:
         raise SourceError(f"image source {source!r} does not exist")
 
@@ -414,8 +407,7 @@ def read_bytes(
 
     def _read() -> bytes:
         if not _is_uri(uri):
-            path = uri[len("file://") :] if uri.startswith("file://") else uri
-            with open(path, "rb") as f:
+            with open(uri.removeprefix("file://"), "rb") as f:
                 return f.read()
         with fsspec.open(uri, "rb", **_options_for(uri, storage_options)) as f:
             return f.read()

@@ -50,8 +50,8 @@ _ALIASES = {  # short spellings users type -> built-in name
 }
 
 
-def _key(name: str) -> str:
-    """Comparison key of a name: case- and whitespace-insensitive."""
+def name_key(name: str) -> str:
+    """Comparison key of a class name: case- and whitespace-insensitive."""
     return re.sub(r"\s+", "", name).lower()
 
 
@@ -81,7 +81,7 @@ def validate_vocabulary(names: Iterable[str], where: str = "vocabulary") -> tupl
             raise ValueError(f"{where}: name #{i} is blank")
         if "\n" in stripped:
             raise ValueError(f"{where}: name #{i} {stripped!r} contains a line break")
-        key = _key(stripped)
+        key = name_key(stripped)
         if key in seen:
             j = seen[key]
             raise ValueError(
@@ -95,8 +95,8 @@ def validate_vocabulary(names: Iterable[str], where: str = "vocabulary") -> tupl
     return tuple(out)
 
 
-def _read_lines(text: str) -> list[str]:
-    """Lines of a vocabulary file: one name each; blank lines and ``#`` comments skipped."""
+def read_names(text: str) -> list[str]:
+    """Lines of a class-list file: one name each; blank lines and ``#`` comments skipped."""
     return [
         ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
     ]
@@ -127,9 +127,9 @@ def load_vocabulary(name_or_csv: str) -> tuple[str, ...]:
     spec = name_or_csv.strip()
     builtin = _builtin_path(spec)
     if builtin is not None:
-        return validate_vocabulary(_read_lines(builtin.read_text()), f"vocabulary {spec!r}")
+        return validate_vocabulary(read_names(builtin.read_text()), f"vocabulary {spec!r}")
     if spec.endswith(".txt") or "://" in spec or Path(spec).is_file():
-        return validate_vocabulary(_read_lines(_read_text(spec)), f"vocabulary file {spec}")
+        return validate_vocabulary(read_names(_read_text(spec)), f"vocabulary file {spec}")
     if "," in spec:
         parts = [p.strip() for p in spec.split(",")]
         if parts[-1] == "":
@@ -154,30 +154,25 @@ def resolve_vocabulary(
     ``max_names``: more names than this is an error (:data:`MAX_LABEL_CLASSES` for anything
     that writes label maps), raised here so it comes before any work.
     """
-    names = _resolve(classes, vocab, where)
+    if (classes is None) == (vocab is None):
+        raise ValueError("give exactly one of classes (names) or vocab (a built-in or .txt)")
+    if vocab is not None:
+        names = load_vocabulary(vocab)
+    elif isinstance(classes, str):
+        if not classes.strip():
+            raise ValueError(f"{where}: empty; give names separated by commas, e.g. 'cat,dog'")
+        parts = classes.split(",")
+        if len(parts) > 1 and not parts[-1].strip():
+            parts = parts[:-1]  # "cat," = one class
+        names = validate_vocabulary(parts, where)
+    else:
+        names = validate_vocabulary(classes or (), where)
     if max_names is not None and len(names) > max_names:
         raise ValueError(
             f"{len(names)} classes: a label map holds at most {max_names} "
             f"(values 0-{max_names - 1}, {max_names} = ignore); split the vocabulary into runs"
         )
     return names
-
-
-def _resolve(classes: str | Sequence[str] | None, vocab: str | None, where: str) -> tuple[str, ...]:
-    if (classes is None) == (vocab is None):
-        raise ValueError("give exactly one of classes (names) or vocab (a built-in or .txt)")
-    if classes is not None:
-        if isinstance(classes, str):
-            if not classes.strip():
-                raise ValueError(f"{where}: empty; give names separated by commas, e.g. 'cat,dog'")
-            names = classes.split(",")
-            if len(names) > 1 and not names[-1].strip():
-                names = names[:-1]
-        else:
-            names = list(classes)
-        return validate_vocabulary(names, where)
-    assert vocab is not None
-    return load_vocabulary(vocab)
 
 
 def _read_text(path: str) -> str:
@@ -217,15 +212,10 @@ def stuff_background_names(exclude: Sequence[str] = (), names: str = "clean") ->
         )
     clean = load_vocabulary(STUFF_BACKGROUND)
     raw = load_vocabulary("coco-stuff-171")[80:]
-    taken = {_key(n) for n in exclude}
+    taken = {name_key(n) for n in exclude}
     chosen = clean if names == "clean" else raw
     return tuple(
         n
         for n, c, r in zip(chosen, clean, raw, strict=True)
-        if _key(c) not in taken and _key(r) not in taken
+        if name_key(c) not in taken and name_key(r) not in taken
     )
-
-
-def name_key(name: str) -> str:
-    """Public form of the comparison key (case- and whitespace-insensitive)."""
-    return _key(name)

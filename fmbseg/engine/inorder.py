@@ -1,6 +1,5 @@
-"""The engine's one bounded in-order queue: jobs overlap the caller's work, results come
-back in submission order (a worker's post thread, export's file writers, the local
-executor's shard writes)."""
+"""The engine's one bounded in-order queue (a worker's post thread, export's file writers,
+the local executor's shard writes)."""
 
 from __future__ import annotations
 
@@ -14,9 +13,8 @@ T = TypeVar("T")
 
 
 class InOrder(Generic[K, T]):
-    """Per-image jobs run in a pool while the caller goes on, handed back in submission
-    order: the CPU work that follows a model call (RLE, similarity maps, record rows) in a
-    worker's post thread while the model takes the next image; export's per-image files.
+    """Jobs run in a pool while the caller goes on (e.g. the CPU work after a model call
+    while the model takes the next image), handed back in submission order.
 
     ``done(key, future)`` runs in the caller's thread, for the oldest job, once more than
     ``ahead`` are pending and for all of them at :meth:`drain`: what a shard keeps is in

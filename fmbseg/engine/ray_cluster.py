@@ -48,8 +48,8 @@ def check_ray_address(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -
     """Raise :class:`RayAddressError` unless ``address`` answers as a Ray cluster would.
 
     ``None``/``"local"`` (a Ray started in this process) need no check; ``"auto"`` is the
-    cluster ``ray start`` recorded on this machine (or ``RAY_ADDRESS``). Takes about a
-    millisecond when the address answers, at most ``2 * timeout_s`` when it does not.
+    cluster ``ray start`` recorded on this machine (or ``RAY_ADDRESS``). Takes at most
+    ``2 * timeout_s``.
     """
     if address is None or address == "local":
         return

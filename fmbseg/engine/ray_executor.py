@@ -16,10 +16,12 @@ has been placed for that long, the stage fails naming the resources it waits for
 Why our own replacement loop and not Ray's ``max_restarts``/``max_task_retries`` or
 ``ActorPool``: a restarted Ray actor keeps its queued calls until it is placed again, so
 after a node loss its shards wait for that node (or for a place that never comes) instead
-of flowing to the live actors, and Ray has no timeout on an actor's placement; and
-``ActorPool`` resubmits nothing when an actor dies. ``tests/integration/test_node_loss.py``
-(a real two-node cluster losing a node mid-stage) and the dying-worker test in
-``tests/integration/test_reliability.py`` assert the behaviour this loop gives.
+of flowing to the live actors, and Ray has no timeout on an actor's placement; ``ActorPool``
+resubmits nothing when an actor dies and does not know whether an actor was placed. The
+loop waits with ``ray.wait(..., timeout)`` on the shards' refs and on each actor's readiness
+ref, so it never blocks on an actor that cannot be placed. ``tests/integration/
+test_node_loss.py`` (a real two-node cluster losing a node mid-stage) and the dying-worker
+test in ``tests/integration/test_reliability.py`` assert the behaviour this loop gives.
 """
 
 from __future__ import annotations
@@ -61,15 +63,10 @@ class RemoteSlot(ShardSlot):
     """The Ray actor's body: a failed build is kept and raised by ``run``, so the driver
     receives the original exception (an actor's failed ``__init__`` only reaches it as text)."""
 
-    def __init__(
-        self,
-        store: ArtifactStore,
-        targets: Sequence[Target],
-        worker_factory: Callable[[], ShardWorker],
-    ) -> None:
+    def __init__(self, *args: Any) -> None:  # ShardSlot's
         self.build_error: Exception | None = None
         try:
-            super().__init__(store, targets, worker_factory)
+            super().__init__(*args)
         except Exception as exc:  # everything but the worker is set before the build
             self.build_error = exc
 
@@ -91,12 +88,8 @@ def pool_shape(runtime: RuntimeConfig, use_gpu: bool, n_todo: int) -> tuple[int,
 
     cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
     gpus = runtime.gpus_per_worker if use_gpu and cluster_gpus > 0 else 0.0
-    if runtime.num_workers > 0:
-        n = runtime.num_workers
-    elif gpus > 0:
-        n = max(1, int(cluster_gpus // gpus))
-    else:
-        n = 1
+    # num_workers 0: one actor per GPU it can have, else one
+    n = runtime.num_workers or (int(cluster_gpus // gpus) if gpus else 1)
     return max(1, min(n, n_todo)), gpus
 
 
@@ -130,15 +123,7 @@ def run_ray(
     use_gpu: bool,
     on_done: Callable[[list[ShardReceipt]], None],
 ) -> None:
-    """Run shards ``todo`` on a pool of Ray actors (see the module docstring).
-
-    Our own loop rather than Ray's: ``max_restarts``/``max_task_retries`` wait, without a
-    bound, for a node that can take the restarted actor (the hang on a lost node), and
-    ``ray.util.ActorPool`` neither resubmits a dead actor's tasks nor knows whether an
-    actor was placed. The loop waits with ``ray.wait(..., timeout)`` on the shards' refs
-    and on each actor's readiness ref (``__ray_ready__``), so it never blocks on an actor
-    that cannot be placed.
-    """
+    """Run shards ``todo`` on a pool of Ray actors (see the module docstring)."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -172,6 +157,12 @@ def run_ray(
             n_placed = sum(m.placed for m in members.values())
             log.info("%s: a worker was placed; %d in the pool", label, n_placed)
 
+    def not_built(
+        text: str, shard: int | None = None, cause: BaseException | None = None
+    ) -> StageError:
+        at = "" if shard is None else f" (while starting shard {shard})"
+        return StageError(f"{label}: the worker could not be built{at}: {text}", cause)
+
     def drop(member: _Member) -> None:
         members.pop(member.actor, None)
         starting.pop(member.ready, None)
@@ -204,9 +195,7 @@ def run_ray(
                         if member.actor not in members:  # its shards reported it first
                             continue
                         if getattr(exc, "actor_init_failed", False):
-                            raise StageError(
-                                f"{label}: the worker could not be built: {last_line(exc)}"
-                            ) from exc
+                            raise not_built(last_line(exc)) from exc
                         died_starting += 1
                         if died_starting > runtime.max_retries:
                             raise StageError(
@@ -225,10 +214,7 @@ def run_ray(
                     written = ray.get(ref)
                 except RayActorError as exc:
                     if getattr(exc, "actor_init_failed", False):
-                        raise StageError(
-                            f"{label}: the worker could not be built "
-                            f"(while starting shard {shard}): {last_line(exc)}"
-                        ) from exc
+                        raise not_built(last_line(exc), shard) from exc
                     if attempts[shard] > runtime.max_retries:
                         raise StageError(
                             f"{label}: shard {shard} failed: its worker died "
@@ -249,11 +235,7 @@ def run_ray(
                 except RayTaskError as exc:
                     cause = exc.cause if exc.cause is not None else exc
                     if isinstance(cause, BuildFailed):
-                        raise StageError(
-                            f"{label}: the worker could not be built "
-                            f"(while starting shard {shard}): {cause}",
-                            cause.cause,
-                        ) from cause.cause
+                        raise not_built(str(cause), shard, cause.cause) from cause.cause
                     raise StageError(
                         f"{label}: shard {shard} failed: {type(cause).__name__}: {cause}",
                         cause,

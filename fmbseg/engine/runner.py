@@ -1,33 +1,15 @@
 """The shard executor every stage uses: fan a stage out over shards, resume, commit.
 
-A stage is a list of shard *specs* (small picklable descriptions of each shard's input,
-e.g. upstream fingerprints + shard id) and a *worker factory*. Each executor slot builds
-one worker (models load once, in the worker's ``__init__``) and calls
-``worker.process(shard, spec)`` for the shards it is handed; the slot itself writes the
-returned tables with :meth:`ArtifactStore.write_shard`, so record data never flows through
-the driver, which keeps only the receipts. Shards that already have receipts are skipped
-(resume after a crash), and the manifest is committed last.
+A stage is a list of shard *specs* (small picklable descriptions of each shard's input) and
+a *worker factory*. Each executor slot builds one worker (models load once) and calls
+``worker.process(shard, spec)``; the slot itself writes the returned tables with
+:meth:`ArtifactStore.write_shard`, so record data never flows through the driver, which
+keeps only the receipts. Shards that already have receipts are skipped (resume after a
+crash), and the manifest is committed last.
 
-A slot keeps the worker busy: while one shard is processed, the next one's inputs are
-read (a worker may define ``prefetch(shard, spec)``, a hint that starts reading them in
-its own threads and returns at once) and the previous one's tables are written, in threads.
-The worker still processes one shard at a time (its models are not shared between threads).
-
-Executors (``RuntimeConfig.executor``):
-- ``"local"``: one worker in this process, shards processed in order; writes of shard
-  ``i`` overlap shard ``i + 1``. For unit tests, debugging and single-process runs.
-- ``"ray"`` (:mod:`fmbseg.engine.ray_executor`), except for a single shard to run with no
-  ``ray_address`` while this process has no Ray yet (that runs locally): a pool of Ray actors, each reserving ``cpus_per_worker`` CPUs and, for GPU
-  stages on a cluster with GPUs, ``gpus_per_worker`` GPUs. Shards are streamed to whichever
-  actor has room; an actor holds up to ``SLOT_DEPTH`` shards (a threaded actor: one
-  processed, the other read ahead or written). An actor that dies (OOM, node loss,
-  segfault) is replaced and its shards resubmitted, up to ``max_retries`` times per shard;
-  one the cluster cannot place within ``placement_timeout_s`` is dropped (none placed:
-  the stage fails).
-
-Several stages may share one pass (:func:`run_stages`): the worker returns one output per
-stage for each shard, and each stage keeps its own shards, receipts and manifest, exactly as
-if it had run alone. (The two SAM stages share the SAM image embedding this way.)
+Executors (``RuntimeConfig.executor``): ``"local"`` runs one worker in this process, shards
+in order; ``"ray"`` a pool of Ray actors (:mod:`fmbseg.engine.ray_executor`), except that a
+single shard with no ``ray_address`` runs locally while this process has no Ray yet.
 
 Errors: bad *inputs* (an undecodable image) are the worker's business and become rows of
 the shard's errors table (:func:`errors_table`); an exception escaping ``process`` is a bug
@@ -41,27 +23,22 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import pyarrow as pa
-
 from fmbseg.config import RuntimeConfig
 from fmbseg.engine.inorder import InOrder
-from fmbseg.engine.slot import (  # re-exported: callers import them from here
-    ShardSlot,
-    ShardWorker,
-    StageError,
-    Target,
-    _hint_prefetch,
-    target_label,
-)
+from fmbseg.engine.slot import ShardSlot, ShardWorker, StageError, Target, target_label
 from fmbseg.storage.records import ERROR_SCHEMA
+from fmbseg.storage.records import errors_table as errors_table  # re-exported for the stages
 from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
 
 log = logging.getLogger(__name__)
 
+ERRORS_SCHEMA = (
+    ERROR_SCHEMA  # every stage's errors table: uri, image_id, stage, error_type, message
+)
 TIMING_KEY = "timing"  # manifest meta key of a timed run (run_stages(timed=True))
 
 Progress = Callable[[int, int], None]
@@ -70,23 +47,6 @@ Progress = Callable[[int, int], None]
 Finalize = Callable[[ArtifactStore, str, str, "dict[int, ShardReceipt]"], "dict[str, Any] | None"]
 """``finalize(store, stage, fp, receipts) -> extra manifest meta``: ``receipts`` holds every
 shard's (``0..n-1``); a shard it rewrites must get its new receipt there."""
-
-ERRORS_SCHEMA = (
-    ERROR_SCHEMA  # every stage's errors table: uri, image_id, stage, error_type, message
-)
-
-
-def errors_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
-    """Rows ``{uri, image_id, stage, error_type, message}`` -> a table of ERRORS_SCHEMA.
-
-    Every stage's errors table has these columns, so they concatenate across stages.
-    """
-    names = ERRORS_SCHEMA.names
-    for i, row in enumerate(rows):
-        missing = [n for n in names if n not in row]
-        if missing:
-            raise ValueError(f"error row {i} lacks {missing}; expected keys {names}")
-    return pa.Table.from_pylist([{n: r[n] for n in names} for r in rows], schema=ERRORS_SCHEMA)
 
 
 def plan_shards(n_items: int, shard_size: int) -> list[range]:
@@ -101,13 +61,9 @@ def plan_shards(n_items: int, shard_size: int) -> list[range]:
     if n_items == 0:
         return []
     n = -(-n_items // shard_size)
-    base, extra = divmod(n_items, n)
-    out, start = [], 0
-    for i in range(n):
-        stop = start + base + (1 if i < extra else 0)
-        out.append(range(start, stop))
-        start = stop
-    return out
+    base, extra = divmod(n_items, n)  # the first `extra` shards get one more item
+    starts = [i * base + min(i, extra) for i in range(n + 1)]
+    return [range(a, b) for a, b in zip(starts, starts[1:], strict=False)]
 
 
 def run_stage(
@@ -124,25 +80,7 @@ def run_stage(
     finalize: Finalize | None = None,
     timed: bool = False,
 ) -> Manifest:
-    """Run every shard of ``stage/fp`` that has no receipt yet, then commit the manifest.
-
-    Args:
-        specs: ``specs[i]`` describes shard ``i``'s input; small and picklable.
-        worker_factory: picklable zero-argument callable building a :class:`ShardWorker`.
-        use_gpu: reserve GPUs for the Ray actors (when the cluster has any).
-        progress: called as ``progress(done, total)`` after every shard.
-        meta: stored in the manifest (e.g. counts, source description).
-        finalize: run after all shards are written and before the commit (e.g. a
-            cross-shard dedup that rewrites shards, replacing their receipts in the dict it
-            is given); its returned dict extends ``meta``.
-        timed: record the run's wall time in ``meta`` (:data:`TIMING_KEY`; not in any
-            fingerprint): ``{"wall_s", "shards_run", "shards", "outputs"}``, ``outputs``
-            (stage -> fingerprint) being the targets that shared that time (one pass).
-
-    Returns:
-        The committed manifest. If ``stage/fp`` was already committed, that manifest,
-        without running anything; if another writer commits first, theirs.
-    """
+    """:func:`run_stages` for one stage: its committed manifest."""
     (manifest,) = run_stages(
         store,
         [(stage, fp)],
@@ -171,29 +109,48 @@ def run_stages(
     finalize: Finalize | None = None,
     timed: bool = False,
 ) -> list[Manifest]:
-    """:func:`run_stage` for stages that share one pass over the same shards.
+    """Run every shard that has no receipt yet of each ``(stage, fp)`` target, then commit.
 
-    The worker returns one ``(records, errors)`` pair per target for each shard; each
-    stage gets its own shard files, receipts and manifest (``meta`` in each). A shard is
-    done when every target has its receipt; the others are redone for all targets. Either
-    all targets are committed already (their manifests are returned, nothing runs) or none
-    is; ``finalize`` is for a single target.
+    Several stages may share one pass (the two SAM stages share the image embedding): the
+    worker returns one ``(records, errors)`` pair per target for each shard, and each stage
+    gets its own shard files, receipts and manifest, exactly as if it had run alone. A shard
+    is done when every target has its receipt; the others are redone for all targets.
+
+    Args:
+        specs: ``specs[i]`` describes shard ``i``'s input; small and picklable.
+        worker_factory: picklable zero-argument callable building a :class:`ShardWorker`.
+        use_gpu: reserve GPUs for the Ray actors (when the cluster has any).
+        progress: called as ``progress(done, total)`` after every shard.
+        meta: stored in each manifest (e.g. counts, source description).
+        finalize: for a single target: run after all shards are written and before the
+            commit (e.g. a cross-shard dedup that rewrites shards, replacing their receipts
+            in the dict it is given); its returned dict extends ``meta``.
+        timed: record the run's wall time in ``meta`` (:data:`TIMING_KEY`; not in any
+            fingerprint): ``{"wall_s", "shards_run", "shards", "outputs"}``, ``outputs``
+            (stage -> fingerprint) being the targets that shared that time.
+
+    Returns:
+        The committed manifests, one per target. Targets already committed are returned
+        without running anything; if another writer commits first, its manifest.
+
+    Raises:
+        ValueError: some targets are committed and others not (run the others alone).
+        StageError: a shard failed (its message names the shard).
     """
     if not targets:
         raise ValueError("run_stages: no target stages")
     if finalize is not None and len(targets) > 1:
         raise ValueError("run_stages: finalize is for a single target stage")
     total = len(specs)
-    existing = [store.manifest(stage, fp) for stage, fp in targets]
-    if all(m is not None for m in existing):
-        reused = [m for m in existing if m is not None]
-        for m in reused:
+    existing = [m for stage, fp in targets if (m := store.manifest(stage, fp)) is not None]
+    if len(existing) == len(targets):
+        for m in existing:
             report(cached_message(store, m))
         if progress:
             progress(total, total)
-        return reused
-    if any(m is not None for m in existing):
-        committed = [t for t, m in zip(targets, existing, strict=True) if m is not None]
+        return existing
+    if existing:
+        committed = [(m.stage, m.fingerprint) for m in existing]
         raise ValueError(
             f"run_stages: {target_label(committed)} already committed, the others not;"
             " run the others on their own"
@@ -208,8 +165,17 @@ def run_stages(
     if progress:
         progress(len(done), total)
     started = time.perf_counter()
+    count = len(done)
+
+    def on_done(written: list[ShardReceipt]) -> None:  # one receipt per target
+        nonlocal count
+        for known, receipt in zip(receipts, written, strict=True):
+            known[receipt.shard] = receipt
+        count += 1
+        if progress:
+            progress(count, total)
+
     if todo:
-        on_done = _counter(receipts, len(done), total, progress)
         if _runs_locally(runtime, len(todo)):
             _run_local(store, targets, specs, todo, worker_factory, on_done)
         else:
@@ -322,22 +288,6 @@ def _runs_locally(runtime: RuntimeConfig, n_todo: int) -> bool:
     return n_todo == 1 and runtime.ray_address is None and not started
 
 
-def _counter(
-    receipts: list[dict[int, ShardReceipt]], start: int, total: int, progress: Progress | None
-) -> Callable[[list[ShardReceipt]], None]:
-    """``on_done(receipts of a shard, one per target)``: keeps them, reports progress."""
-    count = [start]
-
-    def tick(written: list[ShardReceipt]) -> None:
-        for known, receipt in zip(receipts, written, strict=True):
-            known[receipt.shard] = receipt
-        count[0] += 1
-        if progress:
-            progress(count[0], total)
-
-    return tick
-
-
 def _run_local(
     store: ArtifactStore,
     targets: Sequence[Target],
@@ -365,7 +315,7 @@ def _run_local(
         writes: InOrder[int, list[ShardReceipt]] = InOrder(writer, finish)
         for k, shard in enumerate(todo):
             if k + 1 < len(todo):
-                _hint_prefetch(slot.worker, todo[k + 1], specs[todo[k + 1]])
+                slot.prefetch(todo[k + 1], specs[todo[k + 1]])
             try:
                 out = slot.process(shard, specs[shard])
             except Exception as exc:

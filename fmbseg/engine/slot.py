@@ -1,7 +1,6 @@
 """One executor slot, the piece both executors share (:mod:`fmbseg.engine.runner` runs it in
-this process, :mod:`fmbseg.engine.ray_executor` inside a Ray actor): a stage's worker plus the
-store and targets it writes to, the worker protocol, and the stage error both raise.
-"""
+this process, :mod:`fmbseg.engine.ray_executor` inside a Ray actor), the worker protocol, and
+the stage error both raise."""
 
 from __future__ import annotations
 
@@ -25,19 +24,14 @@ class ShardWorker(Protocol):
     """Processes shards of one stage; one instance per executor slot (Ray actor).
 
     Build models once in ``__init__``; read the shard's inputs from the store in ``process``.
+    An optional ``prefetch(shard, spec)`` starts reading a shard's inputs in the worker's own
+    threads and returns at once (the slot calls it for the shard it will process next).
     """
 
     def process(self, shard: int, spec: Any) -> Any:
         """Shard ``shard`` described by ``spec`` -> (records, errors or None); for
         :func:`run_stages` of several stages, a list of those pairs, one per stage."""
         ...
-
-
-def _hint_prefetch(worker: ShardWorker, shard: int, spec: Any) -> None:
-    """Ask ``worker`` to start reading a shard it will process next (if it can)."""
-    hint = getattr(worker, "prefetch", None)
-    if hint is not None:
-        hint(shard, spec)
 
 
 class StageError(RuntimeError):
@@ -104,29 +98,27 @@ class ShardSlot:
         self._busy = _InTurn()
         self.worker = worker_factory()
 
+    def prefetch(self, shard: int, spec: Any) -> None:
+        """Ask the worker to start reading a shard it will process next (if it can)."""
+        hint = getattr(self.worker, "prefetch", None)
+        if hint is not None:
+            hint(shard, spec)
+
     def process(self, shard: int, spec: Any) -> list[tuple[pa.Table, pa.Table | None]]:
         """The worker's output for ``shard``, one ``(records, errors)`` pair per target."""
         out = self.worker.process(shard, spec)
-        name = type(self.worker).__name__
-        if len(self.targets) == 1 and isinstance(out, list | tuple) and len(out) == 1:
-            out = out[0]  # a pass worker writing one of its stages
-        if len(self.targets) == 1:
-            if not _is_pair(out):
-                raise TypeError(
-                    f"{name}.process must return (pa.Table, pa.Table | None),"
-                    f" got {type(out).__name__}"
-                )
-            return [out]
-        if not (
-            isinstance(out, list | tuple)
-            and len(out) == len(self.targets)
-            and all(_is_pair(o) for o in out)
-        ):
-            raise TypeError(
-                f"{name}.process must return a list of {len(self.targets)} (pa.Table, "
-                f"pa.Table | None) pairs, one per stage {[s for s, _ in self.targets]}"
-            )
-        return list(out)
+        n = len(self.targets)
+        if n == 1 and _is_pair(out):
+            out = [out]  # else a pass worker's list, writing one of its stages
+        if isinstance(out, list | tuple) and len(out) == n and all(_is_pair(o) for o in out):
+            return list(out)
+        pair = "(pa.Table, pa.Table | None)"
+        want = pair if n == 1 else f"a list of {n} {pair} pairs, one per stage"
+        stages = "" if n == 1 else f" {[s for s, _ in self.targets]}"
+        raise TypeError(
+            f"{type(self.worker).__name__}.process must return {want}{stages},"
+            f" got {type(out).__name__}"
+        )
 
     def write(self, shard: int, outs: list[tuple[pa.Table, pa.Table | None]]) -> list[ShardReceipt]:
         return [
@@ -135,7 +127,7 @@ class ShardSlot:
         ]
 
     def run(self, shard: int, spec: Any) -> list[ShardReceipt]:
-        _hint_prefetch(self.worker, shard, spec)
+        self.prefetch(shard, spec)
         with self._busy():
             out = self.process(shard, spec)
         return self.write(shard, out)

@@ -49,8 +49,9 @@ class FileStore:
         self.retry_policy = retry or RetryPolicy()
         self.fs, root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
         self.root = root.rstrip("/")
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        self._local = "file" in protocols
+        protocol = self.fs.protocol
+        self.protocols: tuple[str, ...] = protocol if isinstance(protocol, tuple) else (protocol,)
+        self._local = "file" in self.protocols
         self._made: set[str] = set()  # local directories this store has made
 
     def __getstate__(self) -> dict[str, Any]:

@@ -15,23 +15,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from fmbseg.config import to_dict
+from fmbseg.storage.retry import NotCommittedError
 
 FINGERPRINT_LENGTH = 16
 
 
-def _plain(value: Any) -> Any:
-    """Dataclasses -> dicts, tuples -> lists, at any depth (also inside dicts and lists)."""
-    value = to_dict(value)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def canonical_json(value: Any) -> str:
     """Deterministic JSON (sorted keys, no whitespace; dataclasses and tuples flattened)."""
-    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), default=str)
+    return json.dumps(to_dict(value), sort_keys=True, separators=(",", ":"), default=str)
 
 
 def fingerprint(
@@ -49,7 +40,7 @@ def fingerprint(
     payload = {
         "stage": stage,
         "code_version": code_version,
-        "config": _plain(config),
+        "config": to_dict(config),
         "inputs": dict(sorted((inputs or {}).items())),
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:FINGERPRINT_LENGTH]
@@ -70,8 +61,6 @@ def check_fingerprint(text: str, what: str) -> str:
     Raises:
         NotCommittedError: naming ``what`` (e.g. ``"labels"``) and the string.
     """
-    from fmbseg.storage.retry import NotCommittedError
-
     if not isinstance(text, str) or not _TOKEN_RE.match(text):
         raise NotCommittedError(
             f"{what} {text!r} is not a fingerprint (letters and digits, as `fmbseg status` "

@@ -19,9 +19,9 @@ direct URI / path of a version folder (``s3://bucket/store/models/seg/v0003``).
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fmbseg.storage.manifest import _now
 from fmbseg.storage.store import ArtifactStore, StoreError
 
 WEIGHTS = "weights.safetensors"
@@ -48,10 +49,6 @@ class ModelNotFoundError(StoreError):
 class CorruptModelError(ModelNotFoundError):
     """A registry file (``champion.json``, ``card.json``, the weights) is missing, truncated
     or names something that is not a valid model name or version; the message names the file."""
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
 
 
 def _version_name(number: int) -> str:
@@ -175,22 +172,7 @@ class ModelRegistry:
         exactly one becomes the champion.
         """
         version = self.resolve_version(name, version)
-        at = _now()
-        decision = {
-            "version": version,
-            "promoted": True,
-            "at": at,
-            "reason": reason,
-            "metrics": dict(metrics or {}),
-            "previous": None,
-        }
-        record = {
-            "version": version,
-            "promoted_at": at,
-            "reason": reason,
-            "metrics": decision["metrics"],
-            "history": [decision],
-        }
+        record = _decision(None, version, reason, metrics, promoted=True)
         data = json.dumps(record, indent=1, sort_keys=True, default=str).encode()
         return self.store.create_exclusive(self.rel(name, file=CHAMPION), data)
 
@@ -204,24 +186,7 @@ class ModelRegistry:
         self, name: str, version: str, reason: str, metrics: dict[str, Any] | None, promoted: bool
     ) -> dict[str, Any]:
         version = self.resolve_version(name, version)
-        current = self.champion_record(name) or {"version": None, "history": []}
-        decision = {
-            "version": version,
-            "promoted": promoted,
-            "at": _now(),
-            "reason": reason,
-            "metrics": dict(metrics or {}),
-            "previous": current.get("version"),
-        }
-        record = dict(current)
-        record["history"] = [*current.get("history", []), decision]
-        if promoted:
-            record.update(
-                version=version,
-                promoted_at=decision["at"],
-                reason=reason,
-                metrics=decision["metrics"],
-            )
+        record = _decision(self.champion_record(name), version, reason, metrics, promoted)
         self.store.write_json(self.rel(name, file=CHAMPION), record)
         return record
 
@@ -312,11 +277,7 @@ class ModelRegistry:
         version = self.resolve_version(name, version)
         card = self.card(name, version)
         rel = self.rel(name, version, WEIGHTS)
-        try:
-            blob = self.store.read_bytes(rel)
-        except FileNotFoundError:
-            raise CorruptModelError(f"{self.store.url(rel)}: weights file missing") from None
-        return _load_weights(blob, self.store.url(rel)), card
+        return _load_weights(lambda: self.store.read_bytes(rel), self.store.url(rel)), card
 
     # ---- references -----------------------------------------------------------------------
 
@@ -328,20 +289,16 @@ class ModelRegistry:
         """
         if not isinstance(ref, str) or not ref:
             raise ValueError(f"model reference must be a non-empty string, got {ref!r}")
-        if ref in ("latest", "champion") or _VERSION_RE.match(ref):
+        if _is_version(ref):
             if name is None:
                 raise ValueError(f"model reference {ref!r} needs a model name (or use name:{ref})")
-            version = self.resolve_version(name, ref)
-            return ModelRef(name, version, self.store.url(self.rel(name, version)))
-        head, sep, tail = ref.partition(":")
-        if (
-            sep
-            and _NAME_RE.match(head)
-            and (tail in ("latest", "champion") or _VERSION_RE.match(tail))
-        ):
-            version = self.resolve_version(head, tail)
-            return ModelRef(head, version, self.store.url(self.rel(head, version)))
-        return self._resolve_uri(ref)
+            head, tail = name, ref
+        else:
+            head, sep, tail = ref.partition(":")
+            if not (sep and _NAME_RE.match(head) and _is_version(tail)):
+                return self._resolve_uri(ref)
+        version = self.resolve_version(head, tail)
+        return ModelRef(head, version, self.store.url(self.rel(head, version)))
 
     def _resolve_uri(self, uri: str) -> ModelRef:
         fs, path = self._fs_for(uri)
@@ -363,10 +320,7 @@ class ModelRegistry:
     def _fs_for(self, uri: str) -> tuple[Any, str]:
         """The filesystem of ``uri``; the store's storage options apply on its own protocol."""
         protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-        store_protocols = self.store.fs.protocol
-        if isinstance(store_protocols, str):
-            store_protocols = (store_protocols,)
-        options = self.store.storage_options if protocol in store_protocols else {}
+        options = self.store.storage_options if protocol in self.store.protocols else {}
         return fsspec.core.url_to_fs(uri, **options)
 
     def load_ref(
@@ -378,12 +332,9 @@ class ModelRegistry:
         path = path.rstrip("/")
         card_uri = fs.unstrip_protocol(f"{path}/{CARD}")
         card = _parse_json(fs.cat_file(f"{path}/{CARD}"), card_uri, "model card")
-        weights_uri = fs.unstrip_protocol(f"{path}/{WEIGHTS}")
-        try:
-            blob = fs.cat_file(f"{path}/{WEIGHTS}")
-        except FileNotFoundError:
-            raise CorruptModelError(f"{weights_uri}: weights file missing") from None
-        return _load_weights(blob, weights_uri), card, resolved
+        weights = f"{path}/{WEIGHTS}"
+        tensors = _load_weights(lambda: fs.cat_file(weights), fs.unstrip_protocol(weights))
+        return tensors, card, resolved
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -402,6 +353,36 @@ class ModelRegistry:
         return max(numbers, default=0)
 
 
+def _decision(
+    current: dict[str, Any] | None,
+    version: str,
+    reason: str,
+    metrics: dict[str, Any] | None,
+    promoted: bool,
+) -> dict[str, Any]:
+    """The champion record ``current`` (None: nothing decided yet) with a decision appended."""
+    current = current or {"version": None, "history": []}
+    decision = {
+        "version": version,
+        "promoted": promoted,
+        "at": _now(),
+        "reason": reason,
+        "metrics": dict(metrics or {}),
+        "previous": current.get("version"),
+    }
+    record = {**current, "history": [*current.get("history", []), decision]}
+    if promoted:
+        record.update(
+            version=version, promoted_at=decision["at"], reason=reason, metrics=decision["metrics"]
+        )
+    return record
+
+
+def _is_version(text: str) -> bool:
+    """``latest``, ``champion`` or ``vNNNN``: a version as a reference may name it."""
+    return text in ("latest", "champion") or bool(_VERSION_RE.match(text))
+
+
 def _parse_json(data: bytes, where: str, what: str) -> dict[str, Any]:
     """A registry JSON file's object; :class:`CorruptModelError` naming ``where`` if it is
     truncated or not an object."""
@@ -416,8 +397,13 @@ def _parse_json(data: bytes, where: str, what: str) -> dict[str, Any]:
     return obj
 
 
-def _load_weights(blob: bytes, where: str) -> dict[str, torch.Tensor]:
-    """safetensors bytes -> tensors; :class:`CorruptModelError` naming ``where`` when truncated."""
+def _load_weights(read: Callable[[], bytes], where: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``read`` returns; :class:`CorruptModelError`
+    naming ``where`` when it is missing or truncated."""
+    try:
+        blob = read()
+    except FileNotFoundError:
+        raise CorruptModelError(f"{where}: weights file missing") from None
     try:
         return st_load(blob)
     except Exception as exc:  # safetensors raises its own SafetensorError for torn files

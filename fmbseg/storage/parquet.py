@@ -1,11 +1,7 @@
 """Parquet written the way readers want it: whole tables as bytes, and streamed files whose
-row groups are large however small the pieces they are streamed in.
-
-A row group per streamed piece (one per merge shard, a few images each) makes files larger
-(each row group restarts dictionaries and compression and adds metadata) and slower to write
-and read: in ``bench/io_paths.py``, 64 pieces of 10 mask records (480x640 masks) took 4.6x
-the time and 1.19x the bytes as 64 row groups than as one.
-"""
+row groups are large however small the pieces they are streamed in (a row group per piece
+restarts dictionaries and compression and adds metadata: larger, slower files;
+``bench/io_paths.py``)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fmbseg.config import IndexConfig, SamAutoConfig
+from fmbseg.config import Config, IndexConfig, SamAutoConfig
 from fmbseg.storage import content_hash, fingerprint
 from fmbseg.storage.fingerprint import FINGERPRINT_LENGTH, canonical_json
 
@@ -38,3 +38,13 @@ def test_content_hash() -> None:
     assert content_hash(b"abc") == content_hash(b"abc")
     assert content_hash(b"abc") != content_hash(b"abd")
     assert content_hash(b"abc") == "ba7816bf8f01cfea"  # sha256("abc")[:16]
+
+
+def test_fingerprints_are_pinned() -> None:
+    # existing stores are reused: the values a store already holds must not change
+    assert fingerprint("sam_auto", "1", SamAutoConfig(), {"index": "abc", "clip": "def"}) == (
+        "f280aff86dffb17c"
+    )
+    nested = {"a": (1, {2: IndexConfig()}), 10: [None, 1.5]}  # int keys, tuples, dataclasses
+    assert fingerprint("merge", "2", nested, None) == "ccdeb532c9ccdd58"
+    assert fingerprint("train", "3", Config(), {"merge": "m"}) == "25b3485a1d191667"
