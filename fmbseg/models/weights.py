@@ -24,14 +24,15 @@ import os
 import pickle
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 SHOWN_KEYS = 5  # how many offending keys an error message names
+M = TypeVar("M")
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -250,3 +251,26 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def build_seeded(
+    make: Callable[[], M],
+    weights: str | None,
+    load: Callable[[M, Path], None],
+    *,
+    seed: int,
+    **where: Any,
+) -> M:
+    """``make()`` under :func:`seeded`, then ``load(model, path)`` of the checkpoint
+    ``weights`` (``None`` = keep the deterministic random weights).
+
+    ``weights`` is resolved first (:func:`resolve_weights` with ``where``: ``field``,
+    ``example``, ``cache_dir``, ``storage_options``, ``extra_fix``), so a missing file fails
+    before a large model's init.
+    """
+    path = None if weights is None else resolve_weights(weights, **where)
+    with seeded(seed):
+        model = make()
+    if path is not None:
+        load(model, path)
+    return model
