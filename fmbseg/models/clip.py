@@ -28,7 +28,7 @@ from fmbseg.models.clip_layers import (
     interpolate_pos_embed,
 )
 from fmbseg.models.registry import register_builders
-from fmbseg.models.weights import build_seeded, load_into, load_state_dict_file, not_found
+from fmbseg.models.weights import build_seeded, load_into, load_state_dict_file, tag_not_found
 
 TEXT_BATCH = 256  # prompts per text-encoder forward
 
@@ -239,7 +239,8 @@ def build_open_clip(
     tags = open_clip.list_pretrained_tags_by_model(arch) if arch else []
     tokenizer = open_clip.get_tokenizer(arch or TINY_TOKENIZER_ARCH)
     extra_fix = f"or an open_clip pretrained tag for {arch} ({', '.join(tags) or 'none'})"
-    if arch is not None and weights in tags:
+    example = f"{name}.safetensors"
+    if arch is not None and weights is not None and weights in tags:
         tag_cfg = open_clip.get_pretrained_cfg(arch, weights)
         qg = bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
         try:
@@ -249,14 +250,10 @@ def build_open_clip(
         except RuntimeError as exc:
             if "Failed to download" not in str(exc):
                 raise
-            looked = [f"open_clip tag {weights!r} ({tag_cfg.get('hf_hub') or tag_cfg.get('url')})"]
-            raise not_found(
-                f"{name} weights {weights!r} (models.clip_weights)",
-                field="clip_weights",
-                example=f"{name}.safetensors",
-                looked=looked,
-                detail=str(exc)[:300],
-                extra_fix=extra_fix,
+            source = tag_cfg.get("hf_hub") or tag_cfg.get("url")
+            looked = f"open_clip tag {weights!r} ({source})"
+            raise tag_not_found(
+                name, weights, "clip_weights", example, looked, exc, extra_fix
             ) from exc
         return OpenClipDense(model, tokenizer, name, mode, precision, device)
     qg = True if quick_gelu is None else quick_gelu
@@ -266,7 +263,7 @@ def build_open_clip(
         lambda model, path: _load_file(model, path, name),
         seed=seed,
         field="clip_weights",
-        example=f"{name}.safetensors",
+        example=example,
         cache_dir=cache_dir,
         storage_options=store_options,
         extra_fix=extra_fix if arch else "",

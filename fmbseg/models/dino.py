@@ -19,7 +19,7 @@ from torch import nn
 
 from fmbseg.models.base import Precision, Preprocess, autocast, compute_dtype
 from fmbseg.models.registry import register_builders
-from fmbseg.models.weights import build_seeded, load_into, load_state_dict_file, not_found
+from fmbseg.models.weights import build_seeded, load_into, load_state_dict_file, tag_not_found
 
 # Registry name -> (timm architecture, extra timm kwargs).
 DINO_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -85,6 +85,7 @@ def build_dino(
 ) -> DinoPatchEncoder:
     """DINOv2 ``name`` at ``img_size`` (default: timm's, 518; tiny: 56)."""
     arch, extra = DINO_ARCHS[name]
+    example = f"{name}_pretrain.pth"
     size = img_size or (TINY_IMG_SIZE if name == "dinov2_tiny" else 518)
     if size % 14:
         raise ValueError(f"{name}: img_size {size} is not a multiple of the patch size 14")
@@ -101,14 +102,8 @@ def build_dino(
         except Exception as exc:  # noqa: BLE001 - offline hub failures come in many types
             hub = timm.models.get_pretrained_cfg(arch)
             hub_id, url = getattr(hub, "hf_hub_id", None), getattr(hub, "url", None)
-            looked = [f"timm hub weights of {arch} (hf hub {hub_id}, url {url})"]
-            raise not_found(
-                f"{name} weights 'hub' (models.dino_weights)",
-                field="dino_weights",
-                example=f"{name}_pretrain.pth",
-                looked=looked,
-                detail=f"{type(exc).__name__}: {str(exc)[:300]}",
-            ) from exc
+            looked = f"timm hub weights of {arch} (hf hub {hub_id}, url {url})"
+            raise tag_not_found(name, "hub", "dino_weights", example, looked, exc) from exc
         return DinoPatchEncoder(model.to(device), name, precision)
     model = build_seeded(
         lambda: timm.create_model(arch, pretrained=False, **kwargs),
@@ -120,7 +115,7 @@ def build_dino(
         ),
         seed=seed,
         field="dino_weights",
-        example=f"{name}_pretrain.pth",
+        example=example,
         cache_dir=cache_dir,
         storage_options=store_options,
         extra_fix="or 'hub' for timm's pretrained download",

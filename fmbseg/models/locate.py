@@ -14,14 +14,13 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from fmbseg.models.weights import (
     WeightsNotFoundError,
     default_cache_dir,
     download_target,
-    is_uri,
+    is_remote,
     local_candidates,
 )
 
@@ -107,12 +106,8 @@ def _locate_hf(repo: str, names: Sequence[str], timeout_s: float) -> str | None:
 
 def _locate_file(ref: str, options: Mapping[str, Any], timeout_s: float) -> str | None:
     """None when the path / URI ``ref`` exists (or is in the download cache); else why not."""
-    if ref.startswith("file://") or not is_uri(ref):
-        candidates = (
-            [Path(ref.removeprefix("file://"))]
-            if ref.startswith("file://")
-            else local_candidates(ref, default_cache_dir())
-        )
+    if not is_remote(ref):
+        candidates = local_candidates(ref, default_cache_dir())
         if any(p.is_file() for p in candidates):
             return None
         return f"no such file: {', '.join(str(p.absolute()) for p in candidates)}"

@@ -42,7 +42,7 @@ from fmbseg.models.weights import (
     build_seeded,
     load_into,
     load_state_dict_file,
-    not_found,
+    tag_not_found,
 )
 
 INSTALL_HINT = (
@@ -495,13 +495,8 @@ def _hub_checkpoint(name: str) -> str:
     try:
         return str(hf_hub_download(repo_id=HF_REPO, filename=HF_FILE))
     except Exception as exc:  # noqa: BLE001 - offline / gated / missing: all "not found"
-        raise not_found(
-            f"{name} weights 'hub' (models.sam3_weights)",
-            field="sam3_weights",
-            example=HF_FILE,
-            looked=[f"Hugging Face hub {HF_REPO}/{HF_FILE} (gated: accept its licence first)"],
-            detail=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-        ) from exc
+        looked = f"Hugging Face hub {HF_REPO}/{HF_FILE} (gated: accept its licence first)"
+        raise tag_not_found(name, "hub", "sam3_weights", HF_FILE, looked, exc) from exc
 
 
 def load_sam3_checkpoint(model: Any, path: Path, name: str) -> None:

@@ -1,13 +1,10 @@
 """Checkpoints: resolving a weights reference to a local file, and loading it safely.
 
-A reference (``models.clip_weights`` / ``sam_weights`` / ``dino_weights``) is one of
-
-- a local path (a bare file name is also looked up in the cache directory);
-- an fsspec URI (``s3://``, ``gs://``, ``memory://``, ...), downloaded once into
-  ``{cache_dir}/{sha256(uri)[:16]}/{file name}`` with an atomic rename, so concurrent
-  workers never see a torn file; ``file://`` URIs are used in place;
-- a model-specific tag (an open_clip pretrained tag, ``"hub"`` for DINOv2), which the
-  adapter hands to its library before it ever calls :func:`resolve_weights`.
+A reference (``models.clip_weights`` / ``sam_weights`` / ...) is a local path (a bare file
+name is also looked up in the cache directory), a ``file://`` URI (used in place), a remote
+fsspec URI (``s3://``, ``gs://``, ``memory://``, ...; downloaded once, see
+:func:`resolve_weights`) or a model-specific tag (an open_clip pretrained tag, ``"hub"``),
+which the adapter hands to its library before it ever calls :func:`resolve_weights`.
 
 Loading is only ever ``torch.load(..., weights_only=True)`` or safetensors: a checkpoint
 cannot run code. Failures raise :class:`WeightsNotFoundError` (nothing to load; the message
@@ -48,8 +45,9 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "fmbseg" / "weights"
 
 
-def is_uri(ref: str) -> bool:
-    return "://" in ref
+def is_remote(ref: str) -> bool:
+    """Whether ``ref`` is an fsspec URI to download (a ``file://`` one is a local path)."""
+    return "://" in ref and not ref.startswith("file://")
 
 
 def not_found(
@@ -84,6 +82,22 @@ def not_found(
     return WeightsNotFoundError(msg + ".")
 
 
+def tag_not_found(
+    name: str, tag: str, field: str, example: str, looked: str, exc: Exception, extra_fix: str = ""
+) -> WeightsNotFoundError:
+    """:func:`not_found` for the pretrained ``tag`` of model ``name`` whose download (from
+    ``looked``) failed with ``exc``."""
+    first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return not_found(
+        f"{name} weights {tag!r} (models.{field})",
+        field=field,
+        example=example,
+        looked=[looked],
+        detail=f"{type(exc).__name__}: {first_line}",
+        extra_fix=extra_fix,
+    )
+
+
 def _download(uri: str, target: Path, storage_options: Mapping[str, Any]) -> None:
     """Copy ``uri`` to ``target`` through a temporary name renamed into place."""
     import fsspec
@@ -106,8 +120,10 @@ def download_target(ref: str, cache: Path) -> Path:
 
 
 def local_candidates(ref: str, cache: Path) -> list[Path]:
-    """The files a local checkpoint ``ref`` may be: the path itself, and a bare file name
-    in ``cache``."""
+    """The files a local checkpoint ``ref`` may be: the path itself (a ``file://`` URI's
+    path), and for a bare file name, that name in ``cache``."""
+    if ref.startswith("file://"):
+        return [Path(ref[len("file://") :])]
     candidates = [Path(ref).expanduser()]
     if not Path(ref).is_absolute() and len(Path(ref).parts) == 1:
         candidates.append(cache / ref)
@@ -123,10 +139,11 @@ def resolve_weights(
     storage_options: Mapping[str, Any] | None = None,
     extra_fix: str = "",
 ) -> Path:
-    """A local file holding the checkpoint ``ref`` (a path or an fsspec URI).
+    """A local file holding the checkpoint ``ref``: a path, a ``file://`` URI, or a remote
+    fsspec URI downloaded once into ``{cache_dir}/{sha256(uri)[:16]}/{file name}`` through
+    an atomic rename, so concurrent workers never see a torn file.
 
     Args:
-        ref: local path, ``file://`` URI or any remote fsspec URI.
         field, example, extra_fix: for the error message, see :func:`not_found`.
         cache_dir: where remote checkpoints are downloaded; default :func:`default_cache_dir`.
         storage_options: fsspec options for remote URIs (endpoint, credentials).
@@ -136,28 +153,20 @@ def resolve_weights(
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     asked = f"checkpoint {ref!r} (models.{field})"
-    if ref.startswith("file://"):
-        path = Path(ref[len("file://") :])
-        if path.is_file():
-            return path
-        raise not_found(
-            asked, field=field, example=example, looked=[str(path)], extra_fix=extra_fix
-        )
-    if is_uri(ref):
+    if is_remote(ref):
         target = download_target(ref, cache)
-        if target.is_file():
-            return target
-        try:
-            _download(ref, target, storage_options or {})
-        except Exception as exc:  # noqa: BLE001 - any fsspec/network failure means "not found"
-            raise not_found(
-                asked,
-                field=field,
-                example=example,
-                looked=[ref],
-                detail=f"{type(exc).__name__}: {exc}",
-                extra_fix=extra_fix,
-            ) from exc
+        if not target.is_file():
+            try:
+                _download(ref, target, storage_options or {})
+            except Exception as exc:  # noqa: BLE001 - any fsspec/network failure: "not found"
+                raise not_found(
+                    asked,
+                    field=field,
+                    example=example,
+                    looked=[ref],
+                    detail=f"{type(exc).__name__}: {exc}",
+                    extra_fix=extra_fix,
+                ) from exc
         return target
     candidates = local_candidates(ref, cache)
     for path in candidates:
