@@ -6,17 +6,13 @@ interface, so ``models.sam: sam2.1_hiera_l`` runs both SAM stages unchanged.
 without importing it, and a builder says how to install it when it is missing.
 
 Models are built by ``sam2.build_sam.build_sam2`` from the package's own hydra configs
-(``configs/sam2.1/sam2.1_hiera_{t,s,b+,l}.yaml``) without a checkpoint, under
-:func:`~fmbseg.models.weights.seeded`; a checkpoint is then resolved and loaded here with the
-same rules as SAM (local path or store URI, ``torch.load(weights_only=True)``, its
-``"model"`` entry, strict keys). ``sam2.1_tiny`` is the Hiera-T config with hydra overrides
-that shrink it (128 px input, a 5-block Hiera of width 8, width-32 prompt encoder and mask
-decoder): a random model of the real classes, fast enough for CPU tests.
+without a checkpoint; a checkpoint (its ``"model"`` entry) is then loaded with the same
+rules as SAM's. ``sam2.1_tiny`` is the Hiera-T config shrunk by hydra overrides
+(:data:`TINY_OVERRIDES`): a random model of the real classes, fast enough for CPU tests.
 
-Prompt masks come from ``SAM2ImagePredictor`` (one ``set_image``, then all prompts in one
-decoder pass), automatic masks from ``SAM2AutomaticMaskGenerator`` with the ``sam_auto``
-thresholds. Coordinates: as in :mod:`fmbseg.models.sam`, our points have the origin at the
-top-left pixel's corner and SAM 2's prompt encoder adds 0.5 itself, so 0.5 is subtracted.
+Prompt masks come from ``SAM2ImagePredictor``, automatic masks from
+``SAM2AutomaticMaskGenerator`` with the ``sam_auto`` thresholds. Coordinates as in
+:mod:`fmbseg.models.sam`: SAM 2's prompt encoder adds 0.5 itself, so 0.5 is subtracted.
 """
 
 from __future__ import annotations

@@ -104,16 +104,6 @@ TINY = Sam3Dims(
 VARIANTS = {"sam3": SAM3, "sam3_tiny": TINY}
 
 
-@contextlib.contextmanager
-def _quiet_import() -> Iterator[None]:
-    """``sam3``'s video modules warn at import on a machine without CUDA (autocast
-    decorators) and ``torch.jit.script`` is deprecated; neither concerns images."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-        yield
-
-
 def require_package(model: str | None = None) -> None:
     """Raise :class:`MissingExtraError` (with the install hint) unless ``sam3`` is installed;
     with ``model``, only when that model is built with it (one of :data:`VARIANTS`). A flow
@@ -127,7 +117,10 @@ def require_package(model: str | None = None) -> None:
 def _sam3() -> Any:
     """The ``sam3`` modules the adapter uses, or an install hint."""
     require_package()
-    with _quiet_import():
+    with warnings.catch_warnings():  # at import, neither concerns images:
+        # sam3's video modules' autocast decorators without CUDA, and torch.jit.script
+        warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
         import sam3.model_builder as builder
         from sam3.model.data_misc import FindStage
         from sam3.model.sam3_image_processor import Sam3Processor

@@ -221,11 +221,8 @@ def _shown(keys: Sequence[str]) -> str:
 
 
 def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
-    """Load ``state_dict`` into ``module`` strictly, with an error naming offending keys.
-
-    Args:
-        what: the checkpoint's description for messages (model name and path).
-    """
+    """Load ``state_dict`` into ``module`` strictly; a mismatch is an error naming the
+    offending keys and ``what`` (the checkpoint: path and model name)."""
     own = module.state_dict()
     missing = sorted(k for k in own if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in own)
@@ -234,14 +231,9 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: s
         for k in own
         if k in state_dict and state_dict[k].shape != own[k].shape
     )
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_shown(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_shown(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {_shown(shapes)}")
+    found = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": shapes}
+    parts = [f"{problem}: {_shown(keys)}" for problem, keys in found.items() if keys]
+    if parts:
         raise CheckpointMismatchError(
             f"{what} does not fit the model architecture; "
             + "; ".join(parts)
@@ -271,12 +263,8 @@ def build_seeded(
     **where: Any,
 ) -> M:
     """``make()`` under :func:`seeded`, then ``load(model, path)`` of the checkpoint
-    ``weights`` (``None`` = keep the deterministic random weights).
-
-    ``weights`` is resolved first (:func:`resolve_weights` with ``where``: ``field``,
-    ``example``, ``cache_dir``, ``storage_options``, ``extra_fix``), so a missing file fails
-    before a large model's init.
-    """
+    ``weights`` (``None`` = keep the random weights). ``weights`` is resolved first
+    (:func:`resolve_weights` with ``where``), so a missing file fails before a large init."""
     path = None if weights is None else resolve_weights(weights, **where)
     with seeded(seed):
         model = make()
