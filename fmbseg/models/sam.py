@@ -122,9 +122,8 @@ class PromptedSegmenter:
         self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """``B`` prompts in one pass of the prompt encoder and mask decoder: points
-        ``(B, P, 2)`` float ``(x, y)`` in original pixels, labels ``(B, P)`` -> masks
-        ``(B, M, H, W) bool`` and predicted IoU ``(B, M) float32``, prompt ``b`` as
-        :meth:`predict` of ``points[b]`` (up to float rounding in the batched matmuls)."""
+        ``(B, P, 2)``, labels ``(B, P)`` -> masks ``(B, M, H, W) bool``, IoU ``(B, M) float32``;
+        prompt ``b`` as :meth:`predict` of ``points[b]`` (up to float rounding)."""
         if self._image_hw is None:
             raise RuntimeError(f"{self.name}.predict_batch: call set_image(image) first")
         pts = np.asarray(points, dtype=np.float32)

@@ -89,12 +89,6 @@ def _sam2() -> Any:
     return build_sam2, SAM2ImagePredictor, SAM2AutomaticMaskGenerator
 
 
-def _has_connected_components() -> bool:
-    """Whether sam2's CUDA extension (``sam2._C``, skipped by ``SAM2_BUILD_CUDA=0``) is built;
-    without it SAM 2's low-res hole / sprinkle filling warns and does nothing."""
-    return importlib.util.find_spec("sam2._C") is not None
-
-
 def _same_pixels(a: np.ndarray, b: np.ndarray | None) -> bool:
     """``a`` is ``b`` or a full view of it (what the generator's whole-image crop
     ``image[0:h, 0:w, :]`` is): same memory, shape and strides."""
@@ -178,9 +172,11 @@ class Sam2Segmenter(PromptedSegmenter):
         self.predictor = _predictor(model)
         cfg = self.auto_config
         # SAM 2 spends min_mask_region_area on filling holes and removing sprinkles in its
-        # low-res masks (its CUDA extension; a no-op without it); our stage's filter still
-        # drops masks smaller than it afterwards
-        fill = cfg.min_mask_region_area if _has_connected_components() else 0
+        # low-res masks with its CUDA extension (sam2._C, skipped by SAM2_BUILD_CUDA=0;
+        # without it this warns and does nothing); our stage's filter still drops masks
+        # smaller than it afterwards
+        has_extension = importlib.util.find_spec("sam2._C") is not None
+        fill = cfg.min_mask_region_area if has_extension else 0
         with _no_jit_warning():
             self._generator = SAM2AutomaticMaskGenerator(
                 model,

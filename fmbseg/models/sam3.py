@@ -303,19 +303,6 @@ def compose_sam3_image_model(dims: Sam3Dims) -> Any:
     return model.eval()
 
 
-def detector_state_dict(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
-    """The image model's tensors of a ``sam3.pt`` checkpoint: its ``detector.*`` entries
-    without the prefix (the ``tracker.*`` ones serve video). A file without any is an error."""
-    out = {k[len(DETECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(DETECTOR_PREFIX)}
-    if not out:
-        shown = ", ".join(sorted(state)[:5])
-        raise CheckpointMismatchError(
-            f"SAM 3 checkpoint {path} holds no '{DETECTOR_PREFIX}*' tensors (first keys: "
-            f"{shown}); expected facebook/sam3's sam3.pt"
-        )
-    return out
-
-
 @contextlib.contextmanager
 def text_only_on_cpu(model: Any) -> Iterator[None]:
     """Let ``sam3`` 0.1.4 ground text prompts on a machine without CUDA.
@@ -396,14 +383,9 @@ class Sam3ConceptSegmenter:
     def segment_concepts(
         self, names: Sequence[str], *, min_score: float = 0.0, max_masks: int | None = None
     ) -> list[ConceptMasks]:
-        """The instances of each of ``names`` in the set image, one :class:`ConceptMasks`
-        per name in order: presence probability, masks ``(M, H, W) bool`` at the original
-        size and scores ``(M,) float32`` in descending order.
-
-        Only instances whose score is at least ``min_score`` are kept (at most
-        ``max_masks`` of them), before their masks are upsampled: the decoder proposes
-        ``num_queries`` per name, mostly near 0.
-        """
+        """One :class:`ConceptMasks` per name, as the protocol says (``fmbseg.models.base``).
+        Instances are dropped before their masks are upsampled: the decoder proposes
+        ``num_queries`` per name, mostly near 0."""
         if self._state is None or self._image_hw is None:
             raise RuntimeError(f"{self.name}.segment_concepts: call set_image(image) first")
         names = list(names)
@@ -493,15 +475,24 @@ def _hub_checkpoint(name: str) -> str:
 
 
 def load_sam3_checkpoint(model: Any, path: Path, name: str) -> None:
-    """Load the detector part of a ``sam3.pt`` into ``model``: every parameter must be there
-    and nothing else; a buffer the file lacks keeps the value ``model`` computed at init
-    (ViT RoPE frequencies, functions of the config alone)."""
-    state = detector_state_dict(load_state_dict_file(path), str(path))
+    """Load the detector part of a ``sam3.pt`` (its ``detector.*`` tensors; the
+    ``tracker.*`` ones serve video) into ``model``: every parameter must be there and
+    nothing else; a buffer the file lacks keeps the value ``model`` computed at init (ViT
+    RoPE frequencies, functions of the config alone)."""
+    state = load_state_dict_file(path)
+    detector = {
+        k[len(DETECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(DETECTOR_PREFIX)
+    }
+    if not detector:
+        raise CheckpointMismatchError(
+            f"SAM 3 checkpoint {path} holds no '{DETECTOR_PREFIX}*' tensors (first keys: "
+            f"{', '.join(sorted(state)[:5])}); expected facebook/sam3's sam3.pt"
+        )
     parameters = dict(model.named_parameters())
     for key, buf in model.state_dict().items():
-        if key not in state and key not in parameters:
-            state[key] = buf
-    load_into(model, state, f"SAM 3 checkpoint {path} for {name}")
+        if key not in detector and key not in parameters:
+            detector[key] = buf
+    load_into(model, detector, f"SAM 3 checkpoint {path} for {name}")
 
 
 def build_sam3(
