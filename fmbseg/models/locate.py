@@ -27,12 +27,6 @@ from fmbseg.models.weights import (
 # Seconds one existence check may take (a hub or bucket that answers takes well under one;
 # an unreachable one is given up on, not retried).
 PROBE_TIMEOUT_S = 8.0
-FIELDS = {
-    "clip": "clip_weights",
-    "sam": "sam_weights",
-    "dino": "dino_weights",
-    "sam3": "sam3_weights",
-}
 
 
 def _with_deadline(check: Callable[[], bool], timeout_s: float) -> bool | str:
@@ -141,7 +135,7 @@ def locate_weights(
     """
     jobs: dict[str, Callable[[], str | None]] = {}
     for kind in kinds:
-        name, ref = getattr(models, kind), getattr(models, FIELDS[kind])
+        name, ref = getattr(models, kind), getattr(models, f"{kind}_weights")
         if ref is None:
             continue
         hf = _hf_source(kind, name, ref)
@@ -162,7 +156,7 @@ def locate_weights(
     for kind in jobs:
         why = results.get(kind, f"no answer within {timeout_s * 2:g} s")
         if why is not None:
-            field, name = FIELDS[kind], getattr(models, kind)
+            field, name = f"{kind}_weights", getattr(models, kind)
             problems.append(
                 f"models.{field}={getattr(models, field)!r} ({name}) cannot be loaded: {why}; "
                 f"set models.{field} to a local path or a store URI of the checkpoint"
