@@ -1,8 +1,9 @@
 """Model adapters behind small interfaces, built from a registry by name.
 
 ``build_model(name, weights, device, **options)`` returns a :class:`DenseClip` (CLIP),
-:class:`Segmenter` (SAM), :class:`PatchEncoder` (DINOv2) or :class:`ConceptSegmenter` (SAM 3). The adapter classes are imported
-lazily (open_clip, timm and segment-anything take seconds to import).
+:class:`Segmenter` (SAM), :class:`PatchEncoder` (DINOv2) or :class:`ConceptSegmenter`
+(SAM 3). The adapter classes are imported lazily (open_clip, timm and segment-anything take
+seconds to import).
 """
 
 from __future__ import annotations

@@ -67,53 +67,6 @@ class AlignmentConfig:
         return cls(**d)
 
 
-class AlignmentModule(nn.Module):
-    """One pre-norm transformer block over an image's patches, then a linear map to D.
-
-    ``x = x + Attn(LN(x)); x = x + MLP(LN(x)); z = Linear(x)``. ``forward`` takes
-    ``(B, N, C) float`` patch features (any N: the block has no positional embedding; DINOv2's
-    features already carry position) and returns ``(B, N, D)`` *unnormalised* embeddings.
-    """
-
-    def __init__(self, cfg: AlignmentConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        c = cfg.in_dim
-        self.norm1 = nn.LayerNorm(c)
-        self.qkv = nn.Linear(c, 3 * c)
-        self.attn_out = nn.Linear(c, c)
-        self.norm2 = nn.LayerNorm(c)
-        self.mlp = nn.Sequential(
-            nn.Linear(c, cfg.hidden_dim), nn.GELU(), nn.Linear(cfg.hidden_dim, c)
-        )
-        self.proj = nn.Linear(c, cfg.out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.cfg.in_dim:
-            raise ValueError(
-                f"AlignmentModule expects (B, N, {self.cfg.in_dim}) patch features, "
-                f"got shape {tuple(x.shape)}"
-            )
-        b, n, c = x.shape
-        h = self.cfg.heads
-        qkv = self.qkv(self.norm1(x)).view(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, h, N, c/h)
-        x = x + self.attn_out(attn.transpose(1, 2).reshape(b, n, c))
-        x = x + self.mlp(self.norm2(x))
-        return self.proj(x)
-
-    def loss(
-        self,
-        z: torch.Tensor,
-        labels: torch.Tensor,
-        text: torch.Tensor,
-        temperature: float,
-        negatives: TextNegatives = "all",
-    ) -> torch.Tensor:
-        """:func:`alignment_loss` (kept here so the module carries its objective)."""
-        return alignment_loss(z, labels, text, temperature, negatives)
-
-
 def alignment_loss(
     z: torch.Tensor,
     labels: torch.Tensor,
@@ -133,9 +86,8 @@ def alignment_loss(
         negatives: which text prototypes enter the denominators. ``"all"`` (the paper: its K
             is the number of categories in the dataset): all K rows of ``text``, so every
             vocabulary prototype is a negative for every patch, also the classes absent from
-            the batch. ``"batch"`` (ablation; this module's earlier reading): only the
-            classes present among the batch's labelled patches; the other rows of ``text``
-            take no part at all.
+            the batch. ``"batch"`` (ablation): only the classes present among the batch's
+            labelled patches; the other rows of ``text`` take no part at all.
 
     Returns:
         A scalar float32 tensor, differentiable w.r.t. ``z`` (and ``text`` if it requires grad).
@@ -161,13 +113,8 @@ def alignment_loss(
     (L, L) patch logits (diagonal set to −inf) combined with the (L, |T|) text logits by
     logaddexp (numerically stable: no exp is taken of an unshifted logit).
 
-    Memory: O(L² + L·(D + K)). One (L, L) float32 logit matrix lives from forward to backward;
-    logsumexp's forward needs one more transiently, and backward (softmax weights, their
-    product with the incoming gradient, the diagonal's zeroed copy) up to about four more.
-    For a batch of 5 images × 32×32 patches (L ≤ 5120) at D = 768: 5120² × 4 B = 104.9 MB per
-    matrix, so ≤ 5 × 104.9 ≈ 525 MB at the backward peak, plus z, its normalised copy and
-    their gradients (4 × 5120 × 768 × 4 B = 63 MB); the (L, K) text logits at K = 171 add
-    3.5 MB each. ``bench/loss.py`` prints the measured peak.
+    Memory: O(L² + L·(D + K)); the (L, L) logits and their backward copies dominate
+    (``bench/loss.py`` prints the measured peak).
     """
     if negatives not in ("all", "batch"):
         raise ValueError(f"alignment_loss: negatives must be 'all' or 'batch', got {negatives!r}")
@@ -227,3 +174,41 @@ def alignment_loss(
         else:
             loss_p = zn.new_zeros(())
         return loss_t + loss_p
+
+
+class AlignmentModule(nn.Module):
+    """One pre-norm transformer block over an image's patches, then a linear map to D.
+
+    ``x = x + Attn(LN(x)); x = x + MLP(LN(x)); z = Linear(x)``. ``forward`` takes
+    ``(B, N, C) float`` patch features (any N: the block has no positional embedding; DINOv2's
+    features already carry position) and returns ``(B, N, D)`` *unnormalised* embeddings.
+    """
+
+    loss = staticmethod(alignment_loss)  # the module carries its objective
+
+    def __init__(self, cfg: AlignmentConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.in_dim
+        self.norm1 = nn.LayerNorm(c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.attn_out = nn.Linear(c, c)
+        self.norm2 = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(
+            nn.Linear(c, cfg.hidden_dim), nn.GELU(), nn.Linear(cfg.hidden_dim, c)
+        )
+        self.proj = nn.Linear(c, cfg.out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.cfg.in_dim:
+            raise ValueError(
+                f"AlignmentModule expects (B, N, {self.cfg.in_dim}) patch features, "
+                f"got shape {tuple(x.shape)}"
+            )
+        b, n, c = x.shape
+        h = self.cfg.heads
+        qkv = self.qkv(self.norm1(x)).view(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, h, N, c/h)
+        x = x + self.attn_out(attn.transpose(1, 2).reshape(b, n, c))
+        x = x + self.mlp(self.norm2(x))
+        return self.proj(x)

@@ -9,9 +9,10 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -34,6 +35,25 @@ def compute_dtype(precision: str, device: torch.device, name: str) -> torch.dtyp
     return torch.bfloat16 if precision == "auto" else PRECISIONS[precision]
 
 
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to ``dtype`` on ``device``, or no context for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def check_image(image: np.ndarray, what: str) -> None:
+    """Raise a ValueError naming ``what`` unless ``image`` is an ``HxWx3 uint8`` array."""
+    if not (
+        isinstance(image, np.ndarray)
+        and image.ndim == 3
+        and image.shape[2] == 3
+        and image.dtype == np.uint8
+    ):
+        desc = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
+        raise ValueError(f"{what}: expected an HxWx3 uint8 RGB array, got {desc}")
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """What a model expects of its input; travels with the model (STYLE 5)."""
@@ -50,6 +70,18 @@ class Preprocess:
         mean = torch.tensor(self.mean, device=t.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=t.device).view(1, 3, 1, 1)
         return (t - mean) / std
+
+    def grid(self, images: torch.Tensor, what: str) -> tuple[int, int]:
+        """The patch grid ``(H/p, W/p)`` of ``(B, 3, H, W)`` float images; a ValueError
+        naming ``what`` for any other shape or dtype, or sides not multiples of ``p``."""
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(
+                f"{what}: expected (B, 3, H, W) float, got {tuple(images.shape)} {images.dtype}"
+            )
+        (h, w), p = images.shape[-2:], self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"{what}: image size {h}x{w} is not a multiple of the patch size {p}")
+        return h // p, w // p
 
 
 @runtime_checkable

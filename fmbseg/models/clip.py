@@ -9,7 +9,6 @@ token -> ``ln_post`` -> ``proj`` (dense features in the joint image-text space, 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any, cast
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from fmbseg.models.base import Precision, Preprocess, compute_dtype
+from fmbseg.models.base import Precision, Preprocess, autocast, compute_dtype
 from fmbseg.models.clip_layers import (
     MODES,
     Mode,
@@ -28,14 +27,8 @@ from fmbseg.models.clip_layers import (
     dense_last_block,
     interpolate_pos_embed,
 )
-from fmbseg.models.registry import register_model
-from fmbseg.models.weights import (
-    load_into,
-    load_state_dict_file,
-    not_found,
-    resolve_weights,
-    seeded,
-)
+from fmbseg.models.registry import register_builders
+from fmbseg.models.weights import build_seeded, load_into, load_state_dict_file, tag_not_found
 
 TEXT_BATCH = 256  # prompts per text-encoder forward
 
@@ -102,11 +95,6 @@ class OpenClipDense:
             f"dtype={self.dtype}, embed_dim={self.embed_dim})"
         )
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     # ---- text -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -124,26 +112,12 @@ class OpenClipDense:
         feats = []
         for i in range(0, len(prompts), TEXT_BATCH):
             tokens = self.tokenizer(prompts[i : i + TEXT_BATCH]).to(self.device)
-            with self._autocast():
+            with autocast(self.device, self.dtype):
                 feats.append(self.model.encode_text(tokens, normalize=True).float())  # type: ignore[operator]
         per_template = torch.cat(feats).reshape(len(names), len(templates), -1)
         return F.normalize(per_template.mean(dim=1), dim=-1)
 
     # ---- image ------------------------------------------------------------------------------
-
-    def _grid(self, crops: torch.Tensor) -> tuple[int, int]:
-        p = self.preprocess.patch_size
-        if crops.ndim != 4 or crops.shape[1] != 3 or not crops.is_floating_point():
-            raise ValueError(
-                f"{self.name}: crops must be (B, 3, H, W) float, got "
-                f"{tuple(crops.shape)} {crops.dtype}"
-            )
-        h, w = crops.shape[-2:]
-        if h % p or w % p:
-            raise ValueError(
-                f"{self.name}: crop size {h}x{w} is not a multiple of the patch size {p}"
-            )
-        return h // p, w // p
 
     def pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
         """``(1 + gh*gw, C)`` positional embedding for a crop grid (cached per grid)."""
@@ -155,10 +129,11 @@ class OpenClipDense:
             )
         return self._pos_cache[grid]
 
-    def _trunk(self, crops: torch.Tensor) -> torch.Tensor:
-        """Normalised crops -> batch-first tokens ``(B, 1 + gh*gw, C)`` before the last block."""
+    def _trunk(self, crops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Normalised crops -> batch-first tokens ``(B, 1 + gh*gw, C)`` before the last block,
+        and the patch grid ``(gh, gw)``."""
         v = self.visual
-        grid = self._grid(crops)
+        grid = self.preprocess.grid(crops, f"{self.name} crops")
         x = v.conv1(crops.to(self.device))
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
@@ -168,7 +143,7 @@ class OpenClipDense:
             x = x.transpose(0, 1)
         for blk in v.transformer.resblocks[:-1]:
             x = blk(x)
-        return x if self.batch_first else x.transpose(0, 1)
+        return (x if self.batch_first else x.transpose(0, 1)), grid
 
     def _cls(self, x: torch.Tensor) -> torch.Tensor:
         blk = self.visual.transformer.resblocks[-1]
@@ -185,26 +160,31 @@ class OpenClipDense:
     def crops_and_dense(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised crops ``(B, 3, S, S)`` -> CLS ``(B, D)`` L2-normalised and dense
         ``(B, D, S/p, S/p)`` (not normalised), both float32, from one trunk pass."""
-        grid = self._grid(crops)
-        with self._autocast():
-            x = self._trunk(crops)
+        with autocast(self.device, self.dtype):
+            x, grid = self._trunk(crops)
             return self._cls(x), self._dense(x, grid).contiguous()
 
     @torch.no_grad()
     def crop_embeddings(self, crops: torch.Tensor) -> torch.Tensor:
         """Normalised crops ``(B, 3, S, S)`` -> ``(B, D)`` float32, L2-normalised."""
-        with self._autocast():
-            return self._cls(self._trunk(crops))
+        with autocast(self.device, self.dtype):
+            return self._cls(self._trunk(crops)[0])
 
     @torch.no_grad()
     def dense_features(self, crops: torch.Tensor) -> torch.Tensor:
         """Normalised crops ``(B, 3, S, S)`` -> ``(B, D, S/p, S/p)`` float32, not normalised."""
-        grid = self._grid(crops)
-        with self._autocast():
-            return self._dense(self._trunk(crops), grid).contiguous()
+        with autocast(self.device, self.dtype):
+            return self._dense(*self._trunk(crops)).contiguous()
 
 
 # ---- builders ---------------------------------------------------------------------------------
+
+
+CLIP_ARCHS = {  # registry name -> open_clip architecture (clip_tiny: TINY_CLIP_CFG)
+    "clip_vit_b16": "ViT-B-16",
+    "clip_vit_l14": "ViT-L-14",
+    "clip_vit_l14_336": "ViT-L-14-336",
+}
 
 
 def _load_file(model: nn.Module, path: Path, name: str) -> None:
@@ -216,27 +196,29 @@ def _load_file(model: nn.Module, path: Path, name: str) -> None:
     load_into(model, sd, f"CLIP checkpoint {path} for {name}")
 
 
-def _resolve(weights: str, name: str, options: Any, cache: str | None, fix: str = "") -> Path:
-    example = f"{name}.safetensors"
-    return resolve_weights(
-        weights,
-        field="clip_weights",
-        example=example,
-        cache_dir=cache,
-        storage_options=options,
-        extra_fix=fix,
-    )
-
-
-class _QuietRandomInit(logging.Filter):
+def _quiet_random_init(record: logging.LogRecord) -> bool:
     """Drops open_clip's "initialized randomly" warning when a checkpoint is loaded next."""
+    return "initialized randomly" not in record.getMessage()
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
+
+def _random_model(arch: str | None, quick_gelu: bool, quiet: bool) -> nn.Module:
+    """A random open_clip model of ``arch``, or the tiny one (``None``)."""
+    if arch is None:
+        model = open_clip.CLIP(**TINY_CLIP_CFG, quick_gelu=quick_gelu)
+        size = TINY_CLIP_CFG["vision_cfg"]["image_size"]
+        mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+        open_clip.set_model_preprocess_cfg(model, {"size": size, "mean": mean, "std": std})
+        return model
+    root = logging.getLogger()
+    if quiet:
+        root.addFilter(_quiet_random_init)
+    try:
+        return open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu)
+    finally:
+        root.removeFilter(_quiet_random_init)
 
 
 def build_open_clip(
-    arch: str,
     name: str,
     weights: str | None,
     device: torch.device,
@@ -248,15 +230,17 @@ def build_open_clip(
     cache_dir: str | None = None,
     seed: int = 0,
 ) -> OpenClipDense:
-    """An open_clip architecture with weights from a pretrained tag, a file/URI, or random.
+    """CLIP ``name`` with weights from an open_clip pretrained tag, a file/URI, or random.
 
     ``quick_gelu``: ``None`` = what the pretrained tag was trained with; for files and
     random init, ``True`` (the registered architectures are OpenAI CLIP's).
     """
-    tags = open_clip.list_pretrained_tags_by_model(arch)
-    tokenizer = open_clip.get_tokenizer(arch)
+    arch = CLIP_ARCHS.get(name)
+    tags = open_clip.list_pretrained_tags_by_model(arch) if arch else []
+    tokenizer = open_clip.get_tokenizer(arch or TINY_TOKENIZER_ARCH)
     extra_fix = f"or an open_clip pretrained tag for {arch} ({', '.join(tags) or 'none'})"
-    if weights is not None and weights in tags:
+    example = f"{name}.safetensors"
+    if arch is not None and weights is not None and weights in tags:
         tag_cfg = open_clip.get_pretrained_cfg(arch, weights)
         qg = bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
         try:
@@ -266,84 +250,36 @@ def build_open_clip(
         except RuntimeError as exc:
             if "Failed to download" not in str(exc):
                 raise
-            looked = [f"open_clip tag {weights!r} ({tag_cfg.get('hf_hub') or tag_cfg.get('url')})"]
-            raise not_found(
-                f"{name} weights {weights!r} (models.clip_weights)",
-                field="clip_weights",
-                example=f"{name}.safetensors",
-                looked=looked,
-                detail=str(exc)[:300],
-                extra_fix=extra_fix,
+            source = tag_cfg.get("hf_hub") or tag_cfg.get("url")
+            looked = f"open_clip tag {weights!r} ({source})"
+            raise tag_not_found(
+                name, weights, "clip_weights", example, looked, exc, extra_fix
             ) from exc
         return OpenClipDense(model, tokenizer, name, mode, precision, device)
-    # A file is resolved before the model is built: a wrong reference fails fast.
-    path = None if weights is None else _resolve(weights, name, store_options, cache_dir, extra_fix)
     qg = True if quick_gelu is None else quick_gelu
-    quiet = _QuietRandomInit() if path is not None else None  # weights follow right below
-    root = logging.getLogger()
-    if quiet:
-        root.addFilter(quiet)
-    try:
-        with seeded(seed):
-            model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=qg)
-    finally:
-        if quiet:
-            root.removeFilter(quiet)
-    if path is not None:
-        _load_file(model, path, name)
+    model = build_seeded(
+        lambda: _random_model(arch, qg, quiet=weights is not None),
+        weights,
+        lambda model, path: _load_file(model, path, name),
+        seed=seed,
+        field="clip_weights",
+        example=example,
+        cache_dir=cache_dir,
+        storage_options=store_options,
+        extra_fix=extra_fix if arch else "",
+    )
     return OpenClipDense(model, tokenizer, name, mode, precision, device)
 
 
-def build_tiny_clip(
-    weights: str | None,
-    device: torch.device,
-    *,
-    store_options: dict[str, Any] | None = None,
-    mode: Mode = "maskclip",
-    precision: Precision = "auto",
-    quick_gelu: bool | None = None,
-    cache_dir: str | None = None,
-    seed: int = 0,
-) -> OpenClipDense:
-    """Random ViT CLIP (width 64, 2 layers, patch 16, 64 px; text width 32) for tests."""
-    path = None if weights is None else _resolve(weights, "clip_tiny", store_options, cache_dir)
-    with seeded(seed):
-        model = open_clip.CLIP(
-            **TINY_CLIP_CFG, quick_gelu=True if quick_gelu is None else quick_gelu
-        )
-    size = TINY_CLIP_CFG["vision_cfg"]["image_size"]
-    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
-    open_clip.set_model_preprocess_cfg(model, {"size": size, "mean": mean, "std": std})
-    if path is not None:
-        _load_file(model, path, "clip_tiny")
-    return OpenClipDense(
-        model, open_clip.get_tokenizer(TINY_TOKENIZER_ARCH), "clip_tiny", mode, precision, device
-    )
-
-
-CLIP_ARCHS: dict[str, str] = {}  # registry name -> open_clip architecture
-
-
-def _register(name: str, arch: str, description: str) -> None:
-    CLIP_ARCHS[name] = arch
-
-    def builder(weights: str | None, device: torch.device, **kwargs: Any) -> OpenClipDense:
-        return build_open_clip(arch, name, weights, device, **kwargs)
-
-    builder.__qualname__ = f"build_{name}"
-    register_model(name, "clip", builder, description)
-
-
-_register("clip_vit_b16", "ViT-B-16", "open_clip ViT-B-16 (OpenAI: weights='openai'), 224 px")
-_register("clip_vit_l14", "ViT-L-14", "open_clip ViT-L-14 (OpenAI: weights='openai'), 224 px")
-_register(
-    "clip_vit_l14_336",
-    "ViT-L-14-336",
-    "open_clip ViT-L-14-336 (OpenAI: weights='openai'), 336 px; the paper's CLIP",
-)
-register_model(
-    "clip_tiny",
+register_builders(
     "clip",
-    build_tiny_clip,
-    "random tiny open_clip ViT (patch 16, 64 px, D=32) with the real tokenizer",
+    build_open_clip,
+    {
+        "clip_vit_b16": "open_clip ViT-B-16 (OpenAI: weights='openai'), 224 px",
+        "clip_vit_l14": "open_clip ViT-L-14 (OpenAI: weights='openai'), 224 px",
+        "clip_vit_l14_336": (
+            "open_clip ViT-L-14-336 (OpenAI: weights='openai'), 336 px; the paper's CLIP"
+        ),
+        "clip_tiny": "random tiny open_clip ViT (patch 16, 64 px, D=32) with the real tokenizer",
+    },
 )

@@ -24,16 +24,6 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-__all__ = [
-    "MODES",
-    "Mode",
-    "UnsupportedModelError",
-    "check_supported",
-    "dense_last_block",
-    "interpolate_pos_embed",
-    "sclip_attention_weights",
-]
-
 Mode = Literal["maskclip", "sclip"]
 MODES: tuple[str, ...] = ("maskclip", "sclip")
 

@@ -10,7 +10,6 @@ preprocessing's ``input_size``.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import timm
@@ -18,15 +17,9 @@ import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from fmbseg.models.base import Precision, Preprocess, compute_dtype
-from fmbseg.models.registry import register_model
-from fmbseg.models.weights import (
-    load_into,
-    load_state_dict_file,
-    not_found,
-    resolve_weights,
-    seeded,
-)
+from fmbseg.models.base import Precision, Preprocess, autocast, compute_dtype
+from fmbseg.models.registry import register_builders
+from fmbseg.models.weights import build_seeded, load_into, load_state_dict_file, tag_not_found
 
 # Registry name -> (timm architecture, extra timm kwargs).
 DINO_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -73,22 +66,8 @@ class DinoPatchEncoder:
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` normalised, H and W multiples of 14 -> ``(B, N, C) float32``,
         N = (H/14)*(W/14) in row-major patch order."""
-        p = self.preprocess.patch_size
-        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(
-                f"{self.name}.patch_features: expected (B, 3, H, W) float, got "
-                f"{tuple(images.shape)} {images.dtype}"
-            )
-        if images.shape[-2] % p or images.shape[-1] % p:
-            raise ValueError(
-                f"{self.name}.patch_features: image size "
-                f"{images.shape[-2]}x{images.shape[-1]} is not a multiple of "
-                f"the patch size {p}"
-            )
-        ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if self.dtype != torch.float32:
-            ctx = torch.autocast(self.device.type, dtype=self.dtype)
-        with ctx:
+        self.preprocess.grid(images, f"{self.name}.patch_features")
+        with autocast(self.device, self.dtype):
             tokens = self.model.forward_features(images.to(self.device))  # type: ignore[operator]
         return tokens[:, self.num_prefix_tokens :].float()
 
@@ -106,6 +85,7 @@ def build_dino(
 ) -> DinoPatchEncoder:
     """DINOv2 ``name`` at ``img_size`` (default: timm's, 518; tiny: 56)."""
     arch, extra = DINO_ARCHS[name]
+    example = f"{name}_pretrain.pth"
     size = img_size or (TINY_IMG_SIZE if name == "dinov2_tiny" else 518)
     if size % 14:
         raise ValueError(f"{name}: img_size {size} is not a multiple of the patch size 14")
@@ -122,43 +102,35 @@ def build_dino(
         except Exception as exc:  # noqa: BLE001 - offline hub failures come in many types
             hub = timm.models.get_pretrained_cfg(arch)
             hub_id, url = getattr(hub, "hf_hub_id", None), getattr(hub, "url", None)
-            looked = [f"timm hub weights of {arch} (hf hub {hub_id}, url {url})"]
-            raise not_found(
-                f"{name} weights 'hub' (models.dino_weights)",
-                field="dino_weights",
-                example=f"{name}_pretrain.pth",
-                looked=looked,
-                detail=f"{type(exc).__name__}: {str(exc)[:300]}",
-            ) from exc
+            looked = f"timm hub weights of {arch} (hf hub {hub_id}, url {url})"
+            raise tag_not_found(name, "hub", "dino_weights", example, looked, exc) from exc
         return DinoPatchEncoder(model.to(device), name, precision)
-    path = None
-    if weights is not None:
-        path = resolve_weights(
-            weights,
-            field="dino_weights",
-            example=f"{name}_pretrain.pth",
-            cache_dir=cache_dir,
-            storage_options=store_options,
-            extra_fix="or 'hub' for timm's pretrained download",
-        )
-    with seeded(seed):
-        model = timm.create_model(arch, pretrained=False, **kwargs)
-    if path is not None:
-        state = checkpoint_filter_fn(load_state_dict_file(path), model)  # type: ignore[arg-type]
-        load_into(model, state, f"DINOv2 checkpoint {path} for {name}")
+    model = build_seeded(
+        lambda: timm.create_model(arch, pretrained=False, **kwargs),
+        weights,
+        lambda model, path: load_into(
+            model,
+            checkpoint_filter_fn(load_state_dict_file(path), model),  # type: ignore[arg-type]
+            f"DINOv2 checkpoint {path} for {name}",
+        ),
+        seed=seed,
+        field="dino_weights",
+        example=example,
+        cache_dir=cache_dir,
+        storage_options=store_options,
+        extra_fix="or 'hub' for timm's pretrained download",
+    )
     return DinoPatchEncoder(model.to(device), name, precision)
 
 
-def _register(name: str, description: str) -> None:
-    def builder(weights: str | None, device: torch.device, **kwargs: Any) -> DinoPatchEncoder:
-        return build_dino(name, weights, device, **kwargs)
-
-    builder.__qualname__ = f"build_{name}"
-    register_model(name, "dino", builder, description)
-
-
-_register("dinov2_vits14", "timm vit_small_patch14_dinov2 (DINOv2 ViT-S/14)")
-_register("dinov2_vitb14", "timm vit_base_patch14_dinov2 (DINOv2 ViT-B/14)")
-_register("dinov2_vitl14", "timm vit_large_patch14_dinov2 (DINOv2 ViT-L/14); the paper's")
-_register("dinov2_vitg14", "timm vit_giant_patch14_dinov2 (DINOv2 ViT-g/14)")
-_register("dinov2_tiny", "random tiny timm DINOv2 ViT (width 32, depth 2, patch 14, 56 px)")
+register_builders(
+    "dino",
+    build_dino,
+    {
+        "dinov2_vits14": "timm vit_small_patch14_dinov2 (DINOv2 ViT-S/14)",
+        "dinov2_vitb14": "timm vit_base_patch14_dinov2 (DINOv2 ViT-B/14)",
+        "dinov2_vitl14": "timm vit_large_patch14_dinov2 (DINOv2 ViT-L/14); the paper's",
+        "dinov2_vitg14": "timm vit_giant_patch14_dinov2 (DINOv2 ViT-g/14)",
+        "dinov2_tiny": "random tiny timm DINOv2 ViT (width 32, depth 2, patch 14, 56 px)",
+    },
+)

@@ -14,26 +14,19 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from fmbseg.models.weights import (
     WeightsNotFoundError,
     default_cache_dir,
     download_target,
-    is_uri,
+    is_remote,
     local_candidates,
 )
 
 # Seconds one existence check may take (a hub or bucket that answers takes well under one;
 # an unreachable one is given up on, not retried).
 PROBE_TIMEOUT_S = 8.0
-FIELDS = {
-    "clip": "clip_weights",
-    "sam": "sam_weights",
-    "dino": "dino_weights",
-    "sam3": "sam3_weights",
-}
 
 
 def _with_deadline(check: Callable[[], bool], timeout_s: float) -> bool | str:
@@ -107,12 +100,8 @@ def _locate_hf(repo: str, names: Sequence[str], timeout_s: float) -> str | None:
 
 def _locate_file(ref: str, options: Mapping[str, Any], timeout_s: float) -> str | None:
     """None when the path / URI ``ref`` exists (or is in the download cache); else why not."""
-    if ref.startswith("file://") or not is_uri(ref):
-        candidates = (
-            [Path(ref.removeprefix("file://"))]
-            if ref.startswith("file://")
-            else local_candidates(ref, default_cache_dir())
-        )
+    if not is_remote(ref):
+        candidates = local_candidates(ref, default_cache_dir())
         if any(p.is_file() for p in candidates):
             return None
         return f"no such file: {', '.join(str(p.absolute()) for p in candidates)}"
@@ -146,7 +135,7 @@ def locate_weights(
     """
     jobs: dict[str, Callable[[], str | None]] = {}
     for kind in kinds:
-        name, ref = getattr(models, kind), getattr(models, FIELDS[kind])
+        name, ref = getattr(models, kind), getattr(models, f"{kind}_weights")
         if ref is None:
             continue
         hf = _hf_source(kind, name, ref)
@@ -167,7 +156,7 @@ def locate_weights(
     for kind in jobs:
         why = results.get(kind, f"no answer within {timeout_s * 2:g} s")
         if why is not None:
-            field, name = FIELDS[kind], getattr(models, kind)
+            field, name = f"{kind}_weights", getattr(models, kind)
             problems.append(
                 f"models.{field}={getattr(models, field)!r} ({name}) cannot be loaded: {why}; "
                 f"set models.{field} to a local path or a store URI of the checkpoint"

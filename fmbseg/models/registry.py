@@ -96,6 +96,24 @@ def register_model(
     return _register(builder) if builder is not None else _register
 
 
+def register_builders(
+    kind: ModelKind, build: Callable[..., Any], descriptions: Mapping[str, str]
+) -> None:
+    """Register ``build(name, weights, device, **kwargs)`` under each name of ``descriptions``
+    (name -> one-line description) as a ``kind`` builder."""
+    for name, description in descriptions.items():
+        register_model(name, kind, _bound(build, name), description)
+
+
+def _bound(build: Callable[..., Any], name: str) -> Builder:
+    def builder(weights: str | None, device: torch.device, **kwargs: Any) -> Any:
+        return build(name, weights, device, **kwargs)
+
+    builder.__module__ = build.__module__  # a re-import re-registers the same builder
+    builder.__qualname__ = f"build_{name.replace('.', '_').replace('+', 'p')}"
+    return builder
+
+
 def _load_builtins() -> None:
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)

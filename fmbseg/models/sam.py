@@ -29,20 +29,18 @@ from segment_anything.modeling import (
 )
 
 from fmbseg.config import SamAutoConfig
-from fmbseg.models.base import Precision, compute_dtype
-from fmbseg.models.registry import register_model
+from fmbseg.models.base import Precision, check_image, compute_dtype
+from fmbseg.models.registry import register_builders
 from fmbseg.models.sam_amg import BinaryMaskGenerator
-from fmbseg.models.weights import load_into, load_state_dict_file, resolve_weights, seeded
+from fmbseg.models.weights import build_seeded, load_into, load_state_dict_file
 
-# The official checkpoint file names, for error messages.
-CHECKPOINT_NAMES = {
-    "vit_h": "sam_vit_h_4b8939.pth",
-    "vit_l": "sam_vit_l_0b3195.pth",
-    "vit_b": "sam_vit_b_01ec64.pth",
-    "tiny": "sam_tiny.pth",
+# registry name -> (segment-anything variant, official checkpoint file name)
+VARIANTS = {
+    "sam_vit_h": ("vit_h", "sam_vit_h_4b8939.pth"),
+    "sam_vit_l": ("vit_l", "sam_vit_l_0b3195.pth"),
+    "sam_vit_b": ("vit_b", "sam_vit_b_01ec64.pth"),
+    "sam_tiny": ("tiny", "sam_tiny.pth"),
 }
-
-
 GPU_POINTS_PER_BATCH = 256
 CPU_POINTS_PER_BATCH = 64  # segment-anything's own default
 
@@ -59,33 +57,47 @@ def points_per_batch(configured: int | None, device: torch.device) -> int:
     return configured
 
 
-def _check_image(image: np.ndarray, what: str) -> None:
-    if not (
-        isinstance(image, np.ndarray)
-        and image.ndim == 3
-        and image.shape[2] == 3
-        and image.dtype == np.uint8
-    ):
-        desc = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
-        raise ValueError(f"{what}: expected an HxWx3 uint8 RGB array, got {desc}")
-
-
 class PromptedSegmenter:
-    """What SAM and SAM 2.1 share: the point prompts' contract and checks. A subclass sets
-    ``name`` and ``_image_hw`` (in ``set_image``) and decodes checked prompts in
-    :meth:`_decode`."""
+    """What SAM and SAM 2.1 share: checks, the point prompts' contract and the automatic
+    masks' area filter. A subclass embeds in :meth:`_embed`, decodes checked prompts in
+    :meth:`_decode` and generates in :meth:`_generate`."""
 
     name: str
     device: torch.device
     image_size: int
     dtype: torch.dtype
+    auto_config: SamAutoConfig
     _image_hw: tuple[int, int] | None = None
+
+    def _setup(
+        self,
+        model: Any,
+        encoder: torch.nn.Module,
+        name: str,
+        auto_config: SamAutoConfig | None,
+        precision: Precision,
+    ) -> Any:
+        """Common attributes; the image ``encoder`` runs under the precision's autocast.
+        Returns ``model`` frozen in eval mode."""
+        self.dtype = compute_dtype(precision, model.device, name)  # fails fast
+        self.name = name
+        self.device = model.device
+        self.auto_config = auto_config or SamAutoConfig()
+        _set_encoder_dtype(encoder, self.dtype)
+        return model.eval().requires_grad_(False)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.name!r}, device={self.device}, "
             f"input={self.image_size}, encoder dtype={self.dtype})"
         )
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Embed ``HxWx3 uint8 RGB``; :meth:`predict` then refers to this image."""
+        check_image(image, f"{self.name}.set_image")
+        self._image_hw = None
+        self._embed(image)
+        self._image_hw = (int(image.shape[0]), int(image.shape[1]))
 
     def predict(
         self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
@@ -110,9 +122,8 @@ class PromptedSegmenter:
         self, points: np.ndarray, labels: np.ndarray, multimask: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """``B`` prompts in one pass of the prompt encoder and mask decoder: points
-        ``(B, P, 2)`` float ``(x, y)`` in original pixels, labels ``(B, P)`` -> masks
-        ``(B, M, H, W) bool`` and predicted IoU ``(B, M) float32``, prompt ``b`` as
-        :meth:`predict` of ``points[b]`` (up to float rounding in the batched matmuls)."""
+        ``(B, P, 2)``, labels ``(B, P)`` -> masks ``(B, M, H, W) bool``, IoU ``(B, M) float32``;
+        prompt ``b`` as :meth:`predict` of ``points[b]`` (up to float rounding)."""
         if self._image_hw is None:
             raise RuntimeError(f"{self.name}.predict_batch: call set_image(image) first")
         pts = np.asarray(points, dtype=np.float32)
@@ -128,10 +139,34 @@ class PromptedSegmenter:
             )
         return self._decode(pts, lab, multimask, self._image_hw)
 
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """Automatic masks of ``HxWx3 uint8 RGB`` in segment-anything's record format
+        (``segmentation`` HxW bool, ``area``, ``bbox`` XYWH, ``predicted_iou``,
+        ``stability_score``, ``point_coords``, ``crop_box``), filtered by the configured
+        IoU / stability / NMS / small-region settings and by ``max_area_fraction``.
+
+        Given the very array last passed to :meth:`set_image` (unchanged since), the image
+        is not embedded again (one image-encoder pass serves prompts and automatic masks).
+        Afterwards no image is set."""
+        check_image(image, f"{self.name}.generate")
+        try:
+            records = self._generate(image)
+        finally:
+            self._image_hw = None
+        limit = self.auto_config.max_area_fraction * image.shape[0] * image.shape[1]
+        return [r for r in records if r["area"] <= limit]
+
+    def _embed(self, image: np.ndarray) -> None:
+        raise NotImplementedError
+
     def _decode(
         self, pts: np.ndarray, lab: np.ndarray, multimask: bool, image_hw: tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Checked prompts ``(B, P, 2)`` / ``(B, P)`` of the set image -> masks, IoU."""
+        raise NotImplementedError
+
+    def _generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """The library generator's records; leaves the predictor reset."""
         raise NotImplementedError
 
 
@@ -139,7 +174,7 @@ class SamSegmenter(PromptedSegmenter):
     """Point-prompted and automatic SAM masks for one image at a time.
 
     Args:
-        sam: a segment-anything ``Sam`` (already on its device, eval mode).
+        sam: a segment-anything ``Sam`` (on its device).
         name: registry name, for messages.
         auto_config: thresholds for :meth:`generate` (``SamAutoConfig()`` if None).
         precision: of the image encoder: ``"auto"`` = bf16 autocast on CUDA (as SAM 2 runs
@@ -155,13 +190,8 @@ class SamSegmenter(PromptedSegmenter):
         auto_config: SamAutoConfig | None = None,
         precision: Precision = "auto",
     ) -> None:
-        self.dtype = compute_dtype(precision, sam.device, name)
-        self.sam = sam.eval().requires_grad_(False)
-        self.name = name
-        self.device = sam.device
-        _set_encoder_dtype(sam.image_encoder, self.dtype)
+        self.sam = self._setup(sam, sam.image_encoder, name, auto_config, precision)
         self.image_size = int(sam.image_encoder.img_size)  # SAM's input long side
-        self.auto_config = auto_config or SamAutoConfig()
         self.predictor = SamPredictor(sam)
         cfg = self.auto_config
         self._generator = BinaryMaskGenerator(
@@ -177,14 +207,10 @@ class SamSegmenter(PromptedSegmenter):
         )
         # one predictor: generate() reuses set_image's embedding of the same image array
         self._generator.predictor = self.predictor
-        self._image_hw: tuple[int, int] | None = None
 
-    def set_image(self, image: np.ndarray) -> None:
-        """Embed ``HxWx3 uint8 RGB``; :meth:`predict` then refers to this image."""
-        _check_image(image, f"{self.name}.set_image")
+    def _embed(self, image: np.ndarray) -> None:
         self._generator.embedded = None
         self.predictor.set_image(image, image_format="RGB")
-        self._image_hw = (int(image.shape[0]), int(image.shape[1]))
         self._generator.embedded = image
 
     def _decode(
@@ -199,22 +225,11 @@ class SamSegmenter(PromptedSegmenter):
             )
         return masks.cpu().numpy(), scores.float().cpu().numpy()
 
-    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
-        """Automatic masks of ``HxWx3 uint8 RGB`` in segment-anything's record format
-        (``segmentation`` HxW bool, ``area``, ``bbox`` XYWH, ``predicted_iou``,
-        ``stability_score``, ``point_coords``, ``crop_box``), filtered by the configured
-        IoU / stability / NMS / small-region settings and by ``max_area_fraction``.
-
-        Given the very array last passed to :meth:`set_image` (unchanged since), the image
-        is not embedded again (one SAM image-encoder pass serves prompts and automatic
-        masks). Afterwards no image is set."""
-        _check_image(image, f"{self.name}.generate")
+    def _generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         try:
-            records = self._generator.generate(image)
+            return self._generator.generate(image)
         finally:  # the generator resets the predictor
-            self._generator.embedded, self._image_hw = None, None
-        limit = self.auto_config.max_area_fraction * image.shape[0] * image.shape[1]
-        return [r for r in records if r["area"] <= limit]
+            self._generator.embedded = None
 
 
 def _set_encoder_dtype(encoder: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -254,15 +269,21 @@ TINY_LOGIT_GAIN = 100.0
 TINY_IOU_BIAS = 0.5
 
 
-def build_tiny_sam_model(img_size: int = 128) -> Sam:
-    """A random ``Sam`` of the real classes with tiny dims (width 32, depth 2, 2 heads).
+def sharpen_mask_heads(decoder: torch.nn.Module) -> None:
+    """Scale a random mask decoder's last hypernetwork layers by ``TINY_LOGIT_GAIN``, so mask
+    logits are large like a trained model's: with default init they stay within SAM's
+    stability offset (1.0), every stability score would be 0 and that filter untestable."""
+    with torch.no_grad():
+        for mlp in decoder.output_hypernetworks_mlps:  # type: ignore[union-attr]
+            mlp.layers[-1].weight.mul_(TINY_LOGIT_GAIN)
+            mlp.layers[-1].bias.mul_(TINY_LOGIT_GAIN)
 
-    The mask heads' last layers are scaled by ``TINY_LOGIT_GAIN`` so that mask logits are
-    large like a trained SAM's; with default init they stay within SAM's stability offset
-    (1.0) and every stability score would be 0, leaving that filter untestable. Likewise the
-    IoU head is centred on ``TINY_IOU_BIAS`` so predicted IoUs spread around a plausible
-    value instead of around 0 (where SAM's ``pred_iou_thresh > 0`` would drop them all).
-    """
+
+def build_tiny_sam_model(img_size: int = 128) -> Sam:
+    """A random ``Sam`` of the real classes with tiny dims (width 32, depth 2, 2 heads),
+    mask heads sharpened (:func:`sharpen_mask_heads`) and the IoU head centred on
+    ``TINY_IOU_BIAS``, so predicted IoUs spread around a plausible value instead of around 0
+    (where SAM's ``pred_iou_thresh > 0`` would drop them all)."""
     prompt_dim, patch = 32, 16
     grid = img_size // patch
     sam = Sam(
@@ -298,16 +319,13 @@ def build_tiny_sam_model(img_size: int = 128) -> Sam:
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
+    sharpen_mask_heads(sam.mask_decoder)
     with torch.no_grad():
-        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(TINY_LOGIT_GAIN)
-            mlp.layers[-1].bias.mul_(TINY_LOGIT_GAIN)
         sam.mask_decoder.iou_prediction_head.layers[-1].bias.add_(TINY_IOU_BIAS)
     return sam
 
 
 def build_sam(
-    variant: str,
     name: str,
     weights: str | None,
     device: torch.device,
@@ -318,34 +336,31 @@ def build_sam(
     cache_dir: str | None = None,
     seed: int = 0,
 ) -> SamSegmenter:
-    """SAM ``variant`` (``vit_h``/``vit_l``/``vit_b``/``tiny``) with weights from a local
-    path or URI (``None`` = deterministic random init). ``precision``: of the image encoder
-    (``auto`` = bf16 autocast on CUDA, float32 on a CPU; see :class:`SamSegmenter`)."""
-    path = None
-    if weights is not None:  # resolve first: a missing file fails before a 2.5 GB init
-        path = resolve_weights(
-            weights,
-            field="sam_weights",
-            example=CHECKPOINT_NAMES[variant],
-            cache_dir=cache_dir,
-            storage_options=store_options,
-        )
-    with seeded(seed):
-        sam = build_tiny_sam_model() if variant == "tiny" else sam_model_registry[variant]()
-    if path is not None:
-        load_into(sam, load_state_dict_file(path), f"SAM checkpoint {path} for {name}")
+    """SAM ``name`` (:data:`VARIANTS`) with weights from a local path or URI (``None`` =
+    deterministic random init); ``precision`` as :class:`SamSegmenter`'s."""
+    variant, example = VARIANTS[name]
+    sam = build_seeded(
+        build_tiny_sam_model if variant == "tiny" else sam_model_registry[variant],
+        weights,
+        lambda sam, path: load_into(
+            sam, load_state_dict_file(path), f"SAM checkpoint {path} for {name}"
+        ),
+        seed=seed,
+        field="sam_weights",
+        example=example,
+        cache_dir=cache_dir,
+        storage_options=store_options,
+    )
     return SamSegmenter(sam.to(device), name, auto_config, precision)
 
 
-def _register(name: str, variant: str, description: str) -> None:
-    def builder(weights: str | None, device: torch.device, **kwargs: Any) -> SamSegmenter:
-        return build_sam(variant, name, weights, device, **kwargs)
-
-    builder.__qualname__ = f"build_{name}"
-    register_model(name, "sam", builder, description)
-
-
-_register("sam_vit_h", "vit_h", "segment-anything ViT-H (sam_vit_h_4b8939.pth); the paper's SAM")
-_register("sam_vit_l", "vit_l", "segment-anything ViT-L (sam_vit_l_0b3195.pth)")
-_register("sam_vit_b", "vit_b", "segment-anything ViT-B (sam_vit_b_01ec64.pth)")
-_register("sam_tiny", "tiny", "random tiny SAM (128 px input, width 32) for tests")
+register_builders(
+    "sam",
+    build_sam,
+    {
+        "sam_vit_h": "segment-anything ViT-H (sam_vit_h_4b8939.pth); the paper's SAM",
+        "sam_vit_l": "segment-anything ViT-L (sam_vit_l_0b3195.pth)",
+        "sam_vit_b": "segment-anything ViT-B (sam_vit_b_01ec64.pth)",
+        "sam_tiny": "random tiny SAM (128 px input, width 32) for tests",
+    },
+)

@@ -6,17 +6,13 @@ interface, so ``models.sam: sam2.1_hiera_l`` runs both SAM stages unchanged.
 without importing it, and a builder says how to install it when it is missing.
 
 Models are built by ``sam2.build_sam.build_sam2`` from the package's own hydra configs
-(``configs/sam2.1/sam2.1_hiera_{t,s,b+,l}.yaml``) without a checkpoint, under
-:func:`~fmbseg.models.weights.seeded`; a checkpoint is then resolved and loaded here with the
-same rules as SAM (local path or store URI, ``torch.load(weights_only=True)``, its
-``"model"`` entry, strict keys). ``sam2.1_tiny`` is the Hiera-T config with hydra overrides
-that shrink it (128 px input, a 5-block Hiera of width 8, width-32 prompt encoder and mask
-decoder): a random model of the real classes, fast enough for CPU tests.
+without a checkpoint; a checkpoint (its ``"model"`` entry) is then loaded with the same
+rules as SAM's. ``sam2.1_tiny`` is the Hiera-T config shrunk by hydra overrides
+(:data:`TINY_OVERRIDES`): a random model of the real classes, fast enough for CPU tests.
 
-Prompt masks come from ``SAM2ImagePredictor`` (one ``set_image``, then all prompts in one
-decoder pass), automatic masks from ``SAM2AutomaticMaskGenerator`` with the ``sam_auto``
-thresholds. Coordinates: as in :mod:`fmbseg.models.sam`, our points have the origin at the
-top-left pixel's corner and SAM 2's prompt encoder adds 0.5 itself, so 0.5 is subtracted.
+Prompt masks come from ``SAM2ImagePredictor``, automatic masks from
+``SAM2AutomaticMaskGenerator`` with the ``sam_auto`` thresholds. Coordinates as in
+:mod:`fmbseg.models.sam`: SAM 2's prompt encoder adds 0.5 itself, so 0.5 is subtracted.
 """
 
 from __future__ import annotations
@@ -31,15 +27,10 @@ import numpy as np
 import torch
 
 from fmbseg.config import SamAutoConfig
-from fmbseg.models.base import Precision, compute_dtype
-from fmbseg.models.registry import MissingExtraError, register_model
-from fmbseg.models.sam import (
-    PromptedSegmenter,
-    _check_image,
-    _set_encoder_dtype,
-    points_per_batch,
-)
-from fmbseg.models.weights import load_into, load_state_dict_file, resolve_weights, seeded
+from fmbseg.models.base import Precision
+from fmbseg.models.registry import MissingExtraError, register_builders
+from fmbseg.models.sam import PromptedSegmenter, points_per_batch, sharpen_mask_heads
+from fmbseg.models.weights import build_seeded, load_into, load_state_dict_file
 
 INSTALL_HINT = (
     "SAM 2.1 models need the sam2 package: install it with "
@@ -85,9 +76,6 @@ TINY_OVERRIDES = (
     f"++model.memory_encoder.mask_downsampler.embed_dim={TINY_DIM}",
     f"++model.memory_encoder.fuser.layer.dim={TINY_DIM}",
 )
-# as sam_tiny (fmbseg.models.sam): random mask heads give logits near 0, where every
-# stability score is 0; scaled up they are large like a trained model's
-TINY_LOGIT_GAIN = 100.0
 
 
 def _sam2() -> Any:
@@ -99,12 +87,6 @@ def _sam2() -> Any:
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     return build_sam2, SAM2ImagePredictor, SAM2AutomaticMaskGenerator
-
-
-def _has_connected_components() -> bool:
-    """Whether sam2's CUDA extension (``sam2._C``, skipped by ``SAM2_BUILD_CUDA=0``) is built;
-    without it SAM 2's low-res hole / sprinkle filling warns and does nothing."""
-    return importlib.util.find_spec("sam2._C") is not None
 
 
 def _same_pixels(a: np.ndarray, b: np.ndarray | None) -> bool:
@@ -185,18 +167,16 @@ class Sam2Segmenter(PromptedSegmenter):
         precision: Precision = "auto",
     ) -> None:
         _, _, SAM2AutomaticMaskGenerator = _sam2()
-        self.model = model.eval().requires_grad_(False)
-        self.name = name
-        self.device = model.device
-        self.dtype = compute_dtype(precision, self.device, name)
-        _set_encoder_dtype(model.image_encoder, self.dtype)
+        self.model = self._setup(model, model.image_encoder, name, auto_config, precision)
         self.image_size = int(model.image_size)
-        self.auto_config = cfg = auto_config or SamAutoConfig()
         self.predictor = _predictor(model)
+        cfg = self.auto_config
         # SAM 2 spends min_mask_region_area on filling holes and removing sprinkles in its
-        # low-res masks (its CUDA extension; a no-op without it); our stage's filter still
-        # drops masks smaller than it afterwards
-        fill = cfg.min_mask_region_area if _has_connected_components() else 0
+        # low-res masks with its CUDA extension (sam2._C, skipped by SAM2_BUILD_CUDA=0;
+        # without it this warns and does nothing); our stage's filter still drops masks
+        # smaller than it afterwards
+        has_extension = importlib.util.find_spec("sam2._C") is not None
+        fill = cfg.min_mask_region_area if has_extension else 0
         with _no_jit_warning():
             self._generator = SAM2AutomaticMaskGenerator(
                 model,
@@ -212,15 +192,10 @@ class Sam2Segmenter(PromptedSegmenter):
         self._generator.predictor = _predictor(
             model, self.predictor, max_hole_area=fill, max_sprinkle_area=fill
         )
-        self._image_hw: tuple[int, int] | None = None
 
-    def set_image(self, image: np.ndarray) -> None:
-        """Embed ``HxWx3 uint8 RGB``; :meth:`predict` then refers to this image."""
-        _check_image(image, f"{self.name}.set_image")
-        self._image_hw = None
+    def _embed(self, image: np.ndarray) -> None:
         with torch.inference_mode():
             self.predictor.set_image(image)
-        self._image_hw = (int(image.shape[0]), int(image.shape[1]))
 
     def _decode(
         self, pts: np.ndarray, lab: np.ndarray, multimask: bool, image_hw: tuple[int, int]
@@ -239,23 +214,12 @@ class Sam2Segmenter(PromptedSegmenter):
             )
         return masks.cpu().numpy(), scores.float().cpu().numpy()
 
-    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
-        """Automatic masks of ``HxWx3 uint8 RGB`` from ``SAM2AutomaticMaskGenerator``, in its
-        record format (``segmentation`` HxW bool, ``area``, ``bbox`` XYWH,
-        ``predicted_iou``, ``stability_score``, ``point_coords``, ``crop_box``), filtered by
-        the configured IoU / stability / NMS settings and by ``max_area_fraction``.
-
-        Given the very array last passed to :meth:`set_image` (unchanged since), the image is not embedded
-        again. Afterwards no image is set."""
-        _check_image(image, f"{self.name}.generate")
+    def _generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         try:
             with torch.inference_mode():
-                records = self._generator.generate(image)
+                return self._generator.generate(image)  # type: ignore[no-any-return]
         finally:
             self.predictor.reset_predictor()
-            self._image_hw = None
-        limit = self.auto_config.max_area_fraction * image.shape[0] * image.shape[1]
-        return [r for r in records if r["area"] <= limit]
 
 
 # ---- builders ---------------------------------------------------------------------------------
@@ -270,10 +234,7 @@ def build_sam2_model(name: str) -> Any:
         config, None, device="cpu", hydra_overrides_extra=list(TINY_OVERRIDES if tiny else ())
     )
     if tiny:
-        with torch.no_grad():
-            for mlp in model.sam_mask_decoder.output_hypernetworks_mlps:
-                mlp.layers[-1].weight.mul_(TINY_LOGIT_GAIN)
-                mlp.layers[-1].bias.mul_(TINY_LOGIT_GAIN)
+        sharpen_mask_heads(model.sam_mask_decoder)
     return model
 
 
@@ -292,32 +253,29 @@ def build_sam21(
     random init): the official checkpoints (``sam2.1_hiera_large.pt``, ...) hold the state
     dict under ``"model"``."""
     _sam2()  # an install hint before anything else
-    path = None
-    if weights is not None:  # resolve first: a missing file fails before the model's init
-        path = resolve_weights(
-            weights,
-            field="sam_weights",
-            example=VARIANTS[name][1],
-            cache_dir=cache_dir,
-            storage_options=store_options,
-        )
-    with seeded(seed):
-        model = build_sam2_model(name)
-    if path is not None:
-        load_into(model, load_state_dict_file(path), f"SAM 2.1 checkpoint {path} for {name}")
+    model = build_seeded(
+        lambda: build_sam2_model(name),
+        weights,
+        lambda model, path: load_into(
+            model, load_state_dict_file(path), f"SAM 2.1 checkpoint {path} for {name}"
+        ),
+        seed=seed,
+        field="sam_weights",
+        example=VARIANTS[name][1],
+        cache_dir=cache_dir,
+        storage_options=store_options,
+    )
     return Sam2Segmenter(model.to(device), name, auto_config, precision)
 
 
-def _register(name: str, description: str) -> None:
-    def builder(weights: str | None, device: torch.device, **kwargs: Any) -> Sam2Segmenter:
-        return build_sam21(name, weights, device, **kwargs)
-
-    builder.__qualname__ = f"build_{name.replace('.', '_').replace('+', 'p')}"
-    register_model(name, "sam", builder, description)
-
-
-_register("sam2.1_hiera_t", "SAM 2.1 Hiera-T (sam2.1_hiera_tiny.pt)")
-_register("sam2.1_hiera_s", "SAM 2.1 Hiera-S (sam2.1_hiera_small.pt)")
-_register("sam2.1_hiera_b+", "SAM 2.1 Hiera-B+ (sam2.1_hiera_base_plus.pt)")
-_register("sam2.1_hiera_l", "SAM 2.1 Hiera-L (sam2.1_hiera_large.pt)")
-_register("sam2.1_tiny", "random tiny SAM 2.1 (128 px input, Hiera width 8) for tests")
+register_builders(
+    "sam",
+    build_sam21,
+    {
+        "sam2.1_hiera_t": "SAM 2.1 Hiera-T (sam2.1_hiera_tiny.pt)",
+        "sam2.1_hiera_s": "SAM 2.1 Hiera-S (sam2.1_hiera_small.pt)",
+        "sam2.1_hiera_b+": "SAM 2.1 Hiera-B+ (sam2.1_hiera_base_plus.pt)",
+        "sam2.1_hiera_l": "SAM 2.1 Hiera-L (sam2.1_hiera_large.pt)",
+        "sam2.1_tiny": "random tiny SAM 2.1 (128 px input, Hiera width 8) for tests",
+    },
+)

@@ -10,23 +10,16 @@ The model is composed here from ``sam3``'s own classes with the hyper-parameters
 ``sam3.model_builder.build_sam3_image_model`` (:data:`SAM3`), because that builder cannot
 run without CUDA (it precomputes a positional-encoding and box-bias cache on ``"cuda"``
 for ``torch.compile``; both are filled lazily on the model's device here) and has no
-smaller configuration. ``sam3_tiny`` is the same composition with tiny dims
-(:data:`TINY`: 112 px input, a 2-block ViT of width 32, width-32 transformer): a random
-model of the real classes, fast enough for CPU tests. The video tracker and the SAM-1-style
-point head (``enable_inst_interactivity``) are not built.
+smaller configuration; ``sam3_tiny`` (:data:`TINY`) is the same composition with tiny dims.
+The video tracker and the SAM-1-style point head (``enable_inst_interactivity``) are not
+built.
 
 Weights: ``"hub"`` = ``facebook/sam3``'s ``sam3.pt`` from the Hugging Face hub (gated: the
-account must have accepted the licence, as ``sam3`` itself downloads it), a local path or a
-store URI (same rules as SAM). The checkpoint holds detector and tracker weights under
-``detector.`` / ``tracker.``; the detector's are loaded strictly, ``torch.load(...,
-weights_only=True)``. The text tokenizer's BPE vocabulary is open_clip's copy of OpenAI
-CLIP's (the ``sam3`` wheel does not ship the file its builder points at).
-
-Per image: :meth:`Sam3ConceptSegmenter.set_image` runs the ViT once; then
-:meth:`~Sam3ConceptSegmenter.segment_concepts` encodes the names and runs the grounding
-encoder/decoder and mask head for several names in one batch against that one embedding.
-Scores are ``sam3``'s own (``Sam3Processor``): an instance's probability times the
-concept's presence probability.
+account must have accepted the licence), a local path or a store URI (same rules as SAM);
+the checkpoint's detector part is loaded. The text tokenizer's BPE vocabulary is
+open_clip's copy of OpenAI CLIP's (the ``sam3`` wheel does not ship the file its builder
+points at). Scores are ``sam3``'s own (``Sam3Processor``): an instance's probability times
+the concept's presence probability.
 """
 
 from __future__ import annotations
@@ -36,21 +29,20 @@ import importlib.util
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fmbseg.models.base import ConceptMasks, Precision, compute_dtype
-from fmbseg.models.registry import MissingExtraError, register_model
-from fmbseg.models.sam import _check_image
+from fmbseg.models.base import ConceptMasks, Precision, autocast, check_image, compute_dtype
+from fmbseg.models.registry import MissingExtraError, register_builders
 from fmbseg.models.weights import (
     CheckpointMismatchError,
+    build_seeded,
     load_into,
     load_state_dict_file,
-    not_found,
-    resolve_weights,
-    seeded,
+    tag_not_found,
 )
 
 INSTALL_HINT = (
@@ -112,16 +104,6 @@ TINY = Sam3Dims(
 VARIANTS = {"sam3": SAM3, "sam3_tiny": TINY}
 
 
-@contextlib.contextmanager
-def _quiet_import() -> Iterator[None]:
-    """``sam3``'s video modules warn at import on a machine without CUDA (autocast
-    decorators) and ``torch.jit.script`` is deprecated; neither concerns images."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-        yield
-
-
 def require_package(model: str | None = None) -> None:
     """Raise :class:`MissingExtraError` (with the install hint) unless ``sam3`` is installed;
     with ``model``, only when that model is built with it (one of :data:`VARIANTS`). A flow
@@ -135,7 +117,10 @@ def require_package(model: str | None = None) -> None:
 def _sam3() -> Any:
     """The ``sam3`` modules the adapter uses, or an install hint."""
     require_package()
-    with _quiet_import():
+    with warnings.catch_warnings():  # at import, neither concerns images:
+        # sam3's video modules' autocast decorators without CUDA, and torch.jit.script
+        warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
         import sam3.model_builder as builder
         from sam3.model.data_misc import FindStage
         from sam3.model.sam3_image_processor import Sam3Processor
@@ -155,7 +140,7 @@ def compose_sam3_image_model(dims: Sam3Dims) -> Any:
     b, _, _ = _sam3()
     d, heads = dims.d_model, dims.heads
 
-    def attention(batch_first: bool, dropout: float = 0.1) -> Any:
+    def attention(batch_first: bool = False, dropout: float = 0.1) -> Any:
         return b.MultiheadAttention(
             num_heads=heads, dropout=dropout, embed_dim=d, batch_first=batch_first
         )
@@ -163,9 +148,20 @@ def compose_sam3_image_model(dims: Sam3Dims) -> Any:
     def position_encoding() -> Any:
         return b.PositionEmbeddingSine(num_pos_feats=d, normalize=True, temperature=10000)
 
-    def cx_block() -> Any:
-        return b.CXBlock(
-            dim=d, kernel_size=7, padding=3, layer_scale_init_value=1.0e-06, use_dwconv=True
+    def encoder_layer(batch_first: bool) -> Any:
+        """The fusion encoder's layer (batch first, positions at the self-attention) or the
+        geometry encoder's (sequence first, positions at the cross-attention keys)."""
+        return b.TransformerEncoderLayer(
+            activation="relu",
+            d_model=d,
+            dim_feedforward=dims.ffn_dim,
+            dropout=0.1,
+            pos_enc_at_attn=batch_first,
+            pos_enc_at_cross_attn_keys=not batch_first,
+            pos_enc_at_cross_attn_queries=False,
+            pre_norm=True,
+            self_attention=attention(batch_first),
+            cross_attention=attention(batch_first),
         )
 
     vit = b.ViT(
@@ -209,18 +205,7 @@ def compose_sam3_image_model(dims: Sam3Dims) -> Any:
     )
     backbone = b.SAM3VLBackbone(visual=neck, text=text, scalp=1)
     encoder = b.TransformerEncoderFusion(
-        layer=b.TransformerEncoderLayer(
-            activation="relu",
-            d_model=d,
-            dim_feedforward=dims.ffn_dim,
-            dropout=0.1,
-            pos_enc_at_attn=True,
-            pos_enc_at_cross_attn_keys=False,
-            pos_enc_at_cross_attn_queries=False,
-            pre_norm=True,
-            self_attention=attention(batch_first=True),
-            cross_attention=attention(batch_first=True),
-        ),
+        layer=encoder_layer(batch_first=True),
         num_layers=dims.encoder_layers,
         d_model=d,
         num_feature_levels=1,
@@ -235,7 +220,7 @@ def compose_sam3_image_model(dims: Sam3Dims) -> Any:
             d_model=d,
             dim_feedforward=dims.ffn_dim,
             dropout=0.1,
-            cross_attention=b.MultiheadAttention(num_heads=heads, dropout=0.1, embed_dim=d),
+            cross_attention=attention(),
             n_heads=heads,
             use_text_cross_attention=True,
         ),
@@ -275,7 +260,7 @@ def compose_sam3_image_model(dims: Sam3Dims) -> Any:
         presence_head=False,
         dot_product_scorer=None,
         act_ckpt=True,
-        cross_attend_prompt=b.MultiheadAttention(num_heads=heads, dropout=0, embed_dim=d),
+        cross_attend_prompt=attention(dropout=0),
         pixel_decoder=b.PixelDecoder(
             num_upsampling_stages=3, interpolation_mode="nearest", hidden_dim=d
         ),
@@ -291,18 +276,7 @@ def compose_sam3_image_model(dims: Sam3Dims) -> Any:
         boxes_pos_enc=True,
         d_model=d,
         num_layers=dims.geometry_layers,
-        layer=b.TransformerEncoderLayer(
-            activation="relu",
-            d_model=d,
-            dim_feedforward=dims.ffn_dim,
-            dropout=0.1,
-            pos_enc_at_attn=False,
-            pre_norm=True,
-            self_attention=attention(batch_first=False),
-            pos_enc_at_cross_attn_queries=False,
-            pos_enc_at_cross_attn_keys=True,
-            cross_attention=attention(batch_first=False),
-        ),
+        layer=encoder_layer(batch_first=False),
         use_act_ckpt=True,
         add_cls=True,
         add_post_encode_proj=True,
@@ -327,19 +301,6 @@ def compose_sam3_image_model(dims: Sam3Dims) -> Any:
         torch.nn.init.normal_(text_model.positional_embedding, std=0.01)
         torch.nn.init.normal_(text_model.text_projection, std=text_model.width**-0.5)
     return model.eval()
-
-
-def detector_state_dict(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
-    """The image model's tensors of a ``sam3.pt`` checkpoint: its ``detector.*`` entries
-    without the prefix (the ``tracker.*`` ones serve video). A file without any is an error."""
-    out = {k[len(DETECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(DETECTOR_PREFIX)}
-    if not out:
-        shown = ", ".join(sorted(state)[:5])
-        raise CheckpointMismatchError(
-            f"SAM 3 checkpoint {path} holds no '{DETECTOR_PREFIX}*' tensors (first keys: "
-            f"{shown}); expected facebook/sam3's sam3.pt"
-        )
-    return out
 
 
 @contextlib.contextmanager
@@ -408,33 +369,23 @@ class Sam3ConceptSegmenter:
             f"input={self.image_size}, dtype={self.dtype})"
         )
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     def set_image(self, image: np.ndarray) -> None:
         """Embed ``HxWx3 uint8 RGB`` (resized to the model's square input, as ``sam3``
         does); :meth:`segment_concepts` then refers to this image."""
-        _check_image(image, f"{self.name}.set_image")
+        check_image(image, f"{self.name}.set_image")
         self._state, self._image_hw = None, None
         # (3, H, W): sam3's processor reads a numpy array's size from its last two axes
         pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.device, self.dtype):
             self._state = self.processor.set_image(pixels)
         self._image_hw = (int(image.shape[0]), int(image.shape[1]))
 
     def segment_concepts(
         self, names: Sequence[str], *, min_score: float = 0.0, max_masks: int | None = None
     ) -> list[ConceptMasks]:
-        """The instances of each of ``names`` in the set image, one :class:`ConceptMasks`
-        per name in order: presence probability, masks ``(M, H, W) bool`` at the original
-        size and scores ``(M,) float32`` in descending order.
-
-        Only instances whose score is at least ``min_score`` are kept (at most
-        ``max_masks`` of them), before their masks are upsampled: the decoder proposes
-        ``num_queries`` per name, mostly near 0.
-        """
+        """One :class:`ConceptMasks` per name, as the protocol says (``fmbseg.models.base``).
+        Instances are dropped before their masks are upsampled: the decoder proposes
+        ``num_queries`` per name, mostly near 0."""
         if self._state is None or self._image_hw is None:
             raise RuntimeError(f"{self.name}.segment_concepts: call set_image(image) first")
         names = list(names)
@@ -454,7 +405,7 @@ class Sam3ConceptSegmenter:
         set_text_prompt`` for several prompts at once)."""
         assert self._state is not None and self._image_hw is not None
         model, k, dev = self.model, len(names), self.device
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.device, self.dtype):
             backbone_out = {
                 **self._state["backbone_out"],
                 **model.backbone.forward_text(names, device=dev),
@@ -519,25 +470,29 @@ def _hub_checkpoint(name: str) -> str:
     try:
         return str(hf_hub_download(repo_id=HF_REPO, filename=HF_FILE))
     except Exception as exc:  # noqa: BLE001 - offline / gated / missing: all "not found"
-        raise not_found(
-            f"{name} weights 'hub' (models.sam3_weights)",
-            field="sam3_weights",
-            example=HF_FILE,
-            looked=[f"Hugging Face hub {HF_REPO}/{HF_FILE} (gated: accept its licence first)"],
-            detail=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-        ) from exc
+        looked = f"Hugging Face hub {HF_REPO}/{HF_FILE} (gated: accept its licence first)"
+        raise tag_not_found(name, "hub", "sam3_weights", HF_FILE, looked, exc) from exc
 
 
-def load_sam3_checkpoint(model: Any, path: str, name: str) -> None:
-    """Load the detector part of a ``sam3.pt`` into ``model``: every parameter must be there
-    and nothing else; a buffer the file lacks keeps the value ``model`` computed at init
-    (ViT RoPE frequencies, functions of the config alone)."""
-    state = detector_state_dict(load_state_dict_file(path), path)
+def load_sam3_checkpoint(model: Any, path: Path, name: str) -> None:
+    """Load the detector part of a ``sam3.pt`` (its ``detector.*`` tensors; the
+    ``tracker.*`` ones serve video) into ``model``: every parameter must be there and
+    nothing else; a buffer the file lacks keeps the value ``model`` computed at init (ViT
+    RoPE frequencies, functions of the config alone)."""
+    state = load_state_dict_file(path)
+    detector = {
+        k[len(DETECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(DETECTOR_PREFIX)
+    }
+    if not detector:
+        raise CheckpointMismatchError(
+            f"SAM 3 checkpoint {path} holds no '{DETECTOR_PREFIX}*' tensors (first keys: "
+            f"{', '.join(sorted(state)[:5])}); expected facebook/sam3's sam3.pt"
+        )
     parameters = dict(model.named_parameters())
     for key, buf in model.state_dict().items():
-        if key not in state and key not in parameters:
-            state[key] = buf
-    load_into(model, state, f"SAM 3 checkpoint {path} for {name}")
+        if key not in detector and key not in parameters:
+            detector[key] = buf
+    load_into(model, detector, f"SAM 3 checkpoint {path} for {name}")
 
 
 def build_sam3(
@@ -555,36 +510,27 @@ def build_sam3(
     ``sam3.pt``), a local path or a store URI; ``None`` = deterministic random init."""
     _sam3()  # an install hint before anything else
     dims = VARIANTS[name]
-    path = None
-    if weights == "hub":  # resolve first: a missing file fails before an 850M-parameter init
-        path = _hub_checkpoint(name)
-    elif weights is not None:
-        path = str(
-            resolve_weights(
-                weights,
-                field="sam3_weights",
-                example=HF_FILE,
-                cache_dir=cache_dir,
-                storage_options=store_options,
-                extra_fix=f"or 'hub' for {HF_REPO}'s {HF_FILE} from the Hugging Face hub",
-            )
-        )
-    with seeded(seed):
-        model = compose_sam3_image_model(dims)
-    if path is not None:
-        load_sam3_checkpoint(model, path, name)
+    model = build_seeded(
+        lambda: compose_sam3_image_model(dims),
+        _hub_checkpoint(name) if weights == "hub" else weights,  # before an 850M-param init
+        lambda model, path: load_sam3_checkpoint(model, path, name),
+        seed=seed,
+        field="sam3_weights",
+        example=HF_FILE,
+        cache_dir=cache_dir,
+        storage_options=store_options,
+        extra_fix=f"or 'hub' for {HF_REPO}'s {HF_FILE} from the Hugging Face hub",
+    )
     return Sam3ConceptSegmenter(
         model.to(device), name, dims.image_size, precision, prompts_per_batch
     )
 
 
-def _register(name: str, description: str) -> None:
-    def builder(weights: str | None, device: torch.device, **kwargs: Any) -> Sam3ConceptSegmenter:
-        return build_sam3(name, weights, device, **kwargs)
-
-    builder.__qualname__ = f"build_{name}"
-    register_model(name, "sam3", builder, description)
-
-
-_register("sam3", "SAM 3 image model, text concept prompts (facebook/sam3 sam3.pt)")
-_register("sam3_tiny", "random tiny SAM 3 (112 px input, ViT width 32, 2 blocks) for tests")
+register_builders(
+    "sam3",
+    build_sam3,
+    {
+        "sam3": "SAM 3 image model, text concept prompts (facebook/sam3 sam3.pt)",
+        "sam3_tiny": "random tiny SAM 3 (112 px input, ViT width 32, 2 blocks) for tests",
+    },
+)

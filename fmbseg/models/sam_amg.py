@@ -1,25 +1,18 @@
 """segment-anything's automatic mask generator, with masks kept as bool arrays throughout.
 
 The stock ``SamAutomaticMaskGenerator`` compresses every surviving mask of every point batch
-to an uncompressed RLE (``mask_to_rle_pytorch``: a Python loop per mask with a device to
-host copy each), deep-copies those lists when it concatenates batches, and with
-``output_mode="binary_mask"`` decodes them all back to arrays at the end (and again, then
-re-encodes, around small-region removal). We only ever want the binary masks, which stage
-``sam_auto`` then encodes once as COCO RLE for the records. :class:`BinaryMaskGenerator`
-runs the same steps in the same order on the masks themselves: the model calls, the IoU and
-stability filters, boxes, the crop-edge filter, box NMS and small-region removal are the
-library's own functions, so its records equal the stock generator's
-(``tests/models/test_sam.py``). It costs memory the RLEs saved: the masks that pass the
-filters of one image are held as ``(N, H, W) bool`` until NMS.
+to an uncompressed RLE (a Python loop per mask with a device to host copy each), deep-copies
+those lists when it concatenates batches, and with ``output_mode="binary_mask"`` decodes
+them all back at the end. We only want the binary masks (stage ``sam_auto`` encodes them
+once as COCO RLE). :class:`BinaryMaskGenerator` runs the same steps in the same order on
+the masks themselves, with the library's own functions, so its records equal the stock
+generator's (``tests/models/test_sam.py``); the price is memory: one image's masks that
+pass the filters are held as ``(N, H, W) bool`` until NMS.
 
-Crop layers (``crop_n_layers > 0``, SAM's labelling setting) are the stock ones: the stock
-``_generate_masks`` loop over ``generate_crop_boxes``, each crop embedded on its own with
-its layer's point grid (``points_per_side / crop_n_points_downscale_factor**layer`` per
-side), masks uncropped to the image, then NMS across crops preferring smaller crops. One
-departure: a crop that keeps no mask records its crop boxes as an empty ``(0, 4)`` tensor,
-where the stock generator's ``torch.tensor([])`` is 1-D, so with crop layers and no mask
-surviving in any crop the stock cross-crop NMS raises ``IndexError``; here it returns no
-masks.
+Crop layers (``crop_n_layers > 0``) are the stock ones. One departure: a crop that keeps no
+mask records its crop boxes as an empty ``(0, 4)`` tensor, where the stock generator's 1-D
+``torch.tensor([])`` makes the cross-crop NMS raise ``IndexError`` when no mask survives in
+any crop; here it returns no masks.
 """
 
 from __future__ import annotations

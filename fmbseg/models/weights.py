@@ -1,13 +1,10 @@
 """Checkpoints: resolving a weights reference to a local file, and loading it safely.
 
-A reference (``models.clip_weights`` / ``sam_weights`` / ``dino_weights``) is one of
-
-- a local path (a bare file name is also looked up in the cache directory);
-- an fsspec URI (``s3://``, ``gs://``, ``memory://``, ...), downloaded once into
-  ``{cache_dir}/{sha256(uri)[:16]}/{file name}`` with an atomic rename, so concurrent
-  workers never see a torn file; ``file://`` URIs are used in place;
-- a model-specific tag (an open_clip pretrained tag, ``"hub"`` for DINOv2), which the
-  adapter hands to its library before it ever calls :func:`resolve_weights`.
+A reference (``models.clip_weights`` / ``sam_weights`` / ...) is a local path (a bare file
+name is also looked up in the cache directory), a ``file://`` URI (used in place), a remote
+fsspec URI (``s3://``, ``gs://``, ``memory://``, ...; downloaded once, see
+:func:`resolve_weights`) or a model-specific tag (an open_clip pretrained tag, ``"hub"``),
+which the adapter hands to its library before it ever calls :func:`resolve_weights`.
 
 Loading is only ever ``torch.load(..., weights_only=True)`` or safetensors: a checkpoint
 cannot run code. Failures raise :class:`WeightsNotFoundError` (nothing to load; the message
@@ -24,14 +21,15 @@ import os
 import pickle
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 SHOWN_KEYS = 5  # how many offending keys an error message names
+M = TypeVar("M")
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -47,8 +45,9 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "fmbseg" / "weights"
 
 
-def is_uri(ref: str) -> bool:
-    return "://" in ref
+def is_remote(ref: str) -> bool:
+    """Whether ``ref`` is an fsspec URI to download (a ``file://`` one is a local path)."""
+    return "://" in ref and not ref.startswith("file://")
 
 
 def not_found(
@@ -83,6 +82,22 @@ def not_found(
     return WeightsNotFoundError(msg + ".")
 
 
+def tag_not_found(
+    name: str, tag: str, field: str, example: str, looked: str, exc: Exception, extra_fix: str = ""
+) -> WeightsNotFoundError:
+    """:func:`not_found` for the pretrained ``tag`` of model ``name`` whose download (from
+    ``looked``) failed with ``exc``."""
+    first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return not_found(
+        f"{name} weights {tag!r} (models.{field})",
+        field=field,
+        example=example,
+        looked=[looked],
+        detail=f"{type(exc).__name__}: {first_line}",
+        extra_fix=extra_fix,
+    )
+
+
 def _download(uri: str, target: Path, storage_options: Mapping[str, Any]) -> None:
     """Copy ``uri`` to ``target`` through a temporary name renamed into place."""
     import fsspec
@@ -105,8 +120,10 @@ def download_target(ref: str, cache: Path) -> Path:
 
 
 def local_candidates(ref: str, cache: Path) -> list[Path]:
-    """The files a local checkpoint ``ref`` may be: the path itself, and a bare file name
-    in ``cache``."""
+    """The files a local checkpoint ``ref`` may be: the path itself (a ``file://`` URI's
+    path), and for a bare file name, that name in ``cache``."""
+    if ref.startswith("file://"):
+        return [Path(ref[len("file://") :])]
     candidates = [Path(ref).expanduser()]
     if not Path(ref).is_absolute() and len(Path(ref).parts) == 1:
         candidates.append(cache / ref)
@@ -122,10 +139,11 @@ def resolve_weights(
     storage_options: Mapping[str, Any] | None = None,
     extra_fix: str = "",
 ) -> Path:
-    """A local file holding the checkpoint ``ref`` (a path or an fsspec URI).
+    """A local file holding the checkpoint ``ref``: a path, a ``file://`` URI, or a remote
+    fsspec URI downloaded once into ``{cache_dir}/{sha256(uri)[:16]}/{file name}`` through
+    an atomic rename, so concurrent workers never see a torn file.
 
     Args:
-        ref: local path, ``file://`` URI or any remote fsspec URI.
         field, example, extra_fix: for the error message, see :func:`not_found`.
         cache_dir: where remote checkpoints are downloaded; default :func:`default_cache_dir`.
         storage_options: fsspec options for remote URIs (endpoint, credentials).
@@ -135,28 +153,20 @@ def resolve_weights(
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     asked = f"checkpoint {ref!r} (models.{field})"
-    if ref.startswith("file://"):
-        path = Path(ref[len("file://") :])
-        if path.is_file():
-            return path
-        raise not_found(
-            asked, field=field, example=example, looked=[str(path)], extra_fix=extra_fix
-        )
-    if is_uri(ref):
+    if is_remote(ref):
         target = download_target(ref, cache)
-        if target.is_file():
-            return target
-        try:
-            _download(ref, target, storage_options or {})
-        except Exception as exc:  # noqa: BLE001 - any fsspec/network failure means "not found"
-            raise not_found(
-                asked,
-                field=field,
-                example=example,
-                looked=[ref],
-                detail=f"{type(exc).__name__}: {exc}",
-                extra_fix=extra_fix,
-            ) from exc
+        if not target.is_file():
+            try:
+                _download(ref, target, storage_options or {})
+            except Exception as exc:  # noqa: BLE001 - any fsspec/network failure: "not found"
+                raise not_found(
+                    asked,
+                    field=field,
+                    example=example,
+                    looked=[ref],
+                    detail=f"{type(exc).__name__}: {exc}",
+                    extra_fix=extra_fix,
+                ) from exc
         return target
     candidates = local_candidates(ref, cache)
     for path in candidates:
@@ -211,11 +221,8 @@ def _shown(keys: Sequence[str]) -> str:
 
 
 def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
-    """Load ``state_dict`` into ``module`` strictly, with an error naming offending keys.
-
-    Args:
-        what: the checkpoint's description for messages (model name and path).
-    """
+    """Load ``state_dict`` into ``module`` strictly; a mismatch is an error naming the
+    offending keys and ``what`` (the checkpoint: path and model name)."""
     own = module.state_dict()
     missing = sorted(k for k in own if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in own)
@@ -224,14 +231,9 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: s
         for k in own
         if k in state_dict and state_dict[k].shape != own[k].shape
     )
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_shown(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_shown(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {_shown(shapes)}")
+    found = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": shapes}
+    parts = [f"{problem}: {_shown(keys)}" for problem, keys in found.items() if keys]
+    if parts:
         raise CheckpointMismatchError(
             f"{what} does not fit the model architecture; "
             + "; ".join(parts)
@@ -250,3 +252,22 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def build_seeded(
+    make: Callable[[], M],
+    weights: str | None,
+    load: Callable[[M, Path], None],
+    *,
+    seed: int,
+    **where: Any,
+) -> M:
+    """``make()`` under :func:`seeded`, then ``load(model, path)`` of the checkpoint
+    ``weights`` (``None`` = keep the random weights). ``weights`` is resolved first
+    (:func:`resolve_weights` with ``where``), so a missing file fails before a large init."""
+    path = None if weights is None else resolve_weights(weights, **where)
+    with seeded(seed):
+        model = make()
+    if path is not None:
+        load(model, path)
+    return model

@@ -17,6 +17,7 @@ from fmbseg.models import build_model, get_model_spec, list_models
 from fmbseg.models import sam21 as sam21_module
 from fmbseg.models.base import Segmenter
 from fmbseg.models.registry import MissingExtraError
+from fmbseg.models.sam import _set_encoder_dtype
 from fmbseg.models.sam21 import Sam2Segmenter
 from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
 
@@ -241,13 +242,13 @@ def test_precision_is_checked_and_autocast_wraps_only_the_image_encoder(
     sam.set_image(image)
     before = sam.predict(np.array([[70.5, 20.5]]), np.array([1]))
     # what a GPU's bf16 does to the wiring, exercised on the CPU's autocast
-    sam21_module._set_encoder_dtype(encoder, torch.bfloat16)
+    _set_encoder_dtype(encoder, torch.bfloat16)
     try:
         out = encoder(torch.zeros(1, 3, 128, 128))
         assert out["vision_features"].dtype == torch.float32  # handed on as float32
         assert all(t.dtype == torch.float32 for t in out["backbone_fpn"] + out["vision_pos_enc"])
     finally:
-        sam21_module._set_encoder_dtype(encoder, torch.float32)
+        _set_encoder_dtype(encoder, torch.float32)
     assert "forward" not in vars(encoder)  # the plain forward again: the same numbers
     sam.set_image(image)
     after = sam.predict(np.array([[70.5, 20.5]]), np.array([1]))
