@@ -1,10 +1,10 @@
 """Stage `dino_features`: frozen DINOv2 patch features of every indexed image, cached.
 
 Training reads each image's patch features once per epoch; recomputing DINOv2 ViT-L every
-epoch (and on every rerun) dominates the cost, so they are a stage of their own:
+epoch (and on every rerun) dominates the cost, so they are a stage of their own
+(:data:`fmbseg.tasks.train.stages.DINO_FEATURES`: encoder, weights, input size, crops per
+image, index fingerprint):
 
-    fingerprint = (code version, encoder name, encoder weights, input size, crops per image,
-                   index fingerprint)
     records     = one row per training crop: image_id [string], crop [int32] (its slot),
                   resized_h, resized_w, y0, x0 [int32] (its box), num_patches N, dim C
                   [int32], features [binary: (N, C) float16, row-major patches]
@@ -12,36 +12,41 @@ epoch (and on every rerun) dominates the cost, so they are a stage of their own:
                   image_ids: one list per shard}
                   (the id -> shard map, so readers need not open every part)
 
-The stage runs on the shard runner (:mod:`fmbseg.engine.runner`): Ray actors each build the
-encoder once. Each image is resized so its short side is ``input_size`` and its training
-crops (:mod:`fmbseg.tasks.train.crops`, a function of the image alone) are cut, normalised
-with the encoder's own :class:`~fmbseg.models.base.Preprocess` and encoded: the cache is keyed
+Each image is resized so its short side is ``input_size`` and its training crops
+(:mod:`fmbseg.tasks.train.crops`, a function of the image alone) are cut, normalised with
+the encoder's own :class:`~fmbseg.models.base.Preprocess` and encoded: the cache is keyed
 per crop, because a crop's features are not a crop of the whole image's features (DINOv2's
-tokens attend to the whole input). :mod:`fmbseg.tasks.train.patch_labels` labels the same crops.
-Images that fail to load get a row in the stage's errors table and no features.
+tokens attend to the whole input). :mod:`fmbseg.tasks.train.patch_labels` labels the same
+crops. Images that fail to load get a row in the stage's errors table and no features.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from fmbseg.config import RuntimeConfig
-from fmbseg.engine.runner import errors_table, plan_shards, run_stage
+from fmbseg.config import Config
+from fmbseg.engine.runner import errors_table, plan_shards
+from fmbseg.engine.stage import Prepared, StageRun
 from fmbseg.models.base import PatchEncoder
-from fmbseg.storage.fingerprint import fingerprint
 from fmbseg.storage.records import error_row
 from fmbseg.storage.store import ArtifactStore, Manifest, NotCommittedError
+from fmbseg.tasks.annotate.common import INDEX_STAGE
+from fmbseg.tasks.annotate.index import read_index
 from fmbseg.tasks.train.crops import CropBox, crop_boxes, crop_inputs
 
+if TYPE_CHECKING:
+    from fmbseg.tasks.train.sets import Training
+
+log = logging.getLogger(__name__)
 STAGE = "dino_features"
-CODE_VERSION = "2"  # 2: short-side resize + crops, one row per crop (1: squash)
 FEATURE_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
@@ -56,7 +61,6 @@ FEATURE_SCHEMA = pa.schema(
     ]
 )
 
-Progress = Callable[[dict[str, Any]], None]
 EncoderFactory = Callable[[torch.device], PatchEncoder]
 
 
@@ -93,76 +97,58 @@ def load_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.nd
     return decode_image(read_bytes(uri, storage_options or {}), uri)
 
 
-def features_fingerprint(
-    encoder_name: str, weights: str | None, input_size: int, index_fp: str, crops_per_image: int
-) -> str:
-    return fingerprint(
-        STAGE,
-        CODE_VERSION,
-        {
-            "encoder": encoder_name,
-            "weights": weights,
-            "input_size": input_size,
-            "crops_per_image": crops_per_image,
-        },
-        {"index": index_fp},
+def build_encoder(cfg: Config, options: dict[str, Any], device: torch.device) -> PatchEncoder:
+    """``cfg.models.dino`` at ``train.input_size`` on ``device``."""
+    from fmbseg.models.registry import build_from_config
+
+    log.info("building dino model %s on %s", cfg.models.dino, device)
+    encoder: PatchEncoder = build_from_config(
+        cfg.models, "dino", device, store_options=options, img_size=cfg.train.input_size
     )
+    return encoder
 
 
-def build_feature_cache(
-    store: ArtifactStore,
-    encoder_name: str,
-    weights: str | None,
-    input_size: int,
-    index_fp: str,
-    images: pa.Table,
-    *,
-    crops_per_image: int,
-    encoder_factory: EncoderFactory,
-    runtime: RuntimeConfig,
-    batch_size: int,
-    storage_options: dict[str, Any] | None = None,
-    progress: Progress | None = None,
-) -> str:
-    """Compute and commit the features of the training crops of ``images`` (columns
-    image_id, uri; up to ``crops_per_image`` crops each); returns the fingerprint.
+def _prebuilt(encoder: PatchEncoder, device: torch.device) -> PatchEncoder:
+    return encoder
 
-    Fans out over shards of ``runtime.shard_size`` images with the shard runner (Ray actors
-    each build their encoder once with ``encoder_factory(device)``; ``"local"`` runs in this
-    process). Already committed: returns at once; shards written by an interrupted run are
-    kept.
-    """
-    fp = features_fingerprint(encoder_name, weights, input_size, index_fp, crops_per_image)
-    ids = images.column("image_id").to_pylist()
-    uris = images.column("uri").to_pylist()
+
+def encoder_factory(job: StageRun) -> EncoderFactory:
+    """``factory(device) -> encoder`` of a training run (picklable: Ray actors call it): its
+    prebuilt encoder (``given.encoder``) or :func:`build_encoder`."""
+    given: Training = job.given
+    if given.encoder is not None:
+        return functools.partial(_prebuilt, given.encoder)
+    return functools.partial(build_encoder, job.cfg, job.store.storage_options)
+
+
+def prepare(job: StageRun) -> Prepared:
+    """The shards of ``job.fps["index"]``'s images (``runtime.shard_size`` each), encoded by
+    :class:`FeatureWorker` (``train.batch_size`` crops per encoder call)."""
+    cfg, options = job.cfg, job.store.storage_options
+    index = read_index(job.store, job.fp(INDEX_STAGE))
+    ids, uris = index.column("image_id").to_pylist(), index.column("uri").to_pylist()
     specs = [
         {"image_ids": ids[r.start : r.stop], "uris": uris[r.start : r.stop]}
-        for r in plan_shards(len(ids), runtime.shard_size)
+        for r in plan_shards(len(ids), cfg.runtime.shard_size)
     ]
+    t = cfg.train
     worker = functools.partial(
         FeatureWorker,
-        encoder_factory,
-        runtime.device,
-        input_size,
-        crops_per_image,
-        batch_size,
-        storage_options,
+        encoder_factory(job),
+        cfg.runtime.device,
+        t.input_size,
+        t.crops_per_image,
+        t.batch_size,
+        options,
     )
     meta = {
-        "encoder": encoder_name,
-        "weights": weights,
-        "input_size": input_size,
-        "crops_per_image": crops_per_image,
+        "encoder": job.given.encoder_name(cfg),
+        "weights": cfg.models.dino_weights,
+        "input_size": t.input_size,
+        "crops_per_image": t.crops_per_image,
         "image_ids": [spec["image_ids"] for spec in specs],
     }
-    tick = None
-    if progress is not None:
-
-        def tick(done: int, total: int) -> None:
-            progress({"stage": STAGE, "shard": done, "shards": total})
-
-    run_stage(store, STAGE, fp, specs, worker, runtime, use_gpu=True, progress=tick, meta=meta)
-    return fp
+    return Prepared(specs, worker, meta)
 
 
 class FeatureWorker:

@@ -13,18 +13,38 @@ the shape this config would build, and its encoder must be the one features come
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fmbseg.config import Config
 from fmbseg.models.align import CARD_KIND, AlignmentConfig, IncompatibleModelError
+from fmbseg.models.base import DenseClip, PatchEncoder
 from fmbseg.storage.fingerprint import canonical_json
-from fmbseg.storage.models import ModelRef, ModelRegistry
+from fmbseg.storage.models import ModelRegistry
 from fmbseg.tasks.train.crops import CropBox
 from fmbseg.tasks.train.data import LabelledImages
 from fmbseg.tasks.train.features import FeatureCache
 
 LabelSet = tuple[str, str]  # (merge fingerprint, index fingerprint)
+
+
+@dataclass(frozen=True)
+class Training:
+    """What the user chose for one training run: ``StageRun.given`` of the training stages
+    (the class names are ``StageRun.vocabulary``)."""
+
+    sets: tuple[LabelSet, ...]  # oldest first
+    init: str | None = None  # the ``name:version`` fine-tuning starts from; None: from scratch
+    encoder: PatchEncoder | None = None  # prebuilt models (tests); None: built from cfg.models
+    text_model: DenseClip | None = None
+
+    def encoder_name(self, cfg: Config) -> str:
+        return self.encoder.name if self.encoder is not None else cfg.models.dino
+
+    def text_name(self, cfg: Config) -> str:
+        return getattr(self.text_model, "name", None) or cfg.models.clip
 
 
 def label_sets(labels: str | Sequence[Sequence[str]], index_fp: str | None) -> list[LabelSet]:
@@ -122,22 +142,18 @@ class FeatureCaches:
         return self.caches[self._which(image_id)].box(image_id, crop)
 
 
-def resolve_init(registry: ModelRegistry, ref: str, model_name: str) -> ModelRef:
-    """A registry reference (``champion``, ``vNNNN``, ``name:version``...) -> its version."""
-    return registry.resolve(ref, model_name)
-
-
 def init_state(
-    registry: ModelRegistry, ref: ModelRef, mcfg: AlignmentConfig, encoder_name: str
+    registry: ModelRegistry, ref: str, mcfg: AlignmentConfig, encoder_name: str
 ) -> dict[str, Any]:
-    """The weights of ``ref`` to start from, after checking they fit the module to train.
+    """The weights of ``ref`` (``name:version``) to start from, after checking they fit the
+    module to train.
 
     Raises:
         IncompatibleModelError: another module shape or another encoder; the message says
             which fields differ and that ``mode=scratch`` trains anew.
     """
-    tensors, card, _ = registry.load_ref(f"{ref.name}:{ref.version}")
-    where = f"init_from {ref.name}:{ref.version}"
+    tensors, card, _ = registry.load_ref(ref)
+    where = f"init_from {ref}"
     if card.get("kind") != CARD_KIND:
         raise IncompatibleModelError(
             f"{where} is not an alignment module (kind {card.get('kind')!r})"
