@@ -25,14 +25,13 @@ from __future__ import annotations
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from fmbseg.config import Config
 from fmbseg.engine.runner import errors_table, plan_shards
 from fmbseg.engine.stage import Prepared, StageRun
 from fmbseg.models.base import PatchEncoder
@@ -60,8 +59,6 @@ FEATURE_SCHEMA = pa.schema(
         pa.field("features", pa.binary(), nullable=False),  # (N, C) float16, row-major
     ]
 )
-
-EncoderFactory = Callable[[torch.device], PatchEncoder]
 
 
 def check_input_size(encoder: PatchEncoder, input_size: int) -> int:
@@ -97,82 +94,67 @@ def load_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.nd
     return decode_image(read_bytes(uri, storage_options or {}), uri)
 
 
-def build_encoder(cfg: Config, options: dict[str, Any], device: torch.device) -> PatchEncoder:
-    """``cfg.models.dino`` at ``train.input_size`` on ``device``."""
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_encoder(job: StageRun, device: torch.device) -> PatchEncoder:
+    """A training run's encoder on ``device``: its prebuilt one (``given.encoder``, tests) or
+    ``cfg.models.dino`` at ``train.input_size``."""
+    given: Training = job.given
+    if given.encoder is not None:
+        return given.encoder
     from fmbseg.models.registry import build_from_config
 
+    cfg = job.cfg
     log.info("building dino model %s on %s", cfg.models.dino, device)
     encoder: PatchEncoder = build_from_config(
-        cfg.models, "dino", device, store_options=options, img_size=cfg.train.input_size
+        cfg.models,
+        "dino",
+        device,
+        store_options=job.store.storage_options,
+        img_size=cfg.train.input_size,
     )
     return encoder
 
 
-def _prebuilt(encoder: PatchEncoder, device: torch.device) -> PatchEncoder:
-    return encoder
-
-
-def encoder_factory(job: StageRun) -> EncoderFactory:
-    """``factory(device) -> encoder`` of a training run (picklable: Ray actors call it): its
-    prebuilt encoder (``given.encoder``) or :func:`build_encoder`."""
-    given: Training = job.given
-    if given.encoder is not None:
-        return functools.partial(_prebuilt, given.encoder)
-    return functools.partial(build_encoder, job.cfg, job.store.storage_options)
+def parts(job: StageRun) -> dict[str, Any]:
+    """What the features depend on (the fingerprint's config, also in the manifest meta)."""
+    t = job.cfg.train
+    return {
+        "encoder": job.given.encoder_name(job.cfg),
+        "weights": job.cfg.models.dino_weights,
+        "input_size": t.input_size,
+        "crops_per_image": t.crops_per_image,
+    }
 
 
 def prepare(job: StageRun) -> Prepared:
     """The shards of ``job.fps["index"]``'s images (``runtime.shard_size`` each), encoded by
     :class:`FeatureWorker` (``train.batch_size`` crops per encoder call)."""
-    cfg, options = job.cfg, job.store.storage_options
     index = read_index(job.store, job.fp(INDEX_STAGE))
     ids, uris = index.column("image_id").to_pylist(), index.column("uri").to_pylist()
     specs = [
         {"image_ids": ids[r.start : r.stop], "uris": uris[r.start : r.stop]}
-        for r in plan_shards(len(ids), cfg.runtime.shard_size)
+        for r in plan_shards(len(ids), job.cfg.runtime.shard_size)
     ]
-    t = cfg.train
-    worker = functools.partial(
-        FeatureWorker,
-        encoder_factory(job),
-        cfg.runtime.device,
-        t.input_size,
-        t.crops_per_image,
-        t.batch_size,
-        options,
-    )
-    meta = {
-        "encoder": job.given.encoder_name(cfg),
-        "weights": cfg.models.dino_weights,
-        "input_size": t.input_size,
-        "crops_per_image": t.crops_per_image,
-        "image_ids": [spec["image_ids"] for spec in specs],
-    }
-    return Prepared(specs, worker, meta)
+    meta = {**parts(job), "image_ids": [spec["image_ids"] for spec in specs]}
+    return Prepared(specs, functools.partial(FeatureWorker, job), meta)
 
 
 class FeatureWorker:
     """Shard worker of `dino_features`: builds its encoder once, encodes a shard's crops."""
 
-    def __init__(
-        self,
-        encoder_factory: EncoderFactory,
-        device: str,
-        input_size: int,
-        crops_per_image: int,
-        batch_size: int,
-        storage_options: dict[str, Any] | None,
-    ) -> None:
-        self.device = torch.device(
-            "cuda"
-            if device == "auto" and torch.cuda.is_available()
-            else "cpu"
-            if device == "auto"
-            else device
-        )
-        self.encoder = encoder_factory(self.device)
-        check_input_size(self.encoder, input_size)
-        self.args = (input_size, crops_per_image, batch_size, self.device, storage_options)
+    def __init__(self, job: StageRun) -> None:
+        t = job.cfg.train
+        self.device = resolve_device(job.cfg.runtime.device)
+        self.encoder = build_encoder(job, self.device)
+        check_input_size(self.encoder, t.input_size)
+        options = job.store.storage_options
+        self.args = (t.input_size, t.crops_per_image, t.batch_size, self.device, options)
 
     def process(self, shard: int, spec: dict[str, list[str]]) -> tuple[pa.Table, pa.Table]:
         return _encode_shard(self.encoder, spec["image_ids"], spec["uris"], *self.args)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from fmbseg.config import RuntimeConfig, TrainConfig, replace, to_dict
+from fmbseg.config import RuntimeConfig, replace, to_dict
 from fmbseg.engine.ray_cluster import connect
 from fmbseg.engine.runner import Progress
 from fmbseg.engine.stage import StageRun
@@ -38,7 +38,12 @@ from fmbseg.tasks.train.data import (
     require_labelled,
     restrict_to,
 )
-from fmbseg.tasks.train.features import FeatureCache, check_input_size, encoder_factory
+from fmbseg.tasks.train.features import (
+    FeatureCache,
+    build_encoder,
+    check_input_size,
+    resolve_device,
+)
 from fmbseg.tasks.train.loop import load_checkpoint, loss_curve_png, save_checkpoint, train_loop
 from fmbseg.tasks.train.sets import FeatureCaches, Training, init_state, unite
 
@@ -63,19 +68,6 @@ LABEL_COLUMNS = (
 Features = Callable[[StageRun], list[str]]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def check_train_config(cfg: TrainConfig) -> None:
-    # value ranges are checked where the fields are defined (fmbseg.config)
-    if not cfg.templates:
-        raise ValueError("train.templates must name at least one text template")
-
-
 def train(job: StageRun, progress: Progress | None, *, features: Features) -> None:
     """Train the alignment module on the label sets of ``job.given`` (:class:`Training`) and
     commit ``stages/train/{fp}``: meta ``{model, version}`` of the registry version saved.
@@ -88,7 +80,8 @@ def train(job: StageRun, progress: Progress | None, *, features: Features) -> No
     cfg, store, given = job.cfg, job.store, job.given
     assert isinstance(given, Training)
     tcfg = cfg.train
-    check_train_config(tcfg)
+    if not tcfg.templates:  # value ranges are checked on the fields (fmbseg.config)
+        raise ValueError("train.templates must name at least one text template")
     if given.encoder is None and given.text_model is None and _gpus_on_ray(cfg.runtime):
         return _run_on_ray(job, progress, features)
     fp, names, sets = job.fp(STAGE), list(job.vocabulary), given.sets
@@ -96,7 +89,7 @@ def train(job: StageRun, progress: Progress | None, *, features: Features) -> No
     registry = ModelRegistry(store)
     # With cached features on Ray actors, this process's encoder only supplies metadata.
     remote = tcfg.cache_features and cfg.runtime.executor == "ray"
-    encoder = encoder_factory(job)(torch.device("cpu") if remote else device)
+    encoder = build_encoder(job, torch.device("cpu") if remote else device)
     text_model = given.text_model
     if text_model is None:
         from fmbseg.models.registry import build_from_config
@@ -269,8 +262,7 @@ def _this_process(device: torch.device) -> dict[str, Any]:
 
 
 def _train_task(job: StageRun, reports: Any, features: Features) -> None:
-    """The Ray task: :func:`train` in a GPU worker; progress reports go to the driver through
-    the Ray queue ``reports``."""
+    """:func:`train` in a Ray worker, its progress put on the Ray queue ``reports``."""
     train(job, lambda done, total: reports.put((done, total)), features=features)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from fmbseg.config import Config
 from fmbseg.models.align import CARD_KIND, AlignmentConfig, IncompatibleModelError
 from fmbseg.models.base import DenseClip, PatchEncoder
-from fmbseg.storage.fingerprint import canonical_json
+from fmbseg.storage.fingerprint import canonical_json, content_hash
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.tasks.train.crops import CropBox
 from fmbseg.tasks.train.data import LabelledImages
@@ -46,6 +46,18 @@ class Training:
     def text_name(self, cfg: Config) -> str:
         return getattr(self.text_model, "name", None) or cfg.models.clip
 
+    def inputs(self, vocabulary: Sequence[str]) -> dict[str, str]:
+        """The train fingerprint's inputs: one set as ``labels`` and ``index`` (as single-set
+        runs always had), several as ``label_sets`` in order; ``init`` when fine-tuning; the
+        vocabulary's hash."""
+        if len(self.sets) == 1:
+            out = {"labels": self.sets[0][0], "index": self.sets[0][1]}
+        else:
+            out = {"label_sets": canonical_json([list(p) for p in self.sets])}
+        if self.init is not None:
+            out["init"] = self.init
+        return {**out, "vocabulary": content_hash(canonical_json(list(vocabulary)).encode())}
+
 
 def label_sets(labels: str | Sequence[Sequence[str]], index_fp: str | None) -> list[LabelSet]:
     """``run_train``'s ``(labels_fp, index_fp)`` or ``([(labels_fp, index_fp), ...], None)``
@@ -64,19 +76,6 @@ def label_sets(labels: str | Sequence[Sequence[str]], index_fp: str | None) -> l
     if len(set(pairs)) != len(pairs):
         raise ValueError(f"label sets repeat a pair: {pairs}")
     return [(str(a), str(b)) for a, b in pairs]
-
-
-def sets_inputs(sets: Sequence[LabelSet], init: str | None = None) -> dict[str, str]:
-    """The train fingerprint's label inputs. One set: ``{"labels", "index"}`` (what a
-    single-pair run always had, so its fingerprints are unchanged); several: all pairs in
-    order. ``init``: the ``name:version`` training starts from, when fine-tuning."""
-    if len(sets) == 1:
-        out = {"labels": sets[0][0], "index": sets[0][1]}
-    else:
-        out = {"label_sets": canonical_json([list(p) for p in sets])}
-    if init is not None:
-        out["init"] = init
-    return out
 
 
 def unite(parts: Sequence[LabelledImages]) -> LabelledImages:

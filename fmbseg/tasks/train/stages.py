@@ -19,7 +19,7 @@ from fmbseg.config import Config, to_dict
 from fmbseg.engine.runner import Progress
 from fmbseg.engine.stage import Stage, StageRun, plan, run
 from fmbseg.models.base import DenseClip, PatchEncoder
-from fmbseg.storage.fingerprint import canonical_json, content_hash, fingerprint
+from fmbseg.storage.fingerprint import fingerprint
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.common import INDEX_STAGE
@@ -27,7 +27,7 @@ from fmbseg.tasks.train import features
 from fmbseg.tasks.train.data import vocabulary_names
 from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
 from fmbseg.tasks.train.run import train
-from fmbseg.tasks.train.sets import LabelSet, Training, label_sets, sets_inputs
+from fmbseg.tasks.train.sets import LabelSet, Training, label_sets
 
 
 class _GivenInputs(Stage):
@@ -36,11 +36,7 @@ class _GivenInputs(Stage):
     initial model and vocabulary hash, as its fingerprints have always named them."""
 
     def fingerprint(self, run: StageRun) -> str:
-        given: Training = run.given
-        inputs = {
-            **sets_inputs(given.sets, given.init),
-            "vocabulary": content_hash(canonical_json(list(run.vocabulary)).encode()),
-        }
+        inputs = run.given.inputs(run.vocabulary)
         return fingerprint(self.name, self.version, self.parts(run), inputs)
 
 
@@ -70,12 +66,7 @@ DINO_FEATURES = Stage(
     features.STAGE,
     "2",  # 2: short-side resize + crops, one row per crop (1: squash)
     inputs=(INDEX_STAGE,),
-    parts=lambda job: {
-        "encoder": job.given.encoder_name(job.cfg),
-        "weights": job.cfg.models.dino_weights,
-        "input_size": job.cfg.train.input_size,
-        "crops_per_image": job.cfg.train.crops_per_image,
-    },
+    parts=features.parts,
     prepare=features.prepare,
     gpu=True,
 )
