@@ -244,9 +244,10 @@ def retrain_flow(
         evaluation=evaluation,
         reason=reason,
     )
-    ledger_.append_run(
+    ledger_.append(
         st,
         name,
+        "runs",
         {
             "new_images": found.new,
             "annotated": annotated,
@@ -328,9 +329,10 @@ def _train_and_decide(
     else:
         verdict = decide_and_record(registry, name, version, None, None, {"retrain": True})
         evaluation = Promotion(None, None, verdict.promote, verdict.reason)
-    ledger_.append_model(
+    ledger_.append(
         st,
         name,
+        "models",
         {
             "version": version,
             "batches": numbers,
