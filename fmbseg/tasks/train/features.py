@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -149,66 +148,52 @@ class FeatureWorker:
     """Shard worker of `dino_features`: builds its encoder once, encodes a shard's crops."""
 
     def __init__(self, job: StageRun) -> None:
-        t = job.cfg.train
+        self.train, self.options = job.cfg.train, job.store.storage_options
         self.device = resolve_device(job.cfg.runtime.device)
         self.encoder = build_encoder(job, self.device)
-        check_input_size(self.encoder, t.input_size)
-        options = job.store.storage_options
-        self.args = (t.input_size, t.crops_per_image, t.batch_size, self.device, options)
+        check_input_size(self.encoder, self.train.input_size)
 
     def process(self, shard: int, spec: dict[str, list[str]]) -> tuple[pa.Table, pa.Table]:
-        return _encode_shard(self.encoder, spec["image_ids"], spec["uris"], *self.args)
+        """Features of the shard's crops (``FEATURE_SCHEMA``; ``train.batch_size`` crops per
+        encoder call) and its errors table."""
+        size, encoder = self.train.input_size, self.encoder
+        out: dict[str, list[Any]] = {name: [] for name in FEATURE_SCHEMA.names}
+        errors = []
+        pending: list[tuple[str, int, CropBox, torch.Tensor]] = []
 
-
-def _encode_shard(
-    encoder: PatchEncoder,
-    ids: Sequence[str],
-    uris: Sequence[str],
-    size: int,
-    crops_per_image: int,
-    batch_size: int,
-    device: torch.device,
-    storage_options: dict[str, Any] | None,
-) -> tuple[pa.Table, pa.Table]:
-    """Features of one shard's crops (``FEATURE_SCHEMA``; ``batch_size`` crops per encoder
-    call) and its errors table."""
-    out: dict[str, list[Any]] = {name: [] for name in FEATURE_SCHEMA.names}
-    errors = []
-    pending: list[tuple[str, int, CropBox, torch.Tensor]] = []
-
-    def flush() -> None:
-        feats = encode_batch(encoder, torch.stack([p[3] for p in pending]), device)
-        for (image_id, j, box, _), f in zip(
-            pending, feats.to(torch.float16).cpu().numpy(), strict=True
-        ):
-            out["image_id"].append(image_id)
-            out["crop"].append(j)
-            for key, value in zip(
-                ("resized_h", "resized_w", "y0", "x0"), box.as_tuple(), strict=True
+        def flush() -> None:
+            feats = encode_batch(encoder, torch.stack([p[3] for p in pending]), self.device)
+            for (image_id, j, box, _), f in zip(
+                pending, feats.to(torch.float16).cpu().numpy(), strict=True
             ):
-                out[key].append(value)
-            out["num_patches"].append(f.shape[0])
-            out["dim"].append(f.shape[1])
-            out["features"].append(np.ascontiguousarray(f).tobytes())
-        pending.clear()
+                out["image_id"].append(image_id)
+                out["crop"].append(j)
+                for key, value in zip(
+                    ("resized_h", "resized_w", "y0", "x0"), box.as_tuple(), strict=True
+                ):
+                    out[key].append(value)
+                out["num_patches"].append(f.shape[0])
+                out["dim"].append(f.shape[1])
+                out["features"].append(np.ascontiguousarray(f).tobytes())
+            pending.clear()
 
-    for image_id, uri in zip(ids, uris, strict=True):
-        try:
-            image = load_image(uri, storage_options)
-        except Exception as exc:  # noqa: BLE001 - recorded, the image is skipped
-            errors.append(error_row(image_id, uri, STAGE, type(exc).__name__, str(exc)))
-            continue
-        h, w = image.shape[:2]
-        boxes = crop_boxes(image_id, h, w, size, crops_per_image)
-        for j, (box, x) in enumerate(
-            zip(boxes, crop_inputs(image, boxes, encoder.preprocess, size), strict=True)
-        ):
-            pending.append((image_id, j, box, x))
-            if len(pending) == batch_size:
-                flush()
-    if pending:
-        flush()
-    return pa.table(out, schema=FEATURE_SCHEMA), errors_table(errors)
+        for image_id, uri in zip(spec["image_ids"], spec["uris"], strict=True):
+            try:
+                image = load_image(uri, self.options)
+            except Exception as exc:  # noqa: BLE001 - recorded, the image is skipped
+                errors.append(error_row(image_id, uri, STAGE, type(exc).__name__, str(exc)))
+                continue
+            h, w = image.shape[:2]
+            boxes = crop_boxes(image_id, h, w, size, self.train.crops_per_image)
+            for j, (box, x) in enumerate(
+                zip(boxes, crop_inputs(image, boxes, encoder.preprocess, size), strict=True)
+            ):
+                pending.append((image_id, j, box, x))
+                if len(pending) == self.train.batch_size:
+                    flush()
+        if pending:
+            flush()
+        return pa.table(out, schema=FEATURE_SCHEMA), errors_table(errors)
 
 
 class FeatureCache:

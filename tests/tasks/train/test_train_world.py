@@ -234,7 +234,6 @@ def test_feature_cache_skips_unreadable_images_and_resumes(tmp_path, encoder) ->
         uris.append(str(path))
     index = pa.table({"image_id": ids, "uri": uris, "width": [80] * 5, "height": [48] * 5})
     commit_table(store, "index", "idx", index)
-    dev = torch.device("cpu")
     # tiny: 56-pixel crops, 2 per image, 2 per encoder call; the encoder named colour_dino
     cfg = tiny_config("runtime.shard_size=2")
     (job,) = feature_runs(train_run(store, cfg, [("labels", "idx")], VOCAB, encoder=encoder))
@@ -242,7 +241,7 @@ def test_feature_cache_skips_unreadable_images_and_resumes(tmp_path, encoder) ->
     parts = {"encoder": "colour_dino", "weights": None, "input_size": 56, "crops_per_image": 2}
     assert fp == fingerprint(feat.STAGE, "2", parts, {"index": "idx"})
     # an interrupted run left shard 0 written; only shards 1 and 2 are encoded now
-    part, _ = feat._encode_shard(encoder, ids[:2], uris[:2], 56, 2, 2, dev, None)
+    part, _ = feat.FeatureWorker(job).process(0, {"image_ids": ids[:2], "uris": uris[:2]})
     store.write_shard(feat.STAGE, fp, 0, part)
     calls = encoder.calls
     assert run((DINO_FEATURES,), job) == {feat.STAGE: fp}
