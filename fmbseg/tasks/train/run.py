@@ -272,8 +272,8 @@ def _run_on_ray(job: StageRun, progress: Progress | None, features: Features) ->
     The task reads the mask records and writes the checkpoints, the model version and the
     commit to the store, exactly as a local run does (so resume and promotion are the
     same); this process relays its progress reports. Inside the task every stage runs
-    locally (the feature cache on the task's own GPU): a pool of GPU actors started from a
-    task that holds a GPU could wait for that GPU forever. Ray retries the task when its
+    locally (a feature cache the flow has not built yet, on the task's own GPU): a pool of
+    GPU actors started from a task that holds a GPU could wait for that GPU forever. Ray retries the task when its
     worker or node dies (``max_retries``), and the retry resumes from the last checkpoint.
     """
     import ray
