@@ -3,7 +3,7 @@
 Each stage's fingerprint comes from its config and its inputs' fingerprints, so the whole
 chain is known before anything runs: the index's from the source listing (names and sizes;
 no image is decoded), every later one from the index's (``stage1_fingerprints``,
-``train_fingerprint``). The store is only read (manifests, receipts, the retrain ledger):
+``train_run``). The store is only read (manifests, receipts, the retrain ledger):
 no model is loaded, no Prefect run is made, nothing is written.
 """
 
@@ -16,14 +16,15 @@ import fmbseg.tasks.train.ledger as ledger_
 from fmbseg.config import Config
 from fmbseg.data.image_labels import ImageLabels
 from fmbseg.engine.runner import plan_shards
-from fmbseg.flows.train import TrainInputs, fingerprint_for, resolve_labels
+from fmbseg.flows.train import resolve_labels
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.index import IndexPlan, plan_index
 from fmbseg.tasks.annotate.stages import stage1, stage1_fingerprints
 from fmbseg.tasks.train.ledger import new_images_plan
 from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
-from fmbseg.tasks.train.run import train_fingerprint
+from fmbseg.tasks.train.sets import LabelSet
+from fmbseg.tasks.train.stages import train_run
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,15 @@ def index_plans(
     return [sharded(store, stage, fps[stage], shards) for stage in ("index", *_labelling(cfg))]
 
 
-def train_plan(store: ArtifactStore, cfg: Config, inputs: TrainInputs) -> StagePlan:
-    fp = fingerprint_for(cfg, inputs)
+def train_plan(
+    store: ArtifactStore,
+    cfg: Config,
+    sets: list[LabelSet],
+    vocabulary: tuple[str, ...],
+    init: str | None = None,
+) -> StagePlan:
+    """``train`` on the label ``sets`` (``init``: the ``name:version`` it fine-tunes)."""
+    fp = train_run(store, cfg, sets, vocabulary, init).fp(TRAIN_STAGE)
     return StagePlan(TRAIN_STAGE, fp, store.is_committed(TRAIN_STAGE, fp), epochs=cfg.train.epochs)
 
 
@@ -109,12 +117,13 @@ def run_dry_run(
     """``run`` (annotate-and-train): the annotate stages, then train on their labels."""
     plans = annotate_dry_run(store, cfg, images, vocabulary, storage_options, image_root)
     fps = {p.stage: p.fingerprint for p in plans}
-    return [*plans, train_plan(store, cfg, TrainInputs(fps["merge"], fps["index"], vocabulary))]
+    return [*plans, train_plan(store, cfg, [(fps["merge"], fps["index"])], vocabulary)]
 
 
 def train_dry_run(store: ArtifactStore, cfg: Config, labels: str) -> list[StagePlan]:
     """``train``: the committed labels ``labels`` (a merge fingerprint or ``latest``)."""
-    return [train_plan(store, cfg, resolve_labels(store, labels))]
+    inputs = resolve_labels(store, labels)
+    return [train_plan(store, cfg, [(inputs.labels_fp, inputs.index_fp)], inputs.vocabulary)]
 
 
 def retrain_dry_run(
@@ -133,7 +142,7 @@ def retrain_dry_run(
     batches = ledger_.read_ledger(store, name)["batches"]
     found = new_images_plan(store, images, cfg, batches, storage_options, image_root)
     plans: list[StagePlan] = []
-    sets = []
+    sets: list[LabelSet] = []
     for batch in batches:
         fps = stage1_fingerprints(cfg, batch["index"], vocabulary)
         if not store.is_committed("merge", fps["merge"]):  # relabelled on the committed index
@@ -149,13 +158,7 @@ def retrain_dry_run(
         return plans
     champion = ModelRegistry(store).champion(name)
     init = f"{name}:{champion}" if mode == "finetune" and champion else None
-    fp = train_fingerprint(
-        cfg, cfg.models.dino, cfg.models.clip, sets, None, list(vocabulary), init
-    )
-    plans.append(
-        StagePlan(TRAIN_STAGE, fp, store.is_committed(TRAIN_STAGE, fp), epochs=cfg.train.epochs)
-    )
-    return plans
+    return [*plans, train_plan(store, cfg, sets, vocabulary, init)]
 
 
 def print_plans(command: str, plans: list[StagePlan]) -> None:

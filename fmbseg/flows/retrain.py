@@ -32,17 +32,16 @@ from fmbseg.flows.common import (
     open_store,
     record_lineage,
     retry_unless_user_error,
-    stage_task,
     table_artifact,
 )
-from fmbseg.flows.train import TrainedModel, TrainProgress, model_summary
+from fmbseg.flows.train import TrainedModel, model_summary, train_passes
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.stages import check_teacher, stage1_fingerprints
 from fmbseg.tasks.train.ledger import NewImages, new_images_plan
 from fmbseg.tasks.train.promotion import decide_and_record
 from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
-from fmbseg.tasks.train.run import run_train, train_fingerprint
+from fmbseg.tasks.train.stages import train_run
 
 MODES = ("scratch", "finetune")
 
@@ -104,24 +103,6 @@ def find_new_images_task(
     return new_images_plan(store, images, cfg, batches, storage_options, image_root)
 
 
-@stage_task(TRAIN_STAGE)
-def train_sets_task(
-    store: ArtifactStore,
-    fp: str,
-    cfg: Config,
-    sets: list[tuple[str, str]],
-    vocabulary: tuple[str, ...],
-    init_from: str | None,
-) -> str:
-    """Train (or resume) on the union of ``sets``; commit ``stages/train/{fp}``."""
-    run_train(
-        store, cfg, sets, None, list(vocabulary), progress=TrainProgress(fp), init_from=init_from
-    )
-    if not store.is_committed(TRAIN_STAGE, fp):
-        raise RuntimeError(f"train finished but stage {TRAIN_STAGE}/{fp} is not committed")
-    return fp
-
-
 def batch_labels(
     st: ArtifactStore,
     cfg: Config,
@@ -140,12 +121,6 @@ def batch_labels(
     return sets
 
 
-def training_key(cfg: Config, sets: list[tuple[str, str]], vocabulary: tuple[str, ...]) -> str:
-    """What a model line's training depends on, the init model aside: the from-scratch train
-    fingerprint of ``sets`` (so a fine-tuned version is up to date with the same key)."""
-    return train_fingerprint(cfg, cfg.models.dino, cfg.models.clip, sets, None, list(vocabulary))
-
-
 def up_to_date(
     registry: ModelRegistry,
     name: str,
@@ -162,7 +137,8 @@ def up_to_date(
         (stage1_fingerprints(cfg, b["index"], vocabulary)["merge"], b["index"])
         for b in ledger["batches"]
     ]
-    if last.get("key") != training_key(cfg, sets, vocabulary):
+    # the key: the from-scratch train fingerprint (a fine-tuned version is as up to date)
+    if last.get("key") != train_run(registry.store, cfg, sets, vocabulary).fp(TRAIN_STAGE):
         return None
     return last["version"] if "promotion" in registry.card(name, last["version"]) else None
 
@@ -268,9 +244,10 @@ def retrain_flow(
         evaluation=evaluation,
         reason=reason,
     )
-    ledger_.append_run(
+    ledger_.append(
         st,
         name,
+        "runs",
         {
             "new_images": found.new,
             "annotated": annotated,
@@ -323,11 +300,9 @@ def _train_and_decide(
     sets = batch_labels(st, cfg, ledger["batches"], vocabulary, common["storage_options"])
     champion = registry.champion(name)
     init = f"{name}:{champion}" if mode == "finetune" and champion else None
-    fp = train_fingerprint(
-        cfg, cfg.models.dino, cfg.models.clip, sets, None, list(vocabulary), init
-    )
-    train_sets_task(st, fp, cfg, sets, vocabulary, init)
-    model = model_summary(st, fp)
+    job = train_run(st, cfg, sets, vocabulary, init)
+    train_passes(job)
+    model = model_summary(st, job.fp(TRAIN_STAGE))
     version = model.version
     numbers = [b["batch"] for b in ledger["batches"]]
     registry.update_card(
@@ -354,15 +329,16 @@ def _train_and_decide(
     else:
         verdict = decide_and_record(registry, name, version, None, None, {"retrain": True})
         evaluation = Promotion(None, None, verdict.promote, verdict.reason)
-    ledger_.append_model(
+    ledger_.append(
         st,
         name,
+        "models",
         {
             "version": version,
             "batches": numbers,
             "mode": mode,
             "init_from": init,
-            "key": training_key(cfg, sets, vocabulary),
+            "key": train_run(st, cfg, sets, vocabulary).fp(TRAIN_STAGE),
             "promoted": evaluation.promoted,
             "reason": evaluation.reason,
         },

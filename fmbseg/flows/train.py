@@ -3,9 +3,10 @@
 The labels are a committed ``merge`` output (its fingerprint, or ``"latest"``: the most
 recently committed one). Its manifest records the lineage training needs: the index
 fingerprint (meta ``index``) and the vocabulary the labels were made with (meta
-``vocabulary``; ``category_id`` = position). The training stage is one Prefect task cached by
-the train fingerprint: a second run with the same labels and config is a cache hit that
-returns the model version already in the registry and trains nothing.
+``vocabulary``; ``category_id`` = position). Training is the declared stages of
+:mod:`fmbseg.tasks.train.stages`, each pass a Prefect task: the feature cache, then the
+training loop. A second run with the same labels and config is a cache hit that returns
+the model version already in the registry and trains nothing.
 """
 
 from __future__ import annotations
@@ -16,17 +17,16 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from fmbseg.config import Config
+from fmbseg.engine.stage import StageRun
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
-    StageProgress,
     configure,
     current_flow_run_id,
     image_markdown,
     markdown_artifact,
     open_store,
+    pass_task,
     record_lineage,
-    stage_task,
     table_artifact,
 )
 from fmbseg.models.locate import locate_weights
@@ -34,10 +34,10 @@ from fmbseg.storage.fingerprint import check_fingerprint
 from fmbseg.storage.models import CARD, WEIGHTS, ModelRegistry
 from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.annotate.common import VOCABULARY_KEY
-from fmbseg.tasks.train.data import vocabulary_names
 from fmbseg.tasks.train.features import STAGE as FEATURES_STAGE
 from fmbseg.tasks.train.promotion import promote_if_first
-from fmbseg.tasks.train.run import LABELS_STAGE, STAGE, run_train, train_fingerprint
+from fmbseg.tasks.train.run import LABELS_STAGE, STAGE
+from fmbseg.tasks.train.stages import DINO_FEATURES, TRAIN, feature_runs, train_run
 
 LOSS_CURVE = "loss_curve.png"  # the file run_train saves beside the weights
 
@@ -83,53 +83,19 @@ def resolve_labels(store: ArtifactStore, labels: str) -> TrainInputs:
     return TrainInputs(fp, manifest.meta["index"], tuple(manifest.meta[VOCABULARY_KEY]))
 
 
-def fingerprint_for(cfg: Config, inputs: TrainInputs) -> str:
-    """The train fingerprint :func:`run_train` commits for ``cfg`` and ``inputs``
-    (models built from ``cfg.models``)."""
-    names = vocabulary_names(list(inputs.vocabulary))
-    return train_fingerprint(
-        cfg, cfg.models.dino, cfg.models.clip, inputs.labels_fp, inputs.index_fp, names
-    )
-
-
-class TrainProgress:
-    """run_train's ``progress(report)`` -> one :class:`StageProgress` per reporting stage:
-    ``dino_features`` counts shards, ``train`` counts epochs."""
-
-    def __init__(self, fp: str) -> None:
-        self.fp = fp
-        self._stages: dict[str, StageProgress] = {}
-
-    def __call__(self, report: dict[str, Any]) -> None:
-        stage = report["stage"]
-        if stage == STAGE:
-            done, total, unit = report["epoch"], report["epochs"], "epochs"
-        else:
-            done, total, unit = report["shard"], report["shards"], "shards"
-        if stage not in self._stages:
-            fp = self.fp if stage == STAGE else ""
-            self._stages[stage] = StageProgress(stage, fp, unit=unit)
-        self._stages[stage](done, total)
-
-
 @task(name="resolve-labels", cache_policy=NO_CACHE, persist_result=False)
 def resolve_labels_task(store: ArtifactStore, labels: str) -> TrainInputs:
     """Which merge output to train on, its index and vocabulary (reads one manifest)."""
     return resolve_labels(store, labels)
 
 
-@stage_task(STAGE)
-def train_task(store: ArtifactStore, fp: str, cfg: Config, inputs: TrainInputs) -> str:
-    """Train (or resume) the alignment module; commit ``stages/train/{fp}`` -> model version."""
-    progress = TrainProgress(fp)
-    if not store.is_committed(STAGE, fp):
-        progress({"stage": STAGE, "epoch": 0, "epochs": cfg.train.epochs})
-    run_train(
-        store, cfg, inputs.labels_fp, inputs.index_fp, list(inputs.vocabulary), progress=progress
-    )
-    if not store.is_committed(STAGE, fp):  # the flow and run_train disagree on the fingerprint
-        raise RuntimeError(f"train finished but stage {STAGE}/{fp} is not committed")
-    return fp
+def train_passes(job: StageRun) -> None:
+    """The planned training run ``job`` as Prefect tasks: each label set's feature cache
+    (``dino_features``, progress in shards), then the epochs (``train``)."""
+    if job.cfg.train.cache_features:
+        for features in feature_runs(job):
+            pass_task((DINO_FEATURES,))(features)
+    pass_task((TRAIN,))(job)
 
 
 @dataclass(frozen=True)
@@ -251,9 +217,11 @@ def train_flow(
     locate_weights(cfg.models, ("dino", "clip"), storage_options)
     st = open_store(store, storage_options)
     inputs = resolve_labels_task(st, labels)
-    fp = fingerprint_for(cfg, inputs)
+    job = train_run(st, cfg, [(inputs.labels_fp, inputs.index_fp)], inputs.vocabulary)
+    fp = job.fp(STAGE)
     cached = st.is_committed(STAGE, fp)
-    train_task(st, fp, cfg, inputs)
+    if not cached:  # a cache hit runs nothing and reports no progress
+        train_passes(job)
     model = model_summary(st, fp)
     registry = ModelRegistry(st)
     promoted = promote_first and promote_if_first(registry, model.name, model.version)

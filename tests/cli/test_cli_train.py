@@ -118,7 +118,7 @@ def test_train_refuses_labels_that_are_paths(
 def trained_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """(store URI, an image path): a store holding one trained, unpromoted version."""
     from fmbseg.config import load_config
-    from fmbseg.tasks.train.run import run_train
+    from fmbseg.tasks.train.stages import run_train
     from tests.helpers.synthetic import VOCAB
     from tests.helpers.world import INDEX_FP
 

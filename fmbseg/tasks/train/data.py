@@ -166,22 +166,11 @@ def labelled_images(
     else:
         labels = np.zeros((0, crops_per_image, grid), np.int16)
         boxes = np.zeros((0, crops_per_image, 4), np.int32)
-    has = (labels >= 0).reshape(len(labels), -1).any(axis=1)
-    first = starts.tolist()
-    image_ids = [str(ids[s]) for s in first]
-    uri_col = records.column("image_uri")
-    uris = [uri_col[s].as_py() for s in first]
-    missing = 0
-    if all_image_ids is not None:
-        missing = len(set(all_image_ids) - set(image_ids))
-    keep = np.flatnonzero(has)
-    return LabelledImages(
-        image_ids=[image_ids[i] for i in keep],
-        uris=[uris[i] for i in keep],
-        labels=labels[keep],
-        boxes=boxes[keep],
-        without_labels=int((~has).sum()) + missing,
-    )
+    has = [bool(row.any()) for row in (labels >= 0).reshape(len(labels), -1)]
+    image_ids = [str(ids[s]) for s in starts.tolist()]
+    uris = records.column("image_uri").take(pa.array(starts, pa.int64())).to_pylist()
+    missing = len(set(all_image_ids) - set(image_ids)) if all_image_ids is not None else 0
+    return restrict_to(LabelledImages(image_ids, uris, labels, boxes, missing), has)
 
 
 def restrict_to(data: LabelledImages, keep: Sequence[bool]) -> LabelledImages:

@@ -1,10 +1,10 @@
 """Stage `dino_features`: frozen DINOv2 patch features of every indexed image, cached.
 
 Training reads each image's patch features once per epoch; recomputing DINOv2 ViT-L every
-epoch (and on every rerun) dominates the cost, so they are a stage of their own:
+epoch (and on every rerun) dominates the cost, so they are a stage of their own
+(:data:`fmbseg.tasks.train.stages.DINO_FEATURES`: encoder, weights, input size, crops per
+image, index fingerprint):
 
-    fingerprint = (code version, encoder name, encoder weights, input size, crops per image,
-                   index fingerprint)
     records     = one row per training crop: image_id [string], crop [int32] (its slot),
                   resized_h, resized_w, y0, x0 [int32] (its box), num_patches N, dim C
                   [int32], features [binary: (N, C) float16, row-major patches]
@@ -12,36 +12,39 @@ epoch (and on every rerun) dominates the cost, so they are a stage of their own:
                   image_ids: one list per shard}
                   (the id -> shard map, so readers need not open every part)
 
-The stage runs on the shard runner (:mod:`fmbseg.engine.runner`): Ray actors each build the
-encoder once. Each image is resized so its short side is ``input_size`` and its training
-crops (:mod:`fmbseg.tasks.train.crops`, a function of the image alone) are cut, normalised
-with the encoder's own :class:`~fmbseg.models.base.Preprocess` and encoded: the cache is keyed
+Each image is resized so its short side is ``input_size`` and its training crops
+(:mod:`fmbseg.tasks.train.crops`, a function of the image alone) are cut, normalised with
+the encoder's own :class:`~fmbseg.models.base.Preprocess` and encoded: the cache is keyed
 per crop, because a crop's features are not a crop of the whole image's features (DINOv2's
-tokens attend to the whole input). :mod:`fmbseg.tasks.train.patch_labels` labels the same crops.
-Images that fail to load get a row in the stage's errors table and no features.
+tokens attend to the whole input). :mod:`fmbseg.tasks.train.patch_labels` labels the same
+crops. Images that fail to load get a row in the stage's errors table and no features.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from fmbseg.config import RuntimeConfig
-from fmbseg.engine.runner import errors_table, plan_shards, run_stage
+from fmbseg.engine.runner import errors_table, plan_shards
+from fmbseg.engine.stage import Prepared, StageRun
 from fmbseg.models.base import PatchEncoder
-from fmbseg.storage.fingerprint import fingerprint
 from fmbseg.storage.records import error_row
 from fmbseg.storage.store import ArtifactStore, Manifest, NotCommittedError
+from fmbseg.tasks.annotate.common import INDEX_STAGE
+from fmbseg.tasks.annotate.index import read_index
 from fmbseg.tasks.train.crops import CropBox, crop_boxes, crop_inputs
 
+if TYPE_CHECKING:
+    from fmbseg.tasks.train.sets import Training
+
+log = logging.getLogger(__name__)
 STAGE = "dino_features"
-CODE_VERSION = "2"  # 2: short-side resize + crops, one row per crop (1: squash)
 FEATURE_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
@@ -55,9 +58,6 @@ FEATURE_SCHEMA = pa.schema(
         pa.field("features", pa.binary(), nullable=False),  # (N, C) float16, row-major
     ]
 )
-
-Progress = Callable[[dict[str, Any]], None]
-EncoderFactory = Callable[[torch.device], PatchEncoder]
 
 
 def check_input_size(encoder: PatchEncoder, input_size: int) -> int:
@@ -93,154 +93,107 @@ def load_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.nd
     return decode_image(read_bytes(uri, storage_options or {}), uri)
 
 
-def features_fingerprint(
-    encoder_name: str, weights: str | None, input_size: int, index_fp: str, crops_per_image: int
-) -> str:
-    return fingerprint(
-        STAGE,
-        CODE_VERSION,
-        {
-            "encoder": encoder_name,
-            "weights": weights,
-            "input_size": input_size,
-            "crops_per_image": crops_per_image,
-        },
-        {"index": index_fp},
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_encoder(job: StageRun, device: torch.device) -> PatchEncoder:
+    """A training run's encoder on ``device``: its prebuilt one (``given.encoder``, tests) or
+    ``cfg.models.dino`` at ``train.input_size``."""
+    given: Training = job.given
+    if given.encoder is not None:
+        return given.encoder
+    from fmbseg.models.registry import build_from_config
+
+    cfg = job.cfg
+    log.info("building dino model %s on %s", cfg.models.dino, device)
+    encoder: PatchEncoder = build_from_config(
+        cfg.models,
+        "dino",
+        device,
+        store_options=job.store.storage_options,
+        img_size=cfg.train.input_size,
     )
+    return encoder
 
 
-def build_feature_cache(
-    store: ArtifactStore,
-    encoder_name: str,
-    weights: str | None,
-    input_size: int,
-    index_fp: str,
-    images: pa.Table,
-    *,
-    crops_per_image: int,
-    encoder_factory: EncoderFactory,
-    runtime: RuntimeConfig,
-    batch_size: int,
-    storage_options: dict[str, Any] | None = None,
-    progress: Progress | None = None,
-) -> str:
-    """Compute and commit the features of the training crops of ``images`` (columns
-    image_id, uri; up to ``crops_per_image`` crops each); returns the fingerprint.
+def parts(job: StageRun) -> dict[str, Any]:
+    """What the features depend on (the fingerprint's config, also in the manifest meta)."""
+    t = job.cfg.train
+    return {
+        "encoder": job.given.encoder_name(job.cfg),
+        "weights": job.cfg.models.dino_weights,
+        "input_size": t.input_size,
+        "crops_per_image": t.crops_per_image,
+    }
 
-    Fans out over shards of ``runtime.shard_size`` images with the shard runner (Ray actors
-    each build their encoder once with ``encoder_factory(device)``; ``"local"`` runs in this
-    process). Already committed: returns at once; shards written by an interrupted run are
-    kept.
-    """
-    fp = features_fingerprint(encoder_name, weights, input_size, index_fp, crops_per_image)
-    ids = images.column("image_id").to_pylist()
-    uris = images.column("uri").to_pylist()
+
+def prepare(job: StageRun) -> Prepared:
+    """The shards of ``job.fps["index"]``'s images (``runtime.shard_size`` each), encoded by
+    :class:`FeatureWorker` (``train.batch_size`` crops per encoder call)."""
+    index = read_index(job.store, job.fp(INDEX_STAGE))
+    ids, uris = index.column("image_id").to_pylist(), index.column("uri").to_pylist()
     specs = [
         {"image_ids": ids[r.start : r.stop], "uris": uris[r.start : r.stop]}
-        for r in plan_shards(len(ids), runtime.shard_size)
+        for r in plan_shards(len(ids), job.cfg.runtime.shard_size)
     ]
-    worker = functools.partial(
-        FeatureWorker,
-        encoder_factory,
-        runtime.device,
-        input_size,
-        crops_per_image,
-        batch_size,
-        storage_options,
-    )
-    meta = {
-        "encoder": encoder_name,
-        "weights": weights,
-        "input_size": input_size,
-        "crops_per_image": crops_per_image,
-        "image_ids": [spec["image_ids"] for spec in specs],
-    }
-    tick = None
-    if progress is not None:
-
-        def tick(done: int, total: int) -> None:
-            progress({"stage": STAGE, "shard": done, "shards": total})
-
-    run_stage(store, STAGE, fp, specs, worker, runtime, use_gpu=True, progress=tick, meta=meta)
-    return fp
+    meta = {**parts(job), "image_ids": [spec["image_ids"] for spec in specs]}
+    return Prepared(specs, functools.partial(FeatureWorker, job), meta)
 
 
 class FeatureWorker:
     """Shard worker of `dino_features`: builds its encoder once, encodes a shard's crops."""
 
-    def __init__(
-        self,
-        encoder_factory: EncoderFactory,
-        device: str,
-        input_size: int,
-        crops_per_image: int,
-        batch_size: int,
-        storage_options: dict[str, Any] | None,
-    ) -> None:
-        self.device = torch.device(
-            "cuda"
-            if device == "auto" and torch.cuda.is_available()
-            else "cpu"
-            if device == "auto"
-            else device
-        )
-        self.encoder = encoder_factory(self.device)
-        check_input_size(self.encoder, input_size)
-        self.args = (input_size, crops_per_image, batch_size, self.device, storage_options)
+    def __init__(self, job: StageRun) -> None:
+        self.train, self.options = job.cfg.train, job.store.storage_options
+        self.device = resolve_device(job.cfg.runtime.device)
+        self.encoder = build_encoder(job, self.device)
+        check_input_size(self.encoder, self.train.input_size)
 
     def process(self, shard: int, spec: dict[str, list[str]]) -> tuple[pa.Table, pa.Table]:
-        return _encode_shard(self.encoder, spec["image_ids"], spec["uris"], *self.args)
+        """Features of the shard's crops (``FEATURE_SCHEMA``; ``train.batch_size`` crops per
+        encoder call) and its errors table."""
+        size, encoder = self.train.input_size, self.encoder
+        out: dict[str, list[Any]] = {name: [] for name in FEATURE_SCHEMA.names}
+        errors = []
+        pending: list[tuple[str, int, CropBox, torch.Tensor]] = []
 
-
-def _encode_shard(
-    encoder: PatchEncoder,
-    ids: Sequence[str],
-    uris: Sequence[str],
-    size: int,
-    crops_per_image: int,
-    batch_size: int,
-    device: torch.device,
-    storage_options: dict[str, Any] | None,
-) -> tuple[pa.Table, pa.Table]:
-    """Features of one shard's crops (``FEATURE_SCHEMA``; ``batch_size`` crops per encoder
-    call) and its errors table."""
-    out: dict[str, list[Any]] = {name: [] for name in FEATURE_SCHEMA.names}
-    errors = []
-    pending: list[tuple[str, int, CropBox, torch.Tensor]] = []
-
-    def flush() -> None:
-        feats = encode_batch(encoder, torch.stack([p[3] for p in pending]), device)
-        for (image_id, j, box, _), f in zip(
-            pending, feats.to(torch.float16).cpu().numpy(), strict=True
-        ):
-            out["image_id"].append(image_id)
-            out["crop"].append(j)
-            for key, value in zip(
-                ("resized_h", "resized_w", "y0", "x0"), box.as_tuple(), strict=True
+        def flush() -> None:
+            feats = encode_batch(encoder, torch.stack([p[3] for p in pending]), self.device)
+            for (image_id, j, box, _), f in zip(
+                pending, feats.to(torch.float16).cpu().numpy(), strict=True
             ):
-                out[key].append(value)
-            out["num_patches"].append(f.shape[0])
-            out["dim"].append(f.shape[1])
-            out["features"].append(np.ascontiguousarray(f).tobytes())
-        pending.clear()
+                out["image_id"].append(image_id)
+                out["crop"].append(j)
+                for key, value in zip(
+                    ("resized_h", "resized_w", "y0", "x0"), box.as_tuple(), strict=True
+                ):
+                    out[key].append(value)
+                out["num_patches"].append(f.shape[0])
+                out["dim"].append(f.shape[1])
+                out["features"].append(np.ascontiguousarray(f).tobytes())
+            pending.clear()
 
-    for image_id, uri in zip(ids, uris, strict=True):
-        try:
-            image = load_image(uri, storage_options)
-        except Exception as exc:  # noqa: BLE001 - recorded, the image is skipped
-            errors.append(error_row(image_id, uri, STAGE, type(exc).__name__, str(exc)))
-            continue
-        h, w = image.shape[:2]
-        boxes = crop_boxes(image_id, h, w, size, crops_per_image)
-        for j, (box, x) in enumerate(
-            zip(boxes, crop_inputs(image, boxes, encoder.preprocess, size), strict=True)
-        ):
-            pending.append((image_id, j, box, x))
-            if len(pending) == batch_size:
-                flush()
-    if pending:
-        flush()
-    return pa.table(out, schema=FEATURE_SCHEMA), errors_table(errors)
+        for image_id, uri in zip(spec["image_ids"], spec["uris"], strict=True):
+            try:
+                image = load_image(uri, self.options)
+            except Exception as exc:  # noqa: BLE001 - recorded, the image is skipped
+                errors.append(error_row(image_id, uri, STAGE, type(exc).__name__, str(exc)))
+                continue
+            h, w = image.shape[:2]
+            boxes = crop_boxes(image_id, h, w, size, self.train.crops_per_image)
+            for j, (box, x) in enumerate(
+                zip(boxes, crop_inputs(image, boxes, encoder.preprocess, size), strict=True)
+            ):
+                pending.append((image_id, j, box, x))
+                if len(pending) == self.train.batch_size:
+                    flush()
+        if pending:
+            flush()
+        return pa.table(out, schema=FEATURE_SCHEMA), errors_table(errors)
 
 
 class FeatureCache:

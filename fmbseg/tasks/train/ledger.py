@@ -54,9 +54,13 @@ def read_ledger(store: ArtifactStore, model_name: str) -> dict[str, Any]:
     return ledger
 
 
-def _update(store: ArtifactStore, model_name: str, key: str, entry: dict[str, Any]) -> dict:
+def append(store: ArtifactStore, model_name: str, key: str, entry: dict[str, Any]) -> dict:
+    """Record ``entry`` (stamped ``at``) under ``key``: ``batches`` (:func:`append_batch`),
+    ``models`` (a trained version and its promotion decision) or ``runs`` (what one retrain
+    run did). Returns the ledger."""
     ledger = read_ledger(store, model_name)
-    ledger[key] = [*ledger[key], entry][-MAX_RUNS:] if key == "runs" else [*ledger[key], entry]
+    entries = [*ledger[key], {**entry, "at": now()}]
+    ledger[key] = entries[-MAX_RUNS:] if key == "runs" else entries
     store.write_json(ledger_rel(model_name), ledger)
     return ledger
 
@@ -68,17 +72,7 @@ def append_batch(store: ArtifactStore, model_name: str, entry: dict[str, Any]) -
     if any(b["index"] == entry["index"] for b in ledger["batches"]):
         return ledger
     number = max((b["batch"] for b in ledger["batches"]), default=0) + 1
-    return _update(store, model_name, "batches", {**entry, "batch": number, "at": now()})
-
-
-def append_model(store: ArtifactStore, model_name: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """Record a trained version (and its promotion decision)."""
-    return _update(store, model_name, "models", {**entry, "at": now()})
-
-
-def append_run(store: ArtifactStore, model_name: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """Record what one retrain run did (also when it found nothing new)."""
-    return _update(store, model_name, "runs", {**entry, "at": now()})
+    return append(store, model_name, "batches", {**entry, "batch": number})
 
 
 def covered_uris(store: ArtifactStore, batches: Sequence[dict[str, Any]]) -> set[str]:

@@ -13,18 +13,50 @@ the shape this config would build, and its encoder must be the one features come
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fmbseg.config import Config
 from fmbseg.models.align import CARD_KIND, AlignmentConfig, IncompatibleModelError
-from fmbseg.storage.fingerprint import canonical_json
-from fmbseg.storage.models import ModelRef, ModelRegistry
+from fmbseg.models.base import DenseClip, PatchEncoder
+from fmbseg.storage.fingerprint import canonical_json, content_hash
+from fmbseg.storage.models import ModelRegistry
 from fmbseg.tasks.train.crops import CropBox
 from fmbseg.tasks.train.data import LabelledImages
 from fmbseg.tasks.train.features import FeatureCache
 
 LabelSet = tuple[str, str]  # (merge fingerprint, index fingerprint)
+
+
+@dataclass(frozen=True)
+class Training:
+    """What the user chose for one training run: ``StageRun.given`` of the training stages
+    (the class names are ``StageRun.vocabulary``)."""
+
+    sets: tuple[LabelSet, ...]  # oldest first
+    init: str | None = None  # the ``name:version`` fine-tuning starts from; None: from scratch
+    encoder: PatchEncoder | None = None  # prebuilt models (tests); None: built from cfg.models
+    text_model: DenseClip | None = None
+
+    def encoder_name(self, cfg: Config) -> str:
+        return self.encoder.name if self.encoder is not None else cfg.models.dino
+
+    def text_name(self, cfg: Config) -> str:
+        return getattr(self.text_model, "name", None) or cfg.models.clip
+
+    def inputs(self, vocabulary: Sequence[str]) -> dict[str, str]:
+        """The train fingerprint's inputs: one set as ``labels`` and ``index`` (as single-set
+        runs always had), several as ``label_sets`` in order; ``init`` when fine-tuning; the
+        vocabulary's hash."""
+        if len(self.sets) == 1:
+            out = {"labels": self.sets[0][0], "index": self.sets[0][1]}
+        else:
+            out = {"label_sets": canonical_json([list(p) for p in self.sets])}
+        if self.init is not None:
+            out["init"] = self.init
+        return {**out, "vocabulary": content_hash(canonical_json(list(vocabulary)).encode())}
 
 
 def label_sets(labels: str | Sequence[Sequence[str]], index_fp: str | None) -> list[LabelSet]:
@@ -44,19 +76,6 @@ def label_sets(labels: str | Sequence[Sequence[str]], index_fp: str | None) -> l
     if len(set(pairs)) != len(pairs):
         raise ValueError(f"label sets repeat a pair: {pairs}")
     return [(str(a), str(b)) for a, b in pairs]
-
-
-def sets_inputs(sets: Sequence[LabelSet], init: str | None = None) -> dict[str, str]:
-    """The train fingerprint's label inputs. One set: ``{"labels", "index"}`` (what a
-    single-pair run always had, so its fingerprints are unchanged); several: all pairs in
-    order. ``init``: the ``name:version`` training starts from, when fine-tuning."""
-    if len(sets) == 1:
-        out = {"labels": sets[0][0], "index": sets[0][1]}
-    else:
-        out = {"label_sets": canonical_json([list(p) for p in sets])}
-    if init is not None:
-        out["init"] = init
-    return out
 
 
 def unite(parts: Sequence[LabelledImages]) -> LabelledImages:
@@ -122,22 +141,18 @@ class FeatureCaches:
         return self.caches[self._which(image_id)].box(image_id, crop)
 
 
-def resolve_init(registry: ModelRegistry, ref: str, model_name: str) -> ModelRef:
-    """A registry reference (``champion``, ``vNNNN``, ``name:version``...) -> its version."""
-    return registry.resolve(ref, model_name)
-
-
 def init_state(
-    registry: ModelRegistry, ref: ModelRef, mcfg: AlignmentConfig, encoder_name: str
+    registry: ModelRegistry, ref: str, mcfg: AlignmentConfig, encoder_name: str
 ) -> dict[str, Any]:
-    """The weights of ``ref`` to start from, after checking they fit the module to train.
+    """The weights of ``ref`` (``name:version``) to start from, after checking they fit the
+    module to train.
 
     Raises:
         IncompatibleModelError: another module shape or another encoder; the message says
             which fields differ and that ``mode=scratch`` trains anew.
     """
-    tensors, card, _ = registry.load_ref(f"{ref.name}:{ref.version}")
-    where = f"init_from {ref.name}:{ref.version}"
+    tensors, card, _ = registry.load_ref(ref)
+    where = f"init_from {ref}"
     if card.get("kind") != CARD_KIND:
         raise IncompatibleModelError(
             f"{where} is not an alignment module (kind {card.get('kind')!r})"

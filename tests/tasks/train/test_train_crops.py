@@ -19,7 +19,7 @@ from fmbseg.storage.records import MaskRecords
 from fmbseg.tasks.train.crops import CropBox, crop_boxes, crop_inputs, resized_short_side
 from fmbseg.tasks.train.data import EpochOrder, PatchDataset, labelled_images
 from fmbseg.tasks.train.patch_labels import crop_patch_labels, majority_labels
-from fmbseg.tasks.train.run import train_fingerprint
+from fmbseg.tasks.train.stages import feature_runs, train_run
 from tests.helpers.synthetic import PALETTE, VOCAB, ColourClip, Scene, decode_classes
 from tests.helpers.world import ColourDino, records_for
 from tests.tasks.train.conftest import tiny_config
@@ -160,16 +160,19 @@ def test_crops_cover_different_regions_across_epochs_and_seeds(tmp_path: Path) -
 
 
 def test_fingerprints_change_with_the_training_geometry() -> None:
-    new = feat.features_fingerprint("dino", None, 56, "idx", 2)
-    old = fingerprint(  # what the squashing stage (code version 1) was keyed by
-        feat.STAGE, "1", {"encoder": "dino", "weights": None, "input_size": 56}, {"index": "idx"}
-    )
-    assert new != old and new != feat.features_fingerprint("dino", None, 56, "idx", 1)
+    def features_fp(cfg):
+        (job,) = feature_runs(train_run(None, cfg, [("labels", "idx")], VOCAB))
+        return job.fp(feat.STAGE)
+
     cfg = tiny_config()
-    args = ("enc", "txt", "labels", "idx", list(VOCAB))
-    two = train_fingerprint(cfg, *args)
     one = replace(cfg, train={"crops_per_image": 1})
-    assert train_fingerprint(one, *args) != two
+    new = features_fp(cfg)
+    parts = {"encoder": "dinov2_tiny", "weights": None, "input_size": 56}
+    old = fingerprint(feat.STAGE, "1", parts, {"index": "idx"})  # the squashing stage's (v1)
+    assert new == fingerprint(feat.STAGE, "2", {**parts, "crops_per_image": 2}, {"index": "idx"})
+    assert new != old and new != features_fp(one)
+    two = train_run(None, cfg, [("labels", "idx")], VOCAB).fp("train")
+    assert train_run(None, one, [("labels", "idx")], VOCAB).fp("train") != two
 
 
 def test_an_image_that_changed_size_since_labelling_is_an_error(tmp_path: Path) -> None:

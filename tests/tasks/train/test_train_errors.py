@@ -12,7 +12,7 @@ from fmbseg.storage import ArtifactStore
 from fmbseg.storage.models import ModelNotFoundError, ModelRegistry
 from fmbseg.storage.records import MaskRecords, mask_row
 from fmbseg.tasks.train.data import EpochOrder, NoLabelledPatchesError
-from fmbseg.tasks.train.run import run_train
+from fmbseg.tasks.train.stages import run_train
 from tests.helpers.synthetic import VOCAB, ColourClip, make_scene
 from tests.helpers.world import INDEX_FP, LABELS_FP, ColourDino, commit_table
 from tests.tasks.train.conftest import tiny_config

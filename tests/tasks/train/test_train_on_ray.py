@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fmbseg.storage import ModelRegistry
-from fmbseg.tasks.train.run import run_train
+from fmbseg.tasks.train.stages import run_train
 from tests.helpers.synthetic import VOCAB
 from tests.helpers.world import INDEX_FP, LABELS_FP
 from tests.integration.ray_nodes import ray_env
@@ -25,7 +25,7 @@ import json, os, sys
 from pathlib import Path
 import ray
 from fmbseg.storage import ModelRegistry
-from fmbseg.tasks.train.run import run_train
+from fmbseg.tasks.train.stages import run_train
 from fmbseg.tasks.train.loop import load_checkpoint
 from tests.helpers.synthetic import VOCAB
 from tests.tasks.train.conftest import tiny_config
@@ -37,14 +37,13 @@ cfg = tiny_config("runtime.executor=ray", "train.epochs=2", "runtime.device=cpu"
                   "runtime.num_workers=1", "runtime.gpus_per_worker=1")
 reports = []
 name, version = run_train(world.store, cfg, LABELS_FP, INDEX_FP, list(VOCAB),
-                          progress=reports.append)
+                          progress=lambda done, total: reports.append((done, total)))
 card = ModelRegistry(world.store).card(name, version)
 fp = card["data"]["train_fp"]
 again = run_train(world.store, cfg, LABELS_FP, INDEX_FP, list(VOCAB))
 print(json.dumps({
     "driver_pid": os.getpid(), "driver_node": ray.get_runtime_context().get_node_id(),
-    "trained_in": card["trained_in"], "epochs": [r["epoch"] for r in reports
-                                                 if r["stage"] == "train"],
+    "trained_in": card["trained_in"], "epochs": reports,
     "losses": card["epoch_losses"], "checkpoint_epoch": load_checkpoint(world.store, fp)["epoch"],
     "committed": world.store.manifest("train", fp).meta, "again": list(again),
     "version": version, "name": name,
@@ -68,7 +67,11 @@ def test_training_runs_in_a_ray_worker_when_the_cluster_has_gpus(tmp_path: Path)
     where = out["trained_in"]
     assert where["pid"] != out["driver_pid"]  # not the driver: a Ray worker process
     assert where["ray_node"] == out["driver_node"] and where["device"] == "cpu"
-    assert out["epochs"] == [1, 2]  # the worker's epoch reports reached the driver
+    assert out["epochs"] == [
+        [0, 2],
+        [1, 2],
+        [2, 2],
+    ]  # the worker's epoch reports reached the driver
     assert len(out["losses"]) == 2
     assert out["checkpoint_epoch"] == 2  # checkpoints and commit in the store, as locally
     assert out["committed"] == {"model": out["name"], "version": out["version"]}

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pyarrow as pa
 import pytest
 import torch
 
 import fmbseg.tasks.train.features as feat
+from fmbseg.config import to_dict
 from fmbseg.segment import IncompatibleModelError
+from fmbseg.storage.fingerprint import canonical_json, content_hash, fingerprint
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.records import MaskRecords
-from fmbseg.tasks.train.run import run_train, train_fingerprint
+from fmbseg.tasks.train.sets import label_sets
+from fmbseg.tasks.train.stages import run_train, train_run
 from tests.helpers.synthetic import VOCAB
 from tests.helpers.world import INDEX_FP, LABELS_FP, commit_table, records_for
 from tests.tasks.train.conftest import tiny_config
@@ -36,11 +41,19 @@ def add_second_batch(world) -> list:
     return scenes
 
 
+ENC, TXT = SimpleNamespace(name="enc"), SimpleNamespace(name="txt")  # models by name only
+
+
+def train_fp(cfg, labels, index=None, init=None, **models) -> str:
+    sets = label_sets(labels, index)
+    return train_run(None, cfg, sets, list(VOCAB), init, **models).fp("train")
+
+
 def test_fingerprint_covers_every_pair_in_order_and_the_init() -> None:
-    cfg, names = tiny_config(), list(VOCAB)
+    cfg = tiny_config()
 
     def fp(labels, index=None, init=None):
-        return train_fingerprint(cfg, "enc", "txt", labels, index, names, init)
+        return train_fp(cfg, labels, index, init, encoder=ENC, text_model=TXT)
 
     single = fp(LABELS_FP, INDEX_FP)
     assert fp([(LABELS_FP, INDEX_FP)]) == single  # one pair, either form: same fingerprint
@@ -52,6 +65,34 @@ def test_fingerprint_covers_every_pair_in_order_and_the_init() -> None:
         fp([(LABELS_FP, INDEX_FP)], INDEX_FP)
     with pytest.raises(ValueError, match="repeat"):
         fp([(LABELS_FP, INDEX_FP), (LABELS_FP, INDEX_FP)])
+
+
+def test_train_fingerprint_is_the_one_committed_stores_were_keyed_by() -> None:
+    cfg = tiny_config()
+    train = {k: v for k, v in to_dict(cfg.train).items() if k != "num_loader_workers"}
+    parts = {
+        "train": train,
+        "encoder": "enc",
+        "encoder_weights": None,
+        "text": "txt",
+        "text_weights": None,
+    }
+    vocabulary = content_hash(canonical_json(list(VOCAB)).encode())
+    one = {"labels": LABELS_FP, "index": INDEX_FP, "vocabulary": vocabulary}
+    assert train_fp(cfg, LABELS_FP, INDEX_FP, encoder=ENC, text_model=TXT) == fingerprint(
+        "train", "2", parts, one
+    )
+    pairs = [(LABELS_FP, INDEX_FP), (LABELS_B, INDEX_B)]
+    two = {
+        "label_sets": canonical_json([list(p) for p in pairs]),
+        "init": "fmbseg-align:v0001",
+        "vocabulary": vocabulary,
+    }
+    tuned = train_fp(cfg, pairs, None, "fmbseg-align:v0001", encoder=ENC, text_model=TXT)
+    assert tuned == fingerprint("train", "2", parts, two)
+    # no prebuilt models: the names cfg.models gives
+    named = {**parts, "encoder": "dinov2_tiny", "text": "clip_tiny"}
+    assert train_fp(cfg, LABELS_FP, INDEX_FP) == fingerprint("train", "2", named, one)
 
 
 def test_union_of_label_sets_and_finetune_from_a_version(world, encoder, text_model) -> None:

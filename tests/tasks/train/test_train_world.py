@@ -10,14 +10,16 @@ import pytest
 import torch
 
 import fmbseg.tasks.train.features as feat
+from fmbseg.engine.stage import run
 from fmbseg.segment import OpenVocabSegmenter, write_outputs
 from fmbseg.storage import ArtifactStore
+from fmbseg.storage.fingerprint import fingerprint
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.tasks.train.crops import CropBox, crop_boxes, crop_inputs
 from fmbseg.tasks.train.loop import load_checkpoint
-from fmbseg.tasks.train.run import run_train
+from fmbseg.tasks.train.stages import DINO_FEATURES, feature_runs, run_train, train_run
 from tests.helpers.synthetic import VOCAB, make_scene
-from tests.helpers.world import INDEX_FP, LABELS_FP, make_world
+from tests.helpers.world import INDEX_FP, LABELS_FP, commit_table, make_world
 from tests.tasks.train.conftest import tiny_config
 
 
@@ -40,13 +42,12 @@ def test_train_reaches_accuracy_and_reloads(world, encoder, text_model, tmp_path
         LABELS_FP,
         INDEX_FP,
         list(VOCAB),
-        progress=events.append,
+        progress=lambda done, total: events.append((done, total)),
         encoder=encoder,
         text_model=text_model,
     )
     assert (name, version) == ("fmbseg-align", "v0001")
-    epochs = [e for e in events if e["stage"] == "train"]
-    assert [e["epoch"] for e in epochs] == list(range(1, 13))
+    assert events == [(epoch, 12) for epoch in range(13)]  # before the first epoch, then each
 
     # features were cached once (2 shards of 8 images, 2 crops each, batches of 2 crops),
     # not recomputed per epoch
@@ -166,8 +167,8 @@ def test_resume_after_epoch_k_equals_uninterrupted(tmp_path, encoder, text_model
 
     part = make_world(tmp_path / "b", n_train=6, n_held=0)
 
-    def stop_after_2(event):
-        if event["stage"] == "train" and event["epoch"] == 2:
+    def stop_after_2(done, total):
+        if done == 2:
             raise Stop
 
     with pytest.raises(Stop):
@@ -189,11 +190,11 @@ def test_resume_after_epoch_k_equals_uninterrupted(tmp_path, encoder, text_model
         LABELS_FP,
         INDEX_FP,
         list(VOCAB),
-        progress=events.append,
+        progress=lambda done, total: events.append((done, total)),
         encoder=encoder,
         text_model=text_model,
     )
-    assert [e["epoch"] for e in events if e["stage"] == "train"] == [3]  # resumed, not redone
+    assert events == [(2, 3), (3, 3)]  # resumed after epoch 2: only epoch 3 is run
     got, got_card = ModelRegistry(part.store).load("fmbseg-align")
     assert got.keys() == want.keys()
     for k in want:
@@ -231,26 +232,20 @@ def test_feature_cache_skips_unreadable_images_and_resumes(tmp_path, encoder) ->
             Image.fromarray(sc.image).save(path)
         ids.append(sc.image_id)
         uris.append(str(path))
-    table = pa.table({"image_id": ids, "uri": uris})
-    dev = torch.device("cpu")
+    index = pa.table({"image_id": ids, "uri": uris, "width": [80] * 5, "height": [48] * 5})
+    commit_table(store, "index", "idx", index)
+    # tiny: 56-pixel crops, 2 per image, 2 per encoder call; the encoder named colour_dino
+    cfg = tiny_config("runtime.shard_size=2")
+    (job,) = feature_runs(train_run(store, cfg, [("labels", "idx")], VOCAB, encoder=encoder))
+    fp = job.fp(feat.STAGE)
+    parts = {"encoder": "colour_dino", "weights": None, "input_size": 56, "crops_per_image": 2}
+    assert fp == fingerprint(feat.STAGE, "2", parts, {"index": "idx"})
     # an interrupted run left shard 0 written; only shards 1 and 2 are encoded now
-    fp = feat.features_fingerprint(encoder.name, None, 56, "idx", 2)
-    part, _ = feat._encode_shard(encoder, ids[:2], uris[:2], 56, 2, 2, dev, None)
+    part, _ = feat.FeatureWorker(job).process(0, {"image_ids": ids[:2], "uris": uris[:2]})
     store.write_shard(feat.STAGE, fp, 0, part)
     calls = encoder.calls
-    got = feat.build_feature_cache(
-        store,
-        encoder.name,
-        None,
-        56,
-        "idx",
-        table,
-        crops_per_image=2,
-        encoder_factory=lambda device: encoder,
-        runtime=tiny_config("runtime.shard_size=2").runtime,
-        batch_size=2,
-    )
-    assert got == fp and encoder.calls == calls + 2  # 2 crops per image, 2 crops per call
+    assert run((DINO_FEATURES,), job) == {feat.STAGE: fp}
+    assert encoder.calls == calls + 2  # 2 crops per image, 2 crops per call
     errors = store.read_table(feat.STAGE, fp, kind="errors")
     assert errors.column("image_id").to_pylist() == [ids[3]]
     cache = feat.FeatureCache(store, fp)
