@@ -89,6 +89,10 @@ class Stage:
             remain or only ``finish`` does (export clears a killed run's temp files).
         finish: ``finish(run)``: after the commit (export writes its dataset files).
         timed: record the pass's wall time in the manifest meta.
+        named: ``named(run) -> {name: fingerprint or content hash}``: inputs that are not
+            upstream stages of this list (training's label sets, its initial model, the
+            vocabulary's hash), hashed beside ``inputs``.
+        unit: what the stage's ``progress(done, total)`` counts (a body stage: its own).
     """
 
     name: str
@@ -103,6 +107,8 @@ class Stage:
     before: Callable[[StageRun], None] | None = None
     finish: Callable[[StageRun], None] | None = None
     timed: bool = False
+    named: Callable[[StageRun], Mapping[str, str]] | None = None
+    unit: str = "shards"
 
     def __post_init__(self) -> None:
         if (self.prepare is None) == (self.body is None):
@@ -110,9 +116,10 @@ class Stage:
 
     def fingerprint(self, run: StageRun) -> str:
         """hash(name, version, parts, input fingerprints): the stage's output version."""
-        return fingerprint(
-            self.name, self.version, self.parts(run), {s: run.fps[s] for s in self.inputs}
-        )
+        inputs = {s: run.fps[s] for s in self.inputs}
+        if self.named is not None:
+            inputs.update(self.named(run))
+        return fingerprint(self.name, self.version, self.parts(run), inputs)
 
 
 def plan(stages: Sequence[Stage], job: StageRun) -> dict[str, str]:
@@ -156,7 +163,8 @@ def run(
         manifest = store.manifest(stage.name, job.fp(stage.name))
         if manifest is not None and _whole(stage, job):
             report(cached_message(store, manifest))
-            if (p := progress.get(stage.name)) is not None:
+            # a body stage's total (epochs) is its own: a reused one reports none
+            if stage.prepare is not None and (p := progress.get(stage.name)) is not None:
                 p(manifest.num_shards, manifest.num_shards)
             continue
         todo.append(stage)

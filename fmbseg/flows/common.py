@@ -229,7 +229,9 @@ def pass_task(stages: Sequence[Stage]) -> Task[..., dict[str, str]]:
     if declared not in _PASS_TASKS:
 
         def run_pass(job: StageRun) -> dict[str, str]:
-            progress = {s.name: StageProgress(s.name, job.fp(s.name)) for s in declared}
+            progress = {
+                s.name: StageProgress(s.name, job.fp(s.name), unit=s.unit) for s in declared
+            }
             return run_stages(declared, job, progress)
 
         _PASS_TASKS[declared] = stage_task(name, cache_key=pass_cache_key(declared))(run_pass)

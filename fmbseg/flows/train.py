@@ -91,8 +91,9 @@ def resolve_labels_task(store: ArtifactStore, labels: str) -> TrainInputs:
 
 def train_passes(job: StageRun) -> None:
     """The planned training run ``job`` as Prefect tasks: each label set's feature cache
-    (``dino_features``, progress in shards), then the epochs (``train``)."""
-    if job.cfg.train.cache_features:
+    (``dino_features``, progress in shards; not needed once ``train`` is committed), then
+    the epochs (``train``)."""
+    if job.cfg.train.cache_features and not job.store.is_committed(TRAIN.name, job.fp(TRAIN.name)):
         for features in feature_runs(job):
             pass_task((DINO_FEATURES,))(features)
     pass_task((TRAIN,))(job)
@@ -220,8 +221,7 @@ def train_flow(
     job = train_run(st, cfg, [(inputs.labels_fp, inputs.index_fp)], inputs.vocabulary)
     fp = job.fp(STAGE)
     cached = st.is_committed(STAGE, fp)
-    if not cached:  # a cache hit runs nothing and reports no progress
-        train_passes(job)
+    train_passes(job)  # a cache hit trains nothing and reports no progress
     model = model_summary(st, fp)
     registry = ModelRegistry(st)
     promoted = promote_first and promote_if_first(registry, model.name, model.version)

@@ -52,6 +52,10 @@ def test_plan_is_the_stage_fingerprint_over_its_inputs(job: StageRun) -> None:
     fps = plan([double, fit], job)
     assert fps["double"] == fingerprint("double", "1", {"k": 7}, {"source": "abc"})
     assert fps["fit"] == fingerprint("fit", "3", {}, {"double": fps["double"]})
+    named = Stage(
+        "fit", "3", (), parts=lambda j: {}, body=_trainer([]), named=lambda j: {"set": "s1"}
+    )
+    assert named.fingerprint(job) == fingerprint("fit", "3", {}, {"set": "s1"})
     with pytest.raises(ValueError, match=r"stage fit: no fingerprint for its inputs \['double'\]"):
         plan([fit], job)
 

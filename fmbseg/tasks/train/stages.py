@@ -19,7 +19,6 @@ from fmbseg.config import Config, to_dict
 from fmbseg.engine.runner import Progress
 from fmbseg.engine.stage import Stage, StageRun, plan, run
 from fmbseg.models.base import DenseClip, PatchEncoder
-from fmbseg.storage.fingerprint import fingerprint
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.common import INDEX_STAGE
@@ -28,16 +27,6 @@ from fmbseg.tasks.train.data import vocabulary_names
 from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
 from fmbseg.tasks.train.run import train
 from fmbseg.tasks.train.sets import LabelSet, Training, label_sets
-
-
-class _GivenInputs(Stage):
-    """A stage whose fingerprint inputs come from ``given``, not from upstream stages'
-    fingerprints (``Stage.fingerprint`` hashes ``run.fps[inputs]``): training's label sets,
-    initial model and vocabulary hash, as its fingerprints have always named them."""
-
-    def fingerprint(self, run: StageRun) -> str:
-        inputs = run.given.inputs(run.vocabulary)
-        return fingerprint(self.name, self.version, self.parts(run), inputs)
 
 
 def feature_runs(job: StageRun) -> list[StageRun]:
@@ -70,12 +59,14 @@ DINO_FEATURES = Stage(
     prepare=features.prepare,
     gpu=True,
 )
-TRAIN = _GivenInputs(
+TRAIN = Stage(
     TRAIN_STAGE,
     "2",  # 2: short-side resize + crops (train_crops); 1: whole image squashed
     inputs=(),
     parts=_train_parts,
     body=functools.partial(train, features=_features),
+    named=lambda job: job.given.inputs(job.vocabulary),  # label sets, init, vocabulary
+    unit="epochs",
 )
 
 
