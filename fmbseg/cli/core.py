@@ -54,6 +54,16 @@ class Common:
     def open_store(self) -> ArtifactStore:
         return ArtifactStore(self.store, self.storage_options)
 
+    def flow_args(self) -> dict[str, Any]:
+        """The parameters every flow takes: store, config, overrides, Ray, storage options."""
+        return {
+            "store": self.store,
+            "config": self.config,
+            "overrides": list(self.overrides),
+            "ray_address": self.ray_address,
+            "storage_options": self.storage_options or None,
+        }
+
 
 @dataclass(frozen=True)
 class Arg:
@@ -67,6 +77,17 @@ class Arg:
         object.__setattr__(self, "kwargs", kwargs)
 
 
+IMAGES = Arg(
+    "--images",
+    required=True,
+    help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list of URIs or COCO .json",
+)
+IMAGE_ROOT = Arg(
+    "--image-root",
+    default=None,
+    help="for a COCO JSON or .txt list: the folder its relative entries are under (default: "
+    "the list's folder); they may not climb out of it",
+)
 DRY_RUN = Arg(
     "--dry-run",
     action="store_true",
