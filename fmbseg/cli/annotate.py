@@ -5,24 +5,23 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from fmbseg.cli.core import DRY_RUN, TEACHER, Arg, Common, UsageError, command, progress_bars
+from fmbseg.cli.core import (
+    DRY_RUN,
+    IMAGE_ROOT,
+    IMAGES,
+    TEACHER,
+    Arg,
+    Common,
+    UsageError,
+    command,
+    progress_bars,
+)
 from fmbseg.data.sources import check_source
 from fmbseg.data.vocab import builtin_vocabularies, vocabulary_aliases
 
 if TYPE_CHECKING:
     from fmbseg.flows.annotate import AnnotationSummary
 
-IMAGES = Arg(
-    "--images",
-    required=True,
-    help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list of URIs or COCO .json",
-)
-IMAGE_ROOT = Arg(
-    "--image-root",
-    default=None,
-    help="for a COCO JSON or .txt list: the folder its relative entries are under (default: "
-    "the list's folder); they may not climb out of it",
-)
 IMAGE_LABELS_HELP = (
     "image-level tags that replace CLIP's presence vote: a COCO JSON (each image's "
     "annotation categories), or a .parquet/.csv with an image column (file name relative to "
@@ -136,12 +135,8 @@ def cmd_annotate(args: argparse.Namespace, common: Common) -> int:
     with progress_bars():
         out = annotate_flow(
             images=args.images,
-            store=common.store,
+            **common.flow_args(),
             classes=list(vocabulary),
-            config=common.config,
-            overrides=list(common.overrides),
-            ray_address=common.ray_address,
-            storage_options=common.storage_options or None,
             image_root=args.image_root,
             image_labels=args.image_labels,
         )

@@ -28,8 +28,7 @@ from typing import Any
 import yaml
 
 from fmbseg import __version__
-from fmbseg.config import Config, ConfigError, load_config, replace
-from fmbseg.data.sources import SourceError
+from fmbseg.config import Config, load_config, replace
 from fmbseg.storage.preflight import check_store
 from fmbseg.storage.store import ArtifactStore
 
@@ -54,19 +53,35 @@ class Common:
     def open_store(self) -> ArtifactStore:
         return ArtifactStore(self.store, self.storage_options)
 
+    def flow_args(self) -> dict[str, Any]:
+        """The parameters every flow takes: store, config, overrides, Ray, storage options."""
+        return {
+            "store": self.store,
+            "config": self.config,
+            "overrides": list(self.overrides),
+            "ray_address": self.ray_address,
+            "storage_options": self.storage_options or None,
+        }
 
-@dataclass(frozen=True)
+
 class Arg:
     """One ``add_argument`` call, declared with the command."""
 
-    flags: tuple[str, ...]
-    kwargs: dict[str, Any]
-
     def __init__(self, *flags: str, **kwargs: Any) -> None:
-        object.__setattr__(self, "flags", flags)
-        object.__setattr__(self, "kwargs", kwargs)
+        self.flags, self.kwargs = flags, kwargs
 
 
+IMAGES = Arg(
+    "--images",
+    required=True,
+    help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list of URIs or COCO .json",
+)
+IMAGE_ROOT = Arg(
+    "--image-root",
+    default=None,
+    help="for a COCO JSON or .txt list: the folder its relative entries are under (default: "
+    "the list's folder); they may not climb out of it",
+)
 DRY_RUN = Arg(
     "--dry-run",
     action="store_true",
@@ -75,9 +90,18 @@ DRY_RUN = Arg(
 )
 
 Handler = Callable[[argparse.Namespace, Common], int]
-_COMMANDS: dict[str, tuple[str, tuple[Arg, ...], Handler]] = {}
-_DEFAULTS: dict[str, dict[str, Any]] = {}
-_WRITES_STORE: dict[str, bool] = {}
+
+
+@dataclass(frozen=True)
+class _Command:
+    help: str
+    args: tuple[Arg, ...]
+    handler: Handler
+    defaults: dict[str, Any]  # replacing the common options' defaults
+    writes_store: bool
+
+
+_COMMANDS: dict[str, _Command] = {}
 
 
 def command(
@@ -95,9 +119,7 @@ def command(
     """
 
     def register(fn: Handler) -> Handler:
-        _COMMANDS[name] = (help, args, fn)
-        _DEFAULTS[name] = dict(defaults or {})
-        _WRITES_STORE[name] = writes_store
+        _COMMANDS[name] = _Command(help, args, fn, dict(defaults or {}), writes_store)
         return fn
 
     return register
@@ -227,10 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fmbseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_, arguments, _) in _COMMANDS.items():
-        parent = _common_options(_DEFAULTS.get(name, {}))
-        p = sub.add_parser(name, parents=[parent], help=help_, description=help_)
-        for a in arguments:
+    for name, cmd in _COMMANDS.items():
+        parent = _common_options(cmd.defaults)
+        p = sub.add_parser(name, parents=[parent], help=cmd.help, description=cmd.help)
+        for a in cmd.args:
             p.add_argument(*a.flags, **a.kwargs)
     return parser
 
@@ -330,29 +352,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _quiet_environment(args.verbose)
-    from fmbseg.engine.runner import StageError
-    from fmbseg.flows.common import USER_ERRORS, is_user_error
+    from fmbseg.flows.common import is_user_error
 
-    input_errors: tuple[type[BaseException], ...] = (
-        ConfigError,
-        SourceError,
-        UsageError,
-        *USER_ERRORS,
-    )
     try:
         common = _common(args)
-        check_store(common.store, common.storage_options, write=_WRITES_STORE[args.command])
-        _, _, handler = _COMMANDS[args.command]
+        cmd = _COMMANDS[args.command]
+        check_store(common.store, common.storage_options, write=cmd.writes_store)
         with _quiet_user_errors():
-            return handler(args, common)
-    except input_errors as exc:
-        print(f"fmbseg: error: {exc}", file=sys.stderr)
-        return 2
-    except StageError as exc:
-        if not is_user_error(exc):
-            raise
-        print(f"fmbseg: error: {exc}", file=sys.stderr)  # e.g. weights a worker could not find
-        return 2
+            return cmd.handler(args, common)
     except KeyboardInterrupt:
         print("fmbseg: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # input errors, also when a worker raised one (StageError)
+        if not isinstance(exc, UsageError) and not is_user_error(exc):
+            raise
+        print(f"fmbseg: error: {exc}", file=sys.stderr)
+        return 2

@@ -122,11 +122,7 @@ def cmd_evaluate(args: argparse.Namespace, common: Common) -> int:
             dataset=args.dataset,
             data_root=args.data_root,
             model=args.model,
-            store=common.store,
-            config=common.config,
-            overrides=list(common.overrides),
-            ray_address=common.ray_address,
-            storage_options=common.storage_options or None,
+            **common.flow_args(),
             limit=args.limit,
             model_name=args.model_name,
         )

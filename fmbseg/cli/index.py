@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 
-from fmbseg.cli.core import Arg, Common, command, progress_bars
+from fmbseg.cli.core import IMAGE_ROOT, IMAGES, Common, command, progress_bars
 from fmbseg.data.sources import check_source
 
 
@@ -18,16 +18,8 @@ def skipped_files(skipped: dict[str, int]) -> str:
 @command(
     "index",
     "list an image source and index its images (content ids, sizes, errors)",
-    Arg(
-        "--images",
-        required=True,
-        help="folder, fsspec URI prefix (s3://bucket/photos/), .txt list or COCO .json",
-    ),
-    Arg(
-        "--image-root",
-        default=None,
-        help="for a COCO JSON or .txt list: the folder its relative entries are under",
-    ),
+    IMAGES,
+    IMAGE_ROOT,
 )
 def cmd_index(args: argparse.Namespace, common: Common) -> int:
     check_source(args.images, common.storage_options)
@@ -38,11 +30,7 @@ def cmd_index(args: argparse.Namespace, common: Common) -> int:
     with progress_bars():
         fp = index_flow(
             images=args.images,
-            store=common.store,
-            config=common.config,
-            overrides=list(common.overrides),
-            ray_address=common.ray_address,
-            storage_options=common.storage_options or None,
+            **common.flow_args(),
             image_root=args.image_root,
         )
     store = common.open_store()

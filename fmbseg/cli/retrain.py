@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from fmbseg.cli.annotate import CLASSES, IMAGE_ROOT, IMAGES, VOCAB, vocabulary_from_args
+from fmbseg.cli.annotate import CLASSES, VOCAB, vocabulary_from_args
 from fmbseg.cli.core import (
     DRY_RUN,
+    IMAGE_ROOT,
+    IMAGES,
     TEACHER,
     Arg,
     Common,
@@ -96,12 +98,8 @@ def cmd_retrain(args: argparse.Namespace, common: Common) -> int:
     with progress_bars(units={"train": "epoch"}):
         out = retrain_flow(
             images=args.images,
-            store=common.store,
+            **common.flow_args(),
             classes=list(vocabulary),
-            config=common.config,
-            overrides=list(common.overrides),
-            ray_address=common.ray_address,
-            storage_options=common.storage_options or None,
             image_root=args.image_root,
             mode=args.mode,
             eval_dataset=args.eval_dataset,

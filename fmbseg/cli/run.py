@@ -10,14 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from fmbseg.cli.annotate import (
-    CLASSES,
-    IMAGE_ROOT,
-    VOCAB,
-    print_annotation_summary,
-    vocabulary_from_args,
-)
-from fmbseg.cli.core import DRY_RUN, TEACHER, Arg, Common, command, progress_bars
+from fmbseg.cli.annotate import CLASSES, VOCAB, print_annotation_summary, vocabulary_from_args
+from fmbseg.cli.core import DRY_RUN, IMAGE_ROOT, TEACHER, Arg, Common, command, progress_bars
 from fmbseg.data.sources import check_source
 from fmbseg.engine.runner import StageError
 from fmbseg.models.weights import WeightsNotFoundError
@@ -95,12 +89,8 @@ def cmd_run(args: argparse.Namespace, common: Common) -> int:
         with progress_bars(units={"train": "epoch"}):
             out = annotate_and_train_flow(
                 images=images,
-                store=common.store,
+                **common.flow_args(),
                 classes=list(vocabulary),
-                config=common.config,
-                overrides=list(common.overrides),
-                ray_address=common.ray_address,
-                storage_options=common.storage_options or None,
                 image_root=args.image_root,
                 eval_dataset=args.eval_dataset,
                 eval_data_root=args.eval_data_root,

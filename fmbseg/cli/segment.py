@@ -8,7 +8,7 @@ import posixpath
 from collections.abc import Sequence
 from typing import Any
 
-from fmbseg.cli.annotate import vocab_help, vocabulary_from_args
+from fmbseg.cli.annotate import CLASSES, VOCAB, vocabulary_from_args
 from fmbseg.cli.core import Arg, Common, UsageError, command
 
 
@@ -110,8 +110,8 @@ def check_outputs(
     "segment",
     "segment images with a trained model and any list of class names",
     Arg("images", nargs="+", metavar="IMAGE", help="image files: local paths or fsspec URIs"),
-    Arg("--classes", default=None, help='comma-separated class names, e.g. "cat,dog,grass"'),
-    Arg("--vocab", default=None, help=vocab_help()),
+    CLASSES,
+    VOCAB,
     Arg(
         "--model",
         default="champion",

@@ -29,12 +29,8 @@ def cmd_train(args: argparse.Namespace, common: Common) -> int:
 
     with progress_bars(units={"train": "epoch"}):
         result = train_flow(
-            store=common.store,
+            **common.flow_args(),
             labels=args.labels,
-            config=common.config,
-            overrides=list(common.overrides),
-            ray_address=common.ray_address,
-            storage_options=common.storage_options or None,
         )
     model = result.model
     ref = model.ref

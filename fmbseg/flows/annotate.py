@@ -33,16 +33,11 @@ from fmbseg.flows.common import (
     record_lineage,
     table_artifact,
 )
-from fmbseg.flows.index import index_task, list_images_task
+from fmbseg.flows.index import index_listing, list_images_task
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.export_coco import NO_LABEL
 from fmbseg.tasks.annotate.index import IndexPlan, count_errors
-from fmbseg.tasks.annotate.stages import (
-    check_teacher,
-    passes,
-    stage1,
-    stage_run,
-)
+from fmbseg.tasks.annotate.stages import check_teacher, passes, stage1, stage_run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,20 +121,6 @@ def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> AnnotationS
     )
 
 
-def annotate_stages(
-    st: ArtifactStore,
-    cfg: Config,
-    images: str,
-    vocabulary: tuple[str, ...],
-    storage_options: dict[str, Any] | None = None,
-    image_root: str | None = None,
-    image_labels: ImageLabels | None = None,
-) -> dict[str, str]:
-    """Run (or reuse) every stage-1 stage inside the calling flow; returns {stage: fp}."""
-    plan = list_images_task(images, cfg, storage_options, image_root, st.uri)
-    return annotate_plan(st, cfg, plan, vocabulary, storage_options, image_labels)
-
-
 def annotate_plan(
     st: ArtifactStore,
     cfg: Config,
@@ -148,8 +129,9 @@ def annotate_plan(
     storage_options: dict[str, Any] | None = None,
     image_labels: ImageLabels | None = None,
 ) -> dict[str, str]:
-    """Index a prebuilt ``plan`` (e.g. only the images new since the last run), then label it."""
-    index_fp = index_task(st, plan.fingerprint, plan, cfg, storage_options)
+    """Index a listed ``plan`` (e.g. only the images new since the last run), then label it;
+    returns {stage: fp}."""
+    index_fp = index_listing(st, cfg, plan, storage_options)
     return label_index(st, cfg, index_fp, vocabulary, storage_options, image_labels)
 
 
@@ -239,7 +221,8 @@ def annotate_flow(
     # seconds, not after index: the teacher's package and weights
     check_teacher(cfg, image_labels, storage_options=storage_options)
     st = open_store(store, storage_options)
-    fps = annotate_stages(st, cfg, images, vocabulary, storage_options, image_root, tags)
+    listing = list_images_task(images, cfg, storage_options, image_root, st.uri)
+    fps = annotate_plan(st, cfg, listing, vocabulary, storage_options, tags)
     summary = annotation_summary(st, fps)
     table_artifact(
         "annotate-summary",

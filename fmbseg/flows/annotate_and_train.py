@@ -156,10 +156,9 @@ def annotate_and_train_flow(
         "ray_address": ray_address,
         "storage_options": storage_options,
     }
+    st = open_store(store, storage_options)
     if images is None:
-        images = write_sample_photos(
-            open_store(store, storage_options).url("samples"), storage_options
-        )
+        images = write_sample_photos(st.url("samples"), storage_options)
     labels = annotate_flow(
         images=images,
         store=store,
@@ -172,7 +171,6 @@ def annotate_and_train_flow(
         store=store, labels=labels.fingerprints["merge"], promote_first=False, **common
     )
     model = training.model
-    st = open_store(store, storage_options)
     if eval_dataset is not None and eval_data_root is not None:
         evaluation = evaluate_and_promote(
             store, model.name, model.version, eval_dataset, eval_data_root, common, eval_limit

@@ -10,18 +10,17 @@ from prefect.cache_policies import NO_CACHE
 from fmbseg.config import Config
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
-    StageProgress,
     configure,
     current_flow_run_id,
     manifest_artifact,
     open_store,
+    pass_task,
     record_lineage,
     retry_unless_user_error,
-    stage_task,
     table_artifact,
 )
 from fmbseg.storage.store import ArtifactStore
-from fmbseg.tasks.annotate.index import STAGE, IndexPlan, execute_index, plan_index
+from fmbseg.tasks.annotate.index import INDEX, STAGE, IndexPlan, index_job, plan_index
 
 
 @task(
@@ -44,17 +43,15 @@ def list_images_task(
     return plan_index(images, cfg, storage_options, image_root, store_uri)
 
 
-@stage_task(STAGE)
-def index_task(
-    store: ArtifactStore,
-    fp: str,
-    plan: IndexPlan,
+def index_listing(
+    st: ArtifactStore,
     cfg: Config,
+    listing: IndexPlan,
     storage_options: dict[str, Any] | None = None,
 ) -> str:
-    """Read, identify and measure every listed image; commit ``stages/index/{fp}``."""
-    execute_index(store, plan, cfg, storage_options, progress=StageProgress(STAGE, fp))
-    return fp
+    """Index ``listing`` (or reuse its committed index) in a Prefect task; returns its fp."""
+    job = index_job(st, listing, cfg, storage_options)
+    return pass_task((INDEX,))(job)[STAGE]
 
 
 @flow(name="index", **LINEAGE_HOOKS)
@@ -75,8 +72,8 @@ def index_flow(
     """
     cfg = configure(config, overrides, ray_address)
     st = open_store(store, storage_options)
-    plan = list_images_task(images, cfg, storage_options, image_root, st.uri)
-    fp = index_task(st, plan.fingerprint, plan, cfg, storage_options)
+    listing = list_images_task(images, cfg, storage_options, image_root, st.uri)
+    fp = index_listing(st, cfg, listing, storage_options)
     manifest_artifact(st, STAGE, fp)
     errors = st.require_manifest(STAGE, fp).meta.get("errors_by_type", {})
     table_artifact(
@@ -87,11 +84,6 @@ def index_flow(
     record_lineage(
         st,
         current_flow_run_id(),
-        {
-            "flow": "index",
-            "images": images,
-            "config": cfg.to_dict(),
-            "stages": {STAGE: fp},
-        },
+        {"flow": "index", "images": images, "config": cfg.to_dict(), "stages": {STAGE: fp}},
     )
     return fp

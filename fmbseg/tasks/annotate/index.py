@@ -1,8 +1,8 @@
 """Stage ``index``: list an image source, identify every image by content, record its size.
 
-Core: :func:`index_images` (URIs in, records + errors out). Shell: :func:`plan_index`
-(list the source, compute the fingerprint) and :func:`execute_index` (shards on the
-runner, cross-shard de-duplication, commit); :func:`run_index` does both.
+Core: :func:`index_images` (URIs in, records + errors out). Shell: :func:`plan_index` lists
+the source; :data:`INDEX` is the stage's declaration, which the engine runs over the
+listing (:func:`index_job`); :func:`run_index` does both.
 
 Records (one row per distinct image, Parquet): ``image_id`` [string] = content hash of the
 file's bytes, ``uri`` [string], ``width``/``height`` [int32] in pixels as displayed (EXIF
@@ -15,11 +15,13 @@ one the listing found without reading (:attr:`ImageRef.problem`: ``broken_link``
 Duplicates: of several files with identical bytes, the one with the smallest URI is
 indexed; each other copy is a ``duplicate`` error whose message names the kept URI. Shards
 are contiguous runs of the sorted listing, so within a shard "first seen" is that rule, and
-across shards the finalize step (before the manifest is written) removes later copies.
+across shards :func:`dedup_across_shards` (before the manifest is written) removes later
+copies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections import Counter
@@ -47,10 +49,12 @@ from fmbseg.data.sources import (
     read_bytes,
     source_root,
 )
-from fmbseg.engine.runner import ERRORS_SCHEMA, Progress, errors_table, plan_shards, run_stage
+from fmbseg.engine.runner import ERRORS_SCHEMA, Progress, errors_table, plan_shards
+from fmbseg.engine.stage import Prepared, Stage, StageRun, plan, run
 from fmbseg.storage.files import in_order_ahead
-from fmbseg.storage.fingerprint import content_hash, fingerprint
-from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
+from fmbseg.storage.fingerprint import content_hash
+from fmbseg.storage.records import error_row
+from fmbseg.storage.store import ArtifactStore, ShardReceipt
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +69,6 @@ RECORD_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
     ]
 )
-
-
-def _error(uri: str, image_id: str | None, error_type: str, message: str) -> dict[str, Any]:
-    return {
-        "uri": uri,
-        "image_id": image_id,
-        "stage": STAGE,
-        "error_type": error_type,
-        "message": message,
-    }
 
 
 def index_images(
@@ -115,11 +109,12 @@ def index_images(
     ):
         if image_id is None:  # unreadable
             assert error is not None
-            errors.append(_error(uri, None, *error))
+            errors.append(error_row(None, uri, STAGE, *error))
         elif image_id in kept:  # same bytes as a kept image: whatever its own check said
-            errors.append(_error(uri, image_id, "duplicate", f"same bytes as {kept[image_id]}"))
+            same = f"same bytes as {kept[image_id]}"
+            errors.append(error_row(image_id, uri, STAGE, "duplicate", same))
         elif error is not None:
-            errors.append(_error(uri, image_id, *error))
+            errors.append(error_row(image_id, uri, STAGE, *error))
         else:
             assert size is not None
             kept[image_id] = uri
@@ -203,16 +198,6 @@ class IndexPlan:
         return specs
 
 
-def index_fingerprint(cfg: Config, refs: Sequence[ImageRef]) -> str:
-    """fingerprint("index", CODE_VERSION, index config + shard size, {source: listing hash}).
-
-    The shard size is part of it because shard ``i`` must mean the same URIs to a resumed
-    run as to the run that wrote its receipt.
-    """
-    config = {"index": cfg.index, "shard_size": cfg.runtime.shard_size}
-    return fingerprint(STAGE, CODE_VERSION, config, {"source": listing_hash(refs)})
-
-
 def plan_index(
     source: str,
     cfg: Config,
@@ -260,7 +245,8 @@ def dedup_across_shards(
         later = [i for i, image_id in enumerate(ids) if image_id in kept]
         if later:
             dup_rows = [
-                _error(uris[i], ids[i], "duplicate", f"same bytes as {kept[ids[i]]}") for i in later
+                error_row(ids[i], uris[i], stage, "duplicate", f"same bytes as {kept[ids[i]]}")
+                for i in later
             ]
             mask = pa.array([image_id not in kept for image_id in ids])
             records = records.filter(mask)
@@ -282,32 +268,46 @@ def dedup_across_shards(
     }
 
 
-def execute_index(
+def prepare(job: StageRun) -> Prepared:
+    """The shards of the listing ``job.given`` (an :class:`IndexPlan`)."""
+    listing: IndexPlan = job.given
+    meta = {
+        "source": listing.source,
+        "root": listing.root,
+        "listed": len(listing.refs),
+        "skipped_extensions": dict(listing.skipped),
+    }
+    worker = functools.partial(IndexWorker, job.cfg.index, job.storage_options)
+    return Prepared(listing.specs(), worker, meta, finalize=dedup_across_shards)
+
+
+INDEX = Stage(
+    STAGE,
+    CODE_VERSION,
+    inputs=("source",),  # the listing's hash (:func:`fmbseg.data.sources.listing_hash`)
+    # the shard size too: shard ``i`` must mean the same URIs to a resumed run as to the
+    # run that wrote its receipt
+    parts=lambda job: {"index": job.cfg.index, "shard_size": job.cfg.runtime.shard_size},
+    prepare=prepare,
+)
+
+
+def index_fingerprint(cfg: Config, refs: Sequence[ImageRef]) -> str:
+    """The fingerprint :data:`INDEX` has on the listing ``refs``."""
+    job = StageRun(None, cfg, {"source": listing_hash(refs)})  # type: ignore[arg-type]
+    return INDEX.fingerprint(job)
+
+
+def index_job(
     store: ArtifactStore,
-    plan: IndexPlan,
+    listing: IndexPlan,
     cfg: Config,
     storage_options: dict[str, Any] | None = None,
-    progress: Progress | None = None,
-) -> Manifest:
-    """Index the planned listing into ``stages/index/{plan.fingerprint}`` (or reuse it)."""
-    factory = functools.partial(IndexWorker, cfg.index, storage_options)
-    meta = {
-        "source": plan.source,
-        "root": plan.root,
-        "listed": len(plan.refs),
-        "skipped_extensions": dict(plan.skipped),
-    }
-    return run_stage(
-        store,
-        STAGE,
-        plan.fingerprint,
-        plan.specs(),
-        factory,
-        cfg.runtime,
-        progress=progress,
-        meta=meta,
-        finalize=dedup_across_shards,
-    )
+) -> StageRun:
+    """The run of :data:`INDEX` over ``listing``, its fingerprint planned."""
+    fps = {"source": listing_hash(listing.refs)}
+    job = StageRun(store, cfg, fps, storage_options=storage_options, given=listing)
+    return dataclasses.replace(job, fps=plan((INDEX,), job))
 
 
 def run_index(
@@ -319,10 +319,11 @@ def run_index(
     image_root: str | None = None,
     progress: Progress | None = None,
 ) -> str:
-    """List, index and commit ``source``; returns the index fingerprint."""
-    plan = plan_index(source, cfg, storage_options, image_root, store.uri)
-    execute_index(store, plan, cfg, storage_options, progress)
-    return plan.fingerprint
+    """List, index and commit ``source`` (or reuse its index); returns the fingerprint."""
+    listing = plan_index(source, cfg, storage_options, image_root, store.uri)
+    job = index_job(store, listing, cfg, storage_options)
+    run((INDEX,), job, {STAGE: progress} if progress else None)
+    return job.fp(STAGE)
 
 
 def read_index(store: ArtifactStore, fp: str) -> pa.Table:

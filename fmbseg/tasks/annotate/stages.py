@@ -1,5 +1,9 @@
 """Stage 1's stages, declared once for the engine (:mod:`fmbseg.engine.stage`).
 
+``index`` (:data:`fmbseg.tasks.annotate.index.INDEX`) is declared beside its core, because
+:func:`~fmbseg.tasks.annotate.index.run_index` there runs it and this module imports the
+stages' modules.
+
 To add a stage: write its core and worker in a module of this package, with a
 ``prepare(job) -> Prepared`` beside them, and declare it here (its inputs, the config it
 depends on, its code version); put it in :data:`STAGE1` after its inputs. The engine gives
@@ -53,7 +57,7 @@ SAM_PASS = ("sam_prompt", "sam_auto")
 
 CLIP_DENSE = Stage(
     "clip_dense",
-    "2",  # 2: plain bicubic positional-embedding resize (issue 17)
+    "2",  # 2: plain bicubic positional-embedding resize
     inputs=(INDEX_STAGE,),
     parts=_clip_parts,
     prepare=clip_dense.prepare,
@@ -69,18 +73,13 @@ SAM_PROMPT = Stage(
     together=SAM_PASS,
     timed=True,
 )
-SAM_AUTO = Stage(
-    "sam_auto",
-    "1",
-    inputs=("clip_dense",),
+SAM_AUTO = dataclasses.replace(
+    SAM_PROMPT,
+    name="sam_auto",
     parts=lambda job: {
         "sam_auto": _without(job.cfg.sam_auto, "points_per_batch"),
         "models": teacher(job.cfg),
     },
-    prepare=sam_pair.prepare,
-    gpu=True,
-    together=SAM_PASS,
-    timed=True,
 )
 MERGE = Stage(
     "merge",
@@ -121,7 +120,6 @@ MERGE_SAM3 = dataclasses.replace(MERGE, inputs=(INDEX_STAGE, "sam3"))
 STAGE1_SAM3: tuple[Stage, ...] = (SAM3, MERGE_SAM3, EXPORT)
 
 TEACHERS: dict[str, tuple[Stage, ...]] = {"clip_sam": STAGE1, "sam3": STAGE1_SAM3}
-"""``models.teacher`` -> the stage-1 stages that label with it, in order."""
 
 
 def stage1(cfg: Config) -> tuple[Stage, ...]:
@@ -167,19 +165,6 @@ def passes(stages: Sequence[Stage] = STAGE1) -> list[tuple[Stage, ...]]:
     return out
 
 
-def stage1_fingerprints(
-    cfg: Config,
-    index_fp: str,
-    vocabulary: Sequence[str],
-    image_labels: ImageLabels | None = None,
-) -> dict[str, str]:
-    """Every stage-1 fingerprint after ``index``, before running anything."""
-    job = StageRun(None, cfg, {INDEX_STAGE: index_fp}, tuple(vocabulary), image_labels)  # type: ignore[arg-type]
-    fps = plan(stage1(cfg), job)
-    del fps[INDEX_STAGE]
-    return fps
-
-
 def stage_run(
     store: ArtifactStore,
     cfg: Config,
@@ -194,6 +179,17 @@ def stage_run(
         store, cfg, {INDEX_STAGE: index_fp}, tuple(vocabulary), image_labels, storage_options
     )
     return dataclasses.replace(job, fps=plan(stage1(cfg), job))
+
+
+def stage1_fingerprints(
+    cfg: Config,
+    index_fp: str,
+    vocabulary: Sequence[str],
+    image_labels: ImageLabels | None = None,
+) -> dict[str, str]:
+    """Every stage-1 fingerprint after ``index``, before running anything."""
+    job = stage_run(None, cfg, index_fp, vocabulary, image_labels=image_labels)  # type: ignore[arg-type]
+    return {stage: fp for stage, fp in job.fps.items() if stage != INDEX_STAGE}
 
 
 def _named(cfg: Config, names: Sequence[str]) -> list[Stage]:

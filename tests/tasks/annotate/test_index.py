@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -16,11 +17,13 @@ from fmbseg.config import Config, IndexConfig, RuntimeConfig, replace
 from fmbseg.data.sources import list_images, read_bytes
 from fmbseg.storage import ArtifactStore, content_hash
 from fmbseg.tasks.annotate.index import (
+    INDEX,
     RECORD_SCHEMA,
     STAGE,
     count_errors,
     dedup_across_shards,
     index_images,
+    index_job,
     plan_index,
     read_index,
     run_index,
@@ -229,22 +232,24 @@ def test_read_index_of_all_failed_source(local_store: ArtifactStore, tmp_path: P
 
 
 def test_index_task_bodies_without_prefect(local_store: ArtifactStore, image_dir: Path) -> None:
-    from fmbseg.flows.common import observe_progress, record_lineage, stage_cache_key
-    from fmbseg.flows.index import index_task, list_images_task
+    from fmbseg.flows.common import observe_progress, pass_cache_key, pass_task, record_lineage
+    from fmbseg.flows.index import list_images_task
 
     cfg = _cfg(shard_size=2)
     plan = list_images_task.fn(str(image_dir), cfg, None, None)
-    key = stage_cache_key(STAGE)
-    assert key(None, {"store": local_store, "fp": plan.fingerprint}) is None  # not committed
+    job = index_job(local_store, plan, cfg)
+    assert job.fp(STAGE) == plan.fingerprint
+    key = pass_cache_key((INDEX,))
+    assert key(None, {"job": job}) is None  # not committed
     reports: list[tuple[str, int, int]] = []
     with observe_progress(lambda *a: reports.append(a)):
-        assert index_task.fn(local_store, plan.fingerprint, plan, cfg) == plan.fingerprint
+        assert pass_task((INDEX,)).fn(job) == {STAGE: plan.fingerprint}
     assert reports == [(STAGE, d, 3) for d in range(4)]
-    committed = key(None, {"store": local_store, "fp": plan.fingerprint})
-    assert committed == key(None, {"store": local_store, "fp": plan.fingerprint})
+    committed = key(None, {"job": job})
+    assert committed == key(None, {"job": job})
     assert committed.startswith(f"fmbseg-{STAGE}-") and committed.endswith(plan.fingerprint)
-    other = ArtifactStore(local_store.uri + "-other")
-    assert key(None, {"store": other, "fp": plan.fingerprint}) is None  # another store: no hit
+    other = dataclasses.replace(job, store=ArtifactStore(local_store.uri + "-other"))
+    assert key(None, {"job": other}) is None  # another store: no hit
     uri = record_lineage(local_store, None, {"stages": {STAGE: plan.fingerprint}})
     assert "/runs/local-" in uri
     run_id = uri.rsplit("/", 1)[-1].removesuffix(".json")
