@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fmbseg.config import Config
-from fmbseg.engine.runner import Progress, cached_message, counts, report, run_stages
+from fmbseg.engine.runner import Finalize, Progress, cached_message, counts, report, run_stages
 from fmbseg.engine.slot import ShardWorker
 from fmbseg.storage.fingerprint import fingerprint
 from fmbseg.storage.store import ArtifactStore, Manifest
@@ -64,6 +64,7 @@ class Prepared:
     specs: Sequence[Any]
     worker: Callable[[], ShardWorker]
     meta: dict[str, Any]
+    finalize: Finalize | None = None  # after the shards, before the commit (index's dedup)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +207,7 @@ def run(
             use_gpu=any(s.gpu for s in todo),
             progress=each,
             meta=prepared.meta,
+            finalize=prepared.finalize,
             timed=any(s.timed for s in todo),
         )
     for stage in todo:

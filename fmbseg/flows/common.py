@@ -1,18 +1,14 @@
-"""What every flow shares: config/store setup, the stage-task pattern, artifacts, lineage.
+"""What every flow shares: config/store setup, the stage tasks, artifacts, lineage.
 
-The stage-task pattern: each pipeline stage is one Prefect task made with
-:func:`stage_task`: a declared pass of stage-1 stages through :func:`pass_task` (its one
-parameter a :class:`~fmbseg.engine.stage.StageRun`), the planned stages (index, train,
-evaluate) as functions taking ``store`` and ``fp`` (the fingerprint, computed by the flow
-before the call) that run :func:`fmbseg.engine.runner.run_stage` and return ``fp``. The
-cache key is the
-fingerprint, but only while the store really holds a committed output for it, so a
-deleted or different store never yields a stale cache hit (the store, not Prefect's
-result cache, is the source of truth; Prefect's cache just makes the skip visible in the
-UI). Failed stage tasks are retried (the retry resumes from the committed shards), except
-for input errors that a retry cannot fix.
+Every declared stage (:mod:`fmbseg.engine.stage`) runs as one Prefect task made by
+:func:`pass_task`, its one parameter the planned :class:`~fmbseg.engine.stage.StageRun`.
+The cache key is the stages' fingerprints, but only while the store really holds their
+committed output, so a deleted or different store never yields a stale cache hit (the
+store, not Prefect's result cache, is the source of truth; Prefect's cache makes the skip
+visible in the UI). Failed stage tasks are retried (the retry resumes from the committed
+shards), except for input errors that a retry cannot fix.
 
-Progress: :class:`StageProgress` is the runner's ``progress(done, total)`` callback. Inside
+Progress: :class:`StageProgress` is the engine's ``progress(done, total)`` callback. Inside
 a Prefect run it keeps a progress artifact up to date; in every case it forwards to the
 listeners registered with :func:`observe_progress` (the CLI's progress bars).
 """
@@ -27,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from prefect import Task, task
 from prefect.artifacts import (
@@ -54,8 +50,6 @@ from fmbseg.storage.store import ArtifactStore, Manifest, NotCommittedError
 from fmbseg.tasks.train.data import NoLabelledPatchesError
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
-R = TypeVar("R")
 
 # Errors in the user's input: retrying the task cannot help, and the CLI reports them
 # as "fmbseg: error: ..." without a traceback.
@@ -132,16 +126,6 @@ def _store_tag(store: ArtifactStore) -> str:
     return hashlib.sha256(store.uri.encode()).hexdigest()[:12]
 
 
-def stage_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str | None]:
-    """A Prefect ``cache_key_fn``: ``fmbseg-{stage}-{store}-{fp}`` once ``fp`` is committed."""
-
-    def key(context: Any, parameters: dict[str, Any]) -> str | None:
-        store, fp = parameters["store"], parameters["fp"]
-        return _cache_key(context, stage, store, [store.manifest(stage, fp)])
-
-    return key
-
-
 def _cache_key(
     context: Any, label: str, store: ArtifactStore, manifests: Sequence[Manifest | None]
 ) -> str | None:
@@ -187,38 +171,14 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, USER_ERRORS) or isinstance(getattr(exc, "cause", None), USER_ERRORS)
 
 
-def stage_task(
-    stage: str,
-    *,
-    retries: int = 1,
-    retry_delay_seconds: float = 5.0,
-    cache_key: Callable[[Any, dict[str, Any]], str | None] | None = None,
-) -> Callable[[Callable[P, R]], Task[P, R]]:
-    """Decorator: a Prefect task for ``stage``, cached by fingerprint, retried on failure.
-
-    The decorated function must take ``store`` and ``fp`` parameters and return ``fp``
-    (unless ``cache_key`` reads others: :func:`pass_task`). Unit tests call the
-    undecorated body as ``the_task.fn(...)``.
-    """
-    return task(
-        name=stage,
-        cache_key_fn=cache_key or stage_cache_key(stage),
-        persist_result=True,
-        retries=retries,
-        retry_delay_seconds=retry_delay_seconds,
-        retry_condition_fn=retry_unless_user_error,
-        on_completion=[_report_cached],
-        on_failure=[_report_cached],
-    )
-
-
 _PASS_TASKS: dict[tuple[Stage, ...], Task[..., dict[str, str]]] = {}
 
 
 def pass_task(stages: Sequence[Stage]) -> Task[..., dict[str, str]]:
     """The one Prefect task factory: the task that runs a pass of declared stages (one
     stage, or the stages that share a pass) with the planned fingerprints of its
-    :class:`~fmbseg.engine.stage.StageRun` argument; returns ``{stage: fp}``.
+    :class:`~fmbseg.engine.stage.StageRun` argument; returns ``{stage: fp}``. Unit tests
+    call its body as ``pass_task(stages).fn(job)``.
 
     Cached while every stage's output is committed (cache key = their fingerprints, see
     :func:`pass_cache_key`), retried on failure unless the input is at fault; the body
@@ -234,7 +194,16 @@ def pass_task(stages: Sequence[Stage]) -> Task[..., dict[str, str]]:
             }
             return run_stages(declared, job, progress)
 
-        _PASS_TASKS[declared] = stage_task(name, cache_key=pass_cache_key(declared))(run_pass)
+        _PASS_TASKS[declared] = task(
+            name=name,
+            cache_key_fn=pass_cache_key(declared),
+            persist_result=True,
+            retries=1,
+            retry_delay_seconds=5.0,
+            retry_condition_fn=retry_unless_user_error,
+            on_completion=[_report_cached],
+            on_failure=[_report_cached],
+        )(run_pass)
     return _PASS_TASKS[declared]
 
 
