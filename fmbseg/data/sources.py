@@ -406,9 +406,6 @@ def read_bytes(
     """
 
     def _read() -> bytes:
-        if not _is_uri(uri):
-            with open(uri.removeprefix("file://"), "rb") as f:
-                return f.read()
         with fsspec.open(uri, "rb", **_options_for(uri, storage_options)) as f:
             return f.read()
 
