@@ -170,12 +170,17 @@ def resolve_vocabulary(
 
 
 def _read_text(path: str) -> str:
-    import fsspec
+    if "://" not in path:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"vocabulary file {path} not found")
+        return p.read_text(encoding="utf-8")
+    import fsspec  # remote vocabularies only
 
     try:
         with fsspec.open(path, "rt", encoding="utf-8") as f:
             return f.read()
-    except (FileNotFoundError, IsADirectoryError) as exc:
+    except FileNotFoundError as exc:
         raise ValueError(f"vocabulary file {path} not found") from exc
 
 
