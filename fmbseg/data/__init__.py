@@ -1,4 +1,4 @@
-"""Image sources and decoding (vocabularies and benchmark datasets join here later)."""
+"""Image sources and decoding."""
 
 from fmbseg.data.images import ImageDecodeError, decode_image, image_size
 from fmbseg.data.sources import (

@@ -406,7 +406,7 @@ def read_bytes(
     """
 
     def _read() -> bytes:
-        if not _is_uri(uri):
+        if not _is_uri(uri):  # not fsspec: it reads "::" in a local file name as URL chaining
             with open(uri.removeprefix("file://"), "rb") as f:
                 return f.read()
         with fsspec.open(uri, "rb", **_options_for(uri, storage_options)) as f:

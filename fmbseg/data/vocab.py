@@ -131,10 +131,7 @@ def load_vocabulary(name_or_csv: str) -> tuple[str, ...]:
     if spec.endswith(".txt") or "://" in spec or Path(spec).is_file():
         return validate_vocabulary(read_names(_read_text(spec)), f"vocabulary file {spec}")
     if "," in spec:
-        parts = [p.strip() for p in spec.split(",")]
-        if parts[-1] == "":
-            parts = parts[:-1]  # "cat," = a one-name list
-        return validate_vocabulary(parts, "vocabulary list")
+        return validate_vocabulary(_comma_names(spec), "vocabulary list")
     raise ValueError(
         f"vocabulary {spec!r} is not a built-in name ({', '.join(builtin_vocabularies())}), "
         "not a .txt file, and not a comma-separated list (write 'name,' for a single class)"
@@ -161,10 +158,7 @@ def resolve_vocabulary(
     elif isinstance(classes, str):
         if not classes.strip():
             raise ValueError(f"{where}: empty; give names separated by commas, e.g. 'cat,dog'")
-        parts = classes.split(",")
-        if len(parts) > 1 and not parts[-1].strip():
-            parts = parts[:-1]  # "cat," = one class
-        names = validate_vocabulary(parts, where)
+        names = validate_vocabulary(_comma_names(classes), where)
     else:
         names = validate_vocabulary(classes or (), where)
     if max_names is not None and len(names) > max_names:
@@ -188,6 +182,12 @@ def _read_text(path: str) -> str:
             return f.read()
     except FileNotFoundError as exc:
         raise ValueError(f"vocabulary file {path} not found") from exc
+
+
+def _comma_names(text: str) -> list[str]:
+    """``text`` split at commas; one trailing comma is allowed (``"cat,"`` = one name)."""
+    parts = text.split(",")
+    return parts[:-1] if len(parts) > 1 and not parts[-1].strip() else parts
 
 
 BACKGROUND_NAME_SETS = ("clean", "raw")  # evaluate.background_names

@@ -30,15 +30,12 @@ from typing import Any
 from fmbseg.config import RuntimeConfig
 from fmbseg.engine.inorder import InOrder
 from fmbseg.engine.slot import ShardSlot, ShardWorker, StageError, Target, target_label
-from fmbseg.storage.records import ERROR_SCHEMA
-from fmbseg.storage.records import errors_table as errors_table  # re-exported for the stages
+from fmbseg.storage.records import ERROR_SCHEMA as ERRORS_SCHEMA  # noqa: F401 - for the stages
+from fmbseg.storage.records import errors_table as errors_table
 from fmbseg.storage.store import ArtifactStore, Manifest, ShardReceipt
 
 log = logging.getLogger(__name__)
 
-ERRORS_SCHEMA = (
-    ERROR_SCHEMA  # every stage's errors table: uri, image_id, stage, error_type, message
-)
 TIMING_KEY = "timing"  # manifest meta key of a timed run (run_stages(timed=True))
 
 Progress = Callable[[int, int], None]
@@ -73,26 +70,11 @@ def run_stage(
     specs: Sequence[Any],
     worker_factory: Callable[[], ShardWorker],
     runtime: RuntimeConfig,
-    *,
-    use_gpu: bool = False,
-    progress: Progress | None = None,
-    meta: dict[str, Any] | None = None,
-    finalize: Finalize | None = None,
-    timed: bool = False,
+    **options: Any,
 ) -> Manifest:
-    """:func:`run_stages` for one stage: its committed manifest."""
-    (manifest,) = run_stages(
-        store,
-        [(stage, fp)],
-        specs,
-        worker_factory,
-        runtime,
-        use_gpu=use_gpu,
-        progress=progress,
-        meta=meta,
-        finalize=finalize,
-        timed=timed,
-    )
+    """:func:`run_stages` (with the same keyword ``options``) for one stage: its committed
+    manifest."""
+    (manifest,) = run_stages(store, [(stage, fp)], specs, worker_factory, runtime, **options)
     return manifest
 
 

@@ -28,7 +28,7 @@ from fmbseg.models.clip_layers import (
     interpolate_pos_embed,
 )
 from fmbseg.models.registry import register_builders
-from fmbseg.models.weights import build_seeded, load_into, load_state_dict_file, tag_not_found
+from fmbseg.models.weights import build_seeded, tag_not_found
 
 TEXT_BATCH = 256  # prompts per text-encoder forward
 
@@ -187,13 +187,12 @@ CLIP_ARCHS = {  # registry name -> open_clip architecture (clip_tiny: TINY_CLIP_
 }
 
 
-def _load_file(model: nn.Module, path: Path, name: str) -> None:
-    sd = load_state_dict_file(path)
+def _adapt(sd: dict[str, torch.Tensor], model: nn.Module, _: Path) -> dict[str, torch.Tensor]:
     for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI JIT extras
         sd.pop(key, None)
     open_clip.model.resize_pos_embed(sd, model)
     open_clip.model.resize_text_pos_embed(sd, model)
-    load_into(model, sd, f"CLIP checkpoint {path} for {name}")
+    return sd
 
 
 def _quiet_random_init(record: logging.LogRecord) -> bool:
@@ -260,8 +259,10 @@ def build_open_clip(
     model = build_seeded(
         lambda: _random_model(arch, qg, quiet=weights is not None),
         weights,
-        lambda model, path: _load_file(model, path, name),
+        "CLIP",
+        name,
         seed=seed,
+        adapt=_adapt,
         field="clip_weights",
         example=example,
         cache_dir=cache_dir,

@@ -19,7 +19,7 @@ from torch import nn
 
 from fmbseg.models.base import Precision, Preprocess, autocast, compute_dtype
 from fmbseg.models.registry import register_builders
-from fmbseg.models.weights import build_seeded, load_into, load_state_dict_file, tag_not_found
+from fmbseg.models.weights import build_seeded, tag_not_found
 
 # Registry name -> (timm architecture, extra timm kwargs).
 DINO_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -108,12 +108,10 @@ def build_dino(
     model = build_seeded(
         lambda: timm.create_model(arch, pretrained=False, **kwargs),
         weights,
-        lambda model, path: load_into(
-            model,
-            checkpoint_filter_fn(load_state_dict_file(path), model),  # type: ignore[arg-type]
-            f"DINOv2 checkpoint {path} for {name}",
-        ),
+        "DINOv2",
+        name,
         seed=seed,
+        adapt=lambda state, model, _: checkpoint_filter_fn(state, model),  # type: ignore[arg-type]
         field="dino_weights",
         example=example,
         cache_dir=cache_dir,

@@ -32,7 +32,7 @@ from fmbseg.config import SamAutoConfig
 from fmbseg.models.base import Precision, check_image, compute_dtype
 from fmbseg.models.registry import register_builders
 from fmbseg.models.sam_amg import BinaryMaskGenerator
-from fmbseg.models.weights import build_seeded, load_into, load_state_dict_file
+from fmbseg.models.weights import build_seeded
 
 # registry name -> (segment-anything variant, official checkpoint file name)
 VARIANTS = {
@@ -342,9 +342,8 @@ def build_sam(
     sam = build_seeded(
         build_tiny_sam_model if variant == "tiny" else sam_model_registry[variant],
         weights,
-        lambda sam, path: load_into(
-            sam, load_state_dict_file(path), f"SAM checkpoint {path} for {name}"
-        ),
+        "SAM",
+        name,
         seed=seed,
         field="sam_weights",
         example=example,

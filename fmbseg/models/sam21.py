@@ -30,7 +30,7 @@ from fmbseg.config import SamAutoConfig
 from fmbseg.models.base import Precision
 from fmbseg.models.registry import MissingExtraError, register_builders
 from fmbseg.models.sam import PromptedSegmenter, points_per_batch, sharpen_mask_heads
-from fmbseg.models.weights import build_seeded, load_into, load_state_dict_file
+from fmbseg.models.weights import build_seeded
 
 INSTALL_HINT = (
     "SAM 2.1 models need the sam2 package: install it with "
@@ -256,9 +256,8 @@ def build_sam21(
     model = build_seeded(
         lambda: build_sam2_model(name),
         weights,
-        lambda model, path: load_into(
-            model, load_state_dict_file(path), f"SAM 2.1 checkpoint {path} for {name}"
-        ),
+        "SAM 2.1",
+        name,
         seed=seed,
         field="sam_weights",
         example=VARIANTS[name][1],

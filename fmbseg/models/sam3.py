@@ -40,8 +40,6 @@ from fmbseg.models.registry import MissingExtraError, register_builders
 from fmbseg.models.weights import (
     CheckpointMismatchError,
     build_seeded,
-    load_into,
-    load_state_dict_file,
     tag_not_found,
 )
 
@@ -474,12 +472,11 @@ def _hub_checkpoint(name: str) -> str:
         raise tag_not_found(name, "hub", "sam3_weights", HF_FILE, looked, exc) from exc
 
 
-def load_sam3_checkpoint(model: Any, path: Path, name: str) -> None:
-    """Load the detector part of a ``sam3.pt`` (its ``detector.*`` tensors; the
-    ``tracker.*`` ones serve video) into ``model``: every parameter must be there and
-    nothing else; a buffer the file lacks keeps the value ``model`` computed at init (ViT
-    RoPE frequencies, functions of the config alone)."""
-    state = load_state_dict_file(path)
+def detector_state(state: dict[str, torch.Tensor], model: Any, path: Path) -> dict[str, Any]:
+    """The detector part of a ``sam3.pt`` state (its ``detector.*`` tensors; the
+    ``tracker.*`` ones serve video), to load strictly into ``model``: a buffer the file lacks
+    keeps the value ``model`` computed at init (ViT RoPE frequencies, functions of the config
+    alone)."""
     detector = {
         k[len(DETECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(DETECTOR_PREFIX)
     }
@@ -492,7 +489,7 @@ def load_sam3_checkpoint(model: Any, path: Path, name: str) -> None:
     for key, buf in model.state_dict().items():
         if key not in detector and key not in parameters:
             detector[key] = buf
-    load_into(model, detector, f"SAM 3 checkpoint {path} for {name}")
+    return detector
 
 
 def build_sam3(
@@ -513,8 +510,10 @@ def build_sam3(
     model = build_seeded(
         lambda: compose_sam3_image_model(dims),
         _hub_checkpoint(name) if weights == "hub" else weights,  # before an 850M-param init
-        lambda model, path: load_sam3_checkpoint(model, path, name),
+        "SAM 3",
+        name,
         seed=seed,
+        adapt=detector_state,
         field="sam3_weights",
         example=HF_FILE,
         cache_dir=cache_dir,

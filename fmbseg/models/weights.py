@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 SHOWN_KEYS = 5  # how many offending keys an error message names
-M = TypeVar("M")
+M = TypeVar("M", bound=nn.Module)
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -257,17 +257,23 @@ def seeded(seed: int) -> Iterator[None]:
 def build_seeded(
     make: Callable[[], M],
     weights: str | None,
-    load: Callable[[M, Path], None],
+    label: str,
+    name: str,
     *,
     seed: int,
+    adapt: Callable[[dict[str, torch.Tensor], M, Path], Mapping[str, torch.Tensor]] | None = None,
     **where: Any,
 ) -> M:
-    """``make()`` under :func:`seeded`, then ``load(model, path)`` of the checkpoint
-    ``weights`` (``None`` = keep the random weights). ``weights`` is resolved first
-    (:func:`resolve_weights` with ``where``), so a missing file fails before a large init."""
+    """``make()`` under :func:`seeded`, then the checkpoint ``weights`` (``None`` = keep the
+    random weights) loaded strictly with :func:`load_into`, after ``adapt(state_dict, model,
+    path)`` if given; a mismatch names ``"{label} checkpoint {path} for {name}"``.
+    ``weights`` is resolved first (:func:`resolve_weights` with ``where``), so a missing file
+    fails before a large init."""
     path = None if weights is None else resolve_weights(weights, **where)
     with seeded(seed):
         model = make()
     if path is not None:
-        load(model, path)
+        state = load_state_dict_file(path)
+        adapted = state if adapt is None else adapt(state, model, path)
+        load_into(model, adapted, f"{label} checkpoint {path} for {name}")
     return model

@@ -178,6 +178,9 @@ def test_read_bytes_local(image_dir: Path) -> None:
     assert read_bytes(f"file://{path}") == path.read_bytes()
     with pytest.raises(FileNotFoundError):
         read_bytes(str(image_dir / "nope.jpg"))
+    odd = image_dir / "a::b.jpg"  # fsspec would read "::" as URL chaining
+    odd.write_bytes(b"odd")
+    assert read_bytes(str(odd)) == b"odd"
 
 
 def _crafted(tmp_path: Path, images: list[dict[str, Any]]) -> str:
