@@ -33,7 +33,7 @@ def class_colours(n: int) -> np.ndarray:
     from matplotlib import colormaps  # here: importing it costs the CLI a fraction of a second
 
     # distinct, readable colours for the first classes: Tableau 20, its 10 dark then 10 light
-    tab20 = np.rint(np.asarray(colormaps["tab20"].colors) * 255).astype(int)
+    tab20 = np.rint(colormaps["tab20"](np.arange(20))[:, :3] * 255).astype(int)
     out = np.concatenate([tab20[0::2], tab20[1::2]])[:n].tolist()
     for i in range(len(out), n):  # golden-ratio hues, alternating lightness
         h = (i * 0.618033988749895) % 1.0
