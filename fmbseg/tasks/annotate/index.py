@@ -254,13 +254,10 @@ def dedup_across_shards(
             errors = pa.concat_tables([t.cast(ERRORS_SCHEMA) for t in parts])
             receipts[shard] = store.write_shard(stage, fp, shard, records, errors)
             log.info("%s/%s shard %d: %d cross-shard duplicates", stage, fp, shard, len(later))
-        kept.update(
-            zip(
-                records.column("image_id").to_pylist(),
-                records.column("uri").to_pylist(),
-                strict=False,
-            )
-        )
+        for image_id, uri in zip(
+            records.column("image_id").to_pylist(), records.column("uri").to_pylist(), strict=True
+        ):
+            kept[image_id] = uri
         images += records.num_rows
         if errors.num_rows:
             by_type.update(errors.column("error_type").to_pylist())
