@@ -18,29 +18,6 @@ from PIL import Image
 
 from fmbseg.storage.records import IGNORE
 
-# Distinct, readable colours for the first classes (Tableau 20, reordered dark/light).
-_BASE = [
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
-    (174, 199, 232),
-    (255, 187, 120),
-    (152, 223, 138),
-    (255, 152, 150),
-    (197, 176, 213),
-    (196, 156, 148),
-    (247, 182, 210),
-    (199, 199, 199),
-    (219, 219, 141),
-    (158, 218, 229),
-]
 IGNORE_COLOUR = (0, 0, 0)
 THUMB_SIDE = 320  # long side of the gallery's card images
 
@@ -53,7 +30,11 @@ def has_thumb(height: int, width: int) -> bool:
 
 def class_colours(n: int) -> np.ndarray:
     """``(n, 3) uint8`` RGB colours, deterministic; never black (black = unlabelled)."""
-    out = list(_BASE[:n])
+    from matplotlib import colormaps  # here: importing it costs the CLI a fraction of a second
+
+    # distinct, readable colours for the first classes: Tableau 20, its 10 dark then 10 light
+    tab20 = np.rint(colormaps["tab20"](np.arange(20))[:, :3] * 255).astype(int)
+    out = np.concatenate([tab20[0::2], tab20[1::2]])[:n].tolist()
     for i in range(len(out), n):  # golden-ratio hues, alternating lightness
         h = (i * 0.618033988749895) % 1.0
         r, g, b = colorsys.hls_to_rgb(h, 0.45 if i % 2 else 0.65, 0.75)

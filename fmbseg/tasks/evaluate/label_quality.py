@@ -123,15 +123,13 @@ def pseudo_label_quality(
         )
         for v in VARIANTS:
             cms[v].update(maps[v], label)
-    out: dict[str, Any] = {
+    return {
         "dataset": getattr(dataset, "name", type(dataset).__name__),
         "num_images": n,
         "images_without_records": missing,
         "unmatched_categories": sorted(unmatched),
+        **{v: quality_report(cms[v], dataset.classes) for v in VARIANTS},
     }
-    for v in VARIANTS:
-        out[v] = quality_report(cms[v], dataset.classes)
-    return out
 
 
 def quality_report(cm: ConfusionMatrix, classes: Sequence[str]) -> dict[str, Any]:

@@ -211,15 +211,8 @@ def teacher_of(store: ArtifactStore, merge_fp: str) -> dict[str, Any]:
     why a figure is ``None`` (``None`` when all are there). A figure is never guessed: a
     resumed run's wall time covers only part of the images, so it gives none.
     """
-    out: dict[str, Any] = {
-        "sam": None,
-        "sam_weights": None,
-        "sam_precision": None,
-        "images": None,
-        "sam_seconds": None,
-        "images_per_second": None,
-        "unavailable": None,
-    }
+    keys = ("sam", "sam_weights", "sam_precision", "images", "sam_seconds")
+    out: dict[str, Any] = dict.fromkeys((*keys, "images_per_second", "unavailable"))
     meta = store.require_manifest(MERGE_STAGE, merge_fp).meta
     if meta.get("sam3"):
         return _sam3_teacher(store, str(meta["sam3"]), out)
@@ -297,13 +290,8 @@ def compare_teachers(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ValueError: the reports are of different datasets or splits (``limit``).
     """
     first = reports[0]
-    for r in reports[1:]:
-        if (r["dataset"], r["data_root"], r["num_images"]) != (
-            first["dataset"],
-            first["data_root"],
-            first["num_images"],
-        ):
-            raise ValueError("compare_teachers: the reports score different splits")
+    if len({(r["dataset"], r["data_root"], r["num_images"]) for r in reports}) > 1:
+        raise ValueError("compare_teachers: the reports score different splits")
     rows = [
         {
             "labels": r["labels"],

@@ -126,9 +126,6 @@ class ConfusionMatrix:
         self.matrix += other.matrix
         return self
 
-    def reset(self) -> None:
-        self.matrix[:] = 0
-
     # ---- results --------------------------------------------------------------------------
 
     @property

@@ -2,22 +2,13 @@
 
 A :class:`Predictor` turns a batch of normalised windows into per-class score maps of the
 same size (windows are ``window`` squares, or smaller and not square where the image is
-smaller than a window: mmseg feeds those crops unpadded), given the text side it built once per vocabulary with ``encode_text``.
-The protocol (``fmbseg.tasks.evaluate.protocol``) owns resizing, windowing, averaging and argmax;
-predictors only score windows. Three are provided:
-
-- :class:`DenseClipPredictor`: the training-free baselines, MaskCLIP or SCLIP depending on
-  the mode the :class:`~fmbseg.models.base.DenseClip` was built with: cosine similarity of
-  the dense patch features with the text embeddings, bilinearly upsampled to the window.
-- :class:`AlignmentPredictor`: the stage-2 model (METHOD "Inference"): frozen DINOv2 patch
-  features -> alignment module -> cosine with CLIP text embeddings -> bilinear upsampling;
-  ``AlignmentPredictor.from_segmenter(OpenVocabSegmenter.load(...))`` for a checkpoint.
-- :class:`SimilaritiesPredictor`: any object with ``similarities(image, classes) -> (K, H,
-  W)`` (the ``OpenVocabSegmenter`` interface), applied to each window as an image, one
-  window at a time (slower; for segmenters with nothing else to offer).
-
-Scores are cosine similarities in [-1, 1] for all three; background handling and the
-soft-mask transform for TCL's constant background live in the protocol, not here.
+smaller than a window: mmseg feeds those crops unpadded), given the text side it built once
+per vocabulary with ``encode_text``. The protocol (:mod:`fmbseg.tasks.evaluate.protocol`)
+owns resizing, windowing, averaging, background handling and argmax; predictors only score
+windows, as cosine similarities in [-1, 1]: the training-free baselines
+(:class:`DenseClipPredictor`), the stage-2 model (:class:`AlignmentPredictor`) and any
+object with ``similarities(image, classes)`` (:class:`SimilaritiesPredictor`, one window at
+a time).
 """
 
 from __future__ import annotations

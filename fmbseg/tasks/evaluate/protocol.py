@@ -187,12 +187,8 @@ def sliding_window_scores(
         batch = boxes[start : start + batch_size]
         crops = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in batch])
         scores = predictor.scores(crops, text)
-        if (
-            scores.ndim != 4
-            or scores.shape[0] != len(batch)
-            or scores.shape[-2:] != crops.shape[-2:]
-        ):
-            ch, cw = crops.shape[-2:]
+        ch, cw = crops.shape[-2:]
+        if scores.ndim != 4 or (scores.shape[0], *scores.shape[-2:]) != (len(batch), ch, cw):
             raise ValueError(
                 f"{type(predictor).__name__}.scores returned shape {tuple(scores.shape)} for "
                 f"windows {tuple(crops.shape)}; expected ({len(batch)}, K, {ch}, {cw})"

@@ -28,9 +28,10 @@ import torch
 
 from fmbseg.config import Config
 from fmbseg.data.datasets import DatasetError, SegDataset, dataset_description
-from fmbseg.engine.runner import errors_table, plan_shards
+from fmbseg.engine.runner import plan_shards
 from fmbseg.engine.stage import Prepared, StageRun
 from fmbseg.storage.models import ModelRegistry
+from fmbseg.storage.records import error_row, errors_table
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.evaluate.metrics import ConfusionMatrix
 from fmbseg.tasks.evaluate.predictors import Predictor
@@ -160,15 +161,7 @@ def evaluate_shard(
                 _sid, image, label = dataset.load(sample)
             except DatasetError as exc:
                 uri = dataset.fs.unstrip_protocol(f"{dataset._base}/{sample.image}")
-                errors.append(
-                    {
-                        "uri": uri,
-                        "image_id": sample.sample_id,
-                        "stage": STAGE,
-                        "error_type": "unreadable",
-                        "message": str(exc),
-                    }
-                )
+                errors.append(error_row(sample.sample_id, uri, STAGE, "unreadable", str(exc)))
                 continue
             cm.update(
                 predict_label_map(predictor, image, text, plan, ev, out_size=label.shape), label

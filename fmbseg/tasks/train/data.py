@@ -173,7 +173,7 @@ def labelled_images(
     return restrict_to(LabelledImages(image_ids, uris, labels, boxes, missing), has)
 
 
-def restrict_to(data: LabelledImages, keep: Sequence[bool]) -> LabelledImages:
+def restrict_to(data: LabelledImages, keep: Sequence[bool] | np.ndarray) -> LabelledImages:
     """Only the images where ``keep`` is true; the others count as without labels."""
     idx = np.flatnonzero(np.asarray(keep, dtype=bool))
     if len(idx) == len(data.image_ids):

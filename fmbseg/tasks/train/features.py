@@ -5,12 +5,9 @@ epoch (and on every rerun) dominates the cost, so they are a stage of their own
 (:data:`fmbseg.tasks.train.stages.DINO_FEATURES`: encoder, weights, input size, crops per
 image, index fingerprint):
 
-    records     = one row per training crop: image_id [string], crop [int32] (its slot),
-                  resized_h, resized_w, y0, x0 [int32] (its box), num_patches N, dim C
-                  [int32], features [binary: (N, C) float16, row-major patches]
-    manifest    = meta {encoder, weights, input_size, crops_per_image,
-                  image_ids: one list per shard}
-                  (the id -> shard map, so readers need not open every part)
+    records     = one row per training crop (:data:`FEATURE_SCHEMA`)
+    manifest    = meta {encoder, weights, input_size, crops_per_image, image_ids: one
+                  list per shard (the id -> shard map, so readers need not open every part)}
 
 Each image is resized so its short side is ``input_size`` and its training crops
 (:mod:`fmbseg.tasks.train.crops`, a function of the image alone) are cut, normalised with

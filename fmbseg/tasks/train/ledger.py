@@ -21,13 +21,13 @@ annotated again; training keeps one copy (:func:`fmbseg.tasks.train.sets.unite`)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fmbseg.config import Config
-from fmbseg.data.sources import ImageRef
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.index import STAGE as INDEX_STAGE
 from fmbseg.tasks.annotate.index import IndexPlan, index_fingerprint, plan_index
@@ -115,12 +115,7 @@ def new_images_plan(
     """
     full = plan_index(source, cfg, storage_options, image_root, store.uri)
     covered = covered_uris(store, batches)
-    refs: list[ImageRef] = [r for r in full.refs if r.uri not in covered]
-    plan = (
-        IndexPlan(
-            full.source, index_fingerprint(cfg, refs), tuple(refs), full.shard_size, full.root
-        )
-        if refs
-        else None
-    )
+    refs = tuple(r for r in full.refs if r.uri not in covered)
+    fp = index_fingerprint(cfg, refs)
+    plan = dataclasses.replace(full, fingerprint=fp, refs=refs, skipped=()) if refs else None
     return NewImages(len(full.refs), len(full.refs) - len(refs), plan)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fmbseg.storage.records import IGNORE
 from fmbseg.tasks.train.crops import CropBox
-
-IGNORE = 255  # label-map value of unlabelled pixels (fmbseg.storage.records.IGNORE)
 
 
 def resize_nearest(label_map: np.ndarray, size: int) -> np.ndarray:

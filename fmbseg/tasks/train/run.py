@@ -29,6 +29,7 @@ from fmbseg.engine.runner import Progress
 from fmbseg.engine.stage import StageRun
 from fmbseg.models.align import CARD_KIND, AlignmentConfig, AlignmentModule
 from fmbseg.storage.models import ModelRegistry
+from fmbseg.storage.records import LABEL_COLUMNS
 from fmbseg.tasks.annotate.index import read_index
 from fmbseg.tasks.annotate.merge import merge_order
 from fmbseg.tasks.train.data import (
@@ -51,19 +52,8 @@ log = logging.getLogger(__name__)
 
 STAGE = "train"
 LABELS_STAGE = "merge"
-# What label maps are composed from (bbox and fingerprint are not needed).
-LABEL_COLUMNS = (
-    "image_id",
-    "image_uri",
-    "height",
-    "width",
-    "category_id",
-    "category",
-    "source",
-    "score",
-    "rle_counts",
-    "area",
-)
+# the merge records' columns training reads (bbox and fingerprint are not needed)
+RECORD_COLUMNS = (*LABEL_COLUMNS, "image_id", "image_uri", "category")
 
 Features = Callable[[StageRun], list[str]]
 
@@ -102,7 +92,7 @@ def train(job: StageRun, progress: Progress | None, *, features: Features) -> No
     what = ", ".join(lfp for lfp, _ in sets)
     parts = []
     for lfp, ifp in sets:
-        records = store.read_table(LABELS_STAGE, lfp, columns=LABEL_COLUMNS)
+        records = store.read_table(LABELS_STAGE, lfp, columns=RECORD_COLUMNS)
         parts.append(
             labelled_images(
                 records,

@@ -12,6 +12,7 @@ the shape this config would build, and its encoder must be the one features come
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from fmbseg.models.base import DenseClip, PatchEncoder
 from fmbseg.storage.fingerprint import canonical_json, content_hash
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.tasks.train.crops import CropBox
-from fmbseg.tasks.train.data import LabelledImages
+from fmbseg.tasks.train.data import LabelledImages, restrict_to
 from fmbseg.tasks.train.features import FeatureCache
 
 LabelSet = tuple[str, str]  # (merge fingerprint, index fingerprint)
@@ -80,25 +81,19 @@ def label_sets(labels: str | Sequence[Sequence[str]], index_fp: str | None) -> l
 
 def unite(parts: Sequence[LabelledImages]) -> LabelledImages:
     """The labelled images of every set, in set order; a repeated ``image_id`` (the same
-    bytes in a later batch) keeps its first occurrence and counts as left out."""
+    bytes in a later batch) keeps only its first occurrence."""
     if len(parts) == 1:
         return parts[0]
-    seen: set[str] = set()
-    keep: list[tuple[int, int]] = []
-    for p, part in enumerate(parts):
-        for i, image_id in enumerate(part.image_ids):
-            if image_id not in seen:
-                seen.add(image_id)
-                keep.append((p, i))
-    labels = [parts[p].labels[i] for p, i in keep]
-    boxes = [parts[p].boxes[i] for p, i in keep]
-    return LabelledImages(
-        image_ids=[parts[p].image_ids[i] for p, i in keep],
-        uris=[parts[p].uris[i] for p, i in keep],
-        labels=np.stack(labels) if labels else parts[0].labels[:0],
-        boxes=np.stack(boxes) if boxes else parts[0].boxes[:0],
+    whole = LabelledImages(
+        image_ids=[i for part in parts for i in part.image_ids],
+        uris=[u for part in parts for u in part.uris],
+        labels=np.concatenate([part.labels for part in parts]),
+        boxes=np.concatenate([part.boxes for part in parts]),
         without_labels=sum(part.without_labels for part in parts),
     )
+    first = np.zeros(len(whole.image_ids), dtype=bool)
+    first[np.unique(np.asarray(whole.image_ids, dtype=str), return_index=True)[1]] = True
+    return dataclasses.replace(restrict_to(whole, first), without_labels=whole.without_labels)
 
 
 class FeatureCaches:
