@@ -78,7 +78,7 @@ def _message(cls: type, exc: pydantic.ValidationError) -> str:
     """pydantic's errors as one line naming each field, what it must be and what it got:
     ``runtime.shard_size: must be >= 1, got 0; runtime.device: 'tpu' is not one of ['auto',
     'cpu', 'cuda']``."""
-    section = _section_name(cls)
+    section = {tp: name for name, tp in typing.get_type_hints(Config).items()}.get(cls, "")
     fields = getattr(cls, "__pydantic_fields__")  # noqa: B009
     out = []
     for err in exc.errors():
@@ -103,12 +103,6 @@ def _message(cls: type, exc: pydantic.ValidationError) -> str:
                 expected += " or null"
             out.append(f"{where}: expected {expected}, got {got!r}")
     return "; ".join(out)
-
-
-def _section_name(cls: type) -> str:
-    """``"runtime"`` for RuntimeConfig; ``""`` for Config itself."""
-    names = {tp: name for name, tp in typing.get_type_hints(Config).items()}
-    return names.get(cls, "")
 
 
 # Range-checked field types: annotated-types constraints, which pydantic reads as they are.
