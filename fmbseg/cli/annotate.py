@@ -33,18 +33,13 @@ IMAGE_LABELS = Arg(
     "the source root, or URI) and a names column; names must be in the vocabulary",
 )
 CLASSES = Arg("--classes", default=None, help='class names, comma-separated: "cat,dog,grass"')
-
-
-def vocab_help() -> str:
-    """``--vocab``'s help: every built-in vocabulary and alias, read from the package."""
-    aliases = ", ".join(f"{a}={n}" for a, n in sorted(vocabulary_aliases().items()))
-    return (
-        f"built-in vocabulary: {', '.join(builtin_vocabularies())} (aliases: {aliases}); or a "
-        ".txt file with one name per line; or a comma list (one name: 'cat,')"
-    )
-
-
-VOCAB = Arg("--vocab", default=None, help=vocab_help())
+_ALIASES = ", ".join(f"{a}={n}" for a, n in sorted(vocabulary_aliases().items()))
+VOCAB = Arg(
+    "--vocab",
+    default=None,
+    help=f"built-in vocabulary: {', '.join(builtin_vocabularies())} (aliases: {_ALIASES}); "
+    "or a .txt file with one name per line; or a comma list (one name: 'cat,')",
+)
 LABELLING = (IMAGES, CLASSES, VOCAB, IMAGE_ROOT, TEACHER)  # annotate's and retrain's
 
 

@@ -289,12 +289,10 @@ def _quiet_user_errors() -> Iterator[None]:
 
 
 @contextmanager
-def progress_bars(units: dict[str, str] | None = None) -> Iterator[None]:
-    """tqdm bars (on stderr), one per stage, fed by the flows' progress reports; each
-    stage's report (cached / resumed / done, with its counts and fingerprint) on stdout.
-
-    ``units``: a stage's unit when it does not count shards (``{"train": "epoch"}``).
-    """
+def progress_bars() -> Iterator[None]:
+    """tqdm bars (on stderr), one per stage, fed by the flows' progress reports (shards;
+    training's, epochs); each stage's report (cached / resumed / done, with its counts and
+    fingerprint) on stdout."""
     from tqdm import tqdm
 
     from fmbseg.flows.common import observe_progress
@@ -304,7 +302,7 @@ def progress_bars(units: dict[str, str] | None = None) -> Iterator[None]:
     def on_progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            unit = (units or {}).get(stage, "shard")
+            unit = "epoch" if stage == "train" else "shard"
             bar = bars[stage] = tqdm(
                 total=total, desc=stage, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True
             )

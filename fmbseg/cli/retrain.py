@@ -80,7 +80,7 @@ def cmd_retrain(args: argparse.Namespace, common: Common) -> int:
         return 0
     from fmbseg.flows.retrain import retrain_flow
 
-    with progress_bars(units={"train": "epoch"}):
+    with progress_bars():
         out = retrain_flow(
             images=args.images,
             **common.flow_args(),

@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.flows.annotate_and_train import annotate_and_train_flow
 
     try:
-        with progress_bars(units={"train": "epoch"}):
+        with progress_bars():
             out = annotate_and_train_flow(
                 images=images,
                 **common.flow_args(),

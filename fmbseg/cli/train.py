@@ -27,7 +27,7 @@ def cmd_train(args: argparse.Namespace, common: Common) -> int:
         return 0
     from fmbseg.flows.train import train_flow
 
-    with progress_bars(units={"train": "epoch"}):
+    with progress_bars():
         result = train_flow(
             **common.flow_args(),
             labels=args.labels,
