@@ -19,13 +19,13 @@ import typing
 from collections.abc import Mapping
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, dataclass_transform, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, dataclass_transform, get_args
 
 import pydantic
 import pydantic.dataclasses
 import yaml
 from annotated_types import Ge, Gt, Interval
-from pydantic import ConfigDict, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -59,19 +59,6 @@ def _validated(cls: type[_T]) -> type[_T]:
     return made
 
 
-class _Section:
-    """Base of the config sections: YAML has lists where the sections hold tuples (frozen,
-    hashable), so a list given to a tuple field is read as that tuple."""
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _yaml_lists_are_tuples(cls, value: Any, info: ValidationInfo) -> Any:
-        fields = getattr(cls, "__pydantic_fields__")  # noqa: B009 (set by _validated)
-        if isinstance(value, list) and get_origin(fields[info.field_name].annotation) is tuple:
-            return tuple(value)
-        return value
-
-
 _EXPECTED = {
     "int_type": "an integer",
     "float_type": "a number",
@@ -91,7 +78,7 @@ def _message(cls: type, exc: pydantic.ValidationError) -> str:
     """pydantic's errors as one line naming each field, what it must be and what it got:
     ``runtime.shard_size: must be >= 1, got 0; runtime.device: 'tpu' is not one of ['auto',
     'cpu', 'cuda']``."""
-    section = _section_name(cls)
+    section = {tp: name for name, tp in typing.get_type_hints(Config).items()}.get(cls, "")
     fields = getattr(cls, "__pydantic_fields__")  # noqa: B009
     out = []
     for err in exc.errors():
@@ -118,12 +105,6 @@ def _message(cls: type, exc: pydantic.ValidationError) -> str:
     return "; ".join(out)
 
 
-def _section_name(cls: type) -> str:
-    """``"runtime"`` for RuntimeConfig; ``""`` for Config itself."""
-    names = {tp: name for name, tp in typing.get_type_hints(Config).items()}
-    return names.get(cls, "")
-
-
 # Range-checked field types: annotated-types constraints, which pydantic reads as they are.
 PosInt = Annotated[int, Ge(1)]
 NonNegInt = Annotated[int, Ge(0)]
@@ -132,13 +113,15 @@ NonNegFloat = Annotated[float, Ge(0)]
 Fraction = Annotated[float, Interval(ge=0, le=1)]
 PosFraction = Annotated[float, Interval(gt=0, le=1)]
 Cosine = Annotated[float, Interval(ge=-1, le=1)]
+# the sections hold tuples (frozen, hashable); lax, the field also takes YAML's lists
+Strings = Annotated[tuple[str, ...], Field(strict=False)]
 
 
 # ---- sections ------------------------------------------------------------------------
 
 
 @_validated
-class ModelsConfig(_Section):
+class ModelsConfig:
     """Which foundation models to build; names are keys of ``fmbseg.models.registry``."""
 
     clip: str = "clip_vit_l14_336"  # open_clip ViT-L/14 @336 (paper: ViT-L/14)
@@ -159,7 +142,7 @@ class ModelsConfig(_Section):
 
 
 @_validated
-class RuntimeConfig(_Section):
+class RuntimeConfig:
     """Where and how stages execute."""
 
     executor: Literal["ray", "local"] = "ray"  # local = in-process, for debugging and unit tests
@@ -180,33 +163,33 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 
 @_validated
-class IndexConfig(_Section):
+class IndexConfig:
     """Stage `index`: listing and decoding the image source."""
 
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # walked in folders and URI prefixes
+    extensions: Strings = IMAGE_EXTENSIONS  # walked in folders and URI prefixes
     max_pixels: PosInt = 178_956_970  # larger images are recorded as errors (PIL's bomb limit)
     verify_decode: bool = True  # decode every image fully (catches truncation); False = header only
     # protocols a .txt/COCO list's absolute paths and URIs may use ("file" = local paths,
     # "store" = the store's); relative entries always stay under the list's root
-    allowed_protocols: tuple[str, ...] = ("file", "store")
+    allowed_protocols: Strings = ("file", "store")
 
 
 @_validated
-class ClipDenseConfig(_Section):
+class ClipDenseConfig:
     """Stage `clip_dense` (METHOD 1.1.1-2): sliding-window dense CLIP features and presence."""
 
     mode: Literal["maskclip", "sclip"] = "maskclip"  # last-block path for dense features
     short_side: PosInt = 1008  # image upsampled so its short side is this (ours)
     crop_size: PosInt | None = None  # None = the CLIP model's input size (ours)
     stride_ratio: PosFraction = 2 / 3  # stride = round(crop_size * stride_ratio) (ours)
-    templates: tuple[str, ...] = ("a photo of a {}.",)  # paper: one template
+    templates: Strings = ("a photo of a {}.",)  # paper: one template
     min_crops: PosInt = 2  # a class is present if it wins at least this many crops (paper: >1)
     batch_size: PosInt = 16  # crops per forward pass, across images
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
 
 
 @_validated
-class SamPromptConfig(_Section):
+class SamPromptConfig:
     """Stage `sam_prompt` (METHOD 1.1.3): top-k CLIP patches as SAM point prompts."""
 
     num_points: PosInt = 5  # positive points per present class (paper: 5)
@@ -214,7 +197,7 @@ class SamPromptConfig(_Section):
 
 
 @_validated
-class SamAutoConfig(_Section):
+class SamAutoConfig:
     """Stage `sam_auto` (METHOD 1.2): automatic masks, filtered, labelled from CLIP maps."""
 
     points_per_side: PosInt = 32
@@ -234,7 +217,7 @@ class SamAutoConfig(_Section):
 
 
 @_validated
-class Sam3Config(_Section):
+class Sam3Config:
     """Stage `sam3` (ours, instead of CLIP presence + SAM prompts): SAM 3's text concepts."""
 
     # a class is present when SAM 3's presence probability for its name reaches this
@@ -247,7 +230,7 @@ class Sam3Config(_Section):
 
 
 @_validated
-class MergeConfig(_Section):
+class MergeConfig:
     """Stage `merge`: sample automatic masks and compose label maps."""
 
     auto_fraction: Fraction = 0.5  # fraction of stage-1.2 masks kept (ours)
@@ -259,7 +242,7 @@ class MergeConfig(_Section):
 
 
 @_validated
-class ExportConfig(_Section):
+class ExportConfig:
     """Stage `export`: COCO JSON, PNG label maps, overlays and an HTML gallery."""
 
     png: bool = True
@@ -273,7 +256,7 @@ class ExportConfig(_Section):
 
 
 @_validated
-class TrainConfig(_Section):
+class TrainConfig:
     """Stage 2 (METHOD stage 2): alignment module on frozen DINOv2 patch features."""
 
     input_size: PosInt = 448  # DINOv2 input side (patch 14 -> 32x32 patches)
@@ -288,7 +271,7 @@ class TrainConfig(_Section):
     # text prototypes in the loss's denominators: all = every vocabulary class (the paper's K),
     # batch = only the classes present in the batch (ablation)
     text_negatives: Literal["all", "batch"] = "all"
-    templates: tuple[str, ...] = ("a photo of a {}.",)  # text prototypes (paper: one template)
+    templates: Strings = ("a photo of a {}.",)  # text prototypes (paper: one template)
     epochs: PosInt = 10
     batch_size: PosInt = 5  # images per batch (paper: 5)
     lr: NonNegFloat = 0.01  # 0 keeps the weights (a finetune that only re-evaluates)
@@ -301,13 +284,13 @@ class TrainConfig(_Section):
 
 
 @_validated
-class EvaluateConfig(_Section):
+class EvaluateConfig:
     """Evaluation protocol (TCL's): sliding window over the short-side-resized image."""
 
     short_side: PosInt = 448
     window: PosInt = 448
     stride: PosInt = 224
-    templates: tuple[str, ...] = ("a photo of a {}.",)
+    templates: Strings = ("a photo of a {}.",)
     background: Literal["stuff_names", "constant"] = "stuff_names"  # paper's vs. TCL's
     background_score: Fraction = 0.5  # for background == "constant"
     batch_size: PosInt = 8

@@ -1,12 +1,9 @@
 """Open-vocabulary inference with a trained alignment module (METHOD.md stage 2, "Inference").
 
 frozen DINOv2 -> alignment module -> cosine similarity with the text embeddings of *any*
-class list -> bilinear upsampling to the image size -> per-pixel argmax.
-
-Geometry, as in training (:mod:`fmbseg.tasks.train.crops`) and the evaluation protocol: the
-image is resized so its short side is the training input size (``card.encoder.input_size``)
-and scored in square windows of that size, stride half a window, with the evaluation's own
-sliding-window code (:mod:`fmbseg.tasks.evaluate.protocol`); objects keep their aspect ratio.
+class list -> bilinear upsampling to the image size -> per-pixel argmax; the geometry is
+training's (:mod:`fmbseg.tasks.train.crops`) and the evaluation protocol's (see
+:meth:`OpenVocabSegmenter.similarities`), so objects keep their aspect ratio.
 """
 
 from __future__ import annotations
@@ -100,12 +97,7 @@ class OpenVocabSegmenter:
             ref, name or TrainConfig().model_name
         )
         where = f"model {resolved.name}:{resolved.version}"
-        if card.get("kind") != CARD_KIND:
-            raise IncompatibleModelError(
-                f"{where} is not an alignment module (card kind "
-                f"{card.get('kind')!r}, expected {CARD_KIND!r})"
-            )
-        mcfg = AlignmentConfig.from_dict(card["module"])
+        module = alignment_module(tensors, card, where)
         if encoder is None or text_model is None:
             from fmbseg.models.registry import build_model
 
@@ -117,14 +109,7 @@ class OpenVocabSegmenter:
             text_model = text_model or build(
                 txt["name"], txt["weights"], kind="clip", quick_gelu=txt.get("quick_gelu")
             )
-        check_compatible(card, mcfg, encoder, text_model, where)
-        module = AlignmentModule(mcfg)
-        try:
-            module.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise IncompatibleModelError(
-                f"{where}: weights do not fit the module its card describes ({mcfg}): {exc}"
-            ) from exc
+        check_compatible(card, module.cfg, encoder, text_model, where)
         return cls(
             module, encoder, text_model, card, dev, resolved, templates, store.storage_options
         )
@@ -151,9 +136,9 @@ class OpenVocabSegmenter:
     def similarities(self, image: ImageLike, classes: list[str]) -> torch.Tensor:
         """``(K, H, W) float32`` cosine similarities, bilinearly upsampled to the image size.
 
-        The image is resized (bilinear) so its short side is ``input_size``; square
-        ``input_size`` windows with stride ``input_size // 2`` (the evaluation's 448/224) are
-        scored by :class:`~fmbseg.tasks.evaluate.predictors.AlignmentPredictor` and averaged where
+        The image is resized (bilinear) so its short side is ``input_size`` (the card's
+        ``encoder.input_size``, training's); square ``input_size`` windows with stride
+        ``input_size // 2`` (the evaluation's 448/224) are scored by :class:`~fmbseg.tasks.evaluate.predictors.AlignmentPredictor` and averaged where
         they overlap (mmseg's slide inference), then upsampled to ``H x W``.
         """
         from fmbseg.tasks.evaluate.predictors import AlignmentPredictor
@@ -174,6 +159,28 @@ class OpenVocabSegmenter:
         int32. Argmax over the upsampled similarities. ``image``: see the class docstring."""
         labels = self.similarities(image, classes).argmax(0).cpu().numpy()
         return labels.astype(np.uint8 if len(classes) <= 255 else np.int32)
+
+
+def alignment_module(
+    tensors: dict[str, torch.Tensor], card: dict[str, Any], where: str
+) -> AlignmentModule:
+    """The alignment module ``card`` describes, ``tensors`` loaded into it; raises
+    :class:`IncompatibleModelError`, its message after ``where``, when the card is not an
+    alignment module's or the weights do not fit the module it describes."""
+    if card.get("kind") != CARD_KIND:
+        raise IncompatibleModelError(
+            f"{where}: not an alignment module (card kind {card.get('kind')!r}, expected "
+            f"{CARD_KIND!r})"
+        )
+    try:
+        module = AlignmentModule(AlignmentConfig.from_dict(card["module"]))
+        module.load_state_dict(tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise IncompatibleModelError(
+            f"{where}: its weights do not fit the module its card describes ({first})"
+        ) from None
+    return module
 
 
 def check_compatible(

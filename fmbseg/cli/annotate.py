@@ -15,32 +15,32 @@ from fmbseg.cli.core import (
     UsageError,
     command,
     progress_bars,
+    usage_errors,
 )
+from fmbseg.cli.index import print_failures, skipped_files
 from fmbseg.data.sources import check_source
 from fmbseg.data.vocab import builtin_vocabularies, vocabulary_aliases
 
 if TYPE_CHECKING:
     from fmbseg.flows.annotate import AnnotationSummary
 
-IMAGE_LABELS_HELP = (
-    "image-level tags that replace CLIP's presence vote: a COCO JSON (each image's "
+IMAGE_LABELS = Arg(
+    "--image-labels",
+    default=None,
+    metavar="FILE",
+    help="image-level tags that replace CLIP's presence vote: a COCO JSON (each image's "
     "annotation categories), or a .parquet/.csv with an image column (file name relative to "
-    "the source root, or URI) and a names column; names must be in the vocabulary"
+    "the source root, or URI) and a names column; names must be in the vocabulary",
 )
-IMAGE_LABELS = Arg("--image-labels", default=None, metavar="FILE", help=IMAGE_LABELS_HELP)
 CLASSES = Arg("--classes", default=None, help='class names, comma-separated: "cat,dog,grass"')
-
-
-def vocab_help() -> str:
-    """``--vocab``'s help: every built-in vocabulary and alias, read from the package."""
-    aliases = ", ".join(f"{a}={n}" for a, n in sorted(vocabulary_aliases().items()))
-    return (
-        f"built-in vocabulary: {', '.join(builtin_vocabularies())} (aliases: {aliases}); or a "
-        ".txt file with one name per line; or a comma list (one name: 'cat,')"
-    )
-
-
-VOCAB = Arg("--vocab", default=None, help=vocab_help())
+_ALIASES = ", ".join(f"{a}={n}" for a, n in sorted(vocabulary_aliases().items()))
+VOCAB = Arg(
+    "--vocab",
+    default=None,
+    help=f"built-in vocabulary: {', '.join(builtin_vocabularies())} (aliases: {_ALIASES}); "
+    "or a .txt file with one name per line; or a comma list (one name: 'cat,')",
+)
+LABELLING = (IMAGES, CLASSES, VOCAB, IMAGE_ROOT, TEACHER)  # annotate's and retrain's
 
 
 def vocabulary_from_args(args: argparse.Namespace) -> tuple[str, ...]:
@@ -53,9 +53,6 @@ def vocabulary_from_args(args: argparse.Namespace) -> tuple[str, ...]:
     except (ValueError, OSError) as exc:
         message = str(exc).replace("classes (names) or vocab", "--classes or --vocab")
         raise UsageError(message) from exc
-
-
-FAILURES_SHOWN = 5  # failing files the summary names
 
 
 def print_annotation_summary(summary: AnnotationSummary) -> None:
@@ -74,16 +71,12 @@ def print_annotation_summary(summary: AnnotationSummary) -> None:
     )
     print(f"  classes found: {len(classes)}{': ' + top + more if classes else ''}")
     if summary.skipped_extensions:
-        from fmbseg.cli.index import skipped_files
-
         print(f"  {skipped_files(summary.skipped_extensions)}")
     for stage, counts in summary.errors.items():
         details = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
         print(f"  {stage} errors: {details}")
-    first = summary.first_errors
-    for e in first[:FAILURES_SHOWN]:
-        print(f"    {e['uri']}: {e['error_type']}: {e['message']}")
-    if first:
+    print_failures(summary.first_errors)
+    if summary.first_errors:
         print(f"  every failure:  {summary.errors_table}")
     print(f"  COCO JSON:   {summary.coco}")
     print(f"  label maps:  {summary.export}/labels/")
@@ -94,11 +87,7 @@ def print_annotation_summary(summary: AnnotationSummary) -> None:
 @command(
     "annotate",
     "pseudo-label images for a list of classes with CLIP + SAM or SAM 3 (COCO RLE, PNG, Parquet, gallery)",
-    IMAGES,
-    CLASSES,
-    VOCAB,
-    IMAGE_ROOT,
-    TEACHER,
+    *LABELLING,
     IMAGE_LABELS,
     DRY_RUN,
 )
@@ -109,10 +98,8 @@ def cmd_annotate(args: argparse.Namespace, common: Common) -> int:
     if args.image_labels is not None:  # unknown names fail before any work
         from fmbseg.data.image_labels import ImageLabelsError, load_image_labels
 
-        try:
+        with usage_errors("--image-labels: ", ImageLabelsError):
             tags = load_image_labels(args.image_labels, vocabulary, common.storage_options)
-        except ImageLabelsError as exc:
-            raise UsageError(f"--image-labels: {exc}") from exc
     if args.dry_run:
         from fmbseg.data.sources import source_root
         from fmbseg.flows.dry_run import annotate_dry_run, print_plans

@@ -1,11 +1,11 @@
 """The ``fmbseg`` command.
 
-Every subcommand shares a parent parser (``--store``, ``--config``, ``--set``,
-``--ray-address``, ``--storage-option``, ``--verbose``) and is one function registered with
-:func:`command`; it receives the parsed arguments and the validated :class:`Common`
-settings, runs a Prefect flow and prints where the outputs are. Errors in the user's input
-(config, store, source) print ``fmbseg: error: <message>`` and exit with status 2; the
-store is checked (:func:`~fmbseg.storage.preflight.check_store`) before any command runs.
+Every subcommand is one function registered with :func:`command`; it receives the parsed
+arguments and the validated :class:`Common` settings (the options every subcommand shares),
+runs a Prefect flow and prints where the outputs are. Errors in the user's input (config,
+store, source) print ``fmbseg: error: <message>`` in one line and exit with status 2, Ctrl-C
+exits with 130; the store is checked (:func:`~fmbseg.storage.preflight.check_store`) before
+any command runs.
 
 Each subcommand lives in its own module of this package and registers itself::
 
@@ -37,6 +37,15 @@ DEFAULT_STORE = "./fmbseg-store"
 
 class UsageError(ValueError):
     """A command-line value is malformed."""
+
+
+@contextmanager
+def usage_errors(prefix: str, *errors: type[Exception]) -> Iterator[None]:
+    """Raise the ``errors`` the block raises as a :class:`UsageError`: ``prefix`` + message."""
+    try:
+        yield
+    except errors as exc:
+        raise UsageError(f"{prefix}{exc}") from None
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,13 @@ DRY_RUN = Arg(
     help="print each stage it would run, its fingerprint, whether it is committed and how "
     "many shards remain; runs nothing, loads no model, writes nothing",
 )
+TEACHER = Arg(
+    "--teacher",
+    default=None,
+    choices=["clip_sam", "sam3"],
+    help="stage 1's labeller (models.teacher): clip_sam = CLIP's presence vote + SAM masks "
+    "(the paper, default); sam3 = SAM 3's text-prompted concept masks (the sam3 extra)",
+)
 
 Handler = Callable[[argparse.Namespace, Common], int]
 
@@ -97,7 +113,7 @@ class _Command:
     help: str
     args: tuple[Arg, ...]
     handler: Handler
-    defaults: dict[str, Any]  # replacing the common options' defaults
+    config: str  # --config's default
     writes_store: bool
 
 
@@ -108,18 +124,17 @@ def command(
     name: str,
     help: str,
     *args: Arg,
-    defaults: dict[str, Any] | None = None,
+    config: str = "default",
     writes_store: bool = True,
 ) -> Callable[[Handler], Handler]:
     """Register ``fn(args, common) -> exit status`` as subcommand ``name``.
 
-    ``defaults`` replace common options' defaults for this command (e.g. its ``config``).
-    ``writes_store``: the store must be writable (checked before the command runs); False
-    for commands that only read it.
+    ``config``: the command's default ``--config``. ``writes_store``: the store must be
+    writable (checked before the command runs); False for commands that only read it.
     """
 
     def register(fn: Handler) -> Handler:
-        _COMMANDS[name] = _Command(help, args, fn, dict(defaults or {}), writes_store)
+        _COMMANDS[name] = _Command(help, args, fn, config, writes_store)
         return fn
 
     return register
@@ -171,15 +186,6 @@ def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-TEACHER = Arg(
-    "--teacher",
-    default=None,
-    choices=["clip_sam", "sam3"],
-    help="stage 1's labeller (models.teacher): clip_sam = CLIP's presence vote + SAM masks "
-    "(the paper, default); sam3 = SAM 3's text-prompted concept masks (the sam3 extra)",
-)
-
-
 def _common(args: argparse.Namespace) -> Common:
     if getattr(args, "teacher", None):  # a named shortcut for --set models.teacher=...
         args.set = [*args.set, f"models.teacher={args.teacher}"]
@@ -200,19 +206,16 @@ def _common(args: argparse.Namespace) -> Common:
     )
 
 
-def _common_options(defaults: dict[str, Any]) -> argparse.ArgumentParser:
-    """The shared options, as a fresh parent parser per subcommand (so that one command's
-    ``defaults`` never leak into another's: argparse parents share their action objects)."""
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("common options")
+def _add_common_options(parser: argparse.ArgumentParser, config: str) -> None:
+    group = parser.add_argument_group("common options")
     group.add_argument(
         "--store",
-        default=defaults.get("store", DEFAULT_STORE),
+        default=DEFAULT_STORE,
         help="artifact store: a folder or fsspec URI (default %(default)s)",
     )
     group.add_argument(
         "--config",
-        default=defaults.get("config", "default"),
+        default=config,
         help="built-in config name (default, quickstart, tiny) or a YAML file "
         "(default %(default)s)",
     )
@@ -238,7 +241,6 @@ def _common_options(defaults: dict[str, Any]) -> argparse.ArgumentParser:
         "client_kwargs.endpoint_url=http://host:9000)",
     )
     group.add_argument("-v", "--verbose", action="store_true", help="show Prefect/Ray logs")
-    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fmbseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in _COMMANDS.items():
-        parent = _common_options(cmd.defaults)
-        p = sub.add_parser(name, parents=[parent], help=cmd.help, description=cmd.help)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        _add_common_options(p, cmd.config)
         for a in cmd.args:
             p.add_argument(*a.flags, **a.kwargs)
     return parser
@@ -260,42 +262,37 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- running flows ----------------------------------------------------------------------------
 
 
-class _HideUserErrorTracebacks(logging.Filter):
+def _not_a_user_error(record: logging.LogRecord) -> bool:
     """Drop Prefect's failure logs for input errors; the CLI prints those in one line."""
+    from fmbseg.flows.common import USER_ERRORS, is_user_error
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        from fmbseg.flows.common import USER_ERRORS, is_user_error
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and is_user_error(exc):
-            return False
-        if record.levelno < logging.ERROR:
-            return True
-        # "Finished in state Failed('... encountered an exception SourceError: ...')"
-        message = record.getMessage()
-        return not any(f"{cls.__name__}: " in message for cls in USER_ERRORS)
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and is_user_error(exc):
+        return False
+    if record.levelno < logging.ERROR:
+        return True
+    # "Finished in state Failed('... encountered an exception SourceError: ...')"
+    message = record.getMessage()
+    return not any(f"{cls.__name__}: " in message for cls in USER_ERRORS)
 
 
 @contextmanager
 def _quiet_user_errors() -> Iterator[None]:
     loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
-    flt = _HideUserErrorTracebacks()
     for lg in loggers:
-        lg.addFilter(flt)
+        lg.addFilter(_not_a_user_error)
     try:
         yield
     finally:
         for lg in loggers:
-            lg.removeFilter(flt)
+            lg.removeFilter(_not_a_user_error)
 
 
 @contextmanager
-def progress_bars(units: dict[str, str] | None = None) -> Iterator[None]:
-    """tqdm bars (on stderr), one per stage, fed by the flows' progress reports; each
-    stage's report (cached / resumed / done, with its counts and fingerprint) on stdout.
-
-    ``units``: a stage's unit when it does not count shards (``{"train": "epoch"}``).
-    """
+def progress_bars() -> Iterator[None]:
+    """tqdm bars (on stderr), one per stage, fed by the flows' progress reports (shards;
+    training's, epochs); each stage's report (cached / resumed / done, with its counts and
+    fingerprint) on stdout."""
     from tqdm import tqdm
 
     from fmbseg.flows.common import observe_progress
@@ -305,7 +302,7 @@ def progress_bars(units: dict[str, str] | None = None) -> Iterator[None]:
     def on_progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            unit = (units or {}).get(stage, "shard")
+            unit = "epoch" if stage == "train" else "shard"
             bar = bars[stage] = tqdm(
                 total=total, desc=stage, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True
             )

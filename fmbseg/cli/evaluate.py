@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from fmbseg.cli.core import Arg, Common, UsageError, command, positive_int, progress_bars
+from fmbseg.cli.core import Arg, Common, command, positive_int, progress_bars, usage_errors
 from fmbseg.data.datasets import dataset_names
 
 if TYPE_CHECKING:
@@ -112,11 +112,8 @@ def cmd_evaluate(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.tasks.evaluate.protocol import format_report
 
     if "," in args.model:
-        try:
+        with usage_errors("--model: ", ValueError):
             label_refs(args.model)
-        except ValueError as exc:
-            raise UsageError(f"--model: {exc}") from None
-
     with progress_bars():
         report = evaluate_flow(
             dataset=args.dataset,

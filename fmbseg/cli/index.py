@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
+from collections.abc import Iterable
+from typing import Any
 
 from fmbseg.cli.core import IMAGE_ROOT, IMAGES, Common, command, progress_bars
 from fmbseg.data.sources import check_source
+
+FAILURES_SHOWN = 5  # failing files a summary names, not only counts
 
 
 def skipped_files(skipped: dict[str, int]) -> str:
     """One line naming the files a folder walk left out, by extension, and why."""
     kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items(), key=lambda x: -x[1]))
     return f"not listed (extension not in index.extensions): {kinds}"
+
+
+def print_failures(rows: Iterable[dict[str, Any]]) -> None:
+    """The first failing files: ``uri``, ``error_type``, ``message``."""
+    for row in itertools.islice(rows, FAILURES_SHOWN):
+        print(f"    {row['uri']}: {row['error_type']}: {row['message']}")
 
 
 @command(
@@ -28,11 +39,7 @@ def cmd_index(args: argparse.Namespace, common: Common) -> int:
 
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
     with progress_bars():
-        fp = index_flow(
-            images=args.images,
-            **common.flow_args(),
-            image_root=args.image_root,
-        )
+        fp = index_flow(images=args.images, **common.flow_args(), image_root=args.image_root)
     store = common.open_store()
     m = store.require_manifest(STAGE, fp)
     by_type = m.meta.get("errors_by_type", {})
@@ -46,14 +53,11 @@ def cmd_index(args: argparse.Namespace, common: Common) -> int:
         print(f"  errors by type: {details}")
     if skipped := m.meta.get("skipped_extensions"):
         print(f"  {skipped_files(skipped)}")
-    shown = 0  # name the first failing files, not only counts
-    columns = ["uri", "error_type", "message"]
-    for t in store.shards(STAGE, fp, "errors", manifest=m, columns=columns) if m.error_rows else ():
-        for row in t.slice(0, 5 - shown).to_pylist() if t.num_columns else ():
-            print(f"    {row['uri']}: {row['error_type']}: {row['message']}")
-            shown += 1
-        if shown >= 5:
-            break
+    if m.error_rows:
+        columns = ["uri", "error_type", "message"]
+        tables = store.shards(STAGE, fp, "errors", manifest=m, columns=columns)
+        rows = (r for t in tables if t.num_columns for r in t.slice(0, FAILURES_SHOWN).to_pylist())
+        print_failures(rows)
     print(f"  fingerprint: {fp}")
     print(f"  output:      {store.stage_url(STAGE, fp)}")
     return 0

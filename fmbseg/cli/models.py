@@ -1,10 +1,4 @@
-"""``fmbseg models list|show|promote``: the model registry from the command line.
-
-``list [NAME]``: every version with its data lineage, metrics and which is the champion.
-``show NAME[:VERSION]``: one card. ``promote NAME:vNNNN [--reason TEXT]``: move the champion
-pointer (the decision and its reason are recorded in ``champion.json`` and the card); a
-missing version, or one that is not a loadable alignment module, is refused with exit 2.
-"""
+"""``fmbseg models list|show|promote``: the model registry from the command line."""
 
 from __future__ import annotations
 
@@ -12,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from fmbseg.cli.core import Arg, Common, UsageError, command
+from fmbseg.cli.core import Arg, Common, UsageError, command, usage_errors
 from fmbseg.storage.models import ModelRegistry, check_name
 
 ACTIONS = ("list", "show", "promote")
@@ -26,10 +20,8 @@ def _split_ref(ref: str | None, action: str) -> tuple[str, str]:
 
 
 def _valid_name(name: str) -> str:
-    try:
+    with usage_errors("", ValueError):
         check_name(name)  # the name becomes part of a store path
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     return name
 
 
@@ -83,35 +75,14 @@ def show_model(registry: ModelRegistry, name: str, version: str) -> list[str]:
     ]
 
 
-def check_promotable(registry: ModelRegistry, name: str, version: str) -> None:
-    """Refuse a version that ``segment``/``evaluate`` could not load: not an alignment
-    module, or weights that do not fit the module its card describes."""
-    from fmbseg.models.align import AlignmentConfig, AlignmentModule
-    from fmbseg.segment import IncompatibleModelError
-    from fmbseg.tasks.train.run import CARD_KIND
-
-    tensors, card = registry.load(name, version)
-    where = f"model {name}:{version}"
-    if card.get("kind") != CARD_KIND:
-        raise IncompatibleModelError(
-            f"{where} cannot be promoted: not an alignment module (card kind "
-            f"{card.get('kind')!r}, expected {CARD_KIND!r})"
-        )
-    try:
-        AlignmentModule(AlignmentConfig.from_dict(card["module"])).load_state_dict(tensors)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise IncompatibleModelError(
-            f"{where} cannot be promoted: its weights do not fit the module its card "
-            f"describes ({first})"
-        ) from None
-
-
 def promote_model(registry: ModelRegistry, name: str, version: str, reason: str) -> list[str]:
     if not version or version in ("latest", "champion"):
         raise UsageError(f"models promote needs an explicit version: {name}:vNNNN")
+    from fmbseg.segment import alignment_module
+
     version = registry.resolve_version(name, version)
-    check_promotable(registry, name, version)
+    # refuse a version that segment/evaluate could not load
+    alignment_module(*registry.load(name, version), f"model {name}:{version} cannot be promoted")
     current = registry.champion(name)
     if current == version:
         return [f"{name}:{version} is already the champion; nothing changed"]

@@ -5,19 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from fmbseg.cli.annotate import CLASSES, VOCAB, vocabulary_from_args
-from fmbseg.cli.core import (
-    DRY_RUN,
-    IMAGE_ROOT,
-    IMAGES,
-    TEACHER,
-    Arg,
-    Common,
-    UsageError,
-    command,
-    positive_int,
-    progress_bars,
-)
+from fmbseg.cli.annotate import LABELLING, vocabulary_from_args
+from fmbseg.cli.core import DRY_RUN, Arg, Common, UsageError, command, positive_int, progress_bars
 from fmbseg.data.sources import check_source
 
 if TYPE_CHECKING:
@@ -48,11 +37,7 @@ def print_retrain(out: RetrainResult) -> None:
 @command(
     "retrain",
     "annotate only the images new since the last run, retrain on all, promote if as good",
-    IMAGES,
-    CLASSES,
-    VOCAB,
-    IMAGE_ROOT,
-    TEACHER,
+    *LABELLING,
     Arg(
         "--mode",
         choices=("scratch", "finetune"),
@@ -95,7 +80,7 @@ def cmd_retrain(args: argparse.Namespace, common: Common) -> int:
         return 0
     from fmbseg.flows.retrain import retrain_flow
 
-    with progress_bars(units={"train": "epoch"}):
+    with progress_bars():
         out = retrain_flow(
             images=args.images,
             **common.flow_args(),

@@ -1,10 +1,6 @@
-"""``fmbseg run``: the whole pipeline (annotate-and-train) on an embedded default.
-
-With no ``--images`` it runs on five real photos bundled with scikit-image, written into the
-store under ``samples/``, for a built-in class list. Its default config is ``quickstart``
-(small real pretrained models; they download on first use). Offline, it says so and how to
-run ``--config tiny`` instead.
-"""
+"""``fmbseg run``: the whole pipeline (annotate-and-train), by default on five photos bundled
+with scikit-image (written into the store under ``samples/``) and the ``quickstart`` config,
+whose pretrained weights download on first use; offline, it says how to run ``--config tiny``."""
 
 from __future__ import annotations
 
@@ -66,7 +62,7 @@ def dry_run(args: argparse.Namespace, common: Common, vocabulary: tuple[str, ...
     Arg("--eval-data-root", default=None, help="root of the evaluation dataset"),
     TEACHER,
     DRY_RUN,
-    defaults={"config": "quickstart"},
+    config="quickstart",
 )
 def cmd_run(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.data.samples import SAMPLE_CLASSES, write_sample_photos
@@ -86,7 +82,7 @@ def cmd_run(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.flows.annotate_and_train import annotate_and_train_flow
 
     try:
-        with progress_bars(units={"train": "epoch"}):
+        with progress_bars():
             out = annotate_and_train_flow(
                 images=images,
                 **common.flow_args(),

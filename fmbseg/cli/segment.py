@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fmbseg.cli.annotate import CLASSES, VOCAB, vocabulary_from_args
-from fmbseg.cli.core import Arg, Common, UsageError, command
+from fmbseg.cli.core import Arg, Common, UsageError, command, usage_errors
 
 
 def check_images(images: Sequence[str], storage_options: dict[str, Any]) -> None:
@@ -18,14 +18,12 @@ def check_images(images: Sequence[str], storage_options: dict[str, Any]) -> None
 
     bad = []
     for image in images:
-        if "://" in image and not image.startswith("file://"):
-            try:
+        if (local := _local(image)) is None:
+            with usage_errors(f"image {image!r} cannot be reached: ", Exception):
                 fs, path = fsspec.core.url_to_fs(image, **storage_options)
                 ok = fs.isfile(path)
-            except Exception as exc:
-                raise UsageError(f"image {image!r} cannot be reached: {exc}") from None
         else:
-            ok = os.path.isfile(image.removeprefix("file://"))
+            ok = os.path.isfile(local)
         if not ok:
             bad.append(image)
     if bad:
@@ -88,12 +86,10 @@ def check_outputs(
         existing = [p for p in outputs if os.path.lexists(p.removeprefix("file://"))]
         folders = [p for p in existing if os.path.isdir(p.removeprefix("file://"))]
     else:
-        try:
+        with usage_errors(f"--out {out!r} cannot be reached: ", Exception):
             fs = fsspec.core.url_to_fs(out, **storage_options)[0]
             existing = [p for p in outputs if fs.exists(p)]
             folders = [p for p in existing if fs.isdir(p)]
-        except Exception as exc:
-            raise UsageError(f"--out {out!r} cannot be reached: {exc}") from None
     if folders:
         raise UsageError(f"--out {out!r}: output {folders[0]!r} is a folder")
     if existing and not overwrite:
@@ -168,10 +164,9 @@ def cmd_segment(args: argparse.Namespace, common: Common) -> int:
         f"{len(classes)} classes"
     )
     for image_uri, stem in zip(args.images, stems, strict=True):
-        try:
+        # ImageDecodeError is a ValueError
+        with usage_errors(f"image {image_uri!r} cannot be read: ", FileNotFoundError, ValueError):
             image = decode_image(read_bytes(image_uri, common.storage_options), image_uri)
-        except (FileNotFoundError, ValueError) as exc:  # ImageDecodeError is a ValueError
-            raise UsageError(f"image {image_uri!r} cannot be read: {exc}") from None
         label_map = segmenter.segment(image, classes)
         labels_png, overlay_png = write_outputs(
             image, label_map, classes, stem, storage_options=common.storage_options

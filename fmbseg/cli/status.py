@@ -1,9 +1,4 @@
-"""``fmbseg status``: what a store holds, read from the store alone (no Prefect server).
-
-Committed stages (fingerprint, rows, error rows, when), exports (images, classes, gallery),
-models (versions and champion), and the most recent runs (flow, start, duration, outcome,
-parent run) from ``runs/{id}.json``.
-"""
+"""``fmbseg status``: what a store holds, read from the store alone (no Prefect server)."""
 
 from __future__ import annotations
 

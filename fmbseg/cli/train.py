@@ -27,11 +27,8 @@ def cmd_train(args: argparse.Namespace, common: Common) -> int:
         return 0
     from fmbseg.flows.train import train_flow
 
-    with progress_bars(units={"train": "epoch"}):
-        result = train_flow(
-            **common.flow_args(),
-            labels=args.labels,
-        )
+    with progress_bars():
+        result = train_flow(**common.flow_args(), labels=args.labels)
     model = result.model
     ref = model.ref
     cached = " (cache hit: already trained on these labels, nothing retrained)"
