@@ -47,7 +47,7 @@ from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
 from fmbseg.segment import IncompatibleModelError
 from fmbseg.storage.models import ModelNotFoundError
 from fmbseg.storage.preflight import StoreUnusableError, check_store
-from fmbseg.storage.store import ArtifactStore, Manifest, NotCommittedError
+from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.train.data import NoLabelledPatchesError
 
 log = logging.getLogger(__name__)
@@ -121,25 +121,6 @@ def current_flow_run_id() -> str | None:
 
 
 # ---- stage tasks ------------------------------------------------------------------------------
-
-
-def _store_tag(store: ArtifactStore) -> str:
-    return hashlib.sha256(store.uri.encode()).hexdigest()[:12]
-
-
-def _cache_key(
-    context: Any, label: str, store: ArtifactStore, manifests: Sequence[Manifest | None]
-) -> str | None:
-    """``fmbseg-{label}-{store}-{fps}`` when every manifest is there (else None: run the
-    task); keeps the cached reports for :func:`_report_cached`."""
-    done = [m for m in manifests if m is not None]
-    if len(done) < len(manifests):
-        return None
-    task_run = getattr(context, "task_run", None)
-    if task_run is not None:  # said by _report_cached if Prefect serves the cached result
-        with _pending_lock:
-            _pending[str(task_run.id)] = [cached_message(store, m) for m in done]
-    return f"fmbseg-{label}-{_store_tag(store)}-{'-'.join(m.fingerprint for m in done)}"
 
 
 # cached reports per task run, from its cache key until it ends (see _report_cached)
@@ -216,12 +197,21 @@ def pass_task(stages: Sequence[Stage]) -> Task[..., dict[str, str]]:
 
 def pass_cache_key(stages: Sequence[Stage]) -> Callable[[Any, dict[str, Any]], str | None]:
     """A Prefect ``cache_key_fn`` for :func:`pass_task`: ``fmbseg-{stages}-{store}-{fps}``
-    once every stage's output is committed in the store, else None."""
+    once every stage's output is committed in the store, else None (run the task). Keeps
+    the cached reports for :func:`_report_cached`."""
     names = "+".join(s.name for s in stages)
 
     def key(context: Any, parameters: dict[str, Any]) -> str | None:
         job: StageRun = parameters["job"]
-        return _cache_key(context, names, job.store, [committed(s, job) for s in stages])
+        done = [m for s in stages if (m := committed(s, job)) is not None]
+        if len(done) < len(stages):
+            return None
+        task_run = getattr(context, "task_run", None)
+        if task_run is not None:  # said by _report_cached if Prefect serves the cached result
+            with _pending_lock:
+                _pending[str(task_run.id)] = [cached_message(job.store, m) for m in done]
+        store = hashlib.sha256(job.store.uri.encode()).hexdigest()[:12]
+        return f"fmbseg-{names}-{store}-{'-'.join(m.fingerprint for m in done)}"
 
     return key
 

@@ -41,6 +41,7 @@ from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.stages import check_teacher, stage1_fingerprints
 from fmbseg.tasks.train.ledger import new_images_plan
 from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
+from fmbseg.tasks.train.sets import LabelSet
 from fmbseg.tasks.train.stages import train_run
 
 MODES = ("scratch", "finetune")
@@ -88,22 +89,14 @@ class RetrainResult:
 find_new_images_task = task(name="find-new-images", **PLANNING_TASK)(new_images_plan)
 
 
-def batch_labels(
-    st: ArtifactStore,
-    cfg: Config,
-    batches: list[dict[str, Any]],
-    vocabulary: tuple[str, ...],
-    storage_options: dict[str, Any] | None,
-) -> list[tuple[str, str]]:
-    """(merge fp, index fp) of every batch for this vocabulary and config, oldest first;
-    a batch whose labels for them are not committed is labelled again (cached stages)."""
-    sets = []
-    for batch in batches:
-        merge = stage1_fingerprints(cfg, batch["index"], vocabulary)["merge"]
-        if not st.is_committed("merge", merge):
-            merge = label_index(st, cfg, batch["index"], vocabulary, storage_options)["merge"]
-        sets.append((merge, batch["index"]))
-    return sets
+def label_sets(
+    cfg: Config, batches: list[dict[str, Any]], vocabulary: tuple[str, ...]
+) -> list[LabelSet]:
+    """(merge fp, index fp) of every batch's labels for this vocabulary and config, oldest
+    first (planned: committed or not)."""
+    return [
+        (stage1_fingerprints(cfg, b["index"], vocabulary)["merge"], b["index"]) for b in batches
+    ]
 
 
 def up_to_date(
@@ -118,10 +111,7 @@ def up_to_date(
     if not ledger["models"] or ledger["models"][-1]["version"] not in registry.versions(name):
         return None
     last = ledger["models"][-1]
-    sets = [
-        (stage1_fingerprints(cfg, b["index"], vocabulary)["merge"], b["index"])
-        for b in ledger["batches"]
-    ]
+    sets = label_sets(cfg, ledger["batches"], vocabulary)
     # the key: the from-scratch train fingerprint (a fine-tuned version is as up to date)
     if last.get("key") != train_run(registry.store, cfg, sets, vocabulary).fp(TRAIN_STAGE):
         return None
@@ -274,7 +264,10 @@ def _train_and_decide(
 ) -> tuple[TrainedModel, Promotion]:
     """Train on every batch, record what it was trained on, evaluate, decide promotion."""
     registry = ModelRegistry(st)
-    sets = batch_labels(st, cfg, ledger["batches"], vocabulary, common["storage_options"])
+    sets = label_sets(cfg, ledger["batches"], vocabulary)
+    for merge, index in sets:  # labels for this vocabulary and config made again (cached)
+        if not st.is_committed("merge", merge):
+            label_index(st, cfg, index, vocabulary, common["storage_options"])
     champion = registry.champion(name)
     init = f"{name}:{champion}" if mode == "finetune" and champion else None
     job = train_run(st, cfg, sets, vocabulary, init)
