@@ -24,19 +24,19 @@ from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
     configure,
-    current_flow_run_id,
+    flow_lineage,
     image_markdown,
     manifest_artifact,
     markdown_artifact,
     open_store,
     pass_task,
-    record_lineage,
+    summary_rows,
     table_artifact,
 )
 from fmbseg.flows.index import index_listing, list_images_task
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.export_coco import NO_LABEL
-from fmbseg.tasks.annotate.index import IndexPlan, count_errors
+from fmbseg.tasks.annotate.index import count_errors
 from fmbseg.tasks.annotate.stages import check_teacher, passes, stage1, stage_run
 
 
@@ -65,8 +65,8 @@ class AnnotationSummary:
     errors_table: str  # URI of the Parquet table of every failure
 
     def rows(self) -> list[dict[str, Any]]:
-        """The ``annotate-summary`` table: one ``{"what", "value"}`` row per field, in order."""
-        return [{"what": f.name, "value": getattr(self, f.name)} for f in fields(self)]
+        """The ``annotate-summary`` table: one row per field, in order."""
+        return summary_rows({f.name: getattr(self, f.name) for f in fields(self)})
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,7 @@ class AnnotateResult:
 
 
 def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> AnnotationSummary:
-    """Counts for people: images (labelled, no confident label, failed), masks per source,
-    classes found, errors per stage and the first failing files.
+    """The :class:`AnnotationSummary` of the committed stages ``fps``.
 
     Streams the merge output one shard at a time, so the driver's memory does not grow with
     the number of images.
@@ -99,7 +98,8 @@ def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> AnnotationS
         for stage in fps
         if stage != "export"  # export's failures are the union of these, in errors.parquet
     }
-    export = store.read_json(f"exports/{fps['export']}/export.json")
+    base = f"exports/{fps['export']}"
+    export = store.read_json(f"{base}/export.json")
     return AnnotationSummary(
         images_indexed=index.rows,
         skipped_extensions=index.meta.get("skipped_extensions", {}),
@@ -112,27 +112,11 @@ def annotation_summary(store: ArtifactStore, fps: dict[str, str]) -> AnnotationS
         classes_found=dict(classes.most_common()),
         errors={stage: counts for stage, counts in errors.items() if counts},
         first_errors=export["first_errors"],
-        export=store.url(f"exports/{fps['export']}"),
-        gallery=store.url(f"exports/{fps['export']}/gallery.html")
-        if export["files"].get("gallery")
-        else None,
-        coco=store.url(f"exports/{fps['export']}/annotations.json"),
-        errors_table=store.url(f"exports/{fps['export']}/errors.parquet"),
+        export=store.url(base),
+        gallery=store.url(f"{base}/gallery.html") if export["files"].get("gallery") else None,
+        coco=store.url(f"{base}/annotations.json"),
+        errors_table=store.url(f"{base}/errors.parquet"),
     )
-
-
-def annotate_plan(
-    st: ArtifactStore,
-    cfg: Config,
-    plan: IndexPlan,
-    vocabulary: tuple[str, ...],
-    storage_options: dict[str, Any] | None = None,
-    image_labels: ImageLabels | None = None,
-) -> dict[str, str]:
-    """Index a listed ``plan`` (e.g. only the images new since the last run), then label it;
-    returns {stage: fp}."""
-    index_fp = index_listing(st, cfg, plan, storage_options)
-    return label_index(st, cfg, index_fp, vocabulary, storage_options, image_labels)
 
 
 def label_index(
@@ -207,9 +191,6 @@ def annotate_flow(
     ``image_labels``: a file of image-level tags (COCO JSON, Parquet or CSV; see
     :mod:`fmbseg.data.image_labels`) whose classes replace CLIP's presence vote; its names
     must be vocabulary classes (checked before any work).
-
-    Returns the stages' fingerprints and the :class:`AnnotationSummary`, which says where
-    the COCO JSON, label PNGs and gallery are.
     """
     # bad names fail before any work, more classes than a label map holds included
     vocabulary = resolve_vocabulary(classes, vocab, max_names=MAX_LABEL_CLASSES)
@@ -222,7 +203,8 @@ def annotate_flow(
     check_teacher(cfg, image_labels, storage_options=storage_options)
     st = open_store(store, storage_options)
     listing = list_images_task(images, cfg, storage_options, image_root, st.uri)
-    fps = annotate_plan(st, cfg, listing, vocabulary, storage_options, tags)
+    index_fp = index_listing(st, cfg, listing, storage_options)
+    fps = label_index(st, cfg, index_fp, vocabulary, storage_options, tags)
     summary = annotation_summary(st, fps)
     table_artifact(
         "annotate-summary",
@@ -234,16 +216,13 @@ def annotate_flow(
         gallery_markdown(st, fps["export"]),
         description="a few pseudo-labelled images (overlays) and the gallery's location",
     )
-    record_lineage(
+    flow_lineage(
         st,
-        current_flow_run_id(),
-        {
-            "flow": "annotate",
-            "images": images,
-            "vocabulary": list(vocabulary),
-            "image_labels": image_labels,
-            "config": cfg.to_dict(),
-            "stages": fps,
-        },
+        "annotate",
+        images=images,
+        vocabulary=list(vocabulary),
+        image_labels=image_labels,
+        config=cfg.to_dict(),
+        stages=fps,
     )
     return AnnotateResult(fps, summary)

@@ -21,9 +21,9 @@ from fmbseg.flows.annotate import AnnotateResult, annotate_flow
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
     configure,
-    current_flow_run_id,
+    flow_lineage,
     open_store,
-    record_lineage,
+    summary_rows,
     table_artifact,
 )
 from fmbseg.flows.evaluate import EvaluationReport, evaluate_flow
@@ -60,25 +60,35 @@ def evaluate_and_promote(
     store: str,
     name: str,
     version: str,
-    dataset: str,
-    data_root: str,
     common: dict[str, Any],
+    eval_dataset: str | None = None,
+    eval_data_root: str | None = None,
     limit: int | None = None,
+    context: dict[str, Any] | None = None,
 ) -> Promotion:
-    """Evaluate ``name:version`` (and the current champion, on the same set) and decide
-    promotion.
+    """Evaluate ``name:version`` and the current champion on the held-out set (when
+    ``eval_dataset`` and ``eval_data_root`` are given), then decide and record promotion.
 
     ``common``: the config/overrides/ray_address/storage_options parameters of the flows.
+    ``context``: recorded with a decision made without evaluation.
     """
     registry = ModelRegistry(open_store(store, common.get("storage_options")))
+    if eval_dataset is None or eval_data_root is None:
+        verdict = decide_and_record(registry, name, version, None, None, context)
+        return Promotion(None, None, verdict.promote, verdict.reason)
     champion = registry.champion(name)
 
     def score(ref: str) -> Score:
         report = evaluate_flow(
-            dataset=dataset, data_root=data_root, model=ref, store=store, limit=limit, **common
+            dataset=eval_dataset,
+            data_root=eval_data_root,
+            model=ref,
+            store=store,
+            limit=limit,
+            **common,
         )
         assert isinstance(report, EvaluationReport)  # a registry reference, never labels:
-        return Score(report.mIoU, dataset, report.num_images)
+        return Score(report.mIoU, eval_dataset, report.num_images)
 
     candidate = score(f"{name}:{version}")
     baseline = score(f"{name}:{champion}") if champion not in (None, version) else None
@@ -88,7 +98,7 @@ def evaluate_and_promote(
         version,
         asdict(candidate),
         None if baseline is None else asdict(baseline),
-        {"evaluated_on": dataset},
+        {"evaluated_on": eval_dataset},
     )
     return Promotion(candidate, baseline, verdict.promote, verdict.reason)
 
@@ -104,13 +114,16 @@ class AnnotateAndTrainResult:
     def rows(self) -> list[dict[str, Any]]:
         """The ``annotate-and-train-summary`` table: outputs and the promotion decision."""
         decision = "promoted" if self.evaluation.promoted else "not promoted"
-        return [
-            {"what": "images", "value": self.annotation.summary.images_indexed},
-            {"what": "labels (COCO)", "value": self.annotation.summary.coco},
-            {"what": "gallery", "value": self.annotation.summary.gallery},
-            {"what": "model", "value": self.training.model.ref},
-            {"what": "champion", "value": f"{decision} ({self.evaluation.reason})"},
-        ]
+        summary = self.annotation.summary
+        return summary_rows(
+            {
+                "images": summary.images_indexed,
+                "labels (COCO)": summary.coco,
+                "gallery": summary.gallery,
+                "model": self.training.model.ref,
+                "champion": f"{decision} ({self.evaluation.reason})",
+            }
+        )
 
 
 @flow(name="annotate-and-train", **LINEAGE_HOOKS)
@@ -129,15 +142,12 @@ def annotate_and_train_flow(
     eval_data_root: str | None = None,
     eval_limit: int | None = None,
 ) -> AnnotateAndTrainResult:
-    """Pseudo-label ``images`` for ``classes``/``vocab``, train the segmenter on them, and
-    (with ``eval_dataset`` + ``eval_data_root``) evaluate it before deciding promotion.
-    ``image_labels``: image-level tags replacing CLIP's presence vote (``annotate_flow``).
+    """Pseudo-label ``images`` for ``classes``/``vocab`` (:func:`annotate_flow`), train the
+    segmenter on them, and (with ``eval_dataset`` + ``eval_data_root``) evaluate it before
+    deciding promotion.
 
     ``images``: an image source; None = the five sample photos bundled with scikit-image,
     written into ``{store}/samples`` (then with no ``classes``/``vocab``, their class list).
-
-    Returns where the labels, the gallery and the model are, and the promotion decision
-    (:class:`AnnotateAndTrainResult`).
     """
     if images is None and classes is None and vocab is None:
         classes = list(SAMPLE_CLASSES)
@@ -150,12 +160,9 @@ def annotate_and_train_flow(
     cfg = configure(config, overrides, ray_address)  # config errors fail before any work
     # and the teacher's package, missing weights
     check_teacher(cfg, also=("clip", "dino"), storage_options=storage_options)
-    common: dict[str, Any] = {
-        "config": config,
-        "overrides": overrides,
-        "ray_address": ray_address,
-        "storage_options": storage_options,
-    }
+    common: dict[str, Any] = dict(
+        config=config, overrides=overrides, ray_address=ray_address, storage_options=storage_options
+    )
     st = open_store(store, storage_options)
     if images is None:
         images = write_sample_photos(st.url("samples"), storage_options)
@@ -171,30 +178,23 @@ def annotate_and_train_flow(
         store=store, labels=labels.fingerprints["merge"], promote_first=False, **common
     )
     model = training.model
-    if eval_dataset is not None and eval_data_root is not None:
-        evaluation = evaluate_and_promote(
-            store, model.name, model.version, eval_dataset, eval_data_root, common, eval_limit
-        )
-    else:
-        verdict = decide_and_record(ModelRegistry(st), model.name, model.version, None, None)
-        evaluation = Promotion(None, None, verdict.promote, verdict.reason)
+    evaluation = evaluate_and_promote(
+        store, model.name, model.version, common, eval_dataset, eval_data_root, eval_limit
+    )
     out = AnnotateAndTrainResult(labels, training, evaluation)
     table_artifact(
         "annotate-and-train-summary",
         out.rows(),
         description="annotate-and-train: outputs and the promotion decision",
     )
-    record_lineage(
+    flow_lineage(
         st,
-        current_flow_run_id(),
-        {
-            "flow": "annotate-and-train",
-            "images": images,
-            "vocabulary": list(vocabulary),
-            "config": cfg.to_dict(),
-            "stages": labels.fingerprints,
-            "model": {"name": model.name, "version": model.version},
-            "evaluation": evaluation.to_dict(),
-        },
+        "annotate-and-train",
+        images=images,
+        vocabulary=list(vocabulary),
+        config=cfg.to_dict(),
+        stages=labels.fingerprints,
+        model={"name": model.name, "version": model.version},
+        evaluation=evaluation.to_dict(),
     )
     return out

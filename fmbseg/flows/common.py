@@ -32,6 +32,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
 from fmbseg.config import Config, ConfigError, load_config, replace
@@ -46,7 +47,7 @@ from fmbseg.models.weights import CheckpointMismatchError, WeightsNotFoundError
 from fmbseg.segment import IncompatibleModelError
 from fmbseg.storage.models import ModelNotFoundError
 from fmbseg.storage.preflight import StoreUnusableError, check_store
-from fmbseg.storage.store import ArtifactStore, Manifest, NotCommittedError
+from fmbseg.storage.store import ArtifactStore, NotCommittedError
 from fmbseg.tasks.train.data import NoLabelledPatchesError
 
 log = logging.getLogger(__name__)
@@ -122,25 +123,6 @@ def current_flow_run_id() -> str | None:
 # ---- stage tasks ------------------------------------------------------------------------------
 
 
-def _store_tag(store: ArtifactStore) -> str:
-    return hashlib.sha256(store.uri.encode()).hexdigest()[:12]
-
-
-def _cache_key(
-    context: Any, label: str, store: ArtifactStore, manifests: Sequence[Manifest | None]
-) -> str | None:
-    """``fmbseg-{label}-{store}-{fps}`` when every manifest is there (else None: run the
-    task); the cached reports are kept for :func:`_report_cached`."""
-    done = [m for m in manifests if m is not None]
-    if len(done) < len(manifests):
-        return None
-    task_run = getattr(context, "task_run", None)
-    if task_run is not None:  # said by _report_cached if Prefect serves the cached result
-        with _pending_lock:
-            _pending[str(task_run.id)] = [cached_message(store, m) for m in done]
-    return f"fmbseg-{label}-{_store_tag(store)}-{'-'.join(m.fingerprint for m in done)}"
-
-
 # cached reports per task run, from its cache key until it ends (see _report_cached)
 _pending: dict[str, list[str]] = {}
 _pending_lock = threading.Lock()
@@ -171,19 +153,25 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, USER_ERRORS) or isinstance(getattr(exc, "cause", None), USER_ERRORS)
 
 
+# a flow's planning tasks (list a source, resolve a model, fingerprint): cheap, so never
+# cached; retried unless the input is at fault
+PLANNING_TASK: dict[str, Any] = {
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+    "retries": 2,
+    "retry_delay_seconds": 5,
+    "retry_condition_fn": retry_unless_user_error,
+}
+
 _PASS_TASKS: dict[tuple[Stage, ...], Task[..., dict[str, str]]] = {}
 
 
 def pass_task(stages: Sequence[Stage]) -> Task[..., dict[str, str]]:
     """The one Prefect task factory: the task that runs a pass of declared stages (one
     stage, or the stages that share a pass) with the planned fingerprints of its
-    :class:`~fmbseg.engine.stage.StageRun` argument; returns ``{stage: fp}``. Unit tests
-    call its body as ``pass_task(stages).fn(job)``.
-
-    Cached while every stage's output is committed (cache key = their fingerprints, see
-    :func:`pass_cache_key`), retried on failure unless the input is at fault; the body
-    reports its counts and fingerprints to the run's log (the runner's reports).
-    """
+    :class:`~fmbseg.engine.stage.StageRun` argument ``job``; returns ``{stage: fp}``.
+    Unit tests call its body as ``pass_task(stages).fn(job)``. Caching and retries: see
+    the module docstring."""
     declared = tuple(stages)  # by declaration, not name: each teacher has its own merge
     name = "+".join(s.name for s in declared)
     if declared not in _PASS_TASKS:
@@ -209,13 +197,21 @@ def pass_task(stages: Sequence[Stage]) -> Task[..., dict[str, str]]:
 
 def pass_cache_key(stages: Sequence[Stage]) -> Callable[[Any, dict[str, Any]], str | None]:
     """A Prefect ``cache_key_fn`` for :func:`pass_task`: ``fmbseg-{stages}-{store}-{fps}``
-    once every stage's output is whole in the store, else None (the store, not Prefect's
-    result cache, is the source of truth)."""
+    once every stage's output is committed in the store, else None (run the task). Keeps
+    the cached reports for :func:`_report_cached`."""
     names = "+".join(s.name for s in stages)
 
     def key(context: Any, parameters: dict[str, Any]) -> str | None:
         job: StageRun = parameters["job"]
-        return _cache_key(context, names, job.store, [committed(s, job) for s in stages])
+        done = [m for s in stages if (m := committed(s, job)) is not None]
+        if len(done) < len(stages):
+            return None
+        task_run = getattr(context, "task_run", None)
+        if task_run is not None:  # said by _report_cached if Prefect serves the cached result
+            with _pending_lock:
+                _pending[str(task_run.id)] = [cached_message(job.store, m) for m in done]
+        store = hashlib.sha256(job.store.uri.encode()).hexdigest()[:12]
+        return f"fmbseg-{names}-{store}-{'-'.join(m.fingerprint for m in done)}"
 
     return key
 
@@ -318,45 +314,45 @@ def image_markdown(alt: str, data: bytes, mime: str) -> str:
     return f"![{alt}](data:{mime};base64,{base64.b64encode(data).decode()})"
 
 
-def table_artifact(key: str, rows: Sequence[Mapping[str, Any]], description: str = "") -> None:
-    """A Prefect table artifact of plain cell values (see :func:`plain`); a no-op outside a
-    run, and API failures are only logged."""
+def _publish(create: Callable[..., Any], data: Any, key: str, description: str) -> None:
+    """``create(data, key=..., description=...)``, a Prefect artifact function: a no-op
+    outside a run; API failures are only logged (an artifact never fails a flow)."""
     if not _in_prefect_run():
         return
     try:
-        create_table_artifact(
-            [{k: plain(v) for k, v in r.items()} for r in rows],
-            key=_artifact_key(key),
-            description=description,
-        )
+        create(data, key=_artifact_key(key), description=description)
     except Exception as exc:
-        log.warning("table artifact %s not created: %s", key, exc)
+        log.warning("artifact %s not created: %s", key, exc)
+
+
+def table_artifact(key: str, rows: Sequence[Mapping[str, Any]], description: str = "") -> None:
+    """A Prefect table artifact of plain cell values (see :func:`plain`)."""
+    cells = [{k: plain(v) for k, v in r.items()} for r in rows]
+    _publish(create_table_artifact, cells, key, description)
 
 
 def markdown_artifact(key: str, markdown: str, description: str = "") -> None:
-    """A Prefect markdown artifact (no-op outside a run; API failures are only logged)."""
-    if not _in_prefect_run():
-        return
-    try:
-        create_markdown_artifact(markdown, key=_artifact_key(key), description=description)
-    except Exception as exc:
-        log.warning("markdown artifact %s not created: %s", key, exc)
+    """A Prefect markdown artifact."""
+    _publish(create_markdown_artifact, markdown, key, description)
+
+
+def summary_rows(items: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A two-column summary table: one ``{"what", "value"}`` row per item, in order."""
+    return [{"what": k, "value": v} for k, v in items.items()]
 
 
 def manifest_artifact(store: ArtifactStore, stage: str, fp: str) -> None:
     """A table artifact summarising a committed stage: rows, errors, shards, where."""
     m = store.require_manifest(stage, fp)
-    rows = [
-        {
-            "stage": stage,
-            "fingerprint": fp,
-            "rows": m.rows,
-            "error_rows": m.error_rows,
-            "shards": m.num_shards,
-            "uri": store.stage_url(stage, fp),
-        },
-    ]
-    table_artifact(f"{stage}-summary", rows, description=f"stage {stage} output")
+    row = {
+        "stage": stage,
+        "fingerprint": fp,
+        "rows": m.rows,
+        "error_rows": m.error_rows,
+        "shards": m.num_shards,
+        "uri": store.stage_url(stage, fp),
+    }
+    table_artifact(f"{stage}-summary", [row], description=f"stage {stage} output")
 
 
 # ---- lineage ----------------------------------------------------------------------------------
@@ -402,6 +398,11 @@ def record_lineage(store: ArtifactStore, flow_run_id: str | None, record: Mappin
     run_id = flow_run_id or f"local-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}"
     full = {"outcome": "completed", **_run_times(), "parent_run": _parent_run(), **record}
     return store.write_run(run_id, full)
+
+
+def flow_lineage(store: ArtifactStore, flow: str, **record: Any) -> str:
+    """:func:`record_lineage` of the running flow ``flow``; ``record``: what it used."""
+    return record_lineage(store, current_flow_run_id(), {"flow": flow, **record})
 
 
 def record_failure(flow: Any, flow_run: Any, state: Any) -> None:

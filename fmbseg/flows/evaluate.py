@@ -9,22 +9,21 @@ split again reads the committed shard matrices instead of running the model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, Self
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
+    PLANNING_TASK,
     configure,
-    current_flow_run_id,
+    flow_lineage,
     manifest_artifact,
     markdown_artifact,
     open_store,
     pass_task,
-    record_lineage,
-    retry_unless_user_error,
     table_artifact,
 )
 from fmbseg.tasks.evaluate.label_quality import VARIANTS
@@ -40,18 +39,22 @@ from fmbseg.tasks.evaluate.stages import (
 LABELS_PREFIX = "labels:"
 
 
-R = TypeVar("R", "EvaluationReport", "LabelQualityReport")
+@dataclass(frozen=True)
+class _Report:
+    """A report as written to the store: ``json`` (every key) and ``report_uris``, plus a
+    field per report key that callers read."""
 
-
-def _from_report(cls: type[R], report: dict[str, Any], uris: list[str]) -> R:
-    """``cls`` with each field taken from the report key of its name, ``json`` = the whole
-    report and ``report_uris`` = where it was written."""
-    names = [f.name for f in fields(cls) if f.name not in ("json", "report_uris")]
-    return cls(**{n: report[n] for n in names}, json=report, report_uris=tuple(uris))
+    @classmethod
+    def from_json(cls, report: dict[str, Any], uris: Sequence[str], **given: Any) -> Self:
+        """Each field but those ``given`` taken from the report key of its name; ``json``
+        = ``report``, ``report_uris`` = where it was written."""
+        names = {f.name for f in fields(cls)} - {"json", "report_uris", *given}
+        values = {n: report[n] for n in names} | given
+        return cls(**values | {"json": report, "report_uris": tuple(uris)})
 
 
 @dataclass(frozen=True)
-class EvaluationReport:
+class EvaluationReport(_Report):
     """What :func:`evaluate_flow` returns for a model or a baseline: the report written to
     the store (:func:`~fmbseg.tasks.evaluate.stage.build_report`) and where it was written."""
 
@@ -69,11 +72,6 @@ class EvaluationReport:
     json: dict[str, Any]  # the report JSON exactly as written to the store, every key
     report_uris: tuple[str, ...]  # where that JSON was written, the main copy first
 
-    @classmethod
-    def from_json(cls, report: dict[str, Any], uris: list[str]) -> EvaluationReport:
-        """A report dict as :func:`build_report` makes it, written to ``uris``."""
-        return _from_report(cls, report, uris)
-
     def table_row(self) -> dict[str, Any]:
         """The ``evaluate-results`` table's row."""
         return {
@@ -87,7 +85,7 @@ class EvaluationReport:
 
 
 @dataclass(frozen=True)
-class LabelQualityReport:
+class LabelQualityReport(_Report):
     """What :func:`label_quality_flow` returns: stage-1 pseudo-labels scored against the
     split's ground truth (:func:`~fmbseg.tasks.evaluate.label_quality_stage.
     build_label_report`), as written to the store."""
@@ -106,11 +104,6 @@ class LabelQualityReport:
     merged: dict[str, Any]  # the merged labels (what training reads), the same figures
     json: dict[str, Any]  # the report JSON exactly as written to the store, every key
     report_uris: tuple[str, ...]  # where that JSON was written
-
-    @classmethod
-    def from_json(cls, report: dict[str, Any], uris: list[str]) -> LabelQualityReport:
-        """A report dict as :func:`build_label_report` makes it, written to ``uris``."""
-        return _from_report(cls, report, uris)
 
     def variant(self, name: str) -> dict[str, Any]:
         """The figures of label map ``name``: ``prompt``, ``auto`` or ``merged``."""
@@ -173,7 +166,7 @@ TEACHER_COLUMNS = (
 
 
 @dataclass(frozen=True)
-class TeacherComparison:
+class TeacherComparison(_Report):
     """What :func:`compare_teachers_flow` returns: several teachers' pseudo-labels of one
     split side by side (:func:`~fmbseg.tasks.evaluate.label_quality_stage.compare_teachers`)."""
 
@@ -209,15 +202,8 @@ def label_refs(model: str) -> list[str]:
 
 
 # planning lists the split's files, resolves the model or labels and fingerprints the stage
-_PLANNING: dict[str, Any] = {
-    "cache_policy": NO_CACHE,
-    "persist_result": False,
-    "retries": 2,
-    "retry_delay_seconds": 5,
-    "retry_condition_fn": retry_unless_user_error,
-}
-plan_evaluation_task = task(name="plan-evaluation", **_PLANNING)(plan_evaluation)
-plan_label_quality_task = task(name="plan-label-quality", **_PLANNING)(plan_label_quality)
+plan_evaluation_task = task(name="plan-evaluation", **PLANNING_TASK)(plan_evaluation)
+plan_label_quality_task = task(name="plan-label-quality", **PLANNING_TASK)(plan_label_quality)
 
 
 def _num(v: float | None, scale: float = 1.0) -> str:
@@ -307,19 +293,16 @@ def evaluate_flow(
     )
     what = f"per-class IoU of {report.model} on {report.dataset}"
     markdown_artifact("evaluate-per-class", per_class_markdown(report.json), description=what)
-    record_lineage(
+    flow_lineage(
         st,
-        current_flow_run_id(),
-        {
-            "flow": "evaluate",
-            "dataset": report.dataset,
-            "data_root": data_root,
-            "model": job.given.model.identity(),
-            "limit": limit,
-            "config": cfg.to_dict(),
-            "stages": fps,
-            "report": report.report_uris[0],
-        },
+        "evaluate",
+        dataset=report.dataset,
+        data_root=data_root,
+        model=job.given.model.identity(),
+        limit=limit,
+        config=cfg.to_dict(),
+        stages=fps,
+        report=report.report_uris[0],
     )
     return report
 
@@ -363,26 +346,22 @@ def label_quality_flow(
         per_class_markdown(report.merged_report()),
         description="per-class IoU of the merged pseudo-labels",
     )
-    record_lineage(
+    flow_lineage(
         st,
-        current_flow_run_id(),
-        {
-            "flow": "label-quality",
-            "dataset": report.dataset,
-            "data_root": data_root,
-            "labels": report.labels,
-            "limit": limit,
-            "config": cfg.to_dict(),
-            "stages": dict(job.fps),
-            "report": report.report_uris[0],
-        },
+        "label-quality",
+        dataset=report.dataset,
+        data_root=data_root,
+        labels=report.labels,
+        limit=limit,
+        config=cfg.to_dict(),
+        stages=dict(job.fps),
+        report=report.report_uris[0],
     )
     return report
 
 
 def teachers_markdown(report: dict[str, Any]) -> str:
     """A teacher comparison as a markdown table (percentages; ``-``: figure unavailable)."""
-
     lines = [
         f"# Teachers on {report['dataset']} ({report['num_images']} images)",
         "",
@@ -415,8 +394,7 @@ def compare_teachers_flow(
 
     Each is a :func:`label_quality_flow` (its own cached stage and report); the comparison
     (:func:`~fmbseg.tasks.evaluate.label_quality_stage.compare_teachers`) is written to
-    ``evaluations/{fp}/report.json`` and published as the ``teacher-comparison`` table and
-    markdown artifacts. Returns it as a :class:`TeacherComparison`.
+    ``evaluations/{fp}/report.json``.
     """
     reports = [
         label_quality_flow(
@@ -425,18 +403,14 @@ def compare_teachers_flow(
         for ref in labels
     ]
     st = open_store(store, storage_options)
-    # each report with its report_uris, as the comparison JSON has always embedded them
+    # the comparison JSON embeds each report with its report_uris
     compared = compare_teachers([r.with_uris() for r in reports])
     uri = write_evaluation(st, compared["fingerprint"], compared)
-    report = TeacherComparison(
-        model=compared["model"],
-        dataset=compared["dataset"],
-        fingerprint=compared["fingerprint"],
-        num_images=compared["num_images"],
+    report = TeacherComparison.from_json(
+        compared,
+        [uri],
         teachers=tuple(TeacherRow(**row) for row in compared["teachers"]),
         reports=tuple(reports),
-        json=compared,
-        report_uris=(uri,),
     )
     table_artifact(
         "teacher-comparison",
@@ -449,17 +423,14 @@ def compare_teachers_flow(
         teachers_markdown(compared),
         description="teachers side by side",
     )
-    record_lineage(
+    flow_lineage(
         st,
-        current_flow_run_id(),
-        {
-            "flow": "compare-teachers",
-            "dataset": report.dataset,
-            "data_root": data_root,
-            "labels": [r.labels for r in reports],
-            "limit": limit,
-            "label_quality": [r.fingerprint for r in reports],
-            "report": report.report_uris[0],
-        },
+        "compare-teachers",
+        dataset=report.dataset,
+        data_root=data_root,
+        labels=[r.labels for r in reports],
+        limit=limit,
+        label_quality=[r.fingerprint for r in reports],
+        report=report.report_uris[0],
     )
     return report

@@ -5,42 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
 from fmbseg.config import Config
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
+    PLANNING_TASK,
     configure,
-    current_flow_run_id,
+    flow_lineage,
     manifest_artifact,
     open_store,
     pass_task,
-    record_lineage,
-    retry_unless_user_error,
     table_artifact,
 )
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.index import INDEX, STAGE, IndexPlan, index_job, plan_index
 
-
-@task(
-    name="list-images",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_unless_user_error,
-)
-def list_images_task(
-    images: str,
-    cfg: Config,
-    storage_options: dict[str, Any] | None,
-    image_root: str | None,
-    store_uri: str | None = None,
-) -> IndexPlan:
-    """List the source and compute the index fingerprint (reads no image); ``store_uri``:
-    the store whose protocol ``index.allowed_protocols: [store]`` means."""
-    return plan_index(images, cfg, storage_options, image_root, store_uri)
+# the listing and the index fingerprint (reads no image)
+list_images_task = task(name="list-images", **PLANNING_TASK)(plan_index)
 
 
 def index_listing(
@@ -50,8 +31,7 @@ def index_listing(
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Index ``listing`` (or reuse its committed index) in a Prefect task; returns its fp."""
-    job = index_job(st, listing, cfg, storage_options)
-    return pass_task((INDEX,))(job)[STAGE]
+    return pass_task((INDEX,))(index_job(st, listing, cfg, storage_options))[STAGE]
 
 
 @flow(name="index", **LINEAGE_HOOKS)
@@ -81,9 +61,5 @@ def index_flow(
         [{"error_type": k, "count": v} for k, v in errors.items()],
         description="index errors by type",
     )
-    record_lineage(
-        st,
-        current_flow_run_id(),
-        {"flow": "index", "images": images, "config": cfg.to_dict(), "stages": {STAGE: fp}},
-    )
+    flow_lineage(st, "index", images=images, config=cfg.to_dict(), stages={STAGE: fp})
     return fp

@@ -18,29 +18,30 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
 import fmbseg.tasks.train.ledger as ledger_
 from fmbseg.config import Config, ConfigError
 from fmbseg.data.vocab import MAX_LABEL_CLASSES, resolve_vocabulary
-from fmbseg.flows.annotate import annotate_plan, label_index
+from fmbseg.flows.annotate import label_index
 from fmbseg.flows.annotate_and_train import Promotion, evaluate_and_promote
 from fmbseg.flows.common import (
     LINEAGE_HOOKS,
+    PLANNING_TASK,
     configure,
     current_flow_run_id,
+    flow_lineage,
     open_store,
-    record_lineage,
-    retry_unless_user_error,
+    summary_rows,
     table_artifact,
 )
+from fmbseg.flows.index import index_listing
 from fmbseg.flows.train import TrainedModel, model_summary, train_passes
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.stages import check_teacher, stage1_fingerprints
-from fmbseg.tasks.train.ledger import NewImages, new_images_plan
-from fmbseg.tasks.train.promotion import decide_and_record
+from fmbseg.tasks.train.ledger import new_images_plan
 from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
+from fmbseg.tasks.train.sets import LabelSet
 from fmbseg.tasks.train.stages import train_run
 
 MODES = ("scratch", "finetune")
@@ -72,53 +73,30 @@ class RetrainResult:
 
     def rows(self) -> list[dict[str, Any]]:
         """The ``retrain-summary`` table: new images, the model trained, the decision."""
-        version = self.model.ref if self.model else "none (not retrained)"
-        return [
-            {"what": "images listed", "value": str(self.listed)},
-            {"what": "new images found", "value": str(self.new_images)},
-            {"what": "annotated (indexed)", "value": str(self.annotated)},
-            {"what": "model version", "value": version},
-            {"what": "promoted", "value": str(self.promoted)},
-            {"what": "reason", "value": self.reason},
-        ]
+        return summary_rows(
+            {
+                "images listed": str(self.listed),
+                "new images found": str(self.new_images),
+                "annotated (indexed)": str(self.annotated),
+                "model version": self.model.ref if self.model else "none (not retrained)",
+                "promoted": str(self.promoted),
+                "reason": self.reason,
+            }
+        )
 
 
-@task(
-    name="find-new-images",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_unless_user_error,
-)
-def find_new_images_task(
-    store: ArtifactStore,
-    images: str,
-    cfg: Config,
-    batches: list[dict[str, Any]],
-    storage_options: dict[str, Any] | None,
-    image_root: str | None,
-) -> NewImages:
-    """List the source; plan an index of the images no recorded batch covers."""
-    return new_images_plan(store, images, cfg, batches, storage_options, image_root)
+# the source's listing and an index plan of the images no recorded batch covers
+find_new_images_task = task(name="find-new-images", **PLANNING_TASK)(new_images_plan)
 
 
-def batch_labels(
-    st: ArtifactStore,
-    cfg: Config,
-    batches: list[dict[str, Any]],
-    vocabulary: tuple[str, ...],
-    storage_options: dict[str, Any] | None,
-) -> list[tuple[str, str]]:
-    """(merge fp, index fp) of every batch for this vocabulary and config, oldest first;
-    a batch whose labels for them are not committed is labelled again (cached stages)."""
-    sets = []
-    for batch in batches:
-        merge = stage1_fingerprints(cfg, batch["index"], vocabulary)["merge"]
-        if not st.is_committed("merge", merge):
-            merge = label_index(st, cfg, batch["index"], vocabulary, storage_options)["merge"]
-        sets.append((merge, batch["index"]))
-    return sets
+def label_sets(
+    cfg: Config, batches: list[dict[str, Any]], vocabulary: tuple[str, ...]
+) -> list[LabelSet]:
+    """(merge fp, index fp) of every batch's labels for this vocabulary and config, oldest
+    first (planned: committed or not)."""
+    return [
+        (stage1_fingerprints(cfg, b["index"], vocabulary)["merge"], b["index"]) for b in batches
+    ]
 
 
 def up_to_date(
@@ -133,10 +111,7 @@ def up_to_date(
     if not ledger["models"] or ledger["models"][-1]["version"] not in registry.versions(name):
         return None
     last = ledger["models"][-1]
-    sets = [
-        (stage1_fingerprints(cfg, b["index"], vocabulary)["merge"], b["index"])
-        for b in ledger["batches"]
-    ]
+    sets = label_sets(cfg, ledger["batches"], vocabulary)
     # the key: the from-scratch train fingerprint (a fine-tuned version is as up to date)
     if last.get("key") != train_run(registry.store, cfg, sets, vocabulary).fp(TRAIN_STAGE):
         return None
@@ -166,9 +141,6 @@ def retrain_flow(
             champion's weights; the first model is trained from scratch).
         eval_dataset, eval_data_root: the held-out set (e.g. ``folder`` and its root, see
             :mod:`fmbseg.data.folder_dataset`); without it only a first model is promoted.
-
-    Returns a :class:`RetrainResult`; its ``model`` is None when nothing was trained
-    (``reason`` says why).
     """
     # bad input fails before any work, more classes than a label map holds included
     vocabulary = resolve_vocabulary(classes, vocab, max_names=MAX_LABEL_CLASSES)
@@ -178,12 +150,9 @@ def retrain_flow(
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)
     check_teacher(cfg, also=("clip", "dino"), storage_options=storage_options)
-    common: dict[str, Any] = {
-        "config": config,
-        "overrides": overrides,
-        "ray_address": ray_address,
-        "storage_options": storage_options,
-    }
+    common: dict[str, Any] = dict(
+        config=config, overrides=overrides, ray_address=ray_address, storage_options=storage_options
+    )
     st = open_store(store, storage_options)
     registry, name = ModelRegistry(st), cfg.train.model_name
     ledger = ledger_.read_ledger(st, name)
@@ -191,7 +160,8 @@ def retrain_flow(
     fps: dict[str, str] = {}
     annotated, batch = 0, None
     if found.plan is not None:
-        fps.update(annotate_plan(st, cfg, found.plan, vocabulary, storage_options))
+        index_fp = index_listing(st, cfg, found.plan, storage_options)
+        fps.update(label_index(st, cfg, index_fp, vocabulary, storage_options))
         annotated = st.require_manifest("index", fps["index"]).rows
         ledger = ledger_.append_batch(
             st,
@@ -263,21 +233,18 @@ def retrain_flow(
         out.rows(),
         description="retrain: new images, the model trained on all batches, the decision",
     )
-    record_lineage(
+    flow_lineage(
         st,
-        current_flow_run_id(),
-        {
-            "flow": "retrain",
-            "images": images,
-            "vocabulary": list(vocabulary),
-            "mode": mode,
-            "config": cfg.to_dict(),
-            "stages": fps,
-            "batches": ledger["batches"],
-            "model": None if model is None else {"name": name, "version": model.version},
-            "evaluation": None if evaluation is None else evaluation.to_dict(),
-            "reason": reason,
-        },
+        "retrain",
+        images=images,
+        vocabulary=list(vocabulary),
+        mode=mode,
+        config=cfg.to_dict(),
+        stages=fps,
+        batches=ledger["batches"],
+        model=None if model is None else {"name": name, "version": model.version},
+        evaluation=None if evaluation is None else evaluation.to_dict(),
+        reason=reason,
     )
     return out
 
@@ -297,7 +264,10 @@ def _train_and_decide(
 ) -> tuple[TrainedModel, Promotion]:
     """Train on every batch, record what it was trained on, evaluate, decide promotion."""
     registry = ModelRegistry(st)
-    sets = batch_labels(st, cfg, ledger["batches"], vocabulary, common["storage_options"])
+    sets = label_sets(cfg, ledger["batches"], vocabulary)
+    for merge, index in sets:  # labels for this vocabulary and config made again (cached)
+        if not st.is_committed("merge", merge):
+            label_index(st, cfg, index, vocabulary, common["storage_options"])
     champion = registry.champion(name)
     init = f"{name}:{champion}" if mode == "finetune" and champion else None
     job = train_run(st, cfg, sets, vocabulary, init)
@@ -322,13 +292,9 @@ def _train_and_decide(
             }
         },
     )
-    if eval_dataset is not None and eval_data_root is not None:
-        evaluation = evaluate_and_promote(
-            store, name, version, eval_dataset, eval_data_root, common, eval_limit
-        )
-    else:
-        verdict = decide_and_record(registry, name, version, None, None, {"retrain": True})
-        evaluation = Promotion(None, None, verdict.promote, verdict.reason)
+    evaluation = evaluate_and_promote(
+        store, name, version, common, eval_dataset, eval_data_root, eval_limit, {"retrain": True}
+    )
     ledger_.append(
         st,
         name,

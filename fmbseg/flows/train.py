@@ -22,11 +22,11 @@ from fmbseg.flows.common import (
     LINEAGE_HOOKS,
     configure,
     current_flow_run_id,
+    flow_lineage,
     image_markdown,
     markdown_artifact,
     open_store,
     pass_task,
-    record_lineage,
     table_artifact,
 )
 from fmbseg.models.locate import locate_weights
@@ -40,6 +40,18 @@ from fmbseg.tasks.train.run import LABELS_STAGE, STAGE
 from fmbseg.tasks.train.stages import DINO_FEATURES, TRAIN, feature_runs, train_run
 
 LOSS_CURVE = "loss_curve.png"  # the file run_train saves beside the weights
+# the ``train-model`` table's columns after ``model`` (the name)
+MODEL_COLUMNS = (
+    "version",
+    "labels",
+    "index",
+    "train_fp",
+    "images",
+    "final_loss",
+    "card",
+    "weights",
+    "loss_curve",
+)
 
 
 @dataclass(frozen=True)
@@ -83,10 +95,10 @@ def resolve_labels(store: ArtifactStore, labels: str) -> TrainInputs:
     return TrainInputs(fp, manifest.meta["index"], tuple(manifest.meta[VOCABULARY_KEY]))
 
 
-@task(name="resolve-labels", cache_policy=NO_CACHE, persist_result=False)
-def resolve_labels_task(store: ArtifactStore, labels: str) -> TrainInputs:
-    """Which merge output to train on, its index and vocabulary (reads one manifest)."""
-    return resolve_labels(store, labels)
+# which merge output to train on, its index and vocabulary (reads one manifest)
+resolve_labels_task = task(name="resolve-labels", cache_policy=NO_CACHE, persist_result=False)(
+    resolve_labels
+)
 
 
 def train_passes(job: StageRun) -> None:
@@ -125,18 +137,7 @@ class TrainedModel:
 
     def table_row(self) -> dict[str, Any]:
         """The ``train-model`` table's row."""
-        return {
-            "model": self.name,
-            "version": self.version,
-            "labels": self.labels,
-            "index": self.index,
-            "train_fp": self.train_fp,
-            "images": self.images,
-            "final_loss": self.final_loss,
-            "card": self.card,
-            "weights": self.weights,
-            "loss_curve": self.loss_curve,
-        }
+        return {"model": self.name, **{k: getattr(self, k) for k in MODEL_COLUMNS}}
 
 
 @dataclass(frozen=True)
@@ -210,9 +211,7 @@ def train_flow(
 
     ``labels``: a merge-stage fingerprint or ``"latest"``. ``promote_first``: make the
     version the champion when its name has none yet (the registry's one rule; flows that
-    decide promotion themselves pass False). Returns the :class:`TrainedModel` (cards,
-    weights, losses), whether it was a cache hit (nothing retrained), the name's champion
-    after this run and whether this run promoted it (:class:`TrainResult`).
+    decide promotion themselves pass False).
     """
     cfg = configure(config, overrides, ray_address)
     locate_weights(cfg.models, ("dino", "clip"), storage_options)
@@ -234,17 +233,13 @@ def train_flow(
     stages = {LABELS_STAGE: inputs.labels_fp, "index": inputs.index_fp, STAGE: fp}
     if model.features:
         stages[FEATURES_STAGE] = model.features
-    run_id = current_flow_run_id()
-    record_lineage(
+    flow_lineage(
         st,
-        run_id,
-        {
-            "flow": "train",
-            "labels": labels,
-            "config": cfg.to_dict(),
-            "stages": stages,
-            "model": {"name": model.name, "version": model.version, "card": model.card},
-        },
+        "train",
+        labels=labels,
+        config=cfg.to_dict(),
+        stages=stages,
+        model={"name": model.name, "version": model.version, "card": model.card},
     )
     champion = registry.champion(model.name)
-    return TrainResult(model, cached, champion, bool(promoted), run_id)
+    return TrainResult(model, cached, champion, bool(promoted), current_flow_run_id())

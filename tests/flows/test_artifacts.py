@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import pickle
 import re
@@ -278,3 +279,15 @@ def test_evaluation_report_rows() -> None:
         }
     ]
     assert pickle.loads(pickle.dumps(comparison)) == comparison
+    # fields not read from the JSON as they are (the rows, the reports) are given
+    compared = {
+        "model": "labels:labels0000000000",
+        "dataset": "voc21",
+        "fingerprint": "cmp0000000000000",
+        "num_images": 3,
+        "teachers": [vars(row)],
+    }
+    built = TeacherComparison.from_json(
+        compared, ["file:///c.json"], teachers=(row,), reports=(lq,)
+    )
+    assert built == dataclasses.replace(comparison, json=compared, report_uris=("file:///c.json",))
