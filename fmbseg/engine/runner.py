@@ -240,13 +240,15 @@ def stage_images(store: ArtifactStore, manifest: Manifest, depth: int = 4) -> in
 
 
 def counts(store: ArtifactStore, manifest: Manifest) -> str:
-    """``4 shards, 20 images, 37 records, 0 errors`` (images when the stage names its index)."""
+    """``4 shards, 20 images, 37 records, 0 errors`` (images when the stage names its index);
+    a stage with no shards that made a model (train): ``model fmbseg-align:v0001``."""
+    model = f"model {manifest.meta.get('model')}:{manifest.meta.get('version')}"
+    if manifest.num_shards == 0 and "model" in manifest.meta:
+        return model
     images = stage_images(store, manifest)
     parts = [f"{manifest.num_shards} shards"]
     parts += [f"{images} images"] if images is not None else []
     parts += [f"{manifest.rows} records", f"{manifest.error_rows} errors"]
-    if "model" in manifest.meta and "version" in manifest.meta:  # train: the model it made
-        parts.append(f"model {manifest.meta['model']}:{manifest.meta['version']}")
     return ", ".join(parts)
 
 

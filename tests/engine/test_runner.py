@@ -239,7 +239,7 @@ def test_reports_count_the_images_of_the_index_a_stage_names(local_store: Artifa
     assert counts(local_store, later) == "2 shards, 7 images, 4 records, 0 errors"
     meta = {"model": "fmbseg-align", "version": "v0001"}
     train = run_stage(local_store, "train", "t1", [], SquareWorker, LOCAL, meta=meta)
-    assert counts(local_store, train) == "0 shards, 0 records, 0 errors, model fmbseg-align:v0001"
+    assert counts(local_store, train) == "model fmbseg-align:v0001"
 
 
 def test_the_commit_uses_the_receipts_the_run_listed_and_wrote(local_store, monkeypatch) -> None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 import torch
 
+from fmbseg.engine.runner import add_reporter
 from fmbseg.flows.common import observe_progress
 from fmbseg.flows.train import TrainInputs, resolve_labels, train_flow
 from fmbseg.storage import ArtifactStore
@@ -53,9 +54,17 @@ def test_train_flow_trains_once_then_hits_the_cache(prefect_harness, tmp_path: P
     world = labelled_world(tmp_path, second=True)
     store_dir = world.store.uri
     reports: list[tuple[str, int, int]] = []
-    with observe_progress(lambda stage, done, total: reports.append((stage, done, total))):
-        state = train_flow(store_dir, "latest", "tiny", OVERRIDES, return_state=True)
+    said: list[str] = []
+    remove = add_reporter(said.append)
+    try:
+        with observe_progress(lambda stage, done, total: reports.append((stage, done, total))):
+            state = train_flow(store_dir, "latest", "tiny", OVERRIDES, return_state=True)
+    finally:
+        remove()
     result = state.result()
+    # one line per stage: the features pass, then the training that used them
+    assert [m.split(":")[0] for m in said] == ["dino_features", "train"], said
+    assert said[1] == f"train: done (fingerprint {result.model.train_fp}), model fmbseg-align:v0001"
     registry = ModelRegistry(world.store)
     assert (result.model.name, result.model.version) == ("fmbseg-align", "v0001")
     assert registry.versions("fmbseg-align") == ["v0001"]

@@ -17,7 +17,7 @@ from typing import Any
 
 from fmbseg.config import Config, to_dict
 from fmbseg.engine.runner import Progress
-from fmbseg.engine.stage import Stage, StageRun, plan, run
+from fmbseg.engine.stage import Stage, StageRun, committed, plan, run
 from fmbseg.models.base import DenseClip, PatchEncoder
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
@@ -36,8 +36,13 @@ def feature_runs(job: StageRun) -> list[StageRun]:
 
 
 def _features(job: StageRun) -> list[str]:
-    """Run (or reuse) the feature cache of each label set; their fingerprints."""
-    return [run((DINO_FEATURES,), r)[DINO_FEATURES.name] for r in feature_runs(job)]
+    """Run the feature cache of each label set not yet committed (the flows run them as
+    their own tasks first: reused silently here); their fingerprints."""
+    runs = feature_runs(job)
+    for r in runs:
+        if committed(DINO_FEATURES, r) is None:
+            run((DINO_FEATURES,), r)
+    return [r.fp(DINO_FEATURES.name) for r in runs]
 
 
 def _train_parts(job: StageRun) -> dict[str, Any]:
