@@ -24,7 +24,7 @@ from fmbseg.tasks.annotate.stages import stage1, stage1_fingerprints
 from fmbseg.tasks.train.ledger import new_images_plan
 from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
 from fmbseg.tasks.train.sets import LabelSet
-from fmbseg.tasks.train.stages import train_run
+from fmbseg.tasks.train.stages import DINO_FEATURES, feature_runs, train_run
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,23 @@ def train_plan(
     sets: list[LabelSet],
     vocabulary: tuple[str, ...],
     init: str | None = None,
-) -> StagePlan:
-    """``train`` on the label ``sets`` (``init``: the ``name:version`` it fine-tunes)."""
-    fp = train_run(store, cfg, sets, vocabulary, init).fp(TRAIN_STAGE)
-    return StagePlan(TRAIN_STAGE, fp, store.is_committed(TRAIN_STAGE, fp), epochs=cfg.train.epochs)
+    listed: dict[str, int] | None = None,
+) -> list[StagePlan]:
+    """``train`` on the label ``sets`` (``init``: the ``name:version`` it fine-tunes), after
+    each set's ``dino_features`` while training is still to run. A feature cache has a
+    shard per ``runtime.shard_size`` of its index's images: a committed index's count, else
+    ``listed[index fingerprint]`` (the images listed for it, before duplicates are dropped)."""
+    job = train_run(store, cfg, sets, vocabulary, init)
+    fp = job.fp(TRAIN_STAGE)
+    done = store.is_committed(TRAIN_STAGE, fp)
+    plans = []
+    if cfg.train.cache_features and not done:  # the flows skip features once train is done
+        for run in feature_runs(job):
+            index = store.manifest("index", run.fp("index"))
+            images = index.rows if index is not None else (listed or {})[run.fp("index")]
+            shards = len(plan_shards(images, cfg.runtime.shard_size))
+            plans.append(sharded(store, DINO_FEATURES.name, run.fp(DINO_FEATURES.name), shards))
+    return [*plans, StagePlan(TRAIN_STAGE, fp, done, epochs=cfg.train.epochs)]
 
 
 def annotate_dry_run(
@@ -102,8 +115,13 @@ def annotate_dry_run(
     image_labels: ImageLabels | None = None,
 ) -> list[StagePlan]:
     """``annotate``'s stages (``run`` adds :func:`train_plan` on its labels)."""
-    plan = plan_index(images, cfg, storage_options, image_root, store.uri)
-    return index_plans(store, cfg, plan, vocabulary, image_labels)
+    return index_plans(
+        store,
+        cfg,
+        plan_index(images, cfg, storage_options, image_root, store.uri),
+        vocabulary,
+        image_labels,
+    )
 
 
 def run_dry_run(
@@ -115,15 +133,20 @@ def run_dry_run(
     image_root: str | None = None,
 ) -> list[StagePlan]:
     """``run`` (annotate-and-train): the annotate stages, then train on their labels."""
-    plans = annotate_dry_run(store, cfg, images, vocabulary, storage_options, image_root)
+    plan = plan_index(images, cfg, storage_options, image_root, store.uri)
+    plans = index_plans(store, cfg, plan, vocabulary)
     fps = {p.stage: p.fingerprint for p in plans}
-    return [*plans, train_plan(store, cfg, [(fps["merge"], fps["index"])], vocabulary)]
+    listed = {plan.fingerprint: len(plan.refs)}
+    return [
+        *plans,
+        *train_plan(store, cfg, [(fps["merge"], fps["index"])], vocabulary, None, listed),
+    ]
 
 
 def train_dry_run(store: ArtifactStore, cfg: Config, labels: str) -> list[StagePlan]:
     """``train``: the committed labels ``labels`` (a merge fingerprint or ``latest``)."""
     inputs = resolve_labels(store, labels)
-    return [train_plan(store, cfg, [(inputs.labels_fp, inputs.index_fp)], inputs.vocabulary)]
+    return train_plan(store, cfg, [(inputs.labels_fp, inputs.index_fp)], inputs.vocabulary)
 
 
 def retrain_dry_run(
@@ -149,7 +172,9 @@ def retrain_dry_run(
             shards = store.require_manifest("index", batch["index"]).num_shards
             plans += [sharded(store, s, fps[s], shards) for s in _labelling(cfg)]
         sets.append((fps["merge"], batch["index"]))
+    listed = {}
     if found.plan is not None:
+        listed[found.plan.fingerprint] = len(found.plan.refs)
         new = index_plans(store, cfg, found.plan, vocabulary)
         plans += new
         fps = {p.stage: p.fingerprint for p in new}
@@ -158,7 +183,7 @@ def retrain_dry_run(
         return plans
     champion = ModelRegistry(store).champion(name)
     init = f"{name}:{champion}" if mode == "finetune" and champion else None
-    return [*plans, train_plan(store, cfg, sets, vocabulary, init)]
+    return [*plans, *train_plan(store, cfg, sets, vocabulary, init, listed)]
 
 
 def print_plans(command: str, plans: list[StagePlan]) -> None:

@@ -72,6 +72,8 @@ def test_dry_runs_plan_what_the_real_runs_commit_and_write_nothing(
     assert all(p[1:] == (False, 3, 3) for p in planned.values())
     whole = _dry(["run", *source, *common], capsys)
     assert {s: whole[s] for s in STAGE1} == planned
+    assert list(whole) == [*STAGE1, "dino_features", "train"]
+    assert whole["dino_features"][1:] == (False, 3, 3)  # the 6 listed images' crops
     assert whole["train"][1:3] == (False, cfg.train.epochs)
     assert not store_dir.exists()
 
@@ -91,7 +93,10 @@ def test_dry_runs_plan_what_the_real_runs_commit_and_write_nothing(
     assert again["sam_auto"] == (planned["sam_auto"][0], False, 1, 3)
     assert all(again[s] == (planned[s][0], True, 0, 3) for s in STAGE1 if s != "sam_auto")
     train = _dry(["train", "--labels", "latest", *common], capsys)
-    assert train == {"train": (whole["train"][0], False, cfg.train.epochs, None)}
+    assert train == {
+        "dino_features": whole["dino_features"],  # the committed index: its 6 images
+        "train": (whole["train"][0], False, cfg.train.epochs, None),
+    }
     retrain = _dry(["retrain", *source, *common], capsys)
     assert {s: retrain[s][:2] for s in STAGE1} == {s: again[s][:2] for s in STAGE1}
     assert _snapshot(store_dir) == before  # nothing written, not even a lock or a temp file
@@ -101,15 +106,21 @@ def test_dry_runs_plan_what_the_real_runs_commit_and_write_nothing(
     assert main(["train", "--labels", planned["merge"][0], *common]) == 0
     capsys.readouterr()
     assert store.is_committed("train", whole["train"][0])
-    assert _dry(["train", "--labels", "latest", *common], capsys)["train"][1] is True
+    assert store.is_committed("dino_features", whole["dino_features"][0])
+    # train committed: its feature cache is not needed, so not listed
+    assert _dry(["train", "--labels", "latest", *common], capsys) == {
+        "train": (whole["train"][0], True, 0, None)
+    }
 
     # retrain: the first batch is every image (its stages committed); trained from scratch
     # on it is the model train just made; fine-tuned from the champion, a new one
     planned = _dry(["retrain", *source, *common], capsys)
     assert all(planned[s][1] for s in STAGE1)
     assert planned["train"] == (whole["train"][0], True, 0, None)
+    assert "dino_features" not in planned
     planned = _dry(["retrain", *source, "--mode", "finetune", *common], capsys)
     assert planned["train"][1] is False and planned["train"][0] != whole["train"][0]
+    assert planned["dino_features"] == (whole["dino_features"][0], True, 0, 3)  # reused
     assert main(["retrain", *source, "--mode", "finetune", *common]) == 0
     capsys.readouterr()
     assert store.is_committed("train", planned["train"][0])
