@@ -63,13 +63,12 @@ class Preprocess:
     input_size: int  # square side the model was trained at (CLIP crop, DINOv2 input)
     patch_size: int  # ViT patch side in pixels
 
-    def to_tensor(self, image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``HxWx3 uint8`` -> ``(1, 3, H, W) float32`` normalised (no resize)."""
-        t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
-        t = t.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-        mean = torch.tensor(self.mean, device=t.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=t.device).view(1, 3, 1, 1)
-        return (t - mean) / std
+    def normalize(self, images: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``(B, 3, H, W)`` float pixels on ``[0, scale]`` -> normalised with this model's
+        mean/std (each scaled by ``scale``: ``255.0`` normalises 0..255 pixels directly)."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1) * scale
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1) * scale
+        return (images - mean) / std
 
     def grid(self, images: torch.Tensor, what: str) -> tuple[int, int]:
         """The patch grid ``(H/p, W/p)`` of ``(B, 3, H, W)`` float images; a ValueError

@@ -143,9 +143,7 @@ def prepare_image(
         shrink = geo.resized_h * geo.resized_w < h * w
         t = F.interpolate(t, size=size, mode="bicubic", align_corners=False, antialias=shrink)
         t = t.clamp_(0.0, 1.0)
-    mean = torch.tensor(pre.mean, device=t.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=t.device).view(1, 3, 1, 1)
-    t = (t - mean) / std
+    t = pre.normalize(t)
     pad_h, pad_w = max(0, geo.crop - geo.resized_h), max(0, geo.crop - geo.resized_w)
     if pad_h or pad_w:
         t = F.pad(t, (0, pad_w, 0, pad_h))  # zeros = the mean colour after normalisation

@@ -149,10 +149,7 @@ def normalise_image(image: np.ndarray, size: tuple[int, int], predictor: Predict
     x = x.permute(2, 0, 1)[None].float()
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    pp = predictor.preprocess
-    mean = torch.tensor(pp.mean, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(pp.std, device=x.device).view(1, 3, 1, 1) * 255.0
-    return ((x - mean) / std)[0]
+    return predictor.preprocess.normalize(x, 255.0)[0]
 
 
 # ---- sliding-window inference -----------------------------------------------------------------

@@ -96,8 +96,5 @@ def crop_inputs(
     t = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()  # copy: may be read-only
     if tuple(t.shape[-2:]) != shape:
         t = F.interpolate(t, size=shape, mode="bilinear", align_corners=False)
-    t = t.div_(255.0)
-    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
-    t = ((t - mean) / std)[0]
+    t = preprocess.normalize(t.div_(255.0))[0]
     return torch.stack([t[:, b.y0 : b.y0 + size, b.x0 : b.x0 + size] for b in boxes])
