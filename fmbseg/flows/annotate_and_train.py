@@ -159,7 +159,7 @@ def annotate_and_train_flow(
         raise ValueError("give both eval_dataset and eval_data_root, or neither")
     cfg = configure(config, overrides, ray_address)  # config errors fail before any work
     # and the teacher's package, missing weights
-    check_teacher(cfg, also=("clip", "dino"), storage_options=storage_options)
+    check_teacher(cfg, image_labels, also=("clip", "dino"), storage_options=storage_options)
     common: dict[str, Any] = dict(
         config=config, overrides=overrides, ray_address=ray_address, storage_options=storage_options
     )

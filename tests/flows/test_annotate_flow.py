@@ -153,3 +153,25 @@ def test_builtin_vocabulary_and_single_class() -> None:
     assert resolve_vocabulary(["cat", " dog "], None) == ("cat", "dog")
     assert len(resolve_vocabulary(None, "coco-stuff-171")) == 171
     assert np.all([isinstance(n, str) for n in resolve_vocabulary(None, "ade-150")])
+
+
+def test_annotate_and_train_refuses_image_labels_with_the_sam3_teacher_before_any_work(
+    tmp_path: Path,
+) -> None:
+    from fmbseg.config import ConfigError
+    from fmbseg.flows.annotate_and_train import annotate_and_train_flow
+
+    (stem,) = write_scenes(tmp_path / "images", 1)
+    tags = tmp_path / "tags.csv"
+    tags.write_text(f"image,labels\n{stem}.png,{VOCAB[0]}\n")
+    store = tmp_path / "store"
+    with pytest.raises(ConfigError, match="image labels replace CLIP's presence vote"):
+        annotate_and_train_flow.fn(
+            store=str(store),
+            images=str(tmp_path / "images"),
+            classes=list(VOCAB),
+            image_labels=str(tags),
+            config="tiny",
+            overrides=["models.teacher=sam3"],
+        )
+    assert not store.exists()  # refused before the store is opened
