@@ -1,4 +1,10 @@
-"""Store errors, and retries with exponential backoff for transient storage failures."""
+"""Store errors, and retries with exponential backoff for transient storage failures.
+
+Why a retry of our own on top of the backends' (s3fs/botocore keep theirs): the store's
+operations are retried whole (a shard's part then its receipt, a manifest's exclusive
+create), the fsspec backends differ in what they retry (a local or NFS path: nothing), and
+an operation that still fails becomes one :class:`StoreError` naming it and the store.
+"""
 
 from __future__ import annotations
 
