@@ -1,9 +1,10 @@
 """Store errors, and retries with exponential backoff for transient storage failures.
 
-Why a retry of our own on top of the backends' (s3fs/botocore keep theirs): the store's
-operations are retried whole (a shard's part then its receipt, a manifest's exclusive
-create), the fsspec backends differ in what they retry (a local or NFS path: nothing), and
-an operation that still fails becomes one :class:`StoreError` naming it and the store.
+Why a retry of our own on top of the backends' (s3fs/botocore keep theirs): it wraps each
+store operation (read, exists, write, list) the same way whatever the fsspec backend (they
+differ in what they retry; a local or NFS path: nothing), drops the file system's listing
+cache between tries (:meth:`fmbseg.storage.files.FileStore.retry`), and turns an operation that
+still fails into one :class:`StoreError` naming it and the store.
 """
 
 from __future__ import annotations
