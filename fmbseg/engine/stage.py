@@ -5,10 +5,11 @@ code version, whether it needs a GPU, and its ``prepare`` function: given a
 :class:`StageRun` (the store, the config, every planned fingerprint, the user's inputs) it
 returns the shard specs, the worker factory (built once per executor slot, models loaded
 once) and the manifest meta. A stage that is one process's loop rather than shards
-(training: epochs, checkpoints) declares a ``body`` instead, which commits its own output. :func:`plan` computes every fingerprint of a list of stages
-once, before anything runs; :func:`run` executes one stage (or the stages that share one
-pass) with :func:`fmbseg.engine.runner.run_stages`: skip what is committed, resume, shard
-locally or on Ray, commit. Nothing about a stage's plumbing is written per stage.
+(training: epochs, checkpoints) declares a ``body`` instead, which commits its own output.
+:func:`plan` computes every fingerprint of a list of stages once, before anything runs;
+:func:`run` executes one stage (or the stages that share one pass) with
+:func:`fmbseg.engine.runner.run_stages`: skip what is committed, resume, shard locally or on
+Ray, commit. Nothing about a stage's plumbing is written per stage.
 
 Stages that share one pass (``together``: the two SAM stages share SAM's image embedding)
 keep their own fingerprints, shards and manifests; the pass writes only those not yet
