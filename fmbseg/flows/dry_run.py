@@ -23,8 +23,8 @@ from fmbseg.tasks.annotate.index import IndexPlan, plan_index
 from fmbseg.tasks.annotate.stages import stage1, stage1_fingerprints
 from fmbseg.tasks.train.ledger import new_images_plan
 from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
-from fmbseg.tasks.train.sets import LabelSet
-from fmbseg.tasks.train.stages import DINO_FEATURES, feature_runs, train_run
+from fmbseg.tasks.train.sets import LabelSet, finetune_init
+from fmbseg.tasks.train.stages import DINO_FEATURES, features_first, train_run
 
 
 @dataclass(frozen=True)
@@ -93,15 +93,14 @@ def train_plan(
     shard per ``runtime.shard_size`` of its index's images: a committed index's count, else
     ``listed[index fingerprint]`` (the images listed for it, before duplicates are dropped)."""
     job = train_run(store, cfg, sets, vocabulary, init)
+    plans = []
+    for run in features_first(job):
+        index = store.manifest("index", run.fp("index"))
+        images = index.rows if index is not None else (listed or {})[run.fp("index")]
+        shards = len(plan_shards(images, cfg.runtime.shard_size))
+        plans.append(sharded(store, DINO_FEATURES.name, run.fp(DINO_FEATURES.name), shards))
     fp = job.fp(TRAIN_STAGE)
     done = store.is_committed(TRAIN_STAGE, fp)
-    plans = []
-    if cfg.train.cache_features and not done:  # the flows skip features once train is done
-        for run in feature_runs(job):
-            index = store.manifest("index", run.fp("index"))
-            images = index.rows if index is not None else (listed or {})[run.fp("index")]
-            shards = len(plan_shards(images, cfg.runtime.shard_size))
-            plans.append(sharded(store, DINO_FEATURES.name, run.fp(DINO_FEATURES.name), shards))
     return [*plans, StagePlan(TRAIN_STAGE, fp, done, epochs=cfg.train.epochs)]
 
 
@@ -165,13 +164,12 @@ def retrain_dry_run(
     batches = ledger_.read_ledger(store, name)["batches"]
     found = new_images_plan(store, images, cfg, batches, storage_options, image_root)
     plans: list[StagePlan] = []
-    sets: list[LabelSet] = []
-    for batch in batches:
-        fps = stage1_fingerprints(cfg, batch["index"], vocabulary)
-        if not store.is_committed("merge", fps["merge"]):  # relabelled on the committed index
-            shards = store.require_manifest("index", batch["index"]).num_shards
+    sets = ledger_.batch_label_sets(cfg, batches, vocabulary)
+    for merge, index in sets:
+        if not store.is_committed("merge", merge):  # relabelled on the committed index
+            fps = stage1_fingerprints(cfg, index, vocabulary)
+            shards = store.require_manifest("index", index).num_shards
             plans += [sharded(store, s, fps[s], shards) for s in _labelling(cfg)]
-        sets.append((fps["merge"], batch["index"]))
     listed = {}
     if found.plan is not None:
         listed[found.plan.fingerprint] = len(found.plan.refs)
@@ -181,8 +179,7 @@ def retrain_dry_run(
         sets.append((fps["merge"], fps["index"]))
     if not sets:
         return plans
-    champion = ModelRegistry(store).champion(name)
-    init = f"{name}:{champion}" if mode == "finetune" and champion else None
+    init = finetune_init(ModelRegistry(store), name, mode)
     return [*plans, *train_plan(store, cfg, sets, vocabulary, init, listed)]
 
 

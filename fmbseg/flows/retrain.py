@@ -38,10 +38,10 @@ from fmbseg.flows.index import index_listing
 from fmbseg.flows.train import TrainedModel, model_summary, train_passes
 from fmbseg.storage.models import ModelRegistry
 from fmbseg.storage.store import ArtifactStore
-from fmbseg.tasks.annotate.stages import check_teacher, stage1_fingerprints
+from fmbseg.tasks.annotate.stages import check_teacher
 from fmbseg.tasks.train.ledger import new_images_plan
 from fmbseg.tasks.train.run import STAGE as TRAIN_STAGE
-from fmbseg.tasks.train.sets import LabelSet
+from fmbseg.tasks.train.sets import LabelSet, finetune_init
 from fmbseg.tasks.train.stages import train_run
 
 MODES = ("scratch", "finetune")
@@ -89,14 +89,12 @@ class RetrainResult:
 find_new_images_task = task(name="find-new-images", **PLANNING_TASK)(new_images_plan)
 
 
-def label_sets(
-    cfg: Config, batches: list[dict[str, Any]], vocabulary: tuple[str, ...]
-) -> list[LabelSet]:
-    """(merge fp, index fp) of every batch's labels for this vocabulary and config, oldest
-    first (planned: committed or not)."""
-    return [
-        (stage1_fingerprints(cfg, b["index"], vocabulary)["merge"], b["index"]) for b in batches
-    ]
+def training_key(
+    store: ArtifactStore, cfg: Config, sets: list[LabelSet], vocabulary: tuple[str, ...]
+) -> str:
+    """What a model line's training depends on, the initial model aside: the from-scratch
+    train fingerprint of ``sets`` (so a fine-tuned version is as up to date)."""
+    return train_run(store, cfg, sets, vocabulary).fp(TRAIN_STAGE)
 
 
 def up_to_date(
@@ -111,9 +109,8 @@ def up_to_date(
     if not ledger["models"] or ledger["models"][-1]["version"] not in registry.versions(name):
         return None
     last = ledger["models"][-1]
-    sets = label_sets(cfg, ledger["batches"], vocabulary)
-    # the key: the from-scratch train fingerprint (a fine-tuned version is as up to date)
-    if last.get("key") != train_run(registry.store, cfg, sets, vocabulary).fp(TRAIN_STAGE):
+    sets = ledger_.batch_label_sets(cfg, ledger["batches"], vocabulary)
+    if last.get("key") != training_key(registry.store, cfg, sets, vocabulary):
         return None
     return last["version"] if "promotion" in registry.card(name, last["version"]) else None
 
@@ -264,12 +261,11 @@ def _train_and_decide(
 ) -> tuple[TrainedModel, Promotion]:
     """Train on every batch, record what it was trained on, evaluate, decide promotion."""
     registry = ModelRegistry(st)
-    sets = label_sets(cfg, ledger["batches"], vocabulary)
+    sets = ledger_.batch_label_sets(cfg, ledger["batches"], vocabulary)
     for merge, index in sets:  # labels for this vocabulary and config made again (cached)
         if not st.is_committed("merge", merge):
             label_index(st, cfg, index, vocabulary, common["storage_options"])
-    champion = registry.champion(name)
-    init = f"{name}:{champion}" if mode == "finetune" and champion else None
+    init = finetune_init(registry, name, mode)
     job = train_run(st, cfg, sets, vocabulary, init)
     train_passes(job)
     model = model_summary(st, job.fp(TRAIN_STAGE))
@@ -304,7 +300,7 @@ def _train_and_decide(
             "batches": numbers,
             "mode": mode,
             "init_from": init,
-            "key": train_run(st, cfg, sets, vocabulary).fp(TRAIN_STAGE),
+            "key": training_key(st, cfg, sets, vocabulary),
             "promoted": evaluation.promoted,
             "reason": evaluation.reason,
         },

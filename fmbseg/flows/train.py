@@ -37,7 +37,7 @@ from fmbseg.tasks.annotate.common import VOCABULARY_KEY
 from fmbseg.tasks.train.features import STAGE as FEATURES_STAGE
 from fmbseg.tasks.train.promotion import promote_if_first
 from fmbseg.tasks.train.run import LABELS_STAGE, STAGE
-from fmbseg.tasks.train.stages import DINO_FEATURES, TRAIN, feature_runs, train_run
+from fmbseg.tasks.train.stages import DINO_FEATURES, TRAIN, features_first, train_run
 
 LOSS_CURVE = "loss_curve.png"  # the file run_train saves beside the weights
 # the ``train-model`` table's columns after ``model`` (the name)
@@ -105,9 +105,8 @@ def train_passes(job: StageRun) -> None:
     """The planned training run ``job`` as Prefect tasks: each label set's feature cache
     (``dino_features``, progress in shards; not needed once ``train`` is committed), then
     the epochs (``train``)."""
-    if job.cfg.train.cache_features and not job.store.is_committed(TRAIN.name, job.fp(TRAIN.name)):
-        for features in feature_runs(job):
-            pass_task((DINO_FEATURES,))(features)
+    for features in features_first(job):
+        pass_task((DINO_FEATURES,))(features)
     pass_task((TRAIN,))(job)
 
 

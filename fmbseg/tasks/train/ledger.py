@@ -31,6 +31,8 @@ from fmbseg.config import Config
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.index import STAGE as INDEX_STAGE
 from fmbseg.tasks.annotate.index import IndexPlan, index_fingerprint, plan_index
+from fmbseg.tasks.annotate.stages import stage1_fingerprints
+from fmbseg.tasks.train.sets import LabelSet
 
 MAX_RUNS = 200  # "runs" keeps the most recent entries only (the batches and models all)
 
@@ -84,6 +86,16 @@ def covered_uris(store: ArtifactStore, batches: Sequence[dict[str, Any]]) -> set
             if table.num_rows:
                 covered.update(table.column("uri").to_pylist())
     return covered
+
+
+def batch_label_sets(
+    cfg: Config, batches: Sequence[dict[str, Any]], vocabulary: tuple[str, ...]
+) -> list[LabelSet]:
+    """(merge fp, index fp) of every batch's labels for this vocabulary and config, oldest
+    first (planned: committed or not; an earlier batch is relabelled when not)."""
+    return [
+        (stage1_fingerprints(cfg, b["index"], vocabulary)["merge"], b["index"]) for b in batches
+    ]
 
 
 @dataclass(frozen=True)

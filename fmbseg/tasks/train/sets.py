@@ -136,6 +136,13 @@ class FeatureCaches:
         return self.caches[self._which(image_id)].box(image_id, crop)
 
 
+def finetune_init(registry: ModelRegistry, name: str, mode: str) -> str | None:
+    """The ``name:version`` a retraining in ``mode`` starts from: the champion's when
+    fine-tuning (``finetune``) and ``name`` has one; None: from scratch."""
+    champion = registry.champion(name) if mode == "finetune" else None
+    return f"{name}:{champion}" if champion else None
+
+
 def init_state(
     registry: ModelRegistry, ref: str, mcfg: AlignmentConfig, encoder_name: str
 ) -> dict[str, Any]:

@@ -35,6 +35,15 @@ def feature_runs(job: StageRun) -> list[StageRun]:
     return [dataclasses.replace(r, fps=plan((DINO_FEATURES,), r)) for r in runs]
 
 
+def features_first(job: StageRun) -> list[StageRun]:
+    """The feature caches the flows run as passes of their own before ``train``: each
+    label set's (:func:`feature_runs`) with ``train.cache_features``; none once ``train``
+    is committed (it reads no features then)."""
+    if not job.cfg.train.cache_features or committed(TRAIN, job) is not None:
+        return []
+    return feature_runs(job)
+
+
 def _features(job: StageRun) -> list[str]:
     """Run the feature cache of each label set not yet committed (the flows run them as
     their own tasks first: reused silently here); their fingerprints."""
