@@ -41,7 +41,7 @@ class StageRun:
     ``vocabulary`` and ``image_labels`` are the user's class names and image-level tags
     (the stages after clip_dense read the vocabulary from its manifest); ``given`` is
     what else the user chose for a stage (the evaluated split and model, the label sets
-    training reads), small and picklable.
+    training reads), picklable (tests also put their small stand-in models there).
     """
 
     store: ArtifactStore
