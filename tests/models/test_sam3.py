@@ -33,15 +33,6 @@ def seg() -> sam3_module.Sam3ConceptSegmenter:
     return build_model("sam3_tiny", None, "cpu")
 
 
-@pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    """A 64x96 (H x W) image with a bright rectangle: not square, so x/y swaps show."""
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 60, size=(64, 96, 3), dtype=np.uint8)
-    img[10:40, 50:90] = 220
-    return img
-
-
 def test_registry_names_kind_and_hub_source() -> None:
     # (test stand-ins registered by other test modules may follow)
     assert list_models("sam3")[:2] == ["sam3", "sam3_tiny"]
