@@ -6,7 +6,7 @@ and are skipped without it; the registry and install-hint tests run everywhere.
 
 from __future__ import annotations
 
-import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +53,9 @@ def test_config_names_the_models_and_thresholds() -> None:
 
 
 def test_without_the_sam3_package_the_error_says_how_to_install(
-    monkeypatch: pytest.MonkeyPatch,
+    hide_package: Callable[[str], None],
 ) -> None:
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        sam3_module.importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "sam3" else real(name, *a),
-    )
+    hide_package("sam3")
     with pytest.raises(MissingExtraError, match=r"SAM 3 models need the sam3 package") as info:
         build_model("sam3_tiny", None)
     assert "pip install -e '.[sam3]'" in str(info.value)
