@@ -225,7 +225,9 @@ def test_missing_checkpoints_say_how_to_fix(
     assert "OSError: offline: facebook/sam3/sam3.pt" in msg
 
 
-def test_cpu_workaround_leaves_cuda_models_alone(seg: sam3_module.Sam3ConceptSegmenter) -> None:
+def test_cpu_workaround_drops_the_box_pooling_only_inside_the_context(
+    seg: sam3_module.Sam3ConceptSegmenter,
+) -> None:
     encoder = seg.model.geometry_encoder
     pool = encoder.boxes_pool_project
     with sam3_module.text_only_on_cpu(seg.model):
