@@ -34,15 +34,6 @@ NO_FILTERS = SamAutoConfig(
 
 
 @pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    """A 64x96 (H x W) image with a bright rectangle: not square, so x/y swaps show."""
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 60, size=(64, 96, 3), dtype=np.uint8)
-    img[10:40, 50:90] = 220
-    return img
-
-
-@pytest.fixture(scope="module")
 def sam() -> SamSegmenter:
     return build_model("sam_tiny", None, "cpu", auto_config=NO_FILTERS)
 

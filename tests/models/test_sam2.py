@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,6 @@ from fmbseg.config import SamAutoConfig
 from fmbseg.engine.runner import StageError
 from fmbseg.flows.common import is_user_error
 from fmbseg.models import build_model, get_model_spec, list_models
-from fmbseg.models import sam21 as sam21_module
 from fmbseg.models.base import Segmenter
 from fmbseg.models.registry import MissingExtraError
 from fmbseg.models.sam import _set_encoder_dtype
@@ -32,15 +31,6 @@ NO_FILTERS = SamAutoConfig(
     min_mask_region_area=0,
     max_area_fraction=1.0,
 )
-
-
-@pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    """A 64x96 (H x W) image with a bright rectangle: not square, so x/y swaps show."""
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 60, size=(64, 96, 3), dtype=np.uint8)
-    img[10:40, 50:90] = 220
-    return img
 
 
 @pytest.fixture(scope="module")
@@ -216,14 +206,9 @@ def test_missing_real_checkpoint_says_how_to_fix(
 
 
 def test_without_the_sam2_package_the_error_says_how_to_install(
-    monkeypatch: pytest.MonkeyPatch,
+    hide_package: Callable[[str], None],
 ) -> None:
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        sam21_module.importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "sam2" else real(name, *a),
-    )
+    hide_package("sam2")
     with pytest.raises(MissingExtraError, match=r"SAM 2.1 models need the sam2 package") as info:
         build_model("sam2.1_hiera_t", None)
     assert "SAM2_BUILD_CUDA=0 pip install --no-build-isolation -e '.[sam2]'" in str(info.value)

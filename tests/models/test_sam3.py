@@ -6,7 +6,7 @@ and are skipped without it; the registry and install-hint tests run everywhere.
 
 from __future__ import annotations
 
-import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +33,6 @@ def seg() -> sam3_module.Sam3ConceptSegmenter:
     return build_model("sam3_tiny", None, "cpu")
 
 
-@pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    """A 64x96 (H x W) image with a bright rectangle: not square, so x/y swaps show."""
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 60, size=(64, 96, 3), dtype=np.uint8)
-    img[10:40, 50:90] = 220
-    return img
-
-
 def test_registry_names_kind_and_hub_source() -> None:
     # (test stand-ins registered by other test modules may follow)
     assert list_models("sam3")[:2] == ["sam3", "sam3_tiny"]
@@ -62,14 +53,9 @@ def test_config_names_the_models_and_thresholds() -> None:
 
 
 def test_without_the_sam3_package_the_error_says_how_to_install(
-    monkeypatch: pytest.MonkeyPatch,
+    hide_package: Callable[[str], None],
 ) -> None:
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        sam3_module.importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "sam3" else real(name, *a),
-    )
+    hide_package("sam3")
     with pytest.raises(MissingExtraError, match=r"SAM 3 models need the sam3 package") as info:
         build_model("sam3_tiny", None)
     assert "pip install -e '.[sam3]'" in str(info.value)
@@ -239,7 +225,9 @@ def test_missing_checkpoints_say_how_to_fix(
     assert "OSError: offline: facebook/sam3/sam3.pt" in msg
 
 
-def test_cpu_workaround_leaves_cuda_models_alone(seg: sam3_module.Sam3ConceptSegmenter) -> None:
+def test_cpu_workaround_drops_the_box_pooling_only_inside_the_context(
+    seg: sam3_module.Sam3ConceptSegmenter,
+) -> None:
     encoder = seg.model.geometry_encoder
     pool = encoder.boxes_pool_project
     with sam3_module.text_only_on_cpu(seg.model):
