@@ -34,6 +34,10 @@ POST_AHEAD = 1
 T = TypeVar("T")
 VOCABULARY_KEY = "vocabulary"  # manifest meta key holding the run's class names
 TEACHER_KEY = "models"  # SAM stages' manifest meta: the teacher (models.sam*) that made them
+ABSENT = {  # the no_class_present reason where the teacher's presence found no class
+    "clip_dense": "CLIP found no vocabulary class in enough crops",
+    "sam3": "SAM 3 found no vocabulary class present",
+}
 
 Rows = Callable[[], list[dict[str, Any]]]
 """What builds one image's record rows from a model's output (run in a worker's post thread)."""

@@ -41,6 +41,7 @@ from fmbseg.storage.records import (
     rows_by_image,
 )
 from fmbseg.tasks.annotate.common import (
+    ABSENT,
     INDEX_STAGE,
     VOCABULARY_KEY,
     Upstream,
@@ -112,12 +113,6 @@ def merge_image(
 ) -> MaskRecords:
     """Merged records of ONE image: every prompt mask, then the sampled automatic masks."""
     return MaskRecords.concat([prompt, sample_auto(auto, image_id, cfg)])
-
-
-ABSENT = {  # merge's reason for an image where the teacher's presence found no class
-    "clip_dense": "CLIP found no vocabulary class in enough crops",
-    "sam3": "SAM 3 found no vocabulary class present",
-}
 
 
 def merge_shard(
