@@ -310,8 +310,8 @@ class ReadAhead:
 
 
 def post_pool() -> ThreadPoolExecutor:
-    """A worker's post thread for :class:`InOrder` (one: results come back in order anyway,
-    and the model's own thread is the other busy one)."""
+    """A worker's post thread for :class:`~fmbseg.engine.inorder.InOrder` (one: results
+    come back in order anyway, and the model's own thread is the other busy one)."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmbseg-post")
 
 
