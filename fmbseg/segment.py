@@ -138,8 +138,9 @@ class OpenVocabSegmenter:
 
         The image is resized (bilinear) so its short side is ``input_size`` (the card's
         ``encoder.input_size``, training's); square ``input_size`` windows with stride
-        ``input_size // 2`` (the evaluation's 448/224) are scored by :class:`~fmbseg.tasks.evaluate.predictors.AlignmentPredictor` and averaged where
-        they overlap (mmseg's slide inference), then upsampled to ``H x W``.
+        ``input_size // 2`` (the evaluation's 448/224) are scored by
+        :class:`~fmbseg.tasks.evaluate.predictors.AlignmentPredictor` and averaged where they
+        overlap (mmseg's slide inference), then upsampled to ``H x W``.
         """
         from fmbseg.tasks.evaluate.predictors import AlignmentPredictor
         from fmbseg.tasks.evaluate.protocol import normalise_image, sliding_window_scores

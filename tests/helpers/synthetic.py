@@ -223,11 +223,9 @@ class OracleSam3:
 
     def __init__(self) -> None:
         self.classes: np.ndarray | None = None
-        self.images_set = 0
 
     def set_image(self, image: np.ndarray) -> None:
         self.classes = decode_classes(image)
-        self.images_set += 1
 
     def segment_concepts(
         self, names: Sequence[str], *, min_score: float = 0.0, max_masks: int | None = None

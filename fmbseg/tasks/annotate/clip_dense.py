@@ -36,6 +36,7 @@ from fmbseg.storage import ArtifactStore
 from fmbseg.storage.records import error_row, errors_table
 from fmbseg.tasks.annotate.common import (
     INDEX_STAGE,
+    POST_AHEAD,
     VOCABULARY_KEY,
     ImageShardWorker,
     error_from,
@@ -354,7 +355,9 @@ class ClipDenseWorker(ImageShardWorker):
 
     def _run(self, rows: list[dict], errors: list[dict]) -> list[dict]:
         out: list[dict] = []
-        post: InOrder[None, dict] = InOrder(self.post, lambda _, job: out.append(job.result()))
+        post: InOrder[None, dict] = InOrder(
+            self.post, lambda _, job: out.append(job.result()), POST_AHEAD
+        )
         images = self._images(rows, errors)
         for dense in run_dense(self.model, images, self.cfg.clip_dense, _index_size):
             post.submit(None, functools.partial(self._summarise, dense))

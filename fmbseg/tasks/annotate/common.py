@@ -34,6 +34,10 @@ POST_AHEAD = 1
 T = TypeVar("T")
 VOCABULARY_KEY = "vocabulary"  # manifest meta key holding the run's class names
 TEACHER_KEY = "models"  # SAM stages' manifest meta: the teacher (models.sam*) that made them
+ABSENT = {  # the no_class_present reason where the teacher's presence found no class
+    "clip_dense": "CLIP found no vocabulary class in enough crops",
+    "sam3": "SAM 3 found no vocabulary class present",
+}
 
 Rows = Callable[[], list[dict[str, Any]]]
 """What builds one image's record rows from a model's output (run in a worker's post thread)."""
@@ -306,8 +310,8 @@ class ReadAhead:
 
 
 def post_pool() -> ThreadPoolExecutor:
-    """A worker's post thread for :class:`InOrder` (one: results come back in order anyway,
-    and the model's own thread is the other busy one)."""
+    """A worker's post thread for :class:`~fmbseg.engine.inorder.InOrder` (one: results
+    come back in order anyway, and the model's own thread is the other busy one)."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmbseg-post")
 
 

@@ -107,6 +107,7 @@ WRITERS = 2  # threads composing, encoding and writing a worker's per-image file
 # ".tmp-" + 12 hex temp suffix it stays under the usual 255-byte NAME_MAX.
 NAME_BYTES = 200
 INDEX_COLUMNS = ("image_id", "uri", "width", "height")
+ERROR_COLUMNS = ("image_id", "error_type")  # of merge's errors: which images failed
 # long side an overlay is drawn at, at most (larger images are decoded at a reduced size:
 # a 13000 px photo's overlay needs no more, and its full decode would need ~0.5 GB)
 OVERLAY_SIDE = 2048
@@ -232,7 +233,7 @@ class ExportWorker(ImageShardWorker):
         k = spec["gallery"]
         up = self.upstream
         up.prefetch(INDEX_STAGE, spec["index"], shard, columns=INDEX_COLUMNS)
-        up.prefetch("merge", spec["merge"], shard, kind="errors")
+        up.prefetch("merge", spec["merge"], shard, kind="errors", columns=ERROR_COLUMNS)
         up.prefetch(
             "merge", spec["merge"], shard, then=lambda merged: self._start_gallery(merged, k)
         )
@@ -251,7 +252,7 @@ class ExportWorker(ImageShardWorker):
         table = up.read("merge", spec["merge"], shard)
         if not table.num_columns:  # a shard without a part file: no masks at all
             table = RECORD_SCHEMA.empty_table()
-        errors = up.part("merge", spec["merge"], shard, kind="errors")
+        errors = up.part("merge", spec["merge"], shard, kind="errors", columns=ERROR_COLUMNS)
         errors_rows = [] if errors is None else errors.to_pylist()
         failed = {e["image_id"] for e in errors_rows if e["error_type"] not in NO_LABEL}
         # the shard's columns as Python lists once, not a slice and conversions per image

@@ -41,6 +41,7 @@ from fmbseg.storage.records import (
     rows_by_image,
 )
 from fmbseg.tasks.annotate.common import (
+    ABSENT,
     INDEX_STAGE,
     VOCABULARY_KEY,
     Upstream,
@@ -112,12 +113,6 @@ def merge_image(
 ) -> MaskRecords:
     """Merged records of ONE image: every prompt mask, then the sampled automatic masks."""
     return MaskRecords.concat([prompt, sample_auto(auto, image_id, cfg)])
-
-
-ABSENT = {  # merge's reason for an image where the teacher's presence found no class
-    "clip_dense": "CLIP found no vocabulary class in enough crops",
-    "sam3": "SAM 3 found no vocabulary class present",
-}
 
 
 def merge_shard(
@@ -229,18 +224,21 @@ class MergeWorker:
             }
             for r in index
         ]
+
+        def masks(stage: str) -> MaskRecords:  # none when the teacher has no such stage
+            part = up.part(stage, spec[stage], shard) if stage in spec else None
+            return MaskRecords.empty() if part is None else MaskRecords.derived(part)
+
         teacher = "sam3" if "sam3" in spec else "clip_dense"
-        records = []  # (prompt-like, automatic) masks
-        for stage in ("sam3", None) if teacher == "sam3" else ("sam_prompt", "sam_auto"):
-            part = None if stage is None else up.part(stage, spec[stage], shard)
-            records.append(MaskRecords.empty() if part is None else MaskRecords.derived(part))
+        # SAM 3's masks take the prompt masks' place; it has no automatic ones
+        prompt = masks("sam3" if teacher == "sam3" else "sam_prompt")
+        auto = masks("sam_auto")
         upstream = []
         for stage in (s for s in spec if s != INDEX_STAGE):
             errors = up.part(stage, spec[stage], shard, kind="errors")
             if errors is not None:
                 upstream.append(errors.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA))
         # a SAM stage's "no_class_present" row is the same reason merge gives itself
-        prompt, auto = records
         merged, errors = merge_shard(
             images, prompt, auto, self.cfg, _real_failures(upstream), ABSENT[teacher]
         )

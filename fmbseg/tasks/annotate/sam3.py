@@ -25,6 +25,7 @@ from fmbseg.storage import ArtifactStore
 from fmbseg.storage.records import MaskRecords, error_row, errors_table
 from fmbseg.tasks.annotate.common import (
     INDEX_STAGE,
+    POST_AHEAD,
     TEACHER_KEY,
     VOCABULARY_KEY,
     ImageShardWorker,
@@ -87,7 +88,7 @@ class Sam3Worker(ImageShardWorker):
                 )
             rows.extend(found)
 
-        post = InOrder(self.post, done)
+        post = InOrder(self.post, done, POST_AHEAD)
         cfg = self.cfg.sam3
         items = index.to_pylist() if index.num_columns else []
         for row, image, exc in self.images.each(items, lambda r: r["uri"]):

@@ -26,6 +26,7 @@ from fmbseg.storage import ArtifactStore
 from fmbseg.storage.records import MaskRecords, error_row, errors_table
 from fmbseg.tasks.annotate.clip_dense import ClipDenseResult, result_from_row
 from fmbseg.tasks.annotate.common import (
+    ABSENT,
     POST_AHEAD,
     TEACHER_KEY,
     VOCABULARY_KEY,
@@ -172,7 +173,7 @@ class SamPairWorker(ImageShardWorker):
             if len(clip.present):
                 todo.append(clip)
                 continue
-            why = "CLIP found no vocabulary class in enough crops"
+            why = ABSENT["clip_dense"]
             for stage in self.fps:  # SAM is not run on images without a class to label
                 errors[stage].append(
                     error_row(clip.image_id, clip.image_uri, stage, "no_class_present", why)

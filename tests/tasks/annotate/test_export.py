@@ -222,6 +222,9 @@ def test_class_colours_are_distinct_and_never_the_ignore_black():
     assert c.shape == (200, 3) and c.dtype == np.uint8
     assert len({tuple(x) for x in c.tolist()}) == 200
     assert not (c == 0).all(axis=1).any()
+    # the first 20: Tableau 20, its 10 dark colours then their 10 light ones
+    assert c[:2].tolist() == [[31, 119, 180], [255, 127, 14]]
+    assert c[9:11].tolist() == [[23, 190, 207], [174, 199, 232]]
 
 
 def test_label_png_keeps_ids_and_has_a_palette():
