@@ -6,12 +6,13 @@ lazy: it starts only when a test asks for it, once per session, and is stopped a
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +287,17 @@ def messy_image_dir(image_dir: Path) -> Path:
 def messy_expected() -> dict[str, Any]:
     """``{"good": set of file names, "errors": {relative file name: error_type}}``."""
     return {"good": set(MESSY_GOOD), "errors": dict(MESSY_ERRORS)}
+
+
+@pytest.fixture
+def hide_package(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """``hide_package(name)``: for the rest of the test, ``importlib.util.find_spec(name)``
+    answers None, as when the optional package ``name`` is not installed."""
+
+    def hide(name: str) -> None:
+        real = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda n, *a: None if n == name else real(n, *a)
+        )
+
+    return hide

@@ -92,16 +92,11 @@ def test_sam3_fingerprints_cover_its_config_and_not_the_clip_sam_stages() -> Non
     assert all(renamed[s] != base[s] for s in base)
 
 
-def test_check_teacher_refuses_image_labels_and_a_missing_package(monkeypatch) -> None:
+def test_check_teacher_refuses_image_labels_and_a_missing_package(hide_package) -> None:
     with pytest.raises(ConfigError, match="image labels replace CLIP's presence vote"):
         check_teacher(SAM3, image_labels=object())
     check_teacher(synthetic_config(), image_labels=object())  # the CLIP teacher takes them
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "sam3" else real(name, *a)
-    )
+    hide_package("sam3")
     with pytest.raises(MissingExtraError, match=r"sam3"):
         check_teacher(replace(SAM3, models={"sam3": "sam3_tiny"}))
     check_teacher(SAM3)  # the stand-in needs no package
