@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import itertools
 from collections.abc import Iterable
 from typing import Any
 
 from fmbseg.cli.core import IMAGE_ROOT, IMAGES, Common, command, progress_bars
 from fmbseg.data.sources import check_source
+from fmbseg.storage.manifest import now
 
 FAILURES_SHOWN = 5  # failing files a summary names, not only counts
 
@@ -37,7 +37,7 @@ def cmd_index(args: argparse.Namespace, common: Common) -> int:
     from fmbseg.flows.index import index_flow
     from fmbseg.tasks.annotate.index import STAGE
 
-    started = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
+    started = now()  # in the manifests' format: a cache hit was committed before it
     with progress_bars():
         fp = index_flow(images=args.images, **common.flow_args(), image_root=args.image_root)
     store = common.open_store()

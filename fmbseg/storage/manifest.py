@@ -52,5 +52,6 @@ class Manifest:
         return cls(**d)
 
 
-def _now() -> str:
+def now() -> str:
+    """The current UTC time as ISO text (microseconds): manifests' and receipts' timestamps."""
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")

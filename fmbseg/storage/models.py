@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fmbseg.storage.manifest import _now
+from fmbseg.storage.manifest import now
 from fmbseg.storage.store import ArtifactStore, StoreError
 
 WEIGHTS = "weights.safetensors"
@@ -129,14 +129,14 @@ class ModelRegistry:
         number = self._max_number(name) + 1
         while True:
             version = _version_name(number)
-            claim = json.dumps({"claimed_at": _now()}).encode()
+            claim = json.dumps({"claimed_at": now()}).encode()
             if self.store.create_exclusive(self.rel(name, version, CLAIM), claim):
                 break
             number += 1
         self.store.write_bytes(self.rel(name, version, WEIGHTS), blob)
         for fname, data in (files or {}).items():
             self.store.write_bytes(self.rel(name, version, fname), data)
-        full = {**card, "name": name, "version": version, "created_at": _now()}
+        full = {**card, "name": name, "version": version, "created_at": now()}
         self.store.write_json(self.rel(name, version, CARD), full)
         return version
 
@@ -365,7 +365,7 @@ def _decision(
     decision = {
         "version": version,
         "promoted": promoted,
-        "at": _now(),
+        "at": now(),
         "reason": reason,
         "metrics": dict(metrics or {}),
         "previous": current.get("version"),

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fmbseg.storage.files import FileStore, in_order_ahead
-from fmbseg.storage.manifest import Manifest, ShardReceipt, _now
+from fmbseg.storage.manifest import Manifest, ShardReceipt, now
 from fmbseg.storage.parquet import table_to_parquet_bytes
 from fmbseg.storage.retry import (
     NotCommittedError,
@@ -105,7 +105,7 @@ class ArtifactStore(FileStore):
             error_rows=err_rows,
             sha256=sha,
             errors_sha256=err_sha,
-            written_at=_now(),
+            written_at=now(),
             part=part,
             errors_part=err_part,
         )
@@ -173,7 +173,7 @@ class ArtifactStore(FileStore):
             rows=sum(r.rows for r in shards),
             error_rows=sum(r.error_rows for r in shards),
             shards=shards,
-            committed_at=_now(),
+            committed_at=now(),
             meta=dict(meta or {}),
         )
         rel = f"{self.stage_rel(stage, fp)}/{MANIFEST}"
@@ -314,7 +314,7 @@ class ArtifactStore(FileStore):
     def write_run(self, run_id: str, record: dict[str, Any]) -> str:
         """Record which stage fingerprints (and config) a flow run used; returns its URI."""
         rel = f"runs/{run_id}.json"
-        self.write_json(rel, {"run_id": run_id, "written_at": _now(), **record})
+        self.write_json(rel, {"run_id": run_id, "written_at": now(), **record})
         return self.url(rel)
 
     def read_run(self, run_id: str) -> dict[str, Any]:
