@@ -188,6 +188,8 @@ class IndexPlan:
     shard_size: int
     root: str | None = None
     skipped: tuple[tuple[str, int], ...] = ()  # (extension, files) the walk left out
+    # listing_hash(refs), kept so the run does not hash a large listing again ("": not yet)
+    digest: str = ""
 
     def specs(self) -> list[IndexShardSpec]:
         specs = []
@@ -216,10 +218,21 @@ def plan_index(
         source, cfg.index.extensions, storage_options, image_root, allowed=allowed, skipped=skipped
     )
     root = source_root(source, image_root, storage_options)
-    fp = index_fingerprint(cfg, refs)
-    return IndexPlan(
-        str(source), fp, tuple(refs), cfg.runtime.shard_size, root, tuple(sorted(skipped.items()))
-    )
+    return listed_plan(str(source), refs, cfg, root, tuple(sorted(skipped.items())))
+
+
+def listed_plan(
+    source: str,
+    refs: Sequence[ImageRef],
+    cfg: Config,
+    root: str | None = None,
+    skipped: tuple[tuple[str, int], ...] = (),
+) -> IndexPlan:
+    """The plan of an index of ``refs``: the listing hashed once, for its digest and the
+    fingerprint."""
+    digest = listing_hash(refs)
+    fp = _fingerprint(cfg, digest)
+    return IndexPlan(source, fp, tuple(refs), cfg.runtime.shard_size, root, skipped, digest)
 
 
 def dedup_across_shards(
@@ -294,8 +307,11 @@ INDEX = Stage(
 
 def index_fingerprint(cfg: Config, refs: Sequence[ImageRef]) -> str:
     """The fingerprint :data:`INDEX` has on the listing ``refs``."""
-    job = StageRun(None, cfg, {"source": listing_hash(refs)})  # type: ignore[arg-type]
-    return INDEX.fingerprint(job)
+    return _fingerprint(cfg, listing_hash(refs))
+
+
+def _fingerprint(cfg: Config, digest: str) -> str:
+    return INDEX.fingerprint(StageRun(None, cfg, {"source": digest}))  # type: ignore[arg-type]
 
 
 def index_job(
@@ -305,7 +321,7 @@ def index_job(
     storage_options: dict[str, Any] | None = None,
 ) -> StageRun:
     """The run of :data:`INDEX` over ``listing``, its fingerprint planned."""
-    fps = {"source": listing_hash(listing.refs)}
+    fps = {"source": listing.digest or listing_hash(listing.refs)}
     job = StageRun(store, cfg, fps, storage_options=storage_options, given=listing)
     return dataclasses.replace(job, fps=plan((INDEX,), job))
 

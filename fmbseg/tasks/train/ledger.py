@@ -21,7 +21,6 @@ annotated again; training keeps one copy (:func:`fmbseg.tasks.train.sets.unite`)
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 from fmbseg.config import Config
 from fmbseg.storage.store import ArtifactStore
 from fmbseg.tasks.annotate.index import STAGE as INDEX_STAGE
-from fmbseg.tasks.annotate.index import IndexPlan, index_fingerprint, plan_index
+from fmbseg.tasks.annotate.index import IndexPlan, listed_plan, plan_index
 from fmbseg.tasks.annotate.stages import stage1_fingerprints
 from fmbseg.tasks.train.sets import LabelSet
 
@@ -122,12 +121,11 @@ def new_images_plan(
 ) -> NewImages:
     """List ``source`` and plan an index of only the images no batch has covered.
 
-    The plan's fingerprint is :func:`index_fingerprint` of the new refs alone, so the same
+    The plan's fingerprint is that of an index of the new refs alone, so the same
     new images always give the same index (a rerun after a crash is a cache hit).
     """
     full = plan_index(source, cfg, storage_options, image_root, store.uri)
     covered = covered_uris(store, batches)
     refs = tuple(r for r in full.refs if r.uri not in covered)
-    fp = index_fingerprint(cfg, refs)
-    plan = dataclasses.replace(full, fingerprint=fp, refs=refs, skipped=()) if refs else None
+    plan = listed_plan(full.source, refs, cfg, full.root) if refs else None
     return NewImages(len(full.refs), len(full.refs) - len(refs), plan)

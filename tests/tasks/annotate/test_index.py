@@ -196,6 +196,26 @@ def test_second_run_is_a_cache_hit_that_writes_nothing(
     assert _snapshot(local_store.uri) == before
 
 
+def test_a_run_hashes_its_listing_once(
+    local_store: ArtifactStore, image_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fmbseg.tasks.annotate.index as index_mod
+
+    hashed: list[int] = []
+    real = index_mod.listing_hash
+
+    def counted(refs: Any) -> str:
+        hashed.append(len(refs))
+        return real(refs)
+
+    monkeypatch.setattr(index_mod, "listing_hash", counted)
+    plan = plan_index(str(image_dir), _cfg())
+    fp = run_index(local_store, str(image_dir), _cfg())
+    assert fp == plan.fingerprint and hashed == [len(plan.refs)] * 2  # one each
+    assert index_job(local_store, plan, _cfg()).fp("source") == plan.digest == real(plan.refs)
+    assert hashed == [len(plan.refs)] * 2  # the plan's digest, not hashed again
+
+
 def test_fingerprint_follows_source_and_config(image_dir: Path) -> None:
     base = plan_index(str(image_dir), _cfg()).fingerprint
     assert plan_index(str(image_dir), _cfg()).fingerprint == base
